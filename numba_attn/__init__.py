@@ -1,0 +1,14 @@
+"""numba_attn: fused transformer attention on the CPU with Numba, numpy in and numpy out.
+
+Public API (see each docstring):
+
+- :func:`scaled_dot_product_attention` — PyTorch-compatible attention on numpy arrays.
+- :func:`attention_weights` — the softmax weights themselves, for small inputs.
+- :mod:`numba_attn.reference` — the same contract in plain float64 numpy (the oracle).
+"""
+__version__ = "0.1.0"
+
+from . import reference
+from .api import attention_weights, scaled_dot_product_attention
+
+__all__ = ["__version__", "scaled_dot_product_attention", "attention_weights", "reference"]

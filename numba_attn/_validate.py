@@ -1,0 +1,217 @@
+"""Checks and shape normalisation at the door: every error names the argument and what was expected.
+
+``prepare_attention`` turns the user's (query, key, value, attn_mask, ...) into a ``Plan``: three
+C-contiguous 3-D arrays ``(N_x, rows, cols)`` (no copy when the input already is one), an index array
+per operand mapping each output batch entry to its operand's batch entry (this is how broadcasting
+and grouped-query attention reach the kernel without copying K and V), and the mask as a read-only
+``(N_m, L, S)`` view (broadcast, never materialised).
+"""
+import math
+import numbers
+from dataclasses import dataclass
+
+import numpy as np
+
+_FLOAT_KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+CAUSAL_ALIGNMENTS = ("upper_left", "lower_right")
+
+
+@dataclass
+class Plan:
+    query: np.ndarray        # (Nq, L, E)
+    key: np.ndarray          # (Nk, S, E)
+    value: np.ndarray        # (Nv, S, Ev)
+    q_idx: np.ndarray        # (N,) int64
+    k_idx: np.ndarray
+    v_idx: np.ndarray
+    mask: np.ndarray         # (Nm, L, S) read-only view, or a (1, 1, 1) placeholder
+    m_idx: np.ndarray
+    mask_kind: int           # 0 none, 1 boolean, 2 additive
+    is_causal: bool
+    causal_offset: int       # query i sees keys j <= i + causal_offset
+    scale: float
+    dtype: np.dtype
+    batch_shape: tuple
+    L: int
+    S: int
+    E: int
+    Ev: int
+
+    @property
+    def n_batch(self):
+        return int(np.prod(self.batch_shape, dtype=np.int64))
+
+
+def _as_array(x, name):
+    if isinstance(x, np.ndarray):
+        return x
+    if hasattr(x, "__array__") or isinstance(x, (list, tuple)):
+        try:
+            return np.asarray(x)
+        except Exception as exc:  # ragged lists and the like
+            raise TypeError(f"{name} must be a numpy array or array-like, got {type(x).__name__}: {exc}")
+    raise TypeError(f"{name} must be a numpy array, got {type(x).__name__}")
+
+
+def check_float_operand(x, name):
+    """A query/key/value operand: a real floating array with at least 2 dims."""
+    x = _as_array(x, name)
+    if x.dtype == np.float16:
+        raise TypeError(
+            f"{name} has dtype float16, which numba_attn does not compute yet: the float16 path "
+            "(half-precision storage, float32 accumulation) is planned; pass float32 or float64 for now")
+    if x.dtype.kind != "f" or x.dtype not in _FLOAT_KERNEL_DTYPES:
+        raise TypeError(f"{name} must be float32 or float64, got dtype {x.dtype}")
+    if x.ndim < 2:
+        raise ValueError(f"{name} must have at least 2 dims (..., length, features), got shape {x.shape}")
+    return x
+
+
+def check_finite_array(x, name):
+    if not np.isfinite(x).all():
+        bad = "NaN" if np.isnan(x).any() else "inf"
+        raise ValueError(f"{name} contains {bad}; pass finite values (or check_finite=False to skip this scan)")
+
+
+def check_scale(scale, E):
+    if scale is None:
+        return 1.0 / math.sqrt(E)
+    if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
+    scale = float(scale)
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be finite and > 0, got {scale}")
+    return scale
+
+
+def check_causal(is_causal):
+    """False, True (= 'upper_left'), 'upper_left' or 'lower_right' -> None or the alignment name."""
+    if is_causal is False or is_causal is None or (isinstance(is_causal, np.bool_) and not is_causal):
+        return None
+    if is_causal is True or (isinstance(is_causal, np.bool_) and is_causal):
+        return "upper_left"
+    if isinstance(is_causal, str) and is_causal in CAUSAL_ALIGNMENTS:
+        return is_causal
+    raise ValueError(f"is_causal must be False, True, 'upper_left' or 'lower_right', got {is_causal!r}")
+
+
+def _batch_index(batch, target, name):
+    """For each entry of the broadcast batch ``target``, the flat index into an operand's ``batch``."""
+    n = int(np.prod(batch, dtype=np.int64))
+    own = np.arange(n, dtype=np.int64).reshape(batch)
+    try:
+        return np.ascontiguousarray(np.broadcast_to(own, target).reshape(-1))
+    except ValueError:
+        raise ValueError(f"{name}'s batch dims {batch} do not broadcast to {target}") from None
+
+
+def _as_3d(x, rows, cols):
+    """(..., rows, cols) -> C-contiguous (N, rows, cols), read-only view; copies only when needed."""
+    x3 = np.ascontiguousarray(x.reshape(-1, rows, cols))
+    return np.broadcast_to(x3, x3.shape)   # read-only view: one numba type whatever the caller passed
+
+
+def prepare_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                      check_finite):
+    query = check_float_operand(query, "query")
+    key = check_float_operand(key, "key")
+    value = check_float_operand(value, "value")
+    if not isinstance(dropout_p, numbers.Real) or dropout_p != 0:
+        raise ValueError(f"dropout_p must be 0.0: numba_attn is for inference and has no dropout, got {dropout_p!r}")
+    L, E = query.shape[-2:]
+    S, Ek = key.shape[-2:]
+    Sv, Ev = value.shape[-2:]
+    if Ek != E:
+        raise ValueError(f"key's last dim must equal query's (E = {E}), got key shape {key.shape}")
+    if Sv != S:
+        raise ValueError(f"value's second-to-last dim must equal key's (S = {S}), got value shape {value.shape}")
+    if E == 0:
+        raise ValueError(f"query's last dim (E) must be at least 1, got shape {query.shape}")
+    alignment = check_causal(is_causal)
+    scale = check_scale(scale, E)
+    dtype = np.result_type(query.dtype, key.dtype, value.dtype)
+
+    bq, bk, bv = query.shape[:-2], key.shape[:-2], value.shape[:-2]
+    group = 1
+    if enable_gqa:
+        if len(bq) < 1 or len(bk) < 1 or len(bv) < 1:
+            raise ValueError("enable_gqa=True needs a heads dim (-3) on query, key and value, got shapes "
+                             f"{query.shape}, {key.shape}, {value.shape}")
+        hq, hk, hv = bq[-1], bk[-1], bv[-1]
+        if hk != hv:
+            raise ValueError(f"enable_gqa=True: key and value must have the same number of heads (dim -3), "
+                             f"got {hk} and {hv}")
+        if hk == 0 or hq % hk != 0:
+            raise ValueError(f"enable_gqa=True: query heads ({hq}) must be a multiple of key/value heads ({hk})")
+        group = hq // hk
+        bk_b = bk[:-1] + (hq,)
+        bv_b = bv[:-1] + (hq,)
+    else:
+        bk_b, bv_b = bk, bv
+    try:
+        batch = np.broadcast_shapes(bq, bk_b, bv_b)
+    except ValueError:
+        hint = ""
+        if len(bq) and len(bk) and bq[-1] != bk[-1]:
+            hint = " (different head counts on dim -3: pass enable_gqa=True for grouped-query attention)"
+        raise ValueError(f"batch dims of query {bq}, key {bk} and value {bv} do not broadcast{hint}") from None
+
+    if check_finite:
+        check_finite_array(query, "query")
+        check_finite_array(key, "key")
+        check_finite_array(value, "value")
+
+    q_idx = _batch_index(bq, batch, "query")
+    if group > 1:
+        k_own = np.repeat(np.arange(int(np.prod(bk, dtype=np.int64)), dtype=np.int64).reshape(bk), group, axis=-1)
+        v_own = np.repeat(np.arange(int(np.prod(bv, dtype=np.int64)), dtype=np.int64).reshape(bv), group, axis=-1)
+        k_idx = np.ascontiguousarray(np.broadcast_to(k_own, batch).reshape(-1))
+        v_idx = np.ascontiguousarray(np.broadcast_to(v_own, batch).reshape(-1))
+    else:
+        k_idx = _batch_index(bk, batch, "key")
+        v_idx = _batch_index(bv, batch, "value")
+
+    mask, m_idx, mask_kind = _prepare_mask(attn_mask, batch, L, S, dtype, check_finite)
+    return Plan(
+        query=_as_3d(query.astype(dtype, copy=False), L, E),
+        key=_as_3d(key.astype(dtype, copy=False), S, E),
+        value=_as_3d(value.astype(dtype, copy=False), S, Ev),
+        q_idx=q_idx, k_idx=k_idx, v_idx=v_idx,
+        mask=mask, m_idx=m_idx, mask_kind=mask_kind,
+        is_causal=alignment is not None,
+        causal_offset=0 if alignment != "lower_right" else S - L,
+        scale=scale, dtype=dtype, batch_shape=tuple(batch), L=L, S=S, E=E, Ev=Ev,
+    )
+
+
+def _prepare_mask(attn_mask, batch, L, S, dtype, check_finite):
+    n = int(np.prod(batch, dtype=np.int64))
+    if attn_mask is None:
+        placeholder = np.zeros((1, 1, 1), dtype)
+        return np.broadcast_to(placeholder, placeholder.shape), np.zeros(n, np.int64), 0
+    mask = _as_array(attn_mask, "attn_mask")
+    if mask.dtype == np.bool_:
+        kind = 1
+    elif mask.dtype.kind == "f":
+        kind = 2
+    else:
+        raise TypeError(f"attn_mask must be boolean (True = takes part) or floating (added to the scores), "
+                        f"got dtype {mask.dtype}")
+    target = tuple(batch) + (L, S)
+    try:
+        full = np.broadcast_shapes(mask.shape, target)
+    except ValueError:
+        full = None
+    if full != target:
+        raise ValueError(f"attn_mask of shape {mask.shape} does not broadcast to (..., L, S) = {target}")
+    if kind == 2:
+        if np.isnan(mask).any() or np.isposinf(mask).any():
+            raise ValueError("attn_mask contains NaN or +inf; an additive mask may hold finite values and -inf")
+        mask = mask.astype(dtype, copy=False)
+    if mask.ndim < 2:
+        mask = mask.reshape((1,) * (2 - mask.ndim) + mask.shape)
+    own_batch = mask.shape[:-2]
+    mask = np.ascontiguousarray(mask)            # the mask's own size, never L·S per batch entry
+    view = np.broadcast_to(mask, own_batch + (L, S)).reshape(-1, L, S)
+    m_idx = _batch_index(own_batch, batch, "attn_mask")
+    return view, m_idx, kind

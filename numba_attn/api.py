@@ -1,0 +1,132 @@
+"""The public API: numpy arrays in, numpy arrays out, PyTorch's names and meanings.
+
+Data flows one way: validate and normalise (``_validate``) → pick a kernel → run it → reshape.
+"""
+import threading
+
+import numba
+import numpy as np
+
+from . import config
+from ._validate import prepare_attention
+from .kernels import prefill
+
+__all__ = ["scaled_dot_product_attention", "attention_weights"]
+
+_launch_lock = threading.Lock()
+_layer_is_threadsafe = False
+
+
+def _launch(kernel, *args):
+    """Run a parallel kernel; serialise callers while the threading layer may be ``workqueue``.
+
+    numba's workqueue layer aborts the process when two Python threads enter a parallel region at
+    once. omp and tbb are safe. Until the first parallel call has chosen a layer we do not know which
+    one we get, so that call holds the lock too.
+    """
+    global _layer_is_threadsafe
+    if _layer_is_threadsafe:
+        return kernel(*args)
+    with _launch_lock:
+        result = kernel(*args)
+        try:
+            _layer_is_threadsafe = numba.threading_layer() != "workqueue"
+        except ValueError:  # no parallel region has run yet (a serial kernel was used)
+            pass
+        return result
+
+
+def _run_prefill(plan):
+    N, L, Ev = plan.n_batch, plan.L, plan.Ev
+    out = np.empty((N, L, Ev), plan.dtype)
+    lse = np.empty((N, L), plan.dtype)
+    if N == 0 or L == 0:
+        return out, lse
+    args = (plan.query, plan.key, plan.value, plan.q_idx, plan.k_idx, plan.v_idx, plan.mask, plan.m_idx,
+            plan.mask_kind, plan.is_causal, plan.causal_offset, plan.dtype.type(plan.scale),
+            config.PREFILL_BLOCK_Q, config.PREFILL_BLOCK_K, out, lse)
+    work = N * L * plan.S * (plan.E + Ev)
+    if work < config.SERIAL_BELOW_FLOPS:
+        prefill.prefill_serial(*args)
+    else:
+        _launch(prefill.prefill_parallel, *args)
+    return out, lse
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                                 scale=None, enable_gqa=False, *, return_lse=False, check_finite=True):
+    """softmax(query·keyᵀ·scale + attn_mask)·value, fused: no (L, S) score matrix is ever allocated.
+
+    Parameters
+    ----------
+    query : ndarray (..., L, E), float32 or float64
+    key : ndarray (..., S, E)
+    value : ndarray (..., S, Ev)
+        Leading (batch) dims broadcast against each other, as in numpy; any number of them, including
+        none. With ``enable_gqa`` dim -3 is the heads dim and key/value may have fewer heads.
+    attn_mask : ndarray, optional
+        Broadcastable to (..., L, S). Boolean: True = the key takes part (PyTorch's convention).
+        Floating: added to the scores; -inf hides a key.
+    dropout_p : float
+        Must be 0.0 (inference only); present so PyTorch call sites port unchanged.
+    is_causal : bool or str
+        ``False``; ``True`` or ``"upper_left"``: query i sees keys j ≤ i (PyTorch's ``is_causal``);
+        ``"lower_right"``: query i sees keys j ≤ i + S − L, the alignment of a KV cache where the
+        last query is the newest token. Combined with ``attn_mask``, a key must pass both.
+    scale : float, optional
+        Multiplies the scores; default 1/√E. Must be finite and > 0.
+    enable_gqa : bool
+        Grouped-query attention: key/value carry H_kv heads on dim -3, query carries H = g·H_kv;
+        query head h uses key/value head h // g (PyTorch's layout).
+    return_lse : bool
+        Also return the log-sum-exp of each row's scores, shape (..., L): what two partial results
+        over disjoint key sets need to be merged exactly.
+    check_finite : bool
+        Scan query/key/value for NaN/inf and raise ``ValueError`` (default). False skips the scan.
+
+    Returns
+    -------
+    out : ndarray (..., L, Ev), in ``np.result_type`` of query, key and value (float32 with float64
+        gives float64; the computation runs in that dtype).
+    lse : ndarray (..., L), only with ``return_lse``.
+
+    A query row whose keys are all masked gets zeros (PyTorch returns NaN there) and lse = -inf.
+    """
+    plan = prepare_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                             check_finite)
+    out, lse = _run_prefill(plan)
+    out = out.reshape(plan.batch_shape + (plan.L, plan.Ev))
+    if return_lse:
+        return out, lse.reshape(plan.batch_shape + (plan.L,))
+    return out
+
+
+#: attention_weights materialises (..., L, S); above this many elements it refuses.
+MAX_WEIGHTS_ELEMENTS = 1 << 26
+
+
+def attention_weights(query, key, attn_mask=None, is_causal=False, scale=None, enable_gqa=False, *,
+                      check_finite=True):
+    """softmax(query·keyᵀ·scale + attn_mask) as a (..., L, S) array: which keys each query attends to.
+
+    For inspecting small inputs (it materialises the L×S matrix the fused kernel avoids). Same
+    arguments and conventions as :func:`scaled_dot_product_attention`; fully-masked rows are zeros.
+    The weights come from the same fused kernel, applied to an identity "value" matrix, so they are
+    exactly the weights ``scaled_dot_product_attention`` uses.
+    """
+    q = query if isinstance(query, np.ndarray) else np.asarray(query)
+    k = key if isinstance(key, np.ndarray) else np.asarray(key)
+    if q.ndim >= 2 and k.ndim >= 2:
+        batch = np.broadcast_shapes(q.shape[:-2], k.shape[:-2]) if not enable_gqa else q.shape[:-2]
+        elements = int(np.prod(batch, dtype=np.int64)) * q.shape[-2] * k.shape[-2]
+        if elements > MAX_WEIGHTS_ELEMENTS:
+            raise ValueError(f"attention_weights would materialise {elements} weights (> {MAX_WEIGHTS_ELEMENTS}); "
+                             "use scaled_dot_product_attention, which never builds the L×S matrix")
+    dtype = q.dtype if q.dtype.kind == "f" else np.float64
+    if k.ndim >= 2:
+        identity = np.eye(k.shape[-2], dtype=dtype)
+        identity = identity.reshape((1,) * max(0, k.ndim - 2) + identity.shape)
+    else:
+        identity = np.eye(1, dtype=dtype)
+    return scaled_dot_product_attention(q, k, identity, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+                                        enable_gqa=enable_gqa, check_finite=check_finite)

@@ -1,0 +1,81 @@
+"""Scalar helpers that vectorise inside numba loops.
+
+``fast_exp(x)``: numba lowers ``np.exp``/``math.exp`` to scalar ``expf`` calls (no SVML), which keeps
+the softmax loop from vectorising. For float32 we use a range-reduced polynomial instead:
+
+    x = n·ln2 + r,  n = round(x·log2 e),  |r| ≤ ln2/2
+    exp(x) = 2ⁿ · P(r),  P = degree-6 Taylor polynomial (Horner form)
+    2ⁿ is built from bits: float32 with exponent field n + 127
+
+Max relative error ≈ 2e-7 (one float32 ulp or two). Inputs below -87.3 (including -inf) return
+exactly 0, inputs above 88.7 return +inf, so -inf masking keeps its meaning. Every step is an
+add, multiply, floor, int conversion, shift or bitcast: LLVM turns the loop into vector code.
+For float64 we call ``math.exp`` (the float64 path is the accurate one, not the fast one).
+"""
+import math
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic, overload
+
+from .. import config
+
+
+@intrinsic
+def _int32_bits_as_float32(typingctx, bits):
+    """Reinterpret an int32's bits as a float32 (no conversion): LLVM ``bitcast``."""
+    if bits != types.int32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.int32), codegen
+
+
+def fast_exp(x):  # pragma: no cover - replaced by the overload below inside numba
+    return math.exp(x)
+
+
+_LOG2E = np.float32(1.4426950408889634)
+_LN2_HI = np.float32(0.693145751953125)
+_LN2_LO = np.float32(1.428606765330187e-06)
+_EXP_LO = np.float32(-87.3)
+_EXP_HI = np.float32(88.7)
+
+
+@overload(fast_exp, inline="always", fastmath=config.FASTMATH)
+def _fast_exp_overload(x):
+    if x == types.float32:
+        def impl(x):
+            xc = min(max(x, _EXP_LO), _EXP_HI)
+            n = np.floor(xc * _LOG2E + np.float32(0.5))
+            r = xc - n * _LN2_HI - n * _LN2_LO
+            p = np.float32(1.0 / 720.0)
+            p = p * r + np.float32(1.0 / 120.0)
+            p = p * r + np.float32(1.0 / 24.0)
+            p = p * r + np.float32(1.0 / 6.0)
+            p = p * r + np.float32(0.5)
+            p = p * r + np.float32(1.0)
+            p = p * r + np.float32(1.0)
+            two_n = _int32_bits_as_float32(np.int32((np.int32(n) + np.int32(127)) << np.int32(23)))
+            y = p * two_n
+            if x < _EXP_LO:
+                y = np.float32(0.0)
+            elif x > _EXP_HI:
+                y = np.float32(np.inf)
+            return y
+        return impl
+    if isinstance(x, types.Float):
+        def impl(x):
+            return math.exp(x)
+        return impl
+    return None
+
+
+@njit(fastmath=config.FASTMATH, cache=config.CACHE)
+def fast_exp_array(x, out):
+    """``out[i] = fast_exp(x[i])``: exposed for tests of the approximation."""
+    for i in range(x.shape[0]):
+        out[i] = fast_exp(x[i])

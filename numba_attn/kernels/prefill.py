@@ -1,0 +1,259 @@
+"""Fused prefill attention: many query rows against many keys, streaming softmax, no L×S matrix.
+
+Maths, for one batch entry n and one query row i (s = scale, K/V rows j, optional mask M):
+
+    z_ij = s·q_i·k_j + M_ij            (M_ij = -inf where a boolean mask or the causal rule hides j)
+    m_i  = max_j z_ij,   l_i = Σ_j exp(z_ij - m_i)
+    o_i  = Σ_j exp(z_ij - m_i)·v_j / l_i,   lse_i = m_i + log l_i
+
+computed one key block at a time (flash attention): for each block B,
+
+    m' = max(m, max_{j∈B} z_ij);  α = exp(m - m');  p_j = exp(z_ij - m')
+    l  ← α·l + Σ p_j;  acc ← α·acc + Σ p_j·v_j;  m ← m'
+
+and o_i = acc / l at the end. A row that has seen only masked keys keeps m = -inf and acc = 0; it is
+skipped (no exp(-inf - -inf) = NaN) and its output is zeros with lse = -inf.
+
+Work split: ``prange`` over (batch entry, block of BLOCK_Q query rows), so a single sequence with few
+heads still feeds every core. Key blocks of BLOCK_K keys; key blocks that the causal rule hides from
+every row of the query block are never visited.
+
+Memory per work item (float32, BLOCK_Q = BLOCK_K = 64, E = Ev = 64): scaled query block, key block,
+transposed value block, score block and accumulator, 16 KiB each, ~80 KiB: O(threads·block·D),
+independent of L and S.
+
+Micro-kernels: scores as 4 query rows × 4 keys of dot products over E (16 independent accumulators,
+vectorised along E); P·V likewise as 4 rows × 4 value columns over the block's keys, with V
+transposed once per block so both operands are unit-stride.
+"""
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from .. import config
+from ._math import fast_exp
+
+MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
+
+
+@njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
+def scores_block(qt, kn, j0, nk, st, nr):
+    """st[j, r] = Σ_d kn[j0 + j, d]·qt[d, r] for j < nk, r < nr (vector over query rows r).
+
+    Register blocking: 4 keys × 4 head-dim entries per step (16 broadcast scalars), each score row
+    read and written once per 4 FMAs.
+    """
+    E = qt.shape[0]
+    nk4 = nk // 4 * 4
+    E4 = E // 4 * 4
+    for j in range(0, nk4, 4):
+        s0 = st[j]
+        s1 = st[j + 1]
+        s2 = st[j + 2]
+        s3 = st[j + 3]
+        s0[:nr] = 0
+        s1[:nr] = 0
+        s2[:nr] = 0
+        s3[:nr] = 0
+        ka = kn[j0 + j]
+        kb = kn[j0 + j + 1]
+        kc = kn[j0 + j + 2]
+        kd = kn[j0 + j + 3]
+        for d in range(0, E4, 4):
+            q0 = qt[d]
+            q1 = qt[d + 1]
+            q2 = qt[d + 2]
+            q3 = qt[d + 3]
+            a0, a1, a2, a3 = ka[d], ka[d + 1], ka[d + 2], ka[d + 3]
+            b0, b1, b2, b3 = kb[d], kb[d + 1], kb[d + 2], kb[d + 3]
+            c0, c1, c2, c3 = kc[d], kc[d + 1], kc[d + 2], kc[d + 3]
+            e0, e1, e2, e3 = kd[d], kd[d + 1], kd[d + 2], kd[d + 3]
+            for r in range(nr):
+                x0 = q0[r]
+                x1 = q1[r]
+                x2 = q2[r]
+                x3 = q3[r]
+                s0[r] += a0 * x0 + a1 * x1 + a2 * x2 + a3 * x3
+                s1[r] += b0 * x0 + b1 * x1 + b2 * x2 + b3 * x3
+                s2[r] += c0 * x0 + c1 * x1 + c2 * x2 + c3 * x3
+                s3[r] += e0 * x0 + e1 * x1 + e2 * x2 + e3 * x3
+        for d in range(E4, E):
+            qd = qt[d]
+            a0, b0, c0, e0 = ka[d], kb[d], kc[d], kd[d]
+            for r in range(nr):
+                x0 = qd[r]
+                s0[r] += a0 * x0
+                s1[r] += b0 * x0
+                s2[r] += c0 * x0
+                s3[r] += e0 * x0
+    for j in range(nk4, nk):
+        s0 = st[j]
+        s0[:nr] = 0
+        ka = kn[j0 + j]
+        for d in range(E):
+            a0 = ka[d]
+            qd = qt[d]
+            for r in range(nr):
+                s0[r] += a0 * qd[r]
+
+
+@njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
+def accumulate_values(pt, vn, j0, nk, acct, nr):
+    """acct[e, r] += Σ_j pt[j, r]·vn[j0 + j, e] for e < Ev, r < nr (vector over query rows r).
+
+    Register blocking: 4 value columns × 4 keys per step.
+    """
+    Ev = acct.shape[0]
+    nk4 = nk // 4 * 4
+    Ev4 = Ev // 4 * 4
+    for e in range(0, Ev4, 4):
+        o0 = acct[e]
+        o1 = acct[e + 1]
+        o2 = acct[e + 2]
+        o3 = acct[e + 3]
+        for j in range(0, nk4, 4):
+            p0 = pt[j]
+            p1 = pt[j + 1]
+            p2 = pt[j + 2]
+            p3 = pt[j + 3]
+            va = vn[j0 + j]
+            vb = vn[j0 + j + 1]
+            vc = vn[j0 + j + 2]
+            vd = vn[j0 + j + 3]
+            a0, a1, a2, a3 = va[e], vb[e], vc[e], vd[e]
+            b0, b1, b2, b3 = va[e + 1], vb[e + 1], vc[e + 1], vd[e + 1]
+            c0, c1, c2, c3 = va[e + 2], vb[e + 2], vc[e + 2], vd[e + 2]
+            d0, d1, d2, d3 = va[e + 3], vb[e + 3], vc[e + 3], vd[e + 3]
+            for r in range(nr):
+                x0 = p0[r]
+                x1 = p1[r]
+                x2 = p2[r]
+                x3 = p3[r]
+                o0[r] += a0 * x0 + a1 * x1 + a2 * x2 + a3 * x3
+                o1[r] += b0 * x0 + b1 * x1 + b2 * x2 + b3 * x3
+                o2[r] += c0 * x0 + c1 * x1 + c2 * x2 + c3 * x3
+                o3[r] += d0 * x0 + d1 * x1 + d2 * x2 + d3 * x3
+        for j in range(nk4, nk):
+            p0 = pt[j]
+            vj = vn[j0 + j]
+            a0, b0, c0, d0 = vj[e], vj[e + 1], vj[e + 2], vj[e + 3]
+            for r in range(nr):
+                x0 = p0[r]
+                o0[r] += a0 * x0
+                o1[r] += b0 * x0
+                o2[r] += c0 * x0
+                o3[r] += d0 * x0
+    for e in range(Ev4, Ev):
+        o0 = acct[e]
+        for j in range(nk):
+            p0 = pt[j]
+            a0 = vn[j0 + j, e]
+            for r in range(nr):
+                o0[r] += a0 * p0[r]
+
+
+@njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
+def online_softmax_block(st, nk, nr, m, l, alpha, m_blk):
+    """Streaming-softmax step for a block of scores ``st[j, r]`` (keys × query rows), in place.
+
+    st ← exp(st - m'), l ← α·l + Σ_j st, alpha ← α = exp(m - m'), m ← m' with m' = max(m, max_j st).
+    A row whose visible scores are all -inf so far uses 0 as its shift, so every exp sees -inf - 0
+    (= 0), never -inf - -inf (= NaN); its m stays -inf. All loops run along r and vectorise.
+    """
+    neg_inf = st.dtype.type(-np.inf)
+    zero = st.dtype.type(0)
+    m_blk[:nr] = neg_inf
+    for j in range(nk):
+        row = st[j]
+        for r in range(nr):
+            m_blk[r] = max(m_blk[r], row[r])
+    for r in range(nr):
+        m_new = max(m[r], m_blk[r])
+        shift = m_new if m_new > neg_inf else zero
+        alpha[r] = fast_exp(m[r] - shift)
+        m[r] = m_new
+        m_blk[r] = shift
+        l[r] *= alpha[r]
+    for j in range(nk):
+        row = st[j]
+        for r in range(nr):
+            p = fast_exp(row[r] - m_blk[r])
+            row[r] = p
+            l[r] += p
+
+
+def _prefill_body(q, k, v, q_idx, k_idx, v_idx, mask, m_idx, mask_kind, is_causal, causal_offset,
+                  scale, block_q, block_k, out, lse):
+    """out[n] = softmax(scale·q[q_idx[n]]·k[k_idx[n]]ᵀ + mask[m_idx[n]])·v[v_idx[n]]; see module doc."""
+    N, L, Ev = out.shape
+    E = q.shape[2]
+    S = k.shape[1]
+    dt = q.dtype
+    nqb = (L + block_q - 1) // block_q
+    neg_inf = dt.type(-np.inf)
+    for w in prange(N * nqb):
+        n = w // nqb
+        i0 = (w % nqb) * block_q
+        i1 = min(L, i0 + block_q)
+        nr = i1 - i0
+        qn = q[q_idx[n]]
+        kn = k[k_idx[n]]
+        vn = v[v_idx[n]]
+        qt = np.empty((E, nr), dt)            # scaled query block, transposed: rows are unit-stride in r
+        for r in range(nr):
+            for d in range(E):
+                qt[d, r] = qn[i0 + r, d] * scale
+        acct = np.zeros((Ev, nr), dt)          # output accumulator, transposed
+        m = np.full(nr, neg_inf, dt)
+        l = np.zeros(nr, dt)
+        alpha = np.empty(nr, dt)
+        m_blk = np.empty(nr, dt)
+        st = np.empty((block_k, nr), dt)       # scores, then probabilities, keys × rows
+        kv_end = S
+        if is_causal:
+            kv_end = max(0, min(S, i1 + causal_offset))  # keys no row of this block can see: skipped
+        for j0 in range(0, kv_end, block_k):
+            nk = min(block_k, kv_end - j0)
+            scores_block(qt, kn, j0, nk, st, nr)
+            if is_causal and j0 + nk - 1 > i0 + causal_offset:
+                # key j is visible to rows r >= j0 + j - causal_offset - i0
+                for j in range(nk):
+                    r_first = min(nr, max(0, j0 + j - causal_offset - i0))
+                    row = st[j]
+                    for r in range(r_first):
+                        row[r] = neg_inf
+            if mask_kind == MASK_BOOL:
+                mn = mask[m_idx[n]]
+                for j in range(nk):
+                    row = st[j]
+                    for r in range(nr):
+                        if not mn[i0 + r, j0 + j]:
+                            row[r] = neg_inf
+            elif mask_kind == MASK_ADD:
+                mn = mask[m_idx[n]]
+                for j in range(nk):
+                    row = st[j]
+                    for r in range(nr):
+                        row[r] += mn[i0 + r, j0 + j]
+            online_softmax_block(st, nk, nr, m, l, alpha, m_blk)
+            for e in range(Ev):
+                orow = acct[e]
+                for r in range(nr):
+                    orow[r] *= alpha[r]
+            accumulate_values(st, vn, j0, nk, acct, nr)
+        on = out[n]
+        for r in range(nr):
+            if l[r] > 0:
+                inv = dt.type(1.0) / l[r]
+                for e in range(Ev):
+                    on[i0 + r, e] = acct[e, r] * inv
+                lse[n, i0 + r] = m[r] + math.log(l[r])
+            else:
+                for e in range(Ev):
+                    on[i0 + r, e] = 0.0
+                lse[n, i0 + r] = neg_inf
+
+
+prefill_parallel = njit(parallel=True, fastmath=config.FASTMATH, cache=config.CACHE)(_prefill_body)
+prefill_serial = njit(parallel=False, fastmath=config.FASTMATH, cache=config.CACHE)(_prefill_body)

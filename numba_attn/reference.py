@@ -1,0 +1,75 @@
+"""The attention formula in plain float64 numpy: the oracle for tests and the baseline for benchmarks.
+
+Written as close to the textbook as possible, with no attempt at speed or memory economy: the full
+``(..., L, S)`` score matrix is materialised. Same contract as
+:func:`numba_attn.scaled_dot_product_attention` (masks, both causal alignments, grouped-query
+attention, zeros for fully-masked rows), minus input validation: give it well-formed arrays.
+"""
+import numpy as np
+
+__all__ = ["scaled_dot_product_attention", "attention_weights", "causal_mask"]
+
+
+def causal_mask(L, S, alignment="upper_left"):
+    """Boolean ``(L, S)`` mask, True where query ``i`` may attend to key ``j``.
+
+    ``upper_left`` (PyTorch's ``is_causal=True``): ``j <= i``.
+    ``lower_right`` (a KV cache: the last query is the newest token): ``j <= i + S - L``.
+    """
+    offset = 0 if alignment == "upper_left" else S - L
+    return np.tril(np.ones((L, S), dtype=bool), k=offset)
+
+
+def _scores(query, key, attn_mask, is_causal, scale, enable_gqa):
+    q = np.asarray(query, dtype=np.float64)
+    k = np.asarray(key, dtype=np.float64)
+    if enable_gqa and q.ndim >= 3 and k.ndim >= 3 and q.shape[-3] != k.shape[-3]:
+        k = np.repeat(k, q.shape[-3] // k.shape[-3], axis=-3)
+    if scale is None:
+        scale = 1.0 / np.sqrt(q.shape[-1])
+    s = (q @ np.swapaxes(k, -1, -2)) * scale            # scores: Q·Kᵀ / √d_k
+    L, S = s.shape[-2:]
+    allowed = np.ones((L, S), dtype=bool)
+    if is_causal:
+        alignment = "upper_left" if is_causal is True else is_causal
+        allowed = causal_mask(L, S, alignment)
+    if attn_mask is not None:
+        m = np.asarray(attn_mask)
+        if m.dtype == np.bool_:
+            allowed = allowed & m
+        else:
+            s = s + m.astype(np.float64)
+    s = np.where(allowed, s, -np.inf)
+    return s
+
+
+def attention_weights(query, key, attn_mask=None, is_causal=False, scale=None, enable_gqa=False):
+    """softmax(Q·Kᵀ·scale + mask) as a float64 ``(..., L, S)`` array; fully-masked rows are zeros."""
+    s = _scores(query, key, attn_mask, is_causal, scale, enable_gqa)
+    m = s.max(axis=-1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)                # a row with no visible key: avoid -inf - -inf
+    p = np.exp(s - m)
+    total = p.sum(axis=-1, keepdims=True)
+    return np.divide(p, total, out=np.zeros_like(p), where=total > 0)
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=False, scale=None,
+                                 enable_gqa=False, return_lse=False):
+    """softmax(Q·Kᵀ·scale + mask)·V in float64; with ``return_lse`` also log Σ_j exp(score_ij).
+
+    The log-sum-exp of a fully-masked row is ``-inf`` and its output row is zeros.
+    """
+    v = np.asarray(value, dtype=np.float64)
+    q = np.asarray(query)
+    if enable_gqa and q.ndim >= 3 and v.ndim >= 3 and q.shape[-3] != v.shape[-3]:
+        v = np.repeat(v, q.shape[-3] // v.shape[-3], axis=-3)
+    out = attention_weights(query, key, attn_mask, is_causal, scale, enable_gqa) @ v
+    if not return_lse:
+        return out
+    s = _scores(query, key, attn_mask, is_causal, scale, enable_gqa)
+    m = s.max(axis=-1)
+    finite = np.isfinite(m)
+    m0 = np.where(finite, m, 0.0)
+    with np.errstate(divide="ignore"):
+        lse = np.where(finite, m0 + np.log(np.exp(s - m0[..., None]).sum(axis=-1)), -np.inf)
+    return out, lse
