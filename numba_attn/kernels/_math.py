@@ -45,7 +45,7 @@ _EXP_LO = np.float32(-87.3)
 _EXP_HI = np.float32(88.7)
 
 
-@overload(fast_exp, inline="always", fastmath=config.FASTMATH)
+@overload(fast_exp, fastmath=config.FASTMATH)
 def _fast_exp_overload(x):
     if x == types.float32:
         def impl(x):
@@ -61,11 +61,8 @@ def _fast_exp_overload(x):
             p = p * r + np.float32(1.0)
             two_n = _int32_bits_as_float32(np.int32((np.int32(n) + np.int32(127)) << np.int32(23)))
             y = p * two_n
-            if x < _EXP_LO:
-                y = np.float32(0.0)
-            elif x > _EXP_HI:
-                y = np.float32(np.inf)
-            return y
+            y = np.float32(0.0) if x < _EXP_LO else y
+            return np.float32(np.inf) if x > _EXP_HI else y
         return impl
     if isinstance(x, types.Float):
         def impl(x):

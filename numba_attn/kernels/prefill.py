@@ -32,6 +32,7 @@ import numpy as np
 from numba import njit, prange
 
 from .. import config
+from . import variant
 from ._math import fast_exp
 
 MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
@@ -255,5 +256,7 @@ def _prefill_body(q, k, v, q_idx, k_idx, v_idx, mask, m_idx, mask_kind, is_causa
                 lse[n, i0 + r] = neg_inf
 
 
-prefill_parallel = njit(parallel=True, fastmath=config.FASTMATH, cache=config.CACHE)(_prefill_body)
-prefill_serial = njit(parallel=False, fastmath=config.FASTMATH, cache=config.CACHE)(_prefill_body)
+prefill_parallel = njit(parallel=True, fastmath=config.FASTMATH, cache=config.CACHE)(
+    variant(_prefill_body, "_parallel"))
+prefill_serial = njit(parallel=False, fastmath=config.FASTMATH, cache=config.CACHE)(
+    variant(_prefill_body, "_serial"))

@@ -1,0 +1,167 @@
+"""``python -m numba_attn info | check``: what the JIT targets here, and a self-test of every kernel."""
+import argparse
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+from . import __version__, config, reference
+from .api import scaled_dot_product_attention
+
+#: acceptance bounds of ``check``: max |out - ref| relative to max |ref|
+TOLERANCE = {np.float32: 2e-5, np.float64: 1e-10}
+
+
+def _check_cases():
+    """(name, kwargs builder) for every kernel path: masks, both causal alignments, GQA, broadcasting."""
+    return [
+        ("prefill", dict(q=(1, 8, 256, 64), k=(1, 8, 256, 64))),
+        ("prefill causal upper_left", dict(q=(1, 8, 256, 64), k=(1, 8, 256, 64), is_causal=True)),
+        ("prefill causal lower_right", dict(q=(1, 8, 100, 64), k=(1, 8, 300, 64), is_causal="lower_right")),
+        ("prefill bool mask", dict(q=(2, 4, 128, 32), k=(2, 4, 200, 32), mask="bool")),
+        ("prefill float mask (-inf)", dict(q=(2, 4, 128, 32), k=(2, 4, 200, 32), mask="float")),
+        ("prefill GQA 8/2 heads", dict(q=(1, 8, 128, 64), k=(1, 2, 256, 64), enable_gqa=True)),
+        ("encoder batch", dict(q=(8, 12, 128, 32), k=(8, 12, 128, 32))),
+        ("odd sizes, 2-D", dict(q=(77, 33), k=(131, 33), v=(131, 7))),
+        ("one query row", dict(q=(1, 32, 1, 64), k=(1, 32, 1024, 64))),
+    ]
+
+
+def _median_ms(fn, repeat=3):
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * float(np.median(times))
+
+
+def run_check(out=sys.stdout):
+    rng = np.random.default_rng(0)
+    rows = []
+    failed = 0
+    for dtype in (np.float32, np.float64):
+        for name, spec in _check_cases():
+            q = rng.standard_normal(spec["q"])
+            k = rng.standard_normal(spec["k"])
+            v = rng.standard_normal(spec.get("v", spec["k"]))
+            kwargs = {key: spec[key] for key in ("is_causal", "enable_gqa") if key in spec}
+            if spec.get("mask") == "bool":
+                kwargs["attn_mask"] = rng.random(spec["q"][-2:-1] + spec["k"][-2:-1]) > 0.3
+            elif spec.get("mask") == "float":
+                m = rng.standard_normal(spec["q"][-2:-1] + spec["k"][-2:-1])
+                m[rng.random(m.shape) < 0.3] = -np.inf
+                kwargs["attn_mask"] = m.astype(dtype)
+            qd, kd, vd = (x.astype(dtype) for x in (q, k, v))
+            t0 = time.perf_counter()
+            got = scaled_dot_product_attention(qd, kd, vd, **kwargs)
+            first_ms = 1e3 * (time.perf_counter() - t0)
+            ms = _median_ms(lambda: scaled_dot_product_attention(qd, kd, vd, **kwargs))
+            want = reference.scaled_dot_product_attention(q, k, v, **kwargs)
+            err = float(np.abs(got - want).max())
+            rel = float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-300))
+            ok = np.isfinite(got).all() and err <= TOLERANCE[dtype] * max(1.0, float(np.abs(want).max()))
+            failed += not ok
+            shape = f"q{spec['q']} k{spec['k']}"
+            rows.append((name, np.dtype(dtype).name, shape, f"{err:.2e}", f"{rel:.2e}", f"{ms:.2f}",
+                         f"{first_ms:.0f}", "ok" if ok else "FAIL"))
+            print(".", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    header = ("case", "dtype", "shape", "max abs err", "rel err", "ms", "first call ms", "")
+    _print_table(header, rows, out)
+    print(f"\n{len(rows) - failed}/{len(rows)} cases within tolerance "
+          f"(max abs error ≤ {TOLERANCE[np.float32]:g}·max|ref| for float32, {TOLERANCE[np.float64]:g} for float64; "
+          "reference: numba_attn.reference in float64). 'first call' includes compiling or loading the kernel.",
+          file=out)
+    return 1 if failed else 0
+
+
+def _print_table(header, rows, out):
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    print(fmt.format(*header), file=out)
+    print(fmt.format(*("-" * w for w in widths)), file=out)
+    for r in rows:
+        print(fmt.format(*r), file=out)
+
+
+def _cache_location():
+    """Where numba writes this package's compiled kernels, and whether it can."""
+    from numba.core.caching import _CacheLocator
+    from .kernels import prefill
+    impl = prefill.prefill_parallel._cache._impl if hasattr(prefill.prefill_parallel, "_cache") else None
+    locator = getattr(impl, "_locator", None)
+    if locator is None:
+        return "(cache disabled: NUMBA_ATTN_CACHE=0)", False
+    path = locator.get_cache_path()
+    try:
+        os.makedirs(path, exist_ok=True)
+        writable = os.access(path, os.W_OK)
+    except OSError:
+        writable = False
+    del _CacheLocator
+    return path, writable
+
+
+def run_info(out=sys.stdout):
+    import llvmlite
+    import numba
+    from numba.core import config as nconfig
+    from numba.misc import numba_sysinfo
+
+    warnings = []
+    # Start a parallel region so that numba picks (and reports) its threading layer.
+    q = np.zeros((1, 2, 256, 16), np.float32)
+    scaled_dot_product_attention(q, q, q, check_finite=False)
+    try:
+        layer = numba.threading_layer()
+    except ValueError:
+        layer = "(not initialised)"
+    if layer == "workqueue":
+        warnings.append("threading layer is 'workqueue', which is not thread-safe: numba_attn serialises "
+                        "concurrent calls behind a lock. Install tbb (pip install tbb) or GNU OpenMP "
+                        "(libgomp1) for concurrent callers.")
+    info = numba_sysinfo.get_sysinfo()
+    cache_path, writable = _cache_location()
+    if not writable:
+        warnings.append(f"compile cache {cache_path} is not writable: every process recompiles "
+                        "(set NUMBA_CACHE_DIR to a writable directory)")
+    rows = [
+        ("numba_attn", __version__),
+        ("python", platform.python_version()),
+        ("numpy", np.__version__),
+        ("numba", numba.__version__),
+        ("llvmlite", llvmlite.__version__),
+        ("machine", platform.machine()),
+        ("CPU name (JIT target)", info.get("CPU Name", "?")),
+        ("CPU features", info.get("CPU Features", "?")),
+        ("threading layer", layer),
+        ("threads (numba.get_num_threads)", str(numba.get_num_threads())),
+        ("NUMBA_NUM_THREADS", str(nconfig.NUMBA_NUM_THREADS)),
+        ("compile cache", f"{cache_path} ({'writable' if writable else 'NOT writable'})"),
+        ("on-disk caching", "on" if config.CACHE else "off (NUMBA_ATTN_CACHE=0)"),
+        ("prefill blocks (query rows x keys)", f"{config.PREFILL_BLOCK_Q} x {config.PREFILL_BLOCK_K}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}", file=out)
+    for w in warnings:
+        print(f"warning: {w}", file=out)
+    return 0
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m numba_attn", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, threading layer, CPU target, compile cache")
+    sub.add_parser("check", help="run every kernel on random data against the float64 reference")
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        return run_info()
+    return run_check()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

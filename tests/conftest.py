@@ -1,0 +1,105 @@
+"""Shared helpers for the numba_attn tests: random data, masks, tolerances, kernel spies."""
+import numpy as np
+import pytest
+
+from numba_attn.kernels import prefill
+
+DTYPES = (np.float32, np.float64)
+
+#: relative tolerance of a result computed in ``dtype`` against the float64 reference
+RTOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-10}
+
+
+def rtol_for(dtype):
+    return RTOL[np.dtype(dtype)]
+
+
+def randn(rng, shape, dtype=np.float64):
+    """Standard-normal data of ``shape`` in ``dtype``."""
+    return rng.standard_normal(shape).astype(dtype)
+
+
+def random_bool_mask(rng, shape, density=0.5, masked_rows=0):
+    """Boolean mask, True (= attends) with probability ``density``; ``masked_rows`` random rows
+    (along dim -2, when there is one) are all False."""
+    mask = rng.random(shape) < density
+    if masked_rows and mask.ndim >= 2 and mask.shape[-2] > 0:
+        rows = rng.choice(mask.shape[-2], size=min(masked_rows, mask.shape[-2]), replace=False)
+        mask[..., rows, :] = False
+    return mask
+
+
+def random_float_mask(rng, shape, dtype=np.float64, p_neg_inf=0.2, bias=1.0, masked_rows=0):
+    """Additive mask: bias·N(0, 1), with -inf at probability ``p_neg_inf``; ``masked_rows`` rows all -inf."""
+    mask = (bias * rng.standard_normal(shape)).astype(dtype)
+    mask[rng.random(shape) < p_neg_inf] = -np.inf
+    if masked_rows and mask.ndim >= 2 and mask.shape[-2] > 0:
+        rows = rng.choice(mask.shape[-2], size=min(masked_rows, mask.shape[-2]), replace=False)
+        mask[..., rows, :] = -np.inf
+    return mask
+
+
+def assert_close(actual, expected, dtype=None, rtol=None):
+    """``actual`` (computed in ``dtype``, default its own dtype) equals the float64 ``expected``.
+
+    Shapes must match; -inf entries (the lse of fully-masked rows) must be in the same places;
+    ``actual`` must hold no NaN; finite entries agree to ``rtol`` relative to the largest magnitude
+    of ``expected`` (at least 1), i.e. ``rtol=rtol, atol=rtol·max(1, |expected|.max())``.
+    """
+    actual = np.asarray(actual)
+    expected = np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    assert not np.isnan(actual).any(), "result holds NaN"
+    assert not np.isnan(expected).any(), "reference holds NaN"
+    np.testing.assert_array_equal(np.isneginf(actual), np.isneginf(expected), err_msg="-inf positions differ")
+    np.testing.assert_array_equal(np.isposinf(actual), np.isposinf(expected), err_msg="+inf positions differ")
+    finite = np.isfinite(expected)
+    a = actual[finite].astype(np.float64)
+    e = expected[finite]
+    if rtol is None:
+        rtol = rtol_for(dtype if dtype is not None else actual.dtype)
+    mag = max(1.0, float(np.abs(e).max())) if e.size else 1.0
+    np.testing.assert_allclose(a, e, rtol=rtol, atol=rtol * mag)
+
+
+def copies(*arrays):
+    """Deep copies (for checking later that a call left its inputs alone)."""
+    return [None if a is None else np.array(a, copy=True) for a in arrays]
+
+
+def assert_unchanged(arrays, originals):
+    for a, o in zip(arrays, originals):
+        if a is None:
+            continue
+        np.testing.assert_array_equal(np.asarray(a), o)
+        assert np.asarray(a).dtype == o.dtype
+
+
+class KernelSpy:
+    """Counts calls of the serial and the parallel prefill kernel (installed with monkeypatch)."""
+
+    def __init__(self, monkeypatch, forbid=False):
+        self.calls = {"serial": 0, "parallel": 0}
+        for name in ("serial", "parallel"):
+            attr = f"prefill_{name}"
+            original = getattr(prefill, attr)
+            monkeypatch.setattr(prefill, attr, self._wrap(name, original, forbid))
+
+    def _wrap(self, name, original, forbid):
+        def spy(*args):
+            self.calls[name] += 1
+            if forbid:
+                raise AssertionError(f"the {name} kernel ran although the input was rejected")
+            return original(*args)
+        return spy
+
+
+@pytest.fixture
+def kernel_spy(monkeypatch):
+    return KernelSpy(monkeypatch)
+
+
+@pytest.fixture
+def no_kernel(monkeypatch):
+    """Fails the test if any kernel runs."""
+    return KernelSpy(monkeypatch, forbid=True)
