@@ -28,7 +28,10 @@ class Plan:
     m_idx: np.ndarray
     mask_kind: int           # 0 none, 1 boolean, 2 additive
     is_causal: bool
-    causal_offset: int       # query i sees keys j <= i + causal_offset
+    pos_offset: int          # query i sits at key position i + pos_offset (causal: sees j <= that)
+    window: int              # 0: none; else query at position p sees keys j > p - window
+    slopes: np.ndarray       # (N,) ALiBi slope per output batch entry, or (0,) for none
+    softcap: float           # 0: none
     scale: float
     dtype: np.dtype
     batch_shape: tuple
@@ -112,7 +115,7 @@ def _as_3d(x, rows, cols):
 
 
 def prepare_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                      check_finite):
+                      check_finite, window=None, alibi_slopes=None, softcap=None):
     query = check_float_operand(query, "query")
     key = check_float_operand(key, "key")
     value = check_float_operand(value, "value")
@@ -172,6 +175,9 @@ def prepare_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
         v_idx = _batch_index(bv, batch, "value")
 
     mask, m_idx, mask_kind = _prepare_mask(attn_mask, batch, L, S, dtype, check_finite)
+    window = check_window(window, alignment)
+    softcap = check_softcap(softcap)
+    slopes = _prepare_slopes(alibi_slopes, batch, dtype)
     return Plan(
         query=_as_3d(query.astype(dtype, copy=False), L, E),
         key=_as_3d(key.astype(dtype, copy=False), S, E),
@@ -179,7 +185,8 @@ def prepare_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
         q_idx=q_idx, k_idx=k_idx, v_idx=v_idx,
         mask=mask, m_idx=m_idx, mask_kind=mask_kind,
         is_causal=alignment is not None,
-        causal_offset=0 if alignment != "lower_right" else S - L,
+        pos_offset=0 if alignment == "upper_left" else S - L,
+        window=window, slopes=slopes, softcap=softcap,
         scale=scale, dtype=dtype, batch_shape=tuple(batch), L=L, S=S, E=E, Ev=Ev,
     )
 
@@ -215,3 +222,44 @@ def _prepare_mask(attn_mask, batch, L, S, dtype, check_finite):
     view = np.broadcast_to(mask, own_batch + (L, S)).reshape(-1, L, S)
     m_idx = _batch_index(own_batch, batch, "attn_mask")
     return view, m_idx, kind
+
+
+def check_window(window, alignment):
+    """Sliding window: a positive int, only with a causal alignment (it is a band below the diagonal)."""
+    if window is None:
+        return 0
+    if isinstance(window, (bool, np.bool_)) or not isinstance(window, numbers.Integral):
+        raise TypeError(f"window must be a positive int or None, got {type(window).__name__}")
+    if window <= 0:
+        raise ValueError(f"window must be a positive number of keys, got {window}")
+    if alignment is None:
+        raise ValueError("window needs is_causal (True, 'upper_left' or 'lower_right'): a query at position p "
+                         "sees keys p - window < j <= p")
+    return int(window)
+
+
+def check_softcap(softcap):
+    if softcap is None:
+        return 0.0
+    if isinstance(softcap, (bool, np.bool_)) or not isinstance(softcap, numbers.Real):
+        raise TypeError(f"softcap must be a positive number or None, got {type(softcap).__name__}")
+    softcap = float(softcap)
+    if not math.isfinite(softcap) or softcap <= 0:
+        raise ValueError(f"softcap must be finite and > 0, got {softcap}")
+    return softcap
+
+
+def _prepare_slopes(alibi_slopes, batch, dtype):
+    if alibi_slopes is None:
+        return np.zeros(0, dtype)
+    slopes = _as_array(alibi_slopes, "alibi_slopes")
+    if slopes.dtype.kind not in "fiu":
+        raise TypeError(f"alibi_slopes must be a real array of one slope per head, got dtype {slopes.dtype}")
+    if len(batch) < 1:
+        raise ValueError("alibi_slopes needs a heads dim (-3) on query")
+    if slopes.ndim != 1 or slopes.shape[0] != batch[-1]:
+        raise ValueError(f"alibi_slopes must have shape (H,) = ({batch[-1]},), one slope per query head, "
+                         f"got shape {slopes.shape}")
+    if not np.isfinite(slopes).all():
+        raise ValueError("alibi_slopes contains NaN or inf")
+    return np.ascontiguousarray(np.broadcast_to(slopes.astype(dtype), batch).reshape(-1))

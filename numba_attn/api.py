@@ -9,7 +9,7 @@ import numpy as np
 
 from . import config
 from ._validate import prepare_attention
-from .kernels import prefill
+from .kernels import decode, prefill
 
 __all__ = ["scaled_dot_product_attention", "attention_weights"]
 
@@ -36,26 +36,64 @@ def _launch(kernel, *args):
         return result
 
 
-def _run_prefill(plan):
+def _kv_groups(plan):
+    """(G, g) output batch entries that read the same key and value entry, or None if uneven."""
+    pair = plan.k_idx * (plan.v_idx.max(initial=0) + 1) + plan.v_idx
+    order = np.argsort(pair, kind="stable")
+    _, counts = np.unique(pair, return_counts=True)
+    if counts.size == 0 or (counts != counts[0]).any():
+        return None
+    return np.ascontiguousarray(order.reshape(counts.size, counts[0]))
+
+
+def _use_decode(plan):
+    return plan.L <= config.DECODE_MAX_QUERY_ROWS and plan.S >= config.DECODE_MIN_KEYS
+
+
+def _run(plan):
     N, L, Ev = plan.n_batch, plan.L, plan.Ev
     out = np.empty((N, L, Ev), plan.dtype)
     lse = np.empty((N, L), plan.dtype)
     if N == 0 or L == 0:
         return out, lse
-    args = (plan.query, plan.key, plan.value, plan.q_idx, plan.k_idx, plan.v_idx, plan.mask, plan.m_idx,
-            plan.mask_kind, plan.is_causal, plan.causal_offset, plan.dtype.type(plan.scale),
-            config.PREFILL_BLOCK_Q, config.PREFILL_BLOCK_K, out, lse)
+    dt = plan.dtype.type
+    common = (plan.mask, plan.m_idx, plan.mask_kind, plan.is_causal, plan.pos_offset, plan.window,
+              plan.slopes, dt(plan.softcap), dt(plan.scale))
     work = N * L * plan.S * (plan.E + Ev)
-    if work < config.SERIAL_BELOW_FLOPS:
-        prefill.prefill_serial(*args)
+    serial = work < config.SERIAL_BELOW_FLOPS
+    groups = _kv_groups(plan) if _use_decode(plan) else None
+    if groups is not None:
+        if groups.shape[1] * L > config.DECODE_MAX_ROWS:      # too many rows per pass: one head each
+            groups = np.arange(N, dtype=np.int64).reshape(N, 1)
+        n_split = 1 if serial else decode_splits(groups.shape[0], plan.S)
+        args = (plan.query, plan.key, plan.value, plan.q_idx, plan.k_idx, plan.v_idx, groups) + common + (
+            n_split, config.DECODE_BLOCK_K, out, lse)
+        kernel = decode.decode_serial if serial else decode.decode_parallel
     else:
-        _launch(prefill.prefill_parallel, *args)
+        args = (plan.query, plan.key, plan.value, plan.q_idx, plan.k_idx, plan.v_idx) + common + (
+            config.PREFILL_BLOCK_Q, config.PREFILL_BLOCK_K, out, lse)
+        kernel = prefill.prefill_serial if serial else prefill.prefill_parallel
+    if serial:
+        kernel(*args)
+    else:
+        _launch(kernel, *args)
     return out, lse
 
 
+def decode_splits(n_groups, S):
+    """Parts of the key range per KV group: enough work items for every thread, parts ≥ DECODE_MIN_SPLIT keys."""
+    threads = numba.get_num_threads()
+    want = -(-config.DECODE_ITEMS_PER_THREAD * threads // n_groups)
+    return int(max(1, min(want, S // config.DECODE_MIN_SPLIT)))
+
+
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
-                                 scale=None, enable_gqa=False, *, return_lse=False, check_finite=True):
+                                 scale=None, enable_gqa=False, *, window=None, alibi_slopes=None, softcap=None,
+                                 return_lse=False, check_finite=True):
     """softmax(query·keyᵀ·scale + attn_mask)·value, fused: no (L, S) score matrix is ever allocated.
+
+    A short query (L ≤ 8 rows) against many keys (S ≥ 256) takes the split-K decode kernel, which
+    spreads the keys of even one head over all threads; everything else the prefill kernel.
 
     Parameters
     ----------
@@ -78,6 +116,15 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     enable_gqa : bool
         Grouped-query attention: key/value carry H_kv heads on dim -3, query carries H = g·H_kv;
         query head h uses key/value head h // g (PyTorch's layout).
+    window : int, optional
+        Sliding-window attention (needs ``is_causal``): the query at key position p sees the keys
+        p - window < j <= p, at most ``window`` of them (Mistral/Gemma style).
+    alibi_slopes : array (H,), optional
+        ALiBi: the score of query position p and key j gets ``- slope[h]·|p - j|`` (h = dim -3).
+        Query i sits at key position i + S - L, except with ``is_causal=True/"upper_left"``: i.
+    softcap : float, optional
+        Logit soft-capping (Gemma-2): scores become ``softcap·tanh(scores / softcap)`` before
+        ALiBi and masks.
     return_lse : bool
         Also return the log-sum-exp of each row's scores, shape (..., L): what two partial results
         over disjoint key sets need to be merged exactly.
@@ -93,8 +140,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     A query row whose keys are all masked gets zeros (PyTorch returns NaN there) and lse = -inf.
     """
     plan = prepare_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                             check_finite)
-    out, lse = _run_prefill(plan)
+                             check_finite, window, alibi_slopes, softcap)
+    out, lse = _run(plan)
     out = out.reshape(plan.batch_shape + (plan.L, plan.Ev))
     if return_lse:
         return out, lse.reshape(plan.batch_shape + (plan.L,))

@@ -21,3 +21,16 @@ PREFILL_BLOCK_K = 128
 #: Below this many multiply-adds (L·S·(E+Ev) summed over the batch) a serial kernel is used:
 #: starting a parallel region costs more than it saves.
 SERIAL_BELOW_FLOPS = 2_000_000
+
+#: The decode kernel takes over when the query has at most this many rows ...
+DECODE_MAX_QUERY_ROWS = 8
+#: ... and there are at least this many keys.
+DECODE_MIN_KEYS = 256
+#: Most query rows (grouped heads × query tokens) processed in one pass over a KV head.
+DECODE_MAX_ROWS = 64
+#: Keys per streaming-softmax block of the decode kernel.
+DECODE_BLOCK_K = 128
+#: Work items (KV group × key part) per thread that the key split aims for.
+DECODE_ITEMS_PER_THREAD = 4
+#: The fewest keys in one part of the split key range.
+DECODE_MIN_SPLIT = 256

@@ -3,7 +3,8 @@
 Written as close to the textbook as possible, with no attempt at speed or memory economy: the full
 ``(..., L, S)`` score matrix is materialised. Same contract as
 :func:`numba_attn.scaled_dot_product_attention` (masks, both causal alignments, grouped-query
-attention, zeros for fully-masked rows), minus input validation: give it well-formed arrays.
+attention, sliding window, ALiBi, soft-capping, zeros for fully-masked rows), minus input
+validation: give it well-formed arrays.
 """
 import numpy as np
 
@@ -20,7 +21,7 @@ def causal_mask(L, S, alignment="upper_left"):
     return np.tril(np.ones((L, S), dtype=bool), k=offset)
 
 
-def _scores(query, key, attn_mask, is_causal, scale, enable_gqa):
+def _scores(query, key, attn_mask, is_causal, scale, enable_gqa, window=None, alibi_slopes=None, softcap=None):
     q = np.asarray(query, dtype=np.float64)
     k = np.asarray(key, dtype=np.float64)
     if enable_gqa and q.ndim >= 3 and k.ndim >= 3 and q.shape[-3] != k.shape[-3]:
@@ -29,10 +30,21 @@ def _scores(query, key, attn_mask, is_causal, scale, enable_gqa):
         scale = 1.0 / np.sqrt(q.shape[-1])
     s = (q @ np.swapaxes(k, -1, -2)) * scale            # scores: Q·Kᵀ / √d_k
     L, S = s.shape[-2:]
-    allowed = np.ones((L, S), dtype=bool)
+    if softcap:
+        s = softcap * np.tanh(s / softcap)
+    alignment = None
     if is_causal:
         alignment = "upper_left" if is_causal is True else is_causal
+    query_pos = np.arange(L)[:, None] + (0 if alignment == "upper_left" else S - L)
+    key_pos = np.arange(S)[None, :]
+    if alibi_slopes is not None:
+        slopes = np.asarray(alibi_slopes, dtype=np.float64)[:, None, None]   # (H, 1, 1) on dim -3
+        s = s - slopes * np.abs(query_pos - key_pos)
+    allowed = np.ones((L, S), dtype=bool)
+    if alignment is not None:
         allowed = causal_mask(L, S, alignment)
+    if window:
+        allowed = allowed & (key_pos > query_pos - window)
     if attn_mask is not None:
         m = np.asarray(attn_mask)
         if m.dtype == np.bool_:
@@ -43,9 +55,10 @@ def _scores(query, key, attn_mask, is_causal, scale, enable_gqa):
     return s
 
 
-def attention_weights(query, key, attn_mask=None, is_causal=False, scale=None, enable_gqa=False):
+def attention_weights(query, key, attn_mask=None, is_causal=False, scale=None, enable_gqa=False, window=None,
+                      alibi_slopes=None, softcap=None):
     """softmax(Q·Kᵀ·scale + mask) as a float64 ``(..., L, S)`` array; fully-masked rows are zeros."""
-    s = _scores(query, key, attn_mask, is_causal, scale, enable_gqa)
+    s = _scores(query, key, attn_mask, is_causal, scale, enable_gqa, window, alibi_slopes, softcap)
     m = s.max(axis=-1, keepdims=True)
     m = np.where(np.isfinite(m), m, 0.0)                # a row with no visible key: avoid -inf - -inf
     p = np.exp(s - m)
@@ -54,7 +67,7 @@ def attention_weights(query, key, attn_mask=None, is_causal=False, scale=None, e
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=False, scale=None,
-                                 enable_gqa=False, return_lse=False):
+                                 enable_gqa=False, return_lse=False, window=None, alibi_slopes=None, softcap=None):
     """softmax(Q·Kᵀ·scale + mask)·V in float64; with ``return_lse`` also log Σ_j exp(score_ij).
 
     The log-sum-exp of a fully-masked row is ``-inf`` and its output row is zeros.
@@ -63,10 +76,11 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
     q = np.asarray(query)
     if enable_gqa and q.ndim >= 3 and v.ndim >= 3 and q.shape[-3] != v.shape[-3]:
         v = np.repeat(v, q.shape[-3] // v.shape[-3], axis=-3)
-    out = attention_weights(query, key, attn_mask, is_causal, scale, enable_gqa) @ v
+    extras = dict(window=window, alibi_slopes=alibi_slopes, softcap=softcap)
+    out = attention_weights(query, key, attn_mask, is_causal, scale, enable_gqa, **extras) @ v
     if not return_lse:
         return out
-    s = _scores(query, key, attn_mask, is_causal, scale, enable_gqa)
+    s = _scores(query, key, attn_mask, is_causal, scale, enable_gqa, **extras)
     m = s.max(axis=-1)
     finite = np.isfinite(m)
     m0 = np.where(finite, m, 0.0)

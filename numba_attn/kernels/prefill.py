@@ -34,9 +34,7 @@ from numba import njit, prange
 from .. import config
 from . import variant
 from ._math import fast_exp
-
-MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
-
+from ._scores import MASK_ADD, MASK_BOOL, adjust_score, visible_key_range
 
 @njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
 def scores_block(qt, kn, j0, nk, st, nr):
@@ -184,9 +182,14 @@ def online_softmax_block(st, nk, nr, m, l, alpha, m_blk):
             l[r] += p
 
 
-def _prefill_body(q, k, v, q_idx, k_idx, v_idx, mask, m_idx, mask_kind, is_causal, causal_offset,
-                  scale, block_q, block_k, out, lse):
-    """out[n] = softmax(scale·q[q_idx[n]]·k[k_idx[n]]ᵀ + mask[m_idx[n]])·v[v_idx[n]]; see module doc."""
+def _prefill_body(q, k, v, q_idx, k_idx, v_idx, mask, m_idx, mask_kind, is_causal, pos_offset, window,
+                  slopes, softcap, scale, block_q, block_k, out, lse):
+    """out[n] = softmax(z)·v[v_idx[n]] with z as in ``_scores.adjust_score``; see module doc.
+
+    q (Nq, L, E), k (Nk, S, E), v (Nv, S, Ev): C-contiguous; q_idx/k_idx/v_idx/m_idx (N,) map each
+    output batch entry to its operands; mask (Nm, L, S) any strides; slopes (N,) or (0,) for no
+    ALiBi; window 0 = none; softcap 0 = none; query i sits at key position i + pos_offset.
+    """
     N, L, Ev = out.shape
     E = q.shape[2]
     S = k.shape[1]
@@ -211,16 +214,21 @@ def _prefill_body(q, k, v, q_idx, k_idx, v_idx, mask, m_idx, mask_kind, is_causa
         alpha = np.empty(nr, dt)
         m_blk = np.empty(nr, dt)
         st = np.empty((block_k, nr), dt)       # scores, then probabilities, keys × rows
-        kv_end = S
-        if is_causal:
-            kv_end = max(0, min(S, i1 + causal_offset))  # keys no row of this block can see: skipped
-        for j0 in range(0, kv_end, block_k):
+        kv_begin, kv_end = visible_key_range(i0, i1, S, is_causal, pos_offset, window)
+        has_alibi = slopes.shape[0] > 0
+        slope = slopes[n] if has_alibi else dt.type(0)
+        for j0 in range(kv_begin, kv_end, block_k):
             nk = min(block_k, kv_end - j0)
             scores_block(qt, kn, j0, nk, st, nr)
-            if is_causal and j0 + nk - 1 > i0 + causal_offset:
-                # key j is visible to rows r >= j0 + j - causal_offset - i0
+            if has_alibi or softcap > 0 or window > 0:
                 for j in range(nk):
-                    r_first = min(nr, max(0, j0 + j - causal_offset - i0))
+                    row = st[j]
+                    for r in range(nr):
+                        row[r] = adjust_score(row[r], i0 + r + pos_offset, j0 + j, slope, softcap, window)
+            if is_causal and j0 + nk - 1 > i0 + pos_offset:
+                # key j is visible to rows r >= j0 + j - pos_offset - i0
+                for j in range(nk):
+                    r_first = min(nr, max(0, j0 + j - pos_offset - i0))
                     row = st[j]
                     for r in range(r_first):
                         row[r] = neg_inf

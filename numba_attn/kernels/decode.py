@@ -1,0 +1,159 @@
+"""Split-K decode attention (flash-decoding): a few query rows against a long run of keys.
+
+Decode reads every cached key and value once per step and does little arithmetic on each: it is
+bound by memory bandwidth, so the design goals are (1) read K and V once, (2) keep every core
+reading.
+
+(1) Grouped-query attention: the g query heads that share a key/value head are processed together,
+    as R = g·L rows against one pass over that head's K and V.
+(2) The key range [0, S) is cut into ``n_split`` contiguous parts; work item = (KV group, part), so
+    one sequence with 8 heads still feeds 2 or 32 cores. Each part keeps its own streaming-softmax
+    state for its R rows (running max m, sum l, accumulator acc, as in the prefill kernel) and the
+    parts are merged exactly:
+
+        M = max_s m_s,   l = Σ_s l_s·exp(m_s - M),   out = Σ_s acc_s·exp(m_s - M) / l,
+        lse = M + log l
+
+Scores are computed as dot products over E (vectorised along E), softmax and P·V are vectorised
+along the keys and the value columns. Key block: ``block_k`` keys (scores block R × block_k).
+
+Memory: partial results G·n_split·R·(Ev + 2) floats, plus per work item the R × block_k score block
+and R × Ev accumulator; independent of S.
+"""
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from .. import config
+from . import variant
+from ._math import fast_exp
+from ._scores import MASK_ADD, MASK_BOOL, adjust_score, visible_key_range
+
+
+def _decode_body(q, k, v, q_idx, k_idx, v_idx, groups, mask, m_idx, mask_kind, is_causal, pos_offset,
+                 window, slopes, softcap, scale, n_split, block_k, out, lse):
+    """Attention for out[groups[g, t]] (all t share k[k_idx[...]], v[v_idx[...]]); see module doc.
+
+    Same arguments as the prefill kernel, plus ``groups`` (G, g): the output batch entries that
+    read the same key/value entry, and ``n_split``: parts of the key range per group.
+    """
+    N, L, Ev = out.shape
+    E = q.shape[2]
+    S = k.shape[1]
+    G, gsize = groups.shape
+    R = gsize * L
+    dt = q.dtype
+    neg_inf = dt.type(-np.inf)
+    zero = dt.type(0)
+    has_alibi = slopes.shape[0] > 0
+    kv_begin, kv_end = visible_key_range(0, L, S, is_causal, pos_offset, window)
+    span = kv_end - kv_begin
+    split_len = (span + n_split - 1) // n_split if span > 0 else 0
+    part_acc = np.zeros((G, n_split, R, Ev), dt)
+    part_m = np.full((G, n_split, R), neg_inf, dt)
+    part_l = np.zeros((G, n_split, R), dt)
+    for w in prange(G * n_split):
+        g = w // n_split
+        sp = w % n_split
+        j_begin = kv_begin + sp * split_len
+        j_end = min(kv_end, j_begin + split_len)
+        n0 = groups[g, 0]
+        kn = k[k_idx[n0]]
+        vn = v[v_idx[n0]]
+        qs = np.empty((R, E), dt)
+        for r in range(R):
+            qrow = q[q_idx[groups[g, r // L]], r % L]
+            for d in range(E):
+                qs[r, d] = qrow[d] * scale
+        acc = part_acc[g, sp]
+        m = part_m[g, sp]
+        l = part_l[g, sp]
+        s = np.empty((R, block_k), dt)
+        for j0 in range(j_begin, j_end, block_k):
+            nk = min(block_k, j_end - j0)
+            for j in range(nk):
+                kj = kn[j0 + j]
+                for r in range(R):
+                    qr = qs[r]
+                    a = zero
+                    for d in range(E):
+                        a += qr[d] * kj[d]
+                    s[r, j] = a
+            for r in range(R):
+                n = groups[g, r // L]
+                i = r % L
+                qpos = i + pos_offset
+                srow = s[r]
+                if has_alibi or softcap > 0 or window > 0:
+                    slope = slopes[n] if has_alibi else zero
+                    for j in range(nk):
+                        srow[j] = adjust_score(srow[j], qpos, j0 + j, slope, softcap, window)
+                if mask_kind == MASK_BOOL:
+                    mrow = mask[m_idx[n], i]
+                    for j in range(nk):
+                        if not mrow[j0 + j]:
+                            srow[j] = neg_inf
+                elif mask_kind == MASK_ADD:
+                    mrow = mask[m_idx[n], i]
+                    for j in range(nk):
+                        srow[j] += mrow[j0 + j]
+                if is_causal:
+                    for j in range(max(0, qpos + 1 - j0), nk):
+                        srow[j] = neg_inf
+                # streaming softmax for row r (vectorised along the keys)
+                mx = neg_inf
+                for j in range(nk):
+                    mx = max(mx, srow[j])
+                m_new = max(m[r], mx)
+                shift = m_new if m_new > neg_inf else zero
+                alpha = fast_exp(m[r] - shift)
+                total = zero
+                for j in range(nk):
+                    p = fast_exp(srow[j] - shift)
+                    srow[j] = p
+                    total += p
+                l[r] = l[r] * alpha + total
+                m[r] = m_new
+                arow = acc[r]
+                for e in range(Ev):
+                    arow[e] *= alpha
+            for j in range(nk):
+                vj = vn[j0 + j]
+                for r in range(R):
+                    p = s[r, j]
+                    arow = acc[r]
+                    for e in range(Ev):
+                        arow[e] += p * vj[e]
+    # exact merge of the parts
+    for t in prange(G * R):
+        g = t // R
+        r = t % R
+        n = groups[g, r // L]
+        i = r % L
+        big = neg_inf
+        for sp in range(n_split):
+            big = max(big, part_m[g, sp, r])
+        total = zero
+        for sp in range(n_split):
+            if part_l[g, sp, r] > 0:
+                total += part_l[g, sp, r] * fast_exp(part_m[g, sp, r] - big)
+        orow = out[n, i]
+        for e in range(Ev):
+            orow[e] = zero
+        if total > 0:
+            for sp in range(n_split):
+                if part_l[g, sp, r] > 0:
+                    wgt = fast_exp(part_m[g, sp, r] - big) / total
+                    prow = part_acc[g, sp, r]
+                    for e in range(Ev):
+                        orow[e] += wgt * prow[e]
+            lse[n, i] = big + math.log(total)
+        else:
+            lse[n, i] = neg_inf
+
+
+decode_parallel = njit(parallel=True, fastmath=config.FASTMATH, cache=config.CACHE)(
+    variant(_decode_body, "_parallel"))
+decode_serial = njit(parallel=False, fastmath=config.FASTMATH, cache=config.CACHE)(
+    variant(_decode_body, "_serial"))
