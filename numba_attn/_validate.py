@@ -108,9 +108,37 @@ def _batch_index(batch, target, name):
         raise ValueError(f"{name}'s batch dims {batch} do not broadcast to {target}") from None
 
 
+def _root_bounds(x):
+    root = x
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    try:
+        from numpy.lib.array_utils import byte_bounds
+    except ImportError:  # numpy < 2
+        byte_bounds = np.byte_bounds
+    return byte_bounds(root)
+
+
 def _as_3d(x, rows, cols):
-    """(..., rows, cols) -> C-contiguous (N, rows, cols), read-only view; copies only when needed."""
-    x3 = np.ascontiguousarray(x.reshape(-1, rows, cols))
+    """(..., rows, cols) -> C-contiguous (N, slots ≥ rows, cols) read-only view; copies only when needed.
+
+    A view of the first ``rows`` rows of a larger C-contiguous buffer (a KV cache's valid tokens)
+    is widened back to the buffer (``slots`` rows per entry) instead of copied: the kernels read
+    only the first ``rows`` rows of each entry.
+    """
+    x3 = x.reshape(-1, rows, cols)
+    if not x3.flags.c_contiguous and x3.size:
+        it = x3.itemsize
+        n, st = x3.shape[0], x3.strides
+        if st[2] == it and st[1] == cols * it and st[0] > 0 and st[0] % (cols * it) == 0 and st[0] >= rows * cols * it:
+            slots = st[0] // (cols * it)
+            low, high = _root_bounds(x3)
+            start = x3.__array_interface__["data"][0]
+            if low <= start and start + n * st[0] <= high:
+                wide = np.lib.stride_tricks.as_strided(x3, shape=(n, slots, cols), strides=st, writeable=False)
+                if wide.flags.c_contiguous:
+                    return wide
+    x3 = np.ascontiguousarray(x3)
     return np.broadcast_to(x3, x3.shape)   # read-only view: one numba type whatever the caller passed
 
 

@@ -31,7 +31,7 @@ from ._math import fast_exp
 from ._scores import MASK_ADD, MASK_BOOL, adjust_score, visible_key_range
 
 
-def _decode_body(q, k, v, q_idx, k_idx, v_idx, groups, mask, m_idx, mask_kind, is_causal, pos_offset,
+def _decode_body(q, k, v, q_idx, k_idx, v_idx, groups, kv_len, mask, m_idx, mask_kind, is_causal, pos_offset,
                  window, slopes, softcap, scale, n_split, block_k, out, lse):
     """Attention for out[groups[g, t]] (all t share k[k_idx[...]], v[v_idx[...]]); see module doc.
 
@@ -40,7 +40,7 @@ def _decode_body(q, k, v, q_idx, k_idx, v_idx, groups, mask, m_idx, mask_kind, i
     """
     N, L, Ev = out.shape
     E = q.shape[2]
-    S = k.shape[1]
+    S = kv_len
     G, gsize = groups.shape
     R = gsize * L
     dt = q.dtype

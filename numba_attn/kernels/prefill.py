@@ -182,17 +182,18 @@ def online_softmax_block(st, nk, nr, m, l, alpha, m_blk):
             l[r] += p
 
 
-def _prefill_body(q, k, v, q_idx, k_idx, v_idx, mask, m_idx, mask_kind, is_causal, pos_offset, window,
+def _prefill_body(q, k, v, q_idx, k_idx, v_idx, kv_len, mask, m_idx, mask_kind, is_causal, pos_offset, window,
                   slopes, softcap, scale, block_q, block_k, out, lse):
     """out[n] = softmax(z)·v[v_idx[n]] with z as in ``_scores.adjust_score``; see module doc.
 
-    q (Nq, L, E), k (Nk, S, E), v (Nv, S, Ev): C-contiguous; q_idx/k_idx/v_idx/m_idx (N,) map each
+    q (Nq, L, E), k (Nk, ≥S, E), v (Nv, ≥S, Ev): C-contiguous, the first kv_len = S rows of k and v
+    are the keys (the rest may be a KV cache's free slots); q_idx/k_idx/v_idx/m_idx (N,) map each
     output batch entry to its operands; mask (Nm, L, S) any strides; slopes (N,) or (0,) for no
     ALiBi; window 0 = none; softcap 0 = none; query i sits at key position i + pos_offset.
     """
     N, L, Ev = out.shape
     E = q.shape[2]
-    S = k.shape[1]
+    S = kv_len
     dt = q.dtype
     nqb = (L + block_q - 1) // block_q
     neg_inf = dt.type(-np.inf)

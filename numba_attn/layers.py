@@ -1,0 +1,319 @@
+"""MultiHeadAttention: hidden states in, hidden states out, with Q/K/V/O projections and a KV cache.
+
+Weight layout (ours): ``y = x @ W + b``, i.e. W has shape (in_features, out_features). PyTorch and
+Hugging Face store linears as (out_features, in_features); the ``from_*`` constructors transpose
+once at load. Heads are contiguous column blocks: head h of Q is columns h·head_dim … (h+1)·head_dim
+of ``w_q`` (PyTorch's and Hugging Face's convention); with grouped-query attention query head h
+uses key/value head h // (num_heads / num_kv_heads).
+"""
+import math
+import numbers
+
+import numpy as np
+
+from ._validate import check_finite_array
+from .api import scaled_dot_product_attention
+from .cache import KVCache
+
+__all__ = ["MultiHeadAttention"]
+
+
+def _positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+class MultiHeadAttention:
+    """Multi-head (or grouped-query, or multi-query) attention layer on numpy arrays.
+
+    Parameters
+    ----------
+    embed_dim : int
+        Size of the hidden states x (and of the output).
+    num_heads : int
+        Query heads H.
+    num_kv_heads : int, optional
+        Key/value heads H_kv (default H). H_kv < H is grouped-query attention; 1 is multi-query.
+    head_dim : int, optional
+        Size of each head (default embed_dim // num_heads).
+    bias : bool
+        Biases on the four projections.
+    kdim, vdim : int, optional
+        Feature sizes of the key/value source in cross-attention (default embed_dim).
+    dtype : float32 or float64
+    seed : int, optional
+        Weights start Xavier-uniform (as PyTorch's), biases zero; load real ones with ``from_*``.
+
+    Call: ``layer(x, context=None, *, key_padding_mask=None, attn_mask=None, is_causal=False,
+    cache=None, window=None, alibi_slopes=None, softcap=None, rotary=None)``, see ``__call__``.
+    """
+
+    def __init__(self, embed_dim, num_heads, num_kv_heads=None, head_dim=None, bias=True, kdim=None, vdim=None,
+                 dtype=np.float32, seed=None):
+        self.embed_dim = _positive_int("embed_dim", embed_dim)
+        self.num_heads = _positive_int("num_heads", num_heads)
+        self.num_kv_heads = _positive_int("num_kv_heads", num_heads if num_kv_heads is None else num_kv_heads)
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        if head_dim is None:
+            if self.embed_dim % self.num_heads:
+                raise ValueError(f"embed_dim ({self.embed_dim}) is not divisible by num_heads ({self.num_heads}); "
+                                 "pass head_dim")
+            head_dim = self.embed_dim // self.num_heads
+        self.head_dim = _positive_int("head_dim", head_dim)
+        self.kdim = _positive_int("kdim", self.embed_dim if kdim is None else kdim)
+        self.vdim = _positive_int("vdim", self.embed_dim if vdim is None else vdim)
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+            raise TypeError(f"dtype must be float32 or float64, got {self.dtype}")
+        hq, hkv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self._fused = self.kdim == self.embed_dim == self.vdim
+        rng = np.random.default_rng(seed)
+
+        def xavier(n_in, n_out):
+            bound = math.sqrt(6.0 / (n_in + n_out))
+            return rng.uniform(-bound, bound, (n_in, n_out)).astype(self.dtype)
+
+        if self._fused:
+            # one (embed_dim, hq + 2·hkv) matrix: self-attention projects Q, K, V in one product
+            self._w_in = np.concatenate([xavier(self.embed_dim, hq), xavier(self.embed_dim, hkv),
+                                         xavier(self.embed_dim, hkv)], axis=1)
+            self.w_q, self.w_k, self.w_v = (self._w_in[:, :hq], self._w_in[:, hq:hq + hkv], self._w_in[:, hq + hkv:])
+        else:
+            self._w_in = None
+            self.w_q, self.w_k, self.w_v = xavier(self.embed_dim, hq), xavier(self.kdim, hkv), xavier(self.vdim, hkv)
+        self.w_o = xavier(hq, self.embed_dim)
+        if bias:
+            self._b_in = np.zeros(hq + 2 * hkv, self.dtype)
+            self.b_q, self.b_k, self.b_v = self._b_in[:hq], self._b_in[hq:hq + hkv], self._b_in[hq + hkv:]
+            self.b_o = np.zeros(self.embed_dim, self.dtype)
+        else:
+            self._b_in = self.b_q = self.b_k = self.b_v = self.b_o = None
+
+    # -- loading ----------------------------------------------------------------------------------
+    def load(self, w_q, w_k, w_v, w_o, b_q=None, b_k=None, b_v=None, b_o=None):
+        """Copy weights in OUR layout (in_features, out_features) into the layer (shapes checked)."""
+        for name, src, dst in (("w_q", w_q, self.w_q), ("w_k", w_k, self.w_k), ("w_v", w_v, self.w_v),
+                               ("w_o", w_o, self.w_o), ("b_q", b_q, self.b_q), ("b_k", b_k, self.b_k),
+                               ("b_v", b_v, self.b_v), ("b_o", b_o, self.b_o)):
+            if src is None:
+                continue
+            if dst is None:
+                raise ValueError(f"{name} given but the layer was built with bias=False")
+            src = np.asarray(src)
+            if src.shape != dst.shape:
+                raise ValueError(f"{name} must have shape {dst.shape} (in_features, out_features), got {src.shape}")
+            check_finite_array(src, name)
+            dst[...] = src
+        return self
+
+    @classmethod
+    def from_linear_weights(cls, q_proj, k_proj, v_proj, o_proj, num_heads, num_kv_heads=None, q_bias=None,
+                            k_bias=None, v_bias=None, o_bias=None, head_dim=None, dtype=np.float32):
+        """From four ``nn.Linear``-layout weights (out_features, in_features), as Hugging Face stores
+        ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj`` (Llama, Mistral, BERT's query/key/value/dense)."""
+        q_proj, k_proj, v_proj, o_proj = (np.asarray(w) for w in (q_proj, k_proj, v_proj, o_proj))
+        embed_dim = q_proj.shape[1]
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        head_dim = q_proj.shape[0] // num_heads if head_dim is None else head_dim
+        has_bias = any(b is not None for b in (q_bias, k_bias, v_bias, o_bias))
+        layer = cls(embed_dim, num_heads, num_kv_heads, head_dim, bias=has_bias, kdim=k_proj.shape[1],
+                    vdim=v_proj.shape[1], dtype=dtype)
+        # a bias left out (None) stays zero
+        return layer.load(q_proj.T, k_proj.T, v_proj.T, o_proj.T, q_bias, k_bias, v_bias, o_bias)
+
+    @classmethod
+    def from_torch_weights(cls, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, num_heads,
+                           dtype=np.float32):
+        """From ``torch.nn.MultiheadAttention``'s packed layout as numpy arrays: ``in_proj_weight``
+        (3·E, E) = [W_q; W_k; W_v] in (out, in) layout, ``out_proj.weight`` (E, E), biases or None."""
+        w = np.asarray(in_proj_weight)
+        E = w.shape[1]
+        if w.shape != (3 * E, E):
+            raise ValueError(f"in_proj_weight must have shape (3·E, E) = ({3 * E}, {E}), got {w.shape}")
+        b = None if in_proj_bias is None else np.asarray(in_proj_bias)
+        return cls.from_linear_weights(w[:E], w[E:2 * E], w[2 * E:], out_proj_weight, num_heads,
+                                       q_bias=None if b is None else b[:E], k_bias=None if b is None else b[E:2 * E],
+                                       v_bias=None if b is None else b[2 * E:], o_bias=out_proj_bias, dtype=dtype)
+
+    @classmethod
+    def from_torch(cls, module, dtype=np.float32):
+        """From a ``torch.nn.MultiheadAttention`` instance (needs torch only for reading it)."""
+        def arr(t):
+            return None if t is None else t.detach().cpu().numpy()
+        if getattr(module, "_qkv_same_embed_dim", True):
+            return cls.from_torch_weights(arr(module.in_proj_weight), arr(module.in_proj_bias),
+                                          arr(module.out_proj.weight), arr(module.out_proj.bias), module.num_heads,
+                                          dtype=dtype)
+        b = arr(module.in_proj_bias)
+        E = module.embed_dim
+        return cls.from_linear_weights(arr(module.q_proj_weight), arr(module.k_proj_weight), arr(module.v_proj_weight),
+                                       arr(module.out_proj.weight), module.num_heads,
+                                       q_bias=None if b is None else b[:E], k_bias=None if b is None else b[E:2 * E],
+                                       v_bias=None if b is None else b[2 * E:], o_bias=arr(module.out_proj.bias),
+                                       dtype=dtype)
+
+    # -- forward ----------------------------------------------------------------------------------
+    def new_cache(self, batch, capacity, window=None):
+        """A KVCache shaped for this layer."""
+        return KVCache(batch, self.num_kv_heads, self.head_dim, capacity, dtype=self.dtype, window=window)
+
+    def _heads(self, y, n_heads):
+        B, T, _ = y.shape
+        return y.reshape(B, T, n_heads, self.head_dim).transpose(0, 2, 1, 3)
+
+    def project_qkv(self, x, context=None):
+        """Q (B, H, L, head_dim), K and V (B, H_kv, S, head_dim) from x (and context)."""
+        B, L, _ = x.shape
+        hq = self.num_heads * self.head_dim
+        hkv = self.num_kv_heads * self.head_dim
+        if context is None and self._fused:
+            qkv = x.reshape(B * L, -1) @ self._w_in
+            if self._b_in is not None:
+                qkv += self._b_in
+            qkv = qkv.reshape(B, L, -1)
+            q, k, v = qkv[..., :hq], qkv[..., hq:hq + hkv], qkv[..., hq + hkv:]
+        else:
+            src = x if context is None else context
+            S = src.shape[1]
+            q = (x.reshape(B * L, -1) @ self.w_q).reshape(B, L, hq)
+            k = (src.reshape(B * S, -1) @ self.w_k).reshape(B, S, hkv)
+            v = (src.reshape(B * S, -1) @ self.w_v).reshape(B, S, hkv)
+            if self.b_q is not None:
+                q, k, v = q + self.b_q, k + self.b_k, v + self.b_v
+        return self._heads(q, self.num_heads), self._heads(k, self.num_kv_heads), self._heads(v, self.num_kv_heads)
+
+    def __call__(self, x, context=None, *, key_padding_mask=None, attn_mask=None, is_causal=False, cache=None,
+                 window=None, alibi_slopes=None, softcap=None, rotary=None):
+        """Attention of x (B, L, embed_dim) over itself, or over ``context`` (B, S, kdim); → (B, L, embed_dim).
+
+        Masks follow ``torch.nn.MultiheadAttention``: ``key_padding_mask`` (B, S), boolean True =
+        padding, ignored (or float, added); ``attn_mask`` (L, S), (B, H, L, S) or (B·H, L, S),
+        boolean True = NOT allowed (or float, added). (Note: the opposite of the boolean convention
+        of ``scaled_dot_product_attention``, as in PyTorch.) ``is_causal``: as in
+        ``scaled_dot_product_attention`` (True = upper_left).
+
+        ``cache`` (a :class:`KVCache`, e.g. from ``new_cache``): the new tokens' keys and values are
+        appended and the queries attend over everything cached, causally with bottom-right
+        alignment (query i is token ``cache.length + i``). ``key_padding_mask`` then covers all
+        positions so far, (B, cache.length after the call). A cache with a window keeps the last W
+        tokens and the attention is windowed to match.
+
+        ``rotary``: optional callable ``(q, k, positions) -> (q, k)`` applied to the new tokens'
+        queries and keys (B, heads, T, head_dim) before caching, e.g. RoPE; ``positions`` are
+        absolute token positions (T,).
+        """
+        x = self._check_input(x, "x", self.embed_dim)
+        B, L, _ = x.shape
+        if context is not None:
+            if cache is not None:
+                raise ValueError("context (cross-attention) and cache cannot be combined")
+            context = self._check_input(context, "context", self.kdim)
+            if context.shape[0] != B:
+                raise ValueError(f"context must have batch {B} like x, got shape {context.shape}")
+        elif not self._fused and (self.kdim != self.embed_dim or self.vdim != self.embed_dim):
+            raise ValueError("this layer has kdim/vdim != embed_dim: pass the key/value source as context")
+        q, k, v = self.project_qkv(x, context)
+        start = 0 if cache is None else cache.length
+        if rotary is not None:
+            q, k = rotary(q, k, start + np.arange(L))
+        kw = dict(enable_gqa=self.num_kv_heads != self.num_heads, alibi_slopes=alibi_slopes, softcap=softcap,
+                  check_finite=False)
+        if cache is None:
+            S = k.shape[2]
+            mask = self._combined_mask(key_padding_mask, attn_mask, B, L, S, np.arange(S))
+            out = scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, window=window, **kw)
+        else:
+            out = self._attend_cached(q, k, v, cache, key_padding_mask, attn_mask, window, kw)
+        merged = out.transpose(0, 2, 1, 3).reshape(B * L, self.num_heads * self.head_dim)
+        y = merged @ self.w_o
+        if self.b_o is not None:
+            y += self.b_o
+        return y.reshape(B, L, self.embed_dim)
+
+    def _attend_cached(self, q, k, v, cache, key_padding_mask, attn_mask, window, kw):
+        if not isinstance(cache, KVCache):
+            raise TypeError(f"cache must be a numba_attn.KVCache, got {type(cache).__name__}")
+        B, L = q.shape[0], q.shape[2]
+        if (cache.batch, cache.num_kv_heads, cache.head_dim, cache.value_dim) != (B, self.num_kv_heads,
+                                                                               self.head_dim, self.head_dim):
+            raise ValueError(f"cache holds (batch={cache.batch}, num_kv_heads={cache.num_kv_heads}, "
+                             f"head_dim={cache.head_dim}); this call needs ({B}, {self.num_kv_heads}, {self.head_dim})")
+        if cache.dtype != q.dtype:
+            raise TypeError(f"cache dtype {cache.dtype} does not match the layer's computation dtype {q.dtype}")
+        if window is not None and window != cache.window:
+            raise ValueError(f"window={window} differs from the cache's window ({cache.window})")
+        window = cache.window
+        if window is None or (L == 1 and kw["alibi_slopes"] is None):
+            # every cached token (after appending) is visible to the new ones: attend in storage order
+            cache.append(k, v, check_finite=False)
+            keys, values = cache.keys, cache.values
+            positions = cache.positions()
+            causal = "lower_right" if window is None else False
+            window_arg = None
+        else:
+            # windowed chunk (or ALiBi): keys in position order, cached ones then the new ones
+            old_k, old_v = cache.ordered()
+            positions = np.r_[cache.positions() if not cache.wrapped else
+                              np.arange(cache.length - cache.n_valid, cache.length), cache.length + np.arange(L)]
+            keys = np.concatenate([old_k, k.astype(cache.dtype, copy=False)], axis=2)
+            values = np.concatenate([old_v, v.astype(cache.dtype, copy=False)], axis=2)
+            cache.append(k, v, check_finite=False)
+            causal, window_arg = "lower_right", window
+        S = keys.shape[2]
+        mask = self._combined_mask(key_padding_mask, attn_mask, B, L, S, positions)
+        return scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal, window=window_arg, **kw)
+
+    def _combined_mask(self, key_padding_mask, attn_mask, B, L, S, positions):
+        """torch.nn.MultiheadAttention's masks → one mask for scaled_dot_product_attention (True = attend)."""
+        parts = []
+        if key_padding_mask is not None:
+            kpm = np.asarray(key_padding_mask)
+            need = int(positions.max()) + 1 if positions.size else 0
+            if kpm.ndim != 2 or kpm.shape[0] != B or kpm.shape[1] < need:
+                raise ValueError(f"key_padding_mask must have shape (batch, S) = ({B}, {need}), got {kpm.shape}")
+            parts.append(self._as_additive_or_bool(kpm[:, positions], "key_padding_mask")[:, None, None, :])
+        if attn_mask is not None:
+            am = np.asarray(attn_mask)
+            if am.ndim == 3 and am.shape[0] == B * self.num_heads:
+                am = am.reshape(B, self.num_heads, L, -1)
+            if am.shape[-2:] != (L, S) or am.ndim not in (2, 4):
+                raise ValueError(f"attn_mask must have shape (L, S) = ({L}, {S}), (B, H, L, S) or (B·H, L, S), "
+                                 f"got {np.shape(attn_mask)}")
+            parts.append(self._as_additive_or_bool(am, "attn_mask"))
+        if not parts:
+            return None
+        if all(p.dtype == np.bool_ for p in parts):
+            allowed = parts[0]
+            for p in parts[1:]:
+                allowed = allowed & p
+            return allowed
+        total = None
+        for p in parts:
+            add = np.where(p, 0.0, -np.inf).astype(self.dtype) if p.dtype == np.bool_ else p.astype(self.dtype)
+            total = add if total is None else total + add
+        return total
+
+    @staticmethod
+    def _as_additive_or_bool(mask, name):
+        """torch MHA's boolean convention (True = masked out) → ours (True = attend); floats as they are."""
+        if mask.dtype == np.bool_:
+            return ~mask
+        if mask.dtype.kind == "f":
+            return mask
+        raise TypeError(f"{name} must be boolean (True = masked out, as in torch.nn.MultiheadAttention) or floating "
+                        f"(added to the scores), got dtype {mask.dtype}")
+
+    def _check_input(self, x, name, dim):
+        x = np.asarray(x)
+        if x.dtype.kind != "f":
+            raise TypeError(f"{name} must be a floating array, got dtype {x.dtype}")
+        if x.ndim != 3 or x.shape[2] != dim:
+            raise ValueError(f"{name} must have shape (batch, length, {dim}), got {x.shape}")
+        check_finite_array(x, name)
+        return x.astype(self.dtype, copy=False)
+
+    def __repr__(self):
+        return (f"MultiHeadAttention(embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
+                f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, dtype={self.dtype.name})")
