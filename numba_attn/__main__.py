@@ -1,4 +1,5 @@
-"""``python -m numba_attn info | check``: what the JIT targets here, and a self-test of every kernel."""
+"""``python -m numba_attn info | check | bench``: what the JIT targets here, a self-test of every kernel
+against the float64 reference, and a side-by-side benchmark against the baselines."""
 import argparse
 import os
 import platform
@@ -152,14 +153,133 @@ def run_info(out=sys.stdout):
     return 0
 
 
+def _total_memory_bytes():
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def run_bench(quick=False, threads=None, json_path=None, plot_path=None, out=sys.stdout):
+    import json
+    import tempfile
+
+    import numba
+
+    from . import bench
+
+    threads = threads or numba.config.NUMBA_NUM_THREADS
+    if threads > numba.config.NUMBA_NUM_THREADS:
+        print(f"--threads {threads} is more than numba's pool ({numba.config.NUMBA_NUM_THREADS}); "
+              "set NUMBA_NUM_THREADS first", file=sys.stderr)
+        return 2
+    small = 0 < _total_memory_bytes() < (3 << 30)
+    cases = bench.default_cases(quick=quick, small_memory=small)
+
+    def progress(msg):
+        print(f"  {msg}", file=sys.stderr, flush=True)
+
+    print(f"numba_attn {__version__} bench: {len(cases)} cases, {threads} threads"
+          + (", quick" if quick else "") + (", small-memory defaults" if small else ""), file=sys.stderr)
+    progress("compile times (fresh processes) ...")
+    with tempfile.TemporaryDirectory() as empty_cache:
+        t_import, t_cold = bench.first_call_seconds(cache_dir=empty_cache)
+    bench.first_call_seconds()                       # make sure the normal cache is filled
+    _, t_cached = bench.first_call_seconds()
+    progress("memory bandwidth ...")
+    bandwidth = bench.read_bandwidth(threads, nbytes=(256 << 20) if (quick or small) else (1 << 30))
+    results = bench.run_cases(cases, threads, progress=progress, budget=0.5 if quick else 1.0)
+
+    baselines = [impl.name for impl in bench.IMPLEMENTATIONS if impl.name != "numba_attn"]
+    header = ["case", "shape", "numba_attn ms", "throughput"] + [f"{b} ms (ours ×)" for b in baselines]
+    rows, records = [], []
+    for case in cases:
+        ours = results[case, "numba_attn"]
+        value, unit = bench.throughput(case, ours)
+        tp = f"{value:.1f} {unit}" + (f" ({100 * value / bandwidth:.0f}% bw)" if unit == "GB/s" else "")
+        row = [case.name, case.shape, f"{ours * 1e3:.2f}", tp]
+        record = {"case": case.name, **dataclasses_asdict(case), "numba_attn_s": ours, "unit": unit, "throughput": value}
+        for b in baselines:
+            theirs = results[case, b]
+            if isinstance(theirs, str):
+                row.append("-")
+                record[f"{b}_s"] = None
+                record[f"{b}_skipped"] = theirs
+            else:
+                row.append(f"{theirs * 1e3:.2f} ({theirs / ours:.2f}×)")
+                record[f"{b}_s"] = theirs
+        rows.append(row)
+        records.append(record)
+    print(file=out)
+    _print_table(tuple(header), [tuple(r) for r in rows], out)
+    skipped = sorted({(b, results[c, b]) for c in cases for b in baselines if isinstance(results[c, b], str)})
+    print(f"\nours × = baseline time / numba_attn time (above 1: numba_attn is faster). Median wall times, "
+          f"{threads} threads for every implementation.", file=out)
+    print(f"memory read bandwidth, measured in this run: {bandwidth:.1f} GB/s (decode's limit; 'bw' = share of it)",
+          file=out)
+    print(f"import numba_attn {t_import:.2f} s; first prefill + decode call in a new process: cold compile "
+          f"{t_cold:.1f} s, from the on-disk cache {t_cached:.2f} s", file=out)
+    for b, why in skipped:
+        print(f"- {b} skipped on some cases: {why}", file=out)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"threads": threads, "bandwidth_GBps": bandwidth, "import_s": t_import, "cold_first_call_s": t_cold,
+                       "cached_first_call_s": t_cached, "results": records}, f, indent=2)
+        print(f"wrote {json_path}", file=out)
+    if plot_path:
+        return _plot(cases, results, plot_path, out)
+    return 0
+
+
+def dataclasses_asdict(case):
+    import dataclasses
+    return {k: v for k, v in dataclasses.asdict(case).items() if k != "name"}
+
+
+def _plot(cases, results, path, out):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("--plot needs matplotlib: pip install 'numba_attn[plot]' (or pip install matplotlib)", file=sys.stderr)
+        return 2
+    from . import bench
+    sweep = sorted((c for c in cases if c.name.startswith("prefill") and not c.causal and c.D == 64 and c.B == 1
+                    and c.H == 8), key=lambda c: c.L)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for impl in bench.IMPLEMENTATIONS:
+        pts = [(c.L, bench.throughput(c, results[c, impl.name])[0]) for c in sweep
+               if not isinstance(results[c, impl.name], str)]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=impl.name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("sequence length L = S (B1 H8 D64, not causal)")
+    ax.set_ylabel("GFLOP/s")
+    ax.set_title("attention prefill throughput")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}", file=out)
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m numba_attn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, threading layer, CPU target, compile cache")
     sub.add_parser("check", help="run every kernel on random data against the float64 reference")
+    b = sub.add_parser("bench", help="time numba_attn against numpy, torch and onnxruntime (those installed)")
+    b.add_argument("--quick", action="store_true", help="fewer, smaller cases and shorter timing")
+    b.add_argument("--threads", type=int, default=None, help="threads for every implementation (default: all)")
+    b.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    b.add_argument("--plot", metavar="FILE.png", help="plot throughput against sequence length (needs matplotlib)")
     args = parser.parse_args(argv)
     if args.command == "info":
         return run_info()
+    if args.command == "bench":
+        return run_bench(args.quick, args.threads, args.json, args.plot)
     return run_check()
 
 

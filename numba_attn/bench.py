@@ -1,0 +1,260 @@
+"""Side-by-side speed of numba_attn and the baselines on the shapes we track.
+
+Used by ``python -m numba_attn bench`` and by the asv suite (``asv_bench/benchmarks``), so both
+time exactly the same calls. Baselines, each optional:
+
+- ``numpy``: the textbook formula with a materialised softmax, float32 (numpy's BLAS).
+- ``torch``: ``torch.nn.functional.scaled_dot_product_attention`` on 4-D (B, H, L, D) tensors
+  (3-D inputs fall to its slow math path), ``torch.set_num_threads`` equal to ours.
+- ``onnxruntime``: the CPU ``com.microsoft`` MultiHeadAttention contrib op, intra-op spinning off.
+
+Each implementation's ``prepare(case, threads)`` returns a zero-argument callable, or raises
+``Unavailable`` (not installed, or the case is outside what it supports) with the reason.
+"""
+import dataclasses
+import math
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+
+class Unavailable(Exception):
+    """This implementation cannot run this case here (the message says why)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    B: int
+    H: int
+    L: int
+    S: int
+    D: int
+    causal: bool = False
+    H_kv: int = 0          # 0: same as H
+    dtype: str = "float32"
+
+    @property
+    def kv_heads(self):
+        return self.H_kv or self.H
+
+    @property
+    def flops(self):
+        """4·B·H·L·S·D (Q·Kᵀ and P·V), halved under a causal mask when L = S."""
+        f = 4 * self.B * self.H * self.L * self.S * self.D
+        return f // 2 if self.causal and self.L == self.S else f
+
+    @property
+    def kv_bytes(self):
+        return 2 * self.B * self.kv_heads * self.S * self.D * np.dtype(self.dtype).itemsize
+
+    @property
+    def memory_bound(self):
+        return self.L <= 8
+
+    @property
+    def shape(self):
+        heads = f"H{self.H}" if not self.H_kv else f"H{self.H}/{self.H_kv}"
+        return f"B{self.B} {heads} L{self.L} S{self.S} D{self.D}" + (" causal" if self.causal else "")
+
+    def inputs(self, seed=0):
+        rng = np.random.default_rng(seed)
+        dt = np.dtype(self.dtype)
+        q = rng.standard_normal((self.B, self.H, self.L, self.D), dtype=np.float32).astype(dt)
+        k = rng.standard_normal((self.B, self.kv_heads, self.S, self.D), dtype=np.float32).astype(dt)
+        v = rng.standard_normal((self.B, self.kv_heads, self.S, self.D), dtype=np.float32).astype(dt)
+        return q, k, v
+
+
+def default_cases(quick=False, small_memory=False):
+    """The tracked shapes (``../shared/ANCHORS.md``), plus a prefill sweep over the sequence length."""
+    cases = [
+        Case("prefill", 1, 8, 1024, 1024, 64),
+        Case("prefill causal", 1, 8, 1024, 1024, 64, causal=True),
+        Case("prefill D128", 1, 8, 1024, 1024, 128),
+        Case("encoder (MiniLM batch)", 8, 12, 128, 128, 32),
+        Case("decode", 1, 32, 1, 4096, 64),
+        Case("decode, 8 heads", 1, 8, 1, 16384, 64),
+        Case("decode, 4 query tokens", 1, 32, 4, 4096, 64),
+        Case("decode GQA 64/8 (ggml's case)", 1, 64, 1, 7680, 64, H_kv=8),
+    ]
+    if not quick and not small_memory:
+        cases += [Case("prefill", 1, 8, 4096, 4096, 64), Case("prefill causal", 1, 8, 4096, 4096, 64, causal=True)]
+    sweep = [256, 512, 2048] if not quick else [256, 512]
+    cases += [Case("prefill sweep", 1, 8, n, n, 64) for n in sweep]
+    if small_memory:
+        cases = [c for c in cases if c.kv_bytes <= 64 << 20]
+    return cases
+
+
+# -- implementations ------------------------------------------------------------------------------
+class NumbaAttn:
+    name = "numba_attn"
+
+    def prepare(self, case, threads):
+        import numba
+
+        from .api import scaled_dot_product_attention
+        numba.set_num_threads(threads)
+        q, k, v = case.inputs()
+        gqa = case.kv_heads != case.H
+
+        def run():
+            return scaled_dot_product_attention(q, k, v, is_causal=case.causal, enable_gqa=gqa, check_finite=False)
+        return run
+
+
+class Numpy:
+    name = "numpy"
+    max_scores = 1 << 26          # beyond this the materialised (B, H, L, S) matrix is too big to be fair
+
+    def prepare(self, case, threads):
+        if case.B * case.H * case.L * case.S > self.max_scores:
+            raise Unavailable(f"the materialised score matrix would hold {case.B * case.H * case.L * case.S} floats")
+        q, k, v = case.inputs()
+        if case.kv_heads != case.H:
+            k = np.repeat(k, case.H // case.kv_heads, axis=1)
+            v = np.repeat(v, case.H // case.kv_heads, axis=1)
+        scale = np.float32(1 / math.sqrt(case.D))
+        causal = np.tril(np.ones((case.L, case.S), bool), case.S - case.L) if case.causal else None
+
+        def run():
+            s = q @ np.swapaxes(k, -1, -2) * scale
+            if causal is not None:
+                s = np.where(causal, s, -np.inf)
+            s -= s.max(-1, keepdims=True)
+            np.exp(s, out=s)
+            s /= s.sum(-1, keepdims=True)
+            return s @ v
+        return run
+
+
+class Torch:
+    name = "torch"
+
+    def prepare(self, case, threads):
+        try:
+            import torch
+        except ImportError:
+            raise Unavailable("torch is not installed (pip install 'numba_attn[torch]')") from None
+        torch.set_num_threads(threads)
+        q, k, v = (torch.from_numpy(x) for x in case.inputs())
+        gqa = case.kv_heads != case.H
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+
+        def run():
+            if torch.get_num_threads() != threads:      # numba can reset it (numba issue #9387)
+                torch.set_num_threads(threads)
+            with torch.no_grad():
+                return sdpa(q, k, v, is_causal=case.causal, enable_gqa=gqa)
+        return run
+
+
+class OnnxRuntime:
+    name = "onnxruntime"
+
+    def prepare(self, case, threads):
+        try:
+            import onnxruntime as ort
+            from onnx import TensorProto, helper
+        except ImportError:
+            raise Unavailable("onnxruntime and onnx are not installed") from None
+        if case.kv_heads != case.H:
+            raise Unavailable("the MultiHeadAttention contrib op has no grouped-query form")
+        if case.causal and case.L != case.S:
+            raise Unavailable("its causal flag is defined for L = S only")
+        if case.dtype != "float32":
+            raise Unavailable("float32 only here")
+        B, H, L, S, D = case.B, case.H, case.L, case.S, case.D
+        vi = helper.make_tensor_value_info
+        graph = helper.make_graph(
+            [helper.make_node("MultiHeadAttention", ["q", "k", "v"], ["o"], domain="com.microsoft", num_heads=H,
+                              unidirectional=int(case.causal))],
+            "mha",
+            [vi("q", TensorProto.FLOAT, [B, L, H * D]), vi("k", TensorProto.FLOAT, [B, S, H * D]),
+             vi("v", TensorProto.FLOAT, [B, S, H * D])],
+            [vi("o", TensorProto.FLOAT, [B, L, H * D])])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                        helper.make_opsetid("com.microsoft", 1)])
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        q, k, v = (np.ascontiguousarray(x.transpose(0, 2, 1, 3).reshape(B, -1, H * D)) for x in case.inputs())
+        feed = {"q": q, "k": k, "v": v}
+
+        def run():
+            return session.run(None, feed)[0]
+        return run
+
+
+IMPLEMENTATIONS = [NumbaAttn(), Torch(), OnnxRuntime(), Numpy()]
+
+
+# -- measuring ------------------------------------------------------------------------------------
+def median_seconds(fn, min_repeat=5, max_repeat=50, budget=1.0):
+    """Median wall time of ``fn()`` after one warm-up call; repeats until ``budget`` seconds or max."""
+    fn()
+    times = []
+    t_start = time.perf_counter()
+    while len(times) < min_repeat or (len(times) < max_repeat and time.perf_counter() - t_start < budget):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def read_bandwidth(threads, nbytes=1 << 30):
+    """GB/s of a parallel sum over an ``nbytes`` float32 array (the memory-bound limit of decode)."""
+    import numba
+
+    from .kernels.bandwidth import parallel_sum
+    numba.set_num_threads(threads)
+    a = np.ones(nbytes // 4, np.float32)
+    return a.nbytes / median_seconds(lambda: parallel_sum(a), min_repeat=3, max_repeat=7, budget=2.0) / 1e9
+
+
+def first_call_seconds(cache_dir=None):
+    """Seconds for a fresh process to import numba_attn and make its first prefill + decode call.
+
+    With ``cache_dir`` pointing to an empty directory this is the cold compile; without, the cached load.
+    """
+    code = ("import time; t0 = time.perf_counter(); import numpy as np, numba_attn as na; t1 = time.perf_counter();"
+            "q = np.ones((1, 2, 300, 64), np.float32); na.scaled_dot_product_attention(q, q, q);"
+            "k = np.ones((1, 2, 2048, 64), np.float32); na.scaled_dot_product_attention(q[:, :, :1], k, k);"
+            "print(t1 - t0, time.perf_counter() - t1)")
+    env = dict(os.environ)
+    if cache_dir is not None:
+        env["NUMBA_CACHE_DIR"] = cache_dir
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    t_import, t_first = (float(x) for x in out.stdout.split())
+    return t_import, t_first
+
+
+def run_cases(cases, threads, implementations=None, progress=None, budget=1.0):
+    """{(case, implementation name): seconds or the reason it was skipped}."""
+    implementations = IMPLEMENTATIONS if implementations is None else implementations
+    results = {}
+    for case in cases:
+        for impl in implementations:
+            if progress:
+                progress(f"{case.name} [{case.shape}] {impl.name} ...")
+            try:
+                fn = impl.prepare(case, threads)
+            except Unavailable as why:
+                results[case, impl.name] = str(why)
+                continue
+            results[case, impl.name] = median_seconds(fn, budget=budget)
+            del fn
+    return results
+
+
+def throughput(case, seconds):
+    """(value, unit): GB/s of K and V read for decode, GFLOP/s otherwise."""
+    if case.memory_bound:
+        return case.kv_bytes / seconds / 1e9, "GB/s"
+    return case.flops / seconds / 1e9, "GFLOP/s"
