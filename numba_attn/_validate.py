@@ -12,15 +12,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
-_FLOAT_KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+FLOAT16_MAX = 65504.0
 CAUSAL_ALIGNMENTS = ("upper_left", "lower_right")
 
 
 @dataclass
 class Plan:
-    query: np.ndarray        # (Nq, L, E)
-    key: np.ndarray          # (Nk, S, E)
-    value: np.ndarray        # (Nv, S, Ev)
+    query: np.ndarray        # (Nq, L, E) float32/float64, or uint16 (float16 bits)
+    key: np.ndarray          # (Nk, ≥S, E) same, or int8
+    value: np.ndarray        # (Nv, ≥S, Ev)
+    k_scales: np.ndarray     # (Nk, ≥S, blocks) float32 for int8 keys, else a (1, 1, 0) placeholder
+    v_scales: np.ndarray
+    k_block: int             # int8 block size, 0 for float keys
+    v_block: int
     q_idx: np.ndarray        # (N,) int64
     k_idx: np.ndarray
     v_idx: np.ndarray
@@ -33,12 +38,17 @@ class Plan:
     slopes: np.ndarray       # (N,) ALiBi slope per output batch entry, or (0,) for none
     softcap: float           # 0: none
     scale: float
-    dtype: np.dtype
+    dtype: np.dtype          # the arithmetic: float32 or float64
+    out_dtype: np.dtype      # what the caller gets
     batch_shape: tuple
     L: int
     S: int
     E: int
     Ev: int
+
+    @property
+    def quantized(self):
+        return self.k_block > 0 or self.v_block > 0
 
     @property
     def n_batch(self):
@@ -56,18 +66,34 @@ def _as_array(x, name):
     raise TypeError(f"{name} must be a numpy array, got {type(x).__name__}")
 
 
-def check_float_operand(x, name):
-    """A query/key/value operand: a real floating array with at least 2 dims."""
-    x = _as_array(x, name)
-    if x.dtype == np.float16:
-        raise TypeError(
-            f"{name} has dtype float16, which numba_attn does not compute yet: the float16 path "
-            "(half-precision storage, float32 accumulation) is planned; pass float32 or float64 for now")
-    if x.dtype.kind != "f" or x.dtype not in _FLOAT_KERNEL_DTYPES:
-        raise TypeError(f"{name} must be float32 or float64, got dtype {x.dtype}")
+def check_float_operand(x, name, allow_quantized=False):
+    """A query/key/value operand: a float16/32/64 array with at least 2 dims, or (key and value
+    only) an int8 ``QuantizedTensor``."""
+    from .quant import QuantizedTensor
+    if isinstance(x, QuantizedTensor):
+        if not allow_quantized:
+            raise TypeError(f"{name} cannot be a QuantizedTensor: int8 is for key and value; pass float {name}")
+    else:
+        x = _as_array(x, name)
+        if x.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float16, float32 or float64"
+                            + (" (or an int8 QuantizedTensor from numba_attn.quantize)" if allow_quantized else "")
+                            + f", got dtype {x.dtype}")
     if x.ndim < 2:
         raise ValueError(f"{name} must have at least 2 dims (..., length, features), got shape {x.shape}")
     return x
+
+
+def check_out_dtype(out_dtype):
+    if out_dtype is None:
+        return None
+    try:
+        dt = np.dtype(out_dtype)
+    except TypeError:
+        raise TypeError(f"out_dtype must be float16, float32 or float64, got {out_dtype!r}") from None
+    if dt not in _FLOAT_DTYPES:
+        raise TypeError(f"out_dtype must be float16, float32 or float64, got {dt}")
+    return dt
 
 
 def check_finite_array(x, name):
@@ -142,11 +168,37 @@ def _as_3d(x, rows, cols):
     return np.broadcast_to(x3, x3.shape)   # read-only view: one numba type whatever the caller passed
 
 
+def _storage(x, dtype, rows, cols):
+    """Kernel operand(s) for x: (data, scales, block); float16 travels as its uint16 bits."""
+    from .quant import QuantizedTensor
+    if isinstance(x, QuantizedTensor):
+        nb = x.scales.shape[-1]
+        return _as_3d(x.data, rows, cols), _as_3d(x.scales, rows, nb), x.block
+    if x.dtype == np.float16 and dtype == np.float32:
+        return _as_3d(x.view(np.uint16), rows, cols), _NO_SCALES, 0
+    return _as_3d(x.astype(dtype, copy=False), rows, cols), _NO_SCALES, 0
+
+
+_NO_SCALES = np.broadcast_to(np.zeros((1, 1, 0), np.float32), (1, 1, 0))
+
+
+def _dtypes(query, key, value, out_dtype):
+    """(compute dtype, result dtype): float64 if any input is float64, else float32; the result has
+    ``np.result_type`` of the float inputs (int8 ones do not count) unless ``out_dtype`` says."""
+    floats = [x.dtype for x in (query, key, value) if x.dtype.kind == "f"]
+    compute = np.dtype(np.float64) if np.dtype(np.float64) in floats else np.dtype(np.float32)
+    if compute == np.float64 and (key.dtype == np.int8 or value.dtype == np.int8):
+        raise TypeError("int8 key/value compute in float32: pass a float32 or float16 query, not float64")
+    result = np.result_type(*floats) if out_dtype is None else out_dtype
+    return compute, result
+
+
 def prepare_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                      check_finite, window=None, alibi_slopes=None, softcap=None):
+                      check_finite, window=None, alibi_slopes=None, softcap=None, out_dtype=None):
     query = check_float_operand(query, "query")
-    key = check_float_operand(key, "key")
-    value = check_float_operand(value, "value")
+    key = check_float_operand(key, "key", allow_quantized=True)
+    value = check_float_operand(value, "value", allow_quantized=True)
+    out_dtype = check_out_dtype(out_dtype)
     if not isinstance(dropout_p, numbers.Real) or dropout_p != 0:
         raise ValueError(f"dropout_p must be 0.0: numba_attn is for inference and has no dropout, got {dropout_p!r}")
     L, E = query.shape[-2:]
@@ -160,7 +212,7 @@ def prepare_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
         raise ValueError(f"query's last dim (E) must be at least 1, got shape {query.shape}")
     alignment = check_causal(is_causal)
     scale = check_scale(scale, E)
-    dtype = np.result_type(query.dtype, key.dtype, value.dtype)
+    dtype, result_dtype = _dtypes(query, key, value, out_dtype)
 
     bq, bk, bv = query.shape[:-2], key.shape[:-2], value.shape[:-2]
     group = 1
@@ -189,8 +241,9 @@ def prepare_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
 
     if check_finite:
         check_finite_array(query, "query")
-        check_finite_array(key, "key")
-        check_finite_array(value, "value")
+        for name, x in (("key", key), ("value", value)):
+            if x.dtype.kind == "f":              # int8 tensors are finite by construction
+                check_finite_array(x, name)
 
     q_idx = _batch_index(bq, batch, "query")
     if group > 1:
@@ -206,16 +259,17 @@ def prepare_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
     window = check_window(window, alignment)
     softcap = check_softcap(softcap)
     slopes = _prepare_slopes(alibi_slopes, batch, dtype)
+    q3, _, _ = _storage(query, dtype, L, E)
+    k3, k_scales, k_block = _storage(key, dtype, S, E)
+    v3, v_scales, v_block = _storage(value, dtype, S, Ev)
     return Plan(
-        query=_as_3d(query.astype(dtype, copy=False), L, E),
-        key=_as_3d(key.astype(dtype, copy=False), S, E),
-        value=_as_3d(value.astype(dtype, copy=False), S, Ev),
+        query=q3, key=k3, value=v3, k_scales=k_scales, v_scales=v_scales, k_block=k_block, v_block=v_block,
         q_idx=q_idx, k_idx=k_idx, v_idx=v_idx,
         mask=mask, m_idx=m_idx, mask_kind=mask_kind,
         is_causal=alignment is not None,
         pos_offset=0 if alignment == "upper_left" else S - L,
         window=window, slopes=slopes, softcap=softcap,
-        scale=scale, dtype=dtype, batch_shape=tuple(batch), L=L, S=S, E=E, Ev=Ev,
+        scale=scale, dtype=dtype, out_dtype=result_dtype, batch_shape=tuple(batch), L=L, S=S, E=E, Ev=Ev,
     )
 
 

@@ -8,7 +8,7 @@ import numba
 import numpy as np
 
 from . import config
-from ._validate import prepare_attention
+from ._validate import FLOAT16_MAX, prepare_attention
 from .kernels import decode, prefill
 
 __all__ = ["scaled_dot_product_attention", "attention_weights"]
@@ -47,7 +47,8 @@ def _kv_groups(plan):
 
 
 def _use_decode(plan):
-    return plan.L <= config.DECODE_MAX_QUERY_ROWS and plan.S >= config.DECODE_MIN_KEYS
+    """Few query rows against many keys, or int8 keys/values (whose inner loops are dot products)."""
+    return plan.quantized or (plan.L <= config.DECODE_MAX_QUERY_ROWS and plan.S >= config.DECODE_MIN_KEYS)
 
 
 def _run(plan):
@@ -61,13 +62,16 @@ def _run(plan):
               plan.slopes, dt(plan.softcap), dt(plan.scale))
     work = N * L * plan.S * (plan.E + Ev)
     serial = work < config.SERIAL_BELOW_FLOPS
-    groups = _kv_groups(plan) if _use_decode(plan) else None
-    if groups is not None:
-        if groups.shape[1] * L > config.DECODE_MAX_ROWS:      # too many rows per pass: one head each
+    if _use_decode(plan):
+        groups = _kv_groups(plan)
+        if groups is None:
             groups = np.arange(N, dtype=np.int64).reshape(N, 1)
-        n_split = 1 if serial else decode_splits(groups.shape[0], plan.S)
-        args = (plan.query, plan.key, plan.value, plan.q_idx, plan.k_idx, plan.v_idx, groups) + common + (
-            n_split, config.DECODE_BLOCK_K, out, lse)
+        rows = groups.shape[1] * L
+        n_chunks = -(-rows // config.DECODE_MAX_ROWS)
+        n_split = 1 if serial else decode_splits(groups.shape[0] * n_chunks, plan.S)
+        args = (plan.query, plan.key, plan.k_scales, plan.k_block, plan.value, plan.v_scales, plan.v_block,
+                plan.q_idx, plan.k_idx, plan.v_idx, groups) + common + (
+                config.DECODE_MAX_ROWS, n_split, config.DECODE_BLOCK_K, out, lse)
         kernel = decode.decode_serial if serial else decode.decode_parallel
     else:
         args = (plan.query, plan.key, plan.value, plan.q_idx, plan.k_idx, plan.v_idx) + common + (
@@ -80,16 +84,25 @@ def _run(plan):
     return out, lse
 
 
-def decode_splits(n_groups, S):
-    """Parts of the key range per KV group: enough work items for every thread, parts ≥ DECODE_MIN_SPLIT keys."""
+def _to_out_dtype(out, dtype):
+    if out.dtype == dtype:
+        return out
+    if dtype == np.float16 and out.size and np.abs(out).max() > FLOAT16_MAX:
+        raise ValueError("the result exceeds float16's range (65504); ask for out_dtype=np.float32")
+    return out.astype(dtype)
+
+
+def decode_splits(n_items, S):
+    """Parts of the key range per (KV group, row chunk): enough work items for every thread, each part
+    at least DECODE_MIN_SPLIT keys."""
     threads = numba.get_num_threads()
-    want = -(-config.DECODE_ITEMS_PER_THREAD * threads // n_groups)
+    want = -(-config.DECODE_ITEMS_PER_THREAD * threads // n_items)
     return int(max(1, min(want, S // config.DECODE_MIN_SPLIT)))
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
                                  scale=None, enable_gqa=False, *, window=None, alibi_slopes=None, softcap=None,
-                                 return_lse=False, check_finite=True):
+                                 return_lse=False, check_finite=True, out_dtype=None):
     """softmax(query·keyᵀ·scale + attn_mask)·value, fused: no (L, S) score matrix is ever allocated.
 
     A short query (L ≤ 8 rows) against many keys (S ≥ 256) takes the split-K decode kernel, which
@@ -97,9 +110,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
     Parameters
     ----------
-    query : ndarray (..., L, E), float32 or float64
-    key : ndarray (..., S, E)
-    value : ndarray (..., S, Ev)
+    query : ndarray (..., L, E), float16, float32 or float64
+    key : ndarray (..., S, E), or an int8 :class:`~numba_attn.QuantizedTensor` (``numba_attn.quantize``)
+    value : ndarray (..., S, Ev), or an int8 ``QuantizedTensor``
         Leading (batch) dims broadcast against each other, as in numpy; any number of them, including
         none. With ``enable_gqa`` dim -3 is the heads dim and key/value may have fewer heads.
     attn_mask : ndarray, optional
@@ -130,19 +143,23 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         over disjoint key sets need to be merged exactly.
     check_finite : bool
         Scan query/key/value for NaN/inf and raise ``ValueError`` (default). False skips the scan.
+    out_dtype : dtype, optional
+        The result's dtype (e.g. ``np.float32`` for float16 inputs).
 
     Returns
     -------
-    out : ndarray (..., L, Ev), in ``np.result_type`` of query, key and value (float32 with float64
-        gives float64; the computation runs in that dtype).
-    lse : ndarray (..., L), only with ``return_lse``.
+    out : ndarray (..., L, Ev). Its dtype is ``np.result_type`` of the float inputs (int8 ones do not
+        count), or ``out_dtype``. The arithmetic runs in float64 if any input is float64, otherwise in
+        float32: float16 and int8 storage is converted inside the kernels, element by element, never
+        copied up front.
+    lse : ndarray (..., L) in the arithmetic's dtype, only with ``return_lse``.
 
     A query row whose keys are all masked gets zeros (PyTorch returns NaN there) and lse = -inf.
     """
     plan = prepare_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                             check_finite, window, alibi_slopes, softcap)
+                             check_finite, window, alibi_slopes, softcap, out_dtype)
     out, lse = _run(plan)
-    out = out.reshape(plan.batch_shape + (plan.L, plan.Ev))
+    out = _to_out_dtype(out, plan.out_dtype).reshape(plan.batch_shape + (plan.L, plan.Ev))
     if return_lse:
         return out, lse.reshape(plan.batch_shape + (plan.L,))
     return out

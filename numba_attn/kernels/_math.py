@@ -34,7 +34,8 @@ def _int32_bits_as_float32(typingctx, bits):
     return types.float32(types.int32), codegen
 
 
-def fast_exp(x):  # pragma: no cover - replaced by the overload below inside numba
+def fast_exp(x):
+    """Pure-Python stand-in; inside numba kernels the overload below is used."""
     return math.exp(x)
 
 

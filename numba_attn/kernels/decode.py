@@ -1,12 +1,16 @@
 """Split-K decode attention (flash-decoding): a few query rows against a long run of keys.
 
+Also the kernel for int8 (quantised) keys and values at any length: its inner loops are dot
+products along the head dim, the shape int8 × int8 → int32 arithmetic wants.
+
 Decode reads every cached key and value once per step and does little arithmetic on each: it is
 bound by memory bandwidth, so the design goals are (1) read K and V once, (2) keep every core
 reading.
 
 (1) Grouped-query attention: the g query heads that share a key/value head are processed together,
     as R = g·L rows against one pass over that head's K and V.
-(2) The key range [0, S) is cut into ``n_split`` contiguous parts; work item = (KV group, part), so
+(2) The key range [0, S) is cut into ``n_split`` contiguous parts; work item = (KV group, chunk of
+    ``row_chunk`` rows, part), so
     one sequence with 8 heads still feeds 2 or 32 cores. Each part keeps its own streaming-softmax
     state for its R rows (running max m, sum l, accumulator acc, as in the prefill kernel) and the
     parts are merged exactly:
@@ -27,62 +31,81 @@ from numba import njit, prange
 
 from .. import config
 from . import variant
+from ._load import load
 from ._math import fast_exp
+from .quantised import add_value, quantize_row_into, score_dot
 from ._scores import MASK_ADD, MASK_BOOL, adjust_score, visible_key_range
 
 
-def _decode_body(q, k, v, q_idx, k_idx, v_idx, groups, kv_len, mask, m_idx, mask_kind, is_causal, pos_offset,
-                 window, slopes, softcap, scale, n_split, block_k, out, lse):
+def _decode_body(q, k, k_scales, k_block, v, v_scales, v_block, q_idx, k_idx, v_idx, groups, kv_len, mask, m_idx,
+                 mask_kind, is_causal, pos_offset, window, slopes, softcap, scale, row_chunk, n_split, block_k,
+                 out, lse):
     """Attention for out[groups[g, t]] (all t share k[k_idx[...]], v[v_idx[...]]); see module doc.
 
-    Same arguments as the prefill kernel, plus ``groups`` (G, g): the output batch entries that
-    read the same key/value entry, and ``n_split``: parts of the key range per group.
+    Same arguments as the prefill kernel, plus: ``groups`` (G, g), the output batch entries that
+    read the same key/value entry; ``k_scales``/``v_scales`` (N, ≥S, blocks) and ``k_block``/
+    ``v_block`` for int8 keys/values (ignored for float ones); ``row_chunk``: query rows per work
+    item; ``n_split``: parts of the key range. Storage may be float32/float64, uint16 (float16
+    bits) or int8; the arithmetic runs in ``out.dtype``.
     """
     N, L, Ev = out.shape
     E = q.shape[2]
     S = kv_len
     G, gsize = groups.shape
     R = gsize * L
-    dt = q.dtype
+    dt = out.dtype
     neg_inf = dt.type(-np.inf)
     zero = dt.type(0)
     has_alibi = slopes.shape[0] > 0
+    nbk = k_scales.shape[2]
+    n_chunks = (R + row_chunk - 1) // row_chunk
     kv_begin, kv_end = visible_key_range(0, L, S, is_causal, pos_offset, window)
     span = kv_end - kv_begin
     split_len = (span + n_split - 1) // n_split if span > 0 else 0
     part_acc = np.zeros((G, n_split, R, Ev), dt)
     part_m = np.full((G, n_split, R), neg_inf, dt)
     part_l = np.zeros((G, n_split, R), dt)
-    for w in prange(G * n_split):
-        g = w // n_split
+    for w in prange(G * n_chunks * n_split):
+        g = w // (n_chunks * n_split)
+        r0 = ((w // n_split) % n_chunks) * row_chunk
         sp = w % n_split
-        j_begin = kv_begin + sp * split_len
-        j_end = min(kv_end, j_begin + split_len)
+        nr = min(R, r0 + row_chunk) - r0
+        i_lo = L
+        i_hi = 0
+        for r in range(r0, r0 + nr):
+            i_lo = min(i_lo, r % L)
+            i_hi = max(i_hi, r % L + 1)
+        vis_begin, vis_end = visible_key_range(i_lo, i_hi, S, is_causal, pos_offset, window)
+        j_begin = max(vis_begin, kv_begin + sp * split_len)
+        j_end = min(vis_end, kv_begin + (sp + 1) * split_len)
         n0 = groups[g, 0]
         kn = k[k_idx[n0]]
         vn = v[v_idx[n0]]
-        qs = np.empty((R, E), dt)
-        for r in range(R):
-            qrow = q[q_idx[groups[g, r // L]], r % L]
+        ksn = k_scales[k_idx[n0] if k_scales.shape[0] > 1 else 0]
+        vsn = v_scales[v_idx[n0] if v_scales.shape[0] > 1 else 0]
+        qs = np.empty((nr, E), dt)
+        q8 = np.zeros((nr, E), np.int8)                 # int8 copy of the query rows, for int8 keys
+        q8_scales = np.zeros((nr, max(nbk, 1)), np.float32)
+        for r in range(nr):
+            qrow = q[q_idx[groups[g, (r0 + r) // L]], (r0 + r) % L]
             for d in range(E):
-                qs[r, d] = qrow[d] * scale
-        acc = part_acc[g, sp]
-        m = part_m[g, sp]
-        l = part_l[g, sp]
-        s = np.empty((R, block_k), dt)
+                qs[r, d] = load(qrow[d]) * scale
+            if k_block > 0:
+                quantize_row_into(qs[r], k_block, q8[r], q8_scales[r])
+        acc = part_acc[g, sp, r0:r0 + nr]
+        m = part_m[g, sp, r0:r0 + nr]
+        l = part_l[g, sp, r0:r0 + nr]
+        s = np.empty((nr, block_k), dt)
         for j0 in range(j_begin, j_end, block_k):
             nk = min(block_k, j_end - j0)
             for j in range(nk):
                 kj = kn[j0 + j]
-                for r in range(R):
-                    qr = qs[r]
-                    a = zero
-                    for d in range(E):
-                        a += qr[d] * kj[d]
-                    s[r, j] = a
-            for r in range(R):
-                n = groups[g, r // L]
-                i = r % L
+                ksj = ksn[j0 + j if nbk > 0 else 0]
+                for r in range(nr):
+                    s[r, j] = score_dot(qs[r], q8[r], q8_scales[r], kj, ksj, k_block)
+            for r in range(nr):
+                n = groups[g, (r0 + r) // L]
+                i = (r0 + r) % L
                 qpos = i + pos_offset
                 srow = s[r]
                 if has_alibi or softcap > 0 or window > 0:
@@ -120,11 +143,9 @@ def _decode_body(q, k, v, q_idx, k_idx, v_idx, groups, kv_len, mask, m_idx, mask
                     arow[e] *= alpha
             for j in range(nk):
                 vj = vn[j0 + j]
-                for r in range(R):
-                    p = s[r, j]
-                    arow = acc[r]
-                    for e in range(Ev):
-                        arow[e] += p * vj[e]
+                vsj = vsn[j0 + j if v_block > 0 else 0]
+                for r in range(nr):
+                    add_value(s[r, j], vj, vsj, v_block, acc[r])
     # exact merge of the parts
     for t in prange(G * R):
         g = t // R

@@ -18,13 +18,19 @@ Work split: ``prange`` over (batch entry, block of BLOCK_Q query rows), so a sin
 heads still feeds every core. Key blocks of BLOCK_K keys; key blocks that the causal rule hides from
 every row of the query block are never visited.
 
-Memory per work item (float32, BLOCK_Q = BLOCK_K = 64, E = Ev = 64): scaled query block, key block,
-transposed value block, score block and accumulator, 16 KiB each, ~80 KiB: O(threads·block·D),
-independent of L and S.
+Memory per work item (float32, BLOCK_Q = BLOCK_K = 128, E = Ev = 64): the scaled query block and
+the output accumulator, both transposed (E × BLOCK_Q, 32 KiB each), and the score block
+(BLOCK_K × BLOCK_Q, 64 KiB): O(threads·block·D), independent of L and S; they sit in L2.
 
-Micro-kernels: scores as 4 query rows × 4 keys of dot products over E (16 independent accumulators,
-vectorised along E); P·V likewise as 4 rows × 4 value columns over the block's keys, with V
-transposed once per block so both operands are unit-stride.
+Layout: everything is kept transposed, query rows last, so every inner loop runs along the query
+rows of the block (BLOCK_Q contiguous lanes) with no horizontal reductions:
+
+- scores: 4 keys × 4 head-dim entries per step (16 broadcast scalars), 4 score rows updated along r;
+- softmax: running max, exp (``fast_exp``, vectorised) and sums elementwise along r;
+- P·V: 4 value columns × 4 keys per step into 4 accumulator rows along r.
+
+Storage: float32, float64, or float16 as uint16 bits (converted on load, see ``_load``); the
+arithmetic runs in ``out.dtype`` (float32 for float16 storage).
 """
 import math
 
@@ -33,8 +39,10 @@ from numba import njit, prange
 
 from .. import config
 from . import variant
+from ._load import load
 from ._math import fast_exp
 from ._scores import MASK_ADD, MASK_BOOL, adjust_score, visible_key_range
+
 
 @njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
 def scores_block(qt, kn, j0, nk, st, nr):
@@ -64,10 +72,10 @@ def scores_block(qt, kn, j0, nk, st, nr):
             q1 = qt[d + 1]
             q2 = qt[d + 2]
             q3 = qt[d + 3]
-            a0, a1, a2, a3 = ka[d], ka[d + 1], ka[d + 2], ka[d + 3]
-            b0, b1, b2, b3 = kb[d], kb[d + 1], kb[d + 2], kb[d + 3]
-            c0, c1, c2, c3 = kc[d], kc[d + 1], kc[d + 2], kc[d + 3]
-            e0, e1, e2, e3 = kd[d], kd[d + 1], kd[d + 2], kd[d + 3]
+            a0, a1, a2, a3 = load(ka[d]), load(ka[d + 1]), load(ka[d + 2]), load(ka[d + 3])
+            b0, b1, b2, b3 = load(kb[d]), load(kb[d + 1]), load(kb[d + 2]), load(kb[d + 3])
+            c0, c1, c2, c3 = load(kc[d]), load(kc[d + 1]), load(kc[d + 2]), load(kc[d + 3])
+            e0, e1, e2, e3 = load(kd[d]), load(kd[d + 1]), load(kd[d + 2]), load(kd[d + 3])
             for r in range(nr):
                 x0 = q0[r]
                 x1 = q1[r]
@@ -79,7 +87,7 @@ def scores_block(qt, kn, j0, nk, st, nr):
                 s3[r] += e0 * x0 + e1 * x1 + e2 * x2 + e3 * x3
         for d in range(E4, E):
             qd = qt[d]
-            a0, b0, c0, e0 = ka[d], kb[d], kc[d], kd[d]
+            a0, b0, c0, e0 = load(ka[d]), load(kb[d]), load(kc[d]), load(kd[d])
             for r in range(nr):
                 x0 = qd[r]
                 s0[r] += a0 * x0
@@ -91,7 +99,7 @@ def scores_block(qt, kn, j0, nk, st, nr):
         s0[:nr] = 0
         ka = kn[j0 + j]
         for d in range(E):
-            a0 = ka[d]
+            a0 = load(ka[d])
             qd = qt[d]
             for r in range(nr):
                 s0[r] += a0 * qd[r]
@@ -120,10 +128,10 @@ def accumulate_values(pt, vn, j0, nk, acct, nr):
             vb = vn[j0 + j + 1]
             vc = vn[j0 + j + 2]
             vd = vn[j0 + j + 3]
-            a0, a1, a2, a3 = va[e], vb[e], vc[e], vd[e]
-            b0, b1, b2, b3 = va[e + 1], vb[e + 1], vc[e + 1], vd[e + 1]
-            c0, c1, c2, c3 = va[e + 2], vb[e + 2], vc[e + 2], vd[e + 2]
-            d0, d1, d2, d3 = va[e + 3], vb[e + 3], vc[e + 3], vd[e + 3]
+            a0, a1, a2, a3 = load(va[e]), load(vb[e]), load(vc[e]), load(vd[e])
+            b0, b1, b2, b3 = load(va[e + 1]), load(vb[e + 1]), load(vc[e + 1]), load(vd[e + 1])
+            c0, c1, c2, c3 = load(va[e + 2]), load(vb[e + 2]), load(vc[e + 2]), load(vd[e + 2])
+            d0, d1, d2, d3 = load(va[e + 3]), load(vb[e + 3]), load(vc[e + 3]), load(vd[e + 3])
             for r in range(nr):
                 x0 = p0[r]
                 x1 = p1[r]
@@ -136,7 +144,7 @@ def accumulate_values(pt, vn, j0, nk, acct, nr):
         for j in range(nk4, nk):
             p0 = pt[j]
             vj = vn[j0 + j]
-            a0, b0, c0, d0 = vj[e], vj[e + 1], vj[e + 2], vj[e + 3]
+            a0, b0, c0, d0 = load(vj[e]), load(vj[e + 1]), load(vj[e + 2]), load(vj[e + 3])
             for r in range(nr):
                 x0 = p0[r]
                 o0[r] += a0 * x0
@@ -147,7 +155,7 @@ def accumulate_values(pt, vn, j0, nk, acct, nr):
         o0 = acct[e]
         for j in range(nk):
             p0 = pt[j]
-            a0 = vn[j0 + j, e]
+            a0 = load(vn[j0 + j, e])
             for r in range(nr):
                 o0[r] += a0 * p0[r]
 
@@ -194,7 +202,7 @@ def _prefill_body(q, k, v, q_idx, k_idx, v_idx, kv_len, mask, m_idx, mask_kind, 
     N, L, Ev = out.shape
     E = q.shape[2]
     S = kv_len
-    dt = q.dtype
+    dt = out.dtype
     nqb = (L + block_q - 1) // block_q
     neg_inf = dt.type(-np.inf)
     for w in prange(N * nqb):
@@ -208,7 +216,7 @@ def _prefill_body(q, k, v, q_idx, k_idx, v_idx, kv_len, mask, m_idx, mask_kind, 
         qt = np.empty((E, nr), dt)            # scaled query block, transposed: rows are unit-stride in r
         for r in range(nr):
             for d in range(E):
-                qt[d, r] = qn[i0 + r, d] * scale
+                qt[d, r] = load(qn[i0 + r, d]) * scale
         acct = np.zeros((Ev, nr), dt)          # output accumulator, transposed
         m = np.full(nr, neg_inf, dt)
         l = np.zeros(nr, dt)

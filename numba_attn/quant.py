@@ -1,0 +1,112 @@
+"""int8 quantisation of keys and values: ``quantize``, ``dequantize`` and ``QuantizedTensor``.
+
+Symmetric, along the last axis (the head dim), per block of ``block`` entries (default 32, ggml's
+q8_0) or per row (``block=None``): scale = max|x| / 127 over the block, q = rint(x / scale) clamped
+to [-127, 127]. A quarter of float32's memory plus 4 bytes per block. The attention kernels take a
+``QuantizedTensor`` as ``key``/``value`` and compute Q·Kᵀ in int8 × int8 → int32, dequantising V
+inside the kernel. Accuracy: see the README's accuracy table.
+"""
+import numbers
+
+import numpy as np
+
+from ._validate import check_finite_array
+from .kernels.quantised import dequantize_rows, quantize_rows
+
+__all__ = ["QuantizedTensor", "quantize", "dequantize"]
+
+DEFAULT_BLOCK = 32
+
+
+class QuantizedTensor:
+    """int8 ``data`` (..., D) and float32 ``scales`` (..., ceil(D / block)); x ≈ data · scale of its block."""
+
+    __slots__ = ("data", "scales", "block")
+
+    def __init__(self, data, scales, block):
+        data = np.asarray(data)
+        scales = np.asarray(scales)
+        if data.dtype != np.int8:
+            raise TypeError(f"data must be int8, got {data.dtype}")
+        if scales.dtype != np.float32:
+            raise TypeError(f"scales must be float32, got {scales.dtype}")
+        if data.ndim < 1:
+            raise ValueError("data must have at least 1 dim")
+        if isinstance(block, bool) or not isinstance(block, numbers.Integral) or block <= 0:
+            raise ValueError(f"block must be a positive int, got {block!r}")
+        nb = -(-data.shape[-1] // block)
+        if scales.shape != data.shape[:-1] + (nb,):
+            raise ValueError(f"scales must have shape {data.shape[:-1] + (nb,)} for data {data.shape} and block "
+                             f"{block}, got {scales.shape}")
+        self.data, self.scales, self.block = data, scales, int(block)
+
+    @property
+    def shape(self):
+        return self.data.shape
+
+    @property
+    def ndim(self):
+        return self.data.ndim
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+    @property
+    def nbytes(self):
+        return self.data.nbytes + self.scales.nbytes
+
+    def __getitem__(self, index):
+        """Index the leading dims (not the last): returns a QuantizedTensor view."""
+        if not isinstance(index, tuple):
+            index = (index,)
+        if len(index) >= self.data.ndim or any(i is Ellipsis for i in index):
+            raise IndexError("index the leading dims only (the last, quantised axis stays whole)")
+        return QuantizedTensor(self.data[index], self.scales[index], self.block)
+
+    def dequantize(self):
+        return dequantize(self)
+
+    def __repr__(self):
+        return f"QuantizedTensor(shape={self.shape}, block={self.block}, nbytes={self.nbytes})"
+
+
+def quantize(x, block=DEFAULT_BLOCK):
+    """Quantise ``x`` (..., D) (float16/32/64) to int8 along its last axis.
+
+    ``block``: entries per scale (default 32); ``None`` for one scale per row. Raises ``ValueError``
+    for NaN or inf (there is no int8 for them).
+    """
+    x = np.asarray(x)
+    if x.dtype.kind != "f":
+        raise TypeError(f"x must be a floating array, got dtype {x.dtype}")
+    if x.ndim < 1:
+        raise ValueError("x must have at least 1 dim")
+    D = x.shape[-1]
+    if block is None:
+        block = max(D, 1)
+    if isinstance(block, bool) or not isinstance(block, numbers.Integral) or block <= 0:
+        raise ValueError(f"block must be a positive int or None (per row), got {block!r}")
+    check_finite_array(x, "x")
+    rows = np.ascontiguousarray(x.reshape(-1, D))
+    if rows.dtype == np.float16:
+        rows = rows.view(np.uint16)
+    nb = -(-D // block)
+    data = np.empty(rows.shape, np.int8)
+    scales = np.empty((rows.shape[0], nb), np.float32)
+    if rows.size:
+        quantize_rows(rows, int(block), data, scales)
+    return QuantizedTensor(data.reshape(x.shape), scales.reshape(x.shape[:-1] + (nb,)), int(block))
+
+
+def dequantize(q):
+    """float32 array ≈ the tensor ``q`` was made from."""
+    if not isinstance(q, QuantizedTensor):
+        raise TypeError(f"q must be a QuantizedTensor, got {type(q).__name__}")
+    D = q.shape[-1]
+    data = np.ascontiguousarray(q.data.reshape(-1, D))
+    scales = np.ascontiguousarray(q.scales.reshape(data.shape[0], -1))
+    out = np.empty(data.shape, np.float32)
+    if data.size:
+        dequantize_rows(data, scales, q.block, out)
+    return out.reshape(q.shape)
