@@ -155,9 +155,10 @@ class MultiHeadAttention:
                                        dtype=dtype)
 
     # -- forward ----------------------------------------------------------------------------------
-    def new_cache(self, batch, capacity, window=None):
-        """A KVCache shaped for this layer."""
-        return KVCache(batch, self.num_kv_heads, self.head_dim, capacity, dtype=self.dtype, window=window)
+    def new_cache(self, batch, capacity, window=None, dtype=None, block=32):
+        """A KVCache shaped for this layer (storage ``dtype``: the layer's by default, or float16/int8)."""
+        return KVCache(batch, self.num_kv_heads, self.head_dim, capacity, dtype=self.dtype if dtype is None else dtype,
+                       window=window, block=block)
 
     def _heads(self, y, n_heads):
         B, T, _ = y.shape
@@ -219,7 +220,7 @@ class MultiHeadAttention:
         if rotary is not None:
             q, k = rotary(q, k, start + np.arange(L))
         kw = dict(enable_gqa=self.num_kv_heads != self.num_heads, alibi_slopes=alibi_slopes, softcap=softcap,
-                  check_finite=False)
+                  check_finite=False, out_dtype=self.dtype)
         if cache is None:
             S = k.shape[2]
             mask = self._combined_mask(key_padding_mask, attn_mask, B, L, S, np.arange(S))
@@ -240,8 +241,10 @@ class MultiHeadAttention:
                                                                                self.head_dim, self.head_dim):
             raise ValueError(f"cache holds (batch={cache.batch}, num_kv_heads={cache.num_kv_heads}, "
                              f"head_dim={cache.head_dim}); this call needs ({B}, {self.num_kv_heads}, {self.head_dim})")
-        if cache.dtype != q.dtype:
-            raise TypeError(f"cache dtype {cache.dtype} does not match the layer's computation dtype {q.dtype}")
+        allowed = (q.dtype,) if q.dtype == np.float64 else (np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.int8))
+        if cache.dtype not in allowed:
+            raise TypeError(f"cache dtype {cache.dtype} does not fit the layer's dtype {q.dtype}: use "
+                            + " or ".join(d.name for d in allowed))
         if window is not None and window != cache.window:
             raise ValueError(f"window={window} differs from the cache's window ({cache.window})")
         window = cache.window
@@ -254,11 +257,8 @@ class MultiHeadAttention:
             window_arg = None
         else:
             # windowed chunk (or ALiBi): keys in position order, cached ones then the new ones
-            old_k, old_v = cache.ordered()
-            positions = np.r_[cache.positions() if not cache.wrapped else
-                              np.arange(cache.length - cache.n_valid, cache.length), cache.length + np.arange(L)]
-            keys = np.concatenate([old_k, k.astype(cache.dtype, copy=False)], axis=2)
-            values = np.concatenate([old_v, v.astype(cache.dtype, copy=False)], axis=2)
+            positions = np.arange(cache.length - cache.n_valid, cache.length + L)
+            keys, values = cache.ordered_with(k, v)
             cache.append(k, v, check_finite=False)
             causal, window_arg = "lower_right", window
         S = keys.shape[2]
