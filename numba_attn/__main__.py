@@ -11,12 +11,13 @@ import numpy as np
 from . import __version__, config, reference
 from .api import scaled_dot_product_attention
 
-#: acceptance bounds of ``check``: max |out - ref| relative to max |ref|
-TOLERANCE = {np.float32: 2e-5, np.float64: 1e-10}
+#: acceptance bounds of ``check`` per precision: (max |out - ref| / max(1, max |ref|), ‖out - ref‖ / ‖ref‖)
+TOLERANCE = {"float64": (1e-10, 1e-12), "float32": (2e-5, 1e-5), "float16": (2e-3, 2e-3), "int8": (np.inf, 1.5e-2)}
 
 
 def _check_cases():
-    """(name, kwargs builder) for every kernel path: masks, both causal alignments, GQA, broadcasting."""
+    """(name, spec) for every kernel path: masks, both causal alignments, GQA, broadcasting, decode."""
+    alibi = 2.0 ** -np.arange(1, 9)
     return [
         ("prefill", dict(q=(1, 8, 256, 64), k=(1, 8, 256, 64))),
         ("prefill causal upper_left", dict(q=(1, 8, 256, 64), k=(1, 8, 256, 64), is_causal=True)),
@@ -24,9 +25,15 @@ def _check_cases():
         ("prefill bool mask", dict(q=(2, 4, 128, 32), k=(2, 4, 200, 32), mask="bool")),
         ("prefill float mask (-inf)", dict(q=(2, 4, 128, 32), k=(2, 4, 200, 32), mask="float")),
         ("prefill GQA 8/2 heads", dict(q=(1, 8, 128, 64), k=(1, 2, 256, 64), enable_gqa=True)),
+        ("prefill window + ALiBi + softcap", dict(q=(1, 8, 200, 64), k=(1, 8, 200, 64), is_causal=True, window=64,
+                                                  alibi_slopes=alibi, softcap=30.0)),
         ("encoder batch", dict(q=(8, 12, 128, 32), k=(8, 12, 128, 32))),
         ("odd sizes, 2-D", dict(q=(77, 33), k=(131, 33), v=(131, 7))),
-        ("one query row", dict(q=(1, 32, 1, 64), k=(1, 32, 1024, 64))),
+        ("decode (split-K)", dict(q=(1, 32, 1, 64), k=(1, 32, 1024, 64))),
+        ("decode GQA 4 tokens causal", dict(q=(1, 8, 4, 64), k=(1, 2, 2048, 64), enable_gqa=True,
+                                            is_causal="lower_right")),
+        ("decode window + mask", dict(q=(2, 8, 1, 64), k=(2, 8, 1500, 64), is_causal="lower_right", window=500,
+                                      mask="bool")),
     ]
 
 
@@ -39,43 +46,59 @@ def _median_ms(fn, repeat=3):
     return 1e3 * float(np.median(times))
 
 
+def _inputs(rng, spec, precision):
+    """(query, key, value) as handed to numba_attn, and the float64 values the reference should see."""
+    from .quant import dequantize, quantize
+    q = rng.standard_normal(spec["q"])
+    k = rng.standard_normal(spec["k"])
+    v = rng.standard_normal(spec.get("v", spec["k"]))
+    if precision == "int8":
+        kq, vq = quantize(k), quantize(v)
+        return (q.astype(np.float32), kq, vq), (q, k, v), (q, dequantize(kq), dequantize(vq))
+    dt = np.dtype(precision)
+    ours = tuple(x.astype(dt) for x in (q, k, v))
+    return ours, tuple(x.astype(np.float64) for x in ours), None
+
+
 def run_check(out=sys.stdout):
     rng = np.random.default_rng(0)
     rows = []
     failed = 0
-    for dtype in (np.float32, np.float64):
+    for precision in ("float32", "float64", "float16", "int8"):
         for name, spec in _check_cases():
-            q = rng.standard_normal(spec["q"])
-            k = rng.standard_normal(spec["k"])
-            v = rng.standard_normal(spec.get("v", spec["k"]))
-            kwargs = {key: spec[key] for key in ("is_causal", "enable_gqa") if key in spec}
+            kwargs = {key: spec[key] for key in ("is_causal", "enable_gqa", "window", "alibi_slopes", "softcap")
+                      if key in spec}
+            (qd, kd, vd), exact, _ = _inputs(rng, spec, precision)
+            L, S = spec["q"][-2], spec["k"][-2]
             if spec.get("mask") == "bool":
-                kwargs["attn_mask"] = rng.random(spec["q"][-2:-1] + spec["k"][-2:-1]) > 0.3
+                kwargs["attn_mask"] = rng.random((L, S)) > 0.3
             elif spec.get("mask") == "float":
-                m = rng.standard_normal(spec["q"][-2:-1] + spec["k"][-2:-1])
+                m = rng.standard_normal((L, S))
                 m[rng.random(m.shape) < 0.3] = -np.inf
-                kwargs["attn_mask"] = m.astype(dtype)
-            qd, kd, vd = (x.astype(dtype) for x in (q, k, v))
+                kwargs["attn_mask"] = m.astype(np.float32 if precision != "float64" else np.float64)
             t0 = time.perf_counter()
             got = scaled_dot_product_attention(qd, kd, vd, **kwargs)
             first_ms = 1e3 * (time.perf_counter() - t0)
             ms = _median_ms(lambda: scaled_dot_product_attention(qd, kd, vd, **kwargs))
-            want = reference.scaled_dot_product_attention(q, k, v, **kwargs)
-            err = float(np.abs(got - want).max())
-            rel = float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-300))
-            ok = np.isfinite(got).all() and err <= TOLERANCE[dtype] * max(1.0, float(np.abs(want).max()))
+            want = reference.scaled_dot_product_attention(*exact, **kwargs)
+            diff = got.astype(np.float64) - want
+            err = float(np.abs(diff).max())
+            rel = float(np.linalg.norm(diff) / max(np.linalg.norm(want), 1e-300))
+            tol_abs, tol_rel = TOLERANCE[precision]
+            ok = bool(np.isfinite(got).all() and err <= tol_abs * max(1.0, float(np.abs(want).max()))
+                      and rel <= tol_rel)
             failed += not ok
             shape = f"q{spec['q']} k{spec['k']}"
-            rows.append((name, np.dtype(dtype).name, shape, f"{err:.2e}", f"{rel:.2e}", f"{ms:.2f}",
-                         f"{first_ms:.0f}", "ok" if ok else "FAIL"))
+            rows.append((name, precision, shape, f"{err:.2e}", f"{rel:.2e}", f"{ms:.2f}", f"{first_ms:.0f}",
+                         "ok" if ok else "FAIL"))
             print(".", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
-    header = ("case", "dtype", "shape", "max abs err", "rel err", "ms", "first call ms", "")
+    header = ("case", "precision", "shape", "max abs err", "rel err", "ms", "first call ms", "")
     _print_table(header, rows, out)
-    print(f"\n{len(rows) - failed}/{len(rows)} cases within tolerance "
-          f"(max abs error ≤ {TOLERANCE[np.float32]:g}·max|ref| for float32, {TOLERANCE[np.float64]:g} for float64; "
-          "reference: numba_attn.reference in float64). 'first call' includes compiling or loading the kernel.",
-          file=out)
+    bounds = "; ".join(f"{p}: max abs ≤ {a:g}·max(1, max|ref|), rel ≤ {r:g}" for p, (a, r) in TOLERANCE.items())
+    print(f"\n{len(rows) - failed}/{len(rows)} cases within tolerance ({bounds}). Reference: numba_attn.reference in "
+          "float64 on the same (rounded) inputs; int8 against the unquantised inputs. rel err = ‖out − ref‖ / ‖ref‖. "
+          "'first call' includes compiling or loading the kernel.", file=out)
     return 1 if failed else 0
 
 
