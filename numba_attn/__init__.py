@@ -8,15 +8,18 @@ Public API (see each docstring):
 - :class:`KVCache` — preallocated key/value storage (optionally a sliding-window ring buffer),
   float32, float16 or int8.
 - :func:`quantize` / :func:`dequantize` / :class:`QuantizedTensor` — int8 keys and values.
+- :func:`set_num_threads` / :func:`num_threads` (a context manager) / :func:`get_num_threads`.
 - :mod:`numba_attn.reference` — the same contract in plain float64 numpy (the oracle).
 """
 __version__ = "0.1.0"
 
 from . import reference
+from ._threads import get_num_threads, num_threads, set_num_threads
 from .api import attention_weights, scaled_dot_product_attention
 from .cache import KVCache
 from .layers import MultiHeadAttention
 from .quant import QuantizedTensor, dequantize, quantize
 
 __all__ = ["__version__", "scaled_dot_product_attention", "attention_weights", "MultiHeadAttention", "KVCache",
-           "quantize", "dequantize", "QuantizedTensor", "reference"]
+           "quantize", "dequantize", "QuantizedTensor", "set_num_threads", "get_num_threads", "num_threads",
+           "reference"]

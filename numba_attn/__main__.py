@@ -111,24 +111,6 @@ def _print_table(header, rows, out):
         print(fmt.format(*r), file=out)
 
 
-def _cache_location():
-    """Where numba writes this package's compiled kernels, and whether it can."""
-    from numba.core.caching import _CacheLocator
-    from .kernels import prefill
-    impl = prefill.prefill_parallel._cache._impl if hasattr(prefill.prefill_parallel, "_cache") else None
-    locator = getattr(impl, "_locator", None)
-    if locator is None:
-        return "(cache disabled: NUMBA_ATTN_CACHE=0)", False
-    path = locator.get_cache_path()
-    try:
-        os.makedirs(path, exist_ok=True)
-        writable = os.access(path, os.W_OK)
-    except OSError:
-        writable = False
-    del _CacheLocator
-    return path, writable
-
-
 def run_info(out=sys.stdout):
     import llvmlite
     import numba
@@ -136,9 +118,8 @@ def run_info(out=sys.stdout):
     from numba.misc import numba_sysinfo
 
     warnings = []
-    # Start a parallel region so that numba picks (and reports) its threading layer.
-    q = np.zeros((1, 2, 256, 16), np.float32)
-    scaled_dot_product_attention(q, q, q, check_finite=False)
+    # Start numba's thread pool so that it picks (and reports) its threading layer.
+    numba.set_num_threads(numba.get_num_threads())
     try:
         layer = numba.threading_layer()
     except ValueError:
@@ -148,10 +129,9 @@ def run_info(out=sys.stdout):
                         "concurrent calls behind a lock. Install tbb (pip install tbb) or GNU OpenMP "
                         "(libgomp1) for concurrent callers.")
     info = numba_sysinfo.get_sysinfo()
-    cache_path, writable = _cache_location()
-    if not writable:
-        warnings.append(f"compile cache {cache_path} is not writable: every process recompiles "
-                        "(set NUMBA_CACHE_DIR to a writable directory)")
+    if not config.CACHE:
+        warnings.append(f"on-disk compile cache is off ({config.CACHE_UNAVAILABLE}): every process compiles its "
+                        "kernels (seconds each); set NUMBA_CACHE_DIR to a writable directory")
     rows = [
         ("numba_attn", __version__),
         ("python", platform.python_version()),
@@ -164,8 +144,7 @@ def run_info(out=sys.stdout):
         ("threading layer", layer),
         ("threads (numba.get_num_threads)", str(numba.get_num_threads())),
         ("NUMBA_NUM_THREADS", str(nconfig.NUMBA_NUM_THREADS)),
-        ("compile cache", f"{cache_path} ({'writable' if writable else 'NOT writable'})"),
-        ("on-disk caching", "on" if config.CACHE else "off (NUMBA_ATTN_CACHE=0)"),
+        ("compile cache", config.CACHE_DIR if config.CACHE else f"off: {config.CACHE_UNAVAILABLE}"),
         ("prefill blocks (query rows x keys)", f"{config.PREFILL_BLOCK_Q} x {config.PREFILL_BLOCK_K}"),
     ]
     width = max(len(k) for k, _ in rows)

@@ -2,39 +2,15 @@
 
 Data flows one way: validate and normalise (``_validate``) → pick a kernel → run it → reshape.
 """
-import threading
-
 import numba
 import numpy as np
 
 from . import config
+from ._threads import launch
 from ._validate import FLOAT16_MAX, prepare_attention
 from .kernels import decode, prefill
 
 __all__ = ["scaled_dot_product_attention", "attention_weights"]
-
-_launch_lock = threading.Lock()
-_layer_is_threadsafe = False
-
-
-def _launch(kernel, *args):
-    """Run a parallel kernel; serialise callers while the threading layer may be ``workqueue``.
-
-    numba's workqueue layer aborts the process when two Python threads enter a parallel region at
-    once. omp and tbb are safe. Until the first parallel call has chosen a layer we do not know which
-    one we get, so that call holds the lock too.
-    """
-    global _layer_is_threadsafe
-    if _layer_is_threadsafe:
-        return kernel(*args)
-    with _launch_lock:
-        result = kernel(*args)
-        try:
-            _layer_is_threadsafe = numba.threading_layer() != "workqueue"
-        except ValueError:  # no parallel region has run yet (a serial kernel was used)
-            pass
-        return result
-
 
 def _kv_groups(plan):
     """(G, g) output batch entries that read the same key and value entry, or None if uneven."""
@@ -80,7 +56,7 @@ def _run(plan):
     if serial:
         kernel(*args)
     else:
-        _launch(kernel, *args)
+        launch(kernel, *args)
     return out, lse
 
 

@@ -3,16 +3,53 @@
 Environment variables (read once, at import):
 
 ``NUMBA_ATTN_CACHE``   ``1`` (default) keeps compiled kernels in numba's on-disk cache, ``0`` turns it off.
+``NUMBA_CACHE_DIR``    numba's own: where the cache goes (default: ``numba_attn/kernels/__pycache__``,
+                       else ``~/.cache/numba``).
+
+If no cache location is writable (a read-only install with a read-only HOME), caching is turned
+off instead of failing at import (numba raises "no locator available" there): every process then
+compiles its kernels once. ``CACHE_UNAVAILABLE`` says why.
 """
 import os
+import tempfile
 
 #: LLVM fast-math flags for every kernel. Not ``fastmath=True``: that adds ``nnan``/``ninf``, which
 #: lets LLVM assume no -inf, and then masked scores (-inf) turn into NaN. This subset keeps inf/NaN
 #: semantics but still lets reductions vectorise (``reassoc``) and FMAs fuse (``contract``).
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
+
+def _writable_dir(path):
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+        return True
+    except OSError:
+        return False
+
+
+def _cache_location():
+    """The directory numba would cache our kernels in, or None if none is writable."""
+    user_dir = os.environ.get("NUMBA_CACHE_DIR")
+    if user_dir:
+        return user_dir if _writable_dir(user_dir) else None
+    in_tree = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "__pycache__")
+    if _writable_dir(in_tree):
+        return in_tree
+    from numba.misc.appdirs import AppDirs
+    user_wide = AppDirs(appname="numba", appauthor=False).user_cache_dir
+    return user_wide if _writable_dir(user_wide) else None
+
+
+_wanted = os.environ.get("NUMBA_ATTN_CACHE", "1") not in ("0", "false", "False", "")
+#: Where compiled kernels are cached (None: caching is off).
+CACHE_DIR = _cache_location() if _wanted else None
 #: On-disk compile cache (numba ``cache=True``).
-CACHE = os.environ.get("NUMBA_ATTN_CACHE", "1") not in ("0", "false", "False", "")
+CACHE = CACHE_DIR is not None
+#: Why caching is off, when it is.
+CACHE_UNAVAILABLE = (None if CACHE else "NUMBA_ATTN_CACHE=0" if not _wanted else
+                     "no writable cache directory (package dir, NUMBA_CACHE_DIR, ~/.cache/numba)")
 
 #: Query rows per parallel work item of the prefill kernel (the length of every vector loop).
 PREFILL_BLOCK_Q = 128

@@ -10,6 +10,7 @@ import numbers
 
 import numpy as np
 
+from ._threads import launch
 from ._validate import check_finite_array
 from .kernels.quantised import dequantize_rows, quantize_rows
 
@@ -95,7 +96,7 @@ def quantize(x, block=DEFAULT_BLOCK):
     data = np.empty(rows.shape, np.int8)
     scales = np.empty((rows.shape[0], nb), np.float32)
     if rows.size:
-        quantize_rows(rows, int(block), data, scales)
+        launch(quantize_rows, rows, int(block), data, scales)
     return QuantizedTensor(data.reshape(x.shape), scales.reshape(x.shape[:-1] + (nb,)), int(block))
 
 
@@ -108,5 +109,5 @@ def dequantize(q):
     scales = np.ascontiguousarray(q.scales.reshape(data.shape[0], -1))
     out = np.empty(data.shape, np.float32)
     if data.size:
-        dequantize_rows(data, scales, q.block, out)
+        launch(dequantize_rows, data, scales, q.block, out)
     return out.reshape(q.shape)

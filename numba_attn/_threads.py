@@ -1,0 +1,60 @@
+"""Threads: how many the kernels use, and running parallel kernels safely from many Python threads.
+
+numba's thread count is per calling thread (``numba.set_num_threads`` in one Python thread does not
+change another's) and capped by ``NUMBA_NUM_THREADS``, read at start-up. On a board with big and
+little cores (e.g. 4 × Cortex-A76 + 4 × A55) the little ones slow a parallel region down to their
+pace: use as many threads as big cores, ``numba_attn.set_num_threads(4)``, or start the process
+with ``NUMBA_NUM_THREADS=4``.
+"""
+import contextlib
+import threading
+
+import numba
+
+__all__ = ["set_num_threads", "get_num_threads", "num_threads", "launch"]
+
+
+def get_num_threads():
+    """Threads the kernels use when called from this Python thread."""
+    return numba.get_num_threads()
+
+
+def set_num_threads(n):
+    """Use ``n`` threads (1 … NUMBA_NUM_THREADS) for kernels called from this Python thread."""
+    limit = numba.config.NUMBA_NUM_THREADS
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= limit:
+        raise ValueError(f"n must be an int from 1 to NUMBA_NUM_THREADS = {limit}, got {n!r} "
+                         "(start the process with a larger NUMBA_NUM_THREADS for more)")
+    numba.set_num_threads(n)
+
+
+@contextlib.contextmanager
+def num_threads(n):
+    """``with numba_attn.num_threads(4): ...`` — ``n`` threads inside the block, the old count after."""
+    old = numba.get_num_threads()
+    set_num_threads(n)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(old)
+
+
+_launch_lock = threading.Lock()
+_layer_is_threadsafe = None
+
+
+def launch(kernel, *args):
+    """Run a parallel kernel; serialise callers when numba's threading layer is ``workqueue``.
+
+    numba's workqueue layer aborts the process when two Python threads enter a parallel region at
+    once ("Concurrent access has been detected"); omp and tbb are safe. ``get_num_threads`` starts
+    numba's pool (a kernel loaded from the cache does not), after which the layer is known.
+    """
+    global _layer_is_threadsafe
+    if _layer_is_threadsafe is None:
+        numba.get_num_threads()
+        _layer_is_threadsafe = numba.threading_layer() != "workqueue"
+    if _layer_is_threadsafe:
+        return kernel(*args)
+    with _launch_lock:
+        return kernel(*args)
