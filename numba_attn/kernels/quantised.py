@@ -68,6 +68,15 @@ def quantize_row_into(x, block, data, scales):
             data[d] = np.int8(min(np.float32(127), max(np.float32(-127), y)))
 
 
+@njit(cache=config.CACHE, inline="always")
+def int8_dot(a, b, d0, d1):
+    """Σ_{d0 ≤ d < d1} a[d]·b[d] for int8 a, b, accumulated in int32 (see the module doc)."""
+    acc = np.int32(0)
+    for d in range(d0, d1):
+        acc = np.int32(acc + np.int32(a[d]) * np.int32(b[d]))
+    return acc
+
+
 def score_dot(q_row, q_data, q_scales, k_row, k_scales, block):  # pragma: no cover - numba overload below
     raise TypeError("score_dot is a numba kernel helper: call it from @njit code")
 
@@ -81,10 +90,7 @@ def _score_dot_overload(q_row, q_data, q_scales, k_row, k_scales, block):
             total = np.float32(0)
             for b in range(k_scales.shape[0]):
                 d0 = b * block
-                d1 = min(E, d0 + block)
-                acc = np.int32(0)
-                for d in range(d0, d1):
-                    acc = np.int32(acc + np.int32(q_data[d]) * np.int32(k_row[d]))
+                acc = int8_dot(q_data, k_row, d0, min(E, d0 + block))
                 total += np.float32(acc) * (q_scales[b] * k_scales[b])
             return total
         return impl_int8

@@ -1,0 +1,97 @@
+"""Cross-compile numba_attn's inner loops for aarch64 with llvmlite and print the instructions used.
+
+Run in a fresh process with NUMBA_LOOP_VECTORIZE=0 NUMBA_SLP_VECTORIZE=0: numba then hands over
+optimised but still scalar IR, and LLVM's aarch64 pipeline vectorises it with the aarch64 cost model
+(as numba itself would on a board). Prints one JSON object {probe: {cpu: {mnemonic: count}}}.
+"""
+import collections
+import json
+import re
+
+import llvmlite.binding as llvm
+import numpy as np
+from numba import njit, types
+
+from numba_attn import config
+from numba_attn.kernels._load import load
+from numba_attn.kernels.quantised import int8_dot
+
+TRIPLE = "aarch64-unknown-linux-gnu"
+CPUS = ("cortex-a76", "cortex-a72")      # Raspberry Pi 5 / Jetson Orin class, and Raspberry Pi 4
+
+
+@njit(fastmath=config.FASTMATH)
+def f32_dot(q, k):
+    a = np.float32(0)
+    for d in range(q.shape[0]):
+        a += q[d] * load(k[d])
+    return a
+
+
+@njit(fastmath=config.FASTMATH)
+def f16_dot(q, k):          # the same source as f32_dot, with float16 keys as uint16 bits
+    a = np.float32(0)
+    for d in range(q.shape[0]):
+        a += q[d] * load(k[d])
+    return a
+
+
+@njit(fastmath=config.FASTMATH)
+def i8_dot(a, b):
+    return int8_dot(a, b, 0, a.shape[0])
+
+
+PROBES = {
+    "float32 dot": (f32_dot, (types.float32[::1], types.float32[::1])),
+    "float16 load + dot": (f16_dot, (types.float32[::1], types.uint16[::1])),
+    "int8 dot": (i8_dot, (types.int8[::1], types.int8[::1])),
+}
+
+
+def _portable_ir(ir):
+    """The module's IR without host specifics: Python wrappers and NRT bodies become declarations."""
+    out = []
+    for block in re.split(r"(?m)^(?=define )", ir):
+        head = block.split("\n", 1)[0]
+        if block.startswith("define ") and ("@NRT_" in head or "cpython." in head or "cfunc." in head):
+            decl = re.sub(r"^define\s+(?:(?:internal|linkonce_odr|weak_odr|private|dso_local|local_unnamed_addr|"
+                          r"unnamed_addr)\s+)*", "declare ", head)
+            decl = re.sub(r"\s*(#\d+\s*)?\{\s*$", "", decl)
+            out.append(decl + "\n" + block[block.index("\n}\n") + 3:])
+        else:
+            out.append(block)
+    ir = "".join(out)
+    ir = re.sub(r'target triple = "[^"]*"', f'target triple = "{TRIPLE}"', ir)
+    ir = re.sub(r'target datalayout = "[^"]*"\n', "", ir)
+    return re.sub(r'"target-cpu"="[^"]*"|"target-features"="[^"]*"|"tune-cpu"="[^"]*"', "", ir)
+
+
+def assemble(ir, cpu):
+    mod = llvm.parse_assembly(_portable_ir(ir))
+    tm = llvm.Target.from_triple(TRIPLE).create_target_machine(cpu=cpu, features="", opt=3)
+    mod.triple = TRIPLE
+    mod.data_layout = str(tm.target_data)
+    pto = llvm.create_pipeline_tuning_options(speed_level=3)
+    pto.loop_vectorization = True
+    pto.slp_vectorization = True
+    pb = llvm.create_pass_builder(tm, pto)
+    pb.getModulePassManager().run(mod, pb)
+    return tm.emit_assembly(mod)
+
+
+def main():
+    llvm.initialize_all_targets()
+    llvm.initialize_all_asmprinters()
+    result = {}
+    for name, (fn, sig) in PROBES.items():
+        fn.compile(sig)
+        ir = fn.inspect_llvm(sig)
+        result[name] = {}
+        for cpu in CPUS:
+            asm = assemble(ir, cpu)
+            result[name][cpu] = dict(collections.Counter(re.findall(r"^\s+([a-z][a-z0-9.]*)\s", asm, re.M)))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""The vector instructions numba_attn relies on, checked for aarch64 (Raspberry Pi 4/5, Jetson) by
+cross-compiling the kernels' inner loops with llvmlite on any host (see aarch64_codegen_probe.py)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PROBE = Path(__file__).with_name("aarch64_codegen_probe.py")
+
+
+@pytest.fixture(scope="module")
+def asm_counts():
+    env = dict(os.environ, NUMBA_LOOP_VECTORIZE="0", NUMBA_SLP_VECTORIZE="0", NUMBA_ATTN_CACHE="0")
+    out = subprocess.run([sys.executable, str(PROBE)], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("cpu", ["cortex-a76", "cortex-a72"])
+def test_float32_dot_uses_vector_fma(asm_counts, cpu):
+    assert asm_counts["float32 dot"][cpu].get("fmla", 0) > 0
+
+
+@pytest.mark.parametrize("cpu", ["cortex-a76", "cortex-a72"])
+def test_float16_loads_convert_with_fcvtl(asm_counts, cpu):
+    ops = asm_counts["float16 load + dot"][cpu]
+    assert ops.get("fcvtl", 0) + ops.get("fcvtl2", 0) > 0
+    assert ops.get("fmla", 0) > 0
+
+
+def test_int8_dot_uses_sdot_on_cortex_a76(asm_counts):
+    assert asm_counts["int8 dot"]["cortex-a76"].get("sdot", 0) > 0
+
+
+def test_int8_dot_uses_widening_multiplies_on_cortex_a72(asm_counts):
+    ops = asm_counts["int8 dot"]["cortex-a72"]
+    assert "sdot" not in ops                       # the A72 (Armv8.0) has no dot-product instructions
+    assert ops.get("smull", 0) + ops.get("smull2", 0) + ops.get("smlal", 0) + ops.get("smlal2", 0) > 0
