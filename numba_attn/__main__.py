@@ -1,5 +1,6 @@
-"""``python -m numba_attn info | check | bench``: what the JIT targets here, a self-test of every kernel
-against the float64 reference, and a side-by-side benchmark against the baselines."""
+"""``python -m numba_attn info | check | bench | warmup``: what the JIT targets here, a self-test of every
+kernel against the float64 reference, a side-by-side benchmark against the baselines, and compiling
+every kernel once into the on-disk cache."""
 import argparse
 import os
 import platform
@@ -155,6 +156,45 @@ def run_info(out=sys.stdout):
     return 0
 
 
+def run_warmup(out=sys.stdout):
+    """Compile (or load) every kernel variant a typical program meets, so its first call is fast.
+
+    Variants: prefill and decode kernels, parallel and serial builds, float32/float64/float16/int8
+    storage, no mask / boolean mask / float mask. Run once after installing (the results land in
+    the on-disk cache, see ``info``).
+    """
+    from .quant import quantize
+    rng = np.random.default_rng(0)
+    t_all = time.perf_counter()
+    shapes = {  # (query shape, key shape): small ones take the serial builds
+        "prefill": ((1, 2, 160, 64), (1, 2, 160, 64)), "prefill small": ((1, 1, 8, 16), (1, 1, 8, 16)),
+        "decode": ((1, 4, 1, 64), (1, 4, 512, 64)), "decode small": ((1, 1, 1, 16), (1, 1, 300, 16)),
+    }
+    n = 0
+    for precision in ("float32", "float16", "int8", "float64"):
+        t0 = time.perf_counter()
+        for qs, ks in shapes.values():
+            q = rng.standard_normal(qs).astype(np.float32 if precision in ("float16", "int8") else precision)
+            k = rng.standard_normal(ks)
+            if precision == "int8":
+                k = v = quantize(k)
+            else:
+                k = v = k.astype(precision)
+            for mask in (None, "bool", "float"):
+                m = None
+                if mask == "bool":
+                    m = np.ones((qs[-2], ks[-2]), bool)
+                elif mask == "float":
+                    m = np.zeros((qs[-2], ks[-2]), np.float64 if precision == "float64" else np.float32)
+                scaled_dot_product_attention(q, k, v, attn_mask=m)
+                n += 1
+        print(f"  {precision}: {time.perf_counter() - t0:.1f} s", file=out, flush=True)
+    where = config.CACHE_DIR if config.CACHE else f"nowhere (cache off: {config.CACHE_UNAVAILABLE})"
+    print(f"warmed {n} kernel calls in {time.perf_counter() - t_all:.1f} s; compiled code cached in {where}",
+          file=out)
+    return 0
+
+
 def _total_memory_bytes():
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -272,6 +312,7 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, threading layer, CPU target, compile cache")
     sub.add_parser("check", help="run every kernel on random data against the float64 reference")
+    sub.add_parser("warmup", help="compile every kernel variant once (e.g. at install time) into the cache")
     b = sub.add_parser("bench", help="time numba_attn against numpy, torch and onnxruntime (those installed)")
     b.add_argument("--quick", action="store_true", help="fewer, smaller cases and shorter timing")
     b.add_argument("--threads", type=int, default=None, help="threads for every implementation (default: all)")
@@ -280,6 +321,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.command == "info":
         return run_info()
+    if args.command == "warmup":
+        return run_warmup()
     if args.command == "bench":
         return run_bench(args.quick, args.threads, args.json, args.plot)
     return run_check()
