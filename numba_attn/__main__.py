@@ -61,12 +61,18 @@ def _inputs(rng, spec, precision):
     return ours, tuple(x.astype(np.float64) for x in ours), None
 
 
-def run_check(out=sys.stdout):
+QUICK_CASES = ("prefill causal lower_right", "prefill bool mask", "decode GQA 4 tokens causal", "odd sizes, 2-D")
+
+
+def run_check(quick=False, out=sys.stdout):
+    """Every kernel path in every precision against the reference; ``quick``: one case per kernel
+    (prefill parallel and serial, masks, decode) and precision, for slow machines and emulators."""
     rng = np.random.default_rng(0)
     rows = []
     failed = 0
+    cases = [c for c in _check_cases() if not quick or c[0] in QUICK_CASES]
     for precision in ("float32", "float64", "float16", "int8"):
-        for name, spec in _check_cases():
+        for name, spec in cases:
             kwargs = {key: spec[key] for key in ("is_causal", "enable_gqa", "window", "alibi_slopes", "softcap")
                       if key in spec}
             (qd, kd, vd), exact, _ = _inputs(rng, spec, precision)
@@ -311,7 +317,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m numba_attn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, threading layer, CPU target, compile cache")
-    sub.add_parser("check", help="run every kernel on random data against the float64 reference")
+    c = sub.add_parser("check", help="run every kernel on random data against the float64 reference")
+    c.add_argument("--quick", action="store_true", help="one case per kernel and precision")
     sub.add_parser("warmup", help="compile every kernel variant once (e.g. at install time) into the cache")
     b = sub.add_parser("bench", help="time numba_attn against numpy, torch and onnxruntime (those installed)")
     b.add_argument("--quick", action="store_true", help="fewer, smaller cases and shorter timing")
@@ -325,7 +332,7 @@ def main(argv=None):
         return run_warmup()
     if args.command == "bench":
         return run_bench(args.quick, args.threads, args.json, args.plot)
-    return run_check()
+    return run_check(quick=args.quick)
 
 
 if __name__ == "__main__":
