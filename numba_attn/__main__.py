@@ -239,7 +239,9 @@ def run_bench(quick=False, threads=None, json_path=None, plot_path=None, out=sys
     results = bench.run_cases(cases, threads, progress=progress, budget=0.5 if quick else 1.0)
 
     baselines = [impl.name for impl in bench.IMPLEMENTATIONS if impl.name != "numba_attn"]
-    header = ["case", "shape", "numba_attn ms", "throughput"] + [f"{b} ms (ours ×)" for b in baselines]
+    header = ["case", "shape", "numba_attn ms", "throughput"] + [f"{b} ms (ours ×)" for b in baselines] + [
+        "ours × torch fp32"]
+    twins = {bench.same_tokens(c): c for c in cases if c.dtype == "float32"}
     rows, records = [], []
     for case in cases:
         ours = results[case, "numba_attn"]
@@ -256,13 +258,22 @@ def run_bench(quick=False, threads=None, json_path=None, plot_path=None, out=sys
             else:
                 row.append(f"{theirs * 1e3:.2f} ({theirs / ours:.2f}×)")
                 record[f"{b}_s"] = theirs
+        twin = twins.get(bench.same_tokens(case))
+        torch32 = results.get((twin, "torch")) if twin is not None else None
+        if isinstance(torch32, float):
+            row.append(f"{torch32 / ours:.2f}×")
+            record["torch_float32_same_tokens_s"] = torch32
+        else:
+            row.append("-")
         rows.append(row)
         records.append(record)
     print(file=out)
     _print_table(tuple(header), [tuple(r) for r in rows], out)
     skipped = sorted({(b, results[c, b]) for c in cases for b in baselines if isinstance(results[c, b], str)})
     print(f"\nours × = baseline time / numba_attn time (above 1: numba_attn is faster). Median wall times, "
-          f"{threads} threads for every implementation.", file=out)
+          f"{threads} threads for every implementation. Cases name the storage of K and V; a baseline runs the "
+          "same dtype (torch float16 = its own float16 SDPA); 'ours × torch fp32' compares with torch's float32 "
+          "SDPA on the same tokens. GB/s counts the bytes of K and V as stored.", file=out)
     print(f"memory read bandwidth, measured in this run: {bandwidth:.1f} GB/s (decode's limit; 'bw' = share of it)",
           file=out)
     print(f"import numba_attn {t_import:.2f} s; first prefill + decode call in a new process: cold compile "

@@ -35,7 +35,7 @@ class Case:
     D: int
     causal: bool = False
     H_kv: int = 0          # 0: same as H
-    dtype: str = "float32"
+    dtype: str = "float32"  # storage of K and V: float32, float16 or int8 (query float32; float16 with float16)
 
     @property
     def kv_heads(self):
@@ -49,7 +49,14 @@ class Case:
 
     @property
     def kv_bytes(self):
-        return 2 * self.B * self.kv_heads * self.S * self.D * np.dtype(self.dtype).itemsize
+        """Bytes of K and V as stored (int8: data plus one float32 scale per 32 entries)."""
+        per_value = {"int8": 1 + 4 / 32}.get(self.dtype, None) or np.dtype(self.dtype).itemsize
+        return int(2 * self.B * self.kv_heads * self.S * self.D * per_value)
+
+    @property
+    def kv_bytes_float32(self):
+        """Bytes the same tokens take in float32 (what torch reads in a float32 comparison)."""
+        return 2 * self.B * self.kv_heads * self.S * self.D * 4
 
     @property
     def memory_bound(self):
@@ -60,12 +67,20 @@ class Case:
         heads = f"H{self.H}" if not self.H_kv else f"H{self.H}/{self.H_kv}"
         return f"B{self.B} {heads} L{self.L} S{self.S} D{self.D}" + (" causal" if self.causal else "")
 
-    def inputs(self, seed=0):
+    def inputs(self, seed=0, as_float32=False):
+        """(query, key, value) as numba_attn takes them: float32/float16 arrays, or for int8 a float32
+        query with quantised key and value. ``as_float32``: the same tokens, all float32."""
         rng = np.random.default_rng(seed)
-        dt = np.dtype(self.dtype)
-        q = rng.standard_normal((self.B, self.H, self.L, self.D), dtype=np.float32).astype(dt)
-        k = rng.standard_normal((self.B, self.kv_heads, self.S, self.D), dtype=np.float32).astype(dt)
-        v = rng.standard_normal((self.B, self.kv_heads, self.S, self.D), dtype=np.float32).astype(dt)
+        q = rng.standard_normal((self.B, self.H, self.L, self.D), dtype=np.float32)
+        k = rng.standard_normal((self.B, self.kv_heads, self.S, self.D), dtype=np.float32)
+        v = rng.standard_normal((self.B, self.kv_heads, self.S, self.D), dtype=np.float32)
+        if self.dtype == "float16":
+            q, k, v = (x.astype(np.float16) for x in (q, k, v))
+        if as_float32 or self.dtype == "float32":
+            return tuple(x.astype(np.float32) for x in (q, k, v))
+        if self.dtype == "int8":
+            from .quant import quantize
+            return q, quantize(k), quantize(v)
         return q, k, v
 
 
@@ -80,6 +95,11 @@ def default_cases(quick=False, small_memory=False):
         Case("decode, 8 heads", 1, 8, 1, 16384, 64),
         Case("decode, 4 query tokens", 1, 32, 4, 4096, 64),
         Case("decode GQA 64/8 (ggml's case)", 1, 64, 1, 7680, 64, H_kv=8),
+        Case("decode, float16 cache", 1, 32, 1, 4096, 64, dtype="float16"),
+        Case("decode, int8 cache", 1, 32, 1, 4096, 64, dtype="int8"),
+        Case("decode GQA 64/8, float16 cache", 1, 64, 1, 7680, 64, H_kv=8, dtype="float16"),
+        Case("decode GQA 64/8, int8 cache", 1, 64, 1, 7680, 64, H_kv=8, dtype="int8"),
+        Case("prefill, float16", 1, 8, 1024, 1024, 64, dtype="float16"),
     ]
     if not quick and not small_memory:
         cases += [Case("prefill", 1, 8, 4096, 4096, 64), Case("prefill causal", 1, 8, 4096, 4096, 64, causal=True)]
@@ -88,6 +108,12 @@ def default_cases(quick=False, small_memory=False):
     if small_memory:
         cases = [c for c in cases if c.kv_bytes <= 64 << 20]
     return cases
+
+
+def same_tokens(case):
+    """What identifies a case's tokens, whatever their storage: float16/int8 cases are judged against
+    the float32 case with the same key."""
+    return (case.B, case.H, case.kv_heads, case.L, case.S, case.D, case.causal)
 
 
 # -- implementations ------------------------------------------------------------------------------
@@ -112,8 +138,14 @@ class Numpy:
     max_scores = 1 << 26          # beyond this the materialised (B, H, L, S) matrix is too big to be fair
 
     def prepare(self, case, threads):
+        if case.dtype != "float32":
+            raise Unavailable("float32 only (the reference formula; compare the other dtypes with numba_attn float32)")
         if case.B * case.H * case.L * case.S > self.max_scores:
             raise Unavailable(f"the materialised score matrix would hold {case.B * case.H * case.L * case.S} floats")
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:
+            threadpool_limits = None
         q, k, v = case.inputs()
         if case.kv_heads != case.H:
             k = np.repeat(k, case.H // case.kv_heads, axis=1)
@@ -121,7 +153,7 @@ class Numpy:
         scale = np.float32(1 / math.sqrt(case.D))
         causal = np.tril(np.ones((case.L, case.S), bool), case.S - case.L) if case.causal else None
 
-        def run():
+        def formula():
             s = q @ np.swapaxes(k, -1, -2) * scale
             if causal is not None:
                 s = np.where(causal, s, -np.inf)
@@ -129,6 +161,13 @@ class Numpy:
             np.exp(s, out=s)
             s /= s.sum(-1, keepdims=True)
             return s @ v
+
+        if threadpool_limits is None:       # BLAS then uses every core, whatever `threads` says
+            return formula
+
+        def run():
+            with threadpool_limits(threads, user_api="blas"):
+                return formula()
         return run
 
 
@@ -140,6 +179,8 @@ class Torch:
             import torch
         except ImportError:
             raise Unavailable("torch is not installed (pip install 'numba_attn[torch]')") from None
+        if case.dtype == "int8":
+            raise Unavailable("no int8 attention; compare with its float32 row on the same tokens")
         torch.set_num_threads(threads)
         q, k, v = (torch.from_numpy(x) for x in case.inputs())
         gqa = case.kv_heads != case.H
