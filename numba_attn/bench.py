@@ -74,8 +74,10 @@ class Case:
         q = rng.standard_normal((self.B, self.H, self.L, self.D), dtype=np.float32)
         k = rng.standard_normal((self.B, self.kv_heads, self.S, self.D), dtype=np.float32)
         v = rng.standard_normal((self.B, self.kv_heads, self.S, self.D), dtype=np.float32)
-        if self.dtype == "float16":
-            q, k, v = (x.astype(np.float16) for x in (q, k, v))
+        if self.dtype in ("float16", "float64"):
+            q, k, v = (x.astype(self.dtype) for x in (q, k, v))
+            if self.dtype == "float64" and not as_float32:
+                return q, k, v
         if as_float32 or self.dtype == "float32":
             return tuple(x.astype(np.float32) for x in (q, k, v))
         if self.dtype == "int8":

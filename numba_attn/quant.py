@@ -75,8 +75,8 @@ class QuantizedTensor:
 def quantize(x, block=DEFAULT_BLOCK):
     """Quantise ``x`` (..., D) (float16/32/64) to int8 along its last axis.
 
-    ``block``: entries per scale (default 32); ``None`` for one scale per row. Raises ``ValueError``
-    for NaN or inf (there is no int8 for them).
+    ``block``: entries per scale, a power of two (default 32); ``None`` for one scale per row.
+    Raises ``ValueError`` for NaN or inf (there is no int8 for them).
     """
     x = np.asarray(x)
     if x.dtype.kind != "f":
@@ -88,6 +88,10 @@ def quantize(x, block=DEFAULT_BLOCK):
         block = max(D, 1)
     if isinstance(block, bool) or not isinstance(block, numbers.Integral) or block <= 0:
         raise ValueError(f"block must be a positive int or None (per row), got {block!r}")
+    if block < D and block & (block - 1):
+        raise ValueError(f"block must be a power of two (or None, or ≥ the last dim {D}: one scale per row), "
+                         f"got {block}")
+    block = min(int(block), max(D, 1))
     check_finite_array(x, "x")
     rows = np.ascontiguousarray(x.reshape(-1, D))
     if rows.dtype == np.float16:

@@ -14,8 +14,7 @@ from numba_attn.bench import Case, Unavailable
 IMPLS = ["numba_attn", "numpy", "torch", "onnxruntime"]
 #: Thread counts; those above numba's pool here (NUMBA_NUM_THREADS, by default the core count) are skipped.
 THREADS = [1, 2, 4]
-#: Only float32 for now (float64 in the accuracy tracks). float16/int8 storage landed in numba_attn
-#: after this suite was written; add them here once numba_attn.bench.Case can build their inputs.
+#: Storage dtypes of the float32-vs-baselines grids; float16 and int8 have their own module (quantised.py).
 DTYPES = ["float32"]
 
 _IMPLEMENTATIONS = {impl.name: impl for impl in bench.IMPLEMENTATIONS}

@@ -33,7 +33,7 @@ from .. import config
 from . import variant
 from ._load import load
 from ._math import fast_exp
-from .quantised import add_value, quantize_row_into, score_dot
+from .quantised import block_scores, block_values, quantize_row_into
 from ._scores import MASK_ADD, MASK_BOOL, adjust_score, visible_key_range
 
 
@@ -81,8 +81,8 @@ def _decode_body(q, k, k_scales, k_block, v, v_scales, v_block, q_idx, k_idx, v_
         n0 = groups[g, 0]
         kn = k[k_idx[n0]]
         vn = v[v_idx[n0]]
-        ksn = k_scales[k_idx[n0] if k_scales.shape[0] > 1 else 0]
-        vsn = v_scales[v_idx[n0] if v_scales.shape[0] > 1 else 0]
+        ksn = k_scales[k_idx[n0] if k_block > 0 else 0]
+        vsn = v_scales[v_idx[n0] if v_block > 0 else 0]
         qs = np.empty((nr, E), dt)
         q8 = np.zeros((nr, E), np.int8)                 # int8 copy of the query rows, for int8 keys
         q8_scales = np.zeros((nr, max(nbk, 1)), np.float32)
@@ -98,11 +98,7 @@ def _decode_body(q, k, k_scales, k_block, v, v_scales, v_block, q_idx, k_idx, v_
         s = np.empty((nr, block_k), dt)
         for j0 in range(j_begin, j_end, block_k):
             nk = min(block_k, j_end - j0)
-            for j in range(nk):
-                kj = kn[j0 + j]
-                ksj = ksn[j0 + j if nbk > 0 else 0]
-                for r in range(nr):
-                    s[r, j] = score_dot(qs[r], q8[r], q8_scales[r], kj, ksj, k_block)
+            block_scores(qs, q8, q8_scales, kn, ksn, k_block, j0, nk, s)
             for r in range(nr):
                 n = groups[g, (r0 + r) // L]
                 i = (r0 + r) % L
@@ -141,11 +137,7 @@ def _decode_body(q, k, k_scales, k_block, v, v_scales, v_block, q_idx, k_idx, v_
                 arow = acc[r]
                 for e in range(Ev):
                     arow[e] *= alpha
-            for j in range(nk):
-                vj = vn[j0 + j]
-                vsj = vsn[j0 + j if v_block > 0 else 0]
-                for r in range(nr):
-                    add_value(s[r, j], vj, vsj, v_block, acc[r])
+            block_values(s, vn, vsn, v_block, j0, nk, acc)
     # exact merge of the parts
     for t in prange(G * R):
         g = t // R

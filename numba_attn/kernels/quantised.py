@@ -7,6 +7,12 @@ Scheme (ggml's q8_0 when block = 32): for each block b of ``block`` consecutive 
 
 ``block = D`` (one block per row) is the "per row" scheme. Memory per row: D bytes + 4·ceil(D/block).
 
+Attention reads int8 keys in one of two ways (``block_scores``): with one scale per row, as int8 ×
+int8 dot products accumulated in int32 against a per-row int8 copy of the query; with one scale per
+block, dequantised in registers (k8 · scale) against the float query. Values are dequantised in
+registers the same way (``block_values``). Blocks are powers of two (entry d is in block
+d >> log2(block)) or the whole row.
+
 int8 × int8 dot products accumulate in int32 (``np.int32(acc + np.int32(a)·np.int32(b))`` each step:
 written plainly numba widens to int64 and the loop compiles to ``vpmuldq``; forced to int32 LLVM
 emits ``vpmaddwd``/``vpdpwssd`` on x86, ``sdot`` on Armv8.2+ and ``smull``/``sadalp`` on Cortex-A72).
@@ -77,49 +83,185 @@ def int8_dot(a, b, d0, d1):
     return acc
 
 
-def score_dot(q_row, q_data, q_scales, k_row, k_scales, block):  # pragma: no cover - numba overload below
-    raise TypeError("score_dot is a numba kernel helper: call it from @njit code")
+@njit(cache=config.CACHE, inline="always")
+def block_shift(block):
+    """ceil(log2(block)): entry d of a row belongs to scale block d >> shift (blocks are powers of
+    two, or one block spanning the whole row, for which d >> shift is 0)."""
+    shift = 0
+    while (1 << shift) < block:
+        shift += 1
+    return shift
 
 
-@overload(score_dot, fastmath=config.FASTMATH)
-def _score_dot_overload(q_row, q_data, q_scales, k_row, k_scales, block):
-    """q·k for one query row and one key row: int8 keys use the int8 copy of the query row."""
-    if isinstance(k_row, types.Array) and k_row.dtype == types.int8:
-        def impl_int8(q_row, q_data, q_scales, k_row, k_scales, block):
-            E = k_row.shape[0]
-            total = np.float32(0)
-            for b in range(k_scales.shape[0]):
-                d0 = b * block
-                acc = int8_dot(q_data, k_row, d0, min(E, d0 + block))
-                total += np.float32(acc) * (q_scales[b] * k_scales[b])
-            return total
+def block_scores(qs, q8, q8_scales, kn, k_scales, k_block, j0, nk, s):  # pragma: no cover - numba overload
+    raise TypeError("block_scores is a numba kernel helper: call it from @njit code")
+
+
+@overload(block_scores, fastmath=config.FASTMATH)
+def _block_scores_overload(qs, q8, q8_scales, kn, k_scales, k_block, j0, nk, s):
+    """s[r, j] = q_r · k_{j0+j} for the rows r of ``qs`` and nk keys from j0.
+
+    Float keys (float32/float64, or float16 bits): a dot product along the head dim, vectorised.
+    int8 keys, one scale per row: the int8 query row ``q8`` (quantised on the fly, scale
+    ``q8_scales[r, 0]``) times the int8 key, accumulated in int32 over the whole row
+    (``int8_dot``), then scaled by q8_scales[r, 0]·k_scales[j, 0].
+    int8 keys, one scale per block of 32 (or another power of two): the key is dequantised in
+    registers, k8[d]·k_scales[j, d >> shift], and dotted with the float query. (An int32
+    accumulation per 32-entry block compiles to short loops that LLVM vectorises badly, 5-15×
+    slower here; this form runs at float speed and does not quantise the query at all.)
+    """
+    if isinstance(kn, types.Array) and kn.dtype == types.int8:
+        def impl_int8(qs, q8, q8_scales, kn, k_scales, k_block, j0, nk, s):
+            E = kn.shape[1]
+            if k_scales.shape[1] == 1:
+                for j in range(nk):
+                    kj = kn[j0 + j]
+                    ksj = k_scales[j0 + j, 0]
+                    for r in range(qs.shape[0]):
+                        s[r, j] = np.float32(int8_dot(q8[r], kj, 0, E)) * (q8_scales[r, 0] * ksj)
+            elif k_block == 32:   # the default: a constant shift lets LLVM broadcast one scale per vector
+                for j in range(nk):
+                    kj = kn[j0 + j]
+                    ksj = k_scales[j0 + j]
+                    for r in range(qs.shape[0]):
+                        qr = qs[r]
+                        a = np.float32(0)
+                        for d in range(E):
+                            a += qr[d] * (np.float32(kj[d]) * ksj[d >> 5])
+                        s[r, j] = a
+            else:
+                shift = block_shift(k_block)
+                for j in range(nk):
+                    kj = kn[j0 + j]
+                    ksj = k_scales[j0 + j]
+                    for r in range(qs.shape[0]):
+                        qr = qs[r]
+                        a = np.float32(0)
+                        for d in range(E):
+                            a += qr[d] * (np.float32(kj[d]) * ksj[d >> shift])
+                        s[r, j] = a
         return impl_int8
 
-    def impl_float(q_row, q_data, q_scales, k_row, k_scales, block):
-        a = q_row.dtype.type(0)
-        for d in range(q_row.shape[0]):
-            a += q_row[d] * load(k_row[d])
-        return a
+    def impl_float(qs, q8, q8_scales, kn, k_scales, k_block, j0, nk, s):
+        E = qs.shape[1]
+        for j in range(nk):
+            kj = kn[j0 + j]
+            for r in range(qs.shape[0]):
+                qr = qs[r]
+                a = qs.dtype.type(0)
+                for d in range(E):
+                    a += qr[d] * load(kj[d])
+                s[r, j] = a
     return impl_float
 
 
-def add_value(p, v_row, v_scales, block, acc):  # pragma: no cover - numba overload below
-    raise TypeError("add_value is a numba kernel helper: call it from @njit code")
+def block_values(s, vn, v_scales, v_block, j0, nk, acc):  # pragma: no cover - numba overload
+    raise TypeError("block_values is a numba kernel helper: call it from @njit code")
 
 
-@overload(add_value, fastmath=config.FASTMATH)
-def _add_value_overload(p, v_row, v_scales, block, acc):
-    """acc += p · v (int8 values dequantised on the fly, block by block)."""
-    if isinstance(v_row, types.Array) and v_row.dtype == types.int8:
-        def impl_int8(p, v_row, v_scales, block, acc):
-            Ev = v_row.shape[0]
-            for b in range(v_scales.shape[0]):
-                pb = p * v_scales[b]
-                for e in range(b * block, min(Ev, (b + 1) * block)):
-                    acc[e] += pb * np.float32(v_row[e])
+@overload(block_values, fastmath=config.FASTMATH)
+def _block_values_overload(s, vn, v_scales, v_block, j0, nk, acc):
+    """acc[r, :] += Σ_j s[r, j]·v_{j0+j} for nk keys from j0 (int8 values dequantised on the fly).
+
+    Four keys per pass over an accumulator row, so each accumulator entry is read and written
+    once per four keys (one at a time, the loop waits on its own stores).
+    """
+    if isinstance(vn, types.Array) and vn.dtype == types.int8:
+        def impl_int8(s, vn, v_scales, v_block, j0, nk, acc):
+            if v_block == 32 and vn.shape[1] % 32 == 0:     # the default: constant 32-wide blocks
+                _values_int8_32(s, vn, v_scales, j0, nk, acc)
+            else:
+                _values_int8(s, vn, v_scales, block_shift(v_block), j0, nk, acc)
         return impl_int8
 
-    def impl_float(p, v_row, v_scales, block, acc):
-        for e in range(acc.shape[0]):
-            acc[e] += p * load(v_row[e])
+    def impl_float(s, vn, v_scales, v_block, j0, nk, acc):
+        Ev = vn.shape[1]
+        nk4 = nk // 4 * 4
+        for j in range(0, nk4, 4):
+            va = vn[j0 + j]
+            vb = vn[j0 + j + 1]
+            vc = vn[j0 + j + 2]
+            vd = vn[j0 + j + 3]
+            for r in range(acc.shape[0]):
+                arow = acc[r]
+                pa = s[r, j]
+                pb = s[r, j + 1]
+                pc = s[r, j + 2]
+                pd = s[r, j + 3]
+                for e in range(Ev):
+                    arow[e] += pa * load(va[e]) + pb * load(vb[e]) + pc * load(vc[e]) + pd * load(vd[e])
+        for j in range(nk4, nk):
+            vj = vn[j0 + j]
+            for r in range(acc.shape[0]):
+                arow = acc[r]
+                pj = s[r, j]
+                for e in range(Ev):
+                    arow[e] += pj * load(vj[e])
     return impl_float
+
+
+@njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
+def _values_int8(s, vn, v_scales, shift, j0, nk, acc):
+    """acc[r, :] += Σ_j s[r, j]·v_scales[j, e >> shift]·v8[j, e], four keys per pass."""
+    Ev = vn.shape[1]
+    nk4 = nk // 4 * 4
+    for j in range(0, nk4, 4):
+        va = vn[j0 + j]
+        vb = vn[j0 + j + 1]
+        vc = vn[j0 + j + 2]
+        vd = vn[j0 + j + 3]
+        sa = v_scales[j0 + j]
+        sb = v_scales[j0 + j + 1]
+        sc = v_scales[j0 + j + 2]
+        sd = v_scales[j0 + j + 3]
+        for r in range(acc.shape[0]):
+            arow = acc[r]
+            pa = s[r, j]
+            pb = s[r, j + 1]
+            pc = s[r, j + 2]
+            pd = s[r, j + 3]
+            for e in range(Ev):
+                b = e >> shift
+                arow[e] += (pa * sa[b] * np.float32(va[e]) + pb * sb[b] * np.float32(vb[e])
+                            + pc * sc[b] * np.float32(vc[e]) + pd * sd[b] * np.float32(vd[e]))
+    for j in range(nk4, nk):
+        vj = vn[j0 + j]
+        sj = v_scales[j0 + j]
+        for r in range(acc.shape[0]):
+            arow = acc[r]
+            pj = s[r, j]
+            for e in range(Ev):
+                arow[e] += pj * sj[e >> shift] * np.float32(vj[e])
+
+
+@njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
+def _values_int8_32(s, vn, v_scales, j0, nk, acc):
+    """``_values_int8`` for blocks of exactly 32 with Ev a multiple of 32: each block's four
+    probability × scale products are scalars over a constant 32-wide loop (two vectors)."""
+    nb = vn.shape[1] // 32
+    nk4 = nk // 4 * 4
+    for j in range(0, nk4, 4):
+        va = vn[j0 + j]
+        vb = vn[j0 + j + 1]
+        vc = vn[j0 + j + 2]
+        vd = vn[j0 + j + 3]
+        for r in range(acc.shape[0]):
+            arow = acc[r]
+            for b in range(nb):
+                pa = s[r, j] * v_scales[j0 + j, b]
+                pb = s[r, j + 1] * v_scales[j0 + j + 1, b]
+                pc = s[r, j + 2] * v_scales[j0 + j + 2, b]
+                pd = s[r, j + 3] * v_scales[j0 + j + 3, b]
+                e0 = b * 32
+                for e in range(32):
+                    arow[e0 + e] += (pa * np.float32(va[e0 + e]) + pb * np.float32(vb[e0 + e])
+                                     + pc * np.float32(vc[e0 + e]) + pd * np.float32(vd[e0 + e]))
+    for j in range(nk4, nk):
+        vj = vn[j0 + j]
+        for r in range(acc.shape[0]):
+            arow = acc[r]
+            for b in range(nb):
+                pj = s[r, j] * v_scales[j0 + j, b]
+                e0 = b * 32
+                for e in range(32):
+                    arow[e0 + e] += pj * np.float32(vj[e0 + e])
