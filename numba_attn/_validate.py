@@ -52,7 +52,7 @@ class Plan:
 
     @property
     def n_batch(self):
-        return int(np.prod(self.batch_shape, dtype=np.int64))
+        return math.prod(self.batch_shape)
 
 
 def _as_array(x, name):
@@ -69,8 +69,7 @@ def _as_array(x, name):
 def check_float_operand(x, name, allow_quantized=False):
     """A query/key/value operand: a float16/32/64 array with at least 2 dims, or (key and value
     only) an int8 ``QuantizedTensor``."""
-    from .quant import QuantizedTensor
-    if isinstance(x, QuantizedTensor):
+    if isinstance(x, _quantized_type()):
         if not allow_quantized:
             raise TypeError(f"{name} cannot be a QuantizedTensor: int8 is for key and value; pass float {name}")
     else:
@@ -82,6 +81,16 @@ def check_float_operand(x, name, allow_quantized=False):
     if x.ndim < 2:
         raise ValueError(f"{name} must have at least 2 dims (..., length, features), got shape {x.shape}")
     return x
+
+
+_QUANTIZED_TYPE = []
+
+
+def _quantized_type():
+    if not _QUANTIZED_TYPE:
+        from .quant import QuantizedTensor     # quant imports this module: resolve at first use
+        _QUANTIZED_TYPE.append(QuantizedTensor)
+    return _QUANTIZED_TYPE[0]
 
 
 def check_out_dtype(out_dtype):
@@ -126,7 +135,9 @@ def check_causal(is_causal):
 
 def _batch_index(batch, target, name):
     """For each entry of the broadcast batch ``target``, the flat index into an operand's ``batch``."""
-    n = int(np.prod(batch, dtype=np.int64))
+    n = math.prod(batch)
+    if tuple(batch) == tuple(target):
+        return np.arange(n, dtype=np.int64)
     own = np.arange(n, dtype=np.int64).reshape(batch)
     try:
         return np.ascontiguousarray(np.broadcast_to(own, target).reshape(-1))
@@ -145,6 +156,12 @@ def _root_bounds(x):
     return byte_bounds(root)
 
 
+def _read_only(x):
+    view = x.view()
+    view.flags.writeable = False
+    return view
+
+
 def _as_3d(x, rows, cols):
     """(..., rows, cols) -> C-contiguous (N, slots ≥ rows, cols) read-only view; copies only when needed.
 
@@ -153,7 +170,9 @@ def _as_3d(x, rows, cols):
     only the first ``rows`` rows of each entry.
     """
     x3 = x.reshape(-1, rows, cols)
-    if not x3.flags.c_contiguous and x3.size:
+    if x3.flags.c_contiguous:
+        return _read_only(x3)
+    if x3.size:
         it = x3.itemsize
         n, st = x3.shape[0], x3.strides
         if st[2] == it and st[1] == cols * it and st[0] > 0 and st[0] % (cols * it) == 0 and st[0] >= rows * cols * it:
@@ -164,14 +183,12 @@ def _as_3d(x, rows, cols):
                 wide = np.lib.stride_tricks.as_strided(x3, shape=(n, slots, cols), strides=st, writeable=False)
                 if wide.flags.c_contiguous:
                     return wide
-    x3 = np.ascontiguousarray(x3)
-    return np.broadcast_to(x3, x3.shape)   # read-only view: one numba type whatever the caller passed
+    return _read_only(np.ascontiguousarray(x3))   # read-only: one numba type whatever the caller passed
 
 
 def _storage(x, dtype, rows, cols):
     """Kernel operand(s) for x: (data, scales, block); float16 travels as its uint16 bits."""
-    from .quant import QuantizedTensor
-    if isinstance(x, QuantizedTensor):
+    if isinstance(x, _quantized_type()):
         nb = x.scales.shape[-1]
         return _as_3d(x.data, rows, cols), _as_3d(x.scales, rows, nb), x.block
     if x.dtype == np.float16 and dtype == np.float32:
@@ -180,6 +197,8 @@ def _storage(x, dtype, rows, cols):
 
 
 _NO_SCALES = np.broadcast_to(np.zeros((1, 1, 0), np.float32), (1, 1, 0))
+_NO_MASK = {np.dtype(dt): np.broadcast_to(np.zeros((1, 1, 1), dt), (1, 1, 1)) for dt in (np.float32, np.float64)}
+_NO_SLOPES = {np.dtype(dt): np.zeros(0, dt) for dt in (np.float32, np.float64)}
 
 
 def _dtypes(query, key, value, out_dtype):
@@ -247,8 +266,8 @@ def prepare_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
 
     q_idx = _batch_index(bq, batch, "query")
     if group > 1:
-        k_own = np.repeat(np.arange(int(np.prod(bk, dtype=np.int64)), dtype=np.int64).reshape(bk), group, axis=-1)
-        v_own = np.repeat(np.arange(int(np.prod(bv, dtype=np.int64)), dtype=np.int64).reshape(bv), group, axis=-1)
+        k_own = np.repeat(np.arange(math.prod(bk), dtype=np.int64).reshape(bk), group, axis=-1)
+        v_own = np.repeat(np.arange(math.prod(bv), dtype=np.int64).reshape(bv), group, axis=-1)
         k_idx = np.ascontiguousarray(np.broadcast_to(k_own, batch).reshape(-1))
         v_idx = np.ascontiguousarray(np.broadcast_to(v_own, batch).reshape(-1))
     else:
@@ -274,10 +293,9 @@ def prepare_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
 
 
 def _prepare_mask(attn_mask, batch, L, S, dtype, check_finite):
-    n = int(np.prod(batch, dtype=np.int64))
+    n = math.prod(batch)
     if attn_mask is None:
-        placeholder = np.zeros((1, 1, 1), dtype)
-        return np.broadcast_to(placeholder, placeholder.shape), np.zeros(n, np.int64), 0
+        return _NO_MASK[np.dtype(dtype)], np.zeros(n, np.int64), 0
     mask = _as_array(attn_mask, "attn_mask")
     if mask.dtype == np.bool_:
         kind = 1
@@ -333,7 +351,7 @@ def check_softcap(softcap):
 
 def _prepare_slopes(alibi_slopes, batch, dtype):
     if alibi_slopes is None:
-        return np.zeros(0, dtype)
+        return _NO_SLOPES[np.dtype(dtype)]
     slopes = _as_array(alibi_slopes, "alibi_slopes")
     if slopes.dtype.kind not in "fiu":
         raise TypeError(f"alibi_slopes must be a real array of one slope per head, got dtype {slopes.dtype}")

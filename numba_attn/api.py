@@ -2,6 +2,8 @@
 
 Data flows one way: validate and normalise (``_validate``) → pick a kernel → run it → reshape.
 """
+import math
+
 import numba
 import numpy as np
 
@@ -14,6 +16,12 @@ __all__ = ["scaled_dot_product_attention", "attention_weights"]
 
 def _kv_groups(plan):
     """(G, g) output batch entries that read the same key and value entry, or None if uneven."""
+    N = plan.k_idx.shape[0]
+    G = int(plan.k_idx[-1]) + 1 if N else 0
+    if G and N % G == 0 and np.array_equal(plan.k_idx, plan.v_idx):
+        # the common layouts (MHA, GQA) group consecutive heads: k_idx = 0..0, 1..1, ...
+        if np.array_equal(plan.k_idx, np.repeat(np.arange(G), N // G)):
+            return np.arange(N, dtype=np.int64).reshape(G, N // G)
     pair = plan.k_idx * (plan.v_idx.max(initial=0) + 1) + plan.v_idx
     order = np.argsort(pair, kind="stable")
     _, counts = np.unique(pair, return_counts=True)
@@ -158,7 +166,7 @@ def attention_weights(query, key, attn_mask=None, is_causal=False, scale=None, e
     k = key if isinstance(key, np.ndarray) else np.asarray(key)
     if q.ndim >= 2 and k.ndim >= 2:
         batch = np.broadcast_shapes(q.shape[:-2], k.shape[:-2]) if not enable_gqa else q.shape[:-2]
-        elements = int(np.prod(batch, dtype=np.int64)) * q.shape[-2] * k.shape[-2]
+        elements = math.prod(batch) * q.shape[-2] * k.shape[-2]
         if elements > MAX_WEIGHTS_ELEMENTS:
             raise ValueError(f"attention_weights would materialise {elements} weights (> {MAX_WEIGHTS_ELEMENTS}); "
                              "use scaled_dot_product_attention, which never builds the L×S matrix")
