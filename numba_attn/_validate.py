@@ -140,7 +140,7 @@ def _batch_index(batch, target, name):
         return np.arange(n, dtype=np.int64)
     own = np.arange(n, dtype=np.int64).reshape(batch)
     try:
-        return np.ascontiguousarray(np.broadcast_to(own, target).reshape(-1))
+        return np.array(np.broadcast_to(own, target).reshape(-1))     # writable, one numba type
     except ValueError:
         raise ValueError(f"{name}'s batch dims {batch} do not broadcast to {target}") from None
 
@@ -169,7 +169,7 @@ def _as_3d(x, rows, cols):
     is widened back to the buffer (``slots`` rows per entry) instead of copied: the kernels read
     only the first ``rows`` rows of each entry.
     """
-    x3 = x.reshape(-1, rows, cols)
+    x3 = x.reshape(math.prod(x.shape[:-2]), rows, cols)
     if x3.flags.c_contiguous:
         return _read_only(x3)
     if x3.size:
@@ -268,8 +268,8 @@ def prepare_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
     if group > 1:
         k_own = np.repeat(np.arange(math.prod(bk), dtype=np.int64).reshape(bk), group, axis=-1)
         v_own = np.repeat(np.arange(math.prod(bv), dtype=np.int64).reshape(bv), group, axis=-1)
-        k_idx = np.ascontiguousarray(np.broadcast_to(k_own, batch).reshape(-1))
-        v_idx = np.ascontiguousarray(np.broadcast_to(v_own, batch).reshape(-1))
+        k_idx = np.array(np.broadcast_to(k_own, batch).reshape(-1))
+        v_idx = np.array(np.broadcast_to(v_own, batch).reshape(-1))
     else:
         k_idx = _batch_index(bk, batch, "key")
         v_idx = _batch_index(bv, batch, "value")
@@ -319,7 +319,7 @@ def _prepare_mask(attn_mask, batch, L, S, dtype, check_finite):
         mask = mask.reshape((1,) * (2 - mask.ndim) + mask.shape)
     own_batch = mask.shape[:-2]
     mask = np.ascontiguousarray(mask)            # the mask's own size, never L·S per batch entry
-    view = np.broadcast_to(mask, own_batch + (L, S)).reshape(-1, L, S)
+    view = np.broadcast_to(mask, own_batch + (L, S)).reshape(math.prod(own_batch), L, S)
     m_idx = _batch_index(own_batch, batch, "attn_mask")
     return view, m_idx, kind
 
@@ -362,4 +362,4 @@ def _prepare_slopes(alibi_slopes, batch, dtype):
                          f"got shape {slopes.shape}")
     if not np.isfinite(slopes).all():
         raise ValueError("alibi_slopes contains NaN or inf")
-    return np.ascontiguousarray(np.broadcast_to(slopes.astype(dtype), batch).reshape(-1))
+    return np.array(np.broadcast_to(slopes.astype(dtype), batch).reshape(-1))

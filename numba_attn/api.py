@@ -165,15 +165,22 @@ def attention_weights(query, key, attn_mask=None, is_causal=False, scale=None, e
     q = query if isinstance(query, np.ndarray) else np.asarray(query)
     k = key if isinstance(key, np.ndarray) else np.asarray(key)
     if q.ndim >= 2 and k.ndim >= 2:
-        batch = np.broadcast_shapes(q.shape[:-2], k.shape[:-2]) if not enable_gqa else q.shape[:-2]
+        k_batch = k.shape[:-2]
+        if enable_gqa and len(k_batch) and len(q.shape[:-2]):
+            k_batch = k_batch[:-1] + (q.shape[-3],)
+        try:
+            batch = np.broadcast_shapes(q.shape[:-2], k_batch)
+        except ValueError:
+            raise ValueError(f"batch dims of query {q.shape[:-2]} and key {k.shape[:-2]} do not broadcast") from None
         elements = math.prod(batch) * q.shape[-2] * k.shape[-2]
         if elements > MAX_WEIGHTS_ELEMENTS:
             raise ValueError(f"attention_weights would materialise {elements} weights (> {MAX_WEIGHTS_ELEMENTS}); "
                              "use scaled_dot_product_attention, which never builds the L×S matrix")
     dtype = q.dtype if q.dtype.kind == "f" else np.float64
     if k.ndim >= 2:
+        # value = identity: one per key head, so that grouped-query attention sees matching heads
         identity = np.eye(k.shape[-2], dtype=dtype)
-        identity = identity.reshape((1,) * max(0, k.ndim - 2) + identity.shape)
+        identity = np.broadcast_to(identity, k.shape[:-2] + identity.shape) if k.ndim > 2 else identity
     else:
         identity = np.eye(1, dtype=dtype)
     return scaled_dot_product_attention(q, k, identity, attn_mask=attn_mask, is_causal=is_causal, scale=scale,

@@ -59,7 +59,7 @@ def attention_weights(query, key, attn_mask=None, is_causal=False, scale=None, e
                       alibi_slopes=None, softcap=None):
     """softmax(Q·Kᵀ·scale + mask) as a float64 ``(..., L, S)`` array; fully-masked rows are zeros."""
     s = _scores(query, key, attn_mask, is_causal, scale, enable_gqa, window, alibi_slopes, softcap)
-    m = s.max(axis=-1, keepdims=True)
+    m = s.max(axis=-1, keepdims=True, initial=-np.inf)
     m = np.where(np.isfinite(m), m, 0.0)                # a row with no visible key: avoid -inf - -inf
     p = np.exp(s - m)
     total = p.sum(axis=-1, keepdims=True)
@@ -81,7 +81,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
     if not return_lse:
         return out
     s = _scores(query, key, attn_mask, is_causal, scale, enable_gqa, **extras)
-    m = s.max(axis=-1)
+    s = np.broadcast_to(s, out.shape[:-1] + s.shape[-1:])      # batch dims that only value has
+    m = s.max(axis=-1, initial=-np.inf)
     finite = np.isfinite(m)
     m0 = np.where(finite, m, 0.0)
     with np.errstate(divide="ignore"):

@@ -2,12 +2,13 @@
 import numpy as np
 import pytest
 
-from numba_attn.kernels import prefill
+from numba_attn.kernels import decode, prefill
 
 DTYPES = (np.float32, np.float64)
 
-#: relative tolerance of a result computed in ``dtype`` against the float64 reference
-RTOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-10}
+#: relative tolerance of a result in ``dtype`` against the float64 reference (float16: computed in
+#: float32, then rounded to float16, whose half-ulp is 4.9e-4)
+RTOL = {np.dtype(np.float16): 1e-3, np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-10}
 
 
 def rtol_for(dtype):
@@ -75,15 +76,18 @@ def assert_unchanged(arrays, originals):
         assert np.asarray(a).dtype == o.dtype
 
 
+KERNELS = {"prefill_serial": prefill, "prefill_parallel": prefill, "decode_serial": decode,
+           "decode_parallel": decode}
+
+
 class KernelSpy:
-    """Counts calls of the serial and the parallel prefill kernel (installed with monkeypatch)."""
+    """Counts calls of each attention kernel (installed with monkeypatch; the API looks the kernels
+    up on their modules at call time)."""
 
     def __init__(self, monkeypatch, forbid=False):
-        self.calls = {"serial": 0, "parallel": 0}
-        for name in ("serial", "parallel"):
-            attr = f"prefill_{name}"
-            original = getattr(prefill, attr)
-            monkeypatch.setattr(prefill, attr, self._wrap(name, original, forbid))
+        self.calls = dict.fromkeys(KERNELS, 0)
+        for name, module in KERNELS.items():
+            monkeypatch.setattr(module, name, self._wrap(name, getattr(module, name), forbid))
 
     def _wrap(self, name, original, forbid):
         def spy(*args):
@@ -92,6 +96,10 @@ class KernelSpy:
                 raise AssertionError(f"the {name} kernel ran although the input was rejected")
             return original(*args)
         return spy
+
+    def ran(self):
+        """The kernels that ran, with their counts."""
+        return {name: n for name, n in self.calls.items() if n}
 
 
 @pytest.fixture
@@ -103,3 +111,19 @@ def kernel_spy(monkeypatch):
 def no_kernel(monkeypatch):
     """Fails the test if any kernel runs."""
     return KernelSpy(monkeypatch, forbid=True)
+
+
+def int8_effective_inputs(query, key, value, scale=None):
+    """(query, key, value, scale) for the float64 reference that reproduce what the int8 kernels
+    compute: int8 ``QuantizedTensor`` keys/values dequantised, and, for per-row keys (scored as
+    int8 × int8 dot products), the query scaled and quantised per row the way the kernel does it
+    (then ``scale`` = 1). Float operands pass through."""
+    from numba_attn import QuantizedTensor, dequantize, quantize
+    E = query.shape[-1]
+    scale = 1.0 / np.sqrt(E) if scale is None else scale
+    k = dequantize(key) if isinstance(key, QuantizedTensor) else key
+    v = dequantize(value) if isinstance(value, QuantizedTensor) else value
+    if isinstance(key, QuantizedTensor) and key.block >= E:
+        qs = (query.astype(np.float32) * np.float32(scale)).astype(np.float32)
+        return dequantize(quantize(qs, None)), k, v, 1.0
+    return query, k, v, scale

@@ -18,6 +18,13 @@ except ImportError:  # torch is optional: the comparison with it is only collect
 
 CAUSAL = (False, True, "upper_left", "lower_right")
 
+
+def reference_sdpa(*args, **kwargs):
+    """reference.scaled_dot_product_attention with return_lse=True, its lse broadcast to the output's
+    batch dims (the reference leaves out batch dims that only ``value`` has; tested in test_reference)."""
+    out, lse = reference.scaled_dot_product_attention(*args, **kwargs, return_lse=True)
+    return out, np.broadcast_to(lse, out.shape[:-1])
+
 # ----------------------------------------------------------------------------------------------
 # hypothesis strategies
 # ----------------------------------------------------------------------------------------------
@@ -31,25 +38,30 @@ features = st.one_of(st.integers(1, 9), st.integers(1, 256),
                      st.sampled_from([15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129, 255, 256]))
 
 
-def _operand_batch(draw, batch, keep_last, heads=None):
+def _operand_batch(draw, batch, keep_last, heads=None, broadcast=True):
     """An operand's batch shape that broadcasts to ``batch``: some dims 1, maybe fewer leading dims.
     ``heads`` replaces the last batch dim (grouped-query key/value heads); ``keep_last`` keeps that dim."""
-    dims = [d if not draw(st.booleans()) or d == 1 else 1 for d in batch]
+    if broadcast:
+        dims = [d if not draw(st.booleans()) or d == 1 else 1 for d in batch]
+    else:
+        dims = list(batch)
     if heads is not None:
         dims[-1] = heads
     elif keep_last and dims:
         dims[-1] = batch[-1]
     droppable = len(dims) - (1 if keep_last and dims else 0)
-    drop = draw(st.integers(0, droppable))
+    drop = draw(st.integers(0, droppable)) if broadcast else 0
     return tuple(dims[drop:])
 
 
 @st.composite
-def attention_cases(draw, max_len=None, gqa_allowed=True, max_features=None):
+def attention_cases(draw, max_len=None, gqa_allowed=True, max_features=None, with_value=True, broadcast=True,
+                    query_lengths=lengths, key_lengths=lengths):
+    """Random attention inputs. ``broadcast=False``: every operand (and the mask) has the full batch dims."""
     seed = draw(st.integers(0, 2 ** 32 - 1))
     dtype = draw(st.sampled_from(DTYPES))
-    L = draw(lengths)
-    S = draw(lengths)
+    L = draw(query_lengths)
+    S = draw(key_lengths)
     E = draw(features)
     Ev = draw(features)
     if max_len is not None:
@@ -63,9 +75,9 @@ def attention_cases(draw, max_len=None, gqa_allowed=True, max_features=None):
     if gqa:
         hkv = draw(st.integers(1, 3))
         batch[-1] = hkv * draw(st.integers(1, 3))
-    bq = _operand_batch(draw, batch, keep_last=gqa)
-    bk = _operand_batch(draw, batch, keep_last=gqa, heads=hkv)
-    bv = _operand_batch(draw, batch, keep_last=gqa, heads=hkv)
+    bq = _operand_batch(draw, batch, keep_last=gqa, broadcast=broadcast)
+    bk = _operand_batch(draw, batch, keep_last=gqa, heads=hkv, broadcast=broadcast)
+    bv = _operand_batch(draw, batch, keep_last=gqa, heads=hkv, broadcast=broadcast) if with_value else ()
     if gqa:  # key and value carry the same heads; the rest of their batch dims may differ
         bv = bv[:-1] + (hkv,)
     out_batch = np.broadcast_shapes(bq, bk[:-1] + (bq[-1],) if gqa else bk,
@@ -80,14 +92,16 @@ def attention_cases(draw, max_len=None, gqa_allowed=True, max_features=None):
 
     mask_type = draw(st.sampled_from([None, "bool", "float"]))
     mask_shape = None
-    if mask_type is not None:
+    if mask_type is not None and not broadcast:
+        mask_shape = tuple(out_batch) + (L, S)
+    elif mask_type is not None:
         full = tuple(out_batch) + (L, S)
         shape = [d if draw(st.integers(0, 3)) else 1 for d in full]   # mostly kept, sometimes 1
         drop = draw(st.integers(0, len(shape) - 1))
         mask_shape = tuple(shape[drop:])
     mask_density = draw(st.sampled_from([0.0, 0.1, 0.5, 0.9, 1.0]))
     masked_rows = draw(st.sampled_from([0, 0, 1, 3]))
-    mask_dtype = draw(st.sampled_from(DTYPES))
+    mask_dtype = draw(st.sampled_from(DTYPES)) if broadcast else dtype
     bias = draw(st.sampled_from([0.0, 1.0, 3.0]))
     is_causal = draw(st.sampled_from(CAUSAL))
     scale = draw(st.one_of(st.none(), st.floats(0.1, 3.0).map(lambda f: f / np.sqrt(E))))
@@ -114,15 +128,12 @@ def _describe(case):
     return {k: (v.shape, v.dtype) if isinstance(v, np.ndarray) else v for k, v in case.items()}
 
 
-@HYPO
-@given(attention_cases())
-def test_sdpa_matches_reference(case_dtype):
-    case, dtype = case_dtype
+def _check_against_reference(case, dtype):
     note = _describe(case)
     arrays = [case["query"], case["key"], case["value"], case["attn_mask"]]
     before = copies(*arrays)
     out, lse = scaled_dot_product_attention(**case, return_lse=True)
-    ref_out, ref_lse = reference.scaled_dot_product_attention(**case, return_lse=True)
+    ref_out, ref_lse = reference_sdpa(**case)
     assert out.dtype == dtype and lse.dtype == dtype, note
     assert out.shape == ref_out.shape and lse.shape == ref_lse.shape, note
     assert_close(out, ref_out, dtype)
@@ -135,13 +146,42 @@ def test_sdpa_matches_reference(case_dtype):
     np.testing.assert_array_equal(scaled_dot_product_attention(**case), out)
 
 
+# Every broadcasting pattern gives the kernels differently typed index arrays (see
+# test_broadcasting_does_not_multiply_compilations), each a fresh compilation of seconds. The broad
+# property test therefore sticks to one kernel, the serial prefill kernel; the parallel and decode
+# kernels get a property test without broadcasting (a handful of signatures) and explicit tests.
+
+@HYPO
+@given(attention_cases())
+def test_sdpa_matches_reference(case_dtype):
+    case, dtype = case_dtype
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(config, "SERIAL_BELOW_FLOPS", 10 ** 18)
+        mp.setattr(config, "DECODE_MIN_KEYS", 10 ** 9)
+        _check_against_reference(case, dtype)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(attention_cases(broadcast=False, query_lengths=st.one_of(st.integers(1, 8), lengths),
+                       key_lengths=st.one_of(st.integers(256, 1200), lengths)))
+def test_sdpa_parallel_kernels_match_reference(case_dtype):
+    """The kernels' own choice (parallel prefill, or decode for L <= 8 and S >= 256) on large enough work."""
+    case, dtype = case_dtype
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(config, "SERIAL_BELOW_FLOPS", 0)
+        _check_against_reference(case, dtype)
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(attention_cases(max_len=64, gqa_allowed=False))
+@given(attention_cases(max_len=64, gqa_allowed=False, with_value=False))
 def test_attention_weights_match_reference(case_dtype):
     case, dtype = case_dtype
     del case["value"]
     before = copies(case["query"], case["key"], case["attn_mask"])
-    w = attention_weights(**case)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(config, "SERIAL_BELOW_FLOPS", 10 ** 18)
+        mp.setattr(config, "DECODE_MIN_KEYS", 10 ** 9)
+        w = attention_weights(**case)
     ref = reference.attention_weights(**case)
     assert w.dtype == dtype
     assert_close(w, ref, dtype)
@@ -172,7 +212,7 @@ def test_fully_masked_rows_give_zeros(dtype, kind):
         mask = random_float_mask(rng, (2, 40, 70), dtype, 0.0)
         mask[1, dead_rows] = -np.inf
     out, lse = scaled_dot_product_attention(q, k, v, attn_mask=mask, return_lse=True)
-    ref_out, ref_lse = reference.scaled_dot_product_attention(q, k, v, attn_mask=mask, return_lse=True)
+    ref_out, ref_lse = reference_sdpa(q, k, v, attn_mask=mask)
     assert not np.isnan(out).any() and not np.isnan(lse).any()
     batches = [1] if kind == "float_mixed" else [0, 1]
     for b in batches:
@@ -192,7 +232,7 @@ def test_lower_right_causal_with_more_queries_than_keys(dtype, L, S):
     assert (out[:, : L - S] == 0).all()
     assert np.isneginf(lse[:, : L - S]).all()
     assert np.isfinite(lse[:, L - S:]).all()
-    ref_out, ref_lse = reference.scaled_dot_product_attention(q, k, v, is_causal="lower_right", return_lse=True)
+    ref_out, ref_lse = reference_sdpa(q, k, v, is_causal="lower_right")
     assert_close(out, ref_out, dtype)
     assert_close(lse, ref_lse, dtype)
 
@@ -204,7 +244,7 @@ def test_causal_alignments(dtype, causal, L, S):
     rng = np.random.default_rng(3)
     q, k, v = randn(rng, (L, 12), dtype), randn(rng, (S, 12), dtype), randn(rng, (S, 7), dtype)
     out, lse = scaled_dot_product_attention(q, k, v, is_causal=causal, return_lse=True)
-    ref_out, ref_lse = reference.scaled_dot_product_attention(q, k, v, is_causal=causal, return_lse=True)
+    ref_out, ref_lse = reference_sdpa(q, k, v, is_causal=causal)
     assert_close(out, ref_out, dtype)
     assert_close(lse, ref_lse, dtype)
     # the same thing as an explicit boolean mask
@@ -232,8 +272,7 @@ def test_huge_logits_are_finite_and_correct(dtype, low, high, E, scale):
     assert logits.max() >= 1e4 * 0.99
     for causal in (False, "lower_right"):
         out, lse = scaled_dot_product_attention(q, k, v, scale=scale, is_causal=causal, return_lse=True)
-        ref_out, ref_lse = reference.scaled_dot_product_attention(q, k, v, scale=scale, is_causal=causal,
-                                                                  return_lse=True)
+        ref_out, ref_lse = reference_sdpa(q, k, v, scale=scale, is_causal=causal)
         assert np.isfinite(out).all() and np.isfinite(lse).all()
         assert_close(out, ref_out, dtype)
         assert_close(lse, ref_lse, dtype)
@@ -249,7 +288,7 @@ def test_huge_random_logits(dtype):
     vmin, vmax = v.min(axis=-2, keepdims=True), v.max(axis=-2, keepdims=True)
     eps = 1e-5 if dtype == np.float32 else 1e-12
     assert (out >= vmin - eps).all() and (out <= vmax + eps).all()
-    ref_out, ref_lse = reference.scaled_dot_product_attention(q, k, v, scale=1e4, return_lse=True)
+    ref_out, ref_lse = reference_sdpa(q, k, v, scale=1e4)
     # float32 logits of size 1e4 carry absolute rounding errors ~1e-3: compare lse relative to its size
     assert_close(lse, ref_lse, dtype, rtol=1e-5 if dtype == np.float32 else 1e-10)
     if dtype == np.float64:
@@ -304,7 +343,7 @@ def test_batch_dims(dtype, bq, bk, bv):
     expected_batch = np.broadcast_shapes(bq, bk, bv)
     assert out.shape == expected_batch + (5, 3)
     assert lse.shape == expected_batch + (5,)
-    ref_out, ref_lse = reference.scaled_dot_product_attention(q, k, v, attn_mask=mask, return_lse=True)
+    ref_out, ref_lse = reference_sdpa(q, k, v, attn_mask=mask)
     assert_close(out, ref_out, dtype)
     assert_close(lse, ref_lse, dtype)
 
@@ -331,9 +370,8 @@ def test_large_shapes_both_paths(monkeypatch, kernel_spy, path, dtype, mask_kind
     else:
         mask = None
     out, lse = scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, return_lse=True)
-    assert kernel_spy.calls == {"serial": int(path == "serial"), "parallel": int(path == "parallel")}
-    ref_out, ref_lse = reference.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                                              return_lse=True)
+    assert kernel_spy.ran() == {f"prefill_{path}": 1}
+    ref_out, ref_lse = reference_sdpa(q, k, v, attn_mask=mask, is_causal=causal)
     assert_close(out, ref_out, dtype)
     assert_close(lse, ref_lse, dtype)
 
@@ -349,6 +387,151 @@ def test_serial_and_parallel_agree(monkeypatch, dtype):
     (o1, l1), (o2, l2) = results
     np.testing.assert_array_equal(o1, o2)   # the same code, the same block order: bit for bit
     np.testing.assert_array_equal(l1, l2)
+
+
+# the decode kernel: a few query rows (L <= DECODE_MAX_QUERY_ROWS) against many keys (S >= DECODE_MIN_KEYS)
+
+DECODE_CASES = [
+    # (L, S, q batch, kv batch, gqa, mask kind, is_causal)
+    (1, 256, (2, 4), (2, 4), False, None, False),
+    (1, 1000, (1, 8), (1, 2), True, None, "lower_right"),
+    (5, 777, (2, 3), (1, 3), False, "bool", "lower_right"),
+    (8, 1337, (2, 6), (2, 3), True, "float", False),
+    (3, 300, (4,), (), False, "bool_bcast", True),           # upper_left: row i sees keys 0..i only
+    (8, 520, (3, 2), (3, 2), False, "dead_rows", "lower_right"),
+]
+
+
+@pytest.mark.parametrize("path", ["serial", "parallel"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("L,S,bq,bkv,gqa,mask_kind,causal", DECODE_CASES)
+def test_decode_kernel(monkeypatch, kernel_spy, path, dtype, L, S, bq, bkv, gqa, mask_kind, causal):
+    monkeypatch.setattr(config, "SERIAL_BELOW_FLOPS", 10 ** 18 if path == "serial" else 0)
+    monkeypatch.setattr(config, "DECODE_MIN_SPLIT", 64)        # several key parts, merged at the end
+    rng = np.random.default_rng(26)
+    E, Ev = 40, 24
+    q, k, v = randn(rng, bq + (L, E), dtype), randn(rng, bkv + (S, E), dtype), randn(rng, bkv + (S, Ev), dtype)
+    if mask_kind == "bool":
+        mask = random_bool_mask(rng, (L, S), 0.7)
+    elif mask_kind == "float":
+        mask = random_float_mask(rng, bq[:1] + (1, L, S), dtype, 0.3, 2.0, masked_rows=1)
+    elif mask_kind == "bool_bcast":
+        mask = random_bool_mask(rng, (S,), 0.5)
+        mask[:2] = True
+    elif mask_kind == "dead_rows":
+        mask = random_bool_mask(rng, bq + (L, S), 0.9, masked_rows=2)
+    else:
+        mask = None
+    out, lse = scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa,
+                                            return_lse=True)
+    assert kernel_spy.ran() == {f"decode_{path}": 1}
+    ref_out, ref_lse = reference_sdpa(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+    assert_close(out, ref_out, dtype)
+    assert_close(lse, ref_lse, dtype)
+    # the prefill kernel on the same input agrees
+    monkeypatch.setattr(config, "DECODE_MIN_KEYS", 10 ** 9)
+    out2, lse2 = scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa,
+                                              return_lse=True)
+    assert kernel_spy.calls[f"prefill_{path}"] == 1
+    assert_close(out2, out.astype(np.float64), dtype)
+    assert_close(lse2, lse.astype(np.float64), dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# float16 storage
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("L,S", [(37, 150), (4, 600)])          # prefill and decode kernels
+@pytest.mark.parametrize("mask_kind,causal", [(None, False), ("bool", "lower_right"), ("float", True)])
+def test_float16_inputs(L, S, mask_kind, causal):
+    """float16 operands: computed in float32, returned in float16 (lse in float32)."""
+    rng = np.random.default_rng(27)
+    q, k, v = randn(rng, (2, 3, L, 32), np.float16), randn(rng, (2, 3, S, 32), np.float16), \
+        randn(rng, (2, 3, S, 16), np.float16)
+    if mask_kind == "bool":
+        mask = random_bool_mask(rng, (L, S), 0.6, masked_rows=1)
+    elif mask_kind == "float":
+        mask = random_float_mask(rng, (L, S), np.float16, 0.3)
+    else:
+        mask = None
+    before = copies(q, k, v, mask)
+    out, lse = scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, return_lse=True)
+    assert_unchanged([q, k, v, mask], before)
+    assert out.dtype == np.float16 and lse.dtype == np.float32
+    ref_out, ref_lse = reference_sdpa(q, k, v, attn_mask=mask, is_causal=causal)
+    assert_close(out, ref_out, np.float16)
+    assert_close(lse, ref_lse, np.float32)
+    # out_dtype=float32: the float32 result before rounding, float32 accuracy
+    out32 = scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, out_dtype=np.float32)
+    assert out32.dtype == np.float32
+    assert_close(out32, ref_out, np.float32)
+    np.testing.assert_array_equal(out32.astype(np.float16), out)
+
+
+@pytest.mark.parametrize("dq,dk,dv,expected,compute", [
+    (np.float16, np.float16, np.float32, np.float32, np.float32),
+    (np.float32, np.float16, np.float16, np.float32, np.float32),
+    (np.float16, np.float64, np.float16, np.float64, np.float64),
+    (np.float64, np.float16, np.float32, np.float64, np.float64),
+])
+def test_float16_mixed_dtypes(dq, dk, dv, expected, compute):
+    rng = np.random.default_rng(28)
+    q, k, v = randn(rng, (3, 20, 8), dq), randn(rng, (3, 30, 8), dk), randn(rng, (3, 30, 5), dv)
+    out, lse = scaled_dot_product_attention(q, k, v, is_causal=True, return_lse=True)
+    assert out.dtype == expected and lse.dtype == compute
+    ref_out, ref_lse = reference_sdpa(q, k, v, is_causal=True)   # upcasts the same (exact) values
+    assert_close(out, ref_out, compute)
+    assert_close(lse, ref_lse, compute)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("out_dtype", [np.float16, np.float32, np.float64, "float32", np.dtype("float64")])
+def test_out_dtype(dtype, out_dtype):
+    rng = np.random.default_rng(29)
+    q, k, v = randn(rng, (2, 9, 8), dtype), randn(rng, (2, 13, 8), dtype), randn(rng, (2, 13, 4), dtype)
+    out = scaled_dot_product_attention(q, k, v, out_dtype=out_dtype)
+    assert out.dtype == np.dtype(out_dtype)
+    np.testing.assert_array_equal(out, scaled_dot_product_attention(q, k, v).astype(out_dtype))
+
+
+def test_float16_result_out_of_range_is_refused():
+    rng = np.random.default_rng(30)
+    q, k, v = randn(rng, (4, 8), np.float32), randn(rng, (6, 8), np.float32), randn(rng, (6, 3), np.float32)
+    v[:, 0] = 1e5                                         # every output row has 1e5 in column 0
+    with pytest.raises(ValueError, match="float16"):
+        scaled_dot_product_attention(q, k, v, out_dtype=np.float16)
+    out = scaled_dot_product_attention(q, k, v, out_dtype=np.float32)
+    assert_close(out, reference.scaled_dot_product_attention(q, k, v), np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# sliding window, ALiBi, soft-capping (both kernels)
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("L,S", [(50, 50), (30, 300), (300, 140), (3, 700)])
+@pytest.mark.parametrize("extra", [
+    dict(window=16, is_causal="lower_right"),
+    dict(window=1, is_causal=True),
+    dict(window=200, is_causal="upper_left"),
+    dict(alibi=True),
+    dict(alibi=True, is_causal="lower_right"),
+    dict(alibi=True, is_causal=True, window=40),
+    dict(softcap=5.0),
+    dict(softcap=0.5, is_causal="lower_right", alibi=True, mask=True),
+])
+def test_window_alibi_softcap(dtype, L, S, extra):
+    rng = np.random.default_rng(31)
+    H = 4
+    q, k, v = randn(rng, (2, H, L, 16), dtype), randn(rng, (2, 2, S, 16), dtype), randn(rng, (2, 2, S, 8), dtype)
+    kw = dict(is_causal=extra.get("is_causal", False), window=extra.get("window"),
+              softcap=extra.get("softcap"), enable_gqa=True,
+              alibi_slopes=2.0 ** -np.arange(1, H + 1) if extra.get("alibi") else None,
+              attn_mask=random_bool_mask(rng, (L, S), 0.7, masked_rows=1) if extra.get("mask") else None)
+    out, lse = scaled_dot_product_attention(q, k, v, **kw, return_lse=True)
+    ref_out, ref_lse = reference_sdpa(q, k, v, **kw)
+    assert_close(out, ref_out, dtype)
+    assert_close(lse, ref_lse, dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -372,11 +555,26 @@ def _layout(x, how):
         return y
     if how == "broadcast":             # zero strides along a batch dim
         return np.broadcast_to(x[:1], x.shape)
+    if how == "prefix":                # the first rows of a longer buffer (a KV cache's valid tokens)
+        big = np.full(x.shape[:-2] + (x.shape[-2] + 9, x.shape[-1]), np.nan if x.dtype.kind == "f" else True,
+                      x.dtype)
+        big[..., : x.shape[-2], :] = x
+        return big[..., : x.shape[-2], :]
+    if how == "middle":                # rows in the middle of a longer buffer
+        big = np.full(x.shape[:-2] + (x.shape[-2] + 9, x.shape[-1]), np.nan if x.dtype.kind == "f" else True,
+                      x.dtype)
+        big[..., 4: 4 + x.shape[-2], :] = x
+        return big[..., 4: 4 + x.shape[-2], :]
+    if how == "every_other_entry":     # every other batch entry of a larger buffer
+        big = np.full((2,) + x.shape, np.nan if x.dtype.kind == "f" else True, x.dtype)
+        big[0] = x
+        return np.moveaxis(big, 0, -3)[..., 0, :, :] if x.ndim >= 3 else big[0]
     raise ValueError(how)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("how", ["strided", "fortran", "reversed", "readonly", "broadcast"])
+@pytest.mark.parametrize("how", ["strided", "fortran", "reversed", "readonly", "broadcast", "prefix", "middle",
+                                 "every_other_entry"])
 @pytest.mark.parametrize("which", ["query", "key", "value", "attn_mask", "all"])
 def test_layouts(dtype, how, which):
     rng = np.random.default_rng(11)
@@ -390,7 +588,7 @@ def test_layouts(dtype, how, which):
     plain = {name: np.array(a) for name, a in arrays.items()}
     out, lse = scaled_dot_product_attention(**arrays, is_causal="lower_right", return_lse=True)
     assert_unchanged(list(arrays.values()), before)
-    ref_out, ref_lse = reference.scaled_dot_product_attention(**plain, is_causal="lower_right", return_lse=True)
+    ref_out, ref_lse = reference_sdpa(**plain, is_causal="lower_right")
     assert_close(out, ref_out, dtype)
     assert_close(lse, ref_lse, dtype)
     # and the same bits as with contiguous copies
@@ -433,7 +631,7 @@ def test_result_dtype(dq, dk, dv, mask_dtype):
     expected = np.result_type(dq, dk, dv)
     out, lse = scaled_dot_product_attention(q, k, v, attn_mask=mask, return_lse=True)
     assert out.dtype == expected and lse.dtype == expected
-    ref_out, ref_lse = reference.scaled_dot_product_attention(q, k, v, attn_mask=mask, return_lse=True)
+    ref_out, ref_lse = reference_sdpa(q, k, v, attn_mask=mask)
     # float32 operands upcast exactly: a float64 result has float64 accuracy
     assert_close(out, ref_out, expected)
     assert_close(lse, ref_lse, expected)
@@ -472,7 +670,7 @@ def test_scale(dtype, scale):
     rng = np.random.default_rng(16)
     q, k, v = randn(rng, (3, 20, 9), dtype), randn(rng, (3, 30, 9), dtype), randn(rng, (3, 30, 4), dtype)
     out, lse = scaled_dot_product_attention(q, k, v, scale=scale, return_lse=True)
-    ref_out, ref_lse = reference.scaled_dot_product_attention(q, k, v, scale=scale, return_lse=True)
+    ref_out, ref_lse = reference_sdpa(q, k, v, scale=scale)
     assert_close(out, ref_out, dtype)
     assert_close(lse, ref_lse, dtype)
     if scale is None:   # the default is 1/sqrt(E)
@@ -591,7 +789,7 @@ def test_lse_merges_disjoint_key_halves(dtype, split, mask_kind):
     merged, merged_lse = _merge(*parts[0], *parts[1])
     assert_close(merged, full.astype(np.float64), dtype)
     assert_close(merged_lse, full_lse.astype(np.float64), dtype)
-    ref_out, ref_lse = reference.scaled_dot_product_attention(q, k, v, attn_mask=mask, return_lse=True)
+    ref_out, ref_lse = reference_sdpa(q, k, v, attn_mask=mask)
     assert_close(merged, ref_out, dtype)
     assert_close(merged_lse, ref_lse, dtype)
 
@@ -601,23 +799,26 @@ def test_lse_merges_disjoint_key_halves(dtype, split, mask_kind):
 # ----------------------------------------------------------------------------------------------
 
 def test_concurrent_calls_from_threads(kernel_spy):
+    """4 Python threads calling at once (parallel prefill and parallel decode kernels) get the results
+    of one-at-a-time calls, bit for bit."""
     rng = np.random.default_rng(23)
     cases = []
-    for i, dtype in enumerate([np.float32, np.float64, np.float32, np.float64]):
-        q = randn(rng, (2, 4, 160, 32), dtype)
-        k, v = randn(rng, (2, 4, 200, 32), dtype), randn(rng, (2, 4, 200, 32), dtype)
-        mask = random_bool_mask(rng, (160, 200), 0.8, masked_rows=1) if i % 2 else None
-        causal = ["lower_right", False, True, "upper_left"][i]
+    for i, dtype in enumerate([np.float32, np.float64, np.float32, np.float64, np.float32, np.float64]):
+        L, S = (160, 200) if i < 4 else (4, 2048)          # the last two take the decode kernel
+        q = randn(rng, (2, 4, L, 32), dtype)
+        k, v = randn(rng, (2, 4, S, 32), dtype), randn(rng, (2, 4, S, 32), dtype)
+        mask = random_bool_mask(rng, (L, S), 0.8, masked_rows=1) if i % 2 else None
+        causal = ["lower_right", False, True, "upper_left", "lower_right", False][i]
         cases.append(dict(query=q, key=k, value=v, attn_mask=mask, is_causal=causal))
-        assert 2 * 4 * 160 * 200 * 64 >= config.SERIAL_BELOW_FLOPS   # the parallel path
+        assert 2 * 4 * L * S * 64 >= config.SERIAL_BELOW_FLOPS   # the parallel kernels
     serial = [scaled_dot_product_attention(**c, return_lse=True) for c in cases]
-    assert kernel_spy.calls["parallel"] == len(cases)
+    assert kernel_spy.ran() == {"prefill_parallel": 4, "decode_parallel": 2}
 
     def run(i):
         return i, scaled_dot_product_attention(**cases[i], return_lse=True)
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
-        results = list(pool.map(run, [i % len(cases) for i in range(12)]))
+        results = list(pool.map(run, [i % len(cases) for i in range(16)]))
     for i, (out, lse) in results:
         np.testing.assert_array_equal(out, serial[i][0])
         np.testing.assert_array_equal(lse, serial[i][1])
@@ -672,3 +873,40 @@ if torch is not None:
         if mask_kind == "lower_right":
             np.testing.assert_array_equal(
                 ours, scaled_dot_product_attention(q, k, v, is_causal="lower_right", enable_gqa=gqa))
+
+
+# ----------------------------------------------------------------------------------------------
+# compilation: broadcasting patterns must not multiply kernel specialisations
+# ----------------------------------------------------------------------------------------------
+
+def test_broadcasting_does_not_multiply_compilations(monkeypatch):
+    """``_validate`` normalises operands to one numba type whatever the caller passed (read-only,
+    C-contiguous). Broadcast batch dims and grouped-query heads must not change the kernel's argument
+    types either, or every new broadcasting pattern costs a fresh compilation of the kernel (seconds)."""
+    import numba
+    from numba_attn.kernels import prefill
+    seen = []
+    original = prefill.prefill_serial
+
+    def record(*args):
+        seen.append(tuple(numba.typeof(a) for a in args))
+        return original(*args)
+
+    monkeypatch.setattr(prefill, "prefill_serial", record)
+    rng = np.random.default_rng(25)
+    q, k, v = randn(rng, (2, 4, 5, 8)), randn(rng, (2, 4, 6, 8)), randn(rng, (2, 4, 6, 3))
+    variants = [
+        (q, k, v, False),                                       # same batch everywhere
+        (q, k[:1], v, False),                                   # key broadcast over dim 0
+        (q[0], k, v, False),                                    # query with fewer batch dims
+        (q, k[:, :2], v[:, :2], True),                          # grouped-query heads
+        (q, k[0, 0], v[0, 0], False),                           # 2-D key/value
+    ]
+    for qq, kk, vv, gqa in variants:
+        out = scaled_dot_product_attention(qq, kk, vv, enable_gqa=gqa)
+        assert_close(out, reference.scaled_dot_product_attention(qq, kk, vv, enable_gqa=gqa), np.float64)
+    assert len(seen) == len(variants)
+    differ = [i for i, types in enumerate(seen) if types != seen[0]]
+    detail = {i: [f"arg {a}: {t0} -> {t}" for a, (t, t0) in enumerate(zip(seen[i], seen[0])) if t != t0]
+              for i in differ}
+    assert not differ, f"variants {differ} call the kernel with other argument types: {detail}"

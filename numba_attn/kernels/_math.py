@@ -5,10 +5,10 @@ the softmax loop from vectorising. For float32 we use a range-reduced polynomial
 
     x = n·ln2 + r,  n = round(x·log2 e),  |r| ≤ ln2/2
     exp(x) = 2ⁿ · P(r),  P = degree-6 Taylor polynomial (Horner form)
-    2ⁿ is built from bits: float32 with exponent field n + 127
+    2ⁿ is built from bits: float32 with exponent field n + 127 (as 2·2ⁿ⁻¹ when n > 0, to reach FLT_MAX)
 
 Max relative error ≈ 2e-7 (one float32 ulp or two). Inputs below -87.3 (including -inf) return
-exactly 0, inputs above 88.7 return +inf, so -inf masking keeps its meaning. Every step is an
+exactly 0, inputs above log(FLT_MAX) ≈ 88.7228 return +inf, so -inf masking keeps its meaning. Every step is an
 add, multiply, floor, int conversion, shift or bitcast: LLVM turns the loop into vector code.
 For float64 we call ``math.exp`` (the float64 path is the accurate one, not the fast one).
 """
@@ -43,7 +43,7 @@ _LOG2E = np.float32(1.4426950408889634)
 _LN2_HI = np.float32(0.693145751953125)
 _LN2_LO = np.float32(1.428606765330187e-06)
 _EXP_LO = np.float32(-87.3)
-_EXP_HI = np.float32(88.7)
+_EXP_HI = np.float32(88.72283)   # log(largest float32): above it exp overflows
 
 
 @overload(fast_exp, fastmath=config.FASTMATH)
@@ -60,8 +60,12 @@ def _fast_exp_overload(x):
             p = p * r + np.float32(0.5)
             p = p * r + np.float32(1.0)
             p = p * r + np.float32(1.0)
-            two_n = _int32_bits_as_float32(np.int32((np.int32(n) + np.int32(127)) << np.int32(23)))
-            y = p * two_n
+            # for n > 0 build 2ⁿ as 2·2ⁿ⁻¹: n reaches 128 just below log(FLT_MAX), where 2ⁿ itself is inf
+            ni = np.int32(n)
+            high = ni > np.int32(0)
+            two = _int32_bits_as_float32(np.int32((ni + np.int32(127) - np.int32(high)) << np.int32(23)))
+            y = p * two
+            y = y + y if high else y
             y = np.float32(0.0) if x < _EXP_LO else y
             return np.float32(np.inf) if x > _EXP_HI else y
         return impl
