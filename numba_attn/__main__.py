@@ -208,7 +208,7 @@ def _total_memory_bytes():
         return 0
 
 
-def run_bench(quick=False, threads=None, json_path=None, plot_path=None, out=sys.stdout):
+def run_bench(quick=False, threads=None, json_path=None, plot_path=None, full=False, out=sys.stdout):
     import json
     import tempfile
 
@@ -222,7 +222,7 @@ def run_bench(quick=False, threads=None, json_path=None, plot_path=None, out=sys
               "set NUMBA_NUM_THREADS first", file=sys.stderr)
         return 2
     small = 0 < _total_memory_bytes() < (3 << 30)
-    cases = bench.default_cases(quick=quick, small_memory=small)
+    cases = bench.default_cases(quick=quick, small_memory=small, full=full)
 
     def progress(msg):
         print(f"  {msg}", file=sys.stderr, flush=True)
@@ -236,7 +236,7 @@ def run_bench(quick=False, threads=None, json_path=None, plot_path=None, out=sys
     _, t_cached = bench.first_call_seconds()
     progress("memory bandwidth ...")
     bandwidth = bench.read_bandwidth(threads, nbytes=(256 << 20) if (quick or small) else (1 << 30))
-    results = bench.run_cases(cases, threads, progress=progress, budget=0.5 if quick else 1.0)
+    results = bench.run_cases(cases, threads, progress=progress, budget=0.2 if quick else 0.4)
 
     baselines = [impl.name for impl in bench.IMPLEMENTATIONS if impl.name != "numba_attn"]
     header = ["case", "shape", "numba_attn ms", "throughput"] + [f"{b} ms (ours ×)" for b in baselines] + [
@@ -333,6 +333,7 @@ def main(argv=None):
     sub.add_parser("warmup", help="compile every kernel variant once (e.g. at install time) into the cache")
     b = sub.add_parser("bench", help="time numba_attn against numpy, torch and onnxruntime (those installed)")
     b.add_argument("--quick", action="store_true", help="fewer, smaller cases and shorter timing")
+    b.add_argument("--full", action="store_true", help="also the L = S = 4096 prefills")
     b.add_argument("--threads", type=int, default=None, help="threads for every implementation (default: all)")
     b.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     b.add_argument("--plot", metavar="FILE.png", help="plot throughput against sequence length (needs matplotlib)")
@@ -342,7 +343,7 @@ def main(argv=None):
     if args.command == "warmup":
         return run_warmup()
     if args.command == "bench":
-        return run_bench(args.quick, args.threads, args.json, args.plot)
+        return run_bench(args.quick, args.threads, args.json, args.plot, args.full)
     return run_check(quick=args.quick)
 
 

@@ -86,8 +86,11 @@ class Case:
         return q, k, v
 
 
-def default_cases(quick=False, small_memory=False):
-    """The tracked shapes (``../shared/ANCHORS.md``), plus a prefill sweep over the sequence length."""
+def default_cases(quick=False, small_memory=False, full=False):
+    """The tracked shapes (``../shared/ANCHORS.md``), plus a prefill sweep over the sequence length.
+
+    ``full`` adds the L = S = 4096 prefills (seconds per call on a small board); ``quick`` keeps the
+    first case of each kind; ``small_memory`` drops cases whose K/V exceed 64 MiB."""
     cases = [
         Case("prefill", 1, 8, 1024, 1024, 64),
         Case("prefill causal", 1, 8, 1024, 1024, 64, causal=True),
@@ -103,10 +106,14 @@ def default_cases(quick=False, small_memory=False):
         Case("decode GQA 64/8, int8 cache", 1, 64, 1, 7680, 64, H_kv=8, dtype="int8"),
         Case("prefill, float16", 1, 8, 1024, 1024, 64, dtype="float16"),
     ]
-    if not quick and not small_memory:
+    if full and not small_memory:
         cases += [Case("prefill", 1, 8, 4096, 4096, 64), Case("prefill causal", 1, 8, 4096, 4096, 64, causal=True)]
     sweep = [256, 512, 2048] if not quick else [256, 512]
     cases += [Case("prefill sweep", 1, 8, n, n, 64) for n in sweep]
+    if quick:
+        keep = {"prefill", "prefill causal", "encoder (MiniLM batch)", "decode", "decode, float16 cache",
+                "decode, int8 cache", "prefill sweep"}
+        cases = [c for c in cases if c.name in keep]
     if small_memory:
         cases = [c for c in cases if c.kv_bytes <= 64 << 20]
     return cases
