@@ -64,9 +64,10 @@ def _inputs(rng, spec, precision):
 QUICK_CASES = ("prefill causal lower_right", "prefill bool mask", "decode GQA 4 tokens causal", "odd sizes, 2-D")
 
 
-def run_check(quick=False, out=sys.stdout):
+def run_check(quick=False, out=None):
     """Every kernel path in every precision against the reference; ``quick``: one case per kernel
     (prefill parallel and serial, masks, decode) and precision, for slow machines and emulators."""
+    out = sys.stdout if out is None else out
     rng = np.random.default_rng(0)
     rows = []
     failed = 0
@@ -118,7 +119,8 @@ def _print_table(header, rows, out):
         print(fmt.format(*r), file=out)
 
 
-def run_info(out=sys.stdout):
+def run_info(out=None):
+    out = sys.stdout if out is None else out
     import llvmlite
     import numba
     from numba.core import config as nconfig
@@ -162,13 +164,14 @@ def run_info(out=sys.stdout):
     return 0
 
 
-def run_warmup(out=sys.stdout):
+def run_warmup(out=None):
     """Compile (or load) every kernel variant a typical program meets, so its first call is fast.
 
     Variants: prefill and decode kernels, parallel and serial builds, float32/float64/float16/int8
     storage, no mask / boolean mask / float mask. Run once after installing (the results land in
     the on-disk cache, see ``info``).
     """
+    out = sys.stdout if out is None else out
     from .quant import quantize
     rng = np.random.default_rng(0)
     t_all = time.perf_counter()
@@ -208,7 +211,8 @@ def _total_memory_bytes():
         return 0
 
 
-def run_bench(quick=False, threads=None, json_path=None, plot_path=None, full=False, out=sys.stdout):
+def run_bench(quick=False, threads=None, json_path=None, plot_path=None, full=False, out=None):
+    out = sys.stdout if out is None else out
     import json
     import tempfile
 

@@ -3,8 +3,9 @@
 ``prepare_attention`` turns the user's (query, key, value, attn_mask, ...) into a ``Plan``: three
 C-contiguous 3-D arrays ``(N_x, rows, cols)`` (no copy when the input already is one), an index array
 per operand mapping each output batch entry to its operand's batch entry (this is how broadcasting
-and grouped-query attention reach the kernel without copying K and V), and the mask as a read-only
-``(N_m, L, S)`` view (broadcast, never materialised).
+and grouped-query attention reach the kernel without copying K and V), and the mask as its own
+read-only ``(N_m, L or 1, S or 1)`` array with index steps (broadcast by the kernels, never
+materialised).
 """
 import math
 import numbers
@@ -29,9 +30,11 @@ class Plan:
     q_idx: np.ndarray        # (N,) int64
     k_idx: np.ndarray
     v_idx: np.ndarray
-    mask: np.ndarray         # (Nm, L, S) read-only view, or a (1, 1, 1) placeholder
+    mask: np.ndarray         # (Nm, L or 1, S or 1) C-contiguous, read-only; a (1, 1, 1) placeholder if none
     m_idx: np.ndarray
     mask_kind: int           # 0 none, 1 boolean, 2 additive
+    mask_row_step: int       # mask[m, i * row_step, j * col_step]: 0 where the mask broadcasts
+    mask_col_step: int
     is_causal: bool
     pos_offset: int          # query i sits at key position i + pos_offset (causal: sees j <= that)
     window: int              # 0: none; else query at position p sees keys j > p - window
@@ -198,6 +201,8 @@ def _storage(x, dtype, rows, cols):
 
 _NO_SCALES = np.broadcast_to(np.zeros((1, 1, 0), np.float32), (1, 1, 0))
 _NO_MASK = {np.dtype(dt): np.broadcast_to(np.zeros((1, 1, 1), dt), (1, 1, 1)) for dt in (np.float32, np.float64)}
+for _m in _NO_MASK.values():
+    assert _m.flags.c_contiguous
 _NO_SLOPES = {np.dtype(dt): np.zeros(0, dt) for dt in (np.float32, np.float64)}
 
 
@@ -274,7 +279,7 @@ def prepare_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
         k_idx = _batch_index(bk, batch, "key")
         v_idx = _batch_index(bv, batch, "value")
 
-    mask, m_idx, mask_kind = _prepare_mask(attn_mask, batch, L, S, dtype, check_finite)
+    mask, m_idx, mask_kind, mask_row_step, mask_col_step = _prepare_mask(attn_mask, batch, L, S, dtype, check_finite)
     window = check_window(window, alignment)
     softcap = check_softcap(softcap)
     slopes = _prepare_slopes(alibi_slopes, batch, dtype)
@@ -284,7 +289,7 @@ def prepare_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
     return Plan(
         query=q3, key=k3, value=v3, k_scales=k_scales, v_scales=v_scales, k_block=k_block, v_block=v_block,
         q_idx=q_idx, k_idx=k_idx, v_idx=v_idx,
-        mask=mask, m_idx=m_idx, mask_kind=mask_kind,
+        mask=mask, m_idx=m_idx, mask_kind=mask_kind, mask_row_step=mask_row_step, mask_col_step=mask_col_step,
         is_causal=alignment is not None,
         pos_offset=0 if alignment == "upper_left" else S - L,
         window=window, slopes=slopes, softcap=softcap,
@@ -295,7 +300,7 @@ def prepare_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
 def _prepare_mask(attn_mask, batch, L, S, dtype, check_finite):
     n = math.prod(batch)
     if attn_mask is None:
-        return _NO_MASK[np.dtype(dtype)], np.zeros(n, np.int64), 0
+        return _NO_MASK[np.dtype(dtype)], np.zeros(n, np.int64), 0, 0, 0
     mask = _as_array(attn_mask, "attn_mask")
     if mask.dtype == np.bool_:
         kind = 1
@@ -318,10 +323,12 @@ def _prepare_mask(attn_mask, batch, L, S, dtype, check_finite):
     if mask.ndim < 2:
         mask = mask.reshape((1,) * (2 - mask.ndim) + mask.shape)
     own_batch = mask.shape[:-2]
-    mask = np.ascontiguousarray(mask)            # the mask's own size, never L·S per batch entry
-    view = np.broadcast_to(mask, own_batch + (L, S)).reshape(math.prod(own_batch), L, S)
+    Lm, Sm = mask.shape[-2:]
+    # the mask's own size, never L·S per batch entry: rows/columns of length 1 are broadcast by the
+    # kernels (index step 0), so the array is always C-contiguous (one numba type per dtype)
+    mask = _read_only(np.ascontiguousarray(mask).reshape(math.prod(own_batch), Lm, Sm))
     m_idx = _batch_index(own_batch, batch, "attn_mask")
-    return view, m_idx, kind
+    return mask, m_idx, kind, int(Lm != 1), int(Sm != 1)
 
 
 def check_window(window, alignment):
@@ -349,17 +356,25 @@ def check_softcap(softcap):
     return softcap
 
 
-def _prepare_slopes(alibi_slopes, batch, dtype):
+def check_slopes(alibi_slopes, heads):
+    """ALiBi slopes: None, or a finite real array of shape (heads,)."""
     if alibi_slopes is None:
-        return _NO_SLOPES[np.dtype(dtype)]
+        return None
     slopes = _as_array(alibi_slopes, "alibi_slopes")
     if slopes.dtype.kind not in "fiu":
         raise TypeError(f"alibi_slopes must be a real array of one slope per head, got dtype {slopes.dtype}")
-    if len(batch) < 1:
+    if heads is None:
         raise ValueError("alibi_slopes needs a heads dim (-3) on query")
-    if slopes.ndim != 1 or slopes.shape[0] != batch[-1]:
-        raise ValueError(f"alibi_slopes must have shape (H,) = ({batch[-1]},), one slope per query head, "
+    if slopes.ndim != 1 or slopes.shape[0] != heads:
+        raise ValueError(f"alibi_slopes must have shape (H,) = ({heads},), one slope per query head, "
                          f"got shape {slopes.shape}")
     if not np.isfinite(slopes).all():
         raise ValueError("alibi_slopes contains NaN or inf")
+    return slopes
+
+
+def _prepare_slopes(alibi_slopes, batch, dtype):
+    if alibi_slopes is None:
+        return _NO_SLOPES[np.dtype(dtype)]
+    slopes = check_slopes(alibi_slopes, batch[-1] if len(batch) else None)
     return np.array(np.broadcast_to(slopes.astype(dtype), batch).reshape(-1))

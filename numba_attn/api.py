@@ -42,7 +42,7 @@ def _run(plan):
     if N == 0 or L == 0:
         return out, lse
     dt = plan.dtype.type
-    common = (plan.S, plan.mask, plan.m_idx, plan.mask_kind, plan.is_causal, plan.pos_offset, plan.window,
+    common = (plan.S, plan.mask, plan.m_idx, plan.mask_kind, plan.mask_row_step, plan.mask_col_step, plan.is_causal, plan.pos_offset, plan.window,
               plan.slopes, dt(plan.softcap), dt(plan.scale))
     work = N * L * plan.S * (plan.E + Ev)
     serial = work < config.SERIAL_BELOW_FLOPS

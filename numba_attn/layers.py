@@ -11,7 +11,7 @@ import numbers
 
 import numpy as np
 
-from ._validate import check_finite_array
+from ._validate import check_finite_array, check_slopes, check_softcap
 from .api import scaled_dot_product_attention
 from .cache import KVCache
 
@@ -64,6 +64,9 @@ class MultiHeadAttention:
         self.head_dim = _positive_int("head_dim", head_dim)
         self.kdim = _positive_int("kdim", self.embed_dim if kdim is None else kdim)
         self.vdim = _positive_int("vdim", self.embed_dim if vdim is None else vdim)
+        if self.kdim != self.vdim:
+            raise ValueError(f"kdim ({self.kdim}) and vdim ({self.vdim}) must be equal: one context sequence feeds "
+                             "both the key and the value projection")
         self.dtype = np.dtype(dtype)
         if self.dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
             raise TypeError(f"dtype must be float32 or float64, got {self.dtype}")
@@ -205,6 +208,8 @@ class MultiHeadAttention:
         queries and keys (B, heads, T, head_dim) before caching, e.g. RoPE; ``positions`` are
         absolute token positions (T,).
         """
+        if cache is not None and not isinstance(cache, KVCache):
+            raise TypeError(f"cache must be a numba_attn.KVCache, got {type(cache).__name__}")
         x = self._check_input(x, "x", self.embed_dim)
         B, L, _ = x.shape
         if context is not None:
@@ -234,8 +239,6 @@ class MultiHeadAttention:
         return y.reshape(B, L, self.embed_dim)
 
     def _attend_cached(self, q, k, v, cache, key_padding_mask, attn_mask, window, kw):
-        if not isinstance(cache, KVCache):
-            raise TypeError(f"cache must be a numba_attn.KVCache, got {type(cache).__name__}")
         B, L = q.shape[0], q.shape[2]
         if (cache.batch, cache.num_kv_heads, cache.head_dim, cache.value_dim) != (B, self.num_kv_heads,
                                                                                self.head_dim, self.head_dim):
@@ -247,22 +250,31 @@ class MultiHeadAttention:
                             + " or ".join(d.name for d in allowed))
         if window is not None and window != cache.window:
             raise ValueError(f"window={window} differs from the cache's window ({cache.window})")
+        if cache.length + L > cache.capacity:
+            raise ValueError(f"KVCache is full: {cache.length} tokens held + {L} new > capacity {cache.capacity}")
         window = cache.window
-        if window is None or (L == 1 and kw["alibi_slopes"] is None):
+        # everything that can be refused is checked before the cache changes
+        check_softcap(kw["softcap"])
+        check_slopes(kw["alibi_slopes"], self.num_heads)
+        direct = window is None or (L == 1 and kw["alibi_slopes"] is None)
+        after = cache.length + L
+        if direct:
             # every cached token (after appending) is visible to the new ones: attend in storage order
+            n_valid = min(after, cache.slots)
+            positions = np.arange(n_valid) if after <= cache.slots else after - cache.slots + (
+                (np.arange(n_valid) - (after - cache.slots)) % cache.slots)
+        else:
+            positions = np.arange(cache.length - cache.n_valid, after)
+        mask = self._combined_mask(key_padding_mask, attn_mask, B, L, positions.size, positions)
+        if direct:
             cache.append(k, v, check_finite=False)
             keys, values = cache.keys, cache.values
-            positions = cache.positions()
-            causal = "lower_right" if window is None else False
-            window_arg = None
+            causal, window_arg = ("lower_right" if window is None else False), None
         else:
             # windowed chunk (or ALiBi): keys in position order, cached ones then the new ones
-            positions = np.arange(cache.length - cache.n_valid, cache.length + L)
             keys, values = cache.ordered_with(k, v)
             cache.append(k, v, check_finite=False)
             causal, window_arg = "lower_right", window
-        S = keys.shape[2]
-        mask = self._combined_mask(key_padding_mask, attn_mask, B, L, S, positions)
         return scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal, window=window_arg, **kw)
 
     def _combined_mask(self, key_padding_mask, attn_mask, B, L, S, positions):

@@ -6,6 +6,7 @@ to [-127, 127]. A quarter of float32's memory plus 4 bytes per block. The attent
 ``QuantizedTensor`` as ``key``/``value`` and compute Q·Kᵀ in int8 × int8 → int32, dequantising V
 inside the kernel. Accuracy: see the README's accuracy table.
 """
+import math
 import numbers
 
 import numpy as np
@@ -93,7 +94,9 @@ def quantize(x, block=DEFAULT_BLOCK):
                          f"got {block}")
     block = min(int(block), max(D, 1))
     check_finite_array(x, "x")
-    rows = np.ascontiguousarray(x.reshape(-1, D))
+    if x.dtype == np.float64 and x.size and np.abs(x).max() > np.finfo(np.float32).max:
+        raise ValueError("x holds values beyond float32's range: int8 scales are float32")
+    rows = np.ascontiguousarray(x.reshape(math.prod(x.shape[:-1]), D))
     if rows.dtype == np.float16:
         rows = rows.view(np.uint16)
     nb = -(-D // block)
@@ -109,8 +112,9 @@ def dequantize(q):
     if not isinstance(q, QuantizedTensor):
         raise TypeError(f"q must be a QuantizedTensor, got {type(q).__name__}")
     D = q.shape[-1]
-    data = np.ascontiguousarray(q.data.reshape(-1, D))
-    scales = np.ascontiguousarray(q.scales.reshape(data.shape[0], -1))
+    rows = math.prod(q.shape[:-1])
+    data = np.ascontiguousarray(q.data.reshape(rows, D))
+    scales = np.ascontiguousarray(q.scales.reshape(rows, q.scales.shape[-1]))
     out = np.empty(data.shape, np.float32)
     if data.size:
         launch(dequantize_rows, data, scales, q.block, out)

@@ -38,8 +38,8 @@ from ._scores import MASK_ADD, MASK_BOOL, adjust_score, visible_key_range
 
 
 def _decode_body(q, k, k_scales, k_block, v, v_scales, v_block, q_idx, k_idx, v_idx, groups, kv_len, mask, m_idx,
-                 mask_kind, is_causal, pos_offset, window, slopes, softcap, scale, row_chunk, n_split, block_k,
-                 out, lse):
+                 mask_kind, mask_li, mask_sj, is_causal, pos_offset, window, slopes, softcap, scale, row_chunk,
+                 n_split, block_k, out, lse):
     """Attention for out[groups[g, t]] (all t share k[k_idx[...]], v[v_idx[...]]); see module doc.
 
     Same arguments as the prefill kernel, plus: ``groups`` (G, g), the output batch entries that
@@ -109,14 +109,14 @@ def _decode_body(q, k, k_scales, k_block, v, v_scales, v_block, q_idx, k_idx, v_
                     for j in range(nk):
                         srow[j] = adjust_score(srow[j], qpos, j0 + j, slope, softcap, window)
                 if mask_kind == MASK_BOOL:
-                    mrow = mask[m_idx[n], i]
+                    mrow = mask[m_idx[n], i * mask_li]
                     for j in range(nk):
-                        if not mrow[j0 + j]:
+                        if not mrow[(j0 + j) * mask_sj]:
                             srow[j] = neg_inf
                 elif mask_kind == MASK_ADD:
-                    mrow = mask[m_idx[n], i]
+                    mrow = mask[m_idx[n], i * mask_li]
                     for j in range(nk):
-                        srow[j] += mrow[j0 + j]
+                        srow[j] += mrow[(j0 + j) * mask_sj]
                 if is_causal:
                     for j in range(max(0, qpos + 1 - j0), nk):
                         srow[j] = neg_inf

@@ -190,13 +190,15 @@ def online_softmax_block(st, nk, nr, m, l, alpha, m_blk):
             l[r] += p
 
 
-def _prefill_body(q, k, v, q_idx, k_idx, v_idx, kv_len, mask, m_idx, mask_kind, is_causal, pos_offset, window,
+def _prefill_body(q, k, v, q_idx, k_idx, v_idx, kv_len, mask, m_idx, mask_kind, mask_li, mask_sj, is_causal,
+                  pos_offset, window,
                   slopes, softcap, scale, block_q, block_k, out, lse):
     """out[n] = softmax(z)·v[v_idx[n]] with z as in ``_scores.adjust_score``; see module doc.
 
     q (Nq, L, E), k (Nk, ≥S, E), v (Nv, ≥S, Ev): C-contiguous, the first kv_len = S rows of k and v
     are the keys (the rest may be a KV cache's free slots); q_idx/k_idx/v_idx/m_idx (N,) map each
-    output batch entry to its operands; mask (Nm, L, S) any strides; slopes (N,) or (0,) for no
+    output batch entry to its operands; mask (Nm, L or 1, S or 1), read at
+    [m_idx[n], i·mask_li, j·mask_sj]; slopes (N,) or (0,) for no
     ALiBi; window 0 = none; softcap 0 = none; query i sits at key position i + pos_offset.
     """
     N, L, Ev = out.shape
@@ -246,14 +248,14 @@ def _prefill_body(q, k, v, q_idx, k_idx, v_idx, kv_len, mask, m_idx, mask_kind, 
                 for j in range(nk):
                     row = st[j]
                     for r in range(nr):
-                        if not mn[i0 + r, j0 + j]:
+                        if not mn[(i0 + r) * mask_li, (j0 + j) * mask_sj]:
                             row[r] = neg_inf
             elif mask_kind == MASK_ADD:
                 mn = mask[m_idx[n]]
                 for j in range(nk):
                     row = st[j]
                     for r in range(nr):
-                        row[r] += mn[i0 + r, j0 + j]
+                        row[r] += mn[(i0 + r) * mask_li, (j0 + j) * mask_sj]
             online_softmax_block(st, nk, nr, m, l, alpha, m_blk)
             for e in range(Ev):
                 orow = acct[e]

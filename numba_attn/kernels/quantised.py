@@ -25,6 +25,10 @@ from .. import config
 from ._load import load
 
 
+#: smallest normal float32: below it 1/scale overflows, so such (rare) blocks divide instead
+_TINY = np.float32(1.1754944e-38)
+
+
 def _quantize_body(x, block, data, scales):
     """Quantise rows of x (M, D) (float32/float64/uint16 half bits) into data (M, D) int8, scales (M, nb)."""
     M, D = x.shape
@@ -38,9 +42,11 @@ def _quantize_body(x, block, data, scales):
                 amax = max(amax, abs(np.float32(load(x[i, d]))))
             s = amax / np.float32(127)
             scales[i, b] = s
-            inv = np.float32(1) / s if s > 0 else np.float32(0)
+            inv = np.float32(1) / s if s >= _TINY else np.float32(0)
             for d in range(d0, d1):
-                y = np.rint(np.float32(load(x[i, d])) * inv)
+                xd = np.float32(load(x[i, d]))
+                # a subnormal scale: 1/s overflows, so divide (exact enough, and rare)
+                y = np.rint(xd * inv if s >= _TINY else (xd / s if s > 0 else np.float32(0)))
                 data[i, d] = np.int8(min(np.float32(127), max(np.float32(-127), y)))
 
 
@@ -68,9 +74,10 @@ def quantize_row_into(x, block, data, scales):
             amax = max(amax, abs(np.float32(x[d])))
         s = amax / np.float32(127)
         scales[b] = s
-        inv = np.float32(1) / s if s > 0 else np.float32(0)
+        inv = np.float32(1) / s if s >= _TINY else np.float32(0)
         for d in range(d0, d1):
-            y = np.rint(np.float32(x[d]) * inv)
+            xd = np.float32(x[d])
+            y = np.rint(xd * inv if s >= _TINY else (xd / s if s > 0 else np.float32(0)))
             data[d] = np.int8(min(np.float32(127), max(np.float32(-127), y)))
 
 

@@ -1,0 +1,366 @@
+"""numba_attn.cache: KVCache storage, ring-buffer semantics, dtypes, errors (no attention here)."""
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import assert_unchanged, copies, randn
+from numba_attn import KVCache, QuantizedTensor, dequantize, quantize
+
+STORAGE = (np.float32, np.float64, np.float16, np.int8)
+B, H, D = 2, 3, 64
+
+
+def tokens(rng, T, dim=D, dtype=np.float32):
+    """(key, value) for T new tokens, (B, H, T, dim)."""
+    return randn(rng, (B, H, T, dim), dtype), randn(rng, (B, H, T, dim), dtype)
+
+
+def stored(x, dtype, block=32):
+    """What a cache of ``dtype`` holds for the float input x (int8: the dequantised values)."""
+    if np.dtype(dtype) == np.int8:
+        return dequantize(quantize(x, block))
+    return x.astype(dtype)
+
+
+def as_float(x):
+    """Cache views as plain float arrays (int8 QuantizedTensors dequantised)."""
+    return dequantize(x) if isinstance(x, QuantizedTensor) else np.asarray(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# basics
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", STORAGE)
+def test_append_and_views(dtype):
+    rng = np.random.default_rng(0)
+    cache = KVCache(B, H, D, capacity=20, dtype=dtype)
+    assert cache.length == len(cache) == cache.n_valid == 0
+    assert cache.dtype == np.dtype(dtype) and cache.slots == 20 and not cache.wrapped
+    assert cache.keys.shape == cache.values.shape == (B, H, 0, D)
+    chunks = [tokens(rng, T) for T in (5, 1, 1, 3)]
+    for i, (k, v) in enumerate(chunks):
+        before = copies(k, v)
+        cache.append(k, v)
+        assert_unchanged([k, v], before)
+        assert cache.length == sum(c[0].shape[2] for c in chunks[:i + 1])
+    all_k = np.concatenate([c[0] for c in chunks], axis=2)
+    all_v = np.concatenate([c[1] for c in chunks], axis=2)
+    assert cache.length == len(cache) == cache.n_valid == 10
+    keys, values = cache.keys, cache.values
+    if dtype == np.int8:
+        assert isinstance(keys, QuantizedTensor) and isinstance(values, QuantizedTensor)
+        assert keys.shape == (B, H, 10, D) and keys.block == 32
+        # each token is quantised on its own: the same bits as quantising everything at once
+        whole = quantize(all_k)
+        np.testing.assert_array_equal(keys.data, whole.data)
+        np.testing.assert_array_equal(keys.scales, whole.scales)
+    else:
+        assert isinstance(keys, np.ndarray) and keys.dtype == np.dtype(dtype)
+        assert keys.shape == (B, H, 10, D)
+    np.testing.assert_array_equal(as_float(keys), stored(all_k, dtype))
+    np.testing.assert_array_equal(as_float(values), stored(all_v, dtype))
+    np.testing.assert_array_equal(cache.positions(), np.arange(10))
+    ok, ov = cache.ordered()
+    np.testing.assert_array_equal(as_float(ok), as_float(keys))
+    np.testing.assert_array_equal(as_float(ov), as_float(values))
+    assert repr(cache).startswith("KVCache(") and "length=10" in repr(cache)
+
+
+@pytest.mark.parametrize("dtype", STORAGE)
+def test_reset(dtype):
+    rng = np.random.default_rng(1)
+    cache = KVCache(1, 2, 16, capacity=8, dtype=dtype)
+    k, v = randn(rng, (1, 2, 8, 16), np.float32), randn(rng, (1, 2, 8, 16), np.float32)
+    cache.append(k, v)
+    nbytes = cache.nbytes
+    cache.reset()
+    assert cache.length == 0 and cache.n_valid == 0 and cache.keys.shape == (1, 2, 0, 16)
+    assert cache.nbytes == nbytes                       # storage is kept
+    k2, v2 = randn(rng, (1, 2, 3, 16), np.float32), randn(rng, (1, 2, 3, 16), np.float32)
+    cache.append(k2, v2)
+    assert cache.length == 3
+    np.testing.assert_array_equal(as_float(cache.keys), stored(k2, dtype))
+    np.testing.assert_array_equal(as_float(cache.values), stored(v2, dtype))
+    np.testing.assert_array_equal(cache.positions(), np.arange(3))
+    cache.append(k[:, :, :5], v[:, :, :5])             # the full capacity is available again
+    assert cache.length == 8
+
+
+@pytest.mark.parametrize("dtype", (np.float32, np.float64, np.float16))
+def test_nbytes_float(dtype):
+    cache = KVCache(B, H, D, capacity=100, dtype=dtype)
+    assert cache.nbytes == 2 * B * H * 100 * D * np.dtype(dtype).itemsize
+    windowed = KVCache(B, H, D, capacity=100, dtype=dtype, window=10)
+    assert windowed.slots == 10
+    assert windowed.nbytes == 2 * B * H * 10 * D * np.dtype(dtype).itemsize
+
+
+def test_nbytes_ratios_d64():
+    f32 = KVCache(1, 8, 64, capacity=256, dtype=np.float32).nbytes
+    f16 = KVCache(1, 8, 64, capacity=256, dtype=np.float16).nbytes
+    i8 = KVCache(1, 8, 64, capacity=256, dtype=np.int8).nbytes
+    i8_row = KVCache(1, 8, 64, capacity=256, dtype=np.int8, block=None).nbytes
+    assert f16 == f32 // 2
+    assert i8 <= 0.30 * f32
+    assert i8 == 2 * 8 * 256 * (64 + 4 * 2)              # data + one float32 scale per 32 entries
+    assert i8_row == 2 * 8 * 256 * (64 + 4)              # one scale per token and head
+    assert i8_row < i8
+
+
+def test_value_dim():
+    rng = np.random.default_rng(2)
+    cache = KVCache(1, 2, 8, capacity=4, value_dim=5)
+    k, v = randn(rng, (1, 2, 3, 8), np.float32), randn(rng, (1, 2, 3, 5), np.float32)
+    cache.append(k, v)
+    assert cache.keys.shape == (1, 2, 3, 8) and cache.values.shape == (1, 2, 3, 5)
+    np.testing.assert_array_equal(cache.values, v)
+    # int8 with value_dim != head_dim: per-token scales only
+    with pytest.raises(ValueError, match="block=None"):
+        KVCache(1, 2, 8, capacity=4, value_dim=5, dtype=np.int8)
+    q = KVCache(1, 2, 8, capacity=4, value_dim=5, dtype=np.int8, block=None)
+    q.append(k, v)
+    assert q.values.shape == (1, 2, 3, 5) and q.values.scales.shape == (1, 2, 3, 1)
+
+
+@pytest.mark.parametrize("block", [16, 32, 64, None])
+def test_int8_block(block):
+    rng = np.random.default_rng(3)
+    cache = KVCache(1, 2, 64, capacity=4, dtype=np.int8, block=block)
+    k, v = tokens(rng, 4)
+    k, v = k[:1, :2], v[:1, :2]
+    cache.append(k, v)
+    expect = quantize(k, block)
+    assert cache.keys.block == expect.block == (64 if block is None else block)
+    np.testing.assert_array_equal(cache.keys.data, expect.data)
+    np.testing.assert_array_equal(cache.keys.scales, expect.scales)
+    assert cache.keys.scales.shape == (1, 2, 4, 64 // expect.block)
+
+
+@pytest.mark.parametrize("dtype", STORAGE)
+def test_views_are_read_only(dtype):
+    rng = np.random.default_rng(4)
+    cache = KVCache(1, 2, 32, capacity=6, dtype=dtype, window=4)
+    k, v = randn(rng, (1, 2, 3, 32), np.float32), randn(rng, (1, 2, 3, 32), np.float32)
+    cache.append(k, v)
+    views = [cache.keys, cache.values, *cache.ordered()]
+    cache.append(k, v)                                   # wraps: ordered() is a gathered copy now
+    assert cache.wrapped
+    views += [cache.keys, cache.values, *cache.ordered()]
+    for view in views:
+        arrays = [view.data, view.scales] if isinstance(view, QuantizedTensor) else [view]
+        for a in arrays:
+            assert not a.flags.writeable
+            with pytest.raises(ValueError):
+                a[...] = 0
+
+
+@pytest.mark.parametrize("dtype", STORAGE)
+def test_inputs_are_converted_not_modified(dtype):
+    """float16/float64/strided inputs are accepted and left alone."""
+    rng = np.random.default_rng(5)
+    cache = KVCache(1, 2, 16, capacity=10, dtype=dtype)
+    big = randn(rng, (1, 2, 16, 32), np.float64)
+    k = big[:, :, ::4, ::2]                              # strided view (1, 2, 4, 16)
+    v = np.asfortranarray(randn(rng, (1, 2, 4, 16), np.float16))
+    before = copies(big, v)
+    cache.append(k, v)
+    assert_unchanged([big, v], before)
+    np.testing.assert_array_equal(as_float(cache.keys), stored(np.ascontiguousarray(k), dtype))
+    np.testing.assert_array_equal(as_float(cache.values), stored(np.ascontiguousarray(v), dtype))
+
+
+# ----------------------------------------------------------------------------------------------
+# ring buffer
+# ----------------------------------------------------------------------------------------------
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(window=st.integers(1, 9), chunks=st.lists(st.integers(1, 14), min_size=1, max_size=10),
+       dtype=st.sampled_from(STORAGE), seed=st.integers(0, 2 ** 32 - 1))
+def test_ring_buffer_keeps_the_last_window_tokens(window, chunks, dtype, seed):
+    rng = np.random.default_rng(seed)
+    dim = 8
+    cache = KVCache(1, 2, dim, capacity=10 ** 6, dtype=dtype, window=window)
+    assert cache.slots == window
+    seen_k, seen_v = [], []
+    for T in chunks:
+        k, v = randn(rng, (1, 2, T, dim), np.float32), randn(rng, (1, 2, T, dim), np.float32)
+        cache.append(k, v)
+        seen_k.append(k)
+        seen_v.append(v)
+        all_k, all_v = np.concatenate(seen_k, axis=2), np.concatenate(seen_v, axis=2)
+        n = all_k.shape[2]
+        assert cache.length == n
+        assert cache.n_valid == min(n, window)
+        assert cache.wrapped == (n > window)
+        first = n - cache.n_valid
+        # ordered(): the last min(n, W) tokens, oldest first
+        ok, ov = cache.ordered()
+        np.testing.assert_array_equal(as_float(ok), stored(all_k[:, :, first:], dtype))
+        np.testing.assert_array_equal(as_float(ov), stored(all_v[:, :, first:], dtype))
+        # storage order: the token at position p lives in slot p mod W
+        pos = cache.positions()
+        assert pos.shape == (cache.n_valid,)
+        np.testing.assert_array_equal(np.sort(pos), np.arange(first, n))
+        np.testing.assert_array_equal(pos % window, np.arange(cache.n_valid))
+        np.testing.assert_array_equal(as_float(cache.keys), stored(all_k[:, :, pos], dtype))
+        np.testing.assert_array_equal(as_float(cache.values), stored(all_v[:, :, pos], dtype))
+
+
+def test_ring_buffer_positions_example():
+    cache = KVCache(1, 1, 2, capacity=100, window=5)
+    x = np.arange(7, dtype=np.float32).reshape(1, 1, 7, 1) * np.ones(2, np.float32)
+    cache.append(x, x)
+    np.testing.assert_array_equal(cache.positions(), [5, 6, 2, 3, 4])
+    np.testing.assert_array_equal(cache.keys[0, 0, :, 0], [5, 6, 2, 3, 4])
+    np.testing.assert_array_equal(cache.ordered()[0][0, 0, :, 0], [2, 3, 4, 5, 6])
+
+
+def test_chunk_longer_than_window():
+    rng = np.random.default_rng(6)
+    cache = KVCache(2, 1, 4, capacity=1000, window=4)
+    k0, v0 = randn(rng, (2, 1, 2, 4), np.float32), randn(rng, (2, 1, 2, 4), np.float32)
+    cache.append(k0, v0)
+    k, v = randn(rng, (2, 1, 11, 4), np.float32), randn(rng, (2, 1, 11, 4), np.float32)
+    cache.append(k, v)
+    assert cache.length == 13 and cache.n_valid == 4
+    ok, ov = cache.ordered()
+    np.testing.assert_array_equal(ok, k[:, :, -4:])
+    np.testing.assert_array_equal(ov, v[:, :, -4:])
+    np.testing.assert_array_equal(np.sort(cache.positions()), np.arange(9, 13))
+
+
+def test_ordered_with_appends_without_storing():
+    rng = np.random.default_rng(7)
+    cache = KVCache(1, 2, 8, capacity=100, window=3)
+    k, v = randn(rng, (1, 2, 5, 8), np.float32), randn(rng, (1, 2, 5, 8), np.float32)
+    cache.append(k, v)
+    nk, nv = randn(rng, (1, 2, 2, 8), np.float32), randn(rng, (1, 2, 2, 8), np.float32)
+    wk, wv = cache.ordered_with(nk, nv)
+    np.testing.assert_array_equal(wk, np.concatenate([k[:, :, 2:], nk], axis=2))
+    np.testing.assert_array_equal(wv, np.concatenate([v[:, :, 2:], nv], axis=2))
+    assert cache.length == 5
+
+
+def test_window_larger_than_capacity():
+    cache = KVCache(1, 1, 4, capacity=3, window=10)
+    assert cache.slots == 3
+    x = np.ones((1, 1, 3, 4), np.float32)
+    cache.append(x, x)
+    with pytest.raises(ValueError, match="capacity"):
+        cache.append(x[:, :, :1], x[:, :, :1])
+
+
+# ----------------------------------------------------------------------------------------------
+# errors: nothing is written
+# ----------------------------------------------------------------------------------------------
+
+def _snapshot(cache):
+    keys, values = cache.ordered()
+    return cache.length, np.array(as_float(keys)), np.array(as_float(values))
+
+
+def _assert_same(cache, snap):
+    length, keys, values = snap
+    assert cache.length == length
+    ok, ov = cache.ordered()
+    np.testing.assert_array_equal(as_float(ok), keys)
+    np.testing.assert_array_equal(as_float(ov), values)
+
+
+@pytest.mark.parametrize("dtype", STORAGE)
+@pytest.mark.parametrize("window", [None, 4])
+def test_capacity_overflow_writes_nothing(dtype, window):
+    rng = np.random.default_rng(8)
+    cache = KVCache(1, 2, 16, capacity=10, dtype=dtype, window=window)
+    k, v = randn(rng, (1, 2, 7, 16), np.float32), randn(rng, (1, 2, 7, 16), np.float32)
+    cache.append(k, v)
+    snap = _snapshot(cache)
+    raw = cache._keys.copy(), cache._values.copy()
+    with pytest.raises(ValueError, match="capacity"):
+        cache.append(randn(rng, (1, 2, 4, 16), np.float32), randn(rng, (1, 2, 4, 16), np.float32))
+    _assert_same(cache, snap)
+    np.testing.assert_array_equal(cache._keys, raw[0])
+    np.testing.assert_array_equal(cache._values, raw[1])
+    cache.append(k[:, :, :3], v[:, :, :3])               # exactly full is fine
+    assert cache.length == 10
+
+
+def test_float16_refuses_out_of_range_values():
+    rng = np.random.default_rng(9)
+    cache = KVCache(1, 1, 4, capacity=10, dtype=np.float16)
+    ok = np.full((1, 1, 2, 4), 65504.0, np.float32)      # float16's largest value is accepted
+    cache.append(ok, -ok)
+    assert np.isfinite(cache.keys.astype(np.float32)).all()
+    snap = _snapshot(cache)
+    for name in ("key", "value"):
+        k, v = randn(rng, (1, 1, 2, 4), np.float32), randn(rng, (1, 1, 2, 4), np.float32)
+        (k if name == "key" else v)[0, 0, 1, 2] = -1e5
+        with pytest.raises(ValueError, match=f"{name}.*65504"):
+            cache.append(k, v)
+        _assert_same(cache, snap)
+    # float32/float64 caches take large values
+    big = KVCache(1, 1, 4, capacity=10, dtype=np.float32)
+    big.append(np.full((1, 1, 1, 4), 1e30, np.float32), np.full((1, 1, 1, 4), -1e30, np.float32))
+    assert big.keys[0, 0, 0, 0] == np.float32(1e30)
+
+
+@pytest.mark.parametrize("dtype", STORAGE)
+def test_non_finite_is_refused(dtype):
+    cache = KVCache(1, 1, 4, capacity=10, dtype=dtype)
+    cache.append(np.ones((1, 1, 1, 4)), np.ones((1, 1, 1, 4)))
+    snap = _snapshot(cache)
+    for name, bad in (("key", np.nan), ("value", np.inf), ("key", -np.inf)):
+        k, v = np.ones((1, 1, 2, 4)), np.ones((1, 1, 2, 4))
+        (k if name == "key" else v)[0, 0, 0, 0] = bad
+        with pytest.raises(ValueError, match=name):
+            cache.append(k, v)
+        _assert_same(cache, snap)
+
+
+@pytest.mark.parametrize("key_shape,value_shape,match", [
+    ((1, 2, 3, 16), (1, 2, 3, 15), "value"),
+    ((1, 2, 3, 15), (1, 2, 3, 16), "key"),
+    ((2, 2, 3, 16), (2, 2, 3, 16), "key"),            # wrong batch
+    ((1, 3, 3, 16), (1, 3, 3, 16), "key"),            # wrong heads
+    ((2, 3, 16), (2, 3, 16), "key"),                  # 3-D
+    ((1, 2, 3, 16), (1, 2, 4, 16), "same number of tokens"),
+])
+def test_bad_shapes(key_shape, value_shape, match):
+    cache = KVCache(1, 2, 16, capacity=10)
+    cache.append(np.ones((1, 2, 1, 16)), np.ones((1, 2, 1, 16)))
+    snap = _snapshot(cache)
+    with pytest.raises(ValueError, match=match):
+        cache.append(np.zeros(key_shape), np.zeros(value_shape))
+    _assert_same(cache, snap)
+
+
+def test_bad_dtypes_of_appended_data():
+    cache = KVCache(1, 1, 4, capacity=10)
+    with pytest.raises(TypeError, match="key"):
+        cache.append(np.ones((1, 1, 1, 4), np.int32), np.ones((1, 1, 1, 4)))
+    with pytest.raises(TypeError, match="value"):
+        cache.append(np.ones((1, 1, 1, 4)), np.ones((1, 1, 1, 4), bool))
+    assert cache.length == 0
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(batch=0), ValueError, "batch"),
+    (dict(num_kv_heads=-1), ValueError, "num_kv_heads"),
+    (dict(head_dim=2.5), ValueError, "head_dim"),
+    (dict(capacity=True), ValueError, "capacity"),
+    (dict(capacity=0), ValueError, "capacity"),
+    (dict(window=0), ValueError, "window"),
+    (dict(window=-3), ValueError, "window"),
+    (dict(window=2.0), ValueError, "window"),
+    (dict(value_dim=0), ValueError, "value_dim"),
+    (dict(dtype=np.int16), TypeError, "dtype"),
+    (dict(dtype=np.complex64), TypeError, "dtype"),
+    (dict(dtype=np.int8, block=0), ValueError, "block"),
+])
+def test_bad_constructor_arguments(kwargs, exc, match):
+    args = dict(batch=1, num_kv_heads=2, head_dim=8, capacity=10)
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        KVCache(**args)

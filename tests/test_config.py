@@ -1,0 +1,275 @@
+"""numba_attn.config: where the compile cache goes, and importing from a read-only install.
+
+The read-only install runs in child processes (the cache location is decided once, at import).
+Running as root (or with CAP_DAC_OVERRIDE) ignores permission bits, so there a directory is made
+unwritable by putting a regular file where it, or one of its parents, should be: ``mkdir`` fails
+for root too.
+"""
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import numba_attn
+from numba_attn import config
+
+PACKAGE = os.path.dirname(os.path.abspath(numba_attn.__file__))
+
+CHILD = textwrap.dedent("""
+    import numpy as np
+    import numba_attn, numba_attn.config as c
+    from numba_attn.kernels import prefill
+    print("CACHE", c.CACHE)
+    print("CACHE_UNAVAILABLE", c.CACHE_UNAVAILABLE)
+    print("CACHE_DIR", c.CACHE_DIR)
+    print("package", numba_attn.__file__)
+    q = np.linspace(-1, 1, 3 * 5 * 8, dtype=np.float32).reshape(3, 5, 8)
+    out = numba_attn.scaled_dot_product_attention(q, q, q, is_causal=True)
+    ref = numba_attn.reference.scaled_dot_product_attention(q, q, q, is_causal=True)
+    assert np.abs(out - ref).max() < 1e-5, np.abs(out - ref).max()
+    print("kernel_cache", type(prefill.prefill_serial._cache).__name__)
+    print("call ok")
+""")
+
+
+def permissions_are_enforced(tmp_path):
+    """False when this process may write into a read-only directory (root, CAP_DAC_OVERRIDE)."""
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    probe.chmod(0o555)
+    try:
+        (probe / "x").write_text("x")
+    except OSError:
+        return True
+    finally:
+        probe.chmod(0o755)
+    return False
+
+
+def run_child(env_updates, unset=(), cwd=None):
+    env = dict(os.environ)
+    for key in unset:
+        env.pop(key, None)
+    env.update(env_updates)
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    proc = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=cwd)
+    assert proc.returncode == 0, f"rc {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
+    fields = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if " " in line)
+    assert proc.stdout.strip().endswith("call ok"), proc.stdout
+    return fields, proc
+
+
+def make_read_only(path):
+    for root, dirs, files in os.walk(path):
+        for name in files:
+            os.chmod(os.path.join(root, name), stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+        os.chmod(root, stat.S_IRUSR | stat.S_IXUSR | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)
+
+
+def make_writable(path):
+    for root, dirs, files in os.walk(path):
+        os.chmod(root, 0o755)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o644)
+
+
+@pytest.fixture
+def read_only_install(tmp_path):
+    """(site dir holding a read-only copy of numba_attn, a HOME nothing can be written under)."""
+    enforced = permissions_are_enforced(tmp_path)
+    site = tmp_path / "site"
+    shutil.copytree(PACKAGE, site / "numba_attn", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    home = tmp_path / "home"
+    home.mkdir()
+    if enforced:
+        for d in (site / "numba_attn", site / "numba_attn" / "kernels"):
+            (d / "__pycache__").mkdir()
+    else:
+        # permission bits are ignored here: a regular file where the cache directories would go
+        (site / "numba_attn" / "__pycache__").mkdir()
+        (site / "numba_attn" / "kernels" / "__pycache__").write_text("not a directory")
+        (home / ".cache").write_text("not a directory")
+    make_read_only(site)
+    make_read_only(home)
+    yield site, home, enforced
+    make_writable(tmp_path)
+
+
+def test_read_only_install_imports_and_runs(read_only_install):
+    site, home, _ = read_only_install
+    fields, proc = run_child({"PYTHONPATH": str(site), "HOME": str(home)},
+                             unset=("NUMBA_CACHE_DIR", "XDG_CACHE_HOME", "NUMBA_ATTN_CACHE"), cwd=str(home))
+    assert fields["package"].startswith(str(site)), fields
+    assert fields["CACHE"] == "False", fields
+    assert "no writable cache directory" in fields["CACHE_UNAVAILABLE"], fields
+    assert fields["CACHE_DIR"] == "None"
+    assert fields["kernel_cache"] == "NullCache", fields
+    assert "no locator" not in proc.stderr
+    # nothing was written into the install
+    assert not [f for f in os.listdir(site / "numba_attn" / "kernels") if f.endswith((".nbi", ".nbc"))]
+
+
+def test_read_only_install_with_a_writable_numba_cache_dir(read_only_install, tmp_path):
+    site, home, _ = read_only_install
+    cache_dir = tmp_path / "numba-cache"
+    fields, _ = run_child({"PYTHONPATH": str(site), "HOME": str(home), "NUMBA_CACHE_DIR": str(cache_dir)},
+                          unset=("XDG_CACHE_HOME", "NUMBA_ATTN_CACHE"), cwd=str(home))
+    assert fields["CACHE"] == "True" and fields["CACHE_DIR"] == str(cache_dir), fields
+    assert fields["kernel_cache"] == "FunctionCache"
+    written = [f for _, _, files in os.walk(cache_dir) for f in files]
+    assert any(f.endswith(".nbi") for f in written) and any(f.endswith(".nbc") for f in written), written
+
+
+def import_only(env_updates, unset=()):
+    """(CACHE, CACHE_UNAVAILABLE, CACHE_DIR) as a child process sees them after ``import numba_attn``."""
+    env = {k: v for k, v in os.environ.items() if k not in unset}
+    env.update(env_updates)
+    code = "import numba_attn, numba_attn.config as c; print(c.CACHE, c.CACHE_DIR, c.CACHE_UNAVAILABLE, sep='|')"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    cache, cache_dir, why = proc.stdout.strip().split("|")
+    return cache, cache_dir, why
+
+
+def test_unwritable_numba_cache_dir_turns_caching_off(tmp_path):
+    """NUMBA_CACHE_DIR is the user's choice: if it cannot be written, caching is off (no fallback)."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    cache, cache_dir, why = import_only({"NUMBA_CACHE_DIR": str(blocker / "cache")}, unset=("NUMBA_ATTN_CACHE",))
+    assert (cache, cache_dir) == ("False", "None")
+    assert "no writable cache directory" in why
+
+
+def test_numba_attn_cache_0_turns_caching_off(tmp_path):
+    fields, _ = run_child({"NUMBA_ATTN_CACHE": "0", "NUMBA_CACHE_DIR": str(tmp_path / "unused")})
+    assert fields["CACHE"] == "False" and fields["CACHE_UNAVAILABLE"] == "NUMBA_ATTN_CACHE=0", fields
+    assert fields["CACHE_DIR"] == "None"
+    assert fields["kernel_cache"] == "NullCache"
+    assert not (tmp_path / "unused").exists() or not os.listdir(tmp_path / "unused")
+
+
+@pytest.mark.parametrize("value", ["false", "False", ""])
+def test_other_spellings_of_off(value, tmp_path):
+    assert import_only({"NUMBA_ATTN_CACHE": value, "NUMBA_CACHE_DIR": str(tmp_path)}) == (
+        "False", "None", "NUMBA_ATTN_CACHE=0")
+
+
+@pytest.mark.parametrize("value", [None, "1", "yes"])
+def test_caching_is_on_by_default(value, tmp_path):
+    env = {"NUMBA_CACHE_DIR": str(tmp_path / "cache")}
+    if value is not None:
+        env["NUMBA_ATTN_CACHE"] = value
+    assert import_only(env, unset=("NUMBA_ATTN_CACHE",)) == ("True", str(tmp_path / "cache"), "None")
+
+
+# ----------------------------------------------------------------------------------------------
+# _writable_dir / _cache_location, in-process with monkeypatched paths
+# ----------------------------------------------------------------------------------------------
+
+def test_writable_dir(tmp_path):
+    assert config._writable_dir(str(tmp_path))
+    new = tmp_path / "a" / "b"
+    assert config._writable_dir(str(new)) and new.is_dir()          # created
+    assert os.listdir(new) == []                                     # the probe file is gone
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert not config._writable_dir(str(blocker))                    # a file, not a directory
+    assert not config._writable_dir(str(blocker / "sub"))            # under a file
+    if permissions_are_enforced(tmp_path):
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o555)
+        try:
+            assert not config._writable_dir(str(ro))
+            assert not config._writable_dir(str(ro / "sub"))
+        finally:
+            ro.chmod(0o755)
+
+
+@pytest.fixture
+def fake_layout(tmp_path, monkeypatch):
+    """config's view of the world moved under tmp_path: its package dir, HOME, no NUMBA_CACHE_DIR."""
+    pkg = tmp_path / "pkg" / "numba_attn"
+    pkg.mkdir(parents=True)
+    monkeypatch.setattr(config, "__file__", str(pkg / "config.py"))
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    return tmp_path, pkg, home
+
+
+def test_cache_location_in_tree(fake_layout):
+    _, pkg, _ = fake_layout
+    assert config._cache_location() == str(pkg / "kernels" / "__pycache__")
+    assert (pkg / "kernels" / "__pycache__").is_dir()
+
+
+def test_cache_location_user_wide(fake_layout):
+    _, pkg, home = fake_layout
+    (pkg / "kernels").write_text("a file: the in-tree cache cannot be created")
+    assert config._cache_location() == str(home / ".cache" / "numba")
+    assert (home / ".cache" / "numba").is_dir()
+
+
+def test_cache_location_xdg(fake_layout, monkeypatch):
+    tmp, pkg, _ = fake_layout
+    (pkg / "kernels").write_text("x")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp / "xdg"))
+    assert config._cache_location() == str(tmp / "xdg" / "numba")
+
+
+def test_cache_location_none(fake_layout, monkeypatch):
+    tmp, pkg, _ = fake_layout
+    (pkg / "kernels").write_text("x")
+    blocker = tmp / "blocker"
+    blocker.write_text("x")
+    monkeypatch.setenv("HOME", str(blocker / "home"))
+    assert config._cache_location() is None
+
+
+def test_cache_location_numba_cache_dir(fake_layout, monkeypatch):
+    tmp, pkg, _ = fake_layout
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp / "mine"))
+    assert config._cache_location() == str(tmp / "mine")
+    assert not (pkg / "kernels").exists()                    # the in-tree location was not touched
+    blocker = tmp / "blocker"
+    blocker.write_text("x")
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(blocker / "cache"))
+    assert config._cache_location() is None                  # no fallback to the package dir
+
+
+def test_cache_location_read_only_dirs(fake_layout, monkeypatch):
+    """The chmod version (permission bits are honoured only for non-root users)."""
+    tmp, pkg, home = fake_layout
+    if not permissions_are_enforced(tmp):
+        (pkg / "kernels").write_text("x")
+        blocker = tmp / "blocker"
+        blocker.write_text("x")
+        monkeypatch.setenv("HOME", str(blocker))
+        assert config._cache_location() is None
+        return
+    (pkg / "kernels" / "__pycache__").mkdir(parents=True)
+    for d in (pkg / "kernels" / "__pycache__", pkg / "kernels", pkg, home):
+        d.chmod(0o555)
+    try:
+        assert config._cache_location() is None
+    finally:
+        for d in (pkg / "kernels" / "__pycache__", pkg / "kernels", pkg, home):
+            d.chmod(0o755)
+
+
+def test_module_state_is_consistent():
+    assert config.CACHE == (config.CACHE_DIR is not None)
+    assert (config.CACHE_UNAVAILABLE is None) == config.CACHE
+    assert isinstance(config.FASTMATH, set) and "nnan" not in config.FASTMATH and "ninf" not in config.FASTMATH
+    for name in ("PREFILL_BLOCK_Q", "PREFILL_BLOCK_K", "SERIAL_BELOW_FLOPS", "DECODE_MAX_QUERY_ROWS", "DECODE_MIN_KEYS",
+                 "DECODE_MAX_ROWS", "DECODE_BLOCK_K", "DECODE_ITEMS_PER_THREAD", "DECODE_MIN_SPLIT"):
+        value = getattr(config, name)
+        assert isinstance(value, int) and value > 0, name

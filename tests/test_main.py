@@ -1,0 +1,227 @@
+"""``python -m numba_attn info | check | warmup | bench``."""
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numba
+import pytest
+
+import numba_attn
+from numba_attn import __main__ as cli
+from numba_attn import bench
+
+try:
+    import matplotlib
+except ImportError:  # matplotlib is optional (the plot extra): the --plot test is only collected with it
+    matplotlib = None
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PRECISIONS = ("float32", "float64", "float16", "int8")
+
+
+def run_module(*args, timeout=600):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return subprocess.run([sys.executable, "-m", "numba_attn", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=ROOT)
+
+
+def test_info():
+    proc = run_module("info")
+    assert proc.returncode == 0, proc.stderr
+    rows = {}
+    for line in proc.stdout.splitlines():
+        key, _, value = line.partition("  ")
+        rows[key.strip()] = value.strip()
+    assert rows["numba_attn"] == numba_attn.__version__
+    assert rows["threading layer"] in ("workqueue", "omp", "tbb"), proc.stdout
+    assert rows["numba"] == numba.__version__
+    assert int(rows["NUMBA_NUM_THREADS"]) >= 1
+    assert "compile cache" in rows and "CPU name (JIT target)" in rows
+
+
+def test_info_reports_the_requested_threading_layer():
+    env_layer = dict(os.environ, NUMBA_THREADING_LAYER="workqueue")
+    proc = subprocess.run([sys.executable, "-m", "numba_attn", "info"], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT,
+                          env=dict(env_layer, PYTHONPATH=ROOT + os.pathsep + env_layer.get("PYTHONPATH", "")))
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"^threading layer\s+workqueue$", proc.stdout, re.M), proc.stdout
+    assert "warning: threading layer is 'workqueue'" in proc.stdout
+
+
+def test_check_quick():
+    proc = run_module("check", "--quick")
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0].split()[:2] == ["case", "precision"]
+    table = [line for line in lines[2:] if line.strip() and not line.startswith(tuple("0123456789"))]
+    for precision in PRECISIONS:
+        rows = [line for line in table if re.search(rf"\s{precision}\s", line)]
+        assert len(rows) == len(cli.QUICK_CASES), (precision, rows)
+        assert all(line.rstrip().endswith("ok") for line in rows), rows
+    n = len(PRECISIONS) * len(cli.QUICK_CASES)
+    assert f"{n}/{n} cases within tolerance" in proc.stdout
+
+
+@pytest.mark.parametrize("command", ["info", "check", "warmup", "bench"])
+def test_subcommand_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert f"python -m numba_attn {command}" in out
+
+
+def test_help_lists_the_commands(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("info", "check", "warmup", "bench"):
+        assert command in out
+
+
+def test_bad_command_line(capsys):
+    for argv in ([], ["frobnicate"], ["check", "--slow"], ["bench", "--threads", "many"]):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(argv)
+        assert exit_info.value.code == 2
+    capsys.readouterr()
+
+
+def test_warmup_is_wired(monkeypatch):
+    called = []
+    monkeypatch.setattr(cli, "run_warmup", lambda out=None: called.append(True) or 0)
+    assert cli.main(["warmup"]) == 0 and called == [True]
+
+
+def test_bench_refuses_more_threads_than_the_pool(capsys):
+    assert cli.run_bench(threads=numba.config.NUMBA_NUM_THREADS + 1, out=io.StringIO()) == 2
+    assert "NUMBA_NUM_THREADS" in capsys.readouterr().err
+
+
+def test_plot_without_matplotlib(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    path = tmp_path / "plot.png"
+    assert cli._plot([], {}, str(path), io.StringIO()) == 2
+    assert "matplotlib" in capsys.readouterr().err
+    assert not path.exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# bench, for real, on a few tiny cases
+# ----------------------------------------------------------------------------------------------
+
+TINY_CASES = [
+    bench.Case("prefill sweep", 1, 8, 64, 64, 64),
+    bench.Case("prefill sweep", 1, 8, 96, 96, 64),
+    bench.Case("decode", 1, 8, 1, 512, 64),
+    bench.Case("decode, float16 cache", 1, 8, 1, 512, 64, dtype="float16"),
+    bench.Case("decode, int8 cache", 1, 8, 1, 512, 64, dtype="int8"),
+    bench.Case("decode GQA 8/2", 1, 8, 1, 512, 64, H_kv=2),
+]
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    """run_bench once (quick) with the tiny cases, a small bandwidth array, --json and (with
+    matplotlib) --plot; returns (rc, printed table, json path, png path)."""
+    tmp = tmp_path_factory.mktemp("bench")
+    json_path = tmp / "bench.json"
+    png_path = tmp / "bench.png" if matplotlib is not None else None
+    real_bandwidth = bench.read_bandwidth
+    old_threads = numba.get_num_threads()
+    out = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bench, "default_cases", lambda *args, **kwargs: list(TINY_CASES))
+        mp.setattr(bench, "read_bandwidth", lambda threads, nbytes=0: real_bandwidth(threads, nbytes=8 << 20))
+        try:
+            rc = cli.run_bench(quick=True, json_path=str(json_path),
+                               plot_path=None if png_path is None else str(png_path), out=out)
+        finally:
+            numba.set_num_threads(old_threads)
+    return rc, out.getvalue(), json_path, png_path
+
+
+def test_bench_table(bench_run):
+    rc, text, _, _ = bench_run
+    assert rc == 0, text
+    lines = text.strip().splitlines()
+    header = lines[0]
+    for column in ("case", "shape", "numba_attn ms", "throughput", "torch ms (ours ×)", "onnxruntime ms (ours ×)",
+                   "numpy ms (ours ×)", "ours × torch fp32"):
+        assert column in header, header
+    assert set(lines[1].replace(" ", "")) == {"-"}
+    rows = lines[2:2 + len(TINY_CASES)]
+    for case, row in zip(TINY_CASES, rows):
+        assert row.startswith(case.name) and case.shape in row, row
+        assert re.search(r"\d+\.\d+ (GB/s|GFLOP/s)", row), row
+    ratio = re.compile(r"\d+\.\d\d \(\d+\.\d\d×\)")
+    # numpy runs the float32 cases; its column holds "ms (ratio×)"
+    assert ratio.search(rows[0]) and ratio.search(rows[2]), rows
+    decode_rows = rows[2:]
+    assert all("% bw)" in row for row in decode_rows), decode_rows
+    assert "memory read bandwidth, measured in this run" in text
+    assert re.search(r"import numba_attn \d+\.\d+ s; first prefill \+ decode call in a new process: cold compile "
+                     r"\d+\.\d s, from the on-disk cache \d+\.\d+ s", text), text
+    assert "- numpy skipped on some cases: float32 only" in text
+    if _importable("torch"):
+        assert "- torch skipped on some cases: no int8 attention" in text
+        # float16 / int8 rows are compared with torch's float32 run on the same tokens
+        assert re.search(r"\d+\.\d\d×\s*$", rows[3]) and re.search(r"\d+\.\d\d×\s*$", rows[4]), rows
+    if _importable("onnxruntime") and _importable("onnx"):
+        assert "- onnxruntime skipped on some cases: the MultiHeadAttention contrib op has no grouped-query form" in text
+
+
+def _importable(name):
+    try:
+        __import__(name)
+    except ImportError:
+        return False
+    return True
+
+
+def test_bench_json(bench_run):
+    rc, text, json_path, _ = bench_run
+    assert rc == 0
+    assert f"wrote {json_path}" in text
+    data = json.loads(json_path.read_text())
+    assert data["threads"] == numba.config.NUMBA_NUM_THREADS
+    for key in ("bandwidth_GBps", "import_s", "cold_first_call_s", "cached_first_call_s"):
+        assert isinstance(data[key], float) and data[key] > 0, key
+    records = data["results"]
+    assert [r["case"] for r in records] == [c.name for c in TINY_CASES]
+    for case, record in zip(TINY_CASES, records):
+        assert (record["B"], record["H"], record["L"], record["S"], record["D"], record["dtype"]) == (
+            case.B, case.H, case.L, case.S, case.D, case.dtype)
+        assert record["numba_attn_s"] > 0 and record["throughput"] > 0
+        assert record["unit"] == ("GB/s" if case.L <= 8 else "GFLOP/s")
+        for impl in ("torch", "onnxruntime", "numpy"):
+            value = record[f"{impl}_s"]
+            assert value is None or value > 0
+            assert (value is None) == (f"{impl}_skipped" in record)
+    assert records[0]["numpy_s"] > 0 and records[4]["numpy_s"] is None
+
+
+if matplotlib is not None:
+
+    def test_bench_plot(bench_run):
+        rc, text, _, png_path = bench_run
+        assert rc == 0
+        assert f"wrote {png_path}" in text
+        data = png_path.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+
+
+def test_bench_arguments_are_wired(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cli, "run_bench", lambda *args, **kwargs: calls.append((args, kwargs)) or 0)
+    assert cli.main(["bench", "--quick", "--threads", "1", "--json", "r.json", "--plot", "p.png", "--full"]) == 0
+    assert cli.main(["bench"]) == 0
+    bound = [dict(zip(("quick", "threads", "json_path", "plot_path", "full"), a), **k) for a, k in calls]
+    assert bound[0] == dict(quick=True, threads=1, json_path="r.json", plot_path="p.png", full=True)
+    assert bound[1] == dict(quick=False, threads=None, json_path=None, plot_path=None, full=False)
