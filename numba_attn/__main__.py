@@ -61,7 +61,7 @@ def _inputs(rng, spec, precision):
     return ours, tuple(x.astype(np.float64) for x in ours), None
 
 
-QUICK_CASES = ("prefill causal lower_right", "prefill bool mask", "decode GQA 4 tokens causal", "odd sizes, 2-D")
+QUICK_CASES = ("prefill causal lower_right", "decode GQA 4 tokens causal", "odd sizes, 2-D")
 
 
 def run_check(quick=False, out=None):
