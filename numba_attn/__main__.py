@@ -220,6 +220,7 @@ def run_bench(quick=False, threads=None, json_path=None, plot_path=None, full=Fa
 
     from . import bench
 
+    bench.preload_baselines()          # before numba's pool starts: see preload_baselines
     threads = threads or numba.config.NUMBA_NUM_THREADS
     if threads > numba.config.NUMBA_NUM_THREADS:
         print(f"--threads {threads} is more than numba's pool ({numba.config.NUMBA_NUM_THREADS}); "

@@ -285,8 +285,23 @@ def first_call_seconds(cache_dir=None):
     return t_import, t_first
 
 
+def preload_baselines():
+    """Import torch and onnxruntime (when installed) before numba starts its thread pool.
+
+    Measured here: torch imported *after* numba's OpenMP pool has run a kernel gets its own OpenMP
+    runtime beside numba's and its SDPA runs 2-5× slower (80 ms instead of 15 ms at L = S = 1024).
+    Importing it first avoids that; a benchmark that did not would flatter numba_attn.
+    """
+    for name in ("torch", "onnxruntime"):
+        try:
+            __import__(name)
+        except ImportError:
+            pass
+
+
 def run_cases(cases, threads, implementations=None, progress=None, budget=1.0):
     """{(case, implementation name): seconds or the reason it was skipped}."""
+    preload_baselines()
     implementations = IMPLEMENTATIONS if implementations is None else implementations
     results = {}
     for case in cases:

@@ -41,8 +41,9 @@ class SpeedupOverTorchFloat32:
     unit = "× torch float32"
 
     def setup(self, shape, dtype, threads):
-        self.ours = prepare("numba_attn", _with_dtype(SHAPES[shape], dtype), threads)
+        # torch first: imported after numba's OpenMP pool has run, it slows down 2-5× (bench.preload_baselines)
         self.torch32 = prepare("torch", _with_dtype(SHAPES[shape], "float32"), threads)
+        self.ours = prepare("numba_attn", _with_dtype(SHAPES[shape], dtype), threads)
 
     def track_speedup(self, *params):
         return measure(self.torch32) / measure(self.ours)
