@@ -63,7 +63,7 @@ fi
 log "running on $(run_in /opt/venv/bin/python -c 'import platform; print(platform.machine())')"
 run_in /opt/venv/bin/python -c "import platform, numba, numpy; print('platform.machine():', platform.machine(), '| numba', numba.__version__, '| numpy', numpy.__version__)"
 if [ "${AARCH64_TESTS:-subset}" = full ]; then
-    # tests that need torch, transformers or the model packages are not collected without them
+    # pytest and hypothesis only: tests of the examples need the test extra and fail without it
     run_in /usr/bin/env HOME=/root /bin/sh -c "cd /opt/src && /opt/venv/bin/python -m pytest -q -x"
 else
     run_in /usr/bin/env HOME=/root /bin/sh -c "cd /tmp && /opt/venv/bin/python -m numba_attn info && /opt/venv/bin/python -m numba_attn check --quick && /opt/venv/bin/python /opt/src/scripts/threads_smoke.py"
