@@ -68,10 +68,11 @@ def _run(plan):
     return out, lse
 
 
-def _to_out_dtype(out, dtype):
+def _to_out_dtype(out, dtype, value_is_half):
     if out.dtype == dtype:
         return out
-    if dtype == np.float16 and out.size and np.abs(out).max() > FLOAT16_MAX:
+    # a float16 value bounds the result (each output row is a weighted average of value rows)
+    if dtype == np.float16 and not value_is_half and out.size and np.abs(out).max() > FLOAT16_MAX:
         raise ValueError("the result exceeds float16's range (65504); ask for out_dtype=np.float32")
     return out.astype(dtype)
 
@@ -143,7 +144,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     plan = prepare_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                              check_finite, window, alibi_slopes, softcap, out_dtype)
     out, lse = _run(plan)
-    out = _to_out_dtype(out, plan.out_dtype).reshape(plan.batch_shape + (plan.L, plan.Ev))
+    out = _to_out_dtype(out, plan.out_dtype, plan.value.dtype == np.uint16)
+    out = out.reshape(plan.batch_shape + (plan.L, plan.Ev))
     if return_lse:
         return out, lse.reshape(plan.batch_shape + (plan.L,))
     return out

@@ -48,3 +48,30 @@ def _load_overload(x):
     if isinstance(x, types.Float):
         return lambda x: x
     return None
+
+
+def rows_for_compute(x, j0, n, scratch):  # pragma: no cover - numba overload below
+    raise TypeError("rows_for_compute is a numba kernel helper: call it from @njit code")
+
+
+@overload(rows_for_compute)
+def _rows_for_compute_overload(x, j0, n, scratch):
+    """(rows, offset) such that rows[offset + j] is row j0 + j of x in the compute dtype.
+
+    Float storage: x itself (no copy). float16 bits: rows j0 … j0+n-1 converted into ``scratch``
+    once (a vectorised conversion), so inner loops that reuse each row many times read float32
+    instead of converting every scalar they broadcast.
+    """
+    if isinstance(x, types.Array) and x.dtype == types.uint16:
+        def impl_half(x, j0, n, scratch):
+            for j in range(n):
+                src = x[j0 + j]
+                dst = scratch[j]
+                for d in range(src.shape[0]):
+                    dst[d] = _half_bits_to_float32(src[d])
+            return scratch, 0
+        return impl_half
+
+    def impl_float(x, j0, n, scratch):
+        return x, j0
+    return impl_float

@@ -29,8 +29,9 @@ rows of the block (BLOCK_Q contiguous lanes) with no horizontal reductions:
 - softmax: running max, exp (``fast_exp``, vectorised) and sums elementwise along r;
 - P·V: 4 value columns × 4 keys per step into 4 accumulator rows along r.
 
-Storage: float32, float64, or float16 as uint16 bits (converted on load, see ``_load``); the
-arithmetic runs in ``out.dtype`` (float32 for float16 storage).
+Storage: float32, float64, or float16 as uint16 bits; the arithmetic runs in ``out.dtype`` (float32
+for float16 storage). Each float16 key/value block is converted once into a BLOCK_K × D scratch
+(``_load.rows_for_compute``) before the micro-kernels, which reuse every row BLOCK_Q times.
 """
 import math
 
@@ -39,7 +40,7 @@ from numba import njit, prange
 
 from .. import config
 from . import variant
-from ._load import load
+from ._load import load, rows_for_compute
 from ._math import fast_exp
 from ._scores import MASK_ADD, MASK_BOOL, adjust_score, visible_key_range
 
@@ -225,12 +226,15 @@ def _prefill_body(q, k, v, q_idx, k_idx, v_idx, kv_len, mask, m_idx, mask_kind, 
         alpha = np.empty(nr, dt)
         m_blk = np.empty(nr, dt)
         st = np.empty((block_k, nr), dt)       # scores, then probabilities, keys × rows
+        k_conv = np.empty((block_k, E), dt)    # float16 key/value blocks, converted (unused for floats)
+        v_conv = np.empty((block_k, Ev), dt)
         kv_begin, kv_end = visible_key_range(i0, i1, S, is_causal, pos_offset, window)
         has_alibi = slopes.shape[0] > 0
         slope = slopes[n] if has_alibi else dt.type(0)
         for j0 in range(kv_begin, kv_end, block_k):
             nk = min(block_k, kv_end - j0)
-            scores_block(qt, kn, j0, nk, st, nr)
+            k_rows, k_off = rows_for_compute(kn, j0, nk, k_conv)
+            scores_block(qt, k_rows, k_off, nk, st, nr)
             if has_alibi or softcap > 0 or window > 0:
                 for j in range(nk):
                     row = st[j]
@@ -261,7 +265,8 @@ def _prefill_body(q, k, v, q_idx, k_idx, v_idx, kv_len, mask, m_idx, mask_kind, 
                 orow = acct[e]
                 for r in range(nr):
                     orow[r] *= alpha[r]
-            accumulate_values(st, vn, j0, nk, acct, nr)
+            v_rows, v_off = rows_for_compute(vn, j0, nk, v_conv)
+            accumulate_values(st, v_rows, v_off, nk, acct, nr)
         on = out[n]
         for r in range(nr):
             if l[r] > 0:
