@@ -296,7 +296,7 @@ def preload_baselines():
         try:
             __import__(name)
         except ImportError:
-            pass
+            continue          # not installed: nothing to protect
 
 
 def run_cases(cases, threads, implementations=None, progress=None, budget=1.0):

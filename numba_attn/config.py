@@ -13,7 +13,7 @@ compiles its kernels once. ``CACHE_UNAVAILABLE`` says why.
 import os
 import tempfile
 
-#: LLVM fast-math flags for every kernel. Not ``fastmath=True``: that adds ``nnan``/``ninf``, which
+#: LLVM fast-math flags for every kernel. Not numba's full set (``fastmath`` switched on wholesale): that adds ``nnan``/``ninf``, which
 #: lets LLVM assume no -inf, and then masked scores (-inf) turn into NaN. This subset keeps inf/NaN
 #: semantics but still lets reductions vectorise (``reassoc``) and FMAs fuse (``contract``).
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
@@ -22,8 +22,7 @@ FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 def _writable_dir(path):
     try:
         os.makedirs(path, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
+        tempfile.TemporaryFile(dir=path).close()
         return True
     except OSError:
         return False
