@@ -13,9 +13,10 @@ compiles its kernels once. ``CACHE_UNAVAILABLE`` says why.
 import os
 import tempfile
 
-#: LLVM fast-math flags for every kernel. Not numba's full set (``fastmath`` switched on wholesale): that adds ``nnan``/``ninf``, which
-#: lets LLVM assume no -inf, and then masked scores (-inf) turn into NaN. This subset keeps inf/NaN
-#: semantics but still lets reductions vectorise (``reassoc``) and FMAs fuse (``contract``).
+#: LLVM fast-math flags for every kernel. Not numba's full set (fastmath switched on wholesale):
+#: that adds ``nnan``/``ninf``, which lets LLVM assume no -inf, and then masked scores (-inf) turn
+#: into NaN. This subset keeps inf/NaN semantics but still lets reductions vectorise (``reassoc``)
+#: and FMAs fuse (``contract``).
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
 
