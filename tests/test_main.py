@@ -225,3 +225,34 @@ def test_bench_arguments_are_wired(monkeypatch):
     bound = [dict(zip(("quick", "threads", "json_path", "plot_path", "full"), a), **k) for a, k in calls]
     assert bound[0] == dict(quick=True, threads=1, json_path="r.json", plot_path="p.png", full=True)
     assert bound[1] == dict(quick=False, threads=None, json_path=None, plot_path=None, full=False)
+
+
+_WITHOUT_TORCH = r'''
+import io, sys
+sys.modules["torch"] = None          # import torch -> ImportError, as on a machine without it
+sys.modules["onnxruntime"] = None
+from numba_attn import bench
+from numba_attn import __main__ as cli
+cases = [bench.Case("prefill", 1, 2, 64, 64, 32), bench.Case("decode", 1, 2, 1, 300, 32)]
+bench.default_cases = lambda *args, **kwargs: list(cases)
+real = bench.read_bandwidth
+bench.read_bandwidth = lambda threads, nbytes=0: real(threads, nbytes=4 << 20)
+out = io.StringIO()
+rc = cli.run_bench(quick=True, out=out)
+print(out.getvalue())
+sys.exit(rc)
+'''
+
+
+def test_bench_without_torch_or_onnxruntime():
+    """The README's main job also works where no baseline but numpy is installed: their columns show '-'
+    and the reason is printed."""
+    proc = subprocess.run([sys.executable, "-c", _WITHOUT_TORCH], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = proc.stdout
+    assert "- torch skipped on some cases: torch is not installed" in text, text
+    assert "- onnxruntime skipped on some cases: onnxruntime and onnx are not installed" in text, text
+    rows = [line for line in text.splitlines() if line.startswith(("prefill", "decode"))]
+    assert len(rows) == 2, text
+    for row in rows:
+        assert "×" in row               # the numpy ratio is still there
