@@ -21,6 +21,10 @@ log() { printf '[aarch64 %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 
 need=()
 for tool in proot qemu-aarch64-static debootstrap; do command -v "$tool" >/dev/null || need+=("$tool"); done
+if [ ${#need[@]} -gt 0 ] && [ "$(id -u)" != 0 ]; then
+    log "SKIPPED: ${need[*]} missing and installing them needs root (apt-get); nothing was emulated"
+    exit 0
+fi
 if [ ${#need[@]} -gt 0 ]; then
     log "installing qemu-user-static debootstrap proot (apt-get)"
     apt-get update -qq
