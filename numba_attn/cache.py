@@ -146,14 +146,15 @@ class KVCache:
         new_k, new_v = self._encode(key, "key"), self._encode(value, "value")
         return _concat_tokens(old_k, new_k), _concat_tokens(old_v, new_v)
 
-    def positions(self):
-        """Absolute position of the token in each valid slot, shape (n_valid,)."""
-        n = self.n_valid
-        if not self.wrapped:
+    def positions(self, appended=0):
+        """Absolute position of the token in each valid slot, shape (n_valid,): now, or once
+        ``appended`` more tokens have been appended (what a caller needs before it appends)."""
+        length = self._length + appended
+        n = min(length, self.slots)
+        if length <= self.slots:
             return np.arange(n)
-        slots = np.arange(n)
-        start = self._length - self.slots       # position held by slot start % slots
-        return start + (slots - start) % self.slots
+        start = length - self.slots             # position held by slot start % slots
+        return start + (np.arange(n) - start) % self.slots
 
     def _encode(self, x, name):
         """x in the storage format: an array of the cache dtype, or a QuantizedTensor for int8."""

@@ -257,14 +257,11 @@ class MultiHeadAttention:
         check_softcap(kw["softcap"])
         check_slopes(kw["alibi_slopes"], self.num_heads)
         direct = window is None or (L == 1 and kw["alibi_slopes"] is None)
-        after = cache.length + L
         if direct:
             # every cached token (after appending) is visible to the new ones: attend in storage order
-            n_valid = min(after, cache.slots)
-            positions = np.arange(n_valid) if after <= cache.slots else after - cache.slots + (
-                (np.arange(n_valid) - (after - cache.slots)) % cache.slots)
+            positions = cache.positions(appended=L)
         else:
-            positions = np.arange(cache.length - cache.n_valid, after)
+            positions = np.arange(cache.length - cache.n_valid, cache.length + L)
         mask = self._combined_mask(key_padding_mask, attn_mask, B, L, positions.size, positions)
         if direct:
             cache.append(k, v, check_finite=False)
