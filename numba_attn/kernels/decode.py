@@ -84,13 +84,13 @@ def _decode_body(q, k, k_scales, k_block, v, v_scales, v_block, q_idx, k_idx, v_
         ksn = k_scales[k_idx[n0] if k_block > 0 else 0]
         vsn = v_scales[v_idx[n0] if v_block > 0 else 0]
         qs = np.empty((nr, E), dt)
-        q8 = np.zeros((nr, E), np.int8)                 # int8 copy of the query rows, for int8 keys
+        q8 = np.zeros((nr, E), np.int8)                 # int8 copy of the query rows, for per-row int8 keys
         q8_scales = np.zeros((nr, max(nbk, 1)), np.float32)
         for r in range(nr):
             qrow = q[q_idx[groups[g, (r0 + r) // L]], (r0 + r) % L]
             for d in range(E):
                 qs[r, d] = load(qrow[d]) * scale
-            if k_block > 0:
+            if k_block > 0 and nbk == 1:    # only per-row int8 keys score against an int8 query
                 quantize_row_into(qs[r], k_block, q8[r], q8_scales[r])
         acc = part_acc[g, sp, r0:r0 + nr]
         m = part_m[g, sp, r0:r0 + nr]
