@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .kernels.finite import max_abs
+
 _FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 FLOAT16_MAX = 65504.0
 CAUSAL_ALIGNMENTS = ("upper_left", "lower_right")
@@ -48,6 +50,8 @@ class Plan:
     S: int
     E: int
     Ev: int
+    check_finite: bool = False   # scan/check key and value for NaN and inf (the query is checked already)
+    query_max_abs: float = np.inf   # max |query| (from that check; inf when unchecked)
 
     @property
     def quantized(self):
@@ -108,10 +112,17 @@ def check_out_dtype(out_dtype):
     return dt
 
 
-def check_finite_array(x, name):
-    if not np.isfinite(x).all():
-        bad = "NaN" if np.isnan(x).any() else "inf"
+def check_finite_array(x, name, rows=None):
+    """Raise ``ValueError`` naming ``name`` if x (float16/32/64; uint16 = float16 bits) holds NaN or
+    inf; else return max |x| (one scan gives both, see ``kernels.finite``).
+
+    ``rows``: for a (N, slots, C) kernel operand, scan only x[:, :rows] (a KV cache's valid tokens).
+    """
+    top = max_abs(x, rows)
+    if not np.isfinite(top):
+        bad = "NaN" if np.isnan(top) else "inf"
         raise ValueError(f"{name} contains {bad}; pass finite values (or check_finite=False to skip this scan)")
+    return top
 
 
 def check_scale(scale, E):
@@ -264,10 +275,9 @@ def prepare_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
         raise ValueError(f"batch dims of query {bq}, key {bk} and value {bv} do not broadcast{hint}") from None
 
     if check_finite:
-        check_finite_array(query, "query")
-        for name, x in (("key", key), ("value", value)):
-            if x.dtype.kind == "f":              # int8 tensors are finite by construction
-                check_finite_array(x, name)
+        # key and value are scanned by ``api`` (prefill) or checked by the decode kernel itself,
+        # which reads a long KV cache once instead of twice; int8 tensors are finite by construction
+        query_max_abs = check_finite_array(query, "query")
 
     q_idx = _batch_index(bq, batch, "query")
     if group > 1:
@@ -294,6 +304,7 @@ def prepare_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
         pos_offset=0 if alignment == "upper_left" else S - L,
         window=window, slopes=slopes, softcap=softcap,
         scale=scale, dtype=dtype, out_dtype=result_dtype, batch_shape=tuple(batch), L=L, S=S, E=E, Ev=Ev,
+        check_finite=bool(check_finite), query_max_abs=query_max_abs if check_finite else np.inf,
     )
 
 

@@ -9,10 +9,12 @@ import numpy as np
 
 from . import config
 from ._threads import launch
-from ._validate import FLOAT16_MAX, prepare_attention
+from ._validate import FLOAT16_MAX, check_finite_array, prepare_attention
 from .kernels import decode, prefill
+from .kernels.finite import all_finite
 
 __all__ = ["scaled_dot_product_attention", "attention_weights"]
+
 
 def _kv_groups(plan):
     """(G, g) output batch entries that read the same key and value entry, or None if uneven."""
@@ -41,31 +43,55 @@ def _run(plan):
     lse = np.empty((N, L), plan.dtype)
     if N == 0 or L == 0:
         return out, lse
+    decode_path = _use_decode(plan)
+    check_scores = plan.check_finite
+    if plan.check_finite and not decode_path:
+        # prefill reads K and V once per block of query rows: one scan up front is cheap beside it,
+        # and max |q|·max |k|·E·scale bounds every score: the kernel checks its scores for overflow
+        # only when that bound reaches the largest float
+        key_max_abs = check_finite_array(plan.key, "key", plan.S)
+        check_finite_array(plan.value, "value", plan.S)
+        bound = plan.query_max_abs * key_max_abs * plan.E * plan.scale
+        check_scores = not bound < float(np.finfo(plan.dtype).max)
     dt = plan.dtype.type
     common = (plan.S, plan.mask, plan.m_idx, plan.mask_kind, plan.mask_row_step, plan.mask_col_step, plan.is_causal, plan.pos_offset, plan.window,
               plan.slopes, dt(plan.softcap), dt(plan.scale))
     work = N * L * plan.S * (plan.E + Ev)
     serial = work < config.SERIAL_BELOW_FLOPS
-    if _use_decode(plan):
+    if decode_path:
         groups = _kv_groups(plan)
         if groups is None:
             groups = np.arange(N, dtype=np.int64).reshape(N, 1)
         rows = groups.shape[1] * L
         n_chunks = -(-rows // config.DECODE_MAX_ROWS)
         n_split = 1 if serial else decode_splits(groups.shape[0] * n_chunks, plan.S)
+        check = np.empty(groups.shape[0] * n_chunks * n_split, np.int64)
         args = (plan.query, plan.key, plan.k_scales, plan.k_block, plan.value, plan.v_scales, plan.v_block,
                 plan.q_idx, plan.k_idx, plan.v_idx, groups) + common + (
-                config.DECODE_MAX_ROWS, n_split, config.DECODE_BLOCK_K, out, lse)
+                config.DECODE_MAX_ROWS, n_split, config.DECODE_BLOCK_K, out, lse, check)
         kernel = decode.decode_serial if serial else decode.decode_parallel
     else:
+        check = np.empty(N * -(-L // config.PREFILL_BLOCK_Q), np.int64)
         args = (plan.query, plan.key, plan.value, plan.q_idx, plan.k_idx, plan.v_idx) + common + (
-            config.PREFILL_BLOCK_Q, config.PREFILL_BLOCK_K, out, lse)
+            config.PREFILL_BLOCK_Q, config.PREFILL_BLOCK_K, check_scores, out, lse, check)
         kernel = prefill.prefill_serial if serial else prefill.prefill_parallel
     if serial:
         kernel(*args)
     else:
         launch(kernel, *args)
+    if plan.check_finite and (check.any() or not all_finite(out)):
+        _raise_nonfinite(plan)
     return out, lse
+
+
+
+def _raise_nonfinite(plan):
+    """The kernel saw a NaN/inf score or produced a non-finite result: name the culprit."""
+    for name, x, rows in (("key", plan.key, plan.S), ("value", plan.value, plan.S)):
+        if x.dtype != np.int8:
+            check_finite_array(x, name, rows)
+    raise ValueError("the attention scores overflowed: |scale·query·key| exceeds the largest "
+                     f"{plan.dtype.name} ({np.finfo(plan.dtype).max:.3g}); scale query or key down")
 
 
 def _to_out_dtype(out, dtype, value_is_half):

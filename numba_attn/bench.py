@@ -138,7 +138,7 @@ class NumbaAttn:
         gqa = case.kv_heads != case.H
 
         def run():
-            return scaled_dot_product_attention(q, k, v, is_causal=case.causal, enable_gqa=gqa, check_finite=False)
+            return scaled_dot_product_attention(q, k, v, is_causal=case.causal, enable_gqa=gqa)
         return run
 
 

@@ -375,3 +375,73 @@ def test_argument_types_do_not_depend_on_layout(monkeypatch):
         problems += [f"{name}: {names[i]} is {b}, with {first_name} {a}"
                      for i, (a, b) in enumerate(zip(first, seen[0])) if a != b]
     assert not problems, "argument types of the decode kernel differ:\n" + "\n".join(problems)
+
+
+# ----------------------------------------------------------------------------------------------
+# non-finite input: checked in the kernel (raw scores) and on the result, not by a second pass
+# over the cache
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["float32", "float64", "float16"])
+@pytest.mark.parametrize("name", ["key", "value"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("serial", [False, True])
+def test_non_finite_key_or_value_is_refused(monkeypatch, kind, name, bad, serial):
+    """A NaN/inf anywhere in the keys or values the kernel reads raises ValueError naming the
+    operand, whatever the key's weight (a masked key's value still counts: 0·inf is NaN), and
+    the inputs are left as they were."""
+    rng = np.random.default_rng(7)
+    q, k, v = make_inputs(rng, kind, (1, 4, 1, 32), (1, 4, 600, 32), 32)
+    args = {"query": q, "key": k, "value": v}
+    x = args[name].copy()
+    x[0, 3, 517, 5] = bad
+    args[name] = x
+    mask = np.ones(600, bool)
+    mask[517] = False                             # the poisoned key is masked out: still refused
+    monkeypatch.setattr(config, "SERIAL_BELOW_FLOPS", 10 ** 12 if serial else 0)
+    spy = KernelSpy(monkeypatch)
+    before = copies(*args.values())
+    for attn_mask in (None, mask):
+        with pytest.raises(ValueError, match=rf"{name} contains {'NaN' if np.isnan(bad) else 'inf'}"):
+            scaled_dot_product_attention(**args, attn_mask=attn_mask)
+    assert spy.ran() == {("decode_serial" if serial else "decode_parallel"): 2}
+    assert_unchanged(list(args.values()), before)
+    out = scaled_dot_product_attention(**args, check_finite=False)      # no scan, no check: no error
+    assert out.shape == (1, 4, 1, 32)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_non_finite_query_is_refused_before_the_kernel(no_kernel, kind):
+    rng = np.random.default_rng(8)
+    q, k, v = make_inputs(rng, kind, (1, 2, 1, 32), (1, 2, 512, 32), 32)
+    q = q.copy()
+    q[0, 1, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="query contains NaN"):
+        scaled_dot_product_attention(q, k, v)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.int8])
+def test_free_cache_slots_are_not_checked(dtype):
+    """A KV cache's slots past its valid tokens may hold anything: they are never read."""
+    from numba_attn import KVCache
+    rng = np.random.default_rng(9)
+    cache = KVCache(1, 2, 32, capacity=1024, dtype=dtype)
+    cache.append(randn(rng, (1, 2, 300, 32), np.float32), randn(rng, (1, 2, 300, 32), np.float32))
+    if dtype != np.int8:
+        cache._keys[:, :, 300:] = np.nan          # garbage in the free slots
+        cache._values[:, :, 300:] = np.inf
+    q = randn(rng, (1, 2, 1, 32), np.float32)
+    out = scaled_dot_product_attention(q, cache.keys, cache.values, is_causal="lower_right")
+    assert np.isfinite(out).all()
+
+
+@pytest.mark.parametrize("kind", ["float32", "float16", "int8"])
+def test_overflowing_scores_are_refused(kind):
+    """Finite but huge inputs whose scores exceed float32: an error, not a silent NaN."""
+    rng = np.random.default_rng(10)
+    k_pos = np.abs(randn(rng, (1, 2, 512, 32), np.float32)) + 1
+    k = quantize(k_pos) if kind == "int8" else k_pos.astype(kind)
+    v = randn(rng, (1, 2, 512, 32), np.float32)
+    q = np.full((1, 2, 1, 32), 1e38, np.float32)      # finite; q·k·scale ≈ 1e39 is not
+    with pytest.raises(ValueError, match="scores overflowed"):
+        scaled_dot_product_attention(q, k, v)

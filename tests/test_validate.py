@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import DTYPES, assert_unchanged, copies, randn
-from numba_attn import attention_weights, scaled_dot_product_attention
+from numba_attn import attention_weights, reference, scaled_dot_product_attention
 from numba_attn._validate import check_causal, check_scale, prepare_attention
 
 L, S, E, EV = 5, 7, 4, 3
@@ -300,3 +300,20 @@ def test_plan_gqa_head_mapping():
         np.testing.assert_array_equal(plan.key[plan.k_idx[n]][:S], k[b, h // 3])
         np.testing.assert_array_equal(plan.value[plan.v_idx[n]][:S], v[0, h // 3])
     assert plan.mask_kind == 0 and not plan.is_causal
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_overflowing_scores_are_refused_in_prefill(dtype):
+    """Finite inputs so large that scale·q·k exceeds float32: a ValueError, not zeros or NaN. Inputs
+    large but safe (the bound max|q|·max|k|·E·scale stays finite) compute normally."""
+    rng = np.random.default_rng(3)
+    k = (np.abs(rng.standard_normal((2, 16, 32))) + 1).astype(dtype)
+    v = rng.standard_normal((2, 16, 32)).astype(dtype)
+    q = np.full((2, 16, 32), 1e38, np.float32)
+    with pytest.raises(ValueError, match="scores overflowed"):
+        scaled_dot_product_attention(q, k, v)
+    q = np.full((2, 16, 32), 1e30, np.float32) * np.sign(rng.standard_normal((2, 16, 32))).astype(np.float32)
+    out = scaled_dot_product_attention(q, k, v)
+    ref = reference.scaled_dot_product_attention(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64))
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out, ref, atol=2e-3 if dtype == np.float16 else 1e-5)

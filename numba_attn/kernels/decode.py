@@ -21,6 +21,11 @@ reading.
 Scores are computed as dot products over E (vectorised along E), softmax and P·V are vectorised
 along the keys and the value columns. Key block: ``block_k`` keys (scores block R × block_k).
 
+Finite check without a second pass: instead of scanning K and V up front (a second read of a
+cache that does not fit in L3 would double the time of a memory-bound step), each work item counts
+its raw scores that are NaN or ±inf (a key or the query held NaN/inf, or a score overflowed) and
+the caller checks that count and the (small) result, whose every entry a non-finite value touches.
+
 Memory: partial results G·n_split·R·(Ev + 2) floats, plus per work item the R × block_k score block
 and R × Ev accumulator; independent of S.
 """
@@ -39,14 +44,16 @@ from ._scores import MASK_ADD, MASK_BOOL, adjust_score, visible_key_range
 
 def _decode_body(q, k, k_scales, k_block, v, v_scales, v_block, q_idx, k_idx, v_idx, groups, kv_len, mask, m_idx,
                  mask_kind, mask_li, mask_sj, is_causal, pos_offset, window, slopes, softcap, scale, row_chunk,
-                 n_split, block_k, out, lse):
+                 n_split, block_k, out, lse, check):
     """Attention for out[groups[g, t]] (all t share k[k_idx[...]], v[v_idx[...]]); see module doc.
 
     Same arguments as the prefill kernel, plus: ``groups`` (G, g), the output batch entries that
     read the same key/value entry; ``k_scales``/``v_scales`` (N, ≥S, blocks) and ``k_block``/
     ``v_block`` for int8 keys/values (ignored for float ones); ``row_chunk``: query rows per work
     item; ``n_split``: parts of the key range. Storage may be float32/float64, uint16 (float16
-    bits) or int8; the arithmetic runs in ``out.dtype``.
+    bits) or int8; the arithmetic runs in ``out.dtype``. ``check`` (G·n_chunks·n_split,) int64: per work
+    item, how many of its raw scores (before masks) are NaN or ±inf: a key or the query held NaN/inf,
+    or a score overflowed.
     """
     N, L, Ev = out.shape
     E = q.shape[2]
@@ -96,6 +103,8 @@ def _decode_body(q, k, k_scales, k_block, v, v_scales, v_block, q_idx, k_idx, v_
         m = part_m[g, sp, r0:r0 + nr]
         l = part_l[g, sp, r0:r0 + nr]
         s = np.empty((nr, block_k), dt)
+        pos_inf = dt.type(np.inf)
+        n_bad = 0
         for j0 in range(j_begin, j_end, block_k):
             nk = min(block_k, j_end - j0)
             block_scores(qs, q8, q8_scales, kn, ksn, k_block, j0, nk, s)
@@ -104,6 +113,8 @@ def _decode_body(q, k, k_scales, k_block, v, v_scales, v_block, q_idx, k_idx, v_
                 i = (r0 + r) % L
                 qpos = i + pos_offset
                 srow = s[r]
+                for j in range(nk):
+                    n_bad += 0 if abs(srow[j]) < pos_inf else 1    # NaN or ±inf (a NaN fails every compare)
                 if has_alibi or softcap > 0 or window > 0:
                     slope = slopes[n] if has_alibi else zero
                     for j in range(nk):
@@ -138,6 +149,7 @@ def _decode_body(q, k, k_scales, k_block, v, v_scales, v_block, q_idx, k_idx, v_
                 for e in range(Ev):
                     arow[e] *= alpha
             block_values(s, vn, vsn, v_block, j0, nk, acc)
+        check[w] = n_bad
     # exact merge of the parts
     for t in prange(G * R):
         g = t // R

@@ -193,7 +193,7 @@ def online_softmax_block(st, nk, nr, m, l, alpha, m_blk):
 
 def _prefill_body(q, k, v, q_idx, k_idx, v_idx, kv_len, mask, m_idx, mask_kind, mask_li, mask_sj, is_causal,
                   pos_offset, window,
-                  slopes, softcap, scale, block_q, block_k, out, lse):
+                  slopes, softcap, scale, block_q, block_k, check_scores, out, lse, check):
     """out[n] = softmax(z)·v[v_idx[n]] with z as in ``_scores.adjust_score``; see module doc.
 
     q (Nq, L, E), k (Nk, ≥S, E), v (Nv, ≥S, Ev): C-contiguous, the first kv_len = S rows of k and v
@@ -201,6 +201,8 @@ def _prefill_body(q, k, v, q_idx, k_idx, v_idx, kv_len, mask, m_idx, mask_kind, 
     output batch entry to its operands; mask (Nm, L or 1, S or 1), read at
     [m_idx[n], i·mask_li, j·mask_sj]; slopes (N,) or (0,) for no
     ALiBi; window 0 = none; softcap 0 = none; query i sits at key position i + pos_offset.
+    ``check_scores``: count the raw scores (before masks) that are NaN or ±inf into ``check``
+    (one int64 per work item), for inputs whose magnitudes do not rule out overflow.
     """
     N, L, Ev = out.shape
     E = q.shape[2]
@@ -231,10 +233,17 @@ def _prefill_body(q, k, v, q_idx, k_idx, v_idx, kv_len, mask, m_idx, mask_kind, 
         kv_begin, kv_end = visible_key_range(i0, i1, S, is_causal, pos_offset, window)
         has_alibi = slopes.shape[0] > 0
         slope = slopes[n] if has_alibi else dt.type(0)
+        pos_inf = dt.type(np.inf)
+        n_bad = 0
         for j0 in range(kv_begin, kv_end, block_k):
             nk = min(block_k, kv_end - j0)
             k_rows, k_off = rows_for_compute(kn, j0, nk, k_conv)
             scores_block(qt, k_rows, k_off, nk, st, nr)
+            if check_scores:
+                for j in range(nk):
+                    row = st[j]
+                    for r in range(nr):
+                        n_bad += 0 if abs(row[r]) < pos_inf else 1     # overflow (or NaN/inf input)
             if has_alibi or softcap > 0 or window > 0:
                 for j in range(nk):
                     row = st[j]
@@ -278,6 +287,7 @@ def _prefill_body(q, k, v, q_idx, k_idx, v_idx, kv_len, mask, m_idx, mask_kind, 
                 for e in range(Ev):
                     on[i0 + r, e] = 0.0
                 lse[n, i0 + r] = neg_inf
+        check[w] = n_bad
 
 
 prefill_parallel = njit(parallel=True, fastmath=config.FASTMATH, cache=config.CACHE)(

@@ -1,0 +1,90 @@
+"""Largest magnitude, NaN and inf: a scan of the bits, at memory speed.
+
+For IEEE floats, clearing the sign bit leaves an unsigned integer that orders like |x|, with
+every finite value below the all-ones exponent and inf/NaN at or above it:
+
+    float16  bits & 0x7fff               ≥ 0x7c00               ⇔ NaN or ±inf
+    float32  bits & 0x7fffffff           ≥ 0x7f800000
+    float64  bits & 0x7fff…ff            ≥ 0x7ff0000000000000
+
+so one integer max over ``bits & magnitude_mask`` gives both max |x| and whether anything is not
+finite (vectorised integer max, no float compares, no ``np.isfinite`` temporary; numpy's
+``isfinite`` on float16 runs ~10× slower than on float32). Work split: ``prange`` over (batch
+entry, chunk of ``_CHUNK_ROWS`` rows); memory: one integer per work item.
+
+Used at the door (the query; the prefill kernel's key and value, whose largest magnitudes also
+bound the scores: see ``api``) and to name the culprit after a non-finite result. The decode
+kernel does not scan its (large) keys and values up front: it checks its raw scores and its
+result instead (see ``decode``), so a KV cache is read once per step, not twice.
+"""
+import numpy as np
+from numba import njit, prange
+
+from .. import config
+from . import variant
+
+_CHUNK_ROWS = 256
+_ROW = 1024       # a flat array is scanned as rows of this many values
+#: below this many values one thread scans (waking the pool costs more than it saves)
+_SERIAL_BELOW = 1 << 17
+
+_BITS = {np.dtype(np.float16): (np.uint16, np.uint16(0x7FFF)),
+         np.dtype(np.float32): (np.uint32, np.uint32(0x7FFFFFFF)),
+         np.dtype(np.float64): (np.uint64, np.uint64(0x7FFFFFFFFFFFFFFF))}
+
+
+def _max_magnitude_bits(bits, rows, magnitude):
+    """max over bits[:, :rows, :] of (bits & magnitude): the bit pattern of the largest |x|."""
+    N = bits.shape[0]
+    C = bits.shape[2]
+    n_chunks = (rows + _CHUNK_ROWS - 1) // _CHUNK_ROWS
+    best = np.zeros(N * n_chunks, bits.dtype)
+    for w in prange(N * n_chunks):
+        n = w // n_chunks
+        i0 = (w % n_chunks) * _CHUNK_ROWS
+        i1 = min(rows, i0 + _CHUNK_ROWS)
+        top = magnitude ^ magnitude     # an unsigned zero: mixing in a signed 0 would type it float64
+        for i in range(i0, i1):
+            row = bits[n, i]
+            for c in range(C):
+                v = row[c] & magnitude
+                top = v if v > top else top
+        best[w] = top
+    return best.max()
+
+
+_max_parallel = njit(parallel=True, cache=config.CACHE)(variant(_max_magnitude_bits, "_parallel"))
+_max_serial = njit(parallel=False, cache=config.CACHE)(variant(_max_magnitude_bits, "_serial"))
+
+
+def _scan(bits, rows, magnitude):
+    if bits.shape[0] * rows * bits.shape[2] < _SERIAL_BELOW:
+        return _max_serial(bits, rows, magnitude)
+    from .._threads import launch
+    return launch(_max_parallel, bits, rows, magnitude)
+
+
+def max_abs(x, rows=None):
+    """max |x| over x (float16/32/64, any shape; uint16 is read as float16 bits): inf or NaN if x
+    holds any (NaN wins), 0.0 for an empty array. For a C-contiguous (N, slots, C) array with
+    ``rows`` given, only x[:, :rows] is read (a KV cache's valid tokens)."""
+    if x.dtype == np.uint16:
+        x = x.view(np.float16)
+    if x.size == 0 or (rows is not None and x.ndim == 3 and rows == 0):
+        return 0.0
+    if x.dtype not in _BITS:
+        raise TypeError(f"max_abs takes float16/32/64 arrays, got {x.dtype}")
+    width, magnitude = _BITS[x.dtype]
+    if rows is not None and x.ndim == 3 and x.flags.c_contiguous:
+        top = _scan(x.view(width), rows, magnitude)
+    else:
+        flat = np.ascontiguousarray(x).reshape(-1).view(width)
+        whole = flat.size // _ROW * _ROW
+        parts = [flat[:whole].reshape(1, -1, _ROW), flat[whole:].reshape(1, 1, -1)]
+        top = max(_scan(p, p.shape[1], magnitude) for p in parts if p.size)
+    return float(np.array(top, width).view(x.dtype))
+
+
+def all_finite(x, rows=None):
+    """True if x holds no NaN or inf (same arguments as ``max_abs``)."""
+    return bool(np.isfinite(max_abs(x, rows)))
