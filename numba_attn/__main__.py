@@ -154,7 +154,7 @@ def run_info(out=None):
         ("threads (numba.get_num_threads)", str(numba.get_num_threads())),
         ("NUMBA_NUM_THREADS", str(nconfig.NUMBA_NUM_THREADS)),
         ("compile cache", config.CACHE_DIR if config.CACHE else f"off: {config.CACHE_UNAVAILABLE}"),
-        ("prefill blocks (query rows x keys)", f"{config.PREFILL_BLOCK_Q} x {config.PREFILL_BLOCK_K}"),
+        ("prefill blocks (query rows x keys)", f"{config.PREFILL_BLOCK_Q} (or {config.PREFILL_BLOCK_Q_LARGE}) x {config.PREFILL_BLOCK_K}"),
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:

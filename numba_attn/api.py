@@ -71,9 +71,10 @@ def _run(plan):
                 config.DECODE_MAX_ROWS, n_split, config.DECODE_BLOCK_K, out, lse, check)
         kernel = decode.decode_serial if serial else decode.decode_parallel
     else:
-        check = np.empty(N * -(-L // config.PREFILL_BLOCK_Q), np.int64)
+        block_q = prefill_block_q(N, L)
+        check = np.empty(N * -(-L // block_q), np.int64)
         args = (plan.query, plan.key, plan.value, plan.q_idx, plan.k_idx, plan.v_idx) + common + (
-            config.PREFILL_BLOCK_Q, config.PREFILL_BLOCK_K, check_scores, out, lse, check)
+            block_q, config.PREFILL_BLOCK_K, check_scores, out, lse, check)
         kernel = prefill.prefill_serial if serial else prefill.prefill_parallel
     if serial:
         kernel(*args)
@@ -101,6 +102,15 @@ def _to_out_dtype(out, dtype, value_is_half):
     if dtype == np.float16 and not value_is_half and out.size and np.abs(out).max() > FLOAT16_MAX:
         raise ValueError("the result exceeds float16's range (65504); ask for out_dtype=np.float32")
     return out.astype(dtype)
+
+
+def prefill_block_q(N, L):
+    """Query rows per prefill work item: the larger block when it still leaves every thread
+    PREFILL_ITEMS_PER_THREAD items (N batch entries × ceil(L / block) items)."""
+    big = config.PREFILL_BLOCK_Q_LARGE
+    if N * -(-L // big) >= config.PREFILL_ITEMS_PER_THREAD * numba.get_num_threads():
+        return big
+    return config.PREFILL_BLOCK_Q
 
 
 def decode_splits(n_items, S):

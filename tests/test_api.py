@@ -376,6 +376,37 @@ def test_large_shapes_both_paths(monkeypatch, kernel_spy, path, dtype, mask_kind
     assert_close(lse, ref_lse, dtype)
 
 
+@pytest.mark.parametrize("block_q,block_k", [(256, 128), (256, 64), (64, 32), (100, 37), (1, 1)])
+@pytest.mark.parametrize("mask_kind,causal", [(None, False), ("bool", "lower_right"), (None, True)])
+def test_prefill_block_sizes(monkeypatch, block_q, block_k, mask_kind, causal):
+    """The result does not depend on the prefill tiles (query rows × keys per block), including
+    the larger query block the API picks for big problems and sizes that do not divide L or S."""
+    monkeypatch.setattr(config, "SERIAL_BELOW_FLOPS", 0)
+    monkeypatch.setattr(config, "PREFILL_BLOCK_Q_LARGE", block_q)
+    monkeypatch.setattr(config, "PREFILL_ITEMS_PER_THREAD", 0)     # always the "large" block
+    monkeypatch.setattr(config, "PREFILL_BLOCK_K", block_k)
+    rng = np.random.default_rng(11)
+    L, S, E, Ev = 300, 517, 64, 32
+    q, k, v = randn(rng, (2, L, E), np.float32), randn(rng, (2, S, E), np.float32), randn(rng, (2, S, Ev), np.float32)
+    mask = random_bool_mask(rng, (2, L, S), 0.8, masked_rows=5) if mask_kind == "bool" else None
+    assert api.prefill_block_q(2, L) == block_q
+    out, lse = scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, return_lse=True)
+    ref_out, ref_lse = reference_sdpa(q, k, v, attn_mask=mask, is_causal=causal)
+    assert_close(out, ref_out, np.float32)
+    assert_close(lse, ref_lse, np.float32)
+
+
+def test_prefill_block_q_choice(monkeypatch):
+    """The larger query block only when every thread still gets PREFILL_ITEMS_PER_THREAD items."""
+    monkeypatch.setattr(api.numba, "get_num_threads", lambda: 2)
+    big, small = config.PREFILL_BLOCK_Q_LARGE, config.PREFILL_BLOCK_Q
+    need = config.PREFILL_ITEMS_PER_THREAD * 2
+    assert api.prefill_block_q(need, big) == big
+    assert api.prefill_block_q(need - 1, big) == small
+    assert api.prefill_block_q(1, need * big) == big
+    assert api.prefill_block_q(1, (need - 1) * big) == small
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_serial_and_parallel_agree(monkeypatch, dtype):
     rng = np.random.default_rng(10)
