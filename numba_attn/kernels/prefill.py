@@ -41,29 +41,30 @@ from numba import njit, prange
 from .. import config
 from . import variant
 from ._load import load, rows_for_compute
+from ._tile import tile_scores, tile_values
 from ._math import fast_exp
 from ._scores import MASK_ADD, MASK_BOOL, adjust_score, visible_key_range
 
 
 @njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
-def scores_block(qt, kn, j0, nk, st, nr):
-    """st[j, r] = Σ_d kn[j0 + j, d]·qt[d, r] for j < nk, r < nr (vector over query rows r).
-
-    Register blocking: 4 keys × 4 head-dim entries per step (16 broadcast scalars), each score row
-    read and written once per 4 FMAs.
+def _scores_loops(qt, kn, j0, nk, st, nr, r_lo):
+    """st[j, r] = Σ_d kn[j0 + j, d]·qt[d, r] for j < nk, r < nr, except the tiled part (4-key groups ×
+    rows below r_lo) that ``scores_block`` has done. Plain loops, vector over query rows r: 4 keys ×
+    4 head-dim entries per step (16 broadcast scalars), each score row read and written once per
+    4 FMAs.
     """
     E = qt.shape[0]
     nk4 = nk // 4 * 4
     E4 = E // 4 * 4
-    for j in range(0, nk4, 4):
+    for j in range(0, nk4 if r_lo < nr else 0, 4):
         s0 = st[j]
         s1 = st[j + 1]
         s2 = st[j + 2]
         s3 = st[j + 3]
-        s0[:nr] = 0
-        s1[:nr] = 0
-        s2[:nr] = 0
-        s3[:nr] = 0
+        s0[r_lo:nr] = 0
+        s1[r_lo:nr] = 0
+        s2[r_lo:nr] = 0
+        s3[r_lo:nr] = 0
         ka = kn[j0 + j]
         kb = kn[j0 + j + 1]
         kc = kn[j0 + j + 2]
@@ -77,7 +78,7 @@ def scores_block(qt, kn, j0, nk, st, nr):
             b0, b1, b2, b3 = load(kb[d]), load(kb[d + 1]), load(kb[d + 2]), load(kb[d + 3])
             c0, c1, c2, c3 = load(kc[d]), load(kc[d + 1]), load(kc[d + 2]), load(kc[d + 3])
             e0, e1, e2, e3 = load(kd[d]), load(kd[d + 1]), load(kd[d + 2]), load(kd[d + 3])
-            for r in range(nr):
+            for r in range(r_lo, nr):
                 x0 = q0[r]
                 x1 = q1[r]
                 x2 = q2[r]
@@ -89,7 +90,7 @@ def scores_block(qt, kn, j0, nk, st, nr):
         for d in range(E4, E):
             qd = qt[d]
             a0, b0, c0, e0 = load(ka[d]), load(kb[d]), load(kc[d]), load(kd[d])
-            for r in range(nr):
+            for r in range(r_lo, nr):
                 x0 = qd[r]
                 s0[r] += a0 * x0
                 s1[r] += b0 * x0
@@ -107,15 +108,26 @@ def scores_block(qt, kn, j0, nk, st, nr):
 
 
 @njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
-def accumulate_values(pt, vn, j0, nk, acct, nr):
-    """acct[e, r] += Σ_j pt[j, r]·vn[j0 + j, e] for e < Ev, r < nr (vector over query rows r).
+def scores_block(qt, kn, j0, nk, st, nr):
+    """st[j, r] = Σ_d kn[j0 + j, d]·qt[d, r] for j < nk, r < nr (vector over query rows r).
 
-    Register blocking: 4 value columns × 4 keys per step.
+    float32: 4 keys × ``_tile.W`` rows at a time in registers (``_tile.tile_set``); the rows and
+    keys left over, and float64, take the plain loops.
+    """
+    r_lo = tile_scores(qt, kn, j0, nk, st, nr)
+    _scores_loops(qt, kn, j0, nk, st, nr, r_lo)
+
+
+@njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
+def _values_loops(pt, vn, j0, nk, acct, nr, r_lo):
+    """acct[e, r] += Σ_j pt[j, r]·vn[j0 + j, e] for e < Ev, r < nr, except the tiled part (4-column
+    groups × rows below r_lo) that ``accumulate_values`` has done. Plain loops, vector over query
+    rows r: 4 value columns × 4 keys per step.
     """
     Ev = acct.shape[0]
     nk4 = nk // 4 * 4
     Ev4 = Ev // 4 * 4
-    for e in range(0, Ev4, 4):
+    for e in range(0, Ev4 if r_lo < nr else 0, 4):
         o0 = acct[e]
         o1 = acct[e + 1]
         o2 = acct[e + 2]
@@ -133,7 +145,7 @@ def accumulate_values(pt, vn, j0, nk, acct, nr):
             b0, b1, b2, b3 = load(va[e + 1]), load(vb[e + 1]), load(vc[e + 1]), load(vd[e + 1])
             c0, c1, c2, c3 = load(va[e + 2]), load(vb[e + 2]), load(vc[e + 2]), load(vd[e + 2])
             d0, d1, d2, d3 = load(va[e + 3]), load(vb[e + 3]), load(vc[e + 3]), load(vd[e + 3])
-            for r in range(nr):
+            for r in range(r_lo, nr):
                 x0 = p0[r]
                 x1 = p1[r]
                 x2 = p2[r]
@@ -146,7 +158,7 @@ def accumulate_values(pt, vn, j0, nk, acct, nr):
             p0 = pt[j]
             vj = vn[j0 + j]
             a0, b0, c0, d0 = load(vj[e]), load(vj[e + 1]), load(vj[e + 2]), load(vj[e + 3])
-            for r in range(nr):
+            for r in range(r_lo, nr):
                 x0 = p0[r]
                 o0[r] += a0 * x0
                 o1[r] += b0 * x0
@@ -159,6 +171,17 @@ def accumulate_values(pt, vn, j0, nk, acct, nr):
             a0 = load(vn[j0 + j, e])
             for r in range(nr):
                 o0[r] += a0 * p0[r]
+
+
+@njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
+def accumulate_values(pt, vn, j0, nk, acct, nr):
+    """acct[e, r] += Σ_j pt[j, r]·vn[j0 + j, e] for e < Ev, r < nr (vector over query rows r).
+
+    float32: 4 value columns × ``_tile.W`` rows at a time in registers (``_tile.tile_add``); the
+    rows and columns left over, and float64, take the plain loops.
+    """
+    r_lo = tile_values(pt, vn, j0, nk, acct, nr)
+    _values_loops(pt, vn, j0, nk, acct, nr, r_lo)
 
 
 @njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
