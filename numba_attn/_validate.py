@@ -50,8 +50,7 @@ class Plan:
     S: int
     E: int
     Ev: int
-    check_finite: bool = False   # scan/check key and value for NaN and inf (the query is checked already)
-    query_max_abs: float = np.inf   # max |query| (from that check; inf when unchecked)
+    check_finite: bool = False   # the kernels check query, scores and result for NaN/inf (see api._run)
 
     @property
     def quantized(self):
@@ -121,7 +120,7 @@ def check_finite_array(x, name, rows=None):
     top = max_abs(x, rows)
     if not np.isfinite(top):
         bad = "NaN" if np.isnan(top) else "inf"
-        raise ValueError(f"{name} contains {bad}; pass finite values (or check_finite=False to skip this scan)")
+        raise ValueError(f"{name} contains {bad}; pass finite values (or check_finite=False to skip the check)")
     return top
 
 
@@ -274,10 +273,6 @@ def prepare_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
             hint = " (different head counts on dim -3: pass enable_gqa=True for grouped-query attention)"
         raise ValueError(f"batch dims of query {bq}, key {bk} and value {bv} do not broadcast{hint}") from None
 
-    if check_finite:
-        # key and value are scanned by ``api`` (prefill) or checked by the decode kernel itself,
-        # which reads a long KV cache once instead of twice; int8 tensors are finite by construction
-        query_max_abs = check_finite_array(query, "query")
 
     q_idx = _batch_index(bq, batch, "query")
     if group > 1:
@@ -304,7 +299,7 @@ def prepare_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
         pos_offset=0 if alignment == "upper_left" else S - L,
         window=window, slopes=slopes, softcap=softcap,
         scale=scale, dtype=dtype, out_dtype=result_dtype, batch_shape=tuple(batch), L=L, S=S, E=E, Ev=Ev,
-        check_finite=bool(check_finite), query_max_abs=query_max_abs if check_finite else np.inf,
+        check_finite=bool(check_finite),
     )
 
 

@@ -43,21 +43,12 @@ def _run(plan):
     lse = np.empty((N, L), plan.dtype)
     if N == 0 or L == 0:
         return out, lse
-    decode_path = _use_decode(plan)
-    check_scores = plan.check_finite
-    if plan.check_finite and not decode_path:
-        # prefill reads K and V once per block of query rows: one scan up front is cheap beside it,
-        # and max |q|·max |k|·E·scale bounds every score: the kernel checks its scores for overflow
-        # only when that bound reaches the largest float
-        key_max_abs = check_finite_array(plan.key, "key", plan.S)
-        check_finite_array(plan.value, "value", plan.S)
-        bound = plan.query_max_abs * key_max_abs * plan.E * plan.scale
-        check_scores = not bound < float(np.finfo(plan.dtype).max)
     dt = plan.dtype.type
-    common = (plan.S, plan.mask, plan.m_idx, plan.mask_kind, plan.mask_row_step, plan.mask_col_step, plan.is_causal, plan.pos_offset, plan.window,
-              plan.slopes, dt(plan.softcap), dt(plan.scale))
+    common = (plan.S, plan.mask, plan.m_idx, plan.mask_kind, plan.mask_row_step, plan.mask_col_step, plan.is_causal,
+              plan.pos_offset, plan.window, plan.slopes, dt(plan.softcap), dt(plan.scale))
     work = N * L * plan.S * (plan.E + Ev)
     serial = work < config.SERIAL_BELOW_FLOPS
+    decode_path = _use_decode(plan)
     if decode_path:
         groups = _kv_groups(plan)
         if groups is None:
@@ -74,21 +65,22 @@ def _run(plan):
         block_q = prefill_block_q(N, L)
         check = np.empty(N * -(-L // block_q), np.int64)
         args = (plan.query, plan.key, plan.value, plan.q_idx, plan.k_idx, plan.v_idx) + common + (
-            block_q, config.PREFILL_BLOCK_K, check_scores, out, lse, check)
+            block_q, config.PREFILL_BLOCK_K, plan.check_finite, out, lse, check)
         kernel = prefill.prefill_serial if serial else prefill.prefill_parallel
     if serial:
         kernel(*args)
     else:
         launch(kernel, *args)
-    if plan.check_finite and (check.any() or not all_finite(out)):
+    # every kernel counts non-finite query values and raw scores into ``check``; prefill also its
+    # result, decode's (a few rows) is scanned here
+    if plan.check_finite and (check.any() or (decode_path and not all_finite(out))):
         _raise_nonfinite(plan)
     return out, lse
 
 
-
 def _raise_nonfinite(plan):
-    """The kernel saw a NaN/inf score or produced a non-finite result: name the culprit."""
-    for name, x, rows in (("key", plan.key, plan.S), ("value", plan.value, plan.S)):
+    """A kernel saw a NaN/inf query value or score, or produced a non-finite result: name the culprit."""
+    for name, x, rows in (("query", plan.query, plan.L), ("key", plan.key, plan.S), ("value", plan.value, plan.S)):
         if x.dtype != np.int8:
             check_finite_array(x, name, rows)
     raise ValueError("the attention scores overflowed: |scale·query·key| exceeds the largest "

@@ -93,10 +93,13 @@ def _decode_body(q, k, k_scales, k_block, v, v_scales, v_block, q_idx, k_idx, v_
         qs = np.empty((nr, E), dt)
         q8 = np.zeros((nr, E), np.int8)                 # int8 copy of the query rows, for per-row int8 keys
         q8_scales = np.zeros((nr, max(nbk, 1)), np.float32)
+        q_chk = zero
         for r in range(nr):
             qrow = q[q_idx[groups[g, (r0 + r) // L]], (r0 + r) % L]
             for d in range(E):
-                qs[r, d] = load(qrow[d]) * scale
+                x = load(qrow[d])
+                qs[r, d] = x * scale
+                q_chk += x * zero                   # 0, or NaN once a query value is NaN or ±inf
             if k_block > 0 and nbk == 1:    # only per-row int8 keys score against an int8 query
                 quantize_row_into(qs[r], k_block, q8[r], q8_scales[r])
         acc = part_acc[g, sp, r0:r0 + nr]
@@ -149,7 +152,7 @@ def _decode_body(q, k, k_scales, k_block, v, v_scales, v_block, q_idx, k_idx, v_
                 for e in range(Ev):
                     arow[e] *= alpha
             block_values(s, vn, vsn, v_block, j0, nk, acc)
-        check[w] = n_bad
+        check[w] = n_bad + (0 if q_chk == zero else 1)
     # exact merge of the parts
     for t in prange(G * R):
         g = t // R

@@ -12,10 +12,10 @@ finite (vectorised integer max, no float compares, no ``np.isfinite`` temporary;
 ``isfinite`` on float16 runs ~10× slower than on float32). Work split: ``prange`` over (batch
 entry, chunk of ``_CHUNK_ROWS`` rows); memory: one integer per work item.
 
-Used at the door (the query; the prefill kernel's key and value, whose largest magnitudes also
-bound the scores: see ``api``) and to name the culprit after a non-finite result. The decode
-kernel does not scan its (large) keys and values up front: it checks its raw scores and its
-result instead (see ``decode``), so a KV cache is read once per step, not twice.
+The attention kernels do not scan their operands up front (a second read of K and V): they check
+the query, the raw scores and the result in loops that already read them (see ``api._run``).
+This scan names the culprit once they report a non-finite value, and checks the inputs of
+``KVCache.append``, ``quantize`` and the layers.
 """
 import numpy as np
 from numba import njit, prange

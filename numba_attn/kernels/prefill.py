@@ -20,14 +20,23 @@ every row of the query block are never visited.
 
 Memory per work item (float32, BLOCK_Q = BLOCK_K = 128, E = Ev = 64): the scaled query block and
 the output accumulator, both transposed (E × BLOCK_Q, 32 KiB each), and the score block
-(BLOCK_K × BLOCK_Q, 64 KiB): O(threads·block·D), independent of L and S; they sit in L2.
+(BLOCK_K × BLOCK_Q, 64 KiB): O(threads·block·D), independent of L and S; they sit in L2. The API
+doubles BLOCK_Q to 256 when every thread still gets 4 work items (``api.prefill_block_q``).
 
 Layout: everything is kept transposed, query rows last, so every inner loop runs along the query
 rows of the block (BLOCK_Q contiguous lanes) with no horizontal reductions:
 
-- scores: 4 keys × 4 head-dim entries per step (16 broadcast scalars), 4 score rows updated along r;
-- softmax: running max, exp (``fast_exp``, vectorised) and sums elementwise along r;
-- P·V: 4 value columns × 4 keys per step into 4 accumulator rows along r.
+- scores and P·V, float32: ``_tile`` micro-kernels, 4 keys (or value columns) × 64 query rows
+  (AVX-512; 16 or 32 rows on narrower vectors) accumulated in registers over the whole head dim
+  (or key block), written as LLVM vector IR with ``llvm.fma``: ~116 GFLOP/s per Zen 4 core;
+- the rows and keys a tile does not cover, and float64: plain loops, 4 keys × 4 head-dim entries
+  (or 4 columns × 4 keys) per step, vectorised by LLVM along r;
+- softmax: running max, exp (``fast_exp``, vectorised) and sums elementwise along r.
+
+Non-finite check, when asked: the query block is checked as it is transposed, raw scores in the
+softmax's max pass (or in a pass of their own, before masks, for blocks a mask touches), results as
+they are written; each adds x·0 into a per-row sum (0 unless x is NaN or ±inf) and ``check[w]``
+counts the rows whose sum is not 0 (see ``api._run``).
 
 Storage: float32, float64, or float16 as uint16 bits; the arithmetic runs in ``out.dtype`` (float32
 for float16 storage). Each float16 key/value block is converted once into a BLOCK_K × D scratch
@@ -185,20 +194,29 @@ def accumulate_values(pt, vn, j0, nk, acct, nr):
 
 
 @njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
-def online_softmax_block(st, nk, nr, m, l, alpha, m_blk):
+def online_softmax_block(st, nk, nr, m, l, alpha, m_blk, chk, check_raw):
     """Streaming-softmax step for a block of scores ``st[j, r]`` (keys × query rows), in place.
 
     st ← exp(st - m'), l ← α·l + Σ_j st, alpha ← α = exp(m - m'), m ← m' with m' = max(m, max_j st).
     A row whose visible scores are all -inf so far uses 0 as its shift, so every exp sees -inf - 0
     (= 0), never -inf - -inf (= NaN); its m stays -inf. All loops run along r and vectorise.
+    ``check_raw`` (the scores are raw: no mask or adjustment touched them): the max pass also adds
+    st·0 into ``chk`` (0, or NaN once a score is NaN or ±inf) at the cost of one FMA per vector.
     """
     neg_inf = st.dtype.type(-np.inf)
     zero = st.dtype.type(0)
     m_blk[:nr] = neg_inf
-    for j in range(nk):
-        row = st[j]
-        for r in range(nr):
-            m_blk[r] = max(m_blk[r], row[r])
+    if check_raw:
+        for j in range(nk):
+            row = st[j]
+            for r in range(nr):
+                m_blk[r] = max(m_blk[r], row[r])
+                chk[r] += row[r] * zero
+    else:
+        for j in range(nk):
+            row = st[j]
+            for r in range(nr):
+                m_blk[r] = max(m_blk[r], row[r])
     for r in range(nr):
         m_new = max(m[r], m_blk[r])
         shift = m_new if m_new > neg_inf else zero
@@ -216,7 +234,7 @@ def online_softmax_block(st, nk, nr, m, l, alpha, m_blk):
 
 def _prefill_body(q, k, v, q_idx, k_idx, v_idx, kv_len, mask, m_idx, mask_kind, mask_li, mask_sj, is_causal,
                   pos_offset, window,
-                  slopes, softcap, scale, block_q, block_k, check_scores, out, lse, check):
+                  slopes, softcap, scale, block_q, block_k, check_finite, out, lse, check):
     """out[n] = softmax(z)·v[v_idx[n]] with z as in ``_scores.adjust_score``; see module doc.
 
     q (Nq, L, E), k (Nk, ≥S, E), v (Nv, ≥S, Ev): C-contiguous, the first kv_len = S rows of k and v
@@ -224,8 +242,10 @@ def _prefill_body(q, k, v, q_idx, k_idx, v_idx, kv_len, mask, m_idx, mask_kind, 
     output batch entry to its operands; mask (Nm, L or 1, S or 1), read at
     [m_idx[n], i·mask_li, j·mask_sj]; slopes (N,) or (0,) for no
     ALiBi; window 0 = none; softcap 0 = none; query i sits at key position i + pos_offset.
-    ``check_scores``: count the raw scores (before masks) that are NaN or ±inf into ``check``
-    (one int64 per work item), for inputs whose magnitudes do not rule out overflow.
+    ``check_finite``: ``check[w]`` (one int64 per work item) counts the query rows whose query,
+    raw scores (before masks: NaN or ±inf from a non-finite query or key, or an overflow) or
+    result are not all finite; each check adds x·0 (0, or NaN for NaN and ±inf) into a per-row sum
+    inside a loop that already reads x, so no pass of its own over Q, K or V.
     """
     N, L, Ev = out.shape
     E = q.shape[2]
@@ -241,10 +261,16 @@ def _prefill_body(q, k, v, q_idx, k_idx, v_idx, kv_len, mask, m_idx, mask_kind, 
         qn = q[q_idx[n]]
         kn = k[k_idx[n]]
         vn = v[v_idx[n]]
+        zero = dt.type(0)
+        chk = np.zeros(nr, dt)                 # per row: 0 while every checked value is finite
         qt = np.empty((E, nr), dt)            # scaled query block, transposed: rows are unit-stride in r
         for r in range(nr):
+            c = zero                           # a local sum: chk[r] itself would be a store per value
             for d in range(E):
-                qt[d, r] = load(qn[i0 + r, d]) * scale
+                x = load(qn[i0 + r, d])
+                qt[d, r] = x * scale
+                c += x * zero
+            chk[r] = c
         acct = np.zeros((Ev, nr), dt)          # output accumulator, transposed
         m = np.full(nr, neg_inf, dt)
         l = np.zeros(nr, dt)
@@ -256,23 +282,23 @@ def _prefill_body(q, k, v, q_idx, k_idx, v_idx, kv_len, mask, m_idx, mask_kind, 
         kv_begin, kv_end = visible_key_range(i0, i1, S, is_causal, pos_offset, window)
         has_alibi = slopes.shape[0] > 0
         slope = slopes[n] if has_alibi else dt.type(0)
-        pos_inf = dt.type(np.inf)
-        n_bad = 0
         for j0 in range(kv_begin, kv_end, block_k):
             nk = min(block_k, kv_end - j0)
             k_rows, k_off = rows_for_compute(kn, j0, nk, k_conv)
             scores_block(qt, k_rows, k_off, nk, st, nr)
-            if check_scores:
+            diagonal = is_causal and j0 + nk - 1 > i0 + pos_offset
+            raw = not (has_alibi or softcap > 0 or window > 0 or diagonal or mask_kind != 0)
+            if check_finite and not raw:          # check before masks write their -inf
                 for j in range(nk):
                     row = st[j]
                     for r in range(nr):
-                        n_bad += 0 if abs(row[r]) < pos_inf else 1     # overflow (or NaN/inf input)
+                        chk[r] += row[r] * zero
             if has_alibi or softcap > 0 or window > 0:
                 for j in range(nk):
                     row = st[j]
                     for r in range(nr):
                         row[r] = adjust_score(row[r], i0 + r + pos_offset, j0 + j, slope, softcap, window)
-            if is_causal and j0 + nk - 1 > i0 + pos_offset:
+            if diagonal:
                 # key j is visible to rows r >= j0 + j - pos_offset - i0
                 for j in range(nk):
                     r_first = min(nr, max(0, j0 + j - pos_offset - i0))
@@ -292,7 +318,7 @@ def _prefill_body(q, k, v, q_idx, k_idx, v_idx, kv_len, mask, m_idx, mask_kind, 
                     row = st[j]
                     for r in range(nr):
                         row[r] += mn[(i0 + r) * mask_li, (j0 + j) * mask_sj]
-            online_softmax_block(st, nk, nr, m, l, alpha, m_blk)
+            online_softmax_block(st, nk, nr, m, l, alpha, m_blk, chk, check_finite and raw)
             for e in range(Ev):
                 orow = acct[e]
                 for r in range(nr):
@@ -300,17 +326,23 @@ def _prefill_body(q, k, v, q_idx, k_idx, v_idx, kv_len, mask, m_idx, mask_kind, 
             v_rows, v_off = rows_for_compute(vn, j0, nk, v_conv)
             accumulate_values(st, v_rows, v_off, nk, acct, nr)
         on = out[n]
+        n_bad = 0
         for r in range(nr):
             if l[r] > 0:
                 inv = dt.type(1.0) / l[r]
+                c = zero
                 for e in range(Ev):
-                    on[i0 + r, e] = acct[e, r] * inv
+                    o = acct[e, r] * inv
+                    on[i0 + r, e] = o
+                    c += o * zero
+                chk[r] += c
                 lse[n, i0 + r] = m[r] + math.log(l[r])
             else:
                 for e in range(Ev):
                     on[i0 + r, e] = 0.0
                 lse[n, i0 + r] = neg_inf
-        check[w] = n_bad
+            n_bad += 0 if chk[r] == zero else 1
+        check[w] = n_bad if check_finite else 0
 
 
 prefill_parallel = njit(parallel=True, fastmath=config.FASTMATH, cache=config.CACHE)(
