@@ -22,6 +22,7 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from .. import config
+from ._dots import rows_of_key_scores
 from ._load import load
 
 
@@ -108,6 +109,10 @@ def block_scores(qs, q8, q8_scales, kn, k_scales, k_block, j0, nk, s):  # pragma
 def _block_scores_overload(qs, q8, q8_scales, kn, k_scales, k_block, j0, nk, s):
     """s[r, j] = q_r · k_{j0+j} for the rows r of ``qs`` and nk keys from j0.
 
+    float32 queries: VW keys at a time by ``_dots.key_scores`` (no horizontal sum per key), for
+    float keys and int8 keys with per-block scales; the keys left over, and the cases below, by
+    the loops here.
+
     Float keys (float32/float64, or float16 bits): a dot product along the head dim, vectorised.
     int8 keys, one scale per row: the int8 query row ``q8`` (quantised on the fly, scale
     ``q8_scales[r, 0]``) times the int8 key, accumulated in int32 over the whole row
@@ -120,14 +125,15 @@ def _block_scores_overload(qs, q8, q8_scales, kn, k_scales, k_block, j0, nk, s):
     if isinstance(kn, types.Array) and kn.dtype == types.int8:
         def impl_int8(qs, q8, q8_scales, kn, k_scales, k_block, j0, nk, s):
             E = kn.shape[1]
+            j_lo = rows_of_key_scores(qs, kn, k_scales, k_block, j0, nk, s)    # VW keys at a time
             if k_scales.shape[1] == 1:
-                for j in range(nk):
+                for j in range(j_lo, nk):
                     kj = kn[j0 + j]
                     ksj = k_scales[j0 + j, 0]
                     for r in range(qs.shape[0]):
                         s[r, j] = np.float32(int8_dot(q8[r], kj, 0, E)) * (q8_scales[r, 0] * ksj)
             elif k_block == 32:   # the default: a constant shift lets LLVM broadcast one scale per vector
-                for j in range(nk):
+                for j in range(j_lo, nk):
                     kj = kn[j0 + j]
                     ksj = k_scales[j0 + j]
                     for r in range(qs.shape[0]):
@@ -138,7 +144,7 @@ def _block_scores_overload(qs, q8, q8_scales, kn, k_scales, k_block, j0, nk, s):
                         s[r, j] = a
             else:
                 shift = block_shift(k_block)
-                for j in range(nk):
+                for j in range(j_lo, nk):
                     kj = kn[j0 + j]
                     ksj = k_scales[j0 + j]
                     for r in range(qs.shape[0]):
@@ -151,7 +157,8 @@ def _block_scores_overload(qs, q8, q8_scales, kn, k_scales, k_block, j0, nk, s):
 
     def impl_float(qs, q8, q8_scales, kn, k_scales, k_block, j0, nk, s):
         E = qs.shape[1]
-        for j in range(nk):
+        j_lo = rows_of_key_scores(qs, kn, k_scales, k_block, j0, nk, s)    # VW keys at a time
+        for j in range(j_lo, nk):
             kj = kn[j0 + j]
             for r in range(qs.shape[0]):
                 qr = qs[r]

@@ -1,0 +1,156 @@
+"""Decode micro-kernel: VW keys' scores at once, as LLVM vector IR, with no horizontal sum per key.
+
+A decode step scores one query row against many keys: s_j = Σ_d q[d]·k_j[d]. As a plain loop
+(vectorised along d) every key ends in a horizontal sum of a vector (log2 VW shuffle + add steps)
+and the loop's set-up; that is most of its cost. Here VW keys are done together:
+
+    P_j = Σ_c q[c·VW : (c+1)·VW] ⊙ k_j[c·VW : (c+1)·VW]        (one vector per key, E/VW FMAs)
+
+and the VW vectors P_0 … P_{VW-1} are summed "transposed" by a butterfly of shuffles: at each of
+log2 VW levels, pairs of vectors A, B become shuffle(A, B, lo) + shuffle(A, B, hi), each result
+holding twice as many keys in half as many lanes; the last one holds s_0 … s_{VW-1} in order.
+That is 2·(VW-1) shuffles and VW-1 adds for VW keys (about 3 operations per key at VW = 16,
+against ~8 for a horizontal sum), and the VW accumulators stay in registers.
+
+Key storage: float32, float16 bits (uint16, converted with ``fpext``) or int8 (``sitofp``) with
+one float32 scale per block of 2^shift entries (``scale_shift``; blocks a multiple of VW, so one
+scale per vector). Scores are written to s[s_off : s_off + VW].
+
+Vector width as in ``_tile``: VW = 16 (AVX-512), 8 (AVX/AVX2), 4 (other). E must be a multiple of VW.
+"""
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
+
+from ._tile import VW
+
+
+def _is_c(x, *dtypes):
+    return isinstance(x, types.Array) and x.layout == "C" and x.dtype in dtypes
+
+
+def _butterfly_sum(builder, vectors):
+    """Lane j of the result = Σ over the lanes of vectors[j] (len(vectors) = VW)."""
+    i32 = ir.IntType(32)
+    b = 1
+    while len(vectors) > 1:
+        lo, hi = [], []
+        for t in range(VW):
+            chunk, within = divmod(t, 2 * b)
+            src = chunk * 2 * b + within % b + (0 if within < b else VW)
+            lo.append(src)
+            hi.append(src + b)
+        mask_t = ir.VectorType(i32, VW)
+        lo, hi = ir.Constant(mask_t, lo), ir.Constant(mask_t, hi)
+        vectors = [builder.fadd(builder.shuffle_vector(vectors[i], vectors[i + 1], lo),
+                                builder.shuffle_vector(vectors[i], vectors[i + 1], hi))
+                   for i in range(0, len(vectors), 2)]
+        b *= 2
+    return vectors[0]
+
+
+@intrinsic
+def key_scores(typingctx, q, q_off, k, k_off, k_stride, ks, ks_off, ks_stride, scale_shift, E, s, s_off):
+    """s[s_off + j] = Σ_{d<E} q[q_off + d]·key_j[d] for j < VW, key_j[d] = k[k_off + j·k_stride + d]
+    (· ks[ks_off + j·ks_stride + (d >> scale_shift)] for int8 keys). Offsets in elements."""
+    if not (_is_c(q, types.float32) and _is_c(s, types.float32) and _is_c(ks, types.float32)
+            and _is_c(k, types.float32, types.uint16, types.int8)):
+        return None
+    i64 = types.int64
+    sig = types.void(q, i64, k, i64, i64, ks, i64, i64, i64, i64, s, i64)
+    kind = k.dtype
+
+    def codegen(context, builder, signature, args):
+        q_, q_off_, k_, k_off_, k_stride_, ks_, ks_off_, ks_stride_, shift_, E_, s_, s_off_ = args
+        f32 = ir.FloatType()
+        vt = ir.VectorType(f32, VW)
+        ll_i64 = ir.IntType(64)
+        qp = context.make_array(signature.args[0])(context, builder, q_).data
+        kp = context.make_array(signature.args[2])(context, builder, k_).data
+        ksp = context.make_array(signature.args[5])(context, builder, ks_).data
+        sp = context.make_array(signature.args[10])(context, builder, s_).data
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vt, [vt, vt, vt]), f"llvm.fma.v{VW}f32")
+        if kind == types.uint16:
+            raw_t = ir.VectorType(ir.IntType(16), VW)
+        elif kind == types.int8:
+            raw_t = ir.VectorType(ir.IntType(8), VW)
+        else:
+            raw_t = vt
+
+        def splat(x):
+            v = builder.insert_element(ir.Constant(vt, None), x, ir.Constant(ir.IntType(32), 0))
+            return builder.shuffle_vector(v, ir.Constant(vt, None), ir.Constant(ir.VectorType(ir.IntType(32), VW), None))
+
+        accs = [cgutils.alloca_once(builder, vt) for _ in range(VW)]
+        for a in accs:
+            builder.store(ir.Constant(vt, None), a)
+        n_chunks = builder.udiv(E_, ir.Constant(ll_i64, VW))
+        with cgutils.for_range(builder, n_chunks) as loop:
+            d0 = builder.mul(loop.index, ir.Constant(ll_i64, VW))
+            qv = builder.load(builder.bitcast(builder.gep(qp, [builder.add(q_off_, d0)]), vt.as_pointer()), align=4)
+            if kind == types.int8:
+                blk = builder.lshr(d0, shift_)
+            for j in range(VW):
+                row = builder.add(k_off_, builder.mul(ir.Constant(ll_i64, j), k_stride_))
+                raw = builder.load(builder.bitcast(builder.gep(kp, [builder.add(row, d0)]), raw_t.as_pointer()), align=1)
+                if kind == types.uint16:
+                    kv = builder.fpext(builder.bitcast(raw, ir.VectorType(ir.HalfType(), VW)), vt)
+                elif kind == types.int8:
+                    kv = builder.sitofp(raw, vt)
+                    sc = builder.load(builder.gep(ksp, [builder.add(builder.add(ks_off_, builder.mul(ir.Constant(ll_i64, j), ks_stride_)), blk)]))
+                    kv = builder.fmul(kv, splat(sc))
+                else:
+                    kv = raw
+                builder.store(builder.call(fma, [qv, kv, builder.load(accs[j])]), accs[j])
+        total = _butterfly_sum(builder, [builder.load(a) for a in accs])
+        builder.store(total, builder.bitcast(builder.gep(sp, [s_off_]), vt.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def rows_of_key_scores(qs, kn, k_scales, k_block, j0, nk, s):  # pragma: no cover - numba overload below
+    raise TypeError("rows_of_key_scores is a numba kernel helper: call it from @njit code")
+
+
+@overload(rows_of_key_scores)
+def _rows_of_key_scores_overload(qs, kn, k_scales, k_block, j0, nk, s):
+    """s[r, j] = qs[r]·key_{j0+j} for every row r and the first nk//VW·VW keys, VW keys per
+    ``key_scores``; returns how many keys it did (0 where it does not apply: a float64 query, a
+    head dim that is not a multiple of VW, int8 keys with one scale per row, whose scores are
+    int8 × int8 products against a quantised query, or scale blocks narrower than VW)."""
+    if not (_is_c(qs, types.float32) and _is_c(s, types.float32)
+            and _is_c(kn, types.float32, types.uint16, types.int8)):
+        return lambda qs, kn, k_scales, k_block, j0, nk, s: 0
+    if kn.dtype == types.int8:
+        if not _is_c(k_scales, types.float32):
+            return lambda qs, kn, k_scales, k_block, j0, nk, s: 0
+
+        def impl_int8(qs, kn, k_scales, k_block, j0, nk, s):
+            E = kn.shape[1]
+            nbk = k_scales.shape[1]
+            if E % VW != 0 or nbk == 1 or k_block % VW != 0:
+                return 0
+            shift = 0
+            while (1 << shift) < k_block:
+                shift += 1
+            done = nk // VW * VW
+            for r in range(qs.shape[0]):
+                for j in range(0, done, VW):
+                    key_scores(qs, r * qs.shape[1], kn, (j0 + j) * E, E, k_scales, (j0 + j) * nbk, nbk, shift, E,
+                               s, r * s.shape[1] + j)
+            return done
+        return impl_int8
+
+    def impl_float(qs, kn, k_scales, k_block, j0, nk, s):
+        E = kn.shape[1]
+        if E % VW != 0:
+            return 0
+        done = nk // VW * VW
+        for r in range(qs.shape[0]):
+            for j in range(0, done, VW):
+                # float keys have no scales: the query stands in for the unused scale array
+                key_scores(qs, r * qs.shape[1], kn, (j0 + j) * E, E, qs, 0, 0, 0, E, s, r * s.shape[1] + j)
+        return done
+    return impl_float
