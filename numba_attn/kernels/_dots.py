@@ -19,7 +19,7 @@ scale per vector). Scores are written to s[s_off : s_off + VW].
 Vector width as in ``_tile``: VW = 16 (AVX-512), 8 (AVX/AVX2), 4 (other). E must be a multiple of VW.
 """
 from llvmlite import ir
-from numba import types
+from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
@@ -154,3 +154,150 @@ def _rows_of_key_scores_overload(qs, kn, k_scales, k_block, j0, nk, s):
                 key_scores(qs, r * qs.shape[1], kn, (j0 + j) * E, E, qs, 0, 0, 0, E, s, r * s.shape[1] + j)
         return done
     return impl_float
+
+
+def _make_value_rows(rows, chunks):
+    """acc[i] += Σ_j p[i, j]·v_j over a rows × (chunks·VW columns) tile held in registers."""
+    def value_rows(typingctx, p, p_off, p_stride, v, v_off, v_stride, vs, vs_off, vs_stride, col0, shift,
+                   acc, acc_off, acc_stride, nk):
+        if not (_is_c(p, types.float32) and _is_c(acc, types.float32) and _is_c(vs, types.float32)
+                and _is_c(v, types.float32, types.uint16, types.int8)):
+            return None
+        i64 = types.int64
+        sig = types.void(p, i64, i64, v, i64, i64, vs, i64, i64, i64, i64, acc, i64, i64, i64)
+        kind = v.dtype
+
+        def codegen(context, builder, signature, args):
+            (p_, p_off_, p_stride_, v_, v_off_, v_stride_, vs_, vs_off_, vs_stride_, col0_, shift_,
+             acc_, acc_off_, acc_stride_, nk_) = args
+            vt = ir.VectorType(ir.FloatType(), VW)
+            ll_i64 = ir.IntType(64)
+            pp = context.make_array(signature.args[0])(context, builder, p_).data
+            vp = context.make_array(signature.args[3])(context, builder, v_).data
+            vsp = context.make_array(signature.args[6])(context, builder, vs_).data
+            ap = context.make_array(signature.args[11])(context, builder, acc_).data
+            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vt, [vt, vt, vt]),
+                                                 f"llvm.fma.v{VW}f32")
+            raw_t = {types.uint16: ir.VectorType(ir.IntType(16), VW),
+                     types.int8: ir.VectorType(ir.IntType(8), VW)}.get(kind, vt)
+
+            def const(x):
+                return ir.Constant(ll_i64, x)
+
+            def splat(x):
+                v = builder.insert_element(ir.Constant(vt, None), x, ir.Constant(ir.IntType(32), 0))
+                return builder.shuffle_vector(v, ir.Constant(vt, None),
+                                              ir.Constant(ir.VectorType(ir.IntType(32), VW), None))
+
+            def acc_ptr(i, c):
+                index = builder.add(builder.add(acc_off_, builder.mul(const(i), acc_stride_)), const(c * VW))
+                return builder.bitcast(builder.gep(ap, [index]), vt.as_pointer())
+
+            accs = [[cgutils.alloca_once(builder, vt) for _ in range(chunks)] for _ in range(rows)]
+            for i in range(rows):
+                for c in range(chunks):
+                    builder.store(builder.load(acc_ptr(i, c), align=4), accs[i][c])
+            with cgutils.for_range(builder, nk_) as loop:
+                j = loop.index
+                v_row = builder.add(v_off_, builder.mul(j, v_stride_))
+                vals = []
+                for c in range(chunks):
+                    raw = builder.load(builder.bitcast(builder.gep(vp, [builder.add(v_row, const(c * VW))]),
+                                                       raw_t.as_pointer()), align=1)
+                    if kind == types.uint16:
+                        val = builder.fpext(builder.bitcast(raw, ir.VectorType(ir.HalfType(), VW)), vt)
+                    elif kind == types.int8:
+                        blk = builder.lshr(builder.add(col0_, const(c * VW)), shift_)
+                        sc = builder.load(builder.gep(vsp, [builder.add(builder.add(vs_off_, builder.mul(j, vs_stride_)), blk)]))
+                        val = builder.fmul(builder.sitofp(raw, vt), splat(sc))
+                    else:
+                        val = raw
+                    vals.append(val)
+                for i in range(rows):
+                    w = splat(builder.load(builder.gep(pp, [builder.add(builder.add(p_off_, builder.mul(const(i), p_stride_)), j)])))
+                    for c in range(chunks):
+                        builder.store(builder.call(fma, [w, vals[c], builder.load(accs[i][c])]), accs[i][c])
+            for i in range(rows):
+                for c in range(chunks):
+                    builder.store(builder.load(accs[i][c]), acc_ptr(i, c), align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+    value_rows.__name__ = value_rows.__qualname__ = f"value_rows_{rows}x{chunks}"
+    return intrinsic(value_rows)
+
+
+value_rows_4x4 = _make_value_rows(4, 4)
+value_rows_4x2 = _make_value_rows(4, 2)
+value_rows_4x1 = _make_value_rows(4, 1)
+value_rows_1x4 = _make_value_rows(1, 4)
+value_rows_1x2 = _make_value_rows(1, 2)
+value_rows_1x1 = _make_value_rows(1, 1)
+
+
+def rows_of_values(s, vn, v_scales, v_block, j0, nk, acc):  # pragma: no cover - numba overload below
+    raise TypeError("rows_of_values is a numba kernel helper: call it from @njit code")
+
+
+@overload(rows_of_values)
+def _rows_of_values_overload(s, vn, v_scales, v_block, j0, nk, acc):
+    """acc[r, :] += Σ_{j<nk} s[r, j]·v_{j0+j} for every row and column, in register tiles of 4 (or 1)
+    rows × 4, 2 or 1 vectors of columns (``value_rows_*``); returns True, or False without doing
+    anything where it does not apply (float64, a value dim that is not a multiple of VW, int8
+    scale blocks narrower than VW)."""
+    if not (_is_c(s, types.float32) and _is_c(acc, types.float32)
+            and _is_c(vn, types.float32, types.uint16, types.int8)):
+        return lambda s, vn, v_scales, v_block, j0, nk, acc: False
+    is_int8 = vn.dtype == types.int8
+    if is_int8 and not _is_c(v_scales, types.float32):
+        return lambda s, vn, v_scales, v_block, j0, nk, acc: False
+
+    if is_int8:
+        def impl_int8(s, vn, v_scales, v_block, j0, nk, acc):
+            Ev = vn.shape[1]
+            nb = v_scales.shape[1]
+            if Ev % VW != 0 or (nb > 1 and v_block % VW != 0):
+                return False
+            shift = 0
+            while (1 << shift) < (v_block if nb > 1 else Ev):     # one scale per row: every column → 0
+                shift += 1
+            _value_tiles(s, vn, v_scales, nb, shift, j0, nk, acc)
+            return True
+        return impl_int8
+
+    def impl_float(s, vn, v_scales, v_block, j0, nk, acc):
+        if vn.shape[1] % VW != 0:
+            return False
+        _value_tiles(s, vn, s, 0, 0, j0, nk, acc)      # float values have no scales: s stands in
+        return True
+    return impl_float
+
+
+@njit(inline="always")
+def _value_tiles(s, vn, scales, nb, shift, j0, nk, acc):
+    """Cover acc (R, Ev) with tiles: 4 rows at a time, then single rows; 4, 2 or 1 vectors of columns."""
+    Ev = vn.shape[1]
+    R = acc.shape[0]
+    ps = s.shape[1]
+    for r in range(0, R, 4):
+        four = r + 4 <= R
+        e = 0
+        while e < Ev:
+            left = Ev - e
+            width = 4 * VW if left >= 4 * VW else (2 * VW if left >= 2 * VW else VW)
+            if four:
+                if width == 4 * VW:
+                    value_rows_4x4(s, r * ps, ps, vn, j0 * Ev + e, Ev, scales, j0 * nb, nb, e, shift, acc, r * Ev + e, Ev, nk)
+                elif width == 2 * VW:
+                    value_rows_4x2(s, r * ps, ps, vn, j0 * Ev + e, Ev, scales, j0 * nb, nb, e, shift, acc, r * Ev + e, Ev, nk)
+                else:
+                    value_rows_4x1(s, r * ps, ps, vn, j0 * Ev + e, Ev, scales, j0 * nb, nb, e, shift, acc, r * Ev + e, Ev, nk)
+            else:
+                for rr in range(r, R):
+                    if width == 4 * VW:
+                        value_rows_1x4(s, rr * ps, ps, vn, j0 * Ev + e, Ev, scales, j0 * nb, nb, e, shift, acc, rr * Ev + e, Ev, nk)
+                    elif width == 2 * VW:
+                        value_rows_1x2(s, rr * ps, ps, vn, j0 * Ev + e, Ev, scales, j0 * nb, nb, e, shift, acc, rr * Ev + e, Ev, nk)
+                    else:
+                        value_rows_1x1(s, rr * ps, ps, vn, j0 * Ev + e, Ev, scales, j0 * nb, nb, e, shift, acc, rr * Ev + e, Ev, nk)
+            e += width

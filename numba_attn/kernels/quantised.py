@@ -22,7 +22,7 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from .. import config
-from ._dots import rows_of_key_scores
+from ._dots import rows_of_key_scores, rows_of_values
 from ._load import load
 
 
@@ -177,11 +177,15 @@ def block_values(s, vn, v_scales, v_block, j0, nk, acc):  # pragma: no cover - n
 def _block_values_overload(s, vn, v_scales, v_block, j0, nk, acc):
     """acc[r, :] += Σ_j s[r, j]·v_{j0+j} for nk keys from j0 (int8 values dequantised on the fly).
 
-    Four keys per pass over an accumulator row, so each accumulator entry is read and written
+    float32 probabilities and a value dim that is a multiple of VW: register tiles in LLVM vector
+    IR (``_dots.rows_of_values``: 4 rows × up to 4 vectors of columns, accumulated over all nk keys
+    without touching memory). Otherwise the loops here: four keys per pass over an accumulator row, so each accumulator entry is read and written
     once per four keys (one at a time, the loop waits on its own stores).
     """
     if isinstance(vn, types.Array) and vn.dtype == types.int8:
         def impl_int8(s, vn, v_scales, v_block, j0, nk, acc):
+            if rows_of_values(s, vn, v_scales, v_block, j0, nk, acc):     # register tiles, see _dots
+                return
             if v_block == 32 and vn.shape[1] % 32 == 0:     # the default: constant 32-wide blocks
                 _values_int8_32(s, vn, v_scales, j0, nk, acc)
             else:
@@ -189,6 +193,8 @@ def _block_values_overload(s, vn, v_scales, v_block, j0, nk, acc):
         return impl_int8
 
     def impl_float(s, vn, v_scales, v_block, j0, nk, acc):
+        if rows_of_values(s, vn, v_scales, v_block, j0, nk, acc):     # register tiles, see _dots
+            return
         Ev = vn.shape[1]
         nk4 = nk // 4 * 4
         for j in range(0, nk4, 4):
