@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from numba_attn.kernels._math import fast_exp_array
+from numba_attn.kernels._math import exp_nonpositive_array, fast_exp_array
 
 F32_MAX_LOG = math.log(float(np.finfo(np.float32).max))    # 88.7228...: exp(x) overflows float32 above
 
@@ -104,3 +104,32 @@ def test_float64_equals_math_exp():
 def test_float64_nan_propagates():
     y = fast_exp(np.array([np.nan]))
     assert np.isnan(y[0])
+
+
+def exp_nonpositive(x):
+    x = np.ascontiguousarray(x)
+    out = np.empty_like(x)
+    exp_nonpositive_array(x, out)
+    return out
+
+
+def test_exp_nonpositive_matches_fast_exp_on_its_domain():
+    """The softmax's exp (x ≤ 0 only, no overflow path): relative error < 1e-6 against float64, and
+    bit-identical to ``fast_exp`` wherever both apply; -inf and everything below -87.3 give exactly 0."""
+    rng = np.random.default_rng(1)
+    x = np.concatenate([np.linspace(-87.29, 0.0, 1_000_001, dtype=np.float32),
+                        rng.uniform(-87.29, 0.0, 200_000).astype(np.float32),
+                        np.float32([0.0, -0.0, -1e-30, -87.29])])
+    y = exp_nonpositive(x)
+    assert y.dtype == np.float32
+    exact = np.exp(x.astype(np.float64))
+    rel = np.abs(y.astype(np.float64) - exact) / exact
+    assert rel.max() < 1e-6, f"relative error {rel.max():.3g} at x = {x[int(np.argmax(rel))]!r}"
+    np.testing.assert_array_equal(y, fast_exp(x))
+    low = np.float32([-np.inf, -1e30, -1000.0, -87.31, -88.0])
+    np.testing.assert_array_equal(exp_nonpositive(low), np.zeros(5, np.float32))
+
+
+def test_exp_nonpositive_float64_is_math_exp():
+    x = np.array([0.0, -1.5, -700.0, -np.inf])
+    np.testing.assert_array_equal(exp_nonpositive(x), np.exp(x))

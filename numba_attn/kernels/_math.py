@@ -11,6 +11,8 @@ Max relative error ≈ 2e-7 (one float32 ulp or two). Inputs below -87.3 (includ
 exactly 0, inputs above log(FLT_MAX) ≈ 88.7228 return +inf, so -inf masking keeps its meaning. Every step is an
 add, multiply, floor, int conversion, shift or bitcast: LLVM turns the loop into vector code.
 For float64 we call ``math.exp`` (the float64 path is the accurate one, not the fast one).
+
+``exp_nonpositive(x)``: the same for x ≤ 0 only (the softmax's arguments), without the overflow path.
 """
 import math
 
@@ -74,6 +76,48 @@ def _fast_exp_overload(x):
             return math.exp(x)
         return impl
     return None
+
+
+def exp_nonpositive(x):
+    """Pure-Python stand-in; inside numba kernels the overload below is used."""
+    return math.exp(x)
+
+
+@overload(exp_nonpositive, fastmath=config.FASTMATH)
+def _exp_nonpositive_overload(x):
+    """``fast_exp`` for x ≤ 0 (and -inf), the softmax's case: s - max(s) and m_old - m_new.
+
+    Same polynomial and accuracy, without the overflow path (n ≤ 0, so 2ⁿ is built directly):
+    about 7 fewer vector operations per exp. A positive x gives garbage; NaN gives a finite
+    number (the kernels check their scores for NaN before the softmax).
+    """
+    if x == types.float32:
+        def impl(x):
+            xc = max(x, _EXP_LO)
+            n = np.floor(xc * _LOG2E + np.float32(0.5))
+            r = xc - n * _LN2_HI - n * _LN2_LO
+            p = np.float32(1.0 / 720.0)
+            p = p * r + np.float32(1.0 / 120.0)
+            p = p * r + np.float32(1.0 / 24.0)
+            p = p * r + np.float32(1.0 / 6.0)
+            p = p * r + np.float32(0.5)
+            p = p * r + np.float32(1.0)
+            p = p * r + np.float32(1.0)
+            y = p * _int32_bits_as_float32(np.int32((np.int32(n) + np.int32(127)) << np.int32(23)))
+            return np.float32(0.0) if x < _EXP_LO else y
+        return impl
+    if isinstance(x, types.Float):
+        def impl(x):
+            return math.exp(x)
+        return impl
+    return None
+
+
+@njit(fastmath=config.FASTMATH, cache=config.CACHE)
+def exp_nonpositive_array(x, out):
+    """``out[i] = exp_nonpositive(x[i])``: exposed for tests of the approximation."""
+    for i in range(x.shape[0]):
+        out[i] = exp_nonpositive(x[i])
 
 
 @njit(fastmath=config.FASTMATH, cache=config.CACHE)

@@ -37,7 +37,7 @@ from numba import njit, prange
 from .. import config
 from . import variant
 from ._load import load
-from ._math import fast_exp
+from ._math import exp_nonpositive, fast_exp
 from .quantised import block_scores, block_values, quantize_row_into
 from ._scores import MASK_ADD, MASK_BOOL, adjust_score, visible_key_range
 
@@ -140,10 +140,10 @@ def _decode_body(q, k, k_scales, k_block, v, v_scales, v_block, q_idx, k_idx, v_
                     mx = max(mx, srow[j])
                 m_new = max(m[r], mx)
                 shift = m_new if m_new > neg_inf else zero
-                alpha = fast_exp(m[r] - shift)
+                alpha = exp_nonpositive(m[r] - shift)
                 total = zero
                 for j in range(nk):
-                    p = fast_exp(srow[j] - shift)
+                    p = exp_nonpositive(srow[j] - shift)
                     srow[j] = p
                     total += p
                 l[r] = l[r] * alpha + total

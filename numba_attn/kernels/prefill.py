@@ -31,7 +31,7 @@ rows of the block (BLOCK_Q contiguous lanes) with no horizontal reductions:
   (or key block), written as LLVM vector IR with ``llvm.fma``: ~116 GFLOP/s per Zen 4 core;
 - the rows and keys a tile does not cover, and float64: plain loops, 4 keys × 4 head-dim entries
   (or 4 columns × 4 keys) per step, vectorised by LLVM along r;
-- softmax: running max, exp (``fast_exp``, vectorised) and sums elementwise along r.
+- softmax: running max, exp (``exp_nonpositive``, vectorised) and sums elementwise along r.
 
 Non-finite check, when asked: the query block is checked as it is transposed, raw scores in the
 softmax's max pass (or in a pass of their own, before masks, for blocks a mask touches), results as
@@ -51,7 +51,7 @@ from .. import config
 from . import variant
 from ._load import load, rows_for_compute
 from ._tile import tile_scores, tile_values
-from ._math import fast_exp
+from ._math import exp_nonpositive
 from ._scores import MASK_ADD, MASK_BOOL, adjust_score, visible_key_range
 
 
@@ -220,14 +220,14 @@ def online_softmax_block(st, nk, nr, m, l, alpha, m_blk, chk, check_raw):
     for r in range(nr):
         m_new = max(m[r], m_blk[r])
         shift = m_new if m_new > neg_inf else zero
-        alpha[r] = fast_exp(m[r] - shift)
+        alpha[r] = exp_nonpositive(m[r] - shift)
         m[r] = m_new
         m_blk[r] = shift
         l[r] *= alpha[r]
     for j in range(nk):
         row = st[j]
         for r in range(nr):
-            p = fast_exp(row[r] - m_blk[r])
+            p = exp_nonpositive(row[r] - m_blk[r])
             row[r] = p
             l[r] += p
 
