@@ -24,6 +24,8 @@ GFLOP/s, against 84 for the plain-loop micro-kernels they replace.
 
 Arrays must be C-contiguous float32 (checked at typing); offsets and strides are in elements.
 """
+import platform
+
 import numba
 from llvmlite import binding as llvm_binding
 from llvmlite import ir
@@ -38,20 +40,21 @@ KI = 4
 def _tile_shape():
     """(VW, NV) for the CPU numba compiles for (see the module doc)."""
     name = numba.config.CPU_NAME
-    if name and name != "host":
-        features = numba.config.CPU_FEATURES or ""     # an explicit, portable target: assume little
-        host = False
+    host = not name or name == "host"
+    if host:
+        try:
+            features = llvm_binding.get_host_cpu_features().flatten()
+        except RuntimeError:           # LLVM cannot read them (some emulators, exotic kernels)
+            features = ""
     else:
-        features = llvm_binding.get_host_cpu_features().flatten()
-        host = True
+        features = numba.config.CPU_FEATURES or ""     # an explicit, portable target: assume little
     flags = {f[1:] for f in features.split(",") if f.startswith("+")}
-    import platform
     if host and "avx512f" in flags:
         return 16, 4
     if "avx2" in flags or "avx" in flags:
         return 8, 2
-    if platform.machine().lower() in ("aarch64", "arm64") and host:
-        return 4, 4
+    if host and platform.machine().lower() in ("aarch64", "arm64"):
+        return 4, 4                    # NEON: 32 registers of 4 floats
     return 4, 2
 
 
