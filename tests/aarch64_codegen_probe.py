@@ -14,6 +14,8 @@ from numba import njit, types
 
 from numba_attn import config
 from numba_attn.kernels._load import load
+from numba_attn.kernels._dots import key_scores, value_rows_1x4
+from numba_attn.kernels._tile import VW, tile_add
 from numba_attn.kernels.quantised import int8_dot
 
 TRIPLE = "aarch64-unknown-linux-gnu"
@@ -40,6 +42,29 @@ def f16_dot(q, k):          # the same source as f32_dot, with float16 keys as u
 def i8_dot(a, b):
     return int8_dot(a, b, 0, a.shape[0])
 
+
+@njit(fastmath=config.FASTMATH)
+def prefill_tile(pt, vn, acct, nk):      # the prefill P·V register tile (4 columns × W rows)
+    tile_add(vn, 0, 1, vn.shape[1], pt, 0, pt.shape[1], acct, 0, acct.shape[1], nk)
+
+
+@njit(fastmath=config.FASTMATH)
+def decode_scores_f16(q, k, s):          # VW float16 keys' scores (shuffle butterfly)
+    key_scores(q, 0, k, 0, k.shape[1], q, 0, 0, 0, k.shape[1], s, 0)
+
+
+@njit(fastmath=config.FASTMATH)
+def decode_values_i8(p, v, vs, acc, nk):  # one row × 4 vectors of int8 values, per-32 scales
+    value_rows_1x4(p, 0, p.shape[1], v, 0, v.shape[1], vs, 0, vs.shape[1], 0, 5, acc, 0, acc.shape[1], nk)
+
+
+F32_2D, U16_2D, I8_2D = types.float32[:, ::1], types.uint16[:, ::1], types.int8[:, ::1]
+#: the vector-IR micro-kernels (run with NUMBA_ATTN_TILE=4x4, NEON's tile shape)
+TILE_PROBES = {
+    "prefill tile": (prefill_tile, (F32_2D, F32_2D, F32_2D, types.int64)),
+    "decode scores float16": (decode_scores_f16, (types.float32[::1], U16_2D, types.float32[::1])),
+    "decode values int8": (decode_values_i8, (F32_2D, I8_2D, F32_2D, F32_2D, types.int64)),
+}
 
 PROBES = {
     "float32 dot": (f32_dot, (types.float32[::1], types.float32[::1])),
@@ -82,14 +107,18 @@ def assemble(ir, cpu):
 def main():
     llvm.initialize_all_targets()
     llvm.initialize_all_asmprinters()
-    result = {}
-    for name, (fn, sig) in PROBES.items():
+    result = {"VW": VW}
+    for name, (fn, sig) in {**PROBES, **TILE_PROBES}.items():
         fn.compile(sig)
         ir = fn.inspect_llvm(sig)
         result[name] = {}
         for cpu in CPUS:
             asm = assemble(ir, cpu)
-            result[name][cpu] = dict(collections.Counter(re.findall(r"^\s+([a-z][a-z0-9.]*)\s", asm, re.M)))
+            counts = collections.Counter(re.findall(r"^\s+([a-z][a-z0-9.]*)\s", asm, re.M))
+            # vector registers reloaded from the stack (a spilled accumulator comes back this way; the
+            # wrappers only store zeros there)
+            counts["vector spills"] = len(re.findall(r"^\s+(?:ldr|ldp|ldur)\s+q\d+.*\[sp", asm, re.M))
+            result[name][cpu] = dict(counts)
     print(json.dumps(result))
 
 

@@ -13,7 +13,8 @@ PROBE = Path(__file__).with_name("aarch64_codegen_probe.py")
 
 @pytest.fixture(scope="module")
 def asm_counts():
-    env = dict(os.environ, NUMBA_LOOP_VECTORIZE="0", NUMBA_SLP_VECTORIZE="0", NUMBA_ATTN_CACHE="0")
+    env = dict(os.environ, NUMBA_LOOP_VECTORIZE="0", NUMBA_SLP_VECTORIZE="0", NUMBA_ATTN_CACHE="0",
+               NUMBA_ATTN_TILE="4x4")        # the tile shape numba_attn picks on an aarch64 host
     out = subprocess.run([sys.executable, str(PROBE)], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -39,3 +40,16 @@ def test_int8_dot_uses_widening_multiplies_on_cortex_a72(asm_counts):
     ops = asm_counts["int8 dot"]["cortex-a72"]
     assert "sdot" not in ops                       # the A72 (Armv8.0) has no dot-product instructions
     assert ops.get("smull", 0) + ops.get("smull2", 0) + ops.get("smlal", 0) + ops.get("smlal2", 0) > 0
+
+
+@pytest.mark.parametrize("probe", ["prefill tile", "decode scores float16", "decode values int8"])
+@pytest.mark.parametrize("cpu", ["cortex-a76", "cortex-a72"])
+def test_vector_ir_micro_kernels_stay_in_neon_registers(asm_counts, probe, cpu):
+    """The LLVM vector-IR micro-kernels (4-lane tiles on aarch64) compile to NEON fused multiply-adds
+    with every accumulator in a register: no vector spills to the stack."""
+    assert asm_counts["VW"] == 4
+    ops = asm_counts[probe][cpu]
+    assert ops.get("fmla", 0) >= 4, ops
+    assert ops["vector spills"] == 0, ops
+    if probe == "decode scores float16":
+        assert ops.get("fcvtl", 0) + ops.get("fcvtl2", 0) > 0

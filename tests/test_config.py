@@ -273,3 +273,52 @@ def test_module_state_is_consistent():
                  "DECODE_MAX_ROWS", "DECODE_BLOCK_K", "DECODE_ITEMS_PER_THREAD", "DECODE_MIN_SPLIT"):
         value = getattr(config, name)
         assert isinstance(value, int) and value > 0, name
+
+
+PORTABLE_CHILD = r"""
+import numpy as np
+import numba_attn as na
+from numba_attn import reference, quantize
+from numba_attn.kernels import _tile
+rng = np.random.default_rng(0)
+worst = {}
+for dt in (np.float32, np.float16):
+    for L, S in ((70, 90), (1, 300)):          # prefill, and the split-K decode kernel
+        q, k, v = (rng.standard_normal((1, 3, n, 40)).astype(dt) for n in (L, S, S))
+        out = na.scaled_dot_product_attention(q, k, v, is_causal="lower_right").astype(np.float64)
+        ref = reference.scaled_dot_product_attention(*(x.astype(np.float64) for x in (q, k, v)), is_causal="lower_right")
+        worst[f"{np.dtype(dt).name} L{L}"] = float(np.abs(out - ref).max())
+q = rng.standard_normal((1, 2, 1, 64)).astype(np.float32)
+k, v = (rng.standard_normal((1, 2, 300, 64)).astype(np.float32) for _ in range(2))
+out = na.scaled_dot_product_attention(q, quantize(k), quantize(v))
+ref = reference.scaled_dot_product_attention(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64))
+worst["int8"] = float(np.abs(out - ref).max())
+print("TILE", _tile.VW, _tile.NV, "WORST", worst)
+"""
+
+
+def test_portable_generic_cpu_target(tmp_path):
+    """NUMBA_CPU_NAME=generic (the portable-cache setting: SSE2 only on x86): the vector-IR kernels
+    take 4-lane tiles, float16 converts through libgcc's helpers (LLVM would otherwise abort
+    with "Symbol not found: __extendhfsf2"), and results match the reference."""
+    env = dict(os.environ, NUMBA_CPU_NAME="generic", NUMBA_CACHE_DIR=str(tmp_path))
+    env.pop("NUMBA_CPU_FEATURES", None)
+    env.pop("NUMBA_ATTN_TILE", None)
+    proc = subprocess.run([sys.executable, "-c", PORTABLE_CHILD], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = proc.stdout.strip().splitlines()[-1]
+    assert line.startswith("TILE 4 2 WORST"), line
+    worst = eval(line.split("WORST", 1)[1])
+    for name, err in worst.items():
+        limit = {"float32": 1e-5, "float16": 2e-3, "int8": 5e-2}[name.split()[0]]
+        assert err < limit, (name, err)
+
+
+def test_tile_shape_override(monkeypatch):
+    from numba_attn.kernels import _tile
+    monkeypatch.setenv("NUMBA_ATTN_TILE", "8x2")
+    assert _tile._tile_shape() == (8, 2)
+    monkeypatch.setenv("NUMBA_ATTN_TILE", "3x2")
+    with pytest.raises(ValueError, match="NUMBA_ATTN_TILE"):
+        _tile._tile_shape()

@@ -9,9 +9,29 @@ float16 data reaches the kernels as its ``uint16`` bit pattern and is converted 
 ``load(x)``: uint16 → float32 (half bits), float → the same float.
 ``half_bits(f)``: float32 → uint16 bits of the nearest float16.
 """
+import ctypes
+
+from llvmlite import binding as llvm_binding
 from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, overload
+
+
+def _provide_half_conversion_helpers():
+    """On x86 without F16C (e.g. ``NUMBA_CPU_NAME=generic``, for a portable cache) LLVM lowers the
+    half ↔ float conversions to the compiler-runtime calls ``__extendhfsf2``/``__truncsfhf2``,
+    which numba's JIT cannot resolve on its own ("LLVM ERROR: Symbol not found", an abort). GCC's
+    libgcc_s (12 and later) exports both with the same calling convention: hand them to the JIT."""
+    try:
+        libgcc = ctypes.CDLL("libgcc_s.so.1")
+    except OSError:
+        return
+    for name in ("__extendhfsf2", "__truncsfhf2"):
+        if llvm_binding.address_of_symbol(name) is None and hasattr(libgcc, name):
+            llvm_binding.add_symbol(name, ctypes.cast(getattr(libgcc, name), ctypes.c_void_p).value)
+
+
+_provide_half_conversion_helpers()
 
 
 @intrinsic

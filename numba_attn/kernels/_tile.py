@@ -24,6 +24,7 @@ GFLOP/s, against 84 for the plain-loop micro-kernels they replace.
 
 Arrays must be C-contiguous float32 (checked at typing); offsets and strides are in elements.
 """
+import os
 import platform
 
 import numba
@@ -38,7 +39,14 @@ KI = 4
 
 
 def _tile_shape():
-    """(VW, NV) for the CPU numba compiles for (see the module doc)."""
+    """(VW, NV) for the CPU numba compiles for (see the module doc); ``NUMBA_ATTN_TILE=VWxNV``
+    (e.g. ``4x4``) overrides it, for tests and cross-compilation."""
+    forced = os.environ.get("NUMBA_ATTN_TILE")
+    if forced:
+        vw, nv = (int(x) for x in forced.lower().split("x"))
+        if vw not in (4, 8, 16) or nv not in (1, 2, 4):
+            raise ValueError(f"NUMBA_ATTN_TILE must be VWxNV with VW in 4, 8, 16 and NV in 1, 2, 4, got {forced!r}")
+        return vw, nv
     name = numba.config.CPU_NAME
     host = not name or name == "host"
     if host:
