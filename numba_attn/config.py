@@ -5,6 +5,9 @@ Environment variables (read once, at import):
 ``NUMBA_ATTN_CACHE``   ``1`` (default) keeps compiled kernels in numba's on-disk cache, ``0`` turns it off.
 ``NUMBA_CACHE_DIR``    numba's own: where the cache goes (default: ``numba_attn/kernels/__pycache__``,
                        else ``~/.cache/numba``).
+``NUMBA_ATTN_TILE``    ``VWxNV``, e.g. ``8x2``: the vector width and vectors per row of the register-tiled
+                       micro-kernels (``kernels/_tile.py``); by default 16x4 with AVX-512, 8x2 with AVX,
+                       4x4 on aarch64 and 4x2 otherwise (and for any explicit ``NUMBA_CPU_NAME``).
 
 If no cache location is writable (a read-only install with a read-only HOME), caching is turned
 off instead of failing at import (numba raises "no locator available" there): every process then
