@@ -299,22 +299,69 @@ def preload_baselines():
             continue          # not installed: nothing to protect
 
 
+#: bytes read between two timed decode calls (more than any L3 cache here, 32 MiB)
+EVICT_BYTES = 96 << 20
+_evict_buffer = None
+
+
+def evict_caches():
+    """Read EVICT_BYTES of unrelated memory, so the next call finds its KV cache in DRAM, not in L3.
+
+    A model decodes layer after layer, each with its own cache, so a layer's K and V never stay in
+    L3 from one step to the next. Timing the same call over and over would keep a float16 (32 MiB)
+    or int8 (19 MB) cache partly L3-resident and report speeds beyond the memory's.
+    """
+    global _evict_buffer
+    if _evict_buffer is None:
+        _evict_buffer = np.ones(EVICT_BYTES // 8, np.float64)
+    return float(_evict_buffer.sum())
+
+
+#: pause before timing the next library: OpenMP and OpenBLAS worker threads keep spinning for up to
+#: ~0.1 s after a call returns, and on a small machine they would slow the next library down
+HAND_OVER_SECONDS = 0.15
+
+
 def run_cases(cases, threads, implementations=None, progress=None, budget=1.0):
-    """{(case, implementation name): seconds or the reason it was skipped}."""
+    """{(case, implementation name): median seconds, or the reason it was skipped}.
+
+    Each case times its implementations in two passes, in order and then in reverse order, so a
+    machine whose speed drifts treats them alike. Each block starts with a pause (the previous
+    library's threads go idle, see HAND_OVER_SECONDS) and an untimed warm-up call, then times
+    calls for ``budget``/2 seconds (3 to 25 calls); the result is the median of both blocks.
+    Memory-bound (decode) cases read unrelated memory before every timed call (``evict_caches``).
+    """
     preload_baselines()
     implementations = IMPLEMENTATIONS if implementations is None else implementations
     results = {}
     for case in cases:
+        fns = {}
         for impl in implementations:
             if progress:
                 progress(f"{case.name} [{case.shape}] {impl.name} ...")
             try:
-                fn = impl.prepare(case, threads)
+                fns[impl.name] = impl.prepare(case, threads)
             except Unavailable as why:
                 results[case, impl.name] = str(why)
-                continue
-            results[case, impl.name] = median_seconds(fn, budget=budget)
-            del fn
+        times = {name: [] for name in fns}
+        order = list(fns)
+        for pass_order in (order, order[::-1]):
+            for name in pass_order:
+                time.sleep(HAND_OVER_SECONDS)
+                fn = fns[name]
+                fn()                                # warm-up: compilation, caches, thread pools
+                t_start = time.perf_counter()
+                block = 0
+                while block < 3 or (block < 25 and time.perf_counter() - t_start < budget / 2):
+                    if case.memory_bound:
+                        evict_caches()
+                    t0 = time.perf_counter()
+                    fn()
+                    times[name].append(time.perf_counter() - t0)
+                    block += 1
+        for name in fns:
+            results[case, name] = float(np.median(times[name]))
+        del fns
     return results
 
 
