@@ -102,9 +102,12 @@ def _decode_body(q, k, k_scales, k_block, v, v_scales, v_block, q_idx, k_idx, v_
                 q_chk += x * zero                   # 0, or NaN once a query value is NaN or ±inf
             if k_block > 0 and nbk == 1:    # only per-row int8 keys score against an int8 query
                 quantize_row_into(qs[r], k_block, q8[r], q8_scales[r])
-        acc = part_acc[g, sp, r0:r0 + nr]
-        m = part_m[g, sp, r0:r0 + nr]
-        l = part_l[g, sp, r0:r0 + nr]
+        # this item's running state, private until the end: part_m/part_l hold one float per row, so
+        # the rows of items on different threads share cache lines, and writing them once per key
+        # block made the threads fight over those lines (false sharing)
+        acc = np.zeros((nr, Ev), dt)
+        m = np.full(nr, neg_inf, dt)
+        l = np.zeros(nr, dt)
         s = np.empty((nr, block_k), dt)
         pos_inf = dt.type(np.inf)
         n_bad = 0
@@ -152,6 +155,9 @@ def _decode_body(q, k, k_scales, k_block, v, v_scales, v_block, q_idx, k_idx, v_
                 for e in range(Ev):
                     arow[e] *= alpha
             block_values(s, vn, vsn, v_block, j0, nk, acc)
+        part_acc[g, sp, r0:r0 + nr] = acc
+        part_m[g, sp, r0:r0 + nr] = m
+        part_l[g, sp, r0:r0 + nr] = l
         check[w] = n_bad + (0 if q_chk == zero else 1)
     # exact merge of the parts
     for t in prange(G * R):
