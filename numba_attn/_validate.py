@@ -1,5 +1,7 @@
 """Checks and shape normalisation at the door: every error names the argument and what was expected.
 
+(NaN and inf in query, key and value are the exception: the kernels find them, see ``api._run``.)
+
 ``prepare_attention`` turns the user's (query, key, value, attn_mask, ...) into a ``Plan``: three
 C-contiguous 3-D arrays ``(N_x, rows, cols)`` (no copy when the input already is one), an index array
 per operand mapping each output batch entry to its operand's batch entry (this is how broadcasting
@@ -112,16 +114,21 @@ def check_out_dtype(out_dtype):
 
 
 def check_finite_array(x, name, rows=None):
-    """Raise ``ValueError`` naming ``name`` if x (float16/32/64; uint16 = float16 bits) holds NaN or
-    inf; else return max |x| (one scan gives both, see ``kernels.finite``).
+    """Raise ``ValueError`` naming ``name`` if x holds NaN or inf.
 
+    float16/32/64 (and uint16, read as float16 bits) go through the bit-level scan of
+    ``kernels.finite``; other dtypes (integers, longdouble) through ``np.isfinite``.
     ``rows``: for a (N, slots, C) kernel operand, scan only x[:, :rows] (a KV cache's valid tokens).
     """
-    top = max_abs(x, rows)
+    if x.dtype in (np.float16, np.float32, np.float64, np.uint16):
+        top = max_abs(x, rows)
+    else:
+        part = x if rows is None else x[:, :rows]
+        top = 0.0 if part.dtype.kind in "iub" or np.isfinite(part).all() else (
+            np.nan if np.isnan(part).any() else np.inf)
     if not np.isfinite(top):
         bad = "NaN" if np.isnan(top) else "inf"
         raise ValueError(f"{name} contains {bad}; pass finite values (or check_finite=False to skip the check)")
-    return top
 
 
 def check_scale(scale, E):
@@ -272,7 +279,6 @@ def prepare_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
         if len(bq) and len(bk) and bq[-1] != bk[-1]:
             hint = " (different head counts on dim -3: pass enable_gqa=True for grouped-query attention)"
         raise ValueError(f"batch dims of query {bq}, key {bk} and value {bv} do not broadcast{hint}") from None
-
 
     q_idx = _batch_index(bq, batch, "query")
     if group > 1:

@@ -71,8 +71,8 @@ def _run(plan):
         kernel(*args)
     else:
         launch(kernel, *args)
-    # every kernel counts non-finite query values and raw scores into ``check``; prefill also its
-    # result, decode's (a few rows) is scanned here
+    # every kernel counts non-finite query values, raw scores and accumulators into ``check``;
+    # prefill also checks its result as it writes it, decode's (N·L rows) is scanned here
     if plan.check_finite and (check.any() or (decode_path and not all_finite(out))):
         _raise_nonfinite(plan)
     return out, lse
@@ -83,8 +83,9 @@ def _raise_nonfinite(plan):
     for name, x, rows in (("query", plan.query, plan.L), ("key", plan.key, plan.S), ("value", plan.value, plan.S)):
         if x.dtype != np.int8:
             check_finite_array(x, name, rows)
-    raise ValueError("the attention scores overflowed: |scale·query·key| exceeds the largest "
-                     f"{plan.dtype.name} ({np.finfo(plan.dtype).max:.3g}); scale query or key down")
+    raise ValueError(f"the attention overflowed {plan.dtype.name} although query, key and value are finite: "
+                     f"|scale·query·key|, or the weighted sum of value rows, exceeds {np.finfo(plan.dtype).max:.3g}; "
+                     "scale the inputs down")
 
 
 def _to_out_dtype(out, dtype, value_is_half):
@@ -155,7 +156,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         Also return the log-sum-exp of each row's scores, shape (..., L): what two partial results
         over disjoint key sets need to be merged exactly.
     check_finite : bool
-        Scan query/key/value for NaN/inf and raise ``ValueError`` (default). False skips the scan.
+        Raise ``ValueError`` naming the operand when query, key or value hold NaN/inf, or when the
+        arithmetic overflows (default). The kernels check the values they read, in loops that read
+        them anyway, and the error comes after the kernel has run (no result is returned). False
+        ignores what they find.
     out_dtype : dtype, optional
         The result's dtype (e.g. ``np.float32`` for float16 inputs).
 

@@ -6,8 +6,9 @@ Environment variables (read once, at import):
 ``NUMBA_CACHE_DIR``    numba's own: where the cache goes (default: ``numba_attn/kernels/__pycache__``,
                        else ``~/.cache/numba``).
 ``NUMBA_ATTN_TILE``    ``VWxNV``, e.g. ``8x2``: the vector width and vectors per row of the register-tiled
-                       micro-kernels (``kernels/_tile.py``); by default 16x4 with AVX-512, 8x2 with AVX,
-                       4x4 on aarch64 and 4x2 otherwise (and for any explicit ``NUMBA_CPU_NAME``).
+                       micro-kernels (``kernels/_tile.py``); by default 16x4 with AVX-512 on the host,
+                       8x2 with AVX/AVX2 (host, or ``+avx2`` in an explicit ``NUMBA_CPU_FEATURES``),
+                       4x4 on an aarch64 host and 4x2 otherwise.
 
 If no cache location is writable (a read-only install with a read-only HOME), caching is turned
 off instead of failing at import (numba raises "no locator available" there): every process then
@@ -57,8 +58,9 @@ CACHE_UNAVAILABLE = (None if CACHE else "NUMBA_ATTN_CACHE=0" if not _wanted else
 #: Query rows per parallel work item of the prefill kernel (the length of every vector loop) ...
 PREFILL_BLOCK_Q = 128
 #: ... raised to this when there are at least PREFILL_ITEMS_PER_THREAD work items per thread: the
-#: micro-kernels' set-up per (4 keys × 4 dims) step is then spread over twice the rows (3-5 %
-#: faster at L=S=1024-2048 here; the per-item blocks, 256 KiB at D=64, still sit in L2)
+#: per-block work (softmax set-up, tile loop starts) is then spread over twice the rows (3-5 %
+#: faster at L=S=1024-2048 here, measured with the plain-loop micro-kernels before the register
+#: tiles; the per-item blocks, 256 KiB at D=64, still sit in L2)
 PREFILL_BLOCK_Q_LARGE = 256
 PREFILL_ITEMS_PER_THREAD = 4
 #: Keys per streaming-softmax block of the prefill kernel.

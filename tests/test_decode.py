@@ -443,5 +443,21 @@ def test_overflowing_scores_are_refused(kind):
     k = quantize(k_pos) if kind == "int8" else k_pos.astype(kind)
     v = randn(rng, (1, 2, 512, 32), np.float32)
     q = np.full((1, 2, 1, 32), 1e38, np.float32)      # finite; q·k·scale ≈ 1e39 is not
-    with pytest.raises(ValueError, match="scores overflowed"):
+    with pytest.raises(ValueError, match="overflowed"):
         scaled_dot_product_attention(q, k, v)
+
+
+@pytest.mark.parametrize("n_split", [1, 2, 6])
+def test_non_finite_value_under_a_masked_span_is_refused_for_any_split(monkeypatch, n_split):
+    """A NaN value whose key is masked, in a part of the key range where every key is masked (the
+    merge skips that part: its l is 0), is still refused, whatever the split."""
+    rng = np.random.default_rng(12)
+    q, k, v = make_inputs(rng, "float32", (1, 2, 1, 32), (1, 2, 600, 32), 32)
+    v = v.copy()
+    v[0, 1, 100, 3] = np.nan
+    mask = np.ones(600, bool)
+    mask[:400] = False                      # keys 0..399 hidden from every query
+    monkeypatch.setattr(config, "SERIAL_BELOW_FLOPS", 0)
+    monkeypatch.setattr(api, "decode_splits", lambda n_items, S, n=n_split: n)
+    with pytest.raises(ValueError, match="value contains NaN"):
+        scaled_dot_product_attention(q, k, v, attn_mask=mask)

@@ -325,10 +325,22 @@ def test_overflowing_scores_are_refused_in_prefill(dtype):
     k = (np.abs(rng.standard_normal((2, 16, 32))) + 1).astype(dtype)
     v = rng.standard_normal((2, 16, 32)).astype(dtype)
     q = np.full((2, 16, 32), 1e38, np.float32)
-    with pytest.raises(ValueError, match="scores overflowed"):
+    with pytest.raises(ValueError, match="overflowed"):
         scaled_dot_product_attention(q, k, v)
     q = np.full((2, 16, 32), 1e30, np.float32) * np.sign(rng.standard_normal((2, 16, 32))).astype(np.float32)
     out = scaled_dot_product_attention(q, k, v)
     ref = reference.scaled_dot_product_attention(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64))
     assert np.isfinite(out).all()
     np.testing.assert_allclose(out, ref, atol=2e-3 if dtype == np.float16 else 1e-5)
+
+
+def test_non_finite_value_under_a_fully_masked_row_is_refused():
+    """Prefill: a row that sees no key still multiplies the values by 0, and 0·inf is NaN: refused
+    like any other non-finite value (not silently zeroed)."""
+    rng = np.random.default_rng(4)
+    q, k, v = (rng.standard_normal((1, 2, n, 16)) for n in (20, 30, 30))
+    v[0, 0, 5, 1] = np.inf
+    mask = np.zeros((20, 30), bool)         # no row sees any key: every output row is zeros
+    with pytest.raises(ValueError, match="value contains inf"):
+        scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    np.testing.assert_array_equal(scaled_dot_product_attention(q, k, v, attn_mask=mask, check_finite=False), 0)

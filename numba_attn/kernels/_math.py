@@ -88,8 +88,8 @@ def _exp_nonpositive_overload(x):
     """``fast_exp`` for x ≤ 0 (and -inf), the softmax's case: s - max(s) and m_old - m_new.
 
     Same polynomial and accuracy, without the overflow path (n ≤ 0, so 2ⁿ is built directly):
-    about 7 fewer vector operations per exp. A positive x gives garbage; NaN gives a finite
-    number (the kernels check their scores for NaN before the softmax).
+    about 7 fewer vector operations per exp. A positive x gives garbage and NaN an unspecified
+    value (the kernels check their scores for NaN before the softmax).
     """
     if x == types.float32:
         def impl(x):

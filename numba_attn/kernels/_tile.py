@@ -43,7 +43,10 @@ def _tile_shape():
     (e.g. ``4x4``) overrides it, for tests and cross-compilation."""
     forced = os.environ.get("NUMBA_ATTN_TILE")
     if forced:
-        vw, nv = (int(x) for x in forced.lower().split("x"))
+        try:
+            vw, nv = (int(x) for x in forced.lower().split("x"))
+        except ValueError:
+            vw = nv = 0
         if vw not in (4, 8, 16) or nv not in (1, 2, 4):
             raise ValueError(f"NUMBA_ATTN_TILE must be VWxNV with VW in 4, 8, 16 and NV in 1, 2, 4, got {forced!r}")
         return vw, nv

@@ -18,13 +18,16 @@ reading.
         M = max_s m_s,   l = Σ_s l_s·exp(m_s - M),   out = Σ_s acc_s·exp(m_s - M) / l,
         lse = M + log l
 
-Scores are computed as dot products over E (vectorised along E), softmax and P·V are vectorised
-along the keys and the value columns. Key block: ``block_k`` keys (scores block R × block_k).
+Scores: float32 queries take ``_dots.key_scores`` (VW keys at a time, no horizontal sum per key);
+otherwise dot products over E. Softmax vectorised along the keys; P·V in ``_dots`` register tiles
+(float32) or loops vectorised along the value columns. Key block: ``block_k`` keys (scores block
+R × block_k).
 
 Finite check without a second pass: instead of scanning K and V up front (a second read of a
 cache that does not fit in L3 would double the time of a memory-bound step), each work item counts
-its raw scores that are NaN or ±inf (a key or the query held NaN/inf, or a score overflowed) and
-the caller checks that count and the (small) result, whose every entry a non-finite value touches.
+its query values and raw scores that are NaN or ±inf (a key or the query held NaN/inf, or a score
+overflowed) and whether its accumulator is finite (a value row it read held NaN/inf: even under a
+masked key, as 0·inf is NaN); the caller checks those counts and the result.
 
 Memory: partial results G·n_split·R·(Ev + 2) floats, plus per work item the R × block_k score block
 and R × Ev accumulator; independent of S.
@@ -158,7 +161,11 @@ def _decode_body(q, k, k_scales, k_block, v, v_scales, v_block, q_idx, k_idx, v_
         part_acc[g, sp, r0:r0 + nr] = acc
         part_m[g, sp, r0:r0 + nr] = m
         part_l[g, sp, r0:r0 + nr] = l
-        check[w] = n_bad + (0 if q_chk == zero else 1)
+        acc_chk = zero                            # 0·v under masked keys is NaN for a non-finite v,
+        for r in range(nr):                       # also in parts the merge skips (l = 0)
+            for e in range(Ev):
+                acc_chk += acc[r, e] * zero
+        check[w] = n_bad + (0 if q_chk == zero else 1) + (0 if acc_chk == zero else 1)
     # exact merge of the parts
     for t in prange(G * R):
         g = t // R

@@ -26,8 +26,8 @@ doubles BLOCK_Q to 256 when every thread still gets 4 work items (``api.prefill_
 Layout: everything is kept transposed, query rows last, so every inner loop runs along the query
 rows of the block (BLOCK_Q contiguous lanes) with no horizontal reductions:
 
-- scores and P·V, float32: ``_tile`` micro-kernels, 4 keys (or value columns) × 64 query rows
-  (AVX-512; 16 or 32 rows on narrower vectors) accumulated in registers over the whole head dim
+- scores and P·V, float32: ``_tile`` micro-kernels, 4 keys (or value columns) × W query rows
+  (W = 64 with AVX-512, 16 with AVX2 or NEON, 8 otherwise) accumulated in registers over the whole head dim
   (or key block), written as LLVM vector IR with ``llvm.fma``: ~116 GFLOP/s per Zen 4 core;
 - the rows and keys a tile does not cover, and float64: plain loops, 4 keys × 4 head-dim entries
   (or 4 columns × 4 keys) per step, vectorised by LLVM along r;
@@ -338,8 +338,11 @@ def _prefill_body(q, k, v, q_idx, k_idx, v_idx, kv_len, mask, m_idx, mask_kind, 
                 chk[r] += c
                 lse[n, i0 + r] = m[r] + math.log(l[r])
             else:
-                for e in range(Ev):
+                c = zero                       # a fully masked row: its accumulator still holds
+                for e in range(Ev):            # 0·v, which is NaN for a non-finite value v
                     on[i0 + r, e] = 0.0
+                    c += acct[e, r] * zero
+                chk[r] += c
                 lse[n, i0 + r] = neg_inf
             n_bad += 0 if chk[r] == zero else 1
         check[w] = n_bad if check_finite else 0
