@@ -8,13 +8,17 @@ float16 data reaches the kernels as its ``uint16`` bit pattern and is converted 
 
 ``load(x)``: uint16 → float32 (half bits), float → the same float.
 ``half_bits(f)``: float32 → uint16 bits of the nearest float16.
+``to_float16(x)``: a float32 array → float16, vectorised (numpy's ``astype`` is ~100× slower).
 """
 import ctypes
 
+import numpy as np
 from llvmlite import binding as llvm_binding
 from llvmlite import ir
-from numba import types
+from numba import njit, types
 from numba.extending import intrinsic, overload
+
+from .. import config
 
 
 def _provide_half_conversion_helpers():
@@ -95,3 +99,23 @@ def _rows_for_compute_overload(x, j0, n, scratch):
     def impl_float(x, j0, n, scratch):
         return x, j0
     return impl_float
+
+
+@njit(cache=config.CACHE)
+def to_half_bits(x, out):
+    """out[i] = the uint16 bits of float16(x[i]) (round to nearest even, as numpy), for flat arrays.
+
+    One thread on purpose: the loop is vectorised (``vcvtps2ph``/``fcvtn``) and memory-bound, 0.04 ms
+    for 0.5 M values here, while a ``prange`` version took 2.3 ms.
+    """
+    for i in range(x.shape[0]):
+        out[i] = half_bits(x[i])
+
+
+def to_float16(x):
+    """float32 array → float16 array, bit-identical to numpy's ``astype`` and ~100× faster here
+    (numpy converts element by element in software: 3.6 ms for 0.5 M values)."""
+    flat = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+    bits = np.empty(flat.shape, np.uint16)
+    to_half_bits(flat, bits)
+    return bits.view(np.float16).reshape(x.shape)
