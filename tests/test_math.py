@@ -9,11 +9,15 @@ from numba_attn.kernels._math import exp_nonpositive_array, fast_exp_array
 F32_MAX_LOG = math.log(float(np.finfo(np.float32).max))    # 88.7228...: exp(x) overflows float32 above
 
 
-def fast_exp(x):
+def _elementwise(kernel, x):
     x = np.ascontiguousarray(x)
     out = np.empty_like(x)
-    fast_exp_array(x, out)
+    kernel(x, out)
     return out
+
+
+def fast_exp(x):
+    return _elementwise(fast_exp_array, x)
 
 
 def test_float32_relative_error_dense_range():
@@ -107,10 +111,7 @@ def test_float64_nan_propagates():
 
 
 def exp_nonpositive(x):
-    x = np.ascontiguousarray(x)
-    out = np.empty_like(x)
-    exp_nonpositive_array(x, out)
-    return out
+    return _elementwise(exp_nonpositive_array, x)
 
 
 def test_exp_nonpositive_matches_fast_exp_on_its_domain():

@@ -276,28 +276,36 @@ def _rows_of_values_overload(s, vn, v_scales, v_block, j0, nk, acc):
 @njit(inline="always")
 def _value_tiles(s, vn, scales, nb, shift, j0, nk, acc):
     """Cover acc (R, Ev) with tiles: 4 rows at a time, then single rows; 4, 2 or 1 vectors of columns."""
-    Ev = vn.shape[1]
     R = acc.shape[0]
-    ps = s.shape[1]
     for r in range(0, R, 4):
-        four = r + 4 <= R
-        e = 0
-        while e < Ev:
-            left = Ev - e
-            width = 4 * VW if left >= 4 * VW else (2 * VW if left >= 2 * VW else VW)
-            if four:
-                if width == 4 * VW:
-                    value_rows_4x4(s, r * ps, ps, vn, j0 * Ev + e, Ev, scales, j0 * nb, nb, e, shift, acc, r * Ev + e, Ev, nk)
-                elif width == 2 * VW:
-                    value_rows_4x2(s, r * ps, ps, vn, j0 * Ev + e, Ev, scales, j0 * nb, nb, e, shift, acc, r * Ev + e, Ev, nk)
-                else:
-                    value_rows_4x1(s, r * ps, ps, vn, j0 * Ev + e, Ev, scales, j0 * nb, nb, e, shift, acc, r * Ev + e, Ev, nk)
+        if r + 4 <= R:
+            _row_tiles(True, r, s, vn, scales, nb, shift, j0, nk, acc)
+        else:
+            for rr in range(r, R):
+                _row_tiles(False, rr, s, vn, scales, nb, shift, j0, nk, acc)
+
+
+@njit(inline="always")
+def _row_tiles(four, r, s, vn, scales, nb, shift, j0, nk, acc):
+    """Rows r … r+3 (``four``) or row r of acc, across all Ev columns in tiles of 4, 2 or 1 vectors."""
+    Ev = vn.shape[1]
+    ps = s.shape[1]
+    e = 0
+    while e < Ev:
+        left = Ev - e
+        width = 4 * VW if left >= 4 * VW else (2 * VW if left >= 2 * VW else VW)
+        a = (s, r * ps, ps, vn, j0 * Ev + e, Ev, scales, j0 * nb, nb, e, shift, acc, r * Ev + e, Ev, nk)
+        if four:
+            if width == 4 * VW:
+                value_rows_4x4(*a)
+            elif width == 2 * VW:
+                value_rows_4x2(*a)
             else:
-                for rr in range(r, R):
-                    if width == 4 * VW:
-                        value_rows_1x4(s, rr * ps, ps, vn, j0 * Ev + e, Ev, scales, j0 * nb, nb, e, shift, acc, rr * Ev + e, Ev, nk)
-                    elif width == 2 * VW:
-                        value_rows_1x2(s, rr * ps, ps, vn, j0 * Ev + e, Ev, scales, j0 * nb, nb, e, shift, acc, rr * Ev + e, Ev, nk)
-                    else:
-                        value_rows_1x1(s, rr * ps, ps, vn, j0 * Ev + e, Ev, scales, j0 * nb, nb, e, shift, acc, rr * Ev + e, Ev, nk)
-            e += width
+                value_rows_4x1(*a)
+        elif width == 4 * VW:
+            value_rows_1x4(*a)
+        elif width == 2 * VW:
+            value_rows_1x2(*a)
+        else:
+            value_rows_1x1(*a)
+        e += width

@@ -48,20 +48,29 @@ _EXP_LO = np.float32(-87.3)
 _EXP_HI = np.float32(88.72283)   # log(largest float32): above it exp overflows
 
 
+@njit(fastmath=config.FASTMATH, inline="always")
+def _exp_reduced(xc):
+    """(n, P(r)) with xc = n·ln2 + r, |r| ≤ ln2/2, P the degree-6 Taylor polynomial of exp (float32):
+    exp(xc) = 2ⁿ·P(r). Shared by ``fast_exp`` and ``exp_nonpositive``, which differ only in how
+    they clamp xc and build 2ⁿ."""
+    n = np.floor(xc * _LOG2E + np.float32(0.5))
+    r = xc - n * _LN2_HI - n * _LN2_LO
+    p = np.float32(1.0 / 720.0)
+    p = p * r + np.float32(1.0 / 120.0)
+    p = p * r + np.float32(1.0 / 24.0)
+    p = p * r + np.float32(1.0 / 6.0)
+    p = p * r + np.float32(0.5)
+    p = p * r + np.float32(1.0)
+    p = p * r + np.float32(1.0)
+    return n, p
+
+
 @overload(fast_exp, fastmath=config.FASTMATH)
 def _fast_exp_overload(x):
     if x == types.float32:
         def impl(x):
             xc = min(max(x, _EXP_LO), _EXP_HI)
-            n = np.floor(xc * _LOG2E + np.float32(0.5))
-            r = xc - n * _LN2_HI - n * _LN2_LO
-            p = np.float32(1.0 / 720.0)
-            p = p * r + np.float32(1.0 / 120.0)
-            p = p * r + np.float32(1.0 / 24.0)
-            p = p * r + np.float32(1.0 / 6.0)
-            p = p * r + np.float32(0.5)
-            p = p * r + np.float32(1.0)
-            p = p * r + np.float32(1.0)
+            n, p = _exp_reduced(xc)
             # for n > 0 build 2ⁿ as 2·2ⁿ⁻¹: n reaches 128 just below log(FLT_MAX), where 2ⁿ itself is inf
             ni = np.int32(n)
             high = ni > np.int32(0)
@@ -94,15 +103,7 @@ def _exp_nonpositive_overload(x):
     if x == types.float32:
         def impl(x):
             xc = max(x, _EXP_LO)
-            n = np.floor(xc * _LOG2E + np.float32(0.5))
-            r = xc - n * _LN2_HI - n * _LN2_LO
-            p = np.float32(1.0 / 720.0)
-            p = p * r + np.float32(1.0 / 120.0)
-            p = p * r + np.float32(1.0 / 24.0)
-            p = p * r + np.float32(1.0 / 6.0)
-            p = p * r + np.float32(0.5)
-            p = p * r + np.float32(1.0)
-            p = p * r + np.float32(1.0)
+            n, p = _exp_reduced(xc)
             y = p * _int32_bits_as_float32(np.int32((np.int32(n) + np.int32(127)) << np.int32(23)))
             return np.float32(0.0) if x < _EXP_LO else y
         return impl
