@@ -15,7 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .kernels.finite import max_abs
+from .kernels._scores import MASK_ADD, MASK_BOOL, MASK_NONE
+from .kernels.finite import check_finite_array  # noqa: F401  (re-exported: the layers and the cache use it)
+from .quant import QuantizedTensor
 
 _FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 FLOAT16_MAX = 65504.0
@@ -36,7 +38,7 @@ class Plan:
     v_idx: np.ndarray
     mask: np.ndarray         # (Nm, L or 1, S or 1) C-contiguous, read-only; a (1, 1, 1) placeholder if none
     m_idx: np.ndarray
-    mask_kind: int           # 0 none, 1 boolean, 2 additive
+    mask_kind: int           # MASK_NONE, MASK_BOOL or MASK_ADD (kernels._scores)
     mask_row_step: int       # mask[m, i * row_step, j * col_step]: 0 where the mask broadcasts
     mask_col_step: int
     is_causal: bool
@@ -77,7 +79,7 @@ def _as_array(x, name):
 def check_float_operand(x, name, allow_quantized=False):
     """A query/key/value operand: a float16/32/64 array with at least 2 dims, or (key and value
     only) an int8 ``QuantizedTensor``."""
-    if isinstance(x, _quantized_type()):
+    if isinstance(x, QuantizedTensor):
         if not allow_quantized:
             raise TypeError(f"{name} cannot be a QuantizedTensor: int8 is for key and value; pass float {name}")
     else:
@@ -91,16 +93,6 @@ def check_float_operand(x, name, allow_quantized=False):
     return x
 
 
-_QUANTIZED_TYPE = []
-
-
-def _quantized_type():
-    if not _QUANTIZED_TYPE:
-        from .quant import QuantizedTensor     # quant imports this module: resolve at first use
-        _QUANTIZED_TYPE.append(QuantizedTensor)
-    return _QUANTIZED_TYPE[0]
-
-
 def check_out_dtype(out_dtype):
     if out_dtype is None:
         return None
@@ -111,24 +103,6 @@ def check_out_dtype(out_dtype):
     if dt not in _FLOAT_DTYPES:
         raise TypeError(f"out_dtype must be float16, float32 or float64, got {dt}")
     return dt
-
-
-def check_finite_array(x, name, rows=None):
-    """Raise ``ValueError`` naming ``name`` if x holds NaN or inf.
-
-    float16/32/64 (and uint16, read as float16 bits) go through the bit-level scan of
-    ``kernels.finite``; other dtypes (integers, longdouble) through ``np.isfinite``.
-    ``rows``: for a (N, slots, C) kernel operand, scan only x[:, :rows] (a KV cache's valid tokens).
-    """
-    if x.dtype in (np.float16, np.float32, np.float64, np.uint16):
-        top = max_abs(x, rows)
-    else:
-        part = x if rows is None else x[:, :rows]
-        top = 0.0 if part.dtype.kind in "iub" or np.isfinite(part).all() else (
-            np.nan if np.isnan(part).any() else np.inf)
-    if not np.isfinite(top):
-        bad = "NaN" if np.isnan(top) else "inf"
-        raise ValueError(f"{name} contains {bad}; pass finite values (or check_finite=False to skip the check)")
 
 
 def check_scale(scale, E):
@@ -208,7 +182,7 @@ def _as_3d(x, rows, cols):
 
 def _storage(x, dtype, rows, cols):
     """Kernel operand(s) for x: (data, scales, block); float16 travels as its uint16 bits."""
-    if isinstance(x, _quantized_type()):
+    if isinstance(x, QuantizedTensor):
         nb = x.scales.shape[-1]
         return _as_3d(x.data, rows, cols), _as_3d(x.scales, rows, nb), x.block
     if x.dtype == np.float16 and dtype == np.float32:
@@ -228,8 +202,6 @@ def _dtypes(query, key, value, out_dtype):
     ``np.result_type`` of the float inputs (int8 ones do not count) unless ``out_dtype`` says."""
     floats = [x.dtype for x in (query, key, value) if x.dtype.kind == "f"]
     compute = np.dtype(np.float64) if np.dtype(np.float64) in floats else np.dtype(np.float32)
-    if compute == np.float64 and (key.dtype == np.int8 or value.dtype == np.int8):
-        raise TypeError("int8 key/value compute in float32: pass a float32 or float16 query, not float64")
     result = np.result_type(*floats) if out_dtype is None else out_dtype
     return compute, result
 
@@ -312,12 +284,12 @@ def prepare_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
 def _prepare_mask(attn_mask, batch, L, S, dtype, check_finite):
     n = math.prod(batch)
     if attn_mask is None:
-        return _NO_MASK[np.dtype(dtype)], np.zeros(n, np.int64), 0, 0, 0
+        return _NO_MASK[np.dtype(dtype)], np.zeros(n, np.int64), MASK_NONE, 0, 0
     mask = _as_array(attn_mask, "attn_mask")
     if mask.dtype == np.bool_:
-        kind = 1
+        kind = MASK_BOOL
     elif mask.dtype.kind == "f":
-        kind = 2
+        kind = MASK_ADD
     else:
         raise TypeError(f"attn_mask must be boolean (True = takes part) or floating (added to the scores), "
                         f"got dtype {mask.dtype}")
@@ -328,7 +300,7 @@ def _prepare_mask(attn_mask, batch, L, S, dtype, check_finite):
         full = None
     if full != target:
         raise ValueError(f"attn_mask of shape {mask.shape} does not broadcast to (..., L, S) = {target}")
-    if kind == 2:
+    if kind == MASK_ADD:
         if np.isnan(mask).any() or np.isposinf(mask).any():
             raise ValueError("attn_mask contains NaN or +inf; an additive mask may hold finite values and -inf")
         mask = mask.astype(dtype, copy=False)

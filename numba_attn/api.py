@@ -9,7 +9,7 @@ import numpy as np
 
 from . import config
 from ._threads import launch
-from ._validate import FLOAT16_MAX, check_finite_array, prepare_attention
+from ._validate import FLOAT16_MAX, check_finite_array, check_float_operand, prepare_attention
 from .kernels import decode, prefill
 from .kernels._load import to_float16
 from .kernels.finite import all_finite
@@ -194,31 +194,40 @@ def attention_weights(query, key, attn_mask=None, is_causal=False, scale=None, e
                       check_finite=True):
     """softmax(query·keyᵀ·scale + attn_mask) as a (..., L, S) array: which keys each query attends to.
 
-    For inspecting small inputs (it materialises the L×S matrix the fused kernel avoids). Same
-    arguments and conventions as :func:`scaled_dot_product_attention`; fully-masked rows are zeros.
-    The weights come from the same fused kernel, applied to an identity "value" matrix, so they are
-    exactly the weights ``scaled_dot_product_attention`` uses.
+    For inspecting small inputs (it materialises the L×S matrix the fused kernel avoids): more than
+    ``MAX_WEIGHTS_ELEMENTS`` weights are refused. Same arguments and conventions as
+    :func:`scaled_dot_product_attention` (``key`` may be an int8 ``QuantizedTensor``); fully-masked
+    rows are zeros. The weights come from the same fused kernel, applied to columns of an identity
+    "value" matrix, so they are exactly the weights ``scaled_dot_product_attention`` uses; the
+    identity is taken a block of columns at a time, so no temporary exceeds the result's size
+    bound either (each block re-runs the kernel: S keys cost ⌈S² / MAX_WEIGHTS_ELEMENTS⌉ passes).
     """
-    q = query if isinstance(query, np.ndarray) else np.asarray(query)
-    k = key if isinstance(key, np.ndarray) else np.asarray(key)
-    if q.ndim >= 2 and k.ndim >= 2:
-        k_batch = k.shape[:-2]
-        if enable_gqa and len(k_batch) and len(q.shape[:-2]):
-            k_batch = k_batch[:-1] + (q.shape[-3],)
-        try:
-            batch = np.broadcast_shapes(q.shape[:-2], k_batch)
-        except ValueError:
-            raise ValueError(f"batch dims of query {q.shape[:-2]} and key {k.shape[:-2]} do not broadcast") from None
-        elements = math.prod(batch) * q.shape[-2] * k.shape[-2]
-        if elements > MAX_WEIGHTS_ELEMENTS:
-            raise ValueError(f"attention_weights would materialise {elements} weights (> {MAX_WEIGHTS_ELEMENTS}); "
-                             "use scaled_dot_product_attention, which never builds the L×S matrix")
-    dtype = q.dtype if q.dtype.kind == "f" else np.float64
-    if k.ndim >= 2:
-        # value = identity: one per key head, so that grouped-query attention sees matching heads
-        identity = np.eye(k.shape[-2], dtype=dtype)
-        identity = np.broadcast_to(identity, k.shape[:-2] + identity.shape) if k.ndim > 2 else identity
-    else:
-        identity = np.eye(1, dtype=dtype)
-    return scaled_dot_product_attention(q, k, identity, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
-                                        enable_gqa=enable_gqa, check_finite=check_finite)
+    q = check_float_operand(query, "query")
+    k = check_float_operand(key, "key", allow_quantized=True)
+    L, S = q.shape[-2], k.shape[-2]
+    k_batch = k.shape[:-2]
+    if enable_gqa and len(k_batch) and len(q.shape[:-2]):
+        k_batch = k_batch[:-1] + (q.shape[-3],)
+    try:
+        batch = np.broadcast_shapes(q.shape[:-2], k_batch)
+    except ValueError:
+        raise ValueError(f"batch dims of query {q.shape[:-2]} and key {k.shape[:-2]} do not broadcast") from None
+    elements = math.prod(batch) * L * S
+    if elements > MAX_WEIGHTS_ELEMENTS:
+        raise ValueError(f"attention_weights would materialise {elements} weights (> {MAX_WEIGHTS_ELEMENTS}); "
+                         "use scaled_dot_product_attention, which never builds the L×S matrix")
+    dtype = q.dtype
+    # identity columns [j0, j0 + width): one "value" per key head, so that grouped-query attention sees
+    # matching heads; at most MAX_WEIGHTS_ELEMENTS of them at a time (S × width)
+    width = max(1, min(S, MAX_WEIGHTS_ELEMENTS // max(S, 1)))
+    parts = []
+    for j0 in range(0, max(S, 1), width):
+        cols = min(width, S - j0) if S else 1
+        identity = np.zeros((S, cols), dtype)
+        identity[j0 + np.arange(min(cols, max(S - j0, 0))), np.arange(min(cols, max(S - j0, 0)))] = 1
+        value = np.broadcast_to(identity, k.shape[:-2] + identity.shape)
+        parts.append(scaled_dot_product_attention(q, k, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+                                                  enable_gqa=enable_gqa, check_finite=check_finite))
+        if S == 0:
+            return parts[0][..., :0]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)

@@ -11,7 +11,7 @@ import numbers
 import numpy as np
 
 from ._validate import FLOAT16_MAX, check_finite_array
-from .quant import DEFAULT_BLOCK, QuantizedTensor, quantize
+from .quant import DEFAULT_BLOCK, QuantizedTensor, _check_block, quantize
 
 __all__ = ["KVCache"]
 
@@ -66,13 +66,15 @@ class KVCache:
         self._key_scales = self._value_scales = None
         self.block = None
         if dtype == np.int8:
-            self.block = self.head_dim if block is None else int(block)
-            if self.block <= 0:
-                raise ValueError(f"block must be a positive int or None, got {block!r}")
+            # None: one scale per token and head (quantize's per-row form), for keys and values alike
+            self._quant_block = None if block is None else _check_block(block, self.head_dim)
             if block is not None and self.value_dim != self.head_dim:
                 raise ValueError("int8 with value_dim != head_dim: use block=None (per-token scales)")
+            self.block = self.head_dim if block is None else self._quant_block
+            self._value_block = self.value_dim if block is None else self._quant_block
             self._key_scales = np.zeros(self._keys.shape[:3] + (-(-self.head_dim // self.block),), np.float32)
-            self._value_scales = np.zeros(self._values.shape[:3] + (-(-self.value_dim // self.block),), np.float32)
+            self._value_scales = np.zeros(self._values.shape[:3] + (-(-self.value_dim // self._value_block),),
+                                          np.float32)
         self._length = 0
 
     # -- state ------------------------------------------------------------------------------------
@@ -117,7 +119,7 @@ class KVCache:
         sc = scales[:, :, index]
         d.flags.writeable = False
         sc.flags.writeable = False
-        return QuantizedTensor(d, sc, self.block)
+        return QuantizedTensor._trusted(d, sc, self.block if data is self._keys else self._value_block)
 
     @property
     def keys(self):
@@ -159,7 +161,7 @@ class KVCache:
     def _encode(self, x, name):
         """x in the storage format: an array of the cache dtype, or a QuantizedTensor for int8."""
         if self.dtype == np.int8:
-            return quantize(x, self.block)
+            return quantize(x, self._quant_block)
         if self.dtype == np.float16 and x.dtype != np.float16 and x.size and np.abs(x).max() > FLOAT16_MAX:
             raise ValueError(f"{name} holds values beyond float16's range (|x| > 65504): a float16 cache would "
                              "store inf; use a float32 cache")
@@ -215,6 +217,6 @@ class KVCache:
 def _concat_tokens(a, b):
     """Concatenate two blocks of tokens (axis 2): arrays, or QuantizedTensors with the same block."""
     if isinstance(a, QuantizedTensor):
-        return QuantizedTensor(np.concatenate([a.data, b.data], axis=2), np.concatenate([a.scales, b.scales], axis=2),
-                               a.block)
+        return QuantizedTensor._trusted(np.concatenate([a.data, b.data], axis=2),
+                                        np.concatenate([a.scales, b.scales], axis=2), a.block)
     return np.concatenate([a, b], axis=2)

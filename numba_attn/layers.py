@@ -11,7 +11,7 @@ import numbers
 
 import numpy as np
 
-from ._validate import check_finite_array, check_slopes, check_softcap
+from ._validate import check_causal, check_finite_array, check_slopes, check_softcap
 from .api import scaled_dot_product_attention
 from .cache import KVCache
 
@@ -210,6 +210,7 @@ class MultiHeadAttention:
         """
         if cache is not None and not isinstance(cache, KVCache):
             raise TypeError(f"cache must be a numba_attn.KVCache, got {type(cache).__name__}")
+        check_causal(is_causal)      # with a cache it is not used (bottom-right by construction), but still checked
         x = self._check_input(x, "x", self.embed_dim)
         B, L, _ = x.shape
         if context is not None:
@@ -287,9 +288,10 @@ class MultiHeadAttention:
             am = np.asarray(attn_mask)
             if am.ndim == 3 and am.shape[0] == B * self.num_heads:
                 am = am.reshape(B, self.num_heads, L, -1)
-            if am.shape[-2:] != (L, S) or am.ndim not in (2, 4):
-                raise ValueError(f"attn_mask must have shape (L, S) = ({L}, {S}), (B, H, L, S) or (B·H, L, S), "
-                                 f"got {np.shape(attn_mask)}")
+            if (am.shape[-2:] != (L, S) or am.ndim not in (2, 4)
+                    or (am.ndim == 4 and any(a not in (1, b) for a, b in zip(am.shape[:2], (B, self.num_heads))))):
+                raise ValueError(f"attn_mask must have shape (L, S) = ({L}, {S}), (B, H, L, S) = "
+                                 f"({B}, {self.num_heads}, {L}, {S}) or (B·H, L, S), got {np.shape(attn_mask)}")
             parts.append(self._as_additive_or_bool(am, "attn_mask"))
         if not parts:
             return None
@@ -302,6 +304,8 @@ class MultiHeadAttention:
         for p in parts:
             add = np.where(p, 0.0, -np.inf).astype(self.dtype) if p.dtype == np.bool_ else p.astype(self.dtype)
             total = add if total is None else total + add
+        if np.isposinf(total).any():      # two large finite masks can add up to +inf in the layer's dtype
+            raise ValueError(f"key_padding_mask + attn_mask overflows {self.dtype.name} (+inf); use smaller values")
         return total
 
     @staticmethod
@@ -310,6 +314,9 @@ class MultiHeadAttention:
         if mask.dtype == np.bool_:
             return ~mask
         if mask.dtype.kind == "f":
+            # refused here, at the door, so that a cached call changes nothing before it raises
+            if np.isnan(mask).any() or np.isposinf(mask).any():
+                raise ValueError(f"{name} contains NaN or +inf; a float {name} may hold finite values and -inf")
             return mask
         raise TypeError(f"{name} must be boolean (True = masked out, as in torch.nn.MultiheadAttention) or floating "
                         f"(added to the scores), got dtype {mask.dtype}")

@@ -12,7 +12,7 @@ import numbers
 import numpy as np
 
 from ._threads import launch
-from ._validate import check_finite_array
+from .kernels.finite import check_finite_array, max_abs
 from .kernels.quantised import dequantize_rows, quantize_rows
 
 __all__ = ["QuantizedTensor", "quantize", "dequantize"]
@@ -21,7 +21,12 @@ DEFAULT_BLOCK = 32
 
 
 class QuantizedTensor:
-    """int8 ``data`` (..., D) and float32 ``scales`` (..., ceil(D / block)); x ≈ data · scale of its block."""
+    """int8 ``data`` (..., D) and float32 ``scales`` (..., ceil(D / block)); x ≈ data · scale of its block.
+
+    Built by :func:`quantize` (or a :class:`KVCache`); built by hand, the constructor checks what
+    the kernels rely on: ``block`` a power of two or ≥ D (one scale per row), ``scales`` of the
+    matching shape, finite and ≥ 0.
+    """
 
     __slots__ = ("data", "scales", "block")
 
@@ -34,13 +39,27 @@ class QuantizedTensor:
             raise TypeError(f"scales must be float32, got {scales.dtype}")
         if data.ndim < 1:
             raise ValueError("data must have at least 1 dim")
-        if isinstance(block, bool) or not isinstance(block, numbers.Integral) or block <= 0:
-            raise ValueError(f"block must be a positive int, got {block!r}")
-        nb = -(-data.shape[-1] // block)
+        D = data.shape[-1]
+        block = _check_block(block, D)
+        nb = -(-D // block)
         if scales.shape != data.shape[:-1] + (nb,):
             raise ValueError(f"scales must have shape {data.shape[:-1] + (nb,)} for data {data.shape} and block "
                              f"{block}, got {scales.shape}")
-        self.data, self.scales, self.block = data, scales, int(block)
+        if scales.size:
+            low = float(scales.min())
+            if not np.isfinite(low) or not np.isfinite(max_abs(scales)):
+                raise ValueError("scales contains NaN or inf; every scale must be finite and >= 0")
+            if low < 0:
+                raise ValueError(f"scales must be >= 0 (a block's max |x| / 127), got a scale of {low}")
+        self.data, self.scales, self.block = data, scales, block
+
+    @classmethod
+    def _trusted(cls, data, scales, block):
+        """A tensor whose parts come from ``quantize``, a cache or a valid tensor: no checks (a cache
+        hands out views of its storage on every decode step)."""
+        self = object.__new__(cls)
+        self.data, self.scales, self.block = data, scales, block
+        return self
 
     @property
     def shape(self):
@@ -64,7 +83,7 @@ class QuantizedTensor:
             index = (index,)
         if len(index) >= self.data.ndim or any(i is Ellipsis for i in index):
             raise IndexError("index the leading dims only (the last, quantised axis stays whole)")
-        return QuantizedTensor(self.data[index], self.scales[index], self.block)
+        return QuantizedTensor._trusted(self.data[index], self.scales[index], self.block)
 
     def dequantize(self):
         return dequantize(self)
@@ -87,12 +106,7 @@ def quantize(x, block=DEFAULT_BLOCK):
     D = x.shape[-1]
     if block is None:
         block = max(D, 1)
-    if isinstance(block, bool) or not isinstance(block, numbers.Integral) or block <= 0:
-        raise ValueError(f"block must be a positive int or None (per row), got {block!r}")
-    if block < D and block & (block - 1):
-        raise ValueError(f"block must be a power of two (or None, or ≥ the last dim {D}: one scale per row), "
-                         f"got {block}")
-    block = min(int(block), max(D, 1))
+    block = _check_block(block, D)
     check_finite_array(x, "x")
     if x.dtype == np.float64 and x.size and np.abs(x).max() > np.finfo(np.float32).max:
         raise ValueError("x holds values beyond float32's range: int8 scales are float32")
@@ -104,7 +118,18 @@ def quantize(x, block=DEFAULT_BLOCK):
     scales = np.empty((rows.shape[0], nb), np.float32)
     if rows.size:
         launch(quantize_rows, rows, int(block), data, scales)
-    return QuantizedTensor(data.reshape(x.shape), scales.reshape(x.shape[:-1] + (nb,)), int(block))
+    return QuantizedTensor._trusted(data.reshape(x.shape), scales.reshape(x.shape[:-1] + (nb,)), block)
+
+
+def _check_block(block, D):
+    """A block size the kernels can use for rows of D entries: a power of two (entry d has scale
+    d >> log2(block)), or ≥ D (one scale per row, stored as D). Returns it as an int."""
+    if isinstance(block, (bool, np.bool_)) or not isinstance(block, numbers.Integral) or block <= 0:
+        raise ValueError(f"block must be a positive int (None in quantize: one scale per row), got {block!r}")
+    block = int(block)
+    if block < D and block & (block - 1):
+        raise ValueError(f"block must be a power of two (or ≥ the last dim {D}: one scale per row), got {block}")
+    return min(block, max(D, 1))
 
 
 def dequantize(q):

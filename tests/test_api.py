@@ -785,6 +785,30 @@ def test_attention_weights_refuses_huge_matrices(monkeypatch):
     assert_close(w, reference.attention_weights(q[:1, :10], k[:1]), np.float64)
 
 
+def test_attention_weights_bounds_its_identity_temporary(monkeypatch):
+    """The guard bounded the (..., L, S) result but the (S, S) identity "value" it built was not:
+    q (1, 64) against k (50000, 64) passed and asked for 9.3 GiB. The identity now comes a block of
+    columns at a time, none over MAX_WEIGHTS_ELEMENTS (S × columns), and the weights are unchanged."""
+    rng = np.random.default_rng(22)
+    q, k = randn(rng, (2, 3, 5, 16)), randn(rng, (2, 3, 700, 16))
+    mask = rng.random((5, 700)) < 0.7
+    ref = reference.attention_weights(q, k, attn_mask=mask, is_causal="lower_right")
+    whole = attention_weights(q, k, attn_mask=mask, is_causal="lower_right")
+    biggest = []
+    real = api.scaled_dot_product_attention
+
+    def spy(query, key, value, **kwargs):
+        biggest.append(np.asarray(value).shape[-2] * np.asarray(value).shape[-1])
+        return real(query, key, value, **kwargs)
+
+    monkeypatch.setattr(api, "MAX_WEIGHTS_ELEMENTS", 2 * 3 * 5 * 700)
+    monkeypatch.setattr(api, "scaled_dot_product_attention", spy)
+    chunked = attention_weights(q, k, attn_mask=mask, is_causal="lower_right")
+    assert len(biggest) > 1 and max(biggest) <= 2 * 3 * 5 * 700 < 700 * 700
+    np.testing.assert_allclose(chunked, whole, rtol=1e-13, atol=1e-16)   # same kernel, other value tiling
+    assert_close(chunked, ref, np.float64)
+
+
 # ----------------------------------------------------------------------------------------------
 # log-sum-exp: merging partial results over disjoint key sets
 # ----------------------------------------------------------------------------------------------

@@ -672,3 +672,71 @@ def test_rejected_cached_call_leaves_the_cache_alone(gqa_layer, window, kwargs):
     with pytest.raises((ValueError, TypeError)):
         gqa_layer(randn(rng, (2, 2, 32), np.float32), cache=cache, **kwargs)
     _assert_state(cache, state)
+
+
+# ----------------------------------------------------------------------------------------------
+# refused calls leave the cache alone (everything refusable is checked before the cache changes)
+# ----------------------------------------------------------------------------------------------
+
+def _nan_float_mask(shape, bad):
+    m = np.zeros(shape, np.float32)
+    m.flat[-1] = bad
+    return m
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("which", ["attn_mask", "key_padding_mask"])
+@pytest.mark.parametrize("window", [None, 3])
+def test_cached_call_refuses_non_finite_float_masks_before_appending(bad, which, window):
+    """A float attn_mask/key_padding_mask holding NaN or +inf was refused inside the attention call,
+    after cache.append: the cache's length went 0 -> 2 on a call that raised."""
+    layer = random_layer(32, 4, 2)
+    cache = layer.new_cache(1, 16, window=window)
+    rng = np.random.default_rng(40)
+    layer(randn(rng, (1, 2, 32), np.float32), cache=cache)
+    before = (cache.length, np.array(cache._keys, copy=True), np.array(cache._values, copy=True))
+    x = randn(rng, (1, 2, 32), np.float32)
+    mask = _nan_float_mask((2, 4) if which == "attn_mask" else (1, 4), bad)
+    with pytest.raises(ValueError, match=which):
+        layer(x, cache=cache, **{which: mask})
+    assert cache.length == before[0]
+    np.testing.assert_array_equal(cache._keys, before[1])
+    np.testing.assert_array_equal(cache._values, before[2])
+
+
+def test_uncached_call_names_the_non_finite_key_padding_mask():
+    layer = random_layer(32, 4)
+    x = randn(np.random.default_rng(41), (2, 3, 32), np.float32)
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        layer(x, key_padding_mask=_nan_float_mask((2, 3), np.nan))
+
+
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_layer_checks_is_causal(use_cache):
+    """A cached call ignored an invalid is_causal ("sideways" was accepted)."""
+    layer = random_layer(32, 4)
+    cache = layer.new_cache(2, 8) if use_cache else None
+    x = randn(np.random.default_rng(42), (2, 3, 32), np.float32)
+    with pytest.raises(ValueError, match="is_causal"):
+        layer(x, cache=cache, is_causal="sideways")
+    if use_cache:
+        assert cache.length == 0
+
+
+def test_cached_call_refuses_a_misshapen_4d_attn_mask_before_appending():
+    layer = random_layer(32, 4)
+    cache = layer.new_cache(2, 8)
+    x = randn(np.random.default_rng(43), (2, 3, 32), np.float32)
+    with pytest.raises(ValueError, match="attn_mask"):
+        layer(x, cache=cache, attn_mask=np.zeros((3, 4, 3, 3), bool))
+    assert cache.length == 0
+
+
+def test_cached_call_refuses_masks_that_add_up_to_inf():
+    layer = random_layer(32, 4)
+    cache = layer.new_cache(1, 8)
+    x = randn(np.random.default_rng(44), (1, 2, 32), np.float32)
+    big = np.full((1, 2), 3e38, np.float32)
+    with pytest.raises(ValueError, match="overflows"):
+        layer(x, cache=cache, key_padding_mask=big, attn_mask=np.full((2, 2), 3e38, np.float32))
+    assert cache.length == 0

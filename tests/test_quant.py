@@ -276,6 +276,37 @@ def test_quantized_tensor_constructor():
         QuantizedTensor(np.int8(1), np.ones(1, np.float32), 32)
 
 
+def test_hand_built_block_must_be_a_power_of_two():
+    """The kernels find a value's scale as d >> ceil(log2 block): a block of 48 over D = 96 put the
+    upper entries under the wrong scale (attention off by 2.4 while dequantize was right). The
+    constructor now refuses what quantize refuses; blocks ≥ D (one scale per row) stay allowed."""
+    data = np.zeros((16, 96), np.int8)
+    with pytest.raises(ValueError, match="block must be a power of two"):
+        QuantizedTensor(data, np.ones((16, 2), np.float32), 48)
+    for block in (96, 128):                       # one scale per row, stored as D
+        assert QuantizedTensor(data, np.ones((16, 1), np.float32), block).block == 96
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, -1.0])
+def test_hand_built_scales_must_be_finite_and_non_negative(bad):
+    """Such scales were reported as "the attention overflowed ... although query, key and value are finite"."""
+    scales = np.ones((4, 2), np.float32)
+    scales[2, 1] = bad
+    with pytest.raises(ValueError, match="scales"):
+        QuantizedTensor(np.ones((4, 64), np.int8), scales, 32)
+
+
+def test_hand_built_tensor_attends_like_its_dequantised_self():
+    rng = np.random.default_rng(14)
+    data = rng.integers(-127, 128, (16, 96)).astype(np.int8)
+    scales = rng.uniform(0.001, 0.02, (16, 3)).astype(np.float32)
+    kq = QuantizedTensor(data, scales, 32)
+    q = randn(rng, (3, 96), np.float32)
+    out = scaled_dot_product_attention(q, kq, kq)
+    k = dequantize(kq).astype(np.float64)
+    assert_close(out, reference.scaled_dot_product_attention(q, k, k), rtol=2e-5)
+
+
 # ----------------------------------------------------------------------------------------------
 # attention on QuantizedTensor keys/values
 # ----------------------------------------------------------------------------------------------
@@ -403,11 +434,24 @@ def test_out_dtype(qdtype, out_dtype, expected):
     assert_close(out, ref, rtol=1e-3 if expected == np.float16 else 2e-5)
 
 
-def test_float64_query_with_int8_is_refused():
+@pytest.mark.parametrize("block", [32, None])
+@pytest.mark.parametrize("S", [40, 300])        # prefill-shaped and decode-kernel-shaped (L ≤ 8, S ≥ 256)
+def test_float64_query_with_int8(block, S):
+    """float64 arithmetic over int8 keys/values (the README: float64 if any input is float64): the
+    result is float64 and matches the float64 formula on the dequantised keys/values, with the
+    query never rounded to int8 (not even for per-row keys)."""
     rng = np.random.default_rng(11)
-    kq = quantize(randn(rng, (4, 32), np.float32))
-    with pytest.raises(TypeError, match="float64"):
-        scaled_dot_product_attention(randn(rng, (2, 32), np.float64), kq, kq)
+    q = randn(rng, (2, 3, 32), np.float64)
+    kq = quantize(randn(rng, (2, S, 32), np.float32), block=block)
+    vq = quantize(randn(rng, (2, S, 32), np.float32), block=block)
+    out, lse = scaled_dot_product_attention(q, kq, vq, return_lse=True)
+    assert out.dtype == np.float64 and lse.dtype == np.float64
+    def exact(t):         # data · scale in float64 (dequantize() rounds the products to float32)
+        return t.data.astype(np.float64) * np.repeat(t.scales.astype(np.float64), t.block, axis=-1)[..., :32]
+
+    ref, ref_lse = reference.scaled_dot_product_attention(q, exact(kq), exact(vq), return_lse=True)
+    assert_close(out, ref, rtol=1e-9)
+    assert_close(lse, ref_lse, rtol=1e-9)
 
 
 def test_query_cannot_be_quantized():

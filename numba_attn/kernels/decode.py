@@ -103,7 +103,7 @@ def _decode_body(q, k, k_scales, k_block, v, v_scales, v_block, q_idx, k_idx, v_
                 x = load(qrow[d])
                 qs[r, d] = x * scale
                 q_chk += x * zero                   # 0, or NaN once a query value is NaN or ±inf
-            if k_block > 0 and nbk == 1:    # only per-row int8 keys score against an int8 query
+            if k_block > 0 and nbk == 1:    # per-row int8 keys (float32 arithmetic) score against an int8 query
                 quantize_row_into(qs[r], k_block, q8[r], q8_scales[r])
         # this item's running state, private until the end: part_m/part_l hold one float per row, so
         # the rows of items on different threads share cache lines, and writing them once per key

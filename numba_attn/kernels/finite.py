@@ -88,3 +88,21 @@ def max_abs(x, rows=None):
 def all_finite(x, rows=None):
     """True if x holds no NaN or inf (same arguments as ``max_abs``)."""
     return bool(np.isfinite(max_abs(x, rows)))
+
+
+def check_finite_array(x, name, rows=None):
+    """Raise ``ValueError`` naming ``name`` if x holds NaN or inf.
+
+    float16/32/64 (and uint16, read as float16 bits) go through the bit-level scan above; other
+    dtypes (integers, longdouble) through ``np.isfinite``. ``rows``: for a (N, slots, C) kernel
+    operand, scan only x[:, :rows] (a KV cache's valid tokens).
+    """
+    if x.dtype in (np.float16, np.float32, np.float64, np.uint16):
+        top = max_abs(x, rows)
+    else:
+        part = x if rows is None else x[:, :rows]
+        top = 0.0 if part.dtype.kind in "iub" or np.isfinite(part).all() else (
+            np.nan if np.isnan(part).any() else np.inf)
+    if not np.isfinite(top):
+        bad = "NaN" if np.isnan(top) else "inf"
+        raise ValueError(f"{name} contains {bad}; pass finite values (or check_finite=False to skip the check)")

@@ -114,19 +114,23 @@ def _block_scores_overload(qs, q8, q8_scales, kn, k_scales, k_block, j0, nk, s):
     the loops here.
 
     Float keys (float32/float64, or float16 bits): a dot product along the head dim, vectorised.
-    int8 keys, one scale per row: the int8 query row ``q8`` (quantised on the fly, scale
-    ``q8_scales[r, 0]``) times the int8 key, accumulated in int32 over the whole row
-    (``int8_dot``), then scaled by q8_scales[r, 0]·k_scales[j, 0].
+    int8 keys, one scale per row, float32 arithmetic: the int8 query row ``q8`` (quantised on the
+    fly, scale ``q8_scales[r, 0]``) times the int8 key, accumulated in int32 over the whole row
+    (``int8_dot``), then scaled by q8_scales[r, 0]·k_scales[j, 0]. (float64 arithmetic: the key is
+    dequantised in registers as below, the query stays exact.)
     int8 keys, one scale per block of 32 (or another power of two): the key is dequantised in
     registers, k8[d]·k_scales[j, d >> shift], and dotted with the float query. (An int32
     accumulation per 32-entry block compiles to short loops that LLVM vectorises badly, 5-15×
     slower here; this form runs at float speed and does not quantise the query at all.)
     """
     if isinstance(kn, types.Array) and kn.dtype == types.int8:
+        # float64 arithmetic never rounds the query to int8: its per-row keys take the dequantising loop
+        int8_query = qs.dtype == types.float32
+
         def impl_int8(qs, q8, q8_scales, kn, k_scales, k_block, j0, nk, s):
             E = kn.shape[1]
             j_lo = rows_of_key_scores(qs, kn, k_scales, k_block, j0, nk, s)    # VW keys at a time
-            if k_scales.shape[1] == 1:
+            if int8_query and k_scales.shape[1] == 1:
                 for j in range(j_lo, nk):
                     kj = kn[j0 + j]
                     ksj = k_scales[j0 + j, 0]
@@ -138,9 +142,9 @@ def _block_scores_overload(qs, q8, q8_scales, kn, k_scales, k_block, j0, nk, s):
                     ksj = k_scales[j0 + j]
                     for r in range(qs.shape[0]):
                         qr = qs[r]
-                        a = np.float32(0)
+                        a = qs.dtype.type(0)
                         for d in range(E):
-                            a += qr[d] * (np.float32(kj[d]) * ksj[d >> 5])
+                            a += qr[d] * (qs.dtype.type(kj[d]) * ksj[d >> 5])
                         s[r, j] = a
             else:
                 shift = block_shift(k_block)
@@ -149,9 +153,9 @@ def _block_scores_overload(qs, q8, q8_scales, kn, k_scales, k_block, j0, nk, s):
                     ksj = k_scales[j0 + j]
                     for r in range(qs.shape[0]):
                         qr = qs[r]
-                        a = np.float32(0)
+                        a = qs.dtype.type(0)
                         for d in range(E):
-                            a += qr[d] * (np.float32(kj[d]) * ksj[d >> shift])
+                            a += qr[d] * (qs.dtype.type(kj[d]) * ksj[d >> shift])
                         s[r, j] = a
         return impl_int8
 
