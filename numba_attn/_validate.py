@@ -55,6 +55,7 @@ class Plan:
     E: int
     Ev: int
     check_finite: bool = False   # the kernels check query, scores and result for NaN/inf (see api._run)
+    groups: np.ndarray = None    # (G, g) output entries sharing a K/V entry, when the caller knows (KVCache.attend)
 
     @property
     def quantized(self):

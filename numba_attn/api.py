@@ -9,7 +9,10 @@ import numpy as np
 
 from . import config
 from ._threads import launch
-from ._validate import FLOAT16_MAX, check_finite_array, check_float_operand, prepare_attention
+from ._validate import (_NO_MASK, _NO_SLOPES, FLOAT16_MAX, Plan, check_finite_array, check_float_operand, check_scale,
+                        prepare_attention)
+from .cache import is_kv_cache_view
+from .kernels._scores import MASK_NONE
 from .kernels import decode, prefill
 from .kernels._load import to_float16
 from .kernels.finite import all_finite
@@ -38,9 +41,12 @@ def _use_decode(plan):
     return plan.quantized or (plan.L <= config.DECODE_MAX_QUERY_ROWS and plan.S >= config.DECODE_MIN_KEYS)
 
 
-def _run(plan):
+def _run(plan, out=None):
+    """Run the kernel the plan calls for; (out (N, L, Ev), lse (N, L)) in the arithmetic's dtype.
+    ``out``: a C-contiguous (N, L, Ev) array of that dtype to write into (else one is allocated)."""
     N, L, Ev = plan.n_batch, plan.L, plan.Ev
-    out = np.empty((N, L, Ev), plan.dtype)
+    if out is None:
+        out = np.empty((N, L, Ev), plan.dtype)
     lse = np.empty((N, L), plan.dtype)
     if N == 0 or L == 0:
         return out, lse
@@ -51,7 +57,7 @@ def _run(plan):
     serial = work < config.SERIAL_BELOW_FLOPS
     decode_path = _use_decode(plan)
     if decode_path:
-        groups = _kv_groups(plan)
+        groups = _kv_groups(plan) if plan.groups is None else plan.groups
         if groups is None:
             groups = np.arange(N, dtype=np.int64).reshape(N, 1)
         rows = groups.shape[1] * L
@@ -77,6 +83,66 @@ def _run(plan):
     if plan.check_finite and (check.any() or (decode_path and not all_finite(out))):
         _raise_nonfinite(plan)
     return out, lse
+
+
+def attend_cache(cache, q, scale, window, slopes, softcap, out, check_finite):
+    """``KVCache.attend`` after its checks: one kernel on the cache's storage (see there)."""
+    B, H, L, E = q.shape
+    Hkv, Ev, store = cache.num_kv_heads, cache.value_dim, cache.dtype
+    scale = check_scale(scale, E)
+    dtype = np.dtype(np.float64) if np.float64 in (q.dtype, store) else np.dtype(np.float32)
+    result = np.result_type(q.dtype, store) if store.kind == "f" else q.dtype
+    if out is not None and (not isinstance(out, np.ndarray) or out.shape != (B, H, L, Ev) or out.dtype != result
+                            or not out.flags.c_contiguous or not out.flags.writeable):
+        raise ValueError(f"out must be a writeable C-contiguous {result.name} array of shape (batch, H, L, value_dim) "
+                         f"= {(B, H, L, Ev)}, got " + (f"{out.dtype.name} {out.shape}" if isinstance(out, np.ndarray)
+                                                       else type(out).__name__))
+    n_valid = cache.n_valid
+    # a window whose ring has wrapped keeps storage order != position order: fine for one query
+    # that sees every held key, otherwise the keys go in position order (a copy)
+    reorder = cache.wrapped and (L > 1 or slopes is not None or (window is not None and window < n_valid))
+    native = store == np.int8 or (store == np.float64) == (dtype == np.float64)
+    if reorder or not native:
+        keys, values = cache.ordered()
+        res = scaled_dot_product_attention(q, keys, values, is_causal="lower_right", scale=scale, enable_gqa=True,
+                                           window=window, alibi_slopes=slopes, softcap=softcap or None,
+                                           check_finite=check_finite)
+        if out is None:
+            return res
+        out[...] = res
+        return out
+    k3, k_scales, k_block, v3, v_scales, v_block = cache._kernel_operands()
+    index = cache._index_cache.get(H)
+    if index is None:
+        q_idx = np.arange(B * H, dtype=np.int64)
+        k_idx = np.repeat(np.arange(B * Hkv, dtype=np.int64), H // Hkv)
+        index = cache._index_cache[H] = (q_idx, k_idx, q_idx.reshape(B * Hkv, H // Hkv), np.zeros(B * H, np.int64))
+    q_idx, k_idx, groups, m_idx = index
+    if q.dtype == np.float16 and dtype == np.float32:
+        q3 = q.view(np.uint16).reshape(B * H, L, E)
+    else:
+        q3 = q.astype(dtype, copy=False).reshape(B * H, L, E)
+    if not q3.flags.c_contiguous:
+        q3 = np.ascontiguousarray(q3)
+    q3 = q3.view()
+    q3.flags.writeable = False          # one numba type whatever the caller passed
+    in_order = not cache.wrapped
+    plan = Plan(query=q3, key=k3, value=v3, k_scales=k_scales, v_scales=v_scales, k_block=k_block, v_block=v_block,
+                q_idx=q_idx, k_idx=k_idx, v_idx=k_idx, mask=_NO_MASK[dtype], m_idx=m_idx, mask_kind=MASK_NONE,
+                mask_row_step=0, mask_col_step=0, is_causal=in_order, pos_offset=n_valid - L,
+                window=(window or 0) if in_order else 0,
+                slopes=_NO_SLOPES[dtype] if slopes is None else np.tile(slopes.astype(dtype), B),
+                softcap=softcap, scale=scale, dtype=dtype, out_dtype=result, batch_shape=(B, H), L=L, S=n_valid,
+                E=E, Ev=Ev, check_finite=bool(check_finite), groups=groups)
+    direct = out is not None and result == dtype
+    res, _ = _run(plan, out.reshape(B * H, L, Ev) if direct else None)
+    if direct:
+        return out
+    res = _to_out_dtype(res, result, store == np.float16).reshape(B, H, L, Ev)
+    if out is None:
+        return res
+    out[...] = res
+    return out
 
 
 def _raise_nonfinite(plan):
@@ -178,6 +244,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     """
     plan = prepare_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                              check_finite, window, alibi_slopes, softcap, out_dtype)
+    if plan.is_causal and plan.pos_offset == 0 and plan.L < plan.S and is_kv_cache_view(key):
+        raise ValueError(f"is_causal={is_causal!r} aligns the causal diagonal top-left (query i sees keys j <= i), so "
+                         f"these {plan.L} new queries would see only the first {plan.L} of the {plan.S} cached keys; "
+                         "with a KVCache pass is_causal='lower_right', or call cache.attend(query)")
     out, lse = _run(plan)
     out = _to_out_dtype(out, plan.out_dtype, plan.value.dtype == np.uint16)
     out = out.reshape(plan.batch_shape + (plan.L, plan.Ev))

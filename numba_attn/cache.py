@@ -7,15 +7,43 @@ buffer: token at absolute position p lives in slot p mod W).
 The attention kernels read the valid slots straight from this storage: no copy per step.
 """
 import numbers
+import weakref
 
 import numpy as np
 
 from ._validate import FLOAT16_MAX, check_finite_array
+from .kernels.cache_append import scan_rows, write_rows, write_rows_int8
 from .quant import DEFAULT_BLOCK, QuantizedTensor, _check_block, quantize
 
 __all__ = ["KVCache"]
 
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16), np.dtype(np.int8))
+_QUERY_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+_NO_SCALES = np.broadcast_to(np.zeros((1, 1, 0), np.float32), (1, 1, 0))
+#: every cache's key/value storage by id, to recognise views of it (``is_kv_cache_view``)
+_STORAGE = weakref.WeakValueDictionary()
+
+
+#: appends of at most this many rows (batch · kv heads · tokens) take the serial kernels
+APPEND_SERIAL_ROWS = 1024
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _range_message(name, dtype):
+    if dtype == np.float16:
+        return (f"{name} holds values beyond float16's range (|x| > 65504): a float16 cache would store inf; "
+                "use a float32 cache")
+    return f"{name} holds values beyond float32's range: int8 scales are float32"
+
+
+def is_kv_cache_view(x):
+    """True if ``x`` (an array or a QuantizedTensor) is a view of some KVCache's storage."""
+    x = getattr(x, "data", x) if isinstance(x, QuantizedTensor) else x
+    while isinstance(x, np.ndarray):
+        if _STORAGE.get(id(x)) is x:
+            return True
+        x = x.base
+    return False
 
 
 class KVCache:
@@ -76,6 +104,10 @@ class KVCache:
             self._value_scales = np.zeros(self._values.shape[:3] + (-(-self.value_dim // self._value_block),),
                                           np.float32)
         self._length = 0
+        self._operands = None          # kernel views of the storage, made on first use
+        self._index_cache = {}         # per query-head count: the kernels' batch index arrays
+        _STORAGE[id(self._keys)] = self._keys
+        _STORAGE[id(self._values)] = self._values
 
     # -- state ------------------------------------------------------------------------------------
     @property
@@ -161,22 +193,100 @@ class KVCache:
     def _encode(self, x, name):
         """x in the storage format: an array of the cache dtype, or a QuantizedTensor for int8."""
         if self.dtype == np.int8:
+            if x.dtype == np.float64 and x.size and np.abs(x).max() > _FLOAT32_MAX:
+                raise ValueError(_range_message(name, self.dtype))
             return quantize(x, self._quant_block)
         if self.dtype == np.float16 and x.dtype != np.float16 and x.size and np.abs(x).max() > FLOAT16_MAX:
-            raise ValueError(f"{name} holds values beyond float16's range (|x| > 65504): a float16 cache would "
-                             "store inf; use a float32 cache")
+            raise ValueError(_range_message(name, self.dtype))
         return x.astype(self.dtype, copy=False)
+
+    # -- attending --------------------------------------------------------------------------------
+    def attend(self, query, *, scale=None, window=None, alibi_slopes=None, softcap=None, out=None,
+               check_finite=True):
+        """Attention of the newest ``L`` tokens' queries over everything cached: the decode fast path.
+
+        ``query`` (batch, H, L, head_dim), H a multiple of ``num_kv_heads`` (grouped-query attention
+        from the cache's heads; query head h reads key/value head h // (H / num_kv_heads)). Query i
+        is the token at position ``length - L + i``: append the new tokens' keys and values first,
+        then attend. Causal with bottom-right alignment by construction (the last query sees every
+        cached key), windowed to the cache's ``window`` (and to ``window`` if given, the smaller of
+        the two wins). ``scale``, ``alibi_slopes`` (H,) and ``softcap`` as in
+        :func:`~numba_attn.scaled_dot_product_attention`.
+
+        ``out``: a C-contiguous (batch, H, L, value_dim) array of the result's dtype to write into
+        (no allocation). The result's dtype follows ``scaled_dot_product_attention``: float32 for a
+        float32/float16/int8 cache and a float32 query, float16 for float16 query and cache, float64
+        when the query or the cache is float64.
+
+        What the cache already guarantees (shapes, dtypes, finite contents when they were appended
+        with ``check_finite=True``) is not checked again: a call validates the query and the
+        arguments, then runs one kernel on the cache's storage (no copy, except for a window whose
+        ring has wrapped when L > 1 or with ALiBi: the keys are then put in position order).
+        Returns ``(batch, H, L, value_dim)``.
+        """
+        from ._validate import check_slopes, check_softcap
+        from .api import attend_cache
+        q = query if isinstance(query, np.ndarray) else np.asarray(query)
+        if q.dtype not in _QUERY_DTYPES:
+            raise TypeError(f"query must be float16, float32 or float64, got dtype {q.dtype}")
+        if (q.ndim != 4 or q.shape[0] != self.batch or q.shape[1] == 0 or q.shape[1] % self.num_kv_heads
+                or q.shape[3] != self.head_dim):
+            raise ValueError(f"query must have shape (batch, H, L, head_dim) = ({self.batch}, H, L, {self.head_dim}) "
+                             f"with H a multiple of num_kv_heads = {self.num_kv_heads}, got {q.shape}")
+        L = q.shape[2]
+        if L > self.n_valid:
+            raise ValueError(f"query holds {L} tokens but the cache holds {self.n_valid}: append the new tokens' "
+                             "keys and values first (query i is the token at position length - L + i)")
+        if window is not None:
+            if isinstance(window, (bool, np.bool_)) or not isinstance(window, numbers.Integral) or window <= 0:
+                raise ValueError(f"window must be a positive int or None, got {window!r}")
+            window = int(window) if self.window is None else min(int(window), self.window)
+        else:
+            window = self.window
+        # a ring that has dropped keys the chunk's first queries still see cannot answer exactly
+        first_needed = 0 if window is None else max(0, self._length - L - window + 1)
+        if first_needed < self._length - self.n_valid:
+            raise ValueError(f"the cache's ring ({self.slots} slots) no longer holds the keys the first of these {L} "
+                             f"queries sees (window {window}): attend to a chunk this long before appending it "
+                             "(MultiHeadAttention does), or append and attend one token at a time")
+        softcap = check_softcap(softcap)
+        slopes = check_slopes(alibi_slopes, q.shape[1])
+        return attend_cache(self, q, scale, window, slopes, softcap, out, check_finite)
+
+    def _kernel_operands(self):
+        """(keys, key scales, key block, values, value scales, value block) as the kernels take them:
+        C-contiguous read-only 3-D views (batch·heads, slots, dim) of the whole storage."""
+        if self._operands is None:
+            def as3(x, dim):
+                if x is None:
+                    return _NO_SCALES, 0
+                v = x.reshape(self.batch * self.num_kv_heads, x.shape[2], dim)
+                v = v.view(np.uint16) if v.dtype == np.float16 else v.view()
+                v.flags.writeable = False
+                return v, 0
+            k, _ = as3(self._keys, self.head_dim)
+            v, _ = as3(self._values, self.value_dim)
+            if self.dtype == np.int8:
+                ks, _ = as3(self._key_scales, self._key_scales.shape[3])
+                vs, _ = as3(self._value_scales, self._value_scales.shape[3])
+                self._operands = (k, ks, self.block, v, vs, self._value_block)
+            else:
+                self._operands = (k, _NO_SCALES, 0, v, _NO_SCALES, 0)
+        return self._operands
 
     # -- writing ----------------------------------------------------------------------------------
     def append(self, key, value, check_finite=True):
         """Store ``key`` (batch, H_kv, T, head_dim) and ``value`` (batch, H_kv, T, value_dim).
 
         Values are converted to the cache dtype. Raises ``ValueError`` before writing anything if
-        the shapes are wrong, the inputs are not finite, or (without a window) the cache would
-        overflow ``capacity``.
+        the shapes are wrong, the inputs are not finite (int8 and float16 stores refuse NaN/inf
+        whatever ``check_finite`` says: they have no code for them), a float32/float64 array holds
+        values beyond a float16 store's range, or (without a window) the cache would overflow
+        ``capacity``. A few tokens (B·H_kv·T ≤ ``APPEND_SERIAL_ROWS``, a decode step) take one
+        serial kernel per tensor that checks, converts and writes (``kernels/cache_append.py``).
         """
-        key = np.asarray(key)
-        value = np.asarray(value)
+        key = key if isinstance(key, np.ndarray) else np.asarray(key)
+        value = value if isinstance(value, np.ndarray) else np.asarray(value)
         for name, x, dim in (("key", key, self.head_dim), ("value", value, self.value_dim)):
             if x.dtype.kind != "f":
                 raise TypeError(f"{name} must be a floating array, got dtype {x.dtype}")
@@ -189,25 +299,66 @@ class KVCache:
         if self._length + T > self.capacity:
             raise ValueError(f"KVCache is full: {self._length} tokens held + {T} new > capacity {self.capacity}"
                              + ("" if self.window is not None else "; create it with a larger capacity or a window"))
-        if check_finite:
+        slots = self.slots
+        if self.window is None or self._length + T <= slots:
+            first, slot0 = 0, self._length
+        else:
+            first = T - min(T, slots)             # only the last `slots` new tokens can survive
+            slot0 = (self._length + first) % slots
+        # (float64 into float16 goes through numpy: the kernels would round twice, via float32)
+        if (self.batch * self.num_kv_heads * T <= APPEND_SERIAL_ROWS and key.dtype in _QUERY_DTYPES
+                and value.dtype in _QUERY_DTYPES
+                and not (self.dtype == np.float16 and np.float64 in (key.dtype, value.dtype))):
+            self._append_serial(key, value, slot0, first, check_finite)
+        else:
+            self._append_numpy(key, value, slot0, first, check_finite)
+        self._length += T
+
+    def _append_serial(self, key, value, slot0, first, check_finite):
+        rows = []
+        for name, x in (("key", key), ("value", value)):
+            x = np.ascontiguousarray(x)
+            bits = x.view(np.uint16) if x.dtype == np.float16 else x
+            if self.dtype == np.float16 and x.dtype != np.float16:
+                limit = FLOAT16_MAX
+            elif self.dtype == np.int8 and x.dtype == np.float64:
+                limit = _FLOAT32_MAX
+            else:
+                limit = np.inf
+            code = scan_rows(bits, limit) if x.size else 0
+            if code == 1 and (check_finite or self.dtype in (np.float16, np.int8)):
+                raise ValueError(f"{name} contains NaN or inf; pass finite values"
+                                 + ("" if self.dtype in (np.float16, np.int8) else
+                                    " (or check_finite=False to skip the check)"))
+            if code == 2:
+                raise ValueError(_range_message(name, self.dtype))
+            rows.append(bits)
+        if self.dtype == np.int8:
+            scratch = np.empty(max(self.head_dim, self.value_dim), np.float32)
+            write_rows_int8(rows[0], self._keys, self._key_scales, self.block, slot0, first, scratch[:self.head_dim])
+            write_rows_int8(rows[1], self._values, self._value_scales, self._value_block, slot0, first,
+                            scratch[:self.value_dim])
+        elif self.dtype == np.float16:
+            write_rows(rows[0], self._keys.view(np.uint16), slot0, first)
+            write_rows(rows[1], self._values.view(np.uint16), slot0, first)
+        else:
+            write_rows(rows[0], self._keys, slot0, first)
+            write_rows(rows[1], self._values, slot0, first)
+
+    def _append_numpy(self, key, value, slot0, first, check_finite):
+        if check_finite or self.dtype == np.int8:
             check_finite_array(key, "key")
             check_finite_array(value, "value")
         key, value = self._encode(key, "key"), self._encode(value, "value")
-        slots = self.slots
-        if self.window is None or self._length + T <= slots:
-            where = slice(self._length, self._length + T)
-            first = 0
-        else:
-            keep = min(T, slots)                  # only the last `slots` new tokens can survive
-            where = (self._length + T - keep + np.arange(keep)) % slots
-            first = T - keep
+        T = key.shape[2]
+        where = (slot0 + np.arange(T - first)) % self.slots if first or slot0 + T > self.slots else slice(slot0,
+                                                                                                          slot0 + T)
         for data, scales, x in ((self._keys, self._key_scales, key), (self._values, self._value_scales, value)):
             if scales is None:
                 data[:, :, where] = x[:, :, first:]
             else:
                 data[:, :, where] = x.data[:, :, first:]
                 scales[:, :, where] = x.scales[:, :, first:]
-        self._length += T
 
     def __repr__(self):
         return (f"KVCache(batch={self.batch}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "

@@ -72,7 +72,7 @@ SERIAL_BELOW_FLOPS = 2_000_000
 #: The decode kernel takes over when the query has at most this many rows ...
 DECODE_MAX_QUERY_ROWS = 8
 #: ... and there are at least this many keys.
-DECODE_MIN_KEYS = 256
+DECODE_MIN_KEYS = 32
 #: Most query rows (grouped heads × query tokens) processed in one pass over a KV head.
 DECODE_MAX_ROWS = 64
 #: Keys per streaming-softmax block of the decode kernel.

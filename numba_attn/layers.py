@@ -264,6 +264,10 @@ class MultiHeadAttention:
         else:
             positions = np.arange(cache.length - cache.n_valid, cache.length + L)
         mask = self._combined_mask(key_padding_mask, attn_mask, B, L, positions.size, positions)
+        if direct and mask is None:
+            # the decode fast path: the cache's own storage, bottom-right causal, GQA from its heads
+            cache.append(k, v, check_finite=False)
+            return cache.attend(q, alibi_slopes=kw["alibi_slopes"], softcap=kw["softcap"], check_finite=False)
         if direct:
             cache.append(k, v, check_finite=False)
             keys, values = cache.keys, cache.values
@@ -303,7 +307,8 @@ class MultiHeadAttention:
         total = None
         for p in parts:
             add = np.where(p, 0.0, -np.inf).astype(self.dtype) if p.dtype == np.bool_ else p.astype(self.dtype)
-            total = add if total is None else total + add
+            with np.errstate(over="ignore"):          # an overflow is refused just below
+                total = add if total is None else total + add
         if np.isposinf(total).any():      # two large finite masks can add up to +inf in the layer's dtype
             raise ValueError(f"key_padding_mask + attn_mask overflows {self.dtype.name} (+inf); use smaller values")
         return total

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import assert_unchanged, copies, randn
+from conftest import assert_unchanged, copies, int8_effective_inputs, randn
 from numba_attn import KVCache, QuantizedTensor, dequantize, quantize
 
 STORAGE = (np.float32, np.float64, np.float16, np.int8)
@@ -364,3 +364,145 @@ def test_bad_constructor_arguments(kwargs, exc, match):
     args.update(kwargs)
     with pytest.raises(exc, match=match):
         KVCache(**args)
+
+
+# ----------------------------------------------------------------------------------------------
+# KVCache.attend: the decode fast path, against the float64 reference on the cache's content
+# ----------------------------------------------------------------------------------------------
+
+def _content(cache):
+    """(keys, values) in position order as float64: what the kernels read (int8 dequantised exactly)."""
+    keys, values = cache.ordered()
+
+    def f64(x):
+        if isinstance(x, QuantizedTensor):
+            return x.data.astype(np.float64) * np.repeat(x.scales.astype(np.float64), x.block, axis=-1)[
+                ..., :x.shape[-1]]
+        return x.astype(np.float64)
+    return f64(keys), f64(values)
+
+
+ATTEND_TOL = {np.dtype(np.float16): 2e-3, np.dtype(np.float32): 2e-5, np.dtype(np.float64): 1e-10}
+
+
+@pytest.mark.parametrize("dtype", STORAGE)
+@pytest.mark.parametrize("qdtype", [np.float32, np.float16, np.float64])
+@pytest.mark.parametrize("window", [None, 6])
+@pytest.mark.parametrize("L", [1, 3])
+def test_attend_matches_the_reference(dtype, qdtype, window, L):
+    from numba_attn import reference
+    rng = np.random.default_rng(50)
+    cache = KVCache(2, 2, 16, 64, dtype=dtype, window=window)
+    for T in (5, 4, 1, L):                         # the ring wraps (window 6) before the last chunk
+        cache.append(randn(rng, (2, 2, T, 16)), randn(rng, (2, 2, T, 16)))
+    q = q_in = randn(rng, (2, 6, L, 16), qdtype)
+    keys, values = _content(cache)
+    per_row_int8 = dtype == np.int8 and cache.block >= 16 and np.dtype(qdtype) != np.float64
+    if window is not None and cache.wrapped and L > 1:
+        with pytest.raises(ValueError, match="ring"):       # the first queries' keys were dropped
+            cache.attend(q)
+        return
+    out = cache.attend(q)
+    expected_dtype = np.result_type(qdtype, dtype) if np.dtype(dtype).kind == "f" else np.dtype(qdtype)
+    assert out.dtype == expected_dtype and out.shape == (2, 6, L, 16)
+    scale = None
+    if per_row_int8:         # per-row int8 keys are scored against the query rounded to int8 (README)
+        q, _, _, scale = int8_effective_inputs(q, *cache.ordered())
+    ref = reference.scaled_dot_product_attention(q.astype(np.float64), keys, values, is_causal="lower_right",
+                                                 enable_gqa=True, window=window, scale=scale)
+    tol = ATTEND_TOL[np.dtype(out.dtype)]
+    scale = max(1.0, float(np.abs(ref).max()))
+    np.testing.assert_allclose(out.astype(np.float64), ref, rtol=tol, atol=tol * scale)
+    # the same numbers as the general call on the cache's views
+    from numba_attn import scaled_dot_product_attention
+    k, v = cache.ordered()
+    general = scaled_dot_product_attention(q_in, k, v, is_causal="lower_right", enable_gqa=True, window=window)
+    np.testing.assert_allclose(out, general, rtol=tol, atol=tol * scale)
+
+
+@pytest.mark.parametrize("dtype", STORAGE)
+def test_attend_into_out(dtype):
+    rng = np.random.default_rng(51)
+    cache = KVCache(1, 3, 64, 300, dtype=dtype)
+    cache.append(randn(rng, (1, 3, 300, 64)), randn(rng, (1, 3, 300, 64)))
+    q = randn(rng, (1, 9, 1, 64), np.float32)
+    q_copy = q.copy()
+    expected = cache.attend(q)
+    out = np.full(expected.shape, np.nan, expected.dtype)
+    assert cache.attend(q, out=out) is out
+    np.testing.assert_array_equal(out, expected)
+    np.testing.assert_array_equal(q, q_copy)
+    for bad in (np.empty((1, 9, 1, 64), np.float16 if expected.dtype != np.float16 else np.float32),
+                np.empty((1, 9, 2, 64), expected.dtype), np.empty((1, 9, 1, 128), expected.dtype)[..., ::2],
+                [[0.0]]):
+        with pytest.raises(ValueError, match="out must be"):
+            cache.attend(q, out=bad)
+
+
+def test_attend_options_match_the_general_call():
+    from numba_attn import scaled_dot_product_attention
+    rng = np.random.default_rng(52)
+    cache = KVCache(1, 2, 32, 400)
+    cache.append(randn(rng, (1, 2, 300, 32)), randn(rng, (1, 2, 300, 32)))
+    q = randn(rng, (1, 4, 2, 32), np.float32)
+    slopes = np.array([0.5, 0.25, 0.125, 0.0625])
+    kw = dict(scale=0.3, window=40, alibi_slopes=slopes, softcap=5.0)
+    out = cache.attend(q, **kw)
+    general = scaled_dot_product_attention(q, cache.keys, cache.values, is_causal="lower_right", enable_gqa=True, **kw)
+    np.testing.assert_allclose(out, general, rtol=1e-5, atol=1e-6)
+
+
+def test_attend_refuses_bad_queries_and_arguments():
+    cache = KVCache(2, 2, 8, 10)
+    cache.append(np.ones((2, 2, 3, 8)), np.ones((2, 2, 3, 8)))
+    good = np.ones((2, 4, 1, 8), np.float32)
+    for q, exc, match in ((good.astype(np.int32), TypeError, "query"), (np.ones((2, 3, 1, 8)), ValueError, "query"),
+                          (np.ones((1, 4, 1, 8)), ValueError, "query"), (np.ones((2, 4, 1, 7)), ValueError, "query"),
+                          (np.ones((4, 1, 8)), ValueError, "query"), (np.ones((2, 4, 4, 8)), ValueError, "append")):
+        with pytest.raises(exc, match=match):
+            cache.attend(q)
+    for kw, match in ((dict(window=0), "window"), (dict(softcap=-1.0), "softcap"), (dict(scale=0.0), "scale"),
+                      (dict(alibi_slopes=np.ones(3)), "alibi_slopes")):
+        with pytest.raises(ValueError, match=match):
+            cache.attend(good, **kw)
+    bad = good.copy()
+    bad[0, 1, 0, 2] = np.nan
+    with pytest.raises(ValueError, match="query"):
+        cache.attend(bad)
+
+
+@pytest.mark.parametrize("is_causal", [True, "upper_left"])
+def test_top_left_causal_on_cache_views_is_refused(is_causal):
+    """The silent trap: torch's is_causal=True on a cache's keys attends a decode step to key 0 only."""
+    from numba_attn import scaled_dot_product_attention
+    for dtype in (np.float32, np.int8):
+        cache = KVCache(1, 2, 8, 10, dtype=dtype)
+        cache.append(np.ones((1, 2, 5, 8)), np.ones((1, 2, 5, 8)))
+        with pytest.raises(ValueError, match="lower_right"):
+            scaled_dot_product_attention(np.ones((1, 2, 1, 8)), cache.keys, cache.values, is_causal=is_causal)
+        scaled_dot_product_attention(np.ones((1, 2, 1, 8)), cache.keys, cache.values, is_causal="lower_right")
+    # plain arrays keep torch's meaning
+    k = np.ones((1, 2, 5, 8))
+    scaled_dot_product_attention(np.ones((1, 2, 1, 8)), k, k, is_causal=is_causal)
+
+
+@pytest.mark.parametrize("dtype", STORAGE)
+@pytest.mark.parametrize("window", [None, 4])
+@pytest.mark.parametrize("xdtype", [np.float32, np.float64, np.float16])
+def test_serial_append_stores_what_the_numpy_path_stores(monkeypatch, dtype, window, xdtype):
+    """Small appends take the serial kernels (kernels/cache_append.py): same bits as the numpy path."""
+    from numba_attn import cache as cache_module
+    rng = np.random.default_rng(53)
+    serial, numpy_path = KVCache(2, 3, 40, 50, dtype=dtype, window=window), KVCache(2, 3, 40, 50, dtype=dtype,
+                                                                                    window=window)
+    for T in (3, 1, 5, 1):
+        k, v = randn(rng, (2, 3, T, 40), xdtype), randn(rng, (2, 3, T, 40), xdtype)
+        monkeypatch.setattr(cache_module, "APPEND_SERIAL_ROWS", 10**6)
+        serial.append(k, v)
+        monkeypatch.setattr(cache_module, "APPEND_SERIAL_ROWS", 0)
+        numpy_path.append(k, v)
+    assert serial.length == numpy_path.length
+    for a, b in ((serial._keys, numpy_path._keys), (serial._values, numpy_path._values),
+                 (serial._key_scales, numpy_path._key_scales), (serial._value_scales, numpy_path._value_scales)):
+        if a is not None:
+            np.testing.assert_array_equal(a, b)

@@ -1,0 +1,96 @@
+"""Appending a few tokens to a ``KVCache``: check, convert and write in one serial call.
+
+A decode step appends one token per layer: B·H_kv rows of D values for the keys and as many for the
+values. Through numpy that is a dozen small operations (finite scan, conversion, quantisation in a
+parallel kernel, fancy-index writes), ~12-35 µs, and a parallel launch for a few hundred numbers
+can stall for milliseconds when the machine is busy. Here each step is one serial call:
+
+- ``scan_rows(x, limit)``: 0 if every value of x (B, H, T, D) is finite with |x| ≤ limit, 1 if one is
+  NaN or ±inf, 2 if one is finite but beyond ``limit`` (float16's 65504 for a float16 store, float32's
+  max for an int8 one): the caller refuses before anything is written.
+- ``write_rows(x, data, slot0, t0)``: token t ≥ t0 of x goes to slot (slot0 + t − t0) mod slots of
+  ``data`` (B, H, slots, D), converted to the storage type: a float, float16 bits (round to nearest
+  even, as numpy), or a raw copy when both are float16 bits.
+- ``write_rows_int8(x, data, scales, block, slot0, t0, row)``: the same, quantised to int8 per block
+  (``quantised.quantize_row_into``: the scheme and rounding of ``quantize``) through the float32
+  scratch ``row`` (D,).
+
+x may be float32, float64 or float16 bits (uint16); memory: nothing beyond the scratch row.
+"""
+import numpy as np
+from numba import njit, types
+from numba.extending import overload
+
+from .. import config
+from ._load import half_bits, load
+from .quantised import quantize_row_into
+
+
+@njit(cache=config.CACHE)
+def scan_rows(x, limit):
+    """0: all finite and |x| ≤ limit; 1: a NaN or ±inf; 2: a finite value beyond limit."""
+    B, H, T, D = x.shape
+    code = 0
+    for b in range(B):
+        for h in range(H):
+            for t in range(T):
+                row = x[b, h, t]
+                for d in range(D):
+                    v = abs(np.float64(load(row[d])))
+                    if not v < np.inf:
+                        return 1              # NaN (every compare fails) or inf
+                    if v > limit:
+                        code = 2
+    return code
+
+
+@njit(cache=config.CACHE)
+def write_rows(x, data, slot0, t0):
+    """data[b, h, (slot0 + t - t0) % slots] = x[b, h, t] for t ≥ t0, converted to data's type."""
+    B, H, T, D = x.shape
+    slots = data.shape[2]
+    for b in range(B):
+        for h in range(H):
+            for t in range(t0, T):
+                src = x[b, h, t]
+                dst = data[b, h, (slot0 + t - t0) % slots]
+                _store_row(src, dst)
+
+
+def _store_row(src, dst):  # pragma: no cover - numba overload below
+    raise TypeError("_store_row is a numba kernel helper: call it from @njit code")
+
+
+@overload(_store_row)
+def _store_row_overload(src, dst):
+    """One row into the store: raw bits (float16 into float16), float16 bits, or a float."""
+    if dst.dtype == types.uint16 and src.dtype == types.uint16:
+        def impl_copy(src, dst):
+            for d in range(src.shape[0]):
+                dst[d] = src[d]
+        return impl_copy
+    if dst.dtype == types.uint16:
+        def impl_half(src, dst):
+            for d in range(src.shape[0]):
+                dst[d] = half_bits(np.float32(load(src[d])))
+        return impl_half
+
+    def impl_float(src, dst):
+        for d in range(src.shape[0]):
+            dst[d] = load(src[d])
+    return impl_float
+
+
+@njit(cache=config.CACHE)
+def write_rows_int8(x, data, scales, block, slot0, t0, row):
+    """``write_rows`` into an int8 store: each row quantised with ``quantize``'s scheme."""
+    B, H, T, D = x.shape
+    slots = data.shape[2]
+    for b in range(B):
+        for h in range(H):
+            for t in range(t0, T):
+                src = x[b, h, t]
+                for d in range(D):
+                    row[d] = np.float32(load(src[d]))
+                s = (slot0 + t - t0) % slots
+                quantize_row_into(row, block, data[b, h, s], scales[b, h, s])
