@@ -186,10 +186,6 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     return out
 
 
-#: attention_weights materialises (..., L, S); above this many elements it refuses.
-MAX_WEIGHTS_ELEMENTS = 1 << 26
-
-
 def attention_weights(query, key, attn_mask=None, is_causal=False, scale=None, enable_gqa=False, *,
                       check_finite=True):
     """softmax(query·keyᵀ·scale + attn_mask) as a (..., L, S) array: which keys each query attends to.
@@ -210,8 +206,9 @@ def attention_weights(query, key, attn_mask=None, is_causal=False, scale=None, e
         except ValueError:
             raise ValueError(f"batch dims of query {q.shape[:-2]} and key {k.shape[:-2]} do not broadcast") from None
         elements = math.prod(batch) * q.shape[-2] * k.shape[-2]
-        if elements > MAX_WEIGHTS_ELEMENTS:
-            raise ValueError(f"attention_weights would materialise {elements} weights (> {MAX_WEIGHTS_ELEMENTS}); "
+        if elements > config.MAX_WEIGHTS_ELEMENTS:
+            raise ValueError(f"attention_weights would materialise {elements} weights "
+                             f"(> {config.MAX_WEIGHTS_ELEMENTS}); "
                              "use scaled_dot_product_attention, which never builds the L×S matrix")
     dtype = q.dtype if q.dtype.kind == "f" else np.float64
     if k.ndim >= 2:

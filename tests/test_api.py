@@ -776,7 +776,7 @@ def test_weights_are_the_weights_sdpa_uses(dtype):
 
 
 def test_attention_weights_refuses_huge_matrices(monkeypatch):
-    monkeypatch.setattr(api, "MAX_WEIGHTS_ELEMENTS", 1000)
+    monkeypatch.setattr(config, "MAX_WEIGHTS_ELEMENTS", 1000)
     rng = np.random.default_rng(21)
     q, k = randn(rng, (2, 20, 4)), randn(rng, (2, 100, 4))
     with pytest.raises(ValueError, match="attention_weights"):

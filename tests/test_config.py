@@ -174,12 +174,17 @@ def test_caching_is_on_by_default(value, tmp_path):
 def test_writable_dir(tmp_path):
     assert config._writable_dir(str(tmp_path))
     new = tmp_path / "a" / "b"
-    assert config._writable_dir(str(new)) and new.is_dir()          # created
-    assert os.listdir(new) == []                                     # the probe file is gone
+    assert config._writable_dir(str(new))                            # its nearest existing ancestor is writable
+    assert not (tmp_path / "a").exists()                             # ... and nothing was created
+    assert os.listdir(tmp_path) == []
     blocker = tmp_path / "file"
     blocker.write_text("x")
     assert not config._writable_dir(str(blocker))                    # a file, not a directory
     assert not config._writable_dir(str(blocker / "sub"))            # under a file
+    assert not config._writable_dir(str(blocker / "sub" / "deeper"))
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")
+    assert not config._writable_dir(str(dangling / "sub"))           # a dangling link: makedirs would fail
     if permissions_are_enforced(tmp_path):
         ro = tmp_path / "ro"
         ro.mkdir()
@@ -208,14 +213,14 @@ def fake_layout(tmp_path, monkeypatch):
 def test_cache_location_in_tree(fake_layout):
     _, pkg, _ = fake_layout
     assert config._cache_location() == str(pkg / "kernels" / "__pycache__")
-    assert (pkg / "kernels" / "__pycache__").is_dir()
+    assert not (pkg / "kernels").exists()                    # decided without creating anything
 
 
 def test_cache_location_user_wide(fake_layout):
     _, pkg, home = fake_layout
     (pkg / "kernels").write_text("a file: the in-tree cache cannot be created")
     assert config._cache_location() == str(home / ".cache" / "numba")
-    assert (home / ".cache" / "numba").is_dir()
+    assert not (home / ".cache").exists()
 
 
 def test_cache_location_xdg(fake_layout, monkeypatch):
@@ -316,9 +321,79 @@ def test_portable_generic_cpu_target(tmp_path):
 
 
 def test_tile_shape_override(monkeypatch):
-    from numba_attn.kernels import _tile
     monkeypatch.setenv("NUMBA_ATTN_TILE", "8x2")
-    assert _tile._tile_shape() == (8, 2)
-    monkeypatch.setenv("NUMBA_ATTN_TILE", "3x2")
+    assert config.tile_shape() == (8, 2)
+    for bad in ("3x2", "8x3", "8", "axb", "8x2x1"):
+        monkeypatch.setenv("NUMBA_ATTN_TILE", bad)
+        with pytest.raises(ValueError, match="NUMBA_ATTN_TILE"):
+            config.tile_shape()
+    monkeypatch.delenv("NUMBA_ATTN_TILE")
+    assert config.tile_shape() in {(vw, nv) for vw in config.TILE_WIDTHS for nv in config.TILE_VECTORS}
+
+
+def test_the_kernels_use_the_configured_tile_shape():
+    from numba_attn.kernels import _dots, _tile
+    assert (_tile.VW, _tile.NV) == (config.TILE_VW, config.TILE_NV) and _tile.W == _tile.VW * _tile.NV
+    assert _dots.VW == config.TILE_VW
+
+
+@pytest.fixture
+def restore_config():
+    """Put config's environment-derived values back after a test that calls ``_reset``."""
+    saved = {name: getattr(config, name) for name in ("CACHE_DIR", "CACHE", "CACHE_UNAVAILABLE", "TILE_VW", "TILE_NV")}
+    yield
+    for name, value in saved.items():
+        setattr(config, name, value)
+
+
+def test_reset_rereads_the_environment(monkeypatch, tmp_path, restore_config):
+    monkeypatch.setenv("NUMBA_ATTN_TILE", "4x1")
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "not" / "yet"))
+    monkeypatch.delenv("NUMBA_ATTN_CACHE", raising=False)
+    config._reset()
+    assert (config.TILE_VW, config.TILE_NV) == (4, 1)
+    assert (config.CACHE, config.CACHE_DIR, config.CACHE_UNAVAILABLE) == (True, str(tmp_path / "not" / "yet"), None)
+    assert not (tmp_path / "not").exists()
+    monkeypatch.setenv("NUMBA_ATTN_CACHE", "0")
+    config._reset()
+    assert (config.CACHE, config.CACHE_DIR, config.CACHE_UNAVAILABLE) == (False, None, "NUMBA_ATTN_CACHE=0")
+    monkeypatch.setenv("NUMBA_ATTN_TILE", "5x5")
     with pytest.raises(ValueError, match="NUMBA_ATTN_TILE"):
-        _tile._tile_shape()
+        config._reset()
+
+
+IMPORT_AND_LIST = """
+import os, sys
+import numba_attn, numba_attn.config as c
+print(c.CACHE, c.CACHE_DIR, sep="|")
+root = sys.argv[1]
+print(sorted(os.path.relpath(os.path.join(d, n), root) for d, names, _ in os.walk(root) for n in names))
+"""
+
+
+def test_import_with_caching_off_creates_no_directories(tmp_path):
+    """NUMBA_CACHE_DIR pointing to a path that does not exist yet: importing the package (config's
+    decision included) leaves it alone."""
+    target = tmp_path / "not" / "yet" / "cache"
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(target), NUMBA_ATTN_CACHE="0")
+    proc = subprocess.run([sys.executable, "-c", IMPORT_AND_LIST, str(tmp_path)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["False|None", "[]"]
+    assert os.listdir(tmp_path) == []
+
+
+def test_import_with_caching_on_creates_only_numbas_cache_directory(tmp_path):
+    """With caching on, config still creates nothing; numba itself makes the cache directory of each
+    kernel source folder when the kernels' cached dispatchers are built (at import), and nothing else."""
+    target = tmp_path / "not" / "yet" / "cache"
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ATTN_CACHE"}
+    env["NUMBA_CACHE_DIR"] = str(target)
+    proc = subprocess.run([sys.executable, "-c", IMPORT_AND_LIST, str(tmp_path)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first, listing = proc.stdout.strip().splitlines()
+    assert first == f"True|{target}"
+    made = eval(listing)
+    assert made[:3] == ["not", os.path.join("not", "yet"), os.path.join("not", "yet", "cache")], made
+    assert [os.path.basename(p).startswith("kernels_") for p in made[3:]] == [True], made   # numba's, one folder

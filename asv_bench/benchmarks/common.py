@@ -26,6 +26,16 @@ def skip(reason):
     raise NotImplementedError(reason)
 
 
+def by_shape(use):
+    """{``Case.shape``: case} for the cases of ``numba_attn.bench.CASES`` that the asv group ``use`` times
+    (one list for the asv suite and ``python -m numba_attn bench``); the shape strings are asv parameter values."""
+    order = sorted(bench.tracked(use), key=lambda c: (c.L > 8, c.B, c.H, c.kv_heads, c.L, c.S, c.D, c.causal))
+    cases = {case.shape: case for case in order}
+    if not cases:
+        raise LookupError(f"numba_attn.bench.CASES has no case for {use!r}")
+    return cases
+
+
 def check_threads(threads):
     pool = numba.config.NUMBA_NUM_THREADS
     if threads > pool:

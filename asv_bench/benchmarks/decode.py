@@ -8,27 +8,22 @@ import dataclasses
 
 import numba
 
-from .common import DTYPES, IMPLS, THREADS, Case, bench, check_threads, max_abs_error, measure, prepare
+from .common import DTYPES, IMPLS, THREADS, bench, by_shape, check_threads, max_abs_error, measure, prepare
 
-#: The tracked decode shapes beyond the S × H grid of ``Decode`` (parameter value: ``Case.shape``).
-SHAPES = {c.shape: c for c in [
-    Case("decode", 1, 32, 1, 1024, 64),
-    Case("decode", 1, 32, 1, 4096, 64),
-    Case("decode", 1, 32, 1, 16384, 64),
-    Case("decode, 8 heads", 1, 8, 1, 16384, 64),
-    Case("decode, 4 query tokens", 1, 32, 4, 4096, 64),
-    Case("decode GQA 64/8 (ggml's case)", 1, 64, 1, 7680, 64, H_kv=8),
-]}
-EXTRA = ["B1 H32 L4 S4096 D64", "B1 H64/8 L1 S7680 D64"]
+#: the shapes, from numba_attn.bench.CASES (parameter value: ``Case.shape``): the S × H grid of ``Decode``,
+#: the extra shapes of ``DecodeShapes`` (4 query tokens, GQA 64/8), and those whose bandwidth is tracked
+GRID = by_shape("asv decode")
+EXTRA = by_shape("asv decode shapes")
+SHAPES = by_shape("asv bandwidth")
 
 
 class Decode:
-    """B1 L1 D64: one new token over ``kv_len`` keys in each of ``heads`` heads."""
-    params = [IMPLS, [1024, 4096, 16384], [8, 32], DTYPES, THREADS]
-    param_names = ["impl", "kv_len", "heads", "dtype", "threads"]
+    """B1 L1 D64: one new token over S ∈ {1024, 4096, 16384} keys in each of H ∈ {8, 32} heads."""
+    params = [IMPLS, list(GRID), DTYPES, THREADS]
+    param_names = ["impl", "shape", "dtype", "threads"]
 
-    def setup(self, impl, kv_len, heads, dtype, threads):
-        self.fn = prepare(impl, Case("decode", 1, heads, 1, kv_len, 64, dtype=dtype), threads)
+    def setup(self, impl, shape, dtype, threads):
+        self.fn = prepare(impl, dataclasses.replace(GRID[shape], dtype=dtype), threads)
 
     def time_decode(self, *params):
         self.fn()
@@ -36,11 +31,11 @@ class Decode:
 
 class DecodeShapes:
     """Four query tokens (speculative decoding, a short chunk), and grouped-query attention 64/8."""
-    params = [IMPLS, EXTRA, THREADS]
+    params = [IMPLS, list(EXTRA), THREADS]
     param_names = ["impl", "shape", "threads"]
 
     def setup(self, impl, shape, threads):
-        self.fn = prepare(impl, SHAPES[shape], threads)
+        self.fn = prepare(impl, EXTRA[shape], threads)
 
     def time_decode(self, *params):
         self.fn()

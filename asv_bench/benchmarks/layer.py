@@ -8,9 +8,15 @@ import numpy as np
 
 from numba_attn import KVCache, MultiHeadAttention
 
-from .common import DTYPES, THREADS, cached, check_threads
+from .common import DTYPES, THREADS, bench, cached, check_threads
 
-CACHE_TOKENS = 4096
+#: the attention shapes of the layer calls, from numba_attn.bench.CASES: decode steps (one token over
+#: the cache) by number of K/V heads, and the encoder batch
+DECODE_STEPS = {case.kv_heads: case for case in bench.tracked("asv layer") if case.L == 1}
+(ENCODER,) = [case for case in bench.tracked("asv layer") if case.L > 1]
+(_HEADS,) = {case.H for case in DECODE_STEPS.values()}
+(_HEAD_DIM,) = {case.D for case in DECODE_STEPS.values()}
+(CACHE_TOKENS,) = {case.S for case in DECODE_STEPS.values()}
 
 
 class LayerDecodeStep:
@@ -20,9 +26,9 @@ class LayerDecodeStep:
     attends over exactly 4096: the work stays the same however many times asv calls it.
     ``kv_heads`` 32 is multi-head attention, 8 grouped-query (4 query heads per K/V head).
     """
-    params = [[32, 8], DTYPES, THREADS]
+    params = [list(DECODE_STEPS), DTYPES, THREADS]
     param_names = ["kv_heads", "dtype", "threads"]
-    embed_dim, heads = 2048, 32
+    embed_dim, heads = _HEADS * _HEAD_DIM, _HEADS
 
     def setup(self, kv_heads, dtype, threads):
         check_threads(threads)
@@ -59,13 +65,14 @@ class LayerEncoder:
     @staticmethod
     def _make(padding, dtype):
         rng = np.random.default_rng(0)
-        layer = MultiHeadAttention(384, 12, dtype=dtype, seed=0)
-        x = rng.standard_normal((8, 128, 384), dtype=np.float32).astype(dtype)
+        batch, tokens, heads = ENCODER.B, ENCODER.L, ENCODER.H
+        layer = MultiHeadAttention(heads * ENCODER.D, heads, dtype=dtype, seed=0)
+        x = rng.standard_normal((batch, tokens, heads * ENCODER.D), dtype=np.float32).astype(dtype)
         mask = None
         if padding:
-            lengths = rng.integers(32, 129, 8)
-            lengths[0] = 128
-            mask = np.arange(128)[None, :] >= lengths[:, None]      # True = padding (torch's convention)
+            lengths = rng.integers(tokens // 4, tokens + 1, batch)
+            lengths[0] = tokens
+            mask = np.arange(tokens)[None, :] >= lengths[:, None]      # True = padding (torch's convention)
         layer(x, key_padding_mask=mask)          # warm-up
         return layer, x, mask
 

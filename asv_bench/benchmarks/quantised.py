@@ -4,21 +4,20 @@ against the float64 reference, and the memory of a KVCache.
 Decode is memory-bound, so a cache of half (float16) or about a quarter (int8, q8_0-style blocks of
 32 with a float32 scale each) of the bytes should decode proportionally faster.
 """
+import dataclasses
+
 import numpy as np
 
 import numba_attn
 
-from .common import THREADS, Case, measure, prepare
+from .common import THREADS, by_shape, measure, prepare
 
-SHAPES = {c.shape: c for c in [
-    Case("decode", 1, 32, 1, 4096, 64),
-    Case("decode GQA 64/8 (ggml's case)", 1, 64, 1, 7680, 64, H_kv=8),
-    Case("prefill", 1, 8, 1024, 1024, 64),
-]}
+#: the shapes, from numba_attn.bench.CASES (parameter value: ``Case.shape``), stored as float32
+SHAPES = by_shape("asv quantised")
 
 
 def _with_dtype(case, dtype):
-    return Case(case.name, case.B, case.H, case.L, case.S, case.D, case.causal, case.H_kv, dtype)
+    return dataclasses.replace(case, dtype=dtype)
 
 
 class QuantisedAttention:
