@@ -5,6 +5,7 @@ every kernel once into the on-disk cache.
 Only the command line lives here; the commands are ``info.run_info``, ``check.run_check``,
 ``bench.run_bench`` and ``info.run_warmup``.
 """
+
 import argparse
 import sys
 

@@ -175,6 +175,25 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     lse : ndarray (..., L) in the arithmetic's dtype, only with ``return_lse``.
 
     A query row whose keys are all masked gets zeros (PyTorch returns NaN there) and lse = -inf.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import numba_attn
+    >>> rng = np.random.default_rng(0)
+    >>> q = rng.standard_normal((2, 4, 5, 8), dtype=np.float32)    # batch 2, 4 heads, L = 5, E = 8
+    >>> k = rng.standard_normal((2, 4, 7, 8), dtype=np.float32)    # S = 7
+    >>> v = rng.standard_normal((2, 4, 7, 3), dtype=np.float32)    # Ev = 3
+    >>> out = numba_attn.scaled_dot_product_attention(q, k, v, is_causal="lower_right")
+    >>> out.shape, out.dtype
+    ((2, 4, 5, 3), dtype('float32'))
+    >>> ref = numba_attn.reference.scaled_dot_product_attention(q, k, v, is_causal="lower_right")
+    >>> bool(np.allclose(out, ref, rtol=1e-5, atol=1e-5))
+    True
+    >>> sees = np.ones((5, 7), bool)
+    >>> sees[0] = False                                            # query 0 may attend to no key
+    >>> numba_attn.scaled_dot_product_attention(q, k, v, attn_mask=sees)[0, 0, 0]
+    array([0., 0., 0.], dtype=float32)
     """
     plan = prepare_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                              check_finite, window, alibi_slopes, softcap, out_dtype)
@@ -194,6 +213,20 @@ def attention_weights(query, key, attn_mask=None, is_causal=False, scale=None, e
     arguments and conventions as :func:`scaled_dot_product_attention`; fully-masked rows are zeros.
     The weights come from the same fused kernel, applied to an identity "value" matrix, so they are
     exactly the weights ``scaled_dot_product_attention`` uses.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import numba_attn
+    >>> rng = np.random.default_rng(0)
+    >>> q, k = rng.standard_normal((3, 4)), rng.standard_normal((6, 4))     # L = 3, S = 6, E = 4
+    >>> w = numba_attn.attention_weights(q, k, is_causal=True)
+    >>> w.shape, w.dtype
+    ((3, 6), dtype('float64'))
+    >>> bool(np.allclose(w.sum(axis=-1), 1.0)), bool((w[0, 1:] == 0).all())  # query 0 sees key 0 only
+    (True, True)
+    >>> bool(np.allclose(w, numba_attn.reference.attention_weights(q, k, is_causal=True)))
+    True
     """
     q = query if isinstance(query, np.ndarray) else np.asarray(query)
     k = key if isinstance(key, np.ndarray) else np.asarray(key)

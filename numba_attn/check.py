@@ -4,6 +4,7 @@ Also home of the accuracy contract itself, :data:`TOLERANCE`: the test suite (``
 imports the same table, so ``check`` on a user's machine and the tests in CI hold the kernels to one
 standard.
 """
+
 import functools
 import sys
 import time
@@ -23,6 +24,7 @@ class Tolerance(NamedTuple):
     ``assert_close`` applies. ``norm``: ``‖out − ref‖ / ‖ref‖ ≤ norm`` over the whole result
     (``check`` applies both; the tests the first).
     """
+
     rtol: float
     norm: float
 
@@ -62,15 +64,21 @@ def check_cases():
         ("prefill bool mask", dict(q=(2, 4, 128, 32), k=(2, 4, 200, 32), mask="bool")),
         ("prefill float mask (-inf)", dict(q=(2, 4, 128, 32), k=(2, 4, 200, 32), mask="float")),
         ("prefill GQA 8/2 heads", dict(q=(1, 8, 128, 64), k=(1, 2, 256, 64), enable_gqa=True)),
-        ("prefill window + ALiBi + softcap", dict(q=(1, 8, 200, 64), k=(1, 8, 200, 64), is_causal=True, window=64,
-                                                  alibi_slopes=alibi, softcap=30.0)),
+        (
+            "prefill window + ALiBi + softcap",
+            dict(q=(1, 8, 200, 64), k=(1, 8, 200, 64), is_causal=True, window=64, alibi_slopes=alibi, softcap=30.0),
+        ),
         ("encoder batch", dict(q=(8, 12, 128, 32), k=(8, 12, 128, 32))),
         ("odd sizes, 2-D", dict(q=(77, 33), k=(131, 33), v=(131, 7))),
         ("decode (split-K)", dict(q=(1, 32, 1, 64), k=(1, 32, 1024, 64))),
-        ("decode GQA 4 tokens causal", dict(q=(1, 8, 4, 64), k=(1, 2, 2048, 64), enable_gqa=True,
-                                            is_causal="lower_right")),
-        ("decode window + mask", dict(q=(2, 8, 1, 64), k=(2, 8, 1500, 64), is_causal="lower_right", window=500,
-                                      mask="bool")),
+        (
+            "decode GQA 4 tokens causal",
+            dict(q=(1, 8, 4, 64), k=(1, 2, 2048, 64), enable_gqa=True, is_causal="lower_right"),
+        ),
+        (
+            "decode window + mask",
+            dict(q=(2, 8, 1, 64), k=(2, 8, 1500, 64), is_causal="lower_right", window=500, mask="bool"),
+        ),
     ]
 
 
@@ -91,7 +99,8 @@ def median_ms(fn, repeat=3):
 
 def case_inputs(rng, spec, precision):
     """(query, key, value) as handed to numba_attn, and the float64 values the reference should see."""
-    from .quant import dequantize, quantize
+    from .quant import quantize
+
     q = rng.standard_normal(spec["q"])
     k = rng.standard_normal(spec["k"])
     v = rng.standard_normal(spec.get("v", spec["k"]))
@@ -113,8 +122,11 @@ def run_check(quick=False, out=None):
     cases = [c for c in check_cases() if not quick or c[0] in QUICK_CASES]
     for precision in PRECISIONS:
         for name, spec in cases:
-            kwargs = {key: spec[key] for key in ("is_causal", "enable_gqa", "window", "alibi_slopes", "softcap")
-                      if key in spec}
+            kwargs = {
+                key: spec[key]
+                for key in ("is_causal", "enable_gqa", "window", "alibi_slopes", "softcap")
+                if key in spec
+            }
             (qd, kd, vd), exact = case_inputs(rng, spec, precision)
             L, S = spec["q"][-2], spec["k"][-2]
             if spec.get("mask") == "bool":
@@ -131,17 +143,31 @@ def run_check(quick=False, out=None):
             ok, err, rel = within_tolerance(got, want, precision)
             failed += not ok
             shape = f"q{spec['q']} k{spec['k']}"
-            rows.append((name, precision, shape, f"{err:.2e}", f"{rel:.2e}", f"{ms:.2f}", f"{first_ms:.0f}",
-                         "ok" if ok else "FAIL"))
+            rows.append(
+                (
+                    name,
+                    precision,
+                    shape,
+                    f"{err:.2e}",
+                    f"{rel:.2e}",
+                    f"{ms:.2f}",
+                    f"{first_ms:.0f}",
+                    "ok" if ok else "FAIL",
+                )
+            )
             print(".", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     header = ("case", "precision", "shape", "max abs err", "rel err", "ms", "first call ms", "")
     print_table(header, rows, out)
-    bounds = "; ".join(f"{p}: |err| ≤ {t.rtol:g}·(max(1, max|ref|) + |ref|), rel ≤ {t.norm:g}"
-                       for p, t in TOLERANCE.items())
-    print(f"\n{len(rows) - failed}/{len(rows)} cases within tolerance ({bounds}). Reference: numba_attn.reference in "
-          "float64 on the same (rounded) inputs; int8 against the unquantised inputs. rel err = ‖out − ref‖ / ‖ref‖. "
-          "'first call' includes compiling or loading the kernel.", file=out)
+    bounds = "; ".join(
+        f"{p}: |err| ≤ {t.rtol:g}·(max(1, max|ref|) + |ref|), rel ≤ {t.norm:g}" for p, t in TOLERANCE.items()
+    )
+    print(
+        f"\n{len(rows) - failed}/{len(rows)} cases within tolerance ({bounds}). Reference: numba_attn.reference in "
+        "float64 on the same (rounded) inputs; int8 against the unquantised inputs. rel err = ‖out − ref‖ / ‖ref‖. "
+        "'first call' includes compiling or loading the kernel.",
+        file=out,
+    )
     return 1 if failed else 0
 
 

@@ -20,6 +20,7 @@ The constants below are plain module attributes: the API reads the size threshol
 (tests change them with ``monkeypatch.setattr``); values that kernels use inside ``@njit`` code (the
 tile shape, the finite-scan chunk) are frozen into the machine code when the kernel compiles.
 """
+
 import os
 import platform
 
@@ -52,6 +53,7 @@ def _cache_location():
     if _writable_dir(in_tree):
         return in_tree
     from numba.misc.appdirs import AppDirs
+
     user_wide = AppDirs(appname="numba", appauthor=False).user_cache_dir
     return user_wide if _writable_dir(user_wide) else None
 
@@ -108,8 +110,13 @@ def _reset():
     wanted = _cache_wanted()
     CACHE_DIR = _cache_location() if wanted else None
     CACHE = CACHE_DIR is not None
-    CACHE_UNAVAILABLE = (None if CACHE else "NUMBA_ATTN_CACHE=0" if not wanted else
-                         "no writable cache directory (package dir, NUMBA_CACHE_DIR, ~/.cache/numba)")
+    CACHE_UNAVAILABLE = (
+        None
+        if CACHE
+        else "NUMBA_ATTN_CACHE=0"
+        if not wanted
+        else "no writable cache directory (package dir, NUMBA_CACHE_DIR, ~/.cache/numba)"
+    )
     TILE_VW, TILE_NV = tile_shape()
 
 

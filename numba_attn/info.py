@@ -1,5 +1,6 @@
 """``python -m numba_attn info`` and ``warmup``: what the JIT targets on this machine, and compiling
 every kernel variant once into numba's on-disk cache."""
+
 import platform
 import sys
 import time
@@ -27,13 +28,17 @@ def run_info(out=None):
     except ValueError:
         layer = "(not initialised)"
     if layer == "workqueue":
-        warnings.append("threading layer is 'workqueue', which is not thread-safe: numba_attn serialises "
-                        "concurrent calls behind a lock. Install tbb (pip install tbb) or GNU OpenMP "
-                        "(libgomp1) for concurrent callers.")
+        warnings.append(
+            "threading layer is 'workqueue', which is not thread-safe: numba_attn serialises "
+            "concurrent calls behind a lock. Install tbb (pip install tbb) or GNU OpenMP "
+            "(libgomp1) for concurrent callers."
+        )
     info = numba_sysinfo.get_sysinfo()
     if not config.CACHE:
-        warnings.append(f"on-disk compile cache is off ({config.CACHE_UNAVAILABLE}): every process compiles its "
-                        "kernels (seconds each); set NUMBA_CACHE_DIR to a writable directory")
+        warnings.append(
+            f"on-disk compile cache is off ({config.CACHE_UNAVAILABLE}): every process compiles its "
+            "kernels (seconds each); set NUMBA_CACHE_DIR to a writable directory"
+        )
     rows = [
         ("numba_attn", __version__),
         ("python", platform.python_version()),
@@ -47,8 +52,10 @@ def run_info(out=None):
         ("threads (numba.get_num_threads)", str(numba.get_num_threads())),
         ("NUMBA_NUM_THREADS", str(nconfig.NUMBA_NUM_THREADS)),
         ("compile cache", config.CACHE_DIR if config.CACHE else f"off: {config.CACHE_UNAVAILABLE}"),
-        ("prefill blocks (query rows x keys)",
-         f"{config.PREFILL_BLOCK_Q} (or {config.PREFILL_BLOCK_Q_LARGE}) x {config.PREFILL_BLOCK_K}"),
+        (
+            "prefill blocks (query rows x keys)",
+            f"{config.PREFILL_BLOCK_Q} (or {config.PREFILL_BLOCK_Q_LARGE}) x {config.PREFILL_BLOCK_K}",
+        ),
         ("register tile (lanes x vectors)", f"{config.TILE_VW} x {config.TILE_NV}"),
     ]
     width = max(len(k) for k, _ in rows)
@@ -68,11 +75,14 @@ def run_warmup(out=None):
     """
     out = sys.stdout if out is None else out
     from .quant import quantize
+
     rng = np.random.default_rng(0)
     t_all = time.perf_counter()
     shapes = {  # (query shape, key shape): small ones take the serial builds
-        "prefill": ((1, 2, 160, 64), (1, 2, 160, 64)), "prefill small": ((1, 1, 8, 16), (1, 1, 8, 16)),
-        "decode": ((1, 4, 1, 64), (1, 4, 512, 64)), "decode small": ((1, 1, 1, 16), (1, 1, 300, 16)),
+        "prefill": ((1, 2, 160, 64), (1, 2, 160, 64)),
+        "prefill small": ((1, 1, 8, 16), (1, 1, 8, 16)),
+        "decode": ((1, 4, 1, 64), (1, 4, 512, 64)),
+        "decode small": ((1, 1, 1, 16), (1, 1, 300, 16)),
     }
     n = 0
     for precision in ("float32", "float16", "int8", "float64"):
@@ -94,6 +104,5 @@ def run_warmup(out=None):
                 n += 1
         print(f"  {precision}: {time.perf_counter() - t0:.1f} s", file=out, flush=True)
     where = config.CACHE_DIR if config.CACHE else f"nowhere (cache off: {config.CACHE_UNAVAILABLE})"
-    print(f"warmed {n} kernel calls in {time.perf_counter() - t_all:.1f} s; compiled code cached in {where}",
-          file=out)
+    print(f"warmed {n} kernel calls in {time.perf_counter() - t_all:.1f} s; compiled code cached in {where}", file=out)
     return 0

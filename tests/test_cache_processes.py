@@ -11,6 +11,7 @@ Cost: every process of the first round compiles one kernel cold (the serial pref
 no mask): 29 s for the whole test on a 2-core machine shared with other jobs (round 1 dominates,
 round 2 only loads). With the decode kernel as well it took 95 s, so that one is left out.
 """
+
 import multiprocessing
 import os
 
@@ -31,11 +32,12 @@ def _attend_and_report(seed):
 
     rng = np.random.default_rng(seed)
     worst = 0.0
-    for L, S in ((20, 24), (7, 40)):           # the serial prefill build (both below SERIAL_BELOW_FLOPS)
+    for L, S in ((20, 24), (7, 40)):  # the serial prefill build (both below SERIAL_BELOW_FLOPS)
         q, k, v = (rng.standard_normal((2, n, 16)).astype(np.float32) for n in (L, S, S))
         out = numba_attn.scaled_dot_product_attention(q, k, v, is_causal="lower_right")
-        ref = reference.scaled_dot_product_attention(*(x.astype(np.float64) for x in (q, k, v)),
-                                                     is_causal="lower_right")
+        ref = reference.scaled_dot_product_attention(
+            *(x.astype(np.float64) for x in (q, k, v)), is_causal="lower_right"
+        )
         assert out.shape == ref.shape and out.dtype == np.float32
         worst = max(worst, float(np.abs(out - ref).max()))
     stats = {}
@@ -49,7 +51,7 @@ def _round(cache_dir):
     """PROCESSES spawned workers at once, all with NUMBA_CACHE_DIR=cache_dir; their reports."""
     context = multiprocessing.get_context("spawn")
     old = os.environ.get("NUMBA_CACHE_DIR")
-    os.environ["NUMBA_CACHE_DIR"] = str(cache_dir)        # spawned children read it when numba starts
+    os.environ["NUMBA_CACHE_DIR"] = str(cache_dir)  # spawned children read it when numba starts
     try:
         with context.Pool(PROCESSES) as pool:
             return pool.map(_attend_and_report, range(PROCESSES), chunksize=1)
@@ -60,10 +62,12 @@ def _round(cache_dir):
             os.environ["NUMBA_CACHE_DIR"] = old
 
 
-@pytest.mark.skipif(os.environ.get("NUMBA_ATTN_CACHE", "1") in ("0", "false", "False", ""),
-                    reason="the on-disk cache is switched off in this environment (NUMBA_ATTN_CACHE=0)")
+@pytest.mark.skipif(
+    os.environ.get("NUMBA_ATTN_CACHE", "1") in ("0", "false", "False", ""),
+    reason="the on-disk cache is switched off in this environment (NUMBA_ATTN_CACHE=0)",
+)
 def test_cache_survives_concurrent_compiles_and_loads(tmp_path):
-    cache_dir = tmp_path / "numba-cache"           # not created: numba makes it when it saves
+    cache_dir = tmp_path / "numba-cache"  # not created: numba makes it when it saves
     first = _round(cache_dir)
     for worst, stats, used in first:
         assert used == str(cache_dir)

@@ -1,4 +1,5 @@
 """``python -m numba_attn info | check | warmup | bench``."""
+
 import dataclasses
 import io
 import json
@@ -27,8 +28,9 @@ PRECISIONS = ("float32", "float64", "float16", "int8")
 def run_module(*args, timeout=600):
     env = dict(os.environ)
     env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return subprocess.run([sys.executable, "-m", "numba_attn", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "numba_attn", *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT
+    )
 
 
 def test_info():
@@ -47,9 +49,14 @@ def test_info():
 
 def test_info_reports_the_requested_threading_layer():
     env_layer = dict(os.environ, NUMBA_THREADING_LAYER="workqueue")
-    proc = subprocess.run([sys.executable, "-m", "numba_attn", "info"], capture_output=True, text=True,
-                          timeout=300, cwd=ROOT,
-                          env=dict(env_layer, PYTHONPATH=ROOT + os.pathsep + env_layer.get("PYTHONPATH", "")))
+    proc = subprocess.run(
+        [sys.executable, "-m", "numba_attn", "info"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env=dict(env_layer, PYTHONPATH=ROOT + os.pathsep + env_layer.get("PYTHONPATH", "")),
+    )
     assert proc.returncode == 0, proc.stderr
     assert re.search(r"^threading layer\s+workqueue$", proc.stdout, re.M), proc.stdout
     assert "warning: threading layer is 'workqueue'" in proc.stdout
@@ -156,8 +163,9 @@ def bench_run(tmp_path_factory):
         mp.setattr(bench, "default_cases", lambda *args, **kwargs: list(TINY_CASES))
         mp.setattr(bench, "read_bandwidth", lambda threads, nbytes=0: real_bandwidth(threads, nbytes=8 << 20))
         try:
-            rc = bench.run_bench(quick=True, json_path=str(json_path),
-                               plot_path=None if png_path is None else str(png_path), out=out)
+            rc = bench.run_bench(
+                quick=True, json_path=str(json_path), plot_path=None if png_path is None else str(png_path), out=out
+            )
         finally:
             numba.set_num_threads(old_threads)
     return rc, out.getvalue(), json_path, png_path
@@ -168,11 +176,19 @@ def test_bench_table(bench_run):
     assert rc == 0, text
     lines = text.strip().splitlines()
     header = lines[0]
-    for column in ("case", "shape", "numba_attn ms", "throughput", "torch ms (ours ×)", "onnxruntime ms (ours ×)",
-                   "numpy ms (ours ×)", "ours × torch fp32"):
+    for column in (
+        "case",
+        "shape",
+        "numba_attn ms",
+        "throughput",
+        "torch ms (ours ×)",
+        "onnxruntime ms (ours ×)",
+        "numpy ms (ours ×)",
+        "ours × torch fp32",
+    ):
         assert column in header, header
     assert set(lines[1].replace(" ", "")) == {"-"}
-    rows = lines[2:2 + len(TINY_CASES)]
+    rows = lines[2 : 2 + len(TINY_CASES)]
     for case, row in zip(TINY_CASES, rows):
         assert row.startswith(case.name) and case.shape in row, row
         assert re.search(r"\d+\.\d+ (GB/s|GFLOP/s)", row), row
@@ -182,15 +198,20 @@ def test_bench_table(bench_run):
     decode_rows = rows[2:]
     assert all("% bw)" in row for row in decode_rows), decode_rows
     assert "memory read bandwidth, measured in this run" in text
-    assert re.search(r"import numba_attn \d+\.\d+ s; first prefill \+ decode call in a new process: cold compile "
-                     r"\d+\.\d s, from the on-disk cache \d+\.\d+ s", text), text
+    assert re.search(
+        r"import numba_attn \d+\.\d+ s; first prefill \+ decode call in a new process: cold compile "
+        r"\d+\.\d s, from the on-disk cache \d+\.\d+ s",
+        text,
+    ), text
     assert "- numpy skipped on some cases: float32 only" in text
     if _importable("torch"):
         assert "- torch skipped on some cases: no int8 attention" in text
         # float16 / int8 rows are compared with torch's float32 run on the same tokens
         assert re.search(r"\d+\.\d\d×\s*$", rows[3]) and re.search(r"\d+\.\d\d×\s*$", rows[4]), rows
     if _importable("onnxruntime") and _importable("onnx"):
-        assert "- onnxruntime skipped on some cases: the MultiHeadAttention contrib op has no grouped-query form" in text
+        assert (
+            "- onnxruntime skipped on some cases: the MultiHeadAttention contrib op has no grouped-query form" in text
+        )
 
 
 def _importable(name):
@@ -213,7 +234,13 @@ def test_bench_json(bench_run):
     assert [r["case"] for r in records] == [c.name for c in TINY_CASES]
     for case, record in zip(TINY_CASES, records):
         assert (record["B"], record["H"], record["L"], record["S"], record["D"], record["dtype"]) == (
-            case.B, case.H, case.L, case.S, case.D, case.dtype)
+            case.B,
+            case.H,
+            case.L,
+            case.S,
+            case.D,
+            case.dtype,
+        )
         assert record["numba_attn_s"] > 0 and record["throughput"] > 0
         assert record["unit"] == ("GB/s" if case.L <= 8 else "GFLOP/s")
         for impl in ("torch", "onnxruntime", "numpy"):
@@ -243,7 +270,7 @@ def test_bench_arguments_are_wired(monkeypatch):
     assert bound[1] == dict(quick=False, threads=None, json_path=None, plot_path=None, full=False)
 
 
-_WITHOUT_TORCH = r'''
+_WITHOUT_TORCH = r"""
 import io, sys
 sys.modules["torch"] = None          # import torch -> ImportError, as on a machine without it
 sys.modules["onnxruntime"] = None
@@ -256,7 +283,7 @@ out = io.StringIO()
 rc = bench.run_bench(quick=True, out=out)
 print(out.getvalue())
 sys.exit(rc)
-'''
+"""
 
 
 def test_bench_without_torch_or_onnxruntime():
@@ -270,15 +297,17 @@ def test_bench_without_torch_or_onnxruntime():
     rows = [line for line in text.splitlines() if line.startswith(("prefill", "decode"))]
     assert len(rows) == 2, text
     for row in rows:
-        assert "×" in row               # the numpy ratio is still there
+        assert "×" in row  # the numpy ratio is still there
 
 
 # ----------------------------------------------------------------------------------------------
 # one tolerance table (check and the tests), one case list (bench and asv)
 # ----------------------------------------------------------------------------------------------
 
+
 def test_tests_and_check_share_one_tolerance_table():
     from conftest import RTOL
+
     assert RTOL == {np.dtype(p): t.rtol for p, t in check.TOLERANCE.items() if p != "int8"}
     assert set(check.TOLERANCE) == set(check.PRECISIONS)
     # the values the tests used before the tables were merged: never looser than these
@@ -289,7 +318,7 @@ def test_tests_and_check_share_one_tolerance_table():
 def test_within_tolerance_is_the_tests_rule():
     ref = np.array([0.5, -2.0, 4.0])
     rtol = check.TOLERANCE["float16"].rtol
-    bound = rtol * (4.0 + np.abs(ref))              # rtol·(max(1, max|ref|) + |ref|)
+    bound = rtol * (4.0 + np.abs(ref))  # rtol·(max(1, max|ref|) + |ref|)
     inside = ref + 0.99 * bound * np.array([0, 0, 1])
     ok, err, rel = check.within_tolerance(inside, ref, "float16")
     assert ok and err == pytest.approx(0.99 * bound[2]) and rel < check.TOLERANCE["float16"].norm
@@ -297,7 +326,7 @@ def test_within_tolerance_is_the_tests_rule():
     assert not check.within_tolerance(inside, ref, "float32")[0]
     assert check.within_tolerance(ref.astype(np.float32), ref, "float32")[0]
     assert not check.within_tolerance(np.array([np.nan, -2.0, 4.0]), ref, "float32")[0]
-    assert not check.within_tolerance(ref * 1.1, ref, "int8")[0]          # 10 % in norm
+    assert not check.within_tolerance(ref * 1.1, ref, "int8")[0]  # 10 % in norm
     assert check.within_tolerance(ref * 1.01, ref, "int8")[0]
 
 
@@ -307,8 +336,15 @@ def test_bench_cases_are_listed_once():
     assert all(case.uses for case in bench.CASES)
     assert set(bench.default_cases()) <= set(bench.CASES)
     assert [c.shape for c in bench.default_cases(quick=True)] == [
-        "B1 H8 L1024 S1024 D64", "B1 H8 L1024 S1024 D64 causal", "B8 H12 L128 S128 D32", "B1 H32 L1 S4096 D64",
-        "B1 H32 L1 S4096 D64", "B1 H32 L1 S4096 D64", "B1 H8 L256 S256 D64", "B1 H8 L512 S512 D64"]
+        "B1 H8 L1024 S1024 D64",
+        "B1 H8 L1024 S1024 D64 causal",
+        "B8 H12 L128 S128 D32",
+        "B1 H32 L1 S4096 D64",
+        "B1 H32 L1 S4096 D64",
+        "B1 H32 L1 S4096 D64",
+        "B1 H8 L256 S256 D64",
+        "B1 H8 L512 S512 D64",
+    ]
     full = bench.default_cases(full=True)
     assert [c.L for c in full if c.L == 4096] == [4096, 4096]
     assert not [c for c in bench.default_cases(full=True, small_memory=True) if c.kv_bytes > 64 << 20]
@@ -332,8 +368,9 @@ print(json.dumps(out))
 def test_asv_takes_its_shapes_from_the_bench_cases():
     """The asv suite's parameter shapes are ``bench.CASES`` entries (the very objects), none is empty."""
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", ASV_SHAPES], capture_output=True, text=True, timeout=300, cwd=ROOT,
-                          env=env)
+    proc = subprocess.run(
+        [sys.executable, "-c", ASV_SHAPES], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     groups = json.loads(proc.stdout)
     for name in ("prefill", "throughput", "memory", "accuracy", "grid", "extra", "bandwidth", "quantised"):

@@ -3,12 +3,13 @@
 The implementations and the case description are ``numba_attn.bench``'s, so the asv suite and
 ``python -m numba_attn bench`` time exactly the same calls.
 """
+
 import numba
 import numpy as np
 
 import numba_attn
 from numba_attn import bench
-from numba_attn.bench import Case, Unavailable
+from numba_attn.bench import Unavailable
 
 #: Implementation names, in the order they appear as parameter values.
 IMPLS = ["numba_attn", "numpy", "torch", "onnxruntime"]
@@ -81,7 +82,7 @@ def prepare(impl, case, threads, warm=True):
 
     fn = cached((impl, case, threads, warm), make)
     if impl == "numba_attn":
-        numba.set_num_threads(threads)     # thread-local in numba; cheap, keeps it right on reuse
+        numba.set_num_threads(threads)  # thread-local in numba; cheap, keeps it right on reuse
     return fn
 
 

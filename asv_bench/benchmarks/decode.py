@@ -4,6 +4,7 @@ The split-K decode kernel is judged by how much of the machine's read bandwidth 
 K and V it must read (``Case.kv_bytes``); ``track_bandwidth_share`` divides by a parallel sum over
 a large array measured in the same run (``bench.read_bandwidth``).
 """
+
 import dataclasses
 
 import numba
@@ -19,6 +20,7 @@ SHAPES = by_shape("asv bandwidth")
 
 class Decode:
     """B1 L1 D64: one new token over S ∈ {1024, 4096, 16384} keys in each of H ∈ {8, 32} heads."""
+
     params = [IMPLS, list(GRID), DTYPES, THREADS]
     param_names = ["impl", "shape", "dtype", "threads"]
 
@@ -31,6 +33,7 @@ class Decode:
 
 class DecodeShapes:
     """Four query tokens (speculative decoding, a short chunk), and grouped-query attention 64/8."""
+
     params = [IMPLS, list(EXTRA), THREADS]
     param_names = ["impl", "shape", "threads"]
 
@@ -44,6 +47,7 @@ class DecodeShapes:
 class DecodeBandwidth:
     """numba_attn's decode throughput in GB/s of K and V read, alone and as a share of the
     machine's read bandwidth (parallel sum over 256 MiB, same thread count, measured once)."""
+
     params = [list(SHAPES), THREADS]
     param_names = ["shape", "threads"]
 
@@ -58,15 +62,18 @@ class DecodeBandwidth:
 
     def track_bandwidth(self, read_gbs, shape, threads):
         return self.case.kv_bytes / measure(self.fn) / 1e9
+
     track_bandwidth.unit = "GB/s"
 
     def track_bandwidth_share(self, read_gbs, shape, threads):
         return self.track_bandwidth(read_gbs, shape, threads) / read_gbs[threads]
+
     track_bandwidth_share.unit = "kernel GB/s / read GB/s"
 
 
 class DecodeAccuracy:
     """Largest |numba_attn − float64 reference| of the output (inputs ~ N(0, 1))."""
+
     params = [list(SHAPES), ["float32", "float64"]]
     param_names = ["shape", "dtype"]
     unit = "max abs error"

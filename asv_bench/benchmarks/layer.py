@@ -3,6 +3,7 @@
 The projections are numpy matrix products: they run on numpy's BLAS threads, which ``threads``
 does not set (it sets numba's, used by the attention kernels).
 """
+
 import numba
 import numpy as np
 
@@ -26,6 +27,7 @@ class LayerDecodeStep:
     attends over exactly 4096: the work stays the same however many times asv calls it.
     ``kv_heads`` 32 is multi-head attention, 8 grouped-query (4 query heads per K/V head).
     """
+
     params = [list(DECODE_STEPS), DTYPES, THREADS]
     param_names = ["kv_heads", "dtype", "threads"]
     embed_dim, heads = _HEADS * _HEAD_DIM, _HEADS
@@ -41,10 +43,13 @@ class LayerDecodeStep:
         head_dim = self.embed_dim // self.heads
         cache = KVCache(1, kv_heads, head_dim, capacity=1 << 40, dtype=dtype, window=CACHE_TOKENS)
         kv_shape = (1, kv_heads, CACHE_TOKENS, head_dim)
-        cache.append(rng.standard_normal(kv_shape, dtype=np.float32), rng.standard_normal(kv_shape, dtype=np.float32),
-                     check_finite=False)
+        cache.append(
+            rng.standard_normal(kv_shape, dtype=np.float32),
+            rng.standard_normal(kv_shape, dtype=np.float32),
+            check_finite=False,
+        )
         x = rng.standard_normal((1, 1, self.embed_dim), dtype=np.float32).astype(dtype)
-        layer(x, cache=cache)                     # warm-up: compile or load the decode kernel
+        layer(x, cache=cache)  # warm-up: compile or load the decode kernel
         return layer, cache, x
 
     def time_decode_step(self, *params):
@@ -54,6 +59,7 @@ class LayerDecodeStep:
 class LayerEncoder:
     """A MiniLM-sized self-attention layer call: B8 L128 E384, 12 heads (D32), optionally with a
     key padding mask (sequence lengths 32…128, as a padded batch of sentences has)."""
+
     params = [[False, True], DTYPES, THREADS]
     param_names = ["padding", "dtype", "threads"]
 
@@ -72,8 +78,8 @@ class LayerEncoder:
         if padding:
             lengths = rng.integers(tokens // 4, tokens + 1, batch)
             lengths[0] = tokens
-            mask = np.arange(tokens)[None, :] >= lengths[:, None]      # True = padding (torch's convention)
-        layer(x, key_padding_mask=mask)          # warm-up
+            mask = np.arange(tokens)[None, :] >= lengths[:, None]  # True = padding (torch's convention)
+        layer(x, key_padding_mask=mask)  # warm-up
         return layer, x, mask
 
     def time_encoder_layer(self, *params):

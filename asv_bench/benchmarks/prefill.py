@@ -4,6 +4,7 @@ numba_attn against the baselines of ``numba_attn.bench`` (numpy's materialised s
 ``scaled_dot_product_attention``, onnxruntime's MultiHeadAttention contrib op), speed, GFLOP/s,
 peak memory and accuracy.
 """
+
 import dataclasses
 
 from .common import DTYPES, IMPLS, THREADS, by_shape, max_abs_error, measure, prepare, warm_kernel_cache
@@ -18,6 +19,7 @@ ACCURACY = by_shape("asv accuracy")
 
 class Prefill:
     """B1 H8, L = S ∈ {512, 2048}, D ∈ {64, 128}, causal or not: one call of each implementation."""
+
     params = [IMPLS, list(PREFILL), DTYPES, THREADS]
     param_names = ["impl", "shape", "dtype", "threads"]
 
@@ -30,6 +32,7 @@ class Prefill:
 
 class Encoder:
     """A MiniLM-sized encoder batch, B8 H12 L = S = 128 D32: many small heads, short sequences."""
+
     params = [IMPLS, DTYPES, THREADS]
     param_names = ["impl", "dtype", "threads"]
 
@@ -42,6 +45,7 @@ class Encoder:
 
 class PrefillThroughput:
     """GFLOP/s (4·B·H·L·S·D, halved when causal) of numba_attn and torch, B1 H8 D64."""
+
     params = [["numba_attn", "torch"], list(THROUGHPUT), DTYPES, THREADS]
     param_names = ["impl", "shape", "dtype", "threads"]
     unit = "GFLOP/s"
@@ -66,6 +70,7 @@ class PrefillMemory:
     numba's type machinery are the same for both. ``setup_cache`` fills numba's on-disk cache so
     that no process pays LLVM's compile-time memory.
     """
+
     params = [["numba_attn", "numpy"], list(MEMORY)]
     param_names = ["impl", "shape"]
     _threads = 1
@@ -85,6 +90,7 @@ class PrefillMemory:
 
 class PrefillAccuracy:
     """Largest |numba_attn − float64 reference| of the output (inputs ~ N(0, 1)), B1 H8."""
+
     params = [list(ACCURACY), ["float32", "float64"]]
     param_names = ["shape", "dtype"]
     unit = "max abs error"
