@@ -20,7 +20,19 @@ def get_num_threads():
 
 
 def set_num_threads(n):
-    """Use ``n`` threads (1 … NUMBA_NUM_THREADS) for kernels called from this Python thread."""
+    """Use ``n`` threads (1 … NUMBA_NUM_THREADS) for kernels called from this Python thread.
+
+    >>> import numba_attn
+    >>> before = numba_attn.get_num_threads()
+    >>> numba_attn.set_num_threads(1)
+    >>> numba_attn.get_num_threads()
+    1
+    >>> numba_attn.set_num_threads(before)
+    >>> numba_attn.set_num_threads(0)
+    Traceback (most recent call last):
+    ...
+    ValueError: n must be an int from 1 to NUMBA_NUM_THREADS = ...
+    """
     limit = numba.config.NUMBA_NUM_THREADS
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= limit:
         raise ValueError(f"n must be an int from 1 to NUMBA_NUM_THREADS = {limit}, got {n!r} "
@@ -30,7 +42,16 @@ def set_num_threads(n):
 
 @contextlib.contextmanager
 def num_threads(n):
-    """``with numba_attn.num_threads(4): ...`` — ``n`` threads inside the block, the old count after."""
+    """``with numba_attn.num_threads(4): ...`` — ``n`` threads inside the block, the old count after.
+
+    >>> import numba_attn
+    >>> before = numba_attn.get_num_threads()
+    >>> with numba_attn.num_threads(1):
+    ...     numba_attn.get_num_threads()
+    1
+    >>> numba_attn.get_num_threads() == before
+    True
+    """
     old = numba.get_num_threads()
     set_num_threads(n)
     try:

@@ -241,6 +241,25 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     lse : ndarray (..., L) in the arithmetic's dtype, only with ``return_lse``.
 
     A query row whose keys are all masked gets zeros (PyTorch returns NaN there) and lse = -inf.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import numba_attn
+    >>> rng = np.random.default_rng(0)
+    >>> q = rng.standard_normal((2, 4, 5, 8), dtype=np.float32)    # batch 2, 4 heads, L = 5, E = 8
+    >>> k = rng.standard_normal((2, 4, 7, 8), dtype=np.float32)    # S = 7
+    >>> v = rng.standard_normal((2, 4, 7, 3), dtype=np.float32)    # Ev = 3
+    >>> out = numba_attn.scaled_dot_product_attention(q, k, v, is_causal="lower_right")
+    >>> out.shape, out.dtype
+    ((2, 4, 5, 3), dtype('float32'))
+    >>> ref = numba_attn.reference.scaled_dot_product_attention(q, k, v, is_causal="lower_right")
+    >>> bool(np.allclose(out, ref, rtol=1e-5, atol=1e-5))
+    True
+    >>> sees = np.ones((5, 7), bool)
+    >>> sees[0] = False                                            # query 0 may attend to no key
+    >>> numba_attn.scaled_dot_product_attention(q, k, v, attn_mask=sees)[0, 0, 0]
+    array([0., 0., 0.], dtype=float32)
     """
     plan = prepare_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                              check_finite, window, alibi_slopes, softcap, out_dtype)
@@ -256,21 +275,31 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     return out
 
 
-#: attention_weights materialises (..., L, S); above this many elements it refuses.
-MAX_WEIGHTS_ELEMENTS = 1 << 26
-
-
 def attention_weights(query, key, attn_mask=None, is_causal=False, scale=None, enable_gqa=False, *,
                       check_finite=True):
     """softmax(query·keyᵀ·scale + attn_mask) as a (..., L, S) array: which keys each query attends to.
 
     For inspecting small inputs (it materialises the L×S matrix the fused kernel avoids): more than
-    ``MAX_WEIGHTS_ELEMENTS`` weights are refused. Same arguments and conventions as
+    ``config.MAX_WEIGHTS_ELEMENTS`` weights are refused. Same arguments and conventions as
     :func:`scaled_dot_product_attention` (``key`` may be an int8 ``QuantizedTensor``); fully-masked
     rows are zeros. The weights come from the same fused kernel, applied to columns of an identity
     "value" matrix, so they are exactly the weights ``scaled_dot_product_attention`` uses; the
     identity is taken a block of columns at a time, so no temporary exceeds the result's size
     bound either (each block re-runs the kernel: S keys cost ⌈S² / MAX_WEIGHTS_ELEMENTS⌉ passes).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import numba_attn
+    >>> rng = np.random.default_rng(0)
+    >>> q, k = rng.standard_normal((3, 4)), rng.standard_normal((6, 4))     # L = 3, S = 6, E = 4
+    >>> w = numba_attn.attention_weights(q, k, is_causal=True)
+    >>> w.shape, w.dtype
+    ((3, 6), dtype('float64'))
+    >>> bool(np.allclose(w.sum(axis=-1), 1.0)), bool((w[0, 1:] == 0).all())  # query 0 sees key 0 only
+    (True, True)
+    >>> bool(np.allclose(w, numba_attn.reference.attention_weights(q, k, is_causal=True)))
+    True
     """
     q = check_float_operand(query, "query")
     k = check_float_operand(key, "key", allow_quantized=True)
@@ -283,13 +312,13 @@ def attention_weights(query, key, attn_mask=None, is_causal=False, scale=None, e
     except ValueError:
         raise ValueError(f"batch dims of query {q.shape[:-2]} and key {k.shape[:-2]} do not broadcast") from None
     elements = math.prod(batch) * L * S
-    if elements > MAX_WEIGHTS_ELEMENTS:
-        raise ValueError(f"attention_weights would materialise {elements} weights (> {MAX_WEIGHTS_ELEMENTS}); "
-                         "use scaled_dot_product_attention, which never builds the L×S matrix")
+    if elements > config.MAX_WEIGHTS_ELEMENTS:
+        raise ValueError(f"attention_weights would materialise {elements} weights "
+                         f"(> {config.MAX_WEIGHTS_ELEMENTS}); use scaled_dot_product_attention, which never builds the L×S matrix")
     dtype = q.dtype
     # identity columns [j0, j0 + width): one "value" per key head, so that grouped-query attention sees
-    # matching heads; at most MAX_WEIGHTS_ELEMENTS of them at a time (S × width)
-    width = max(1, min(S, MAX_WEIGHTS_ELEMENTS // max(S, 1)))
+    # matching heads; at most config.MAX_WEIGHTS_ELEMENTS of them at a time (S × width)
+    width = max(1, min(S, config.MAX_WEIGHTS_ELEMENTS // max(S, 1)))
     parts = []
     for j0 in range(0, max(S, 1), width):
         cols = min(width, S - j0) if S else 1

@@ -11,6 +11,7 @@ time exactly the same calls. Baselines, each optional:
 Each implementation's ``prepare(case, threads)`` returns a zero-argument callable, or raises
 ``Unavailable`` (not installed, or the case is outside what it supports) with the reason.
 """
+
 import dataclasses
 import math
 import os
@@ -34,8 +35,10 @@ class Case:
     S: int
     D: int
     causal: bool = False
-    H_kv: int = 0          # 0: same as H
+    H_kv: int = 0  # 0: same as H
     dtype: str = "float32"  # storage of K and V: float32, float16 or int8 (query float32; float16 with float16)
+    #: who times this shape (see ``CASES``); not part of the case's identity
+    uses: tuple = dataclasses.field(default=(), compare=False, repr=False)
 
     @property
     def kv_heads(self):
@@ -50,7 +53,7 @@ class Case:
     @property
     def kv_bytes(self):
         """Bytes of K and V as stored (int8: data plus one float32 scale per 32 entries)."""
-        per_value = {"int8": 1 + 4 / 32}.get(self.dtype, None) or np.dtype(self.dtype).itemsize
+        per_value = {"int8": 1 + 4 / 32}.get(self.dtype) or np.dtype(self.dtype).itemsize
         return int(2 * self.B * self.kv_heads * self.S * self.D * per_value)
 
     @property
@@ -82,38 +85,102 @@ class Case:
             return tuple(x.astype(np.float32) for x in (q, k, v))
         if self.dtype == "int8":
             from .quant import quantize
+
             return q, quantize(k), quantize(v)
         return q, k, v
 
 
+def _one_each(*groups):
+    """The cases of ``groups`` in order, each shape once: a case equal to an earlier one (same
+    dimensions, causality, heads and dtype, whatever the name) adds its ``uses`` to that one."""
+    merged = {}
+    for group in groups:
+        for case in group:
+            key = dataclasses.replace(case, name="")
+            if key in merged:
+                first = merged[key]
+                merged[key] = dataclasses.replace(
+                    first, uses=first.uses + tuple(u for u in case.uses if u not in first.uses)
+                )
+            else:
+                merged[key] = case
+    return tuple(merged.values())
+
+
+_BENCH = ("bench",)
+_QUICK = ("bench", "quick")
+#: Every attention shape numba_attn tracks, each once, with who times it (``Case.uses``):
+#: ``bench`` (``python -m numba_attn bench``; ``quick``: also with ``--quick``), ``bench --full`` (only with
+#: ``--full``), and the asv suite's groups ``asv prefill``, ``asv throughput``, ``asv memory``,
+#: ``asv memory warm-up``, ``asv accuracy``, ``asv encoder``, ``asv decode``, ``asv decode shapes``,
+#: ``asv bandwidth``, ``asv quantised``, ``asv layer`` (``asv_bench/benchmarks``). Both take their
+#: shapes from here (``default_cases``, ``tracked``), so they cannot drift apart.
+CASES = _one_each(
+    [  # the bench table (../shared/ANCHORS.md), in its order
+        Case("prefill", 1, 8, 1024, 1024, 64, uses=_QUICK + ("asv quantised",)),
+        Case("prefill causal", 1, 8, 1024, 1024, 64, causal=True, uses=_QUICK),
+        Case("prefill D128", 1, 8, 1024, 1024, 128, uses=_BENCH),
+        Case("encoder (MiniLM batch)", 8, 12, 128, 128, 32, uses=_QUICK + ("asv encoder", "asv layer")),
+        Case("decode", 1, 32, 1, 4096, 64, uses=_QUICK + ("asv quantised", "asv layer")),
+        Case("decode, 8 heads", 1, 8, 1, 16384, 64, uses=_BENCH),
+        Case("decode, 4 query tokens", 1, 32, 4, 4096, 64, uses=_BENCH + ("asv decode shapes", "asv bandwidth")),
+        Case(
+            "decode GQA 64/8 (ggml's case)",
+            1,
+            64,
+            1,
+            7680,
+            64,
+            H_kv=8,
+            uses=_BENCH + ("asv decode shapes", "asv bandwidth", "asv quantised"),
+        ),
+        Case("decode, float16 cache", 1, 32, 1, 4096, 64, dtype="float16", uses=_QUICK),
+        Case("decode, int8 cache", 1, 32, 1, 4096, 64, dtype="int8", uses=_QUICK),
+        Case("decode GQA 64/8, float16 cache", 1, 64, 1, 7680, 64, H_kv=8, dtype="float16", uses=_BENCH),
+        Case("decode GQA 64/8, int8 cache", 1, 64, 1, 7680, 64, H_kv=8, dtype="int8", uses=_BENCH),
+        Case("prefill, float16", 1, 8, 1024, 1024, 64, dtype="float16", uses=_BENCH),
+        Case("prefill", 1, 8, 4096, 4096, 64, uses=("bench --full", "quick", "asv memory")),
+        Case("prefill causal", 1, 8, 4096, 4096, 64, causal=True, uses=("bench --full", "quick")),
+        Case("prefill sweep", 1, 8, 256, 256, 64, uses=_QUICK + ("asv memory warm-up",)),
+        Case("prefill sweep", 1, 8, 512, 512, 64, uses=_QUICK),
+        Case("prefill sweep", 1, 8, 2048, 2048, 64, uses=_BENCH),
+    ],
+    [
+        Case("prefill", 1, 8, n, n, d, causal=c, uses=("asv prefill",) + (("asv throughput",) if d == 64 else ()))
+        for n in (512, 2048)
+        for d in (64, 128)
+        for c in (False, True)
+    ],
+    [
+        Case("prefill", 1, 8, n, n, d, causal=c, uses=("asv accuracy",))
+        for n in (256, 1024)
+        for d in (64, 128)
+        for c in (False, True)
+    ],
+    [Case("prefill", 1, h, n, n, 64, uses=("asv memory",)) for n in (1024, 4096) for h in (1, 8)],
+    [Case("warm-up", 1, h, 256, 256, 64, uses=("asv memory warm-up",)) for h in (1, 8)],
+    [
+        Case("decode", 1, h, 1, s, 64, uses=("asv decode",) + (("asv bandwidth",) if h == 32 or s == 16384 else ()))
+        for s in (1024, 4096, 16384)
+        for h in (8, 32)
+    ],
+    [Case("decode GQA 32/8", 1, 32, 1, 4096, 64, H_kv=8, uses=("asv layer",))],
+)
+
+
+def tracked(use):
+    """The cases of ``CASES`` that ``use`` (e.g. ``"asv decode"``) times, in order."""
+    return [case for case in CASES if use in case.uses]
+
+
 def default_cases(quick=False, small_memory=False, full=False):
-    """The tracked shapes (``../shared/ANCHORS.md``), plus a prefill sweep over the sequence length.
+    """The tracked shapes of the bench table (``CASES`` used by ``bench``), plus a prefill sweep over
+    the sequence length.
 
     ``full`` adds the L = S = 4096 prefills (seconds per call on a small board); ``quick`` keeps the
-    first case of each kind; ``small_memory`` drops cases whose K/V exceed 64 MiB."""
-    cases = [
-        Case("prefill", 1, 8, 1024, 1024, 64),
-        Case("prefill causal", 1, 8, 1024, 1024, 64, causal=True),
-        Case("prefill D128", 1, 8, 1024, 1024, 128),
-        Case("encoder (MiniLM batch)", 8, 12, 128, 128, 32),
-        Case("decode", 1, 32, 1, 4096, 64),
-        Case("decode, 8 heads", 1, 8, 1, 16384, 64),
-        Case("decode, 4 query tokens", 1, 32, 4, 4096, 64),
-        Case("decode GQA 64/8 (ggml's case)", 1, 64, 1, 7680, 64, H_kv=8),
-        Case("decode, float16 cache", 1, 32, 1, 4096, 64, dtype="float16"),
-        Case("decode, int8 cache", 1, 32, 1, 4096, 64, dtype="int8"),
-        Case("decode GQA 64/8, float16 cache", 1, 64, 1, 7680, 64, H_kv=8, dtype="float16"),
-        Case("decode GQA 64/8, int8 cache", 1, 64, 1, 7680, 64, H_kv=8, dtype="int8"),
-        Case("prefill, float16", 1, 8, 1024, 1024, 64, dtype="float16"),
-    ]
-    if full and not small_memory:
-        cases += [Case("prefill", 1, 8, 4096, 4096, 64), Case("prefill causal", 1, 8, 4096, 4096, 64, causal=True)]
-    sweep = [256, 512, 2048] if not quick else [256, 512]
-    cases += [Case("prefill sweep", 1, 8, n, n, 64) for n in sweep]
-    if quick:
-        keep = {"prefill", "prefill causal", "encoder (MiniLM batch)", "decode", "decode, float16 cache",
-                "decode, int8 cache", "prefill sweep"}
-        cases = [c for c in cases if c.name in keep]
+    first case of each kind; ``small_memory`` drops cases whose K/V exceed 64 MiB (and ``full``)."""
+    wanted = {"bench", "bench --full"} if full and not small_memory else {"bench"}
+    cases = [c for c in CASES if wanted.intersection(c.uses) and (not quick or "quick" in c.uses)]
     if small_memory:
         cases = [c for c in cases if c.kv_bytes <= 64 << 20]
     return cases
@@ -133,18 +200,20 @@ class NumbaAttn:
         import numba
 
         from .api import scaled_dot_product_attention
+
         numba.set_num_threads(threads)
         q, k, v = case.inputs()
         gqa = case.kv_heads != case.H
 
         def run():
             return scaled_dot_product_attention(q, k, v, is_causal=case.causal, enable_gqa=gqa)
+
         return run
 
 
 class Numpy:
     name = "numpy"
-    max_scores = 1 << 26          # beyond this the materialised (B, H, L, S) matrix is too big to be fair
+    max_scores = 1 << 26  # beyond this the materialised (B, H, L, S) matrix is too big to be fair
 
     def prepare(self, case, threads):
         if case.dtype != "float32":
@@ -171,12 +240,13 @@ class Numpy:
             s /= s.sum(-1, keepdims=True)
             return s @ v
 
-        if threadpool_limits is None:       # BLAS then uses every core, whatever `threads` says
+        if threadpool_limits is None:  # BLAS then uses every core, whatever `threads` says
             return formula
 
         def run():
             with threadpool_limits(threads, user_api="blas"):
                 return formula()
+
         return run
 
 
@@ -196,10 +266,11 @@ class Torch:
         sdpa = torch.nn.functional.scaled_dot_product_attention
 
         def run():
-            if torch.get_num_threads() != threads:      # numba can reset it (numba issue #9387)
+            if torch.get_num_threads() != threads:  # numba can reset it (numba issue #9387)
                 torch.set_num_threads(threads)
             with torch.no_grad():
                 return sdpa(q, k, v, is_causal=case.causal, enable_gqa=gqa)
+
         return run
 
 
@@ -221,14 +292,27 @@ class OnnxRuntime:
         B, H, L, S, D = case.B, case.H, case.L, case.S, case.D
         vi = helper.make_tensor_value_info
         graph = helper.make_graph(
-            [helper.make_node("MultiHeadAttention", ["q", "k", "v"], ["o"], domain="com.microsoft", num_heads=H,
-                              unidirectional=int(case.causal))],
+            [
+                helper.make_node(
+                    "MultiHeadAttention",
+                    ["q", "k", "v"],
+                    ["o"],
+                    domain="com.microsoft",
+                    num_heads=H,
+                    unidirectional=int(case.causal),
+                )
+            ],
             "mha",
-            [vi("q", TensorProto.FLOAT, [B, L, H * D]), vi("k", TensorProto.FLOAT, [B, S, H * D]),
-             vi("v", TensorProto.FLOAT, [B, S, H * D])],
-            [vi("o", TensorProto.FLOAT, [B, L, H * D])])
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
-                                                        helper.make_opsetid("com.microsoft", 1)])
+            [
+                vi("q", TensorProto.FLOAT, [B, L, H * D]),
+                vi("k", TensorProto.FLOAT, [B, S, H * D]),
+                vi("v", TensorProto.FLOAT, [B, S, H * D]),
+            ],
+            [vi("o", TensorProto.FLOAT, [B, L, H * D])],
+        )
+        model = helper.make_model(
+            graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+        )
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -239,6 +323,7 @@ class OnnxRuntime:
 
         def run():
             return session.run(None, feed)[0]
+
         return run
 
 
@@ -263,6 +348,7 @@ def read_bandwidth(threads, nbytes=1 << 30):
     import numba
 
     from .kernels.bandwidth import parallel_sum
+
     numba.set_num_threads(threads)
     a = np.ones(nbytes // 4, np.float32)
     return a.nbytes / median_seconds(lambda: parallel_sum(a), min_repeat=3, max_repeat=7, budget=2.0) / 1e9
@@ -273,10 +359,12 @@ def first_call_seconds(cache_dir=None):
 
     With ``cache_dir`` pointing to an empty directory this is the cold compile; without, the cached load.
     """
-    code = ("import time; t0 = time.perf_counter(); import numpy as np, numba_attn as na; t1 = time.perf_counter();"
-            "q = np.ones((1, 2, 300, 64), np.float32); na.scaled_dot_product_attention(q, q, q);"
-            "k = np.ones((1, 2, 2048, 64), np.float32); na.scaled_dot_product_attention(q[:, :, :1], k, k);"
-            "print(t1 - t0, time.perf_counter() - t1)")
+    code = (
+        "import time; t0 = time.perf_counter(); import numpy as np, numba_attn as na; t1 = time.perf_counter();"
+        "q = np.ones((1, 2, 300, 64), np.float32); na.scaled_dot_product_attention(q, q, q);"
+        "k = np.ones((1, 2, 2048, 64), np.float32); na.scaled_dot_product_attention(q[:, :, :1], k, k);"
+        "print(t1 - t0, time.perf_counter() - t1)"
+    )
     env = dict(os.environ)
     if cache_dir is not None:
         env["NUMBA_CACHE_DIR"] = cache_dir
@@ -296,7 +384,7 @@ def preload_baselines():
         try:
             __import__(name)
         except ImportError:
-            continue          # not installed: nothing to protect
+            continue  # not installed: nothing to protect
 
 
 #: bytes read between two timed decode calls (more than any L3 cache here, 32 MiB)
@@ -349,7 +437,7 @@ def run_cases(cases, threads, implementations=None, progress=None, budget=1.0):
             for name in pass_order:
                 time.sleep(HAND_OVER_SECONDS)
                 fn = fns[name]
-                fn()                                # warm-up: compilation, caches, thread pools
+                fn()  # warm-up: compilation, caches, thread pools
                 t_start = time.perf_counter()
                 block = 0
                 while block < 3 or (block < 25 and time.perf_counter() - t_start < budget / 2):
@@ -370,3 +458,170 @@ def throughput(case, seconds):
     if case.memory_bound:
         return case.kv_bytes / seconds / 1e9, "GB/s"
     return case.flops / seconds / 1e9, "GFLOP/s"
+
+
+# -- the bench command ----------------------------------------------------------------------------
+def _total_memory_bytes():
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def run_bench(quick=False, threads=None, json_path=None, plot_path=None, full=False, out=None):
+    """``python -m numba_attn bench``: ``default_cases`` timed for every implementation (``run_cases``),
+    printed as a table with throughput and ratios; also compile/load times in fresh processes and the
+    memory bandwidth. Optionally writes JSON and a plot. Returns the exit status."""
+    out = sys.stdout if out is None else out
+    import json
+    import tempfile
+
+    import numba
+
+    from . import __version__
+    from .check import print_table
+
+    preload_baselines()  # before numba's pool starts: see preload_baselines
+    threads = threads or numba.config.NUMBA_NUM_THREADS
+    if threads > numba.config.NUMBA_NUM_THREADS:
+        print(
+            f"--threads {threads} is more than numba's pool ({numba.config.NUMBA_NUM_THREADS}); "
+            "set NUMBA_NUM_THREADS first",
+            file=sys.stderr,
+        )
+        return 2
+    small = 0 < _total_memory_bytes() < (3 << 30)
+    cases = default_cases(quick=quick, small_memory=small, full=full)
+
+    def progress(msg):
+        print(f"  {msg}", file=sys.stderr, flush=True)
+
+    print(
+        f"numba_attn {__version__} bench: {len(cases)} cases, {threads} threads"
+        + (", quick" if quick else "")
+        + (", small-memory defaults" if small else ""),
+        file=sys.stderr,
+    )
+    progress("compile times (fresh processes) ...")
+    with tempfile.TemporaryDirectory() as empty_cache:
+        t_import, t_cold = first_call_seconds(cache_dir=empty_cache)
+    first_call_seconds()  # make sure the normal cache is filled
+    _, t_cached = first_call_seconds()
+    progress("memory bandwidth ...")
+    bandwidth = read_bandwidth(threads, nbytes=(256 << 20) if (quick or small) else (1 << 30))
+    results = run_cases(cases, threads, progress=progress, budget=0.2 if quick else 0.4)
+
+    baselines = [impl.name for impl in IMPLEMENTATIONS if impl.name != "numba_attn"]
+    header = (
+        ["case", "shape", "numba_attn ms", "throughput"]
+        + [f"{b} ms (ours ×)" for b in baselines]
+        + ["ours × torch fp32"]
+    )
+    twins = {same_tokens(c): c for c in cases if c.dtype == "float32"}
+    rows, records = [], []
+    for case in cases:
+        ours = results[case, "numba_attn"]
+        value, unit = throughput(case, ours)
+        tp = f"{value:.1f} {unit}" + (f" ({100 * value / bandwidth:.0f}% bw)" if unit == "GB/s" else "")
+        row = [case.name, case.shape, f"{ours * 1e3:.2f}", tp]
+        record = {
+            "case": case.name,
+            **dataclasses_asdict(case),
+            "numba_attn_s": ours,
+            "unit": unit,
+            "throughput": value,
+        }
+        for b in baselines:
+            theirs = results[case, b]
+            if isinstance(theirs, str):
+                row.append("-")
+                record[f"{b}_s"] = None
+                record[f"{b}_skipped"] = theirs
+            else:
+                row.append(f"{theirs * 1e3:.2f} ({theirs / ours:.2f}×)")
+                record[f"{b}_s"] = theirs
+        twin = twins.get(same_tokens(case))
+        torch32 = results.get((twin, "torch")) if twin is not None else None
+        if isinstance(torch32, float):
+            row.append(f"{torch32 / ours:.2f}×")
+            record["torch_float32_same_tokens_s"] = torch32
+        else:
+            row.append("-")
+        rows.append(row)
+        records.append(record)
+    print(file=out)
+    print_table(tuple(header), [tuple(r) for r in rows], out)
+    skipped = sorted({(b, results[c, b]) for c in cases for b in baselines if isinstance(results[c, b], str)})
+    print(
+        f"\nours × = baseline time / numba_attn time (above 1: numba_attn is faster). Median wall times, "
+        f"{threads} threads for every implementation. Cases name the storage of K and V; a baseline runs the "
+        "same dtype (torch float16 = its own float16 SDPA); 'ours × torch fp32' compares with torch's float32 "
+        "SDPA on the same tokens. GB/s counts the bytes of K and V as stored.",
+        file=out,
+    )
+    print(
+        f"memory read bandwidth, measured in this run: {bandwidth:.1f} GB/s (decode's limit; 'bw' = share of it)",
+        file=out,
+    )
+    print(
+        f"import numba_attn {t_import:.2f} s; first prefill + decode call in a new process: cold compile "
+        f"{t_cold:.1f} s, from the on-disk cache {t_cached:.2f} s",
+        file=out,
+    )
+    for b, why in skipped:
+        print(f"- {b} skipped on some cases: {why}", file=out)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(
+                {
+                    "threads": threads,
+                    "bandwidth_GBps": bandwidth,
+                    "import_s": t_import,
+                    "cold_first_call_s": t_cold,
+                    "cached_first_call_s": t_cached,
+                    "results": records,
+                },
+                f,
+                indent=2,
+            )
+        print(f"wrote {json_path}", file=out)
+    if plot_path:
+        return _plot(cases, results, plot_path, out)
+    return 0
+
+
+def dataclasses_asdict(case):
+    """The fields of ``case`` but its name, as a dict (for the JSON records)."""
+    return {k: v for k, v in dataclasses.asdict(case).items() if k not in ("name", "uses")}
+
+
+def _plot(cases, results, path, out):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("--plot needs matplotlib: pip install 'numba_attn[plot]' (or pip install matplotlib)", file=sys.stderr)
+        return 2
+        sweep = sorted(
+            (c for c in cases if c.name.startswith("prefill") and not c.causal and c.D == 64 and c.B == 1 and c.H == 8),
+            key=lambda c: c.L,
+        )
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for impl in IMPLEMENTATIONS:
+        pts = [
+            (c.L, throughput(c, results[c, impl.name])[0]) for c in sweep if not isinstance(results[c, impl.name], str)
+        ]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=impl.name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("sequence length L = S (B1 H8 D64, not causal)")
+    ax.set_ylabel("GFLOP/s")
+    ax.set_title("attention prefill throughput")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}", file=out)
+    return 0

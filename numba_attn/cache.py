@@ -67,6 +67,26 @@ class KVCache:
         Value head size when it differs from ``head_dim``.
     block : int or None
         int8 only: entries per scale (default 32, ggml's q8_0); None for one scale per token and head.
+
+    Examples
+    --------
+    Decoding token by token gives what attention over the whole sequence gives:
+
+    >>> import numpy as np
+    >>> import numba_attn
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = (rng.standard_normal((1, 2, 4, 8), dtype=np.float32) for _ in range(3))
+    >>> cache = numba_attn.KVCache(batch=1, num_kv_heads=2, head_dim=8, capacity=16)
+    >>> steps = []
+    >>> for t in range(4):
+    ...     cache.append(k[:, :, t:t + 1], v[:, :, t:t + 1])
+    ...     steps.append(numba_attn.scaled_dot_product_attention(q[:, :, t:t + 1], cache.keys, cache.values,
+    ...                                                          is_causal="lower_right"))
+    >>> cache.length, cache.keys.shape
+    (4, (1, 2, 4, 8))
+    >>> full = numba_attn.reference.scaled_dot_product_attention(q, k, v, is_causal=True)
+    >>> bool(np.allclose(np.concatenate(steps, axis=2), full, atol=1e-5))
+    True
     """
 
     def __init__(self, batch, num_kv_heads, head_dim, capacity, dtype=np.float32, window=None, value_dim=None,

@@ -1,6 +1,6 @@
-"""Every tunable of numba_attn in one place; kernels read these at compile time.
+"""Every tunable of numba_attn in one place; kernels read these at compile time, the API at call time.
 
-Environment variables (read once, at import):
+Environment variables (read at import, and again by ``_reset()``):
 
 ``NUMBA_ATTN_CACHE``   ``1`` (default) keeps compiled kernels in numba's on-disk cache, ``0`` turns it off.
 ``NUMBA_CACHE_DIR``    numba's own: where the cache goes (default: ``numba_attn/kernels/__pycache__``,
@@ -12,10 +12,17 @@ Environment variables (read once, at import):
 
 If no cache location is writable (a read-only install with a read-only HOME), caching is turned
 off instead of failing at import (numba raises "no locator available" there): every process then
-compiles its kernels once. ``CACHE_UNAVAILABLE`` says why.
+compiles its kernels once. ``CACHE_UNAVAILABLE`` says why. Deciding this creates nothing on disk: a
+location counts as writable if it is a directory we may write into, or does not exist yet and its
+nearest existing ancestor is one (numba creates the directories itself when it sets up the cache).
+
+The constants below are plain module attributes: the API reads the size thresholds at every call
+(tests change them with ``monkeypatch.setattr``); values that kernels use inside ``@njit`` code (the
+tile shape, the finite-scan chunk) are frozen into the machine code when the kernel compiles.
 """
+
 import os
-import tempfile
+import platform
 
 #: LLVM fast-math flags for every kernel. Not numba's full set (fastmath switched on wholesale):
 #: that adds ``nnan``/``ninf``, which lets LLVM assume no -inf, and then masked scores (-inf) turn
@@ -25,16 +32,20 @@ FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
 
 def _writable_dir(path):
-    try:
-        os.makedirs(path, exist_ok=True)
-        tempfile.TemporaryFile(dir=path).close()
-        return True
-    except OSError:
-        return False
+    """True if numba could keep its cache in ``path``: an existing directory we may write into, or a
+    path that does not exist yet whose nearest existing ancestor is such a directory. Creates nothing."""
+    path = os.path.abspath(path)
+    while not os.path.lexists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            return False
+        path = parent
+    return os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK)
 
 
 def _cache_location():
-    """The directory numba would cache our kernels in, or None if none is writable."""
+    """The directory numba would cache our kernels in, or None if none is writable (numba's own order:
+    ``NUMBA_CACHE_DIR`` alone if set, else next to the kernels' sources, else the user-wide cache)."""
     user_dir = os.environ.get("NUMBA_CACHE_DIR")
     if user_dir:
         return user_dir if _writable_dir(user_dir) else None
@@ -42,18 +53,82 @@ def _cache_location():
     if _writable_dir(in_tree):
         return in_tree
     from numba.misc.appdirs import AppDirs
+
     user_wide = AppDirs(appname="numba", appauthor=False).user_cache_dir
     return user_wide if _writable_dir(user_wide) else None
 
 
-_wanted = os.environ.get("NUMBA_ATTN_CACHE", "1") not in ("0", "false", "False", "")
+#: tile shapes the vector-IR micro-kernels accept: vector width (lanes) and vectors per tile row
+TILE_WIDTHS = (4, 8, 16)
+TILE_VECTORS = (1, 2, 4)
+
+
+def tile_shape():
+    """(VW, NV) of the register tiles for the CPU numba compiles for (see ``kernels/_tile.py``);
+    ``NUMBA_ATTN_TILE=VWxNV`` (e.g. ``4x4``) overrides it, for tests and cross-compilation."""
+    forced = os.environ.get("NUMBA_ATTN_TILE")
+    if forced:
+        try:
+            vw, nv = (int(x) for x in forced.lower().split("x"))
+        except ValueError:
+            vw = nv = 0
+        if vw not in TILE_WIDTHS or nv not in TILE_VECTORS:
+            raise ValueError(f"NUMBA_ATTN_TILE must be VWxNV with VW in 4, 8, 16 and NV in 1, 2, 4, got {forced!r}")
+        return vw, nv
+    import numba
+    from llvmlite import binding as llvm_binding
+
+    name = numba.config.CPU_NAME
+    host = not name or name == "host"
+    if host:
+        try:
+            features = llvm_binding.get_host_cpu_features().flatten()
+        except RuntimeError:  # LLVM cannot read them (some emulators, exotic kernels)
+            features = ""
+    else:
+        features = numba.config.CPU_FEATURES or ""  # an explicit, portable target: assume little
+    flags = {f[1:] for f in features.split(",") if f.startswith("+")}
+    if host and "avx512f" in flags:
+        return 16, 4
+    if "avx2" in flags or "avx" in flags:
+        return 8, 2
+    if host and platform.machine().lower() in ("aarch64", "arm64"):
+        return 4, 4  # NEON: 32 registers of 4 floats
+    return 4, 2
+
+
+def _cache_wanted():
+    return os.environ.get("NUMBA_ATTN_CACHE", "1") not in ("0", "false", "False", "")
+
+
+def _reset():
+    """Re-read the environment (``NUMBA_ATTN_CACHE``, ``NUMBA_CACHE_DIR``, ``NUMBA_ATTN_TILE``, numba's
+    CPU target) into ``CACHE_DIR``, ``CACHE``, ``CACHE_UNAVAILABLE``, ``TILE_VW`` and ``TILE_NV``. For
+    tests. Kernels already compiled (or already decorated, for ``cache``) keep what they were built with:
+    the cache flag is read when a kernel module is imported, the tile shape when a kernel compiles."""
+    global CACHE_DIR, CACHE, CACHE_UNAVAILABLE, TILE_VW, TILE_NV
+    wanted = _cache_wanted()
+    CACHE_DIR = _cache_location() if wanted else None
+    CACHE = CACHE_DIR is not None
+    CACHE_UNAVAILABLE = (
+        None
+        if CACHE
+        else "NUMBA_ATTN_CACHE=0"
+        if not wanted
+        else "no writable cache directory (package dir, NUMBA_CACHE_DIR, ~/.cache/numba)"
+    )
+    TILE_VW, TILE_NV = tile_shape()
+
+
 #: Where compiled kernels are cached (None: caching is off).
-CACHE_DIR = _cache_location() if _wanted else None
+CACHE_DIR = None
 #: On-disk compile cache (numba ``cache=True``).
-CACHE = CACHE_DIR is not None
+CACHE = False
 #: Why caching is off, when it is.
-CACHE_UNAVAILABLE = (None if CACHE else "NUMBA_ATTN_CACHE=0" if not _wanted else
-                     "no writable cache directory (package dir, NUMBA_CACHE_DIR, ~/.cache/numba)")
+CACHE_UNAVAILABLE = None
+#: Register tile of the float32 micro-kernels: VW lanes per vector, NV vectors per tile row (``tile_shape``).
+TILE_VW, TILE_NV = 4, 2
+_reset()
 
 #: Query rows per parallel work item of the prefill kernel (the length of every vector loop) ...
 PREFILL_BLOCK_Q = 128
@@ -81,3 +156,14 @@ DECODE_BLOCK_K = 128
 DECODE_ITEMS_PER_THREAD = 4
 #: The fewest keys in one part of the split key range.
 DECODE_MIN_SPLIT = 256
+
+#: Rows per parallel work item of the finite/max-magnitude scan (``kernels/finite.py``).
+FINITE_CHUNK_ROWS = 256
+#: A flat (not 3-D) array is scanned as rows of this many values.
+FINITE_ROW = 1024
+#: Below this many values the scan runs on one thread (waking the pool costs more than it saves).
+FINITE_SERIAL_BELOW = 1 << 17
+
+#: The most elements ``attention_weights`` materialises (it builds the (..., L, S) matrix the fused
+#: kernel avoids); above this it refuses and points to ``scaled_dot_product_attention``.
+MAX_WEIGHTS_ELEMENTS = 1 << 26

@@ -47,6 +47,23 @@ class MultiHeadAttention:
 
     Call: ``layer(x, context=None, *, key_padding_mask=None, attn_mask=None, is_causal=False,
     cache=None, window=None, alibi_slopes=None, softcap=None, rotary=None)``, see ``__call__``.
+
+    Examples
+    --------
+    A grouped-query layer (4 query heads, 2 K/V heads): a causal pass over five tokens equals five
+    decode steps over a KV cache.
+
+    >>> import numpy as np
+    >>> import numba_attn
+    >>> layer = numba_attn.MultiHeadAttention(embed_dim=16, num_heads=4, num_kv_heads=2, seed=0)
+    >>> x = np.random.default_rng(0).standard_normal((1, 5, 16)).astype(np.float32)
+    >>> full = layer(x, is_causal=True)
+    >>> full.shape, full.dtype
+    ((1, 5, 16), dtype('float32'))
+    >>> cache = layer.new_cache(batch=1, capacity=8)
+    >>> steps = [layer(x[:, t:t + 1], cache=cache) for t in range(5)]
+    >>> bool(np.allclose(np.concatenate(steps, axis=1), full, atol=1e-5)), cache.length
+    (True, 5)
     """
 
     def __init__(self, embed_dim, num_heads, num_kv_heads=None, head_dim=None, bias=True, kdim=None, vdim=None,

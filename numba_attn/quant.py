@@ -97,6 +97,18 @@ def quantize(x, block=DEFAULT_BLOCK):
 
     ``block``: entries per scale, a power of two (default 32); ``None`` for one scale per row.
     Raises ``ValueError`` for NaN or inf (there is no int8 for them).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import numba_attn
+    >>> x = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)
+    >>> qx = numba_attn.quantize(x)
+    >>> qx.data.dtype, qx.data.shape, qx.scales.shape, qx.block      # one float32 scale per 32 values
+    (dtype('int8'), (3, 64), (3, 2), 32)
+    >>> scale = np.repeat(qx.scales, 32, axis=-1)                     # each value's scale: max |block| / 127
+    >>> bool((np.abs(numba_attn.dequantize(qx) - x) <= scale / 2 + 1e-7).all())   # rounding: half a step
+    True
     """
     x = np.asarray(x)
     if x.dtype.kind != "f":
@@ -133,7 +145,15 @@ def _check_block(block, D):
 
 
 def dequantize(q):
-    """float32 array ≈ the tensor ``q`` was made from."""
+    """float32 array ≈ the tensor ``q`` was made from.
+
+    >>> import numpy as np
+    >>> import numba_attn
+    >>> x = np.linspace(-1, 1, 8, dtype=np.float32)
+    >>> y = numba_attn.dequantize(numba_attn.quantize(x, block=None))     # one scale for the row: 1 / 127
+    >>> y.dtype, bool(np.abs(y - x).max() <= 0.5 / 127 + 1e-7)
+    (dtype('float32'), True)
+    """
     if not isinstance(q, QuantizedTensor):
         raise TypeError(f"q must be a QuantizedTensor, got {type(q).__name__}")
     D = q.shape[-1]

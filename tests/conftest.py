@@ -2,13 +2,14 @@
 import numpy as np
 import pytest
 
+from numba_attn.check import TOLERANCE
 from numba_attn.kernels import decode, prefill
 
 DTYPES = (np.float32, np.float64)
 
-#: relative tolerance of a result in ``dtype`` against the float64 reference (float16: computed in
-#: float32, then rounded to float16, whose half-ulp is 4.9e-4)
-RTOL = {np.dtype(np.float16): 1e-3, np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-10}
+#: relative tolerance of a result in ``dtype`` against the float64 reference: the package's one table,
+#: ``numba_attn.check.TOLERANCE`` (also what ``python -m numba_attn check`` applies), float dtypes only
+RTOL = {np.dtype(precision): tol.rtol for precision, tol in TOLERANCE.items() if precision != "int8"}
 
 
 def rtol_for(dtype):

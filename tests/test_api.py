@@ -776,7 +776,7 @@ def test_weights_are_the_weights_sdpa_uses(dtype):
 
 
 def test_attention_weights_refuses_huge_matrices(monkeypatch):
-    monkeypatch.setattr(api, "MAX_WEIGHTS_ELEMENTS", 1000)
+    monkeypatch.setattr(config, "MAX_WEIGHTS_ELEMENTS", 1000)
     rng = np.random.default_rng(21)
     q, k = randn(rng, (2, 20, 4)), randn(rng, (2, 100, 4))
     with pytest.raises(ValueError, match="attention_weights"):
@@ -801,7 +801,7 @@ def test_attention_weights_bounds_its_identity_temporary(monkeypatch):
         biggest.append(np.asarray(value).shape[-2] * np.asarray(value).shape[-1])
         return real(query, key, value, **kwargs)
 
-    monkeypatch.setattr(api, "MAX_WEIGHTS_ELEMENTS", 2 * 3 * 5 * 700)
+    monkeypatch.setattr(config, "MAX_WEIGHTS_ELEMENTS", 2 * 3 * 5 * 700)
     monkeypatch.setattr(api, "scaled_dot_product_attention", spy)
     chunked = attention_weights(q, k, attn_mask=mask, is_causal="lower_right")
     assert len(biggest) > 1 and max(biggest) <= 2 * 3 * 5 * 700 < 700 * 700

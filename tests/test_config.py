@@ -5,6 +5,7 @@ Running as root (or with CAP_DAC_OVERRIDE) ignores permission bits, so there a d
 unwritable by putting a regular file where it, or one of its parents, should be: ``mkdir`` fails
 for root too.
 """
+
 import os
 import shutil
 import stat
@@ -56,8 +57,7 @@ def run_child(env_updates, unset=(), cwd=None):
         env.pop(key, None)
     env.update(env_updates)
     env["PYTHONDONTWRITEBYTECODE"] = "1"
-    proc = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=300,
-                          cwd=cwd)
+    proc = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=300, cwd=cwd)
     assert proc.returncode == 0, f"rc {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
     fields = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if " " in line)
     assert proc.stdout.strip().endswith("call ok"), proc.stdout
@@ -65,14 +65,14 @@ def run_child(env_updates, unset=(), cwd=None):
 
 
 def make_read_only(path):
-    for root, dirs, files in os.walk(path):
+    for root, _, files in os.walk(path):
         for name in files:
             os.chmod(os.path.join(root, name), stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
         os.chmod(root, stat.S_IRUSR | stat.S_IXUSR | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)
 
 
 def make_writable(path):
-    for root, dirs, files in os.walk(path):
+    for root, _, files in os.walk(path):
         os.chmod(root, 0o755)
         for name in files:
             os.chmod(os.path.join(root, name), 0o644)
@@ -102,8 +102,11 @@ def read_only_install(tmp_path):
 
 def test_read_only_install_imports_and_runs(read_only_install):
     site, home, _ = read_only_install
-    fields, proc = run_child({"PYTHONPATH": str(site), "HOME": str(home)},
-                             unset=("NUMBA_CACHE_DIR", "XDG_CACHE_HOME", "NUMBA_ATTN_CACHE"), cwd=str(home))
+    fields, proc = run_child(
+        {"PYTHONPATH": str(site), "HOME": str(home)},
+        unset=("NUMBA_CACHE_DIR", "XDG_CACHE_HOME", "NUMBA_ATTN_CACHE"),
+        cwd=str(home),
+    )
     assert fields["package"].startswith(str(site)), fields
     assert fields["CACHE"] == "False", fields
     assert "no writable cache directory" in fields["CACHE_UNAVAILABLE"], fields
@@ -117,8 +120,11 @@ def test_read_only_install_imports_and_runs(read_only_install):
 def test_read_only_install_with_a_writable_numba_cache_dir(read_only_install, tmp_path):
     site, home, _ = read_only_install
     cache_dir = tmp_path / "numba-cache"
-    fields, _ = run_child({"PYTHONPATH": str(site), "HOME": str(home), "NUMBA_CACHE_DIR": str(cache_dir)},
-                          unset=("XDG_CACHE_HOME", "NUMBA_ATTN_CACHE"), cwd=str(home))
+    fields, _ = run_child(
+        {"PYTHONPATH": str(site), "HOME": str(home), "NUMBA_CACHE_DIR": str(cache_dir)},
+        unset=("XDG_CACHE_HOME", "NUMBA_ATTN_CACHE"),
+        cwd=str(home),
+    )
     assert fields["CACHE"] == "True" and fields["CACHE_DIR"] == str(cache_dir), fields
     assert fields["kernel_cache"] == "FunctionCache"
     written = [f for _, _, files in os.walk(cache_dir) for f in files]
@@ -156,7 +162,10 @@ def test_numba_attn_cache_0_turns_caching_off(tmp_path):
 @pytest.mark.parametrize("value", ["false", "False", ""])
 def test_other_spellings_of_off(value, tmp_path):
     assert import_only({"NUMBA_ATTN_CACHE": value, "NUMBA_CACHE_DIR": str(tmp_path)}) == (
-        "False", "None", "NUMBA_ATTN_CACHE=0")
+        "False",
+        "None",
+        "NUMBA_ATTN_CACHE=0",
+    )
 
 
 @pytest.mark.parametrize("value", [None, "1", "yes"])
@@ -171,15 +180,21 @@ def test_caching_is_on_by_default(value, tmp_path):
 # _writable_dir / _cache_location, in-process with monkeypatched paths
 # ----------------------------------------------------------------------------------------------
 
+
 def test_writable_dir(tmp_path):
     assert config._writable_dir(str(tmp_path))
     new = tmp_path / "a" / "b"
-    assert config._writable_dir(str(new)) and new.is_dir()          # created
-    assert os.listdir(new) == []                                     # the probe file is gone
+    assert config._writable_dir(str(new))  # its nearest existing ancestor is writable
+    assert not (tmp_path / "a").exists()  # ... and nothing was created
+    assert os.listdir(tmp_path) == []
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    assert not config._writable_dir(str(blocker))                    # a file, not a directory
-    assert not config._writable_dir(str(blocker / "sub"))            # under a file
+    assert not config._writable_dir(str(blocker))  # a file, not a directory
+    assert not config._writable_dir(str(blocker / "sub"))  # under a file
+    assert not config._writable_dir(str(blocker / "sub" / "deeper"))
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")
+    assert not config._writable_dir(str(dangling / "sub"))  # a dangling link: makedirs would fail
     if permissions_are_enforced(tmp_path):
         ro = tmp_path / "ro"
         ro.mkdir()
@@ -208,14 +223,14 @@ def fake_layout(tmp_path, monkeypatch):
 def test_cache_location_in_tree(fake_layout):
     _, pkg, _ = fake_layout
     assert config._cache_location() == str(pkg / "kernels" / "__pycache__")
-    assert (pkg / "kernels" / "__pycache__").is_dir()
+    assert not (pkg / "kernels").exists()  # decided without creating anything
 
 
 def test_cache_location_user_wide(fake_layout):
     _, pkg, home = fake_layout
     (pkg / "kernels").write_text("a file: the in-tree cache cannot be created")
     assert config._cache_location() == str(home / ".cache" / "numba")
-    assert (home / ".cache" / "numba").is_dir()
+    assert not (home / ".cache").exists()
 
 
 def test_cache_location_xdg(fake_layout, monkeypatch):
@@ -238,11 +253,11 @@ def test_cache_location_numba_cache_dir(fake_layout, monkeypatch):
     tmp, pkg, _ = fake_layout
     monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp / "mine"))
     assert config._cache_location() == str(tmp / "mine")
-    assert not (pkg / "kernels").exists()                    # the in-tree location was not touched
+    assert not (pkg / "kernels").exists()  # the in-tree location was not touched
     blocker = tmp / "blocker"
     blocker.write_text("x")
     monkeypatch.setenv("NUMBA_CACHE_DIR", str(blocker / "cache"))
-    assert config._cache_location() is None                  # no fallback to the package dir
+    assert config._cache_location() is None  # no fallback to the package dir
 
 
 def test_cache_location_read_only_dirs(fake_layout, monkeypatch):
@@ -269,8 +284,17 @@ def test_module_state_is_consistent():
     assert config.CACHE == (config.CACHE_DIR is not None)
     assert (config.CACHE_UNAVAILABLE is None) == config.CACHE
     assert isinstance(config.FASTMATH, set) and "nnan" not in config.FASTMATH and "ninf" not in config.FASTMATH
-    for name in ("PREFILL_BLOCK_Q", "PREFILL_BLOCK_K", "SERIAL_BELOW_FLOPS", "DECODE_MAX_QUERY_ROWS", "DECODE_MIN_KEYS",
-                 "DECODE_MAX_ROWS", "DECODE_BLOCK_K", "DECODE_ITEMS_PER_THREAD", "DECODE_MIN_SPLIT"):
+    for name in (
+        "PREFILL_BLOCK_Q",
+        "PREFILL_BLOCK_K",
+        "SERIAL_BELOW_FLOPS",
+        "DECODE_MAX_QUERY_ROWS",
+        "DECODE_MIN_KEYS",
+        "DECODE_MAX_ROWS",
+        "DECODE_BLOCK_K",
+        "DECODE_ITEMS_PER_THREAD",
+        "DECODE_MIN_SPLIT",
+    ):
         value = getattr(config, name)
         assert isinstance(value, int) and value > 0, name
 
@@ -286,7 +310,8 @@ for dt in (np.float32, np.float16):
     for L, S in ((70, 90), (1, 300)):          # prefill, and the split-K decode kernel
         q, k, v = (rng.standard_normal((1, 3, n, 40)).astype(dt) for n in (L, S, S))
         out = na.scaled_dot_product_attention(q, k, v, is_causal="lower_right").astype(np.float64)
-        ref = reference.scaled_dot_product_attention(*(x.astype(np.float64) for x in (q, k, v)), is_causal="lower_right")
+        exact = (x.astype(np.float64) for x in (q, k, v))
+        ref = reference.scaled_dot_product_attention(*exact, is_causal="lower_right")
         worst[f"{np.dtype(dt).name} L{L}"] = float(np.abs(out - ref).max())
 q = rng.standard_normal((1, 2, 1, 64)).astype(np.float32)
 k, v = (rng.standard_normal((1, 2, 300, 64)).astype(np.float32) for _ in range(2))
@@ -304,8 +329,9 @@ def test_portable_generic_cpu_target(tmp_path):
     env = dict(os.environ, NUMBA_CPU_NAME="generic", NUMBA_CACHE_DIR=str(tmp_path))
     env.pop("NUMBA_CPU_FEATURES", None)
     env.pop("NUMBA_ATTN_TILE", None)
-    proc = subprocess.run([sys.executable, "-c", PORTABLE_CHILD], env=env, capture_output=True, text=True,
-                          timeout=600, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-c", PORTABLE_CHILD], env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = proc.stdout.strip().splitlines()[-1]
     assert line.startswith("TILE 4 2 WORST"), line
@@ -316,9 +342,82 @@ def test_portable_generic_cpu_target(tmp_path):
 
 
 def test_tile_shape_override(monkeypatch):
-    from numba_attn.kernels import _tile
     monkeypatch.setenv("NUMBA_ATTN_TILE", "8x2")
-    assert _tile._tile_shape() == (8, 2)
-    monkeypatch.setenv("NUMBA_ATTN_TILE", "3x2")
+    assert config.tile_shape() == (8, 2)
+    for bad in ("3x2", "8x3", "8", "axb", "8x2x1"):
+        monkeypatch.setenv("NUMBA_ATTN_TILE", bad)
+        with pytest.raises(ValueError, match="NUMBA_ATTN_TILE"):
+            config.tile_shape()
+    monkeypatch.delenv("NUMBA_ATTN_TILE")
+    assert config.tile_shape() in {(vw, nv) for vw in config.TILE_WIDTHS for nv in config.TILE_VECTORS}
+
+
+def test_the_kernels_use_the_configured_tile_shape():
+    from numba_attn.kernels import _dots, _tile
+
+    assert (_tile.VW, _tile.NV) == (config.TILE_VW, config.TILE_NV) and _tile.W == _tile.VW * _tile.NV
+    assert _dots.VW == config.TILE_VW
+
+
+@pytest.fixture
+def restore_config():
+    """Put config's environment-derived values back after a test that calls ``_reset``."""
+    saved = {name: getattr(config, name) for name in ("CACHE_DIR", "CACHE", "CACHE_UNAVAILABLE", "TILE_VW", "TILE_NV")}
+    yield
+    for name, value in saved.items():
+        setattr(config, name, value)
+
+
+def test_reset_rereads_the_environment(monkeypatch, tmp_path, restore_config):
+    monkeypatch.setenv("NUMBA_ATTN_TILE", "4x1")
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "not" / "yet"))
+    monkeypatch.delenv("NUMBA_ATTN_CACHE", raising=False)
+    config._reset()
+    assert (config.TILE_VW, config.TILE_NV) == (4, 1)
+    assert (config.CACHE, config.CACHE_DIR, config.CACHE_UNAVAILABLE) == (True, str(tmp_path / "not" / "yet"), None)
+    assert not (tmp_path / "not").exists()
+    monkeypatch.setenv("NUMBA_ATTN_CACHE", "0")
+    config._reset()
+    assert (config.CACHE, config.CACHE_DIR, config.CACHE_UNAVAILABLE) == (False, None, "NUMBA_ATTN_CACHE=0")
+    monkeypatch.setenv("NUMBA_ATTN_TILE", "5x5")
     with pytest.raises(ValueError, match="NUMBA_ATTN_TILE"):
-        _tile._tile_shape()
+        config._reset()
+
+
+IMPORT_AND_LIST = """
+import os, sys
+import numba_attn, numba_attn.config as c
+print(c.CACHE, c.CACHE_DIR, sep="|")
+root = sys.argv[1]
+print(sorted(os.path.relpath(os.path.join(d, n), root) for d, names, _ in os.walk(root) for n in names))
+"""
+
+
+def test_import_with_caching_off_creates_no_directories(tmp_path):
+    """NUMBA_CACHE_DIR pointing to a path that does not exist yet: importing the package (config's
+    decision included) leaves it alone."""
+    target = tmp_path / "not" / "yet" / "cache"
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(target), NUMBA_ATTN_CACHE="0")
+    proc = subprocess.run(
+        [sys.executable, "-c", IMPORT_AND_LIST, str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["False|None", "[]"]
+    assert os.listdir(tmp_path) == []
+
+
+def test_import_with_caching_on_creates_only_numbas_cache_directory(tmp_path):
+    """With caching on, config still creates nothing; numba itself makes the cache directory of each
+    kernel source folder when the kernels' cached dispatchers are built (at import), and nothing else."""
+    target = tmp_path / "not" / "yet" / "cache"
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ATTN_CACHE"}
+    env["NUMBA_CACHE_DIR"] = str(target)
+    proc = subprocess.run(
+        [sys.executable, "-c", IMPORT_AND_LIST, str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first, listing = proc.stdout.strip().splitlines()
+    assert first == f"True|{target}"
+    made = eval(listing)
+    assert made[:3] == ["not", os.path.join("not", "yet"), os.path.join("not", "yet", "cache")], made
+    assert [os.path.basename(p).startswith("kernels_") for p in made[3:]] == [True], made  # numba's, one folder

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from numba_attn.kernels import finite
+from numba_attn import config
 from numba_attn.kernels.finite import all_finite, max_abs
 
 DTYPES = (np.float16, np.float32, np.float64)
@@ -63,7 +63,7 @@ def test_largest_finite_and_subnormal_values_are_finite(dtype):
 def test_rows_limits_the_scan_to_valid_tokens(monkeypatch, dtype, parallel):
     """(N, slots, C) with rows: slots past ``rows`` (a cache's free slots) are never read."""
     if parallel:
-        monkeypatch.setattr(finite, "_SERIAL_BELOW", 0)
+        monkeypatch.setattr(config, "FINITE_SERIAL_BELOW", 0)
     x = np.ones((3, 600, 8), dtype)
     x[:, 500:] = np.nan
     assert all_finite(x, 500)

@@ -5,11 +5,12 @@ of the commit under test. With ``asv run --python=same`` asv installs nothing; i
 importable there, the working tree this file lives in is put on ``sys.path`` (the same as
 ``ASV_PYTHONPATH=$PWD/..``). Only then: a virtualenv without numba_attn stays an import error.
 """
+
 import os
 import sys
 
 try:
-    import numba_attn  # noqa: F401
+    import numba_attn
 except ImportError:
     if os.environ.get("ASV_ENV_TYPE", "existing") != "existing":
         raise

@@ -3,12 +3,13 @@
 The implementations and the case description are ``numba_attn.bench``'s, so the asv suite and
 ``python -m numba_attn bench`` time exactly the same calls.
 """
+
 import numba
 import numpy as np
 
 import numba_attn
 from numba_attn import bench
-from numba_attn.bench import Case, Unavailable
+from numba_attn.bench import Unavailable
 
 #: Implementation names, in the order they appear as parameter values.
 IMPLS = ["numba_attn", "numpy", "torch", "onnxruntime"]
@@ -24,6 +25,16 @@ _memo = {}
 def skip(reason):
     """Skip this parameter combination: asv records it as n/a and prints the reason."""
     raise NotImplementedError(reason)
+
+
+def by_shape(use):
+    """{``Case.shape``: case} for the cases of ``numba_attn.bench.CASES`` that the asv group ``use`` times
+    (one list for the asv suite and ``python -m numba_attn bench``); the shape strings are asv parameter values."""
+    order = sorted(bench.tracked(use), key=lambda c: (c.L > 8, c.B, c.H, c.kv_heads, c.L, c.S, c.D, c.causal))
+    cases = {case.shape: case for case in order}
+    if not cases:
+        raise LookupError(f"numba_attn.bench.CASES has no case for {use!r}")
+    return cases
 
 
 def check_threads(threads):
@@ -71,7 +82,7 @@ def prepare(impl, case, threads, warm=True):
 
     fn = cached((impl, case, threads, warm), make)
     if impl == "numba_attn":
-        numba.set_num_threads(threads)     # thread-local in numba; cheap, keeps it right on reuse
+        numba.set_num_threads(threads)  # thread-local in numba; cheap, keeps it right on reuse
     return fn
 
 

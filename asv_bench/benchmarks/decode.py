@@ -4,31 +4,28 @@ The split-K decode kernel is judged by how much of the machine's read bandwidth 
 K and V it must read (``Case.kv_bytes``); ``track_bandwidth_share`` divides by a parallel sum over
 a large array measured in the same run (``bench.read_bandwidth``).
 """
+
 import dataclasses
 
 import numba
 
-from .common import DTYPES, IMPLS, THREADS, Case, bench, check_threads, max_abs_error, measure, prepare
+from .common import DTYPES, IMPLS, THREADS, bench, by_shape, check_threads, max_abs_error, measure, prepare
 
-#: The tracked decode shapes beyond the S × H grid of ``Decode`` (parameter value: ``Case.shape``).
-SHAPES = {c.shape: c for c in [
-    Case("decode", 1, 32, 1, 1024, 64),
-    Case("decode", 1, 32, 1, 4096, 64),
-    Case("decode", 1, 32, 1, 16384, 64),
-    Case("decode, 8 heads", 1, 8, 1, 16384, 64),
-    Case("decode, 4 query tokens", 1, 32, 4, 4096, 64),
-    Case("decode GQA 64/8 (ggml's case)", 1, 64, 1, 7680, 64, H_kv=8),
-]}
-EXTRA = ["B1 H32 L4 S4096 D64", "B1 H64/8 L1 S7680 D64"]
+#: the shapes, from numba_attn.bench.CASES (parameter value: ``Case.shape``): the S × H grid of ``Decode``,
+#: the extra shapes of ``DecodeShapes`` (4 query tokens, GQA 64/8), and those whose bandwidth is tracked
+GRID = by_shape("asv decode")
+EXTRA = by_shape("asv decode shapes")
+SHAPES = by_shape("asv bandwidth")
 
 
 class Decode:
-    """B1 L1 D64: one new token over ``kv_len`` keys in each of ``heads`` heads."""
-    params = [IMPLS, [1024, 4096, 16384], [8, 32], DTYPES, THREADS]
-    param_names = ["impl", "kv_len", "heads", "dtype", "threads"]
+    """B1 L1 D64: one new token over S ∈ {1024, 4096, 16384} keys in each of H ∈ {8, 32} heads."""
 
-    def setup(self, impl, kv_len, heads, dtype, threads):
-        self.fn = prepare(impl, Case("decode", 1, heads, 1, kv_len, 64, dtype=dtype), threads)
+    params = [IMPLS, list(GRID), DTYPES, THREADS]
+    param_names = ["impl", "shape", "dtype", "threads"]
+
+    def setup(self, impl, shape, dtype, threads):
+        self.fn = prepare(impl, dataclasses.replace(GRID[shape], dtype=dtype), threads)
 
     def time_decode(self, *params):
         self.fn()
@@ -36,11 +33,12 @@ class Decode:
 
 class DecodeShapes:
     """Four query tokens (speculative decoding, a short chunk), and grouped-query attention 64/8."""
-    params = [IMPLS, EXTRA, THREADS]
+
+    params = [IMPLS, list(EXTRA), THREADS]
     param_names = ["impl", "shape", "threads"]
 
     def setup(self, impl, shape, threads):
-        self.fn = prepare(impl, SHAPES[shape], threads)
+        self.fn = prepare(impl, EXTRA[shape], threads)
 
     def time_decode(self, *params):
         self.fn()
@@ -49,6 +47,7 @@ class DecodeShapes:
 class DecodeBandwidth:
     """numba_attn's decode throughput in GB/s of K and V read, alone and as a share of the
     machine's read bandwidth (parallel sum over 256 MiB, same thread count, measured once)."""
+
     params = [list(SHAPES), THREADS]
     param_names = ["shape", "threads"]
 
@@ -63,15 +62,18 @@ class DecodeBandwidth:
 
     def track_bandwidth(self, read_gbs, shape, threads):
         return self.case.kv_bytes / measure(self.fn) / 1e9
+
     track_bandwidth.unit = "GB/s"
 
     def track_bandwidth_share(self, read_gbs, shape, threads):
         return self.track_bandwidth(read_gbs, shape, threads) / read_gbs[threads]
+
     track_bandwidth_share.unit = "kernel GB/s / read GB/s"
 
 
 class DecodeAccuracy:
     """Largest |numba_attn − float64 reference| of the output (inputs ~ N(0, 1))."""
+
     params = [list(SHAPES), ["float32", "float64"]]
     param_names = ["shape", "dtype"]
     unit = "max abs error"

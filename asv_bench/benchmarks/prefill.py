@@ -4,19 +4,27 @@ numba_attn against the baselines of ``numba_attn.bench`` (numpy's materialised s
 ``scaled_dot_product_attention``, onnxruntime's MultiHeadAttention contrib op), speed, GFLOP/s,
 peak memory and accuracy.
 """
-from .common import DTYPES, IMPLS, THREADS, Case, max_abs_error, measure, prepare, warm_kernel_cache
 
-HEADS = 8
+import dataclasses
+
+from .common import DTYPES, IMPLS, THREADS, by_shape, max_abs_error, measure, prepare, warm_kernel_cache
+
+#: the shapes, from numba_attn.bench.CASES (parameter value: ``Case.shape``)
+PREFILL = by_shape("asv prefill")
+THROUGHPUT = by_shape("asv throughput")
+MEMORY = by_shape("asv memory")
+ACCURACY = by_shape("asv accuracy")
+(ENCODER,) = by_shape("asv encoder").values()
 
 
 class Prefill:
-    """B1 H8, L = S, one call of each implementation."""
-    params = [IMPLS, [512, 2048], [64, 128], [False, True], DTYPES, THREADS]
-    param_names = ["impl", "seq_len", "head_dim", "causal", "dtype", "threads"]
+    """B1 H8, L = S ∈ {512, 2048}, D ∈ {64, 128}, causal or not: one call of each implementation."""
 
-    def setup(self, impl, seq_len, head_dim, causal, dtype, threads):
-        case = Case("prefill", 1, HEADS, seq_len, seq_len, head_dim, causal=causal, dtype=dtype)
-        self.fn = prepare(impl, case, threads)
+    params = [IMPLS, list(PREFILL), DTYPES, THREADS]
+    param_names = ["impl", "shape", "dtype", "threads"]
+
+    def setup(self, impl, shape, dtype, threads):
+        self.fn = prepare(impl, dataclasses.replace(PREFILL[shape], dtype=dtype), threads)
 
     def time_prefill(self, *params):
         self.fn()
@@ -24,11 +32,12 @@ class Prefill:
 
 class Encoder:
     """A MiniLM-sized encoder batch, B8 H12 L = S = 128 D32: many small heads, short sequences."""
+
     params = [IMPLS, DTYPES, THREADS]
     param_names = ["impl", "dtype", "threads"]
 
     def setup(self, impl, dtype, threads):
-        self.fn = prepare(impl, Case("encoder (MiniLM batch)", 8, 12, 128, 128, 32, dtype=dtype), threads)
+        self.fn = prepare(impl, dataclasses.replace(ENCODER, dtype=dtype), threads)
 
     def time_encoder(self, *params):
         self.fn()
@@ -36,12 +45,13 @@ class Encoder:
 
 class PrefillThroughput:
     """GFLOP/s (4·B·H·L·S·D, halved when causal) of numba_attn and torch, B1 H8 D64."""
-    params = [["numba_attn", "torch"], [512, 2048], [False, True], DTYPES, THREADS]
-    param_names = ["impl", "seq_len", "causal", "dtype", "threads"]
+
+    params = [["numba_attn", "torch"], list(THROUGHPUT), DTYPES, THREADS]
+    param_names = ["impl", "shape", "dtype", "threads"]
     unit = "GFLOP/s"
 
-    def setup(self, impl, seq_len, causal, dtype, threads):
-        self.case = Case("prefill", 1, HEADS, seq_len, seq_len, 64, causal=causal, dtype=dtype)
+    def setup(self, impl, shape, dtype, threads):
+        self.case = dataclasses.replace(THROUGHPUT[shape], dtype=dtype)
         self.fn = prepare(impl, self.case, threads)
 
     def track_gflops(self, *params):
@@ -60,18 +70,19 @@ class PrefillMemory:
     numba's type machinery are the same for both. ``setup_cache`` fills numba's on-disk cache so
     that no process pays LLVM's compile-time memory.
     """
-    params = [["numba_attn", "numpy"], [1024, 4096], [1, 8]]
-    param_names = ["impl", "seq_len", "heads"]
+
+    params = [["numba_attn", "numpy"], list(MEMORY)]
+    param_names = ["impl", "shape"]
     _threads = 1
-    _warm_up = [Case("warm-up", 1, 1, 256, 256, 64), Case("warm-up", 1, 8, 256, 256, 64)]
+    _warm_up = list(by_shape("asv memory warm-up").values())
 
     def setup_cache(self):
         # the value is not used, but must not be None (asv then passes no cache argument)
         return warm_kernel_cache(self._warm_up)
 
-    def setup(self, warmed, impl, seq_len, heads):
+    def setup(self, warmed, impl, shape):
         warm_kernel_cache(self._warm_up)
-        self.fn = prepare(impl, Case("prefill", 1, heads, seq_len, seq_len, 64), self._threads, warm=False)
+        self.fn = prepare(impl, MEMORY[shape], self._threads, warm=False)
 
     def peakmem_prefill(self, *params):
         self.fn()
@@ -79,12 +90,13 @@ class PrefillMemory:
 
 class PrefillAccuracy:
     """Largest |numba_attn − float64 reference| of the output (inputs ~ N(0, 1)), B1 H8."""
-    params = [[256, 1024], [64, 128], [False, True], ["float32", "float64"]]
-    param_names = ["seq_len", "head_dim", "causal", "dtype"]
+
+    params = [list(ACCURACY), ["float32", "float64"]]
+    param_names = ["shape", "dtype"]
     unit = "max abs error"
 
-    def setup(self, seq_len, head_dim, causal, dtype):
-        self.case = Case("prefill", 1, HEADS, seq_len, seq_len, head_dim, causal=causal, dtype=dtype)
+    def setup(self, shape, dtype):
+        self.case = dataclasses.replace(ACCURACY[shape], dtype=dtype)
 
     def track_max_abs_error(self, *params):
         return max_abs_error(self.case)

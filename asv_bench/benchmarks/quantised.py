@@ -4,26 +4,27 @@ against the float64 reference, and the memory of a KVCache.
 Decode is memory-bound, so a cache of half (float16) or about a quarter (int8, q8_0-style blocks of
 32 with a float32 scale each) of the bytes should decode proportionally faster.
 """
+
+import dataclasses
+
 import numpy as np
 
 import numba_attn
 
-from .common import THREADS, Case, measure, prepare
+from .common import THREADS, by_shape, measure, prepare
 
-SHAPES = {c.shape: c for c in [
-    Case("decode", 1, 32, 1, 4096, 64),
-    Case("decode GQA 64/8 (ggml's case)", 1, 64, 1, 7680, 64, H_kv=8),
-    Case("prefill", 1, 8, 1024, 1024, 64),
-]}
+#: the shapes, from numba_attn.bench.CASES (parameter value: ``Case.shape``), stored as float32
+SHAPES = by_shape("asv quantised")
 
 
 def _with_dtype(case, dtype):
-    return Case(case.name, case.B, case.H, case.L, case.S, case.D, case.causal, case.H_kv, dtype)
+    return dataclasses.replace(case, dtype=dtype)
 
 
 class QuantisedAttention:
     """Time of one call with K/V stored as ``dtype``; torch runs the same dtype (float16: its own
     float16 SDPA; int8: skipped, it has none)."""
+
     params = [["numba_attn", "torch"], list(SHAPES), ["float32", "float16", "int8"], THREADS]
     param_names = ["impl", "shape", "dtype", "threads"]
 
@@ -36,6 +37,7 @@ class QuantisedAttention:
 
 class SpeedupOverTorchFloat32:
     """numba_attn with K/V as ``dtype`` against torch's float32 SDPA on the same tokens, same threads."""
+
     params = [list(SHAPES), ["float32", "float16", "int8"], THREADS]
     param_names = ["shape", "dtype", "threads"]
     unit = "× torch float32"
@@ -61,8 +63,9 @@ def _accuracy(dtype, block, outliers):
     if dtype == "float16":
         out = numba_attn.scaled_dot_product_attention(*(x.astype(np.float16) for x in (q, k, v)), out_dtype=np.float32)
     else:
-        out = numba_attn.scaled_dot_product_attention(q.astype(np.float32), numba_attn.quantize(k, block),
-                                                      numba_attn.quantize(v, block))
+        out = numba_attn.scaled_dot_product_attention(
+            q.astype(np.float32), numba_attn.quantize(k, block), numba_attn.quantize(v, block)
+        )
     rel = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
     cos = float(np.min((out * ref).sum(-1) / np.linalg.norm(out, axis=-1) / np.linalg.norm(ref, axis=-1)))
     return rel, cos
@@ -71,6 +74,7 @@ def _accuracy(dtype, block, outliers):
 class QuantisedAccuracy:
     """The README's accuracy contract: float16, int8 per block of 32 and int8 per row, with and
     without outlier key channels."""
+
     params = [["float16", "int8 block 32", "int8 per row"], [False, True]]
     param_names = ["storage", "outlier keys"]
 
@@ -79,15 +83,18 @@ class QuantisedAccuracy:
 
     def track_relative_error(self, storage, outliers):
         return _accuracy(*self._scheme(storage), outliers)[0]
+
     track_relative_error.unit = "‖out − ref‖ / ‖ref‖"
 
     def track_min_cosine(self, storage, outliers):
         return _accuracy(*self._scheme(storage), outliers)[1]
+
     track_min_cosine.unit = "cosine"
 
 
 class CacheMemory:
     """KVCache.nbytes against a float32 cache of the same tokens (B1, 8 KV heads, D64, 4096 slots)."""
+
     params = [["float16", "int8"]]
     param_names = ["dtype"]
     unit = "× float32"

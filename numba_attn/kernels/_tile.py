@@ -24,52 +24,18 @@ GFLOP/s, against 84 for the plain-loop micro-kernels they replace.
 
 Arrays must be C-contiguous float32 (checked at typing); offsets and strides are in elements.
 """
-import os
-import platform
-
-import numba
-from llvmlite import binding as llvm_binding
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
+from .. import config
+
 #: rows of A (keys, or value columns) per tile
 KI = 4
 
 
-def _tile_shape():
-    """(VW, NV) for the CPU numba compiles for (see the module doc); ``NUMBA_ATTN_TILE=VWxNV``
-    (e.g. ``4x4``) overrides it, for tests and cross-compilation."""
-    forced = os.environ.get("NUMBA_ATTN_TILE")
-    if forced:
-        try:
-            vw, nv = (int(x) for x in forced.lower().split("x"))
-        except ValueError:
-            vw = nv = 0
-        if vw not in (4, 8, 16) or nv not in (1, 2, 4):
-            raise ValueError(f"NUMBA_ATTN_TILE must be VWxNV with VW in 4, 8, 16 and NV in 1, 2, 4, got {forced!r}")
-        return vw, nv
-    name = numba.config.CPU_NAME
-    host = not name or name == "host"
-    if host:
-        try:
-            features = llvm_binding.get_host_cpu_features().flatten()
-        except RuntimeError:           # LLVM cannot read them (some emulators, exotic kernels)
-            features = ""
-    else:
-        features = numba.config.CPU_FEATURES or ""     # an explicit, portable target: assume little
-    flags = {f[1:] for f in features.split(",") if f.startswith("+")}
-    if host and "avx512f" in flags:
-        return 16, 4
-    if "avx2" in flags or "avx" in flags:
-        return 8, 2
-    if host and platform.machine().lower() in ("aarch64", "arm64"):
-        return 4, 4                    # NEON: 32 registers of 4 floats
-    return 4, 2
-
-
-VW, NV = _tile_shape()
+VW, NV = config.TILE_VW, config.TILE_NV      # chosen per target in config.tile_shape (NUMBA_ATTN_TILE)
 #: query rows per tile
 W = VW * NV
 

@@ -10,7 +10,7 @@ every finite value below the all-ones exponent and inf/NaN at or above it:
 so one integer max over ``bits & magnitude_mask`` gives both max |x| and whether anything is not
 finite (vectorised integer max, no float compares, no ``np.isfinite`` temporary; numpy's
 ``isfinite`` on float16 runs ~10× slower than on float32). Work split: ``prange`` over (batch
-entry, chunk of ``_CHUNK_ROWS`` rows); memory: one integer per work item.
+entry, chunk of ``config.FINITE_CHUNK_ROWS`` rows); memory: one integer per work item.
 
 The attention kernels do not scan their operands up front (a second read of K and V): they check
 the query, the raw scores and the result in loops that already read them (see ``api._run``).
@@ -23,10 +23,7 @@ from numba import njit, prange
 from .. import config
 from . import variant
 
-_CHUNK_ROWS = 256
-_ROW = 1024       # a flat array is scanned as rows of this many values
-#: below this many values one thread scans (waking the pool costs more than it saves)
-_SERIAL_BELOW = 1 << 17
+_CHUNK_ROWS = config.FINITE_CHUNK_ROWS      # a compile-time constant of the scan kernels
 
 _BITS = {np.dtype(np.float16): (np.uint16, np.uint16(0x7FFF)),
          np.dtype(np.float32): (np.uint32, np.uint32(0x7FFFFFFF)),
@@ -58,7 +55,7 @@ _max_serial = njit(parallel=False, cache=config.CACHE)(variant(_max_magnitude_bi
 
 
 def _scan(bits, rows, magnitude):
-    if bits.shape[0] * rows * bits.shape[2] < _SERIAL_BELOW:
+    if bits.shape[0] * rows * bits.shape[2] < config.FINITE_SERIAL_BELOW:
         return _max_serial(bits, rows, magnitude)
     from .._threads import launch
     return launch(_max_parallel, bits, rows, magnitude)
@@ -79,8 +76,9 @@ def max_abs(x, rows=None):
         top = _scan(x.view(width), rows, magnitude)
     else:
         flat = np.ascontiguousarray(x).reshape(-1).view(width)
-        whole = flat.size // _ROW * _ROW
-        parts = [flat[:whole].reshape(1, -1, _ROW), flat[whole:].reshape(1, 1, -1)]
+        row = config.FINITE_ROW
+        whole = flat.size // row * row
+        parts = [flat[:whole].reshape(1, -1, row), flat[whole:].reshape(1, 1, -1)]
         top = max(_scan(p, p.shape[1], magnitude) for p in parts if p.size)
     return float(np.array(top, width).view(x.dtype))
 
