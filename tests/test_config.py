@@ -279,7 +279,7 @@ PORTABLE_CHILD = r"""
 import numpy as np
 import numba_attn as na
 from numba_attn import reference, quantize
-from numba_attn.kernels import _tile
+from numba_attn.kernels import _prefill_tiles
 rng = np.random.default_rng(0)
 worst = {}
 for dt in (np.float32, np.float16):
@@ -293,7 +293,7 @@ k, v = (rng.standard_normal((1, 2, 300, 64)).astype(np.float32) for _ in range(2
 out = na.scaled_dot_product_attention(q, quantize(k), quantize(v))
 ref = reference.scaled_dot_product_attention(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64))
 worst["int8"] = float(np.abs(out - ref).max())
-print("TILE", _tile.VW, _tile.NV, "WORST", worst)
+print("TILE", _prefill_tiles.VW, _prefill_tiles.NV, "WORST", worst)
 """
 
 
@@ -316,9 +316,9 @@ def test_portable_generic_cpu_target(tmp_path):
 
 
 def test_tile_shape_override(monkeypatch):
-    from numba_attn.kernels import _tile
+    from numba_attn.kernels import _prefill_tiles
     monkeypatch.setenv("NUMBA_ATTN_TILE", "8x2")
-    assert _tile._tile_shape() == (8, 2)
+    assert _prefill_tiles._tile_shape() == (8, 2)
     monkeypatch.setenv("NUMBA_ATTN_TILE", "3x2")
     with pytest.raises(ValueError, match="NUMBA_ATTN_TILE"):
-        _tile._tile_shape()
+        _prefill_tiles._tile_shape()

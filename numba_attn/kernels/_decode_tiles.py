@@ -16,14 +16,14 @@ Key storage: float32, float16 bits (uint16, converted with ``fpext``) or int8 (`
 one float32 scale per block of 2^shift entries (``scale_shift``; blocks a multiple of VW, so one
 scale per vector). Scores are written to s[s_off : s_off + VW].
 
-Vector width as in ``_tile``: VW = 16 (AVX-512), 8 (AVX/AVX2), 4 (other). E must be a multiple of VW.
+Vector width as in ``_prefill_tiles``: VW = 16 (AVX-512), 8 (AVX/AVX2), 4 (other). E must be a multiple of VW.
 """
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from ._tile import VW
+from ._prefill_tiles import VW
 
 
 def _is_c(x, *dtypes):
