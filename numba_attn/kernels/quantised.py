@@ -178,8 +178,8 @@ def _block_values_overload(s, vn, v_scales, v_block, j0, nk, acc):
     """acc[r, :] += Σ_j s[r, j]·v_{j0+j} for nk keys from j0 (int8 values dequantised on the fly).
 
     float32 probabilities and a value dim that is a multiple of VW: register tiles in LLVM vector
-    IR (``_decode_tiles.rows_of_values``: 4 rows × up to 4 vectors of columns, accumulated over all nk keys
-    without touching memory). Otherwise the loops here: four keys per pass over an accumulator row, so each accumulator entry is read and written
+    IR (``_decode_tiles.rows_of_values``: 4 rows × up to 4 vectors of columns, accumulated over all
+    nk keys without touching memory). Otherwise the loops here: four keys per pass over an accumulator row, so each accumulator entry is read and written
     once per four keys (one at a time, the loop waits on its own stores).
     """
     if isinstance(vn, types.Array) and vn.dtype == types.int8:
