@@ -17,6 +17,7 @@ one float32 scale per block of 2^shift entries (``scale_shift``; blocks a multip
 scale per vector). Scores are written to s[s_off : s_off + VW].
 
 Vector width as in ``_prefill_tiles``: VW = 16 (AVX-512), 8 (AVX/AVX2), 4 (other). E must be a multiple of VW.
+The IR is assembled from the helpers in ``_vector_ir`` (shared with ``_prefill_tiles``).
 """
 from llvmlite import ir
 from numba import njit, types

@@ -23,6 +23,7 @@ Measured here (Zen 4, 1 thread, E=64, 128 keys × 256 rows): the score and P·V 
 GFLOP/s, against 84 for the plain-loop micro-kernels they replace.
 
 Arrays must be C-contiguous float32 (checked at typing); offsets and strides are in elements.
+The IR is assembled from the helpers in ``_vector_ir`` (shared with ``_decode_tiles``).
 """
 import os
 import platform
