@@ -6,7 +6,7 @@ Environment variables (read at import, and again by ``_reset()``):
 ``NUMBA_CACHE_DIR``    numba's own: where the cache goes (default: ``numba_attn/kernels/__pycache__``,
                        else ``~/.cache/numba``).
 ``NUMBA_ATTN_TILE``    ``VWxNV``, e.g. ``8x2``: the vector width and vectors per row of the register-tiled
-                       micro-kernels (``kernels/_tile.py``); by default 16x4 with AVX-512 on the host,
+                       micro-kernels (``kernels/_prefill_tiles.py``); by default 16x4 with AVX-512 on the host,
                        8x2 with AVX/AVX2 (host, or ``+avx2`` in an explicit ``NUMBA_CPU_FEATURES``),
                        4x4 on an aarch64 host and 4x2 otherwise.
 
@@ -64,7 +64,7 @@ TILE_VECTORS = (1, 2, 4)
 
 
 def tile_shape():
-    """(VW, NV) of the register tiles for the CPU numba compiles for (see ``kernels/_tile.py``);
+    """(VW, NV) of the register tiles for the CPU numba compiles for (see ``kernels/_prefill_tiles.py``);
     ``NUMBA_ATTN_TILE=VWxNV`` (e.g. ``4x4``) overrides it, for tests and cross-compilation."""
     forced = os.environ.get("NUMBA_ATTN_TILE")
     if forced:

@@ -13,9 +13,9 @@ import numpy as np
 from numba import njit, types
 
 from numba_attn import config
+from numba_attn.kernels._decode_tiles import key_scores, value_rows_1x4
 from numba_attn.kernels._load import load
-from numba_attn.kernels._dots import key_scores, value_rows_1x4
-from numba_attn.kernels._tile import VW, tile_add
+from numba_attn.kernels._prefill_tiles import VW, tile_add
 from numba_attn.kernels.quantised import int8_dot
 
 TRIPLE = "aarch64-unknown-linux-gnu"

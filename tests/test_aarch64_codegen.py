@@ -15,6 +15,8 @@ PROBE = Path(__file__).with_name("aarch64_codegen_probe.py")
 def asm_counts():
     env = dict(os.environ, NUMBA_LOOP_VECTORIZE="0", NUMBA_SLP_VECTORIZE="0", NUMBA_ATTN_CACHE="0",
                NUMBA_ATTN_TILE="4x4")        # the tile shape numba_attn picks on an aarch64 host
+    # the numba_attn beside these tests, not whichever one is installed
+    env["PYTHONPATH"] = str(PROBE.parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
     out = subprocess.run([sys.executable, str(PROBE)], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])

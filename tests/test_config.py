@@ -12,6 +12,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -303,7 +304,7 @@ PORTABLE_CHILD = r"""
 import numpy as np
 import numba_attn as na
 from numba_attn import reference, quantize
-from numba_attn.kernels import _tile
+from numba_attn.kernels import _prefill_tiles
 rng = np.random.default_rng(0)
 worst = {}
 for dt in (np.float32, np.float16):
@@ -318,7 +319,7 @@ k, v = (rng.standard_normal((1, 2, 300, 64)).astype(np.float32) for _ in range(2
 out = na.scaled_dot_product_attention(q, quantize(k), quantize(v))
 ref = reference.scaled_dot_product_attention(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64))
 worst["int8"] = float(np.abs(out - ref).max())
-print("TILE", _tile.VW, _tile.NV, "WORST", worst)
+print("TILE", _prefill_tiles.VW, _prefill_tiles.NV, "WORST", worst)
 """
 
 
@@ -326,7 +327,8 @@ def test_portable_generic_cpu_target(tmp_path):
     """NUMBA_CPU_NAME=generic (the portable-cache setting: SSE2 only on x86): the vector-IR kernels
     take 4-lane tiles, float16 converts through libgcc's helpers (LLVM would otherwise abort
     with "Symbol not found: __extendhfsf2"), and results match the reference."""
-    env = dict(os.environ, NUMBA_CPU_NAME="generic", NUMBA_CACHE_DIR=str(tmp_path))
+    env = dict(os.environ, NUMBA_CPU_NAME="generic", NUMBA_CACHE_DIR=str(tmp_path),
+               PYTHONPATH=str(Path(__file__).parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("NUMBA_CPU_FEATURES", None)
     env.pop("NUMBA_ATTN_TILE", None)
     proc = subprocess.run(
@@ -353,7 +355,8 @@ def test_tile_shape_override(monkeypatch):
 
 
 def test_the_kernels_use_the_configured_tile_shape():
-    from numba_attn.kernels import _dots, _tile
+    from numba_attn.kernels import _decode_tiles as _dots
+    from numba_attn.kernels import _prefill_tiles as _tile
 
     assert (_tile.VW, _tile.NV) == (config.TILE_VW, config.TILE_NV) and _tile.W == _tile.VW * _tile.NV
     assert _dots.VW == config.TILE_VW

@@ -50,8 +50,8 @@ from numba import njit, prange
 from .. import config
 from . import variant
 from ._load import load, rows_for_compute
-from ._tile import tile_scores, tile_values
 from ._math import exp_nonpositive
+from ._prefill_tiles import tile_scores, tile_values
 from ._scores import MASK_ADD, MASK_BOOL, adjust_score, visible_key_range
 
 

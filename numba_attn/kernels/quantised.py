@@ -22,7 +22,7 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from .. import config
-from ._dots import rows_of_key_scores, rows_of_values
+from ._decode_tiles import rows_of_key_scores, rows_of_values
 from ._load import load
 
 
@@ -109,7 +109,7 @@ def block_scores(qs, q8, q8_scales, kn, k_scales, k_block, j0, nk, s):  # pragma
 def _block_scores_overload(qs, q8, q8_scales, kn, k_scales, k_block, j0, nk, s):
     """s[r, j] = q_r · k_{j0+j} for the rows r of ``qs`` and nk keys from j0.
 
-    float32 queries: VW keys at a time by ``_dots.key_scores`` (no horizontal sum per key), for
+    float32 queries: VW keys at a time by ``_decode_tiles.key_scores`` (no horizontal sum per key), for
     float keys and int8 keys with per-block scales; the keys left over, and the cases below, by
     the loops here.
 
@@ -182,13 +182,13 @@ def _block_values_overload(s, vn, v_scales, v_block, j0, nk, acc):
     """acc[r, :] += Σ_j s[r, j]·v_{j0+j} for nk keys from j0 (int8 values dequantised on the fly).
 
     float32 probabilities and a value dim that is a multiple of VW: register tiles in LLVM vector
-    IR (``_dots.rows_of_values``: 4 rows × up to 4 vectors of columns, accumulated over all nk keys
-    without touching memory). Otherwise the loops here: four keys per pass over an accumulator row, so each accumulator entry is read and written
+    IR (``_decode_tiles.rows_of_values``: 4 rows × up to 4 vectors of columns, accumulated over all
+    nk keys without touching memory). Otherwise the loops here: four keys per pass over an accumulator row, so each accumulator entry is read and written
     once per four keys (one at a time, the loop waits on its own stores).
     """
     if isinstance(vn, types.Array) and vn.dtype == types.int8:
         def impl_int8(s, vn, v_scales, v_block, j0, nk, acc):
-            if rows_of_values(s, vn, v_scales, v_block, j0, nk, acc):     # register tiles, see _dots
+            if rows_of_values(s, vn, v_scales, v_block, j0, nk, acc):     # register tiles, see _decode_tiles
                 return
             if v_block == 32 and vn.shape[1] % 32 == 0:     # the default: constant 32-wide blocks
                 _values_int8_32(s, vn, v_scales, j0, nk, acc)
@@ -197,7 +197,7 @@ def _block_values_overload(s, vn, v_scales, v_block, j0, nk, acc):
         return impl_int8
 
     def impl_float(s, vn, v_scales, v_block, j0, nk, acc):
-        if rows_of_values(s, vn, v_scales, v_block, j0, nk, acc):     # register tiles, see _dots
+        if rows_of_values(s, vn, v_scales, v_block, j0, nk, acc):     # register tiles, see _decode_tiles
             return
         Ev = vn.shape[1]
         nk4 = nk // 4 * 4

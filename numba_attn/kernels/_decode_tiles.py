@@ -16,46 +16,25 @@ Key storage: float32, float16 bits (uint16, converted with ``fpext``) or int8 (`
 one float32 scale per block of 2^shift entries (``scale_shift``; blocks a multiple of VW, so one
 scale per vector). Scores are written to s[s_off : s_off + VW].
 
-Vector width as in ``_tile``: VW = 16 (AVX-512), 8 (AVX/AVX2), 4 (other). E must be a multiple of VW.
+Vector width as in ``_prefill_tiles``: VW = 16 (AVX-512), 8 (AVX/AVX2), 4 (other). E must be a multiple of VW.
+The IR is assembled from the helpers in ``_vector_ir`` (shared with ``_prefill_tiles``).
 """
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from ._tile import VW
-
-
-def _is_c(x, *dtypes):
-    return isinstance(x, types.Array) and x.layout == "C" and x.dtype in dtypes
-
-
-def _butterfly_sum(builder, vectors):
-    """Lane j of the result = Σ over the lanes of vectors[j] (len(vectors) = VW)."""
-    i32 = ir.IntType(32)
-    b = 1
-    while len(vectors) > 1:
-        lo, hi = [], []
-        for t in range(VW):
-            chunk, within = divmod(t, 2 * b)
-            src = chunk * 2 * b + within % b + (0 if within < b else VW)
-            lo.append(src)
-            hi.append(src + b)
-        mask_t = ir.VectorType(i32, VW)
-        lo, hi = ir.Constant(mask_t, lo), ir.Constant(mask_t, hi)
-        vectors = [builder.fadd(builder.shuffle_vector(vectors[i], vectors[i + 1], lo),
-                                builder.shuffle_vector(vectors[i], vectors[i + 1], hi))
-                   for i in range(0, len(vectors), 2)]
-        b *= 2
-    return vectors[0]
+from . import _vector_ir as vir
+from ._prefill_tiles import VW
+from ._vector_ir import is_c_array
 
 
 @intrinsic
 def key_scores(typingctx, q, q_off, k, k_off, k_stride, ks, ks_off, ks_stride, scale_shift, E, s, s_off):
     """s[s_off + j] = Σ_{d<E} q[q_off + d]·key_j[d] for j < VW, key_j[d] = k[k_off + j·k_stride + d]
     (· ks[ks_off + j·ks_stride + (d >> scale_shift)] for int8 keys). Offsets in elements."""
-    if not (_is_c(q, types.float32) and _is_c(s, types.float32) and _is_c(ks, types.float32)
-            and _is_c(k, types.float32, types.uint16, types.int8)):
+    if not (is_c_array(q, types.float32) and is_c_array(s, types.float32) and is_c_array(ks, types.float32)
+            and is_c_array(k, types.float32, types.uint16, types.int8)):
         return None
     i64 = types.int64
     sig = types.void(q, i64, k, i64, i64, ks, i64, i64, i64, i64, s, i64)
@@ -63,48 +42,24 @@ def key_scores(typingctx, q, q_off, k, k_off, k_stride, ks, ks_off, ks_stride, s
 
     def codegen(context, builder, signature, args):
         q_, q_off_, k_, k_off_, k_stride_, ks_, ks_off_, ks_stride_, shift_, E_, s_, s_off_ = args
-        f32 = ir.FloatType()
-        vt = ir.VectorType(f32, VW)
-        ll_i64 = ir.IntType(64)
-        qp = context.make_array(signature.args[0])(context, builder, q_).data
-        kp = context.make_array(signature.args[2])(context, builder, k_).data
-        ksp = context.make_array(signature.args[5])(context, builder, ks_).data
-        sp = context.make_array(signature.args[10])(context, builder, s_).data
-        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vt, [vt, vt, vt]), f"llvm.fma.v{VW}f32")
-        if kind == types.uint16:
-            raw_t = ir.VectorType(ir.IntType(16), VW)
-        elif kind == types.int8:
-            raw_t = ir.VectorType(ir.IntType(8), VW)
-        else:
-            raw_t = vt
-
-        def splat(x):
-            v = builder.insert_element(ir.Constant(vt, None), x, ir.Constant(ir.IntType(32), 0))
-            return builder.shuffle_vector(v, ir.Constant(vt, None), ir.Constant(ir.VectorType(ir.IntType(32), VW), None))
-
-        accs = [cgutils.alloca_once(builder, vt) for _ in range(VW)]
-        for a in accs:
-            builder.store(ir.Constant(vt, None), a)
-        n_chunks = builder.udiv(E_, ir.Constant(ll_i64, VW))
+        qp = vir.data_pointer(context, builder, q, q_)
+        kp = vir.data_pointer(context, builder, k, k_)
+        ksp = vir.data_pointer(context, builder, ks, ks_)
+        sp = vir.data_pointer(context, builder, s, s_)
+        accs = [vir.accumulator(builder, vir.zeros(ir.FloatType(), VW)) for _ in range(VW)]
+        n_chunks = builder.udiv(E_, vir.as_index(VW))
         with cgutils.for_range(builder, n_chunks) as loop:
-            d0 = builder.mul(loop.index, ir.Constant(ll_i64, VW))
-            qv = builder.load(builder.bitcast(builder.gep(qp, [builder.add(q_off_, d0)]), vt.as_pointer()), align=4)
-            if kind == types.int8:
-                blk = builder.lshr(d0, shift_)
+            d0 = builder.mul(loop.index, vir.as_index(VW))
+            qv = vir.load_vector(builder, qp, builder.add(q_off_, d0), VW)
             for j in range(VW):
-                row = builder.add(k_off_, builder.mul(ir.Constant(ll_i64, j), k_stride_))
-                raw = builder.load(builder.bitcast(builder.gep(kp, [builder.add(row, d0)]), raw_t.as_pointer()), align=1)
-                if kind == types.uint16:
-                    kv = builder.fpext(builder.bitcast(raw, ir.VectorType(ir.HalfType(), VW)), vt)
-                elif kind == types.int8:
-                    kv = builder.sitofp(raw, vt)
-                    sc = builder.load(builder.gep(ksp, [builder.add(builder.add(ks_off_, builder.mul(ir.Constant(ll_i64, j), ks_stride_)), blk)]))
-                    kv = builder.fmul(kv, splat(sc))
-                else:
-                    kv = raw
-                builder.store(builder.call(fma, [qv, kv, builder.load(accs[j])]), accs[j])
-        total = _butterfly_sum(builder, [builder.load(a) for a in accs])
-        builder.store(total, builder.bitcast(builder.gep(sp, [s_off_]), vt.as_pointer()), align=4)
+                scale = None
+                if kind == types.int8:
+                    scale_index = vir.strided_index(builder, ks_off_, j, ks_stride_, builder.lshr(d0, shift_))
+                    scale = vir.load_element(builder, ksp, scale_index)
+                key_index = vir.strided_index(builder, k_off_, j, k_stride_, d0)
+                vir.accumulate_fma(builder, accs[j], qv, vir.load_float32_vector(builder, kp, key_index, VW, scale))
+        total = vir.butterfly_sum(builder, [builder.load(acc) for acc in accs])
+        vir.store_vector(builder, total, sp, s_off_)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -120,11 +75,11 @@ def _rows_of_key_scores_overload(qs, kn, k_scales, k_block, j0, nk, s):
     ``key_scores``; returns how many keys it did (0 where it does not apply: a float64 query, a
     head dim that is not a multiple of VW, int8 keys with one scale per row, whose scores are
     int8 × int8 products against a quantised query, or scale blocks narrower than VW)."""
-    if not (_is_c(qs, types.float32) and _is_c(s, types.float32)
-            and _is_c(kn, types.float32, types.uint16, types.int8)):
+    if not (is_c_array(qs, types.float32) and is_c_array(s, types.float32)
+            and is_c_array(kn, types.float32, types.uint16, types.int8)):
         return lambda qs, kn, k_scales, k_block, j0, nk, s: 0
     if kn.dtype == types.int8:
-        if not _is_c(k_scales, types.float32):
+        if not is_c_array(k_scales, types.float32):
             return lambda qs, kn, k_scales, k_block, j0, nk, s: 0
 
         def impl_int8(qs, kn, k_scales, k_block, j0, nk, s):
@@ -160,8 +115,8 @@ def _make_value_rows(rows, chunks):
     """acc[i] += Σ_j p[i, j]·v_j over a rows × (chunks·VW columns) tile held in registers."""
     def value_rows(typingctx, p, p_off, p_stride, v, v_off, v_stride, vs, vs_off, vs_stride, col0, shift,
                    acc, acc_off, acc_stride, nk):
-        if not (_is_c(p, types.float32) and _is_c(acc, types.float32) and _is_c(vs, types.float32)
-                and _is_c(v, types.float32, types.uint16, types.int8)):
+        if not (is_c_array(p, types.float32) and is_c_array(acc, types.float32) and is_c_array(vs, types.float32)
+                and is_c_array(v, types.float32, types.uint16, types.int8)):
             return None
         i64 = types.int64
         sig = types.void(p, i64, i64, v, i64, i64, vs, i64, i64, i64, i64, acc, i64, i64, i64)
@@ -170,56 +125,30 @@ def _make_value_rows(rows, chunks):
         def codegen(context, builder, signature, args):
             (p_, p_off_, p_stride_, v_, v_off_, v_stride_, vs_, vs_off_, vs_stride_, col0_, shift_,
              acc_, acc_off_, acc_stride_, nk_) = args
-            vt = ir.VectorType(ir.FloatType(), VW)
-            ll_i64 = ir.IntType(64)
-            pp = context.make_array(signature.args[0])(context, builder, p_).data
-            vp = context.make_array(signature.args[3])(context, builder, v_).data
-            vsp = context.make_array(signature.args[6])(context, builder, vs_).data
-            ap = context.make_array(signature.args[11])(context, builder, acc_).data
-            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vt, [vt, vt, vt]),
-                                                 f"llvm.fma.v{VW}f32")
-            raw_t = {types.uint16: ir.VectorType(ir.IntType(16), VW),
-                     types.int8: ir.VectorType(ir.IntType(8), VW)}.get(kind, vt)
+            pp = vir.data_pointer(context, builder, p, p_)
+            vp = vir.data_pointer(context, builder, v, v_)
+            vsp = vir.data_pointer(context, builder, vs, vs_)
+            ap = vir.data_pointer(context, builder, acc, acc_)
 
-            def const(x):
-                return ir.Constant(ll_i64, x)
+            def acc_index(i, c):
+                return vir.strided_index(builder, acc_off_, i, acc_stride_, c * VW)
 
-            def splat(x):
-                v = builder.insert_element(ir.Constant(vt, None), x, ir.Constant(ir.IntType(32), 0))
-                return builder.shuffle_vector(v, ir.Constant(vt, None),
-                                              ir.Constant(ir.VectorType(ir.IntType(32), VW), None))
-
-            def acc_ptr(i, c):
-                index = builder.add(builder.add(acc_off_, builder.mul(const(i), acc_stride_)), const(c * VW))
-                return builder.bitcast(builder.gep(ap, [index]), vt.as_pointer())
-
-            accs = [[cgutils.alloca_once(builder, vt) for _ in range(chunks)] for _ in range(rows)]
-            for i in range(rows):
-                for c in range(chunks):
-                    builder.store(builder.load(acc_ptr(i, c), align=4), accs[i][c])
+            accs = vir.tile_accumulators(builder, ap, acc_index, rows, chunks, VW)
             with cgutils.for_range(builder, nk_) as loop:
                 j = loop.index
-                v_row = builder.add(v_off_, builder.mul(j, v_stride_))
                 vals = []
                 for c in range(chunks):
-                    raw = builder.load(builder.bitcast(builder.gep(vp, [builder.add(v_row, const(c * VW))]),
-                                                       raw_t.as_pointer()), align=1)
-                    if kind == types.uint16:
-                        val = builder.fpext(builder.bitcast(raw, ir.VectorType(ir.HalfType(), VW)), vt)
-                    elif kind == types.int8:
-                        blk = builder.lshr(builder.add(col0_, const(c * VW)), shift_)
-                        sc = builder.load(builder.gep(vsp, [builder.add(builder.add(vs_off_, builder.mul(j, vs_stride_)), blk)]))
-                        val = builder.fmul(builder.sitofp(raw, vt), splat(sc))
-                    else:
-                        val = raw
-                    vals.append(val)
-                for i in range(rows):
-                    w = splat(builder.load(builder.gep(pp, [builder.add(builder.add(p_off_, builder.mul(const(i), p_stride_)), j)])))
-                    for c in range(chunks):
-                        builder.store(builder.call(fma, [w, vals[c], builder.load(accs[i][c])]), accs[i][c])
-            for i in range(rows):
-                for c in range(chunks):
-                    builder.store(builder.load(accs[i][c]), acc_ptr(i, c), align=4)
+                    scale = None
+                    if kind == types.int8:
+                        block = builder.lshr(builder.add(col0_, vir.as_index(c * VW)), shift_)
+                        scale_index = vir.strided_index(builder, vs_off_, j, vs_stride_, block)
+                        scale = vir.load_element(builder, vsp, scale_index)
+                    value_index = vir.strided_index(builder, v_off_, j, v_stride_, c * VW)
+                    vals.append(vir.load_float32_vector(builder, vp, value_index, VW, scale))
+                weights = [vir.load_element(builder, pp, vir.strided_index(builder, p_off_, i, p_stride_, j))
+                           for i in range(rows)]
+                vir.rank1_update(builder, accs, weights, vals)
+            vir.store_tile(builder, accs, ap, acc_index)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -245,11 +174,11 @@ def _rows_of_values_overload(s, vn, v_scales, v_block, j0, nk, acc):
     rows × 4, 2 or 1 vectors of columns (``value_rows_*``); returns True, or False without doing
     anything where it does not apply (float64, a value dim that is not a multiple of VW, int8
     scale blocks narrower than VW)."""
-    if not (_is_c(s, types.float32) and _is_c(acc, types.float32)
-            and _is_c(vn, types.float32, types.uint16, types.int8)):
+    if not (is_c_array(s, types.float32) and is_c_array(acc, types.float32)
+            and is_c_array(vn, types.float32, types.uint16, types.int8)):
         return lambda s, vn, v_scales, v_block, j0, nk, acc: False
     is_int8 = vn.dtype == types.int8
-    if is_int8 and not _is_c(v_scales, types.float32):
+    if is_int8 and not is_c_array(v_scales, types.float32):
         return lambda s, vn, v_scales, v_block, j0, nk, acc: False
 
     if is_int8:

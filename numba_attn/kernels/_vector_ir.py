@@ -1,0 +1,443 @@
+"""The LLVM vector-IR building blocks of the register-tiled micro-kernels, and checkable wrappers of them.
+
+The micro-kernels (``_prefill_tiles``: C[4 × W] += A·B for prefill; ``_decode_tiles``: VW keys'
+scores and the value tiles for decode) are written as LLVM IR with llvmlite, so that their
+accumulators are vector values that stay in registers. They are built from these pieces, each a
+function of an llvmlite ``builder`` (and numba's ``context`` where an array is unpacked):
+
+``data_pointer``          the element pointer of a numba array (its ``data`` field)
+``element_pointer``       ``base + index`` (a GEP; index in elements)
+``strided_index``         ``offset + row·stride + column``: where row ``row``, column ``column`` of a tile is
+``load_element``          one scalar ``base[index]``
+``load_vector``           ``<width x T>`` from ``base[index : index + width]`` (any alignment of the element)
+``store_vector``          the same, stored
+``load_float32_vector``   ``load_vector`` widened to float32: float32 as is, uint16 as float16 bits (``fpext``),
+                          int8 (``sitofp``), optionally times a scalar scale (dequantisation)
+``splat``                 a scalar broadcast to every lane (``insertelement`` + ``shufflevector``)
+``fma``                   ``llvm.fma`` on float/double vectors or scalars: a·b + c with one rounding
+``accumulator``           a vector variable (an ``alloca`` in the entry block, which LLVM's mem2reg turns into
+                          a register) holding an initial value
+``accumulate_fma``        ``acc = fma(a, b, acc)``
+``rank1_update``          accs[i][c] += splat(a[i])·b[c] over a register tile (one step of C += A·B)
+``tile_accumulators``     rows × chunks accumulators loaded from (or zero for) a tile of an array
+``store_tile``            the accumulators written back to that tile
+``butterfly_sum``         width vectors of width lanes → one vector whose lane j is the sum of vector j's lanes,
+                          in 2·(width-1) shuffles and width-1 adds (log2 width levels; see ``butterfly_sum``)
+
+The IR is generic (``<W x float>``, ``llvm.fma``): LLVM emits AVX-512, AVX2, SSE or NEON code for the
+CPU numba targets. Nothing here allocates memory; offsets, indices and strides are int64 element counts.
+
+Each IR helper also has a small ``@intrinsic`` wrapper callable from @njit code and a plain-numba
+twin (the same operation as an ordinary loop); ``TWINS`` maps one to the other and
+``tests/test_vector_ir.py`` checks every pair on random data. The wrappers take the vector width as
+a compile-time constant (an integer literal, or ``numba.literally(width)``) and C-contiguous arrays.
+"""
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
+
+from ._load import load
+
+_I32 = ir.IntType(32)
+_I64 = ir.IntType(64)
+_F32 = ir.FloatType()
+
+
+def is_c_array(x, *dtypes):
+    """Typing-time check: ``x`` is a C-contiguous numba array type of one of ``dtypes``."""
+    return isinstance(x, types.Array) and x.layout == "C" and x.dtype in dtypes
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# IR helpers (codegen time)
+# ---------------------------------------------------------------------------------------------------------------------
+
+def as_index(value):
+    """An int64 IR value from an IR value or a Python int."""
+    return ir.Constant(_I64, value) if isinstance(value, int) else value
+
+
+def _element_bytes(element_type):
+    if isinstance(element_type, ir.IntType):
+        return max(1, element_type.width // 8)
+    return {ir.HalfType: 2, ir.FloatType: 4, ir.DoubleType: 8}[type(element_type)]
+
+
+def data_pointer(context, builder, array_type, array):
+    """Pointer to element 0 of a numba array value ``array`` of numba type ``array_type``."""
+    return context.make_array(array_type)(context, builder, array).data
+
+
+def element_pointer(builder, base, index):
+    """Pointer to ``base[index]`` (``index``: int64 IR value or Python int, in elements)."""
+    return builder.gep(base, [as_index(index)])
+
+
+def strided_index(builder, offset, row, stride, column=0):
+    """``offset + row·stride + column`` in int64 (each an IR value or a Python int): element (row, column)
+    of a tile whose rows are ``stride`` elements apart and whose element (0, 0) is at ``offset``."""
+    return builder.add(builder.add(as_index(offset), builder.mul(as_index(row), as_index(stride))),
+                       as_index(column))
+
+
+def load_element(builder, base, index):
+    """The scalar ``base[index]``."""
+    return builder.load(element_pointer(builder, base, index))
+
+
+def load_vector(builder, base, index, width):
+    """``<width x T>`` holding ``base[index : index + width]``, T the element type of ``base``. Aligned only
+    to the element (arrays and offsets give no more), which costs nothing on x86 and aarch64."""
+    element = base.type.pointee
+    pointer = builder.bitcast(element_pointer(builder, base, index), ir.VectorType(element, width).as_pointer())
+    return builder.load(pointer, align=_element_bytes(element))
+
+
+def store_vector(builder, vector, base, index):
+    """``base[index : index + width] = vector`` (``width`` lanes, aligned to the element only)."""
+    pointer = builder.bitcast(element_pointer(builder, base, index), vector.type.as_pointer())
+    builder.store(vector, pointer, align=_element_bytes(vector.type.element))
+
+
+def splat(builder, scalar, width):
+    """``<width x T>`` with every lane = ``scalar`` (lane 0 inserted, then a shuffle with an all-zero mask,
+    which LLVM emits as one broadcast: ``vbroadcastss``, ``dup``)."""
+    vector_type = ir.VectorType(scalar.type, width)
+    first = builder.insert_element(ir.Constant(vector_type, None), scalar, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(first, ir.Constant(vector_type, None), ir.Constant(ir.VectorType(_I32, width), None))
+
+
+def zeros(element_type, width):
+    """The constant ``<width x element_type>`` of zeros."""
+    return ir.Constant(ir.VectorType(element_type, width), None)
+
+
+def fma(builder, a, b, c):
+    """``a·b + c`` rounded once (``llvm.fma``), for float or double scalars or vectors of one type."""
+    value_type = a.type
+    element = value_type.element if isinstance(value_type, ir.VectorType) else value_type
+    suffix = {ir.FloatType: "f32", ir.DoubleType: "f64"}[type(element)]
+    name = f"llvm.fma.v{value_type.count}{suffix}" if isinstance(value_type, ir.VectorType) else f"llvm.fma.{suffix}"
+    function = cgutils.get_or_insert_function(builder.module, ir.FunctionType(value_type, [value_type] * 3), name)
+    return builder.call(function, [a, b, c])
+
+
+def load_float32_vector(builder, base, index, width, scale=None):
+    """``base[index : index + width]`` as ``<width x float>``: float32 elements as they are, 16-bit elements as
+    float16 bit patterns (``fpext``, exact), 8-bit elements as signed integers (``sitofp``, exact); then
+    times the float32 scalar ``scale`` in every lane if one is given (int8 dequantisation)."""
+    raw = load_vector(builder, base, index, width)
+    element = base.type.pointee
+    vector_type = ir.VectorType(_F32, width)
+    if isinstance(element, ir.FloatType):
+        value = raw
+    elif element == ir.IntType(16):
+        value = builder.fpext(builder.bitcast(raw, ir.VectorType(ir.HalfType(), width)), vector_type)
+    elif element == ir.IntType(8):
+        value = builder.sitofp(raw, vector_type)
+    else:
+        raise TypeError(f"load_float32_vector: float32, float16 bits (i16) or int8 elements, got {element}")
+    if scale is not None:
+        value = builder.fmul(value, splat(builder, scale, width))
+    return value
+
+
+def accumulator(builder, initial):
+    """A variable holding ``initial`` (an ``alloca`` in the function's entry block, promoted to a register by
+    LLVM when every use is a load or store of the whole value, as here)."""
+    slot = cgutils.alloca_once(builder, initial.type)
+    builder.store(initial, slot)
+    return slot
+
+
+def accumulate_fma(builder, slot, a, b):
+    """``slot = fma(a, b, slot)`` for an ``accumulator``."""
+    builder.store(fma(builder, a, b, builder.load(slot)), slot)
+
+
+def rank1_update(builder, accumulators, scalars, vectors):
+    """accs[i][c] = fma(splat(scalars[i]), vectors[c], accs[i][c]) for every i, c: one step of a register-tiled
+    product (C += a·bᵀ with a = ``scalars``, one per row of the tile, b = ``vectors``, one per chunk)."""
+    for row, scalar in zip(accumulators, scalars, strict=True):
+        broadcast = splat(builder, scalar, vectors[0].type.count)
+        for slot, vector in zip(row, vectors, strict=True):
+            accumulate_fma(builder, slot, broadcast, vector)
+
+
+def tile_accumulators(builder, base, index_of, rows, chunks, width, zero=False):
+    """``rows`` × ``chunks`` accumulators of ``<width x T>``: accs[i][c] starts as the vector at
+    ``base[index_of(i, c)]``, or as zeros if ``zero`` (then ``base`` is only read for its element type)."""
+    if zero:
+        return [[accumulator(builder, zeros(base.type.pointee, width)) for _ in range(chunks)] for _ in range(rows)]
+    return [[accumulator(builder, load_vector(builder, base, index_of(i, c), width)) for c in range(chunks)]
+            for i in range(rows)]
+
+
+def store_tile(builder, accumulators, base, index_of):
+    """Write each accumulator accs[i][c] of ``tile_accumulators`` to ``base[index_of(i, c)]``."""
+    for i, row in enumerate(accumulators):
+        for c, slot in enumerate(row):
+            store_vector(builder, builder.load(slot), base, index_of(i, c))
+
+
+def butterfly_sum(builder, vectors):
+    """Lane j of the result = the sum of the lanes of ``vectors[j]``, for ``width`` vectors of ``width`` lanes
+    (``width`` a power of two; float or integer lanes).
+
+    A "transposed" horizontal sum: at each of log2(width) levels, neighbouring vectors A, B become
+    shuffle(A, B, lo) + shuffle(A, B, hi), each result holding the partial sums of twice as many
+    vectors in half as many lanes each; after the last level vector j's sum is in lane j. That is
+    2·(width-1) shuffles and width-1 adds for all width sums, against log2(width) shuffles and adds
+    per vector for separate horizontal sums.
+    """
+    width = vectors[0].type.count
+    if len(vectors) != width or width & (width - 1):
+        raise ValueError(f"butterfly_sum: needs width vectors of width lanes, width a power of two; "
+                         f"got {len(vectors)} vectors of {width} lanes")
+    add = builder.fadd if isinstance(vectors[0].type.element, (ir.FloatType, ir.DoubleType)) else builder.add
+    mask_type = ir.VectorType(_I32, width)
+    half = 1                        # lanes per partial sum block at this level
+    while len(vectors) > 1:
+        lo, hi = [], []
+        for lane in range(width):
+            block, within = divmod(lane, 2 * half)
+            source = block * 2 * half + within % half + (0 if within < half else width)
+            lo.append(source)
+            hi.append(source + half)
+        lo, hi = ir.Constant(mask_type, lo), ir.Constant(mask_type, hi)
+        vectors = [add(builder.shuffle_vector(vectors[n], vectors[n + 1], lo),
+                       builder.shuffle_vector(vectors[n], vectors[n + 1], hi))
+                   for n in range(0, len(vectors), 2)]
+        half *= 2
+    return vectors[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# @intrinsic wrappers of the helpers, and their plain-numba twins
+# ---------------------------------------------------------------------------------------------------------------------
+
+_NUMBERS = (types.float32, types.float64, types.int8, types.int16, types.uint16, types.int32, types.int64)
+_FLOATS = (types.float32, types.float64)
+
+
+def _width(width):
+    """The literal vector width, or None (then typing fails and numba reports no matching signature)."""
+    if isinstance(width, types.IntegerLiteral) and 1 <= width.literal_value <= 64:
+        return width.literal_value
+    return None
+
+
+@intrinsic
+def splat_into(typingctx, value, out, out_off, width):
+    """``out[out_off : out_off + width] = value`` through ``splat`` + ``store_vector``."""
+    lanes = _width(width)
+    if lanes is None or not is_c_array(out, *_NUMBERS):
+        return None
+
+    def codegen(context, builder, signature, args):
+        value_, out_, out_off_, _ = args
+        store_vector(builder, splat(builder, value_, lanes), data_pointer(context, builder, out, out_), out_off_)
+        return context.get_dummy_value()
+
+    return types.void(out.dtype, out, types.int64, width), codegen
+
+
+@njit
+def splat_into_loop(value, out, out_off, width):
+    """Twin of ``splat_into``."""
+    for lane in range(width):
+        out[out_off + lane] = value
+
+
+@intrinsic
+def copy_vector(typingctx, src, src_off, dst, dst_off, width):
+    """``dst[dst_off : dst_off + width] = src[src_off : src_off + width]`` through ``load_vector`` +
+    ``store_vector`` (same dtype)."""
+    lanes = _width(width)
+    if lanes is None or not is_c_array(src, *_NUMBERS) or not is_c_array(dst, src.dtype):
+        return None
+
+    def codegen(context, builder, signature, args):
+        src_, src_off_, dst_, dst_off_, _ = args
+        vector = load_vector(builder, data_pointer(context, builder, src, src_), src_off_, lanes)
+        store_vector(builder, vector, data_pointer(context, builder, dst, dst_), dst_off_)
+        return context.get_dummy_value()
+
+    return types.void(src, types.int64, dst, types.int64, width), codegen
+
+
+@njit
+def copy_vector_loop(src, src_off, dst, dst_off, width):
+    """Twin of ``copy_vector``."""
+    for lane in range(width):
+        dst[dst_off + lane] = src[src_off + lane]
+
+
+@intrinsic
+def load_float32_into(typingctx, src, src_off, scales, scale_index, dst, dst_off, width):
+    """``dst[dst_off + l] = float32(src[src_off + l])·scales[scale_index]`` for l < width through
+    ``load_float32_vector`` (src float32, uint16 float16 bits or int8; dst and scales float32)."""
+    lanes = _width(width)
+    if (lanes is None or not is_c_array(src, types.float32, types.uint16, types.int8)
+            or not is_c_array(scales, types.float32) or not is_c_array(dst, types.float32)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        src_, src_off_, scales_, scale_index_, dst_, dst_off_, _ = args
+        scale = load_element(builder, data_pointer(context, builder, scales, scales_), scale_index_)
+        vector = load_float32_vector(builder, data_pointer(context, builder, src, src_), src_off_, lanes, scale)
+        store_vector(builder, vector, data_pointer(context, builder, dst, dst_), dst_off_)
+        return context.get_dummy_value()
+
+    return types.void(src, types.int64, scales, types.int64, dst, types.int64, width), codegen
+
+
+def _float32_of(x):  # pragma: no cover - numba overload below
+    raise TypeError("_float32_of is a numba helper: call it from @njit code")
+
+
+@overload(_float32_of)
+def _float32_of_overload(x):
+    """A stored scalar as float32: uint16 as float16 bits (``_load.load``), other numbers converted."""
+    if x == types.uint16:
+        return lambda x: load(x)
+    if isinstance(x, types.Number):
+        return lambda x: np.float32(x)
+    return None
+
+
+@njit
+def load_float32_into_loop(src, src_off, scales, scale_index, dst, dst_off, width):
+    """Twin of ``load_float32_into``."""
+    for lane in range(width):
+        dst[dst_off + lane] = _float32_of(src[src_off + lane]) * scales[scale_index]
+
+
+@intrinsic
+def fma_into(typingctx, a, a_off, b, b_off, c, c_off, out, out_off, width):
+    """``out[out_off + l] = a[a_off + l]·b[b_off + l] + c[c_off + l]`` (one rounding) for l < width
+    through ``load_vector``, ``fma``, ``store_vector``; float32 or float64, one dtype."""
+    lanes = _width(width)
+    if lanes is None or not is_c_array(a, *_FLOATS) or not all(is_c_array(x, a.dtype) for x in (b, c, out)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        a_, a_off_, b_, b_off_, c_, c_off_, out_, out_off_, _ = args
+        av, bv, cv = (load_vector(builder, data_pointer(context, builder, ty, x), off, lanes)
+                      for ty, x, off in ((a, a_, a_off_), (b, b_, b_off_), (c, c_, c_off_)))
+        store_vector(builder, fma(builder, av, bv, cv), data_pointer(context, builder, out, out_), out_off_)
+        return context.get_dummy_value()
+
+    i64 = types.int64
+    return types.void(a, i64, b, i64, c, i64, out, i64, width), codegen
+
+
+@njit
+def fma_into_loop(a, a_off, b, b_off, c, c_off, out, out_off, width):
+    """Twin of ``fma_into`` (rounded twice for float64: a·b, then + c)."""
+    for lane in range(width):
+        product = np.float64(a[a_off + lane]) * np.float64(b[b_off + lane])   # exact for float32 inputs
+        out[out_off + lane] = product + c[c_off + lane]
+
+
+@intrinsic
+def fma_tile_into(typingctx, a, a_off, a_step, b, b_off, b_step, steps, out, out_off, out_stride, rows, width):
+    """``out[out_off + i·out_stride + l] += Σ_{t<steps} a[a_off + t·a_step + i]·b[b_off + t·b_step + l]`` for
+    i < rows, l < width: a rows × 1 register tile (``tile_accumulators``, ``rank1_update``, ``store_tile``)
+    over a runtime loop, the pattern of the micro-kernels. float32 or float64, one dtype; ``rows`` a
+    literal too."""
+    lanes, n_rows = _width(width), _width(rows)
+    if (lanes is None or n_rows is None or not is_c_array(a, *_FLOATS)
+            or not all(is_c_array(x, a.dtype) for x in (b, out))):
+        return None
+
+    def codegen(context, builder, signature, args):
+        a_, a_off_, a_step_, b_, b_off_, b_step_, steps_, out_, out_off_, out_stride_, _, _ = args
+        ap, bp, op = (data_pointer(context, builder, ty, x) for ty, x in ((a, a_), (b, b_), (out, out_)))
+
+        def out_index(i, c):
+            return strided_index(builder, out_off_, i, out_stride_, c * lanes)
+
+        accs = tile_accumulators(builder, op, out_index, n_rows, 1, lanes)
+        with cgutils.for_range(builder, steps_) as loop:
+            bv = load_vector(builder, bp, strided_index(builder, b_off_, loop.index, b_step_), lanes)
+            a_row = strided_index(builder, a_off_, loop.index, a_step_)
+            a_t = [load_element(builder, ap, builder.add(a_row, as_index(i))) for i in range(n_rows)]
+            rank1_update(builder, accs, a_t, [bv])
+        store_tile(builder, accs, op, out_index)
+        return context.get_dummy_value()
+
+    i64 = types.int64
+    return types.void(a, i64, i64, b, i64, i64, i64, out, i64, i64, rows, width), codegen
+
+
+@njit
+def fma_tile_into_loop(a, a_off, a_step, b, b_off, b_step, steps, out, out_off, out_stride, rows, width):
+    """Twin of ``fma_tile_into`` (float64 sums, rounded once per element)."""
+    for i in range(rows):
+        for lane in range(width):
+            total = np.float64(out[out_off + i * out_stride + lane])
+            for t in range(steps):
+                total += np.float64(a[a_off + t * a_step + i]) * np.float64(b[b_off + t * b_step + lane])
+            out[out_off + i * out_stride + lane] = total
+
+
+@intrinsic
+def butterfly_sums_into(typingctx, x, x_off, x_stride, out, out_off, width):
+    """``out[out_off + j] = Σ_{l<width} x[x_off + j·x_stride + l]`` for j < width (width a power of two)
+    through ``load_vector``, ``butterfly_sum``, ``store_vector``; float or integer, one dtype (integers wrap)."""
+    lanes = _width(width)
+    if lanes is None or lanes & (lanes - 1) or not is_c_array(x, *_NUMBERS) or not is_c_array(out, x.dtype):
+        return None
+
+    def codegen(context, builder, signature, args):
+        x_, x_off_, x_stride_, out_, out_off_, _ = args
+        xp = data_pointer(context, builder, x, x_)
+        rows = [load_vector(builder, xp, strided_index(builder, x_off_, j, x_stride_), lanes) for j in range(lanes)]
+        store_vector(builder, butterfly_sum(builder, rows), data_pointer(context, builder, out, out_), out_off_)
+        return context.get_dummy_value()
+
+    return types.void(x, types.int64, types.int64, out, types.int64, width), codegen
+
+
+@njit
+def butterfly_sums_into_loop(x, x_off, x_stride, out, out_off, width):
+    """Twin of ``butterfly_sums_into`` (sums in order, in the dtype of x)."""
+    for j in range(width):
+        total = x[x_off + j * x_stride]
+        for lane in range(1, width):
+            total += x[x_off + j * x_stride + lane]
+        out[out_off + j] = total
+
+
+@intrinsic
+def element_address(typingctx, x, index):
+    """The address of ``x[index]`` (``data_pointer`` + ``element_pointer``) as an int64."""
+    if not is_c_array(x, *_NUMBERS):
+        return None
+
+    def codegen(context, builder, signature, args):
+        pointer = element_pointer(builder, data_pointer(context, builder, x, args[0]), args[1])
+        return builder.ptrtoint(pointer, _I64)
+
+    return types.int64(x, types.int64), codegen
+
+
+@njit
+def element_address_loop(x, index):
+    """Twin of ``element_address``."""
+    return x.ctypes.data + index * x.itemsize
+
+
+#: each @intrinsic wrapper → its plain-numba twin (tests/test_vector_ir.py checks that every pair agrees)
+TWINS = {
+    splat_into: splat_into_loop,
+    copy_vector: copy_vector_loop,
+    load_float32_into: load_float32_into_loop,
+    fma_into: fma_into_loop,
+    fma_tile_into: fma_tile_into_loop,
+    butterfly_sums_into: butterfly_sums_into_loop,
+    element_address: element_address_loop,
+}

@@ -1,0 +1,257 @@
+"""kernels/_vector_ir.py: every LLVM-IR helper, through its @intrinsic wrapper, against its plain-numba twin.
+
+Random data at offsets away from 0, in arrays of odd lengths (the lanes around the vector must stay
+untouched), vector widths 4, 8 and 16 (AVX-512, AVX2 and NEON/SSE widths), for each dtype a helper
+supports. Exact equality wherever both sides compute the same thing; where the wrapper rounds once
+(``llvm.fma``) and the loop twice, or sums in another order, the tolerance is stated, and the same
+operation on integer-valued floats (exact either way) is checked for equality as well.
+"""
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from llvmlite import ir
+from numba import literally, njit
+
+from numba_attn.kernels import _vector_ir as vir
+
+WIDTHS = (4, 8, 16)
+FLOATS = (np.float32, np.float64)
+INTS = (np.int8, np.int32, np.int64)
+EXAMPLES = settings(max_examples=40, deadline=None)
+
+
+# @njit drivers: the wrappers need the vector width as a compile-time constant
+@njit
+def _splat_into(value, out, out_off, width):
+    vir.splat_into(value, out, out_off, literally(width))
+
+
+@njit
+def _copy_vector(src, src_off, dst, dst_off, width):
+    vir.copy_vector(src, src_off, dst, dst_off, literally(width))
+
+
+@njit
+def _load_float32_into(src, src_off, scales, scale_index, dst, dst_off, width):
+    vir.load_float32_into(src, src_off, scales, scale_index, dst, dst_off, literally(width))
+
+
+@njit
+def _load_float32_all(src, dst, width):
+    """Every width-long chunk of src through load_float32_into (scale 1)."""
+    one = np.ones(1, np.float32)
+    for start in range(0, src.shape[0] - width + 1, width):
+        vir.load_float32_into(src, start, one, 0, dst, start, literally(width))
+
+
+@njit
+def _fma_into(a, a_off, b, b_off, c, c_off, out, out_off, width):
+    vir.fma_into(a, a_off, b, b_off, c, c_off, out, out_off, literally(width))
+
+
+@njit
+def _fma_tile_into(a, a_off, a_step, b, b_off, b_step, steps, out, out_off, out_stride, rows, width):
+    vir.fma_tile_into(a, a_off, a_step, b, b_off, b_step, steps, out, out_off, out_stride, literally(rows),
+                      literally(width))
+
+
+@njit
+def _butterfly_sums_into(x, x_off, x_stride, out, out_off, width):
+    vir.butterfly_sums_into(x, x_off, x_stride, out, out_off, literally(width))
+
+
+def _random(rng, n, dtype, integer_valued=False):
+    """n random numbers of dtype: small integers for integer dtypes (and for ``integer_valued``
+    floats), standard normal otherwise."""
+    if np.issubdtype(dtype, np.integer) or integer_valued:
+        return rng.integers(-9, 10, n).astype(dtype)
+    return rng.standard_normal(n).astype(dtype)
+
+
+def _same_bits(actual, expected):
+    assert actual.dtype == expected.dtype
+    np.testing.assert_array_equal(actual.view(f"u{actual.itemsize}"), expected.view(f"u{expected.itemsize}"))
+
+
+@given(dtype=st.sampled_from(FLOATS + INTS + (np.uint16,)), width=st.sampled_from(WIDTHS),
+       offset=st.integers(1, 9), extra=st.integers(0, 6).map(lambda n: 2 * n + 1), seed=st.integers(0, 2**32 - 1))
+@EXAMPLES
+def test_splat_into_matches_loop(dtype, width, offset, extra, seed):
+    rng = np.random.default_rng(seed)
+    out = _random(rng, offset + width + extra, dtype)
+    value = _random(rng, 1, dtype)[0]
+    expected = out.copy()
+    vir.splat_into_loop(value, expected, offset, width)
+    _splat_into(value, out, offset, width)
+    _same_bits(out, expected)
+    assert (out[offset:offset + width] == value).all()
+
+
+@given(dtype=st.sampled_from(FLOATS + INTS + (np.uint16,)), width=st.sampled_from(WIDTHS),
+       src_off=st.integers(1, 9), dst_off=st.integers(1, 9), extra=st.integers(0, 6).map(lambda n: 2 * n + 1),
+       seed=st.integers(0, 2**32 - 1))
+@EXAMPLES
+def test_copy_vector_matches_loop(dtype, width, src_off, dst_off, extra, seed):
+    rng = np.random.default_rng(seed)
+    src = _random(rng, src_off + width + extra, dtype)
+    out = _random(rng, dst_off + width + extra, dtype)
+    src_before, expected = src.copy(), out.copy()
+    vir.copy_vector_loop(src, src_off, expected, dst_off, width)
+    _copy_vector(src, src_off, out, dst_off, width)
+    _same_bits(out, expected)
+    _same_bits(src, src_before)
+
+
+@given(dtype=st.sampled_from((np.float32, np.uint16, np.int8)), width=st.sampled_from(WIDTHS),
+       src_off=st.integers(1, 9), dst_off=st.integers(1, 9), extra=st.integers(0, 6).map(lambda n: 2 * n + 1),
+       seed=st.integers(0, 2**32 - 1))
+@EXAMPLES
+def test_load_float32_into_matches_loop(dtype, width, src_off, dst_off, extra, seed):
+    rng = np.random.default_rng(seed)
+    n = src_off + width + extra
+    if dtype == np.uint16:          # float16 bit patterns of ordinary numbers
+        src = rng.standard_normal(n).astype(np.float16).view(np.uint16)
+    else:
+        src = _random(rng, n, dtype)
+    scales = rng.random(5).astype(np.float32) + np.float32(0.5)
+    out = _random(rng, dst_off + width + extra, np.float32)
+    expected = out.copy()
+    vir.load_float32_into_loop(src, src_off, scales, 3, expected, dst_off, width)
+    _load_float32_into(src, src_off, scales, 3, out, dst_off, width)
+    _same_bits(out, expected)
+    stored = src.view(np.float16) if dtype == np.uint16 else src
+    np.testing.assert_array_equal(out[dst_off:dst_off + width],
+                                  stored[src_off:src_off + width].astype(np.float32) * scales[3])
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_load_float32_converts_every_float16_bit_pattern_as_numpy(width):
+    bits = np.arange(2**16, dtype=np.uint16)
+    out = np.empty(bits.shape, np.float32)
+    _load_float32_all(bits, out, width)
+    expected = bits.view(np.float16).astype(np.float32)
+    nan = np.isnan(expected)
+    np.testing.assert_array_equal(np.isnan(out), nan)
+    _same_bits(out[~nan], expected[~nan])
+
+
+@given(dtype=st.sampled_from(FLOATS), width=st.sampled_from(WIDTHS), integer_valued=st.booleans(),
+       offsets=st.tuples(*[st.integers(1, 9)] * 4), extra=st.integers(0, 6).map(lambda n: 2 * n + 1),
+       seed=st.integers(0, 2**32 - 1))
+@EXAMPLES
+def test_fma_into_matches_loop(dtype, width, integer_valued, offsets, extra, seed):
+    """float32: the twin's a·b + c in float64 (a·b exact) rounded to float32 is the fused result but for
+    double rounding, within 1 ulp. float64: the twin rounds a·b and then the sum, the fused result
+    only the sum, so they differ by at most eps·(|a·b| + |a·b + c|). Integer-valued data: both exact."""
+    rng = np.random.default_rng(seed)
+    a_off, b_off, c_off, out_off = offsets
+    a, b, c = (_random(rng, off + width + extra, dtype, integer_valued) for off in (a_off, b_off, c_off))
+    out = _random(rng, out_off + width + extra, dtype)
+    expected = out.copy()
+    vir.fma_into_loop(a, a_off, b, b_off, c, c_off, expected, out_off, width)
+    _fma_into(a, a_off, b, b_off, c, c_off, out, out_off, width)
+    window = slice(out_off, out_off + width)
+    _same_bits(np.delete(out, np.r_[window]), np.delete(expected, np.r_[window]))
+    if integer_valued:
+        _same_bits(out, expected)
+    elif dtype == np.float32:
+        np.testing.assert_array_max_ulp(out[window], expected[window], maxulp=1)
+    else:
+        product = np.abs(a[a_off:a_off + width] * b[b_off:b_off + width])
+        bound = np.finfo(dtype).eps * (product + np.abs(expected[window]))
+        assert (np.abs(out[window] - expected[window]) <= bound).all()
+
+
+@given(dtype=st.sampled_from(FLOATS), width=st.sampled_from(WIDTHS), rows=st.sampled_from((1, 4)),
+       steps=st.sampled_from((0, 1, 7, 33)), integer_valued=st.booleans(), a_off=st.integers(1, 9),
+       b_off=st.integers(1, 9), out_off=st.integers(1, 9), pad=st.integers(0, 3).map(lambda n: 2 * n + 1),
+       seed=st.integers(0, 2**32 - 1))
+@EXAMPLES
+def test_fma_tile_into_matches_loop(dtype, width, rows, steps, integer_valued, a_off, b_off, out_off, pad, seed):
+    """A register tile over a runtime loop. The wrapper accumulates with fused multiply-adds in dtype,
+    the twin in float64 rounded once: they differ by at most (steps + 1)·eps·(|out| + Σ|a·b|).
+    Integer-valued data (sums below 2^24): both exact."""
+    rng = np.random.default_rng(seed)
+    a_step, b_step, out_stride = rows + pad, width + pad, width + pad      # odd gaps between rows
+    a = _random(rng, a_off + steps * a_step + rows + pad, dtype, integer_valued)
+    b = _random(rng, b_off + steps * b_step + width + pad, dtype, integer_valued)
+    out = _random(rng, out_off + rows * out_stride + pad, dtype, integer_valued)
+    before = out.copy()
+    expected = out.copy()
+    vir.fma_tile_into_loop(a, a_off, a_step, b, b_off, b_step, steps, expected, out_off, out_stride, rows, width)
+    _fma_tile_into(a, a_off, a_step, b, b_off, b_step, steps, out, out_off, out_stride, rows, width)
+    if integer_valued or steps == 0:
+        _same_bits(out, expected)
+        return
+    bound = np.zeros_like(out, dtype=np.float64)
+    for i in range(rows):
+        a_i = np.abs(a[a_off + i:a_off + i + steps * a_step:a_step].astype(np.float64))
+        b_t = np.abs(np.stack([b[b_off + t * b_step:b_off + t * b_step + width] for t in range(steps)]))
+        row = slice(out_off + i * out_stride, out_off + i * out_stride + width)
+        bound[row] = (steps + 1) * np.finfo(dtype).eps * (np.abs(before[row]) + a_i @ b_t)
+    assert (np.abs(out.astype(np.float64) - expected) <= bound).all()
+
+
+@given(dtype=st.sampled_from(FLOATS + (np.int32, np.int64)), width=st.sampled_from((2,) + WIDTHS),
+       integer_valued=st.booleans(), x_off=st.integers(1, 9), out_off=st.integers(1, 9),
+       pad=st.integers(0, 3).map(lambda n: 2 * n + 1), seed=st.integers(0, 2**32 - 1))
+@EXAMPLES
+def test_butterfly_sums_into_matches_loop(dtype, width, integer_valued, x_off, out_off, pad, seed):
+    """Integer lanes and integer-valued floats: exact. Other floats: the butterfly sums in a tree,
+    the loop in order; both within (width - 1)·eps·Σ|x| of the exact sum."""
+    rng = np.random.default_rng(seed)
+    x_stride = width + pad
+    x = _random(rng, x_off + width * x_stride + pad, dtype, integer_valued)
+    out = _random(rng, out_off + width + pad, dtype)
+    expected = out.copy()
+    vir.butterfly_sums_into_loop(x, x_off, x_stride, expected, out_off, width)
+    _butterfly_sums_into(x, x_off, x_stride, out, out_off, width)
+    window = slice(out_off, out_off + width)
+    _same_bits(np.delete(out, np.r_[window]), np.delete(expected, np.r_[window]))
+    if integer_valued or np.issubdtype(dtype, np.integer):
+        _same_bits(out, expected)
+    else:
+        rows = np.stack([x[x_off + j * x_stride:x_off + j * x_stride + width] for j in range(width)])
+        bound = 2 * (width - 1) * np.finfo(dtype).eps * np.abs(rows).sum(axis=1)
+        assert (np.abs(out[window] - expected[window]) <= bound).all()
+
+
+@njit
+def _element_address(x, index):
+    return vir.element_address(x, index)
+
+
+@pytest.mark.parametrize("dtype", FLOATS + INTS + (np.uint16, np.int16))
+def test_element_address_matches_loop(dtype):
+    x = np.zeros(13, dtype)
+    for index in (0, 1, 6, 12):
+        address = _element_address(x, index)
+        assert address == vir.element_address_loop(x, index) == x.ctypes.data + index * x.itemsize
+
+
+def test_every_wrapper_has_a_twin_and_a_test():
+    tested = {"splat_into", "copy_vector", "load_float32_into", "fma_into", "fma_tile_into", "butterfly_sums_into",
+              "element_address"}
+    assert {wrapper._defn.__name__ for wrapper in vir.TWINS} == tested
+    assert all(twin.py_func.__name__ == wrapper._defn.__name__ + "_loop" for wrapper, twin in vir.TWINS.items())
+
+
+def _builder():
+    function_type = ir.FunctionType(ir.VoidType(), [])
+    block = ir.Function(ir.Module(), function_type, "f").append_basic_block()
+    return ir.IRBuilder(block)
+
+
+def test_butterfly_sum_refuses_a_wrong_number_of_vectors():
+    builder = _builder()
+    vectors = [vir.zeros(ir.FloatType(), 4)] * 3
+    with pytest.raises(ValueError, match="width vectors of width lanes"):
+        vir.butterfly_sum(builder, vectors)
+
+
+def test_load_float32_vector_refuses_other_element_types():
+    builder = _builder()
+    base = ir.Constant(ir.IntType(32).as_pointer(), None)
+    with pytest.raises(TypeError, match="float32, float16 bits"):
+        vir.load_float32_vector(builder, base, 0, 8)
