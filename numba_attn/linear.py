@@ -90,7 +90,7 @@ class LinearWeight:
     (the storage dtype), ``nbytes`` (weight storage incl. padding and scales, plus the bias).
     """
 
-    __slots__ = ("in_features", "out_features", "dtype", "_weights", "_scales", "_bias", "_has_bias")
+    __slots__ = ("_bias", "_has_bias", "_scales", "_weights", "dtype", "in_features", "out_features")
     #: numpy operators return NotImplemented for this type, so ``x @ w`` reaches ``__rmatmul__``
     __array_ufunc__ = None
 

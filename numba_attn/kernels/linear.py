@@ -166,7 +166,7 @@ def _gemm_float_body(x, w, bias, y):
         _store_rows(acc, bias, r0, r1, p * PANEL, y)
 
 
-_FLAGS = dict(fastmath=config.FASTMATH, cache=config.CACHE)
+_FLAGS = {"fastmath": config.FASTMATH, "cache": config.CACHE}
 gemv_int8_parallel = njit(parallel=True, **_FLAGS)(variant(_gemv_int8_body, "_parallel"))
 gemv_int8_serial = njit(parallel=False, **_FLAGS)(variant(_gemv_int8_body, "_serial"))
 gemv_float_parallel = njit(parallel=True, **_FLAGS)(variant(_gemv_float_body, "_parallel"))
