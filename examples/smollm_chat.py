@@ -16,6 +16,14 @@ through the model's chat template; decoding is greedy.
 
     python examples/smollm_chat.py                        # "What is the capital of France?"
     python examples/smollm_chat.py "Name three colours." --cache-dtype int8 --max-new-tokens 40
+    python examples/smollm_chat.py --weights int8 --quality     # int8 projections; KLD / top-1 vs float32
+
+``--weights float16|int8`` stores the feed-forward (gate+up, down) and output (lm_head) weights as
+``numba_attn.linear.LinearWeight`` (float16, or int8 in q8_0-like blocks of 32), multiplied by numba
+kernels that read them at that width, and converts the attention projections too where
+``MultiHeadAttention.quantize_weights`` exists. ``--quality`` feeds a fixed public-domain text
+token by token (teacher forcing) through float32 weights and through the chosen ones and prints the
+mean KL divergence of the next-token distributions and how often their top-1 tokens agree.
 
 One trap: llama.cpp's converter permutes the rows of the Q and K weights of every head (it uses
 an interleaved RoPE, pairs (0,1), (2,3), …); Hugging Face's Llama pairs dims i and i + 64/2.
@@ -30,10 +38,35 @@ from pathlib import Path
 import numpy as np
 
 import numba_attn
+from numba_attn.linear import LinearWeight
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_PROMPT = "What is the capital of France?"
 CACHE_DTYPES = {"float32": np.float32, "float16": np.float16, "int8": np.int8}
+WEIGHT_DTYPES = ["float32", "float16", "int8"]
+
+#: teacher-forced quality text: the openings of Dickens's *A Tale of Two Cities* (1859) and Austen's
+#: *Pride and Prejudice* (1813), both in the public domain
+QUALITY_TEXT = (
+    "It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
+    "foolishness, it was the epoch of belief, it was the epoch of incredulity, it was the season of Light, it "
+    "was the season of Darkness, it was the spring of hope, it was the winter of despair, we had everything "
+    "before us, we had nothing before us, we were all going direct to Heaven, we were all going direct the "
+    "other way - in short, the period was so far like the present period, that some of its noisiest "
+    "authorities insisted on its being received, for good or for evil, in the superlative degree of "
+    "comparison only. There were a king with a large jaw and a queen with a plain face, on the throne of "
+    "England; there were a king with a large jaw and a queen with a fair face, on the throne of France. In "
+    "both countries it was clearer than crystal to the lords of the State preserves of loaves and fishes, "
+    "that things in general were settled for ever.\n\n"
+    "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in "
+    "want of a wife. However little known the feelings or views of such a man may be on his first entering a "
+    "neighbourhood, this truth is so well fixed in the minds of the surrounding families, that he is "
+    "considered the rightful property of some one or other of their daughters. \"My dear Mr. Bennet,\" said "
+    "his lady to him one day, \"have you heard that Netherfield Park is let at last?\" Mr. Bennet replied "
+    "that he had not. \"But it is,\" returned she; \"for Mrs. Long has just been here, and she told me all "
+    "about it.\" Mr. Bennet made no answer. \"Do you not want to know who has taken it?\" cried his wife "
+    "impatiently. \"You want to tell me, and I have no objection to hearing it.\" This was invitation enough."
+)
 
 
 def gguf_path():
@@ -218,6 +251,30 @@ class SmolLM:
                 w_down=np.ascontiguousarray(w.pop(p + "ffn_down.weight").T),            # (ffn, dim)
             ))
         self.ffn = self.layers[0]["w_down"].shape[0]
+        # float32 originals of the weights ``set_weights`` converts (the forward pass reads the
+        # active copies in self.layers / self.lm_head, numpy arrays or numba_attn.LinearWeight)
+        self._float_weights = [(lay["w_gate_up"], lay["w_down"]) for lay in self.layers]
+        self._float_lm_head = self.lm_head
+        self.weights_dtype = "float32"
+
+    def set_weights(self, dtype):
+        """Store the feed-forward and output weights as ``dtype`` ("float32": numpy's matmul on the
+        float32 arrays, as loaded; "float16" / "int8": ``numba_attn.linear.LinearWeight``), and the
+        attention projections too where ``MultiHeadAttention.quantize_weights`` exists. Reversible:
+        the float32 weights are kept."""
+        if dtype not in WEIGHT_DTYPES:
+            raise ValueError(f"dtype must be one of {WEIGHT_DTYPES}, got {dtype!r}")
+
+        def convert(w):
+            return w if dtype == "float32" else LinearWeight(w, dtype=dtype)
+
+        for lay, (gate_up, down) in zip(self.layers, self._float_weights):
+            lay["w_gate_up"], lay["w_down"] = convert(gate_up), convert(down)
+            if hasattr(lay["attn"], "quantize_weights"):
+                lay["attn"].quantize_weights(dtype)
+        self.lm_head = convert(self._float_lm_head)
+        self.weights_dtype = dtype
+        return self
 
     def new_caches(self, capacity, dtype=np.float32):
         return [lay["attn"].new_cache(batch=1, capacity=capacity, dtype=dtype) for lay in self.layers]
@@ -258,6 +315,40 @@ class SmolLM:
                                      prompt_tokens=len(prompt_ids))
 
 
+def log_softmax(logits):
+    z = np.asarray(logits, np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def teacher_forced_logits(model, ids, cache_dtype=np.float32):
+    """(len(ids) - 1, vocab) float32: the logits after each prefix ids[:t+1], fed one token at a time."""
+    caches = model.new_caches(len(ids), cache_dtype)
+    return np.stack([model.forward([i], caches) for i in ids[:-1]])
+
+
+def weight_quality(model, dtype, text=QUALITY_TEXT, max_tokens=None, cache_dtype=np.float32):
+    """Teacher-forced comparison of ``dtype`` weights with float32 weights on ``text``:
+    dict(tokens, mean_kld (nats, KL(p_float32 ‖ p_dtype) averaged over positions), top1 (the fraction of
+    positions whose most likely next token agrees), float32_s and dtype_s (seconds per token)).
+    Leaves the model with ``dtype`` weights."""
+    ids = model.tokenizer.encode(text)[:max_tokens]
+    model.set_weights("float32")
+    t0 = time.perf_counter()
+    ref = teacher_forced_logits(model, ids, cache_dtype)
+    t1 = time.perf_counter()
+    model.set_weights(dtype)
+    t2 = time.perf_counter()
+    low = teacher_forced_logits(model, ids, cache_dtype)
+    t3 = time.perf_counter()
+    lp_ref, lp_low = log_softmax(ref), log_softmax(low)
+    kld = (np.exp(lp_ref) * (lp_ref - lp_low)).sum(axis=-1)
+    steps = len(ids) - 1
+    return {"tokens": steps, "mean_kld": float(kld.mean()), "max_kld": float(kld.max()),
+            "top1": float((ref.argmax(-1) == low.argmax(-1)).mean()),
+            "float32_s": (t1 - t0) / steps, "dtype_s": (t3 - t2) / steps}
+
+
 def transformers_tokens_per_s(prompt_ids, max_new_tokens, threads):
     """transformers' generate() (greedy, its own cache) on the same weights and prompt: (tokens/s, ids), or None."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")          # the reference reads the same file, offline
@@ -289,6 +380,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT)
     ap.add_argument("--cache-dtype", choices=list(CACHE_DTYPES), default="float32", help="KV cache storage")
+    ap.add_argument("--weights", choices=WEIGHT_DTYPES, default="float32",
+                    help="storage of the projection weights (feed-forward and output; attention where supported)")
+    ap.add_argument("--quality", action="store_true",
+                    help="teacher-forced check of --weights against float32 weights on a fixed text (KLD, top-1)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None, help="threads for numba_attn and numpy (and torch)")
     ap.add_argument("--compare", action="store_true",
@@ -299,12 +394,13 @@ def main(argv=None):
 
     t0 = time.perf_counter()
     model = SmolLM()
+    model.set_weights(args.weights)
     tok = model.tokenizer
     text = tok.chat_prompt([{"role": "user", "content": args.prompt}])
     prompt_ids = tok.encode(text)
     print(f"SmolLM2-135M-Instruct ({model.n_layers} layers, {model.n_heads} query / {model.n_kv_heads} KV heads, "
           f"RoPE base {model.rope_base:g}) loaded in {time.perf_counter() - t0:.1f} s; "
-          f"KV cache {args.cache_dtype}, {threads} threads")
+          f"KV cache {args.cache_dtype}, {args.weights} weights, {threads} threads")
     print(f"user: {args.prompt}\nassistant: ", end="", flush=True)
 
     shown = []
@@ -324,7 +420,12 @@ def main(argv=None):
     print()
     tps = t["decode_steps"] / t["decode_s"] if t["decode_steps"] else float("nan")
     print(f"\n{len(ids)} tokens; prefill {t['prompt_tokens']} tokens in {t['prefill_s'] * 1e3:.0f} ms; "
-          f"decode {tps:.1f} tokens/s (numpy + numba_attn, {args.cache_dtype} cache)")
+          f"decode {tps:.1f} tokens/s (numpy + numba_attn, {args.cache_dtype} cache, {args.weights} weights)")
+    if args.quality:
+        q = weight_quality(model, args.weights, cache_dtype=CACHE_DTYPES[args.cache_dtype])
+        print(f"teacher-forced on {q['tokens']} tokens, {args.weights} vs float32 weights: top-1 agreement "
+              f"{q['top1']:.1%}, mean KLD {q['mean_kld']:.2e} nats (max {q['max_kld']:.2e}); "
+              f"{1 / q['float32_s']:.1f} vs {1 / q['dtype_s']:.1f} tokens/s")
     if args.compare:
         ref = transformers_tokens_per_s(prompt_ids, len(ids), threads)
         if ref is None:

@@ -209,6 +209,19 @@ def test_smollm_low_precision_cache_runs(smollm_module, smollm, monkeypatch, cap
     print(f"{cache_dtype} cache: {smollm.tokenizer.decode(ids)!r}")
 
 
+@pytest.mark.parametrize("weights", ["float16", "int8"])
+def test_smollm_quantised_weights_follow_float32(smollm_module, smollm, weights):
+    """Teacher-forced on the first 40 tokens of the example's text: float16 / int8 projection weights
+    pick float32's most likely next token everywhere, with a small KL divergence (the example's
+    ``--quality`` runs the whole text: see its report)."""
+    try:
+        q = smollm_module.weight_quality(smollm, weights, max_tokens=40)
+    finally:
+        smollm.set_weights("float32")               # the fixture is shared: back to float32
+    print(f"{weights} weights: {q}")
+    assert q["tokens"] == 39 and q["top1"] == 1.0 and q["mean_kld"] < 5e-3
+
+
 if HAVE_TRANSFORMERS_GGUF:
     def test_smollm_matches_transformers(smollm, smollm_module):
         """Same greedy tokens as transformers on the same GGUF weights and last-position logits within

@@ -1,0 +1,178 @@
+"""y = x · W + b with W stored as float32, float16 (uint16 bits) or int8 blocks, read at its width.
+
+Maths. For x (M, K) and W (K, N) (the repo's ``x @ W`` layout), y[m, n] = b[n] + Σ_k x[m, k] · W[k, n].
+int8 weights are q8_0-like blocks along the input axis: for block j (inputs 32j … 32j+31) and
+output n, W[k, n] ≈ s[j, n] · q[k, n] with q ∈ [-127, 127] int8 and one float32 scale s[j, n], so
+
+    y[m, n] = b[n] + Σ_j s[j, n] · (Σ_{k ∈ block j} x[m, k] · q[k, n])
+
+The inner sum is taken in float32 with the int8 weights converted in registers (``vpmovsxbd`` +
+``vcvtdq2ps``), and the scale is applied once per block and output. float16 weights are converted
+with ``load`` (``vcvtph2ps``). Everything accumulates in float32.
+
+Memory layout ("panels", written by ``numba_attn.linear``): the N outputs are cut into panels of
+``PANEL`` = 64 consecutive outputs, and each panel is stored contiguously as (K_pad, PANEL):
+
+    weights (P, K_pad, PANEL)  float32 / uint16 / int8,   P = ceil(N / 64),  K_pad = 32 · ceil(K / 32)
+    scales  (P, K_pad / 32, PANEL) float32                (int8 only)
+
+Rows past K and outputs past N are zero padding, so every inner loop has the fixed trip counts
+BLOCK = 32 (inputs) and PANEL = 64 (outputs, 4 AVX-512 / 8 AVX2 vectors) and reads memory in one
+forward stream per panel. Activations are vector-broadcast, weights are the streamed operand:
+per 4 inputs, one pass over the panel's 64 outputs adds x[k]·W[k, :] + … + x[k+3]·W[k+3, :]
+to a block partial sum (4 FMAs per output, 1 load + 1 store of the partial sum).
+
+Kernels:
+
+- ``gemv`` (M = 1, the decode step): parallel over panels (one work item = 64 outputs × all K).
+- ``gemm`` (M > 1, prefill): parallel over (panel, group of ``ROWS`` rows) work items; for each
+  block of 32 inputs the block of the panel (32 × 64) is first converted to float32 with its scales
+  applied (8 KiB, L1-resident), then reused by every row of the group, so the int8 / float16
+  conversion costs once per weight and row group, not once per row.
+
+Each kernel has a parallel (``prange``) and a serial build (``variant``); the caller picks the
+serial one below ``SERIAL_BELOW_MACS`` multiply-adds (a parallel launch costs ~2 µs idle, far more
+on a busy machine). Activations arrive as float32 (M, K_pad), zero-padded by the caller when K is
+not a multiple of 32. Memory: no allocation beyond the output and per-work-item scratch (64 floats
+for gemv; 32 × 64 + ROWS × 64 floats for gemm).
+"""
+import numpy as np
+from numba import njit, prange
+
+from .. import config
+from . import variant
+from ._load import load
+
+#: outputs per panel (the vector loop's fixed length: 4 × 16 float32 lanes)
+PANEL = 64
+#: inputs per int8 scale (q8_0)
+BLOCK = 32
+#: activation rows per gemm work item
+ROWS = 16
+#: below this many multiply-adds (M · K · N) the serial build runs. Measured on a loaded 2-core box:
+#: at 576 × 576 (330 k, one row) 2 threads were already faster (16-18 µs against 21-24 µs serial);
+#: below ~60 k (≤ ~5 µs of work) a launch's ~2 µs (idle) cannot pay off. Not finely tuned.
+SERIAL_BELOW_MACS = 60_000
+
+
+def _gemv_int8_body(x, q, scales, bias, y):
+    """y (N,) = bias + x (K_pad,) · W, W as int8 panels q (P, K_pad, 64) with scales (P, K_pad/32, 64)."""
+    P = q.shape[0]
+    nb = scales.shape[1]
+    N = y.shape[0]
+    for p in prange(P):
+        acc = np.zeros(PANEL, np.float32)
+        part = np.empty(PANEL, np.float32)
+        qp = q[p]
+        sp = scales[p]
+        for b in range(nb):
+            for t in range(PANEL):
+                part[t] = np.float32(0)
+            for k in range(b * BLOCK, (b + 1) * BLOCK, 4):
+                x0, x1, x2, x3 = x[k], x[k + 1], x[k + 2], x[k + 3]
+                w0, w1, w2, w3 = qp[k], qp[k + 1], qp[k + 2], qp[k + 3]
+                for t in range(PANEL):
+                    part[t] += (x0 * np.float32(w0[t]) + x1 * np.float32(w1[t])
+                                + x2 * np.float32(w2[t]) + x3 * np.float32(w3[t]))
+            sb = sp[b]
+            for t in range(PANEL):
+                acc[t] += part[t] * sb[t]
+        o0 = p * PANEL
+        for t in range(min(PANEL, N - o0)):
+            y[o0 + t] = acc[t] + bias[o0 + t]
+
+
+def _gemv_float_body(x, w, bias, y):
+    """y (N,) = bias + x (K_pad,) · W, W as float32 or float16-bit panels w (P, K_pad, 64)."""
+    P, K = w.shape[0], w.shape[1]
+    N = y.shape[0]
+    for p in prange(P):
+        acc = np.zeros(PANEL, np.float32)
+        wp = w[p]
+        for k in range(0, K, 4):
+            x0, x1, x2, x3 = x[k], x[k + 1], x[k + 2], x[k + 3]
+            w0, w1, w2, w3 = wp[k], wp[k + 1], wp[k + 2], wp[k + 3]
+            for t in range(PANEL):
+                acc[t] += (x0 * np.float32(load(w0[t])) + x1 * np.float32(load(w1[t]))
+                           + x2 * np.float32(load(w2[t])) + x3 * np.float32(load(w3[t])))
+        o0 = p * PANEL
+        for t in range(min(PANEL, N - o0)):
+            y[o0 + t] = acc[t] + bias[o0 + t]
+
+
+@njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
+def _rows_times_block(x, r0, r1, k0, wf, acc):
+    """acc[r - r0, :] += x[r, k0:k0+32] · wf (32, 64) for rows r0 … r1-1 (the gemm inner product)."""
+    for r in range(r0, r1):
+        xr = x[r]
+        ar = acc[r - r0]
+        for k in range(0, BLOCK, 4):
+            x0, x1, x2, x3 = xr[k0 + k], xr[k0 + k + 1], xr[k0 + k + 2], xr[k0 + k + 3]
+            f0, f1, f2, f3 = wf[k], wf[k + 1], wf[k + 2], wf[k + 3]
+            for t in range(PANEL):
+                ar[t] += x0 * f0[t] + x1 * f1[t] + x2 * f2[t] + x3 * f3[t]
+
+
+@njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
+def _store_rows(acc, bias, r0, r1, o0, y):
+    """y[r, o0:o0+64] = acc[r - r0] + bias (the last panel: only the outputs that exist)."""
+    n = min(PANEL, y.shape[1] - o0)
+    for r in range(r0, r1):
+        for t in range(n):
+            y[r, o0 + t] = acc[r - r0, t] + bias[o0 + t]
+
+
+def _gemm_int8_body(x, q, scales, bias, y):
+    """y (M, N) = bias + x (M, K_pad) · W for int8 panels q (P, K_pad, 64), scales (P, K_pad/32, 64)."""
+    M = x.shape[0]
+    P, K = q.shape[0], q.shape[1]
+    groups = (M + ROWS - 1) // ROWS
+    for item in prange(P * groups):
+        p = item // groups
+        r0 = (item % groups) * ROWS
+        r1 = min(M, r0 + ROWS)
+        acc = np.zeros((ROWS, PANEL), np.float32)
+        wf = np.empty((BLOCK, PANEL), np.float32)
+        qp = q[p]
+        for b in range(K // BLOCK):
+            k0 = b * BLOCK
+            sb = scales[p, b]
+            for k in range(BLOCK):
+                qk = qp[k0 + k]
+                for t in range(PANEL):
+                    wf[k, t] = np.float32(qk[t]) * sb[t]
+            _rows_times_block(x, r0, r1, k0, wf, acc)
+        _store_rows(acc, bias, r0, r1, p * PANEL, y)
+
+
+def _gemm_float_body(x, w, bias, y):
+    """y (M, N) = bias + x (M, K_pad) · W for float32 or float16-bit panels w (P, K_pad, 64)."""
+    M = x.shape[0]
+    P, K = w.shape[0], w.shape[1]
+    groups = (M + ROWS - 1) // ROWS
+    for item in prange(P * groups):
+        p = item // groups
+        r0 = (item % groups) * ROWS
+        r1 = min(M, r0 + ROWS)
+        acc = np.zeros((ROWS, PANEL), np.float32)
+        wf = np.empty((BLOCK, PANEL), np.float32)
+        wp = w[p]
+        for b in range(K // BLOCK):
+            k0 = b * BLOCK
+            for k in range(BLOCK):
+                wk = wp[k0 + k]
+                for t in range(PANEL):
+                    wf[k, t] = np.float32(load(wk[t]))
+            _rows_times_block(x, r0, r1, k0, wf, acc)
+        _store_rows(acc, bias, r0, r1, p * PANEL, y)
+
+
+_FLAGS = {"fastmath": config.FASTMATH, "cache": config.CACHE}
+gemv_int8_parallel = njit(parallel=True, **_FLAGS)(variant(_gemv_int8_body, "_parallel"))
+gemv_int8_serial = njit(parallel=False, **_FLAGS)(variant(_gemv_int8_body, "_serial"))
+gemv_float_parallel = njit(parallel=True, **_FLAGS)(variant(_gemv_float_body, "_parallel"))
+gemv_float_serial = njit(parallel=False, **_FLAGS)(variant(_gemv_float_body, "_serial"))
+gemm_int8_parallel = njit(parallel=True, **_FLAGS)(variant(_gemm_int8_body, "_parallel"))
+gemm_int8_serial = njit(parallel=False, **_FLAGS)(variant(_gemm_int8_body, "_serial"))
+gemm_float_parallel = njit(parallel=True, **_FLAGS)(variant(_gemm_float_body, "_parallel"))
+gemm_float_serial = njit(parallel=False, **_FLAGS)(variant(_gemm_float_body, "_serial"))

@@ -1,0 +1,211 @@
+"""``LinearWeight``: the weight of y = x @ W + b stored as float32, float16 or int8, read at its width.
+
+A decode step multiplies one activation row by every weight matrix of the model, so it is bound by
+the bytes of weight it reads: float16 halves them, int8 (q8_0-like: one float32 scale per block of
+32 inputs and per output, 1.125 bytes per weight) roughly quarters them. The numba kernels
+(``numba_attn.kernels.linear``) convert float16 / int8 to float32 in registers and never build a
+float32 copy of the weight.
+
+    w = LinearWeight(W, b, dtype="int8")        # W (in_features, out_features): y = x @ W + b
+    w = LinearWeight.from_linear(W_out_in, b, dtype=np.float16)    # torch / HF nn.Linear layout
+    y = w(x)            # == w.apply(x) == x @ w;  x (..., in_features) → y (..., out_features)
+
+Quantisation (int8): for block j of 32 inputs and output n, s = max_{k∈j} |W[k, n]| / 127 and
+q[k, n] = clamp(rint(W[k, n] / s), -127, 127) (s = 0 → q = 0); W[k, n] ≈ s · q[k, n], |error| ≤ s / 2.
+``dequantize()`` returns that effective weight (float32), the exact operand of the product.
+
+Results: float32 computed (activations rounded to float32, float32 accumulation). A float64 ``x``
+gives a float64 result (the float32 values widened: numpy's ``float64 @ float32`` promotion), a
+float16 or float32 ``x`` a float32 result. NaN/inf in ``x`` propagate as in numpy (no check); NaN/inf
+weights or biases are refused at construction.
+"""
+import math
+
+import numpy as np
+
+from ._threads import launch
+from .kernels import linear as _k
+from .kernels._load import to_float16
+from .kernels.finite import max_abs
+
+__all__ = ["LinearWeight"]
+
+_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16), "int8": np.dtype(np.int8)}
+_FLOAT16_MAX = float(np.finfo(np.float16).max)
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _storage_dtype(dtype):
+    """'float32' / 'float16' / 'int8' for any spelling of those three (str, numpy type, np.dtype)."""
+    try:
+        name = np.dtype(dtype).name
+    except TypeError:
+        name = None
+    if name not in _DTYPES:
+        raise ValueError(f"dtype must be one of float32, float16, int8 (a name or numpy type), got {dtype!r}")
+    return name
+
+
+def _float_array(a, name, shape_text):
+    a = np.asarray(a)
+    if a.dtype not in (np.float16, np.float32, np.float64):
+        raise TypeError(f"{name} must be a float16/float32/float64 array of shape {shape_text}, got dtype {a.dtype}")
+    return a
+
+
+def _check_values(a, name, limit, limit_text):
+    top = max_abs(a)
+    if not math.isfinite(top):
+        raise ValueError(f"{name} contains {'NaN' if math.isnan(top) else 'inf'}: weights must be finite")
+    if top > limit:
+        raise ValueError(f"{name} holds values up to {top:g}, beyond {limit_text} ({limit:g})")
+
+
+def _panels(w, K_pad, P):
+    """(K, N) → zero-padded (P, K_pad, PANEL) copy, same dtype: panel p holds outputs 64p … 64p+63."""
+    K, N = w.shape
+    padded = np.zeros((K_pad, P * _k.PANEL), w.dtype)
+    padded[:K, :N] = w
+    return np.ascontiguousarray(padded.reshape(K_pad, P, _k.PANEL).transpose(1, 0, 2))
+
+
+def _quantize_panels(w32, K_pad, P):
+    """float32 (K, N) → int8 panels (P, K_pad, 64) and float32 scales (P, K_pad/32, 64)."""
+    blocks = _panels(w32, K_pad, P).reshape(P, K_pad // _k.BLOCK, _k.BLOCK, _k.PANEL)
+    scales = np.abs(blocks).max(axis=2) / np.float32(127)                           # (P, nb, 64)
+    ratio = np.divide(blocks, scales[:, :, None, :], out=np.zeros_like(blocks), where=scales[:, :, None, :] > 0)
+    q = np.clip(np.rint(ratio), -127, 127).astype(np.int8)
+    return np.ascontiguousarray(q.reshape(P, K_pad, _k.PANEL)), np.ascontiguousarray(scales, dtype=np.float32)
+
+
+class LinearWeight:
+    """y = x @ W (+ b) with W (in_features, out_features) stored as float32, float16 or int8.
+
+    ``LinearWeight(weight, bias=None, dtype="float32")``: ``weight`` (in_features, out_features)
+    float16/32/64 (the repo's ``x @ W`` layout), ``bias`` (out_features,) or None, ``dtype`` one of
+    ``"float32"``, ``"float16"``, ``"int8"`` (or the numpy types). Neither input is modified or kept:
+    the weight is copied into the kernels' panel layout (see ``numba_attn.kernels.linear``).
+
+    Attributes: ``shape`` (in_features, out_features), ``in_features``, ``out_features``, ``dtype``
+    (the storage dtype), ``nbytes`` (weight storage incl. padding and scales, plus the bias).
+    """
+
+    __slots__ = ("_bias", "_has_bias", "_scales", "_weights", "dtype", "in_features", "out_features")
+    #: numpy operators return NotImplemented for this type, so ``x @ w`` reaches ``__rmatmul__``
+    __array_ufunc__ = None
+
+    def __init__(self, weight, bias=None, dtype="float32"):
+        name = _storage_dtype(dtype)
+        weight = _float_array(weight, "weight", "(in_features, out_features)")
+        if weight.ndim != 2 or weight.shape[0] < 1 or weight.shape[1] < 1:
+            raise ValueError(f"weight must have shape (in_features, out_features) with both ≥ 1, got {weight.shape}")
+        K, N = weight.shape
+        if name == "float16":
+            _check_values(weight, "weight", _FLOAT16_MAX, "float16's range")
+        else:
+            _check_values(weight, "weight", _FLOAT32_MAX, "float32's range")
+        if bias is None:
+            b = np.zeros(N, np.float32)
+        else:
+            bias = _float_array(bias, "bias", f"({N},)")
+            if bias.shape != (N,):
+                raise ValueError(f"bias must have shape (out_features,) = ({N},), got {bias.shape}")
+            _check_values(bias, "bias", _FLOAT32_MAX, "float32's range")
+            b = np.array(bias, np.float32)
+        K_pad = -(-K // _k.BLOCK) * _k.BLOCK
+        P = -(-N // _k.PANEL)
+        w32 = np.asarray(weight, np.float32)
+        if name == "int8":
+            data, scales = _quantize_panels(w32, K_pad, P)
+        elif name == "float16":
+            data, scales = to_float16(_panels(w32, K_pad, P)).view(np.uint16), None
+        else:
+            data, scales = _panels(w32, K_pad, P), None
+        self.in_features, self.out_features, self.dtype = K, N, _DTYPES[name]
+        self._weights, self._scales, self._bias, self._has_bias = data, scales, b, bias is not None
+
+    @classmethod
+    def from_linear(cls, weight, bias=None, dtype="float32"):
+        """From an ``nn.Linear``-layout weight (out_features, in_features) (torch, Hugging Face, GGUF)."""
+        weight = _float_array(weight, "weight", "(out_features, in_features)")
+        if weight.ndim != 2:
+            raise ValueError(f"weight must have shape (out_features, in_features), got {weight.shape}")
+        return cls(weight.T, bias, dtype)
+
+    @property
+    def shape(self):
+        return (self.in_features, self.out_features)
+
+    @property
+    def bias(self):
+        """The bias (out_features,) float32 (a copy), or None."""
+        return self._bias.copy() if self._has_bias else None
+
+    @property
+    def nbytes(self):
+        return self._weights.nbytes + (self._scales.nbytes if self._scales is not None else 0) + self._bias.nbytes
+
+    def dequantize(self):
+        """The effective weight (in_features, out_features) float32 the kernels multiply by."""
+        K, N = self.shape
+        P, K_pad, T = self._weights.shape
+        if self.dtype == np.int8:
+            blocks = self._weights.reshape(P, K_pad // _k.BLOCK, _k.BLOCK, T).astype(np.float32)
+            w = (blocks * self._scales[:, :, None, :]).reshape(P, K_pad, T)
+        elif self.dtype == np.float16:
+            w = self._weights.view(np.float16).astype(np.float32)
+        else:
+            w = self._weights
+        return np.ascontiguousarray(w.transpose(1, 0, 2).reshape(K_pad, P * T)[:K, :N])
+
+    def apply(self, x):
+        """x (..., in_features) float16/32/64 → x @ W + b (..., out_features): float64 for a float64 x
+        (computed in float32), else float32. A 1-row x (a decode step) runs the GEMV kernel, more rows
+        the GEMM kernel; both serial below ``kernels.linear.SERIAL_BELOW_MACS`` multiply-adds."""
+        x = np.asarray(x)
+        if x.dtype not in (np.float16, np.float32, np.float64):
+            raise TypeError(f"x must be a float16/float32/float64 array of shape (..., {self.in_features}), "
+                            f"got dtype {x.dtype}")
+        if x.ndim < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"x must have shape (..., in_features) = (..., {self.in_features}), got {x.shape}")
+        K, N = self.shape
+        lead = x.shape[:-1]
+        M = math.prod(lead)
+        out_dtype = np.float64 if x.dtype == np.float64 else np.float32
+        if M == 0:
+            return np.zeros(lead + (N,), out_dtype)
+        K_pad = self._weights.shape[1]
+        rows = x.reshape(M, K)
+        if K_pad == K and rows.dtype == np.float32 and rows.flags.c_contiguous:
+            xs = rows
+        else:
+            xs = np.zeros((M, K_pad), np.float32)
+            xs[:, :K] = rows
+        parallel = M * K * N >= _k.SERIAL_BELOW_MACS
+        if M == 1:
+            y = np.empty((1, N), np.float32)
+            if self._scales is not None:
+                launch(_k.gemv_int8_parallel if parallel else _k.gemv_int8_serial,
+                       xs[0], self._weights, self._scales, self._bias, y[0])
+            else:
+                launch(_k.gemv_float_parallel if parallel else _k.gemv_float_serial,
+                       xs[0], self._weights, self._bias, y[0])
+        else:
+            y = np.empty((M, N), np.float32)
+            if self._scales is not None:
+                launch(_k.gemm_int8_parallel if parallel else _k.gemm_int8_serial,
+                       xs, self._weights, self._scales, self._bias, y)
+            else:
+                launch(_k.gemm_float_parallel if parallel else _k.gemm_float_serial, xs, self._weights, self._bias, y)
+        y = y.reshape(lead + (N,))
+        return y.astype(np.float64) if out_dtype == np.float64 else y
+
+    __call__ = apply
+
+    def __rmatmul__(self, x):
+        """``x @ w``: the same as ``w.apply(x)`` (the bias included)."""
+        return self.apply(x)
+
+    def __repr__(self):
+        return (f"LinearWeight(in_features={self.in_features}, out_features={self.out_features}, "
+                f"dtype={self.dtype.name}, bias={self._has_bias}, nbytes={self.nbytes})")

@@ -1,0 +1,183 @@
+"""numba_attn.linear.LinearWeight: y = x @ W + b with float32 / float16 / int8 weights, against float64 numpy."""
+import numpy as np
+import pytest
+from conftest import assert_unchanged, copies, randn
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from numba_attn.kernels import linear as kernels
+from numba_attn.linear import LinearWeight
+
+F32_EPS = float(np.finfo(np.float32).eps)
+STORAGE = ["float32", "float16", "int8"]
+#: SmolLM2-135M's projections (in, out): fused q/k/v, o, gate+up, down
+SMOLLM_SHAPES = [(576, 960), (576, 576), (576, 3072), (1536, 576)]
+
+
+def reference(x, w, bias):
+    """float64 x @ W_eff + b, with x rounded to float32 (what the kernels read) and W_eff the
+    dequantised weight: isolates the kernels' arithmetic from the (tested separately) storage."""
+    x64 = np.asarray(x).astype(np.float32).astype(np.float64)
+    b = 0.0 if bias is None else np.asarray(bias).astype(np.float32).astype(np.float64)
+    return x64 @ w.dequantize().astype(np.float64) + b
+
+
+def assert_matches_reference(y, x, w, bias):
+    """|y − ref| ≤ (K + 2)·eps32·(|x| @ |W_eff| + |b|): the worst-case float32 accumulation bound."""
+    ref = reference(x, w, bias)
+    x64 = np.abs(np.asarray(x).astype(np.float32).astype(np.float64))
+    b = 0.0 if bias is None else np.abs(np.asarray(bias).astype(np.float64))
+    bound = (w.in_features + 2) * F32_EPS * (x64 @ np.abs(w.dequantize().astype(np.float64)) + b) + 1e-30
+    assert y.shape == ref.shape
+    excess = np.abs(y.astype(np.float64) - ref) - bound
+    assert excess.max(initial=-1) <= 0, f"worst excess {excess.max()} over the float32 bound"
+
+
+def expected_int8(W):
+    """The documented scheme in numpy: per output n and block j of 32 inputs, s = max|W| / 127,
+    q = clip(rint(W / s), ±127); returns the dequantised weight s·q (float32)."""
+    w32 = np.asarray(W, np.float32)
+    out = np.zeros_like(w32)
+    for k0 in range(0, w32.shape[0], 32):
+        part = w32[k0:k0 + 32]
+        s = np.abs(part).max(axis=0) / np.float32(127)
+        q = np.clip(np.rint(np.divide(part, s, out=np.zeros_like(part), where=s > 0)), -127, 127)
+        out[k0:k0 + 32] = q.astype(np.float32) * s
+    return out
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(K=st.integers(1, 130), N=st.integers(1, 200), M=st.integers(1, 70), storage=st.sampled_from(STORAGE),
+       with_bias=st.booleans(), x_dtype=st.sampled_from([np.float32, np.float64]), seed=st.integers(0, 2**16))
+def test_matches_float64_reference(K, N, M, storage, with_bias, x_dtype, seed):
+    rng = np.random.default_rng(seed)
+    W = randn(rng, (K, N))
+    bias = randn(rng, N) if with_bias else None
+    x = randn(rng, (M, K), x_dtype)
+    originals = copies(W, bias, x)
+    w = LinearWeight(W, bias, dtype=storage)
+    y = w.apply(x)
+    assert y.dtype == (np.float64 if x_dtype == np.float64 else np.float32)
+    assert_matches_reference(y, x, w, bias)
+    assert_unchanged([W, bias, x], originals)
+
+
+@pytest.mark.parametrize("storage", STORAGE)
+@pytest.mark.parametrize("K, N", SMOLLM_SHAPES)
+@pytest.mark.parametrize("M", [1, 3, 70])
+def test_model_shapes(storage, K, N, M):
+    """The SmolLM2 shapes: parallel builds, decode (M = 1) and prefill rows."""
+    rng = np.random.default_rng(K + N + M)
+    W = randn(rng, (K, N), np.float32) * 0.05
+    x = randn(rng, (M, K), np.float32)
+    bias = randn(rng, N, np.float32)
+    w = LinearWeight(W, bias, dtype=storage)
+    assert_matches_reference(w(x), x, w, bias)
+
+
+@pytest.mark.parametrize("kind", ["gemv_int8", "gemv_float", "gemm_int8", "gemm_float"])
+def test_serial_and_parallel_builds_agree(kind):
+    rng = np.random.default_rng(3)
+    storage = "int8" if kind.endswith("int8") else "float16"
+    w = LinearWeight(randn(rng, (100, 300)), randn(rng, 300), dtype=storage)
+    M = 1 if kind.startswith("gemv") else 37
+    x = np.zeros((M, 128), np.float32)
+    x[:, :100] = randn(rng, (M, 100), np.float32)
+    outs = []
+    for build in ("serial", "parallel"):
+        y = np.empty((M, 300), np.float32)
+        fn = getattr(kernels, f"{kind}_{build}")
+        parts = (w._weights, w._scales) if storage == "int8" else (w._weights,)
+        if kind.startswith("gemv"):
+            fn(x[0], *parts, w._bias, y[0])
+        else:
+            fn(x, *parts, w._bias, y)
+        outs.append(y)
+    np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_int8_scheme_and_error_bound():
+    rng = np.random.default_rng(1)
+    W = randn(rng, (77, 130))
+    W[:, 5] = 0.0                     # an all-zero column: scale 0, q 0
+    W[3, 7] = 40.0                    # an outlier widens only its own block's scale
+    w = LinearWeight(W, dtype=np.int8)
+    eff = w.dequantize()
+    np.testing.assert_allclose(eff, expected_int8(W), rtol=2 * F32_EPS, atol=0)
+    assert np.all(eff[:, 5] == 0)
+    # |W − s·q| ≤ s / 2 (+ float32 rounding), s = the block's max / 127
+    for k0 in range(0, 77, 32):
+        s = np.abs(W[k0:k0 + 32].astype(np.float32)).max(axis=0) / 127
+        err = np.abs(eff[k0:k0 + 32] - W[k0:k0 + 32])
+        assert np.all(err <= s / 2 * (1 + 1e-5) + 1e-6 * np.abs(W[k0:k0 + 32]))
+    assert w.dtype == np.int8 and w.shape == (77, 130)
+
+
+def test_float_storage_is_exact_rounding():
+    rng = np.random.default_rng(2)
+    W = randn(rng, (40, 70))
+    np.testing.assert_array_equal(LinearWeight(W, dtype="float32").dequantize(), W.astype(np.float32))
+    np.testing.assert_array_equal(LinearWeight(W, dtype=np.float16).dequantize(),
+                                  W.astype(np.float16).astype(np.float32))
+
+
+def test_layouts_operators_and_shapes():
+    rng = np.random.default_rng(4)
+    W_out_in = randn(rng, (50, 33), np.float32)
+    bias = randn(rng, 50, np.float32)
+    w = LinearWeight.from_linear(W_out_in, bias, dtype="float32")
+    assert w.shape == (33, 50) and w.in_features == 33 and w.out_features == 50
+    x = randn(rng, (2, 3, 33), np.float32)
+    y = w(x)
+    assert y.shape == (2, 3, 50) and y.dtype == np.float32
+    np.testing.assert_allclose(y, x @ W_out_in.T + bias, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(x @ w, y)
+    np.testing.assert_array_equal(w.apply(x[0, 0]), y[0, 0])           # 1-D x: one row
+    assert w.apply(x[0, 0]).shape == (50,)
+    assert w.apply(np.zeros((0, 33), np.float32)).shape == (0, 50)
+    assert w.apply(x.astype(np.float16)).dtype == np.float32
+    np.testing.assert_array_equal(w.bias, bias)
+    assert LinearWeight(W_out_in.T).bias is None
+
+
+def test_weight_is_copied():
+    rng = np.random.default_rng(5)
+    W = randn(rng, (32, 64), np.float32)
+    x = randn(rng, (1, 32), np.float32)
+    w = LinearWeight(W)
+    before = w(x)
+    W[:] = 0
+    np.testing.assert_array_equal(w(x), before)
+
+
+def test_nbytes():
+    rng = np.random.default_rng(6)
+    W = randn(rng, (576, 960), np.float32)
+    sizes = {s: LinearWeight(W, dtype=s).nbytes - 960 * 4 for s in STORAGE}       # minus the bias
+    assert sizes["float32"] == W.nbytes
+    assert sizes["float16"] == W.nbytes // 2
+    assert sizes["int8"] == W.size + W.size // 32 * 4                                # 1.125 bytes / weight
+
+
+@pytest.mark.parametrize("make, error, words", [
+    (lambda: LinearWeight(np.ones((4, 3), np.int32)), TypeError, "weight must be a float16/float32/float64"),
+    (lambda: LinearWeight(np.ones(4)), ValueError, "weight must have shape (in_features, out_features)"),
+    (lambda: LinearWeight(np.ones((0, 3))), ValueError, "weight must have shape"),
+    (lambda: LinearWeight(np.full((4, 3), np.nan)), ValueError, "weight contains NaN"),
+    (lambda: LinearWeight(np.full((4, 3), np.inf), dtype="int8"), ValueError, "weight contains inf"),
+    (lambda: LinearWeight(np.full((4, 3), 7e4), dtype="float16"), ValueError, "beyond float16's range"),
+    (lambda: LinearWeight(np.full((4, 3), 1e39)), ValueError, "beyond float32's range"),
+    (lambda: LinearWeight(np.ones((4, 3)), bias=np.ones(4)), ValueError, "bias must have shape (out_features,)"),
+    (lambda: LinearWeight(np.ones((4, 3)), bias=np.ones(3, np.int64)), TypeError, "bias must be a float"),
+    (lambda: LinearWeight(np.ones((4, 3)), bias=np.array([1, np.nan, 0])), ValueError, "bias contains NaN"),
+    (lambda: LinearWeight(np.ones((4, 3)), dtype="bfloat16"), ValueError, "dtype must be one of"),
+    (lambda: LinearWeight(np.ones((4, 3)), dtype=np.int16), ValueError, "dtype must be one of"),
+    (lambda: LinearWeight.from_linear(np.ones((2, 4, 3))), ValueError, "(out_features, in_features)"),
+    (lambda: LinearWeight(np.ones((4, 3)))(np.ones((2, 4), np.int64)), TypeError, "x must be a float16"),
+    (lambda: LinearWeight(np.ones((4, 3)))(np.ones((2, 3))), ValueError, "(..., in_features) = (..., 4)"),
+    (lambda: LinearWeight(np.ones((4, 3)))(np.float64(1.0)), ValueError, "x must have shape"),
+])
+def test_bad_input(make, error, words):
+    with pytest.raises(error) as info:
+        make()
+    assert words in str(info.value)
