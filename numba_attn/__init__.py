@@ -5,6 +5,7 @@ Public API (see each docstring):
 - :func:`scaled_dot_product_attention` — PyTorch-compatible attention on numpy arrays.
 - :func:`attention_weights` — the softmax weights themselves, for small inputs.
 - :class:`MultiHeadAttention` — a layer with Q/K/V/O projections, GQA/MQA, masks, a KV cache.
+- :class:`LinearWeight` — a projection weight stored as float32, float16 or int8, read at its width.
 - :class:`KVCache` — preallocated key/value storage (optionally a sliding-window ring buffer),
   float32, float16 or int8.
 - :func:`quantize` / :func:`dequantize` / :class:`QuantizedTensor` — int8 keys and values.
@@ -18,8 +19,9 @@ from ._threads import get_num_threads, num_threads, set_num_threads
 from .api import attention_weights, scaled_dot_product_attention
 from .cache import KVCache
 from .layers import MultiHeadAttention
+from .linear import LinearWeight
 from .quant import QuantizedTensor, dequantize, quantize
 
-__all__ = ["__version__", "scaled_dot_product_attention", "attention_weights", "MultiHeadAttention", "KVCache",
+__all__ = ["__version__", "scaled_dot_product_attention", "attention_weights", "MultiHeadAttention", "KVCache", "LinearWeight",
            "quantize", "dequantize", "QuantizedTensor", "set_num_threads", "get_num_threads", "num_threads",
            "reference"]

@@ -110,6 +110,9 @@ class MultiHeadAttention:
             self.b_o = np.zeros(self.embed_dim, self.dtype)
         else:
             self._b_in = self.b_q = self.b_k = self.b_v = self.b_o = None
+        #: storage of the projections in the products (``quantize_weights``); float32: numpy on the weights
+        self.weight_dtype = np.dtype(np.float32)
+        self._packed = None
 
     # -- loading ----------------------------------------------------------------------------------
     def load(self, w_q, w_k, w_v, w_o, b_q=None, b_k=None, b_v=None, b_o=None):
@@ -126,6 +129,31 @@ class MultiHeadAttention:
                 raise ValueError(f"{name} must have shape {dst.shape} (in_features, out_features), got {src.shape}")
             check_finite_array(src, name)
             dst[...] = src
+        if self._packed is not None:
+            self.quantize_weights(self.weight_dtype)        # keep the packed copies in step
+        return self
+
+    def quantize_weights(self, dtype):
+        """Store the four projections as ``dtype`` for the products: "float16", "int8" (q8_0-like: int8
+        with one float32 scale per 32 inputs and output) or "float32" (numpy's BLAS on the float
+        weights, the default). float16/int8 go through :class:`~numba_attn.linear.LinearWeight`,
+        whose kernels read the weights at their width (a decode step reads every weight once:
+        int8 reads ~0.28× the bytes of float32). The float weights ``w_q`` … stay as they are (the
+        layer's source of truth: ``load`` repacks); products compute in float32. Returns self.
+        """
+        from .linear import LinearWeight, _storage_dtype
+        dtype = np.dtype(_storage_dtype(dtype))
+        if dtype == np.float32:
+            self._packed = None
+        else:
+            packed = {"o": LinearWeight(self.w_o, self.b_o, dtype=dtype)}
+            if self._fused:
+                packed["in"] = LinearWeight(self._w_in, self._b_in, dtype=dtype)
+            else:
+                packed.update((n, LinearWeight(w, b, dtype=dtype)) for n, w, b in (
+                    ("q", self.w_q, self.b_q), ("k", self.w_k, self.b_k), ("v", self.w_v, self.b_v)))
+            self._packed = packed
+        self.weight_dtype = dtype
         return self
 
     @classmethod
@@ -189,20 +217,29 @@ class MultiHeadAttention:
         B, L, _ = x.shape
         hq = self.num_heads * self.head_dim
         hkv = self.num_kv_heads * self.head_dim
+        packed = self._packed
         if context is None and self._fused:
-            qkv = x.reshape(B * L, -1) @ self._w_in
-            if self._b_in is not None:
-                qkv += self._b_in
+            if packed is not None:
+                qkv = packed["in"](x.reshape(B * L, -1))
+            else:
+                qkv = x.reshape(B * L, -1) @ self._w_in
+                if self._b_in is not None:
+                    qkv += self._b_in
             qkv = qkv.reshape(B, L, -1)
             q, k, v = qkv[..., :hq], qkv[..., hq:hq + hkv], qkv[..., hq + hkv:]
         else:
             src = x if context is None else context
             S = src.shape[1]
-            q = (x.reshape(B * L, -1) @ self.w_q).reshape(B, L, hq)
-            k = (src.reshape(B * S, -1) @ self.w_k).reshape(B, S, hkv)
-            v = (src.reshape(B * S, -1) @ self.w_v).reshape(B, S, hkv)
-            if self.b_q is not None:
-                q, k, v = q + self.b_q, k + self.b_k, v + self.b_v
+            if packed is not None:
+                q = packed["q"](x.reshape(B * L, -1)).reshape(B, L, hq)
+                k = packed["k"](src.reshape(B * S, -1)).reshape(B, S, hkv)
+                v = packed["v"](src.reshape(B * S, -1)).reshape(B, S, hkv)
+            else:
+                q = (x.reshape(B * L, -1) @ self.w_q).reshape(B, L, hq)
+                k = (src.reshape(B * S, -1) @ self.w_k).reshape(B, S, hkv)
+                v = (src.reshape(B * S, -1) @ self.w_v).reshape(B, S, hkv)
+                if self.b_q is not None:
+                    q, k, v = q + self.b_q, k + self.b_k, v + self.b_v
         return self._heads(q, self.num_heads), self._heads(k, self.num_kv_heads), self._heads(v, self.num_kv_heads)
 
     def __call__(self, x, context=None, *, key_padding_mask=None, attn_mask=None, is_causal=False, cache=None,
@@ -251,9 +288,12 @@ class MultiHeadAttention:
         else:
             out = self._attend_cached(q, k, v, cache, key_padding_mask, attn_mask, window, kw)
         merged = out.transpose(0, 2, 1, 3).reshape(B * L, self.num_heads * self.head_dim)
-        y = merged @ self.w_o
-        if self.b_o is not None:
-            y += self.b_o
+        if self._packed is not None:
+            y = self._packed["o"](merged)
+        else:
+            y = merged @ self.w_o
+            if self.b_o is not None:
+                y += self.b_o
         return y.reshape(B, L, self.embed_dim)
 
     def _attend_cached(self, q, k, v, cache, key_padding_mask, attn_mask, window, kw):

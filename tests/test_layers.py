@@ -740,3 +740,52 @@ def test_cached_call_refuses_masks_that_add_up_to_inf():
     with pytest.raises(ValueError, match="overflows"):
         layer(x, cache=cache, key_padding_mask=big, attn_mask=np.full((2, 2), 3e38, np.float32))
     assert cache.length == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# quantised projection weights (LinearWeight inside the layer)
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("weight_dtype", ["float16", "int8"])
+@pytest.mark.parametrize("num_kv_heads", [4, 2])
+@pytest.mark.parametrize("cross", [False, True])
+def test_quantized_weights_compute_with_the_effective_weights(weight_dtype, num_kv_heads, cross):
+    """A layer with float16/int8 projections equals a float32 layer holding the effective
+    (dequantised) weights, with and without a cache, and quantize_weights("float32") restores it."""
+    from numba_attn import LinearWeight
+    kdim = 24 if cross else None
+    layer = random_layer(32, 4, num_kv_heads, kdim=kdim, vdim=kdim, seed=3)
+    rng = np.random.default_rng(60)
+    x = randn(rng, (2, 5, 32), np.float32)
+    ctx = randn(rng, (2, 7, 24), np.float32) if cross else None
+    before = layer(x, ctx)
+    effective = random_layer(32, 4, num_kv_heads, kdim=kdim, vdim=kdim, seed=3)
+    effective.load(*(LinearWeight(w, dtype=weight_dtype).dequantize() for w in (layer.w_q, layer.w_k, layer.w_v,
+                                                                             layer.w_o)))
+    assert layer.quantize_weights(weight_dtype) is layer and layer.weight_dtype == np.dtype(weight_dtype)
+    out = layer(x, ctx)
+    assert out.dtype == np.float32
+    assert_close(out, effective(x, ctx).astype(np.float64), rtol=2e-5)
+    if not cross:
+        cache, ref_cache = layer.new_cache(2, 16), effective.new_cache(2, 16)
+        for T in (5, 1, 1):
+            xt = randn(rng, (2, T, 32), np.float32)
+            assert_close(layer(xt, cache=cache), effective(xt, cache=ref_cache).astype(np.float64), rtol=2e-5)
+    layer.quantize_weights("float32")
+    np.testing.assert_array_equal(layer(x, ctx), before)
+
+
+def test_load_repacks_quantized_weights():
+    layer = random_layer(32, 4, seed=4).quantize_weights("int8")
+    other = random_layer(32, 4, seed=5)
+    layer.load(other.w_q, other.w_k, other.w_v, other.w_o, other.b_q, other.b_k, other.b_v, other.b_o)
+    x = randn(np.random.default_rng(61), (1, 3, 32), np.float32)
+    assert_close(layer(x), other.quantize_weights("int8")(x).astype(np.float64), rtol=1e-6)
+
+
+def test_quantize_weights_refuses_unknown_dtypes():
+    layer = random_layer(32, 4)
+    for bad in ("int4", np.int16, "bfloat16"):
+        with pytest.raises((TypeError, ValueError), match="dtype"):
+            layer.quantize_weights(bad)
+    assert layer.weight_dtype == np.float32
