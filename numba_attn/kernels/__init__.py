@@ -13,3 +13,70 @@ def variant(fn, suffix):
     copy.__qualname__ = fn.__qualname__ + suffix
     copy.__doc__ = fn.__doc__
     return copy
+
+
+def _cache_probe():  # pragma: no cover - never called: numba's cache locator reads where it lives
+    return None
+
+
+def _fingerprint():
+    """sha256 over the sources of every kernel module and numba's version."""
+    import hashlib
+    import os
+
+    import numba
+    here = os.path.dirname(os.path.abspath(__file__))
+    digest = hashlib.sha256(numba.__version__.encode())
+    for name in sorted(os.listdir(here)):
+        if name.endswith(".py"):
+            with open(os.path.join(here, name), "rb") as f:
+                digest.update(name.encode() + b"\0" + f.read())
+    return digest.hexdigest()
+
+
+def drop_stale_cache():
+    """Delete our cached machine code when any kernel source (or numba) changed since it was written.
+
+    numba keys a cached kernel on the source file of the decorated function only: a kernel whose
+    own module is unchanged but whose helpers (another module, inlined) changed, was renamed or
+    were removed would load stale machine code, or fail to unpickle ("No module named ...") after
+    an upgrade in place. A fingerprint of all kernel sources beside the cache files decides. Never
+    raises: without it numba's own (narrower) check still applies.
+    """
+    import glob
+    import os
+
+    from .. import config
+    if not config.CACHE:
+        return
+    try:
+        from numba.core.caching import CacheImpl      # the locators numba tries, in its order
+        for locator_class in CacheImpl._locator_classes:
+            locator = locator_class.from_function(_cache_probe, os.path.abspath(__file__))
+            if locator is not None:
+                break
+        else:
+            return
+        path = locator.get_cache_path()
+        stamp = os.path.join(path, "numba_attn.fingerprint")
+        want = _fingerprint()
+        try:
+            with open(stamp) as f:
+                if f.read() == want:
+                    return
+        except OSError:
+            pass
+        for old in glob.glob(os.path.join(path, "*.nbi")) + glob.glob(os.path.join(path, "*.nbc")):
+            try:
+                os.remove(old)
+            except OSError:
+                pass
+        tmp = f"{stamp}.{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(want)
+        os.replace(tmp, stamp)
+    except Exception:  # noqa: BLE001 - a cache clean-up must never break an import
+        return
+
+
+drop_stale_cache()
