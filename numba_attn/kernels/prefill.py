@@ -52,7 +52,7 @@ from . import variant
 from ._load import load, rows_for_compute
 from ._tile import tile_scores, tile_values
 from ._math import exp_nonpositive
-from ._scores import MASK_NONE, adjust_scores_line, visible_key_range
+from ._scores import MASK_NONE, adjust_score_line, causal_hidden_span, mask_score_line, visible_key_range
 
 
 @njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
@@ -262,12 +262,24 @@ def check_score_block(st, nk, nr, chk):
 @njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
 def adjust_score_block(st, nk, nr, i0, j0, pos_offset, diagonal, has_alibi, slope, softcap, window,
                        mask_n, mask_kind, mask_li, mask_sj):
-    """The score adjustments of ``_scores`` (soft-cap, ALiBi, window, mask, and the causal rule if
-    ``diagonal``: the block straddles the diagonal) on st[j, r] = score of query row i0 + r and key
-    j0 + j, one key row at a time (``_scores.adjust_scores_line`` along the query rows r)."""
-    for j in range(nk):
-        adjust_scores_line(st[j], nr, i0, 1, j0 + j, 0, pos_offset, diagonal, has_alibi, slope, softcap, window,
-                           mask_n, mask_kind, mask_li, mask_sj)
+    """The score adjustments of ``_scores`` on st[j, r] = score of query row i0 + r and key j0 + j: soft-cap,
+    ALiBi and window, the mask, then the causal rule if ``diagonal`` (the block straddles the diagonal).
+    Each step is its own pass over the block, one key row at a time along the query rows r (the
+    ``_scores`` line steps with (di, dj) = (1, 0)): one loop per step lets LLVM hoist the step's
+    conditions out of the loop and vectorise it (all steps in one pass over j left the ALiBi loop
+    scalar)."""
+    if has_alibi or softcap > 0 or window > 0:
+        for j in range(nk):
+            adjust_score_line(st[j], nr, i0, 1, j0 + j, 0, pos_offset, slope, softcap, window)
+    if mask_kind != MASK_NONE:
+        for j in range(nk):
+            mask_score_line(st[j], nr, mask_n, mask_kind, i0, 1, j0 + j, 0, mask_li, mask_sj)
+    if diagonal:
+        for j in range(nk):
+            row = st[j]
+            lo, hi = causal_hidden_span(nr, i0, 1, j0 + j, 0, pos_offset)
+            for r in range(lo, hi):
+                row[r] = -np.inf
 
 
 @njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
