@@ -15,6 +15,9 @@ the rules are written once for a *line* of scores: x[t], t < count, is the score
 i0 + di·t and key j0 + dj·t, with (di, dj) = (1, 0) for a prefill row (one key, consecutive query
 rows) and (0, 1) for a decode row (one query row, consecutive keys). The steps are inlined with
 those constants, so each loop compiles to the same vectorised loop a hand-written one would.
+Decode applies all steps to one row at a time (``adjust_scores_line``); prefill runs each step over
+its whole block before the next (one loop nest per step: with all steps in one pass over the keys,
+LLVM left the ALiBi/window loop scalar).
 """
 import numpy as np
 from numba import njit
