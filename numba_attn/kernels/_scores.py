@@ -6,6 +6,18 @@ For query row i (at key position p_i = i + pos_offset) and key j, with s = scale
     z = z - slope_h·|p_i - j|        if ALiBi slopes are given (per head h)
     z = z + M_ij                     if a float mask is given; z = -inf where a boolean mask is False
     z = -inf                         if causal and j > p_i, or windowed and j <= p_i - window
+
+applied in that order (the causal rule last, so it wins over anything a mask added).
+
+The kernels hold their scores in different layouts (prefill: keys × query rows, ``st[j, r]``;
+decode: query rows × keys, ``s[r, j]``) and want every loop to run along the contiguous axis. So
+the rules are written once for a *line* of scores: x[t], t < count, is the score of query row
+i0 + di·t and key j0 + dj·t, with (di, dj) = (1, 0) for a prefill row (one key, consecutive query
+rows) and (0, 1) for a decode row (one query row, consecutive keys). The steps are inlined with
+those constants, so each loop compiles to the same vectorised loop a hand-written one would.
+Decode applies all steps to one row at a time (``adjust_scores_line``); prefill runs each step over
+its whole block before the next (one loop nest per step: with all steps in one pass over the keys,
+LLVM left the ALiBi/window loop scalar).
 """
 import numpy as np
 from numba import njit
@@ -40,3 +52,54 @@ def visible_key_range(i0, i1, S, is_causal, pos_offset, window):
         if window > 0:
             begin = min(end, max(0, i0 + pos_offset - window + 1))
     return begin, end
+
+
+@njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
+def adjust_score_line(x, count, i0, di, j0, dj, pos_offset, slope, softcap, window):
+    """x[t] ← ``adjust_score``(x[t]) for t < count, x[t] the score of query row i0 + di·t and key j0 + dj·t:
+    soft-cap, ALiBi and the sliding window, one pass along x (vectorised)."""
+    for t in range(count):
+        x[t] = adjust_score(x[t], i0 + di * t + pos_offset, j0 + dj * t, slope, softcap, window)
+
+
+@njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
+def mask_score_line(x, count, mask_n, mask_kind, i0, di, j0, dj, mask_li, mask_sj):
+    """Apply one batch entry's mask ``mask_n`` (L or 1, S or 1), read at [i·mask_li, j·mask_sj], to the line
+    x[t] (query row i = i0 + di·t, key j = j0 + dj·t, t < count): -inf where a boolean mask is False,
+    + M_ij for a float mask, nothing for ``MASK_NONE``."""
+    if mask_kind == MASK_BOOL:
+        for t in range(count):
+            if not mask_n[(i0 + di * t) * mask_li, (j0 + dj * t) * mask_sj]:
+                x[t] = -np.inf
+    elif mask_kind == MASK_ADD:
+        for t in range(count):
+            x[t] += mask_n[(i0 + di * t) * mask_li, (j0 + dj * t) * mask_sj]
+
+
+@njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
+def causal_hidden_span(count, i0, di, j0, dj, pos_offset):
+    """[lo, hi): the t < count whose key j0 + dj·t lies after the query position i0 + di·t + pos_offset,
+    hidden by the causal rule. The line runs along one axis, (di, dj) ∈ {(1, 0), (0, 1)}, so the
+    hidden part is a prefix (along query rows: rows before the key's position) or a suffix (along
+    keys: keys after the row's position)."""
+    gap = i0 + pos_offset - j0                       # query position - key position at t = 0
+    if dj > di:                                      # hidden where t > gap
+        return min(count, max(0, gap + 1)), count
+    if di > dj:                                      # hidden where t < -gap
+        return 0, min(count, max(0, -gap))
+    return 0, (count if gap < 0 else 0)
+
+
+@njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
+def adjust_scores_line(x, count, i0, di, j0, dj, pos_offset, causal, has_alibi, slope, softcap, window,
+                       mask_n, mask_kind, mask_li, mask_sj):
+    """Every rule of the module doc applied to the line x[t] = score of (query row i0 + di·t, key j0 + dj·t),
+    t < count, in order: soft-cap/ALiBi/window, mask, then the causal rule if ``causal``. Each step
+    that has nothing to do is skipped; each is one pass along x."""
+    if has_alibi or softcap > 0 or window > 0:
+        adjust_score_line(x, count, i0, di, j0, dj, pos_offset, slope, softcap, window)
+    mask_score_line(x, count, mask_n, mask_kind, i0, di, j0, dj, mask_li, mask_sj)
+    if causal:
+        lo, hi = causal_hidden_span(count, i0, di, j0, dj, pos_offset)
+        for t in range(lo, hi):
+            x[t] = -np.inf

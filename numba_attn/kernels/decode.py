@@ -18,8 +18,8 @@ reading.
         M = max_s m_s,   l = Σ_s l_s·exp(m_s - M),   out = Σ_s acc_s·exp(m_s - M) / l,
         lse = M + log l
 
-Scores: float32 queries take ``_dots.key_scores`` (VW keys at a time, no horizontal sum per key);
-otherwise dot products over E. Softmax vectorised along the keys; P·V in ``_dots`` register tiles
+Scores: float32 queries take ``_decode_tiles.key_scores`` (VW keys at a time, no horizontal sum per key);
+otherwise dot products over E. Softmax vectorised along the keys; P·V in ``_decode_tiles`` register tiles
 (float32) or loops vectorised along the value columns. Key block: ``block_k`` keys (scores block
 R × block_k).
 
@@ -42,7 +42,113 @@ from . import variant
 from ._load import load
 from ._math import exp_nonpositive, fast_exp
 from .quantised import block_scores, block_values, quantize_row_into
-from ._scores import MASK_ADD, MASK_BOOL, adjust_score, visible_key_range
+from ._scores import adjust_scores_line, visible_key_range
+
+
+@njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
+def query_position_range(r0, nr, L):
+    """[i_lo, i_hi): the query positions i = r % L of the item's rows r0 ≤ r < r0 + nr (row r is query
+    position r % L of head r // L of the group)."""
+    i_lo = L
+    i_hi = 0
+    for r in range(r0, r0 + nr):
+        i_lo = min(i_lo, r % L)
+        i_hi = max(i_hi, r % L + 1)
+    return i_lo, i_hi
+
+
+@njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
+def load_query_rows(q, q_idx, group, r0, nr, L, scale, k_block, nbk, qs, q8, q8_scales):
+    """qs[r] = scale·q[q_idx[group[(r0 + r) // L]], (r0 + r) % L] for r < nr (the item's query rows,
+    converted from their storage); for per-row int8 keys (``k_block`` > 0 and ``nbk`` = 1 scale per key
+    row) also their int8 copy q8[r] with scale q8_scales[r]. Returns Σ q·0 over the rows read: 0, or
+    NaN once a query value is NaN or ±inf."""
+    E = qs.shape[1]
+    zero = qs.dtype.type(0)
+    q_chk = zero
+    for r in range(nr):
+        qrow = q[q_idx[group[(r0 + r) // L]], (r0 + r) % L]
+        for d in range(E):
+            x = load(qrow[d])
+            qs[r, d] = x * scale
+            q_chk += x * zero
+        if k_block > 0 and nbk == 1:    # only per-row int8 keys score against an int8 query
+            quantize_row_into(qs[r], k_block, q8[r], q8_scales[r])
+    return q_chk
+
+
+@njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
+def count_nonfinite(srow, nk):
+    """How many of srow[:nk] are NaN or ±inf (a NaN fails every compare)."""
+    pos_inf = srow.dtype.type(np.inf)
+    n_bad = 0
+    for j in range(nk):
+        n_bad += 0 if abs(srow[j]) < pos_inf else 1
+    return n_bad
+
+
+@njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
+def streaming_softmax_row(srow, nk, m, l, r, arow):
+    """Streaming-softmax step for query row r over one key block srow[:nk], in place (vectorised along
+    the keys): m' = max(m[r], max_j srow[j]), srow[j] ← exp(srow[j] - m'), l[r] ← α·l[r] + Σ_j srow[j],
+    arow ← α·arow with α = exp(m[r] - m'), m[r] ← m'. While every score so far is -inf the shift is 0
+    (exp(-inf - 0) = 0, never exp(-inf - -inf) = NaN) and m[r] stays -inf."""
+    neg_inf = srow.dtype.type(-np.inf)
+    zero = srow.dtype.type(0)
+    mx = neg_inf
+    for j in range(nk):
+        mx = max(mx, srow[j])
+    m_new = max(m[r], mx)
+    shift = m_new if m_new > neg_inf else zero
+    alpha = exp_nonpositive(m[r] - shift)
+    total = zero
+    for j in range(nk):
+        p = exp_nonpositive(srow[j] - shift)
+        srow[j] = p
+        total += p
+    l[r] = l[r] * alpha + total
+    m[r] = m_new
+    for e in range(arow.shape[0]):
+        arow[e] *= alpha
+
+
+@njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
+def nonfinite_sum(acc):
+    """Σ acc·0 over the accumulator: 0, or NaN if it holds NaN/±inf (0·v under masked keys is NaN for a
+    non-finite value row v, also in parts the merge skips because their l = 0)."""
+    zero = acc.dtype.type(0)
+    total = zero
+    for r in range(acc.shape[0]):
+        for e in range(acc.shape[1]):
+            total += acc[r, e] * zero
+    return total
+
+
+@njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
+def merge_parts(part_acc, part_m, part_l, g, r, orow):
+    """orow = Σ_s acc_s·exp(m_s - M) / l for row r of KV group g over the key parts s with l_s > 0, where
+    M = max_s m_s and l = Σ_s l_s·exp(m_s - M); returns lse = M + log l (zeros and -inf if no part
+    saw a visible key)."""
+    n_split = part_m.shape[1]
+    zero = orow.dtype.type(0)
+    big = orow.dtype.type(-np.inf)
+    for sp in range(n_split):
+        big = max(big, part_m[g, sp, r])
+    total = zero
+    for sp in range(n_split):
+        if part_l[g, sp, r] > 0:
+            total += part_l[g, sp, r] * fast_exp(part_m[g, sp, r] - big)
+    for e in range(orow.shape[0]):
+        orow[e] = zero
+    if total > 0:
+        for sp in range(n_split):
+            if part_l[g, sp, r] > 0:
+                wgt = fast_exp(part_m[g, sp, r] - big) / total
+                prow = part_acc[g, sp, r]
+                for e in range(orow.shape[0]):
+                    orow[e] += wgt * prow[e]
+        return big + math.log(total)
+    return orow.dtype.type(-np.inf)
 
 
 def _decode_body(q, k, k_scales, k_block, v, v_scales, v_block, q_idx, k_idx, v_idx, groups, kv_len, mask, m_idx,
@@ -57,8 +163,13 @@ def _decode_body(q, k, k_scales, k_block, v, v_scales, v_block, q_idx, k_idx, v_
     bits) or int8; the arithmetic runs in ``out.dtype``. ``check`` (G·n_chunks·n_split,) int64: per work
     item, how many of its raw scores (before masks) are NaN or ±inf: a key or the query held NaN/inf,
     or a score overflowed.
+
+    Per work item (KV group g, rows [r0, r0 + nr), key part sp): load the query rows; for each key
+    block of the part: scores, then per row: count non-finite raw scores, adjust them
+    (``_scores.adjust_scores_line`` along the keys), streaming-softmax step; then P·V. The parts
+    are stored and merged per row at the end.
     """
-    N, L, Ev = out.shape
+    _, L, Ev = out.shape
     E = q.shape[2]
     S = kv_len
     G, gsize = groups.shape
@@ -80,11 +191,7 @@ def _decode_body(q, k, k_scales, k_block, v, v_scales, v_block, q_idx, k_idx, v_
         r0 = ((w // n_split) % n_chunks) * row_chunk
         sp = w % n_split
         nr = min(R, r0 + row_chunk) - r0
-        i_lo = L
-        i_hi = 0
-        for r in range(r0, r0 + nr):
-            i_lo = min(i_lo, r % L)
-            i_hi = max(i_hi, r % L + 1)
+        i_lo, i_hi = query_position_range(r0, nr, L)
         vis_begin, vis_end = visible_key_range(i_lo, i_hi, S, is_causal, pos_offset, window)
         j_begin = max(vis_begin, kv_begin + sp * split_len)
         j_end = min(vis_end, kv_begin + (sp + 1) * split_len)
@@ -96,15 +203,7 @@ def _decode_body(q, k, k_scales, k_block, v, v_scales, v_block, q_idx, k_idx, v_
         qs = np.empty((nr, E), dt)
         q8 = np.zeros((nr, E), np.int8)                 # int8 copy of the query rows, for per-row int8 keys
         q8_scales = np.zeros((nr, max(nbk, 1)), np.float32)
-        q_chk = zero
-        for r in range(nr):
-            qrow = q[q_idx[groups[g, (r0 + r) // L]], (r0 + r) % L]
-            for d in range(E):
-                x = load(qrow[d])
-                qs[r, d] = x * scale
-                q_chk += x * zero                   # 0, or NaN once a query value is NaN or ±inf
-            if k_block > 0 and nbk == 1:    # per-row int8 keys (float32 arithmetic) score against an int8 query
-                quantize_row_into(qs[r], k_block, q8[r], q8_scales[r])
+        q_chk = load_query_rows(q, q_idx, groups[g], r0, nr, L, scale, k_block, nbk, qs, q8, q8_scales)
         # this item's running state, private until the end: part_m/part_l hold one float per row, so
         # the rows of items on different threads share cache lines, and writing them once per key
         # block made the threads fight over those lines (false sharing)
@@ -112,86 +211,30 @@ def _decode_body(q, k, k_scales, k_block, v, v_scales, v_block, q_idx, k_idx, v_
         m = np.full(nr, neg_inf, dt)
         l = np.zeros(nr, dt)
         s = np.empty((nr, block_k), dt)
-        pos_inf = dt.type(np.inf)
         n_bad = 0
         for j0 in range(j_begin, j_end, block_k):
             nk = min(block_k, j_end - j0)
             block_scores(qs, q8, q8_scales, kn, ksn, k_block, j0, nk, s)
             for r in range(nr):
                 n = groups[g, (r0 + r) // L]
-                i = (r0 + r) % L
-                qpos = i + pos_offset
                 srow = s[r]
-                for j in range(nk):
-                    n_bad += 0 if abs(srow[j]) < pos_inf else 1    # NaN or ±inf (a NaN fails every compare)
-                if has_alibi or softcap > 0 or window > 0:
-                    slope = slopes[n] if has_alibi else zero
-                    for j in range(nk):
-                        srow[j] = adjust_score(srow[j], qpos, j0 + j, slope, softcap, window)
-                if mask_kind == MASK_BOOL:
-                    mrow = mask[m_idx[n], i * mask_li]
-                    for j in range(nk):
-                        if not mrow[(j0 + j) * mask_sj]:
-                            srow[j] = neg_inf
-                elif mask_kind == MASK_ADD:
-                    mrow = mask[m_idx[n], i * mask_li]
-                    for j in range(nk):
-                        srow[j] += mrow[(j0 + j) * mask_sj]
-                if is_causal:
-                    for j in range(max(0, qpos + 1 - j0), nk):
-                        srow[j] = neg_inf
-                # streaming softmax for row r (vectorised along the keys)
-                mx = neg_inf
-                for j in range(nk):
-                    mx = max(mx, srow[j])
-                m_new = max(m[r], mx)
-                shift = m_new if m_new > neg_inf else zero
-                alpha = exp_nonpositive(m[r] - shift)
-                total = zero
-                for j in range(nk):
-                    p = exp_nonpositive(srow[j] - shift)
-                    srow[j] = p
-                    total += p
-                l[r] = l[r] * alpha + total
-                m[r] = m_new
-                arow = acc[r]
-                for e in range(Ev):
-                    arow[e] *= alpha
+                n_bad += count_nonfinite(srow, nk)
+                adjust_scores_line(srow, nk, (r0 + r) % L, 0, j0, 1, pos_offset, is_causal, has_alibi,
+                                   slopes[n] if has_alibi else zero, softcap, window,
+                                   mask[m_idx[n]], mask_kind, mask_li, mask_sj)
+                streaming_softmax_row(srow, nk, m, l, r, acc[r])
             block_values(s, vn, vsn, v_block, j0, nk, acc)
         part_acc[g, sp, r0:r0 + nr] = acc
         part_m[g, sp, r0:r0 + nr] = m
         part_l[g, sp, r0:r0 + nr] = l
-        acc_chk = zero                            # 0·v under masked keys is NaN for a non-finite v,
-        for r in range(nr):                       # also in parts the merge skips (l = 0)
-            for e in range(Ev):
-                acc_chk += acc[r, e] * zero
-        check[w] = n_bad + (0 if q_chk == zero else 1) + (0 if acc_chk == zero else 1)
+        check[w] = n_bad + (0 if q_chk == zero else 1) + (0 if nonfinite_sum(acc) == zero else 1)
     # exact merge of the parts
     for t in prange(G * R):
         g = t // R
         r = t % R
         n = groups[g, r // L]
         i = r % L
-        big = neg_inf
-        for sp in range(n_split):
-            big = max(big, part_m[g, sp, r])
-        total = zero
-        for sp in range(n_split):
-            if part_l[g, sp, r] > 0:
-                total += part_l[g, sp, r] * fast_exp(part_m[g, sp, r] - big)
-        orow = out[n, i]
-        for e in range(Ev):
-            orow[e] = zero
-        if total > 0:
-            for sp in range(n_split):
-                if part_l[g, sp, r] > 0:
-                    wgt = fast_exp(part_m[g, sp, r] - big) / total
-                    prow = part_acc[g, sp, r]
-                    for e in range(Ev):
-                        orow[e] += wgt * prow[e]
-            lse[n, i] = big + math.log(total)
-        else:
-            lse[n, i] = neg_inf
+        lse[n, i] = merge_parts(part_acc, part_m, part_l, g, r, out[n, i])
 
 
 decode_parallel = njit(parallel=True, fastmath=config.FASTMATH, cache=config.CACHE)(

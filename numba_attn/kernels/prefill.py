@@ -26,7 +26,7 @@ doubles BLOCK_Q to 256 when every thread still gets 4 work items (``api.prefill_
 Layout: everything is kept transposed, query rows last, so every inner loop runs along the query
 rows of the block (BLOCK_Q contiguous lanes) with no horizontal reductions:
 
-- scores and P·V, float32: ``_tile`` micro-kernels, 4 keys (or value columns) × W query rows
+- scores and P·V, float32: ``_prefill_tiles`` micro-kernels, 4 keys (or value columns) × W query rows
   (W = 64 with AVX-512, 16 with AVX2 or NEON, 8 otherwise) accumulated in registers over the whole head dim
   (or key block), written as LLVM vector IR with ``llvm.fma``: ~116 GFLOP/s per Zen 4 core;
 - the rows and keys a tile does not cover, and float64: plain loops, 4 keys × 4 head-dim entries
@@ -52,7 +52,7 @@ from . import variant
 from ._load import load, rows_for_compute
 from ._math import exp_nonpositive
 from ._prefill_tiles import tile_scores, tile_values
-from ._scores import MASK_ADD, MASK_BOOL, adjust_score, visible_key_range
+from ._scores import MASK_NONE, adjust_score_line, causal_hidden_span, mask_score_line, visible_key_range
 
 
 @njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
@@ -120,7 +120,7 @@ def _scores_loops(qt, kn, j0, nk, st, nr, r_lo):
 def scores_block(qt, kn, j0, nk, st, nr):
     """st[j, r] = Σ_d kn[j0 + j, d]·qt[d, r] for j < nk, r < nr (vector over query rows r).
 
-    float32: 4 keys × ``_tile.W`` rows at a time in registers (``_tile.tile_set``); the rows and
+    float32: 4 keys × ``_prefill_tiles.W`` rows at a time in registers (``_prefill_tiles.tile_set``); the rows and
     keys left over, and float64, take the plain loops.
     """
     r_lo = tile_scores(qt, kn, j0, nk, st, nr)
@@ -186,7 +186,7 @@ def _values_loops(pt, vn, j0, nk, acct, nr, r_lo):
 def accumulate_values(pt, vn, j0, nk, acct, nr):
     """acct[e, r] += Σ_j pt[j, r]·vn[j0 + j, e] for e < Ev, r < nr (vector over query rows r).
 
-    float32: 4 value columns × ``_tile.W`` rows at a time in registers (``_tile.tile_add``); the
+    float32: 4 value columns × ``_prefill_tiles.W`` rows at a time in registers (``_prefill_tiles.tile_add``); the
     rows and columns left over, and float64, take the plain loops.
     """
     r_lo = tile_values(pt, vn, j0, nk, acct, nr)
@@ -232,10 +232,100 @@ def online_softmax_block(st, nk, nr, m, l, alpha, m_blk, chk, check_raw):
             l[r] += p
 
 
+@njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
+def load_scaled_query_block(qn, i0, nr, scale, qt, chk):
+    """qt[d, r] = scale·qn[i0 + r, d] for r < nr: the block's query rows, converted from their storage,
+    scaled and transposed (rows unit-stride in r); chk[r] = Σ_d qn[i0 + r, d]·0 (0 unless the row holds
+    NaN or ±inf)."""
+    E = qt.shape[0]
+    zero = qt.dtype.type(0)
+    for r in range(nr):
+        c = zero                           # a local sum: chk[r] itself would be a store per value
+        for d in range(E):
+            x = load(qn[i0 + r, d])
+            qt[d, r] = x * scale
+            c += x * zero
+        chk[r] = c
+
+
+@njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
+def check_score_block(st, nk, nr, chk):
+    """chk[r] += Σ_j st[j, r]·0 for j < nk, r < nr: NaN once a raw score of row r is NaN or ±inf (a pass of its
+    own, for blocks whose scores a mask or adjustment will change before the softmax reads them)."""
+    zero = st.dtype.type(0)
+    for j in range(nk):
+        row = st[j]
+        for r in range(nr):
+            chk[r] += row[r] * zero
+
+
+@njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
+def adjust_score_block(st, nk, nr, i0, j0, pos_offset, diagonal, has_alibi, slope, softcap, window,
+                       mask_n, mask_kind, mask_li, mask_sj):
+    """The score adjustments of ``_scores`` on st[j, r] = score of query row i0 + r and key j0 + j: soft-cap,
+    ALiBi and window, the mask, then the causal rule if ``diagonal`` (the block straddles the diagonal).
+    Each step is its own pass over the block, one key row at a time along the query rows r (the
+    ``_scores`` line steps with (di, dj) = (1, 0)): one loop per step lets LLVM hoist the step's
+    conditions out of the loop and vectorise it (all steps in one pass over j left the ALiBi loop
+    scalar)."""
+    if has_alibi or softcap > 0 or window > 0:
+        for j in range(nk):
+            adjust_score_line(st[j], nr, i0, 1, j0 + j, 0, pos_offset, slope, softcap, window)
+    if mask_kind != MASK_NONE:
+        for j in range(nk):
+            mask_score_line(st[j], nr, mask_n, mask_kind, i0, 1, j0 + j, 0, mask_li, mask_sj)
+    if diagonal:
+        for j in range(nk):
+            row = st[j]
+            lo, hi = causal_hidden_span(nr, i0, 1, j0 + j, 0, pos_offset)
+            for r in range(lo, hi):
+                row[r] = -np.inf
+
+
+@njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
+def rescale_accumulator(acct, alpha, nr):
+    """acct[e, r] *= alpha[r] for r < nr: the running P·V of each row moved to its new running max."""
+    for e in range(acct.shape[0]):
+        orow = acct[e]
+        for r in range(nr):
+            orow[r] *= alpha[r]
+
+
+@njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
+def write_rows(acct, m, l, nr, chk, on, lse_n, i0):
+    """on[i0 + r, e] = acct[e, r] / l[r] and lse_n[i0 + r] = m[r] + log l[r] for r < nr; a row with l = 0
+    (every key masked) gets zeros and lse = -inf. chk[r] += the written values·0 (for a fully masked
+    row: its accumulator·0, NaN if a value row under a masked key held NaN/inf, as 0·v is NaN there).
+    Returns how many rows have chk[r] ≠ 0 (a NaN/±inf query value, raw score or result)."""
+    Ev = acct.shape[0]
+    dt = acct.dtype
+    zero = dt.type(0)
+    n_bad = 0
+    for r in range(nr):
+        if l[r] > 0:
+            inv = dt.type(1.0) / l[r]
+            c = zero
+            for e in range(Ev):
+                o = acct[e, r] * inv
+                on[i0 + r, e] = o
+                c += o * zero
+            chk[r] += c
+            lse_n[i0 + r] = m[r] + math.log(l[r])
+        else:
+            c = zero
+            for e in range(Ev):
+                on[i0 + r, e] = 0.0
+                c += acct[e, r] * zero
+            chk[r] += c
+            lse_n[i0 + r] = -np.inf
+        n_bad += 0 if chk[r] == zero else 1
+    return n_bad
+
+
 def _prefill_body(q, k, v, q_idx, k_idx, v_idx, kv_len, mask, m_idx, mask_kind, mask_li, mask_sj, is_causal,
                   pos_offset, window,
                   slopes, softcap, scale, block_q, block_k, check_finite, out, lse, check):
-    """out[n] = softmax(z)·v[v_idx[n]] with z as in ``_scores.adjust_score``; see module doc.
+    """out[n] = softmax(z)·v[v_idx[n]] with z as in ``_scores``; see module doc.
 
     q (Nq, L, E), k (Nk, ≥S, E), v (Nv, ≥S, Ev): C-contiguous, the first kv_len = S rows of k and v
     are the keys (the rest may be a KV cache's free slots); q_idx/k_idx/v_idx/m_idx (N,) map each
@@ -246,105 +336,54 @@ def _prefill_body(q, k, v, q_idx, k_idx, v_idx, kv_len, mask, m_idx, mask_kind, 
     raw scores (before masks: NaN or ±inf from a non-finite query or key, or an overflow) or
     result are not all finite; each check adds x·0 (0, or NaN for NaN and ±inf) into a per-row sum
     inside a loop that already reads x, so no pass of its own over Q, K or V.
+
+    Per work item (batch entry n, query rows [i0, i1)): load the query block; for each visible key
+    block: scores, (check and) adjust them, online-softmax step, rescale the accumulator, add P·V;
+    then write the rows.
     """
     N, L, Ev = out.shape
     E = q.shape[2]
     S = kv_len
     dt = out.dtype
     nqb = (L + block_q - 1) // block_q
-    neg_inf = dt.type(-np.inf)
+    has_alibi = slopes.shape[0] > 0
     for w in prange(N * nqb):
         n = w // nqb
         i0 = (w % nqb) * block_q
         i1 = min(L, i0 + block_q)
         nr = i1 - i0
-        qn = q[q_idx[n]]
         kn = k[k_idx[n]]
         vn = v[v_idx[n]]
-        zero = dt.type(0)
+        mask_n = mask[m_idx[n]]
+        slope = slopes[n] if has_alibi else dt.type(0)
         chk = np.zeros(nr, dt)                 # per row: 0 while every checked value is finite
         qt = np.empty((E, nr), dt)            # scaled query block, transposed: rows are unit-stride in r
-        for r in range(nr):
-            c = zero                           # a local sum: chk[r] itself would be a store per value
-            for d in range(E):
-                x = load(qn[i0 + r, d])
-                qt[d, r] = x * scale
-                c += x * zero
-            chk[r] = c
         acct = np.zeros((Ev, nr), dt)          # output accumulator, transposed
-        m = np.full(nr, neg_inf, dt)
+        m = np.full(nr, -np.inf, dt)
         l = np.zeros(nr, dt)
         alpha = np.empty(nr, dt)
         m_blk = np.empty(nr, dt)
         st = np.empty((block_k, nr), dt)       # scores, then probabilities, keys × rows
         k_conv = np.empty((block_k, E), dt)    # float16 key/value blocks, converted (unused for floats)
         v_conv = np.empty((block_k, Ev), dt)
+        load_scaled_query_block(q[q_idx[n]], i0, nr, scale, qt, chk)
         kv_begin, kv_end = visible_key_range(i0, i1, S, is_causal, pos_offset, window)
-        has_alibi = slopes.shape[0] > 0
-        slope = slopes[n] if has_alibi else dt.type(0)
         for j0 in range(kv_begin, kv_end, block_k):
             nk = min(block_k, kv_end - j0)
             k_rows, k_off = rows_for_compute(kn, j0, nk, k_conv)
             scores_block(qt, k_rows, k_off, nk, st, nr)
             diagonal = is_causal and j0 + nk - 1 > i0 + pos_offset
-            raw = not (has_alibi or softcap > 0 or window > 0 or diagonal or mask_kind != 0)
-            if check_finite and not raw:          # check before masks write their -inf
-                for j in range(nk):
-                    row = st[j]
-                    for r in range(nr):
-                        chk[r] += row[r] * zero
-            if has_alibi or softcap > 0 or window > 0:
-                for j in range(nk):
-                    row = st[j]
-                    for r in range(nr):
-                        row[r] = adjust_score(row[r], i0 + r + pos_offset, j0 + j, slope, softcap, window)
-            if diagonal:
-                # key j is visible to rows r >= j0 + j - pos_offset - i0
-                for j in range(nk):
-                    r_first = min(nr, max(0, j0 + j - pos_offset - i0))
-                    row = st[j]
-                    for r in range(r_first):
-                        row[r] = neg_inf
-            if mask_kind == MASK_BOOL:
-                mn = mask[m_idx[n]]
-                for j in range(nk):
-                    row = st[j]
-                    for r in range(nr):
-                        if not mn[(i0 + r) * mask_li, (j0 + j) * mask_sj]:
-                            row[r] = neg_inf
-            elif mask_kind == MASK_ADD:
-                mn = mask[m_idx[n]]
-                for j in range(nk):
-                    row = st[j]
-                    for r in range(nr):
-                        row[r] += mn[(i0 + r) * mask_li, (j0 + j) * mask_sj]
+            raw = not (has_alibi or softcap > 0 or window > 0 or diagonal or mask_kind != MASK_NONE)
+            if not raw:
+                if check_finite:                  # check before masks write their -inf
+                    check_score_block(st, nk, nr, chk)
+                adjust_score_block(st, nk, nr, i0, j0, pos_offset, diagonal, has_alibi, slope, softcap, window,
+                                   mask_n, mask_kind, mask_li, mask_sj)
             online_softmax_block(st, nk, nr, m, l, alpha, m_blk, chk, check_finite and raw)
-            for e in range(Ev):
-                orow = acct[e]
-                for r in range(nr):
-                    orow[r] *= alpha[r]
+            rescale_accumulator(acct, alpha, nr)
             v_rows, v_off = rows_for_compute(vn, j0, nk, v_conv)
             accumulate_values(st, v_rows, v_off, nk, acct, nr)
-        on = out[n]
-        n_bad = 0
-        for r in range(nr):
-            if l[r] > 0:
-                inv = dt.type(1.0) / l[r]
-                c = zero
-                for e in range(Ev):
-                    o = acct[e, r] * inv
-                    on[i0 + r, e] = o
-                    c += o * zero
-                chk[r] += c
-                lse[n, i0 + r] = m[r] + math.log(l[r])
-            else:
-                c = zero                       # a fully masked row: its accumulator still holds
-                for e in range(Ev):            # 0·v, which is NaN for a non-finite value v
-                    on[i0 + r, e] = 0.0
-                    c += acct[e, r] * zero
-                chk[r] += c
-                lse[n, i0 + r] = neg_inf
-            n_bad += 0 if chk[r] == zero else 1
+        n_bad = write_rows(acct, m, l, nr, chk, out[n], lse[n], i0)
         check[w] = n_bad if check_finite else 0
 
 
