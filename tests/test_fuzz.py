@@ -22,7 +22,8 @@ Tolerance (flash-attention's rule): for every output row, the error of our resul
 formula may be at most twice the error of the same formula computed naively in the arithmetic dtype
 (float32, or float64 when an input is float64: numpy matmul, max-subtracted softmax with numpy's exp)
 on the same inputs, plus a floor ``eps·max|v|·(C_EXP + C_SCORE·M)`` where ``M`` is the row's largest
-score magnitude (|scale·q|·|k| + |ALiBi| + |mask|) over its visible keys. The floor is needed because a
+score magnitude (|scale·q|·|k| + |ALiBi| + |mask|, + softcap when capping: tanh's error is in ulps of
+the cap) over its visible keys. The floor is needed because a
 row's naive error can be zero or tiny by chance (a single visible key, Ev = 1) while ours is not:
 the kernels' exp is a polynomial with relative error up to 2.3e-7 ≈ 2 eps32 (NUMBA_NOTES) where
 numpy's is within 1 ulp, and an error of k ulps in a weight moves the output by up to
@@ -191,6 +192,9 @@ def check_against_formula(out, lse, q, k, v, scale, mask=None, causal=False, win
     if dead.any():
         assert (out[dead] == 0).all(), f"fully masked rows of {label} are not exactly 0: {out[dead].max()}"
     M = score_magnitude(q, k, scale, mask, slopes, causal, vis)
+    if softcap is not None:
+        # softcap·tanh(s/softcap) evaluated through exp (1 - 2/(e^{2x} + 1)) is accurate to ulps of softcap
+        M = M + softcap
     V = value_magnitude(v, vis)
     naive_err = np.abs(naive.astype(np.float64) - exact).max(axis=-1, initial=0.0)
     budget = 2 * naive_err + eps * V * (C_EXP + C_SCORE * M)
@@ -439,13 +443,14 @@ def draw_sdpa_case(rng, params):
     is_causal = _choice(rng, CAUSAL)
     window = int(rng.integers(1, S + 3)) if is_causal and rng.random() < 0.35 else None
     slopes = None
-    if nb >= 1 and rng.random() < 0.2:
+    if len(out_batch) >= 1 and rng.random() < 0.2:
         slopes = rng.uniform(0, 0.5, out_batch[-1]) * (rng.random(out_batch[-1]) < 0.9)
         slopes = slopes.astype(_choice(rng, (np.float32, np.float64)))
     softcap = float(rng.uniform(1, 30)) if rng.random() < 0.2 else None
     scale = None if rng.random() < 0.6 else float(rng.uniform(0.05, 3) / math.sqrt(E))
     return_lse = bool(rng.random() < 0.5)
-    enable_gqa = gqa or (len(bq) >= 1 and len(bk) >= 1 and len(bv) >= 1 and rng.random() < 0.1)
+    enable_gqa = gqa or (len(bq) >= 1 and len(bk) >= 1 and len(bv) >= 1 and bk[-1] == bv[-1]
+                         and bq[-1] % bk[-1] == 0 and rng.random() < 0.1)
     out_dtype = _choice(rng, FLOATS) if rng.random() < 0.1 else None
 
     params.update(batch=tuple(batch), q=(q_kind if isinstance(q_kind, str) else np.dtype(q_kind).name, bq, q_view),
