@@ -128,3 +128,13 @@ def int8_effective_inputs(query, key, value, scale=None):
         qs = (query.astype(np.float32) * np.float32(scale)).astype(np.float32)
         return dequantize(quantize(qs, None)), k, v, 1.0
     return query, k, v, scale
+
+
+def pytest_addoption(parser):
+    """``--fuzz=N``: cases of the differential fuzzer (tests/test_fuzz.py; default 1000, or the env var
+    NUMBA_ATTN_FUZZ); ``--fuzz-seed``: its base seed (default 0, or NUMBA_ATTN_FUZZ_SEED)."""
+    group = parser.getgroup("numba_attn fuzzer")
+    group.addoption("--fuzz", type=int, default=None, metavar="N",
+                    help="number of differential fuzz cases (default: $NUMBA_ATTN_FUZZ or 1000)")
+    group.addoption("--fuzz-seed", type=int, default=None, metavar="SEED",
+                    help="base seed of the fuzz cases; case i uses SEED + i (default: $NUMBA_ATTN_FUZZ_SEED or 0)")

@@ -1,0 +1,830 @@
+"""Differential fuzzer: random calls of the public API against an independent float64 formula.
+
+Three families, each case drawn from ``np.random.default_rng(seed + i)`` (reproducible from its index):
+
+- ``scaled_dot_product_attention``: 0–2 batch dims broadcast between query/key/value/mask, L 1–300,
+  S 0–600 (with S = 0, short S, and split-K decode sizes L ≤ 8, S ≥ 256), E/Ev up to 160 (mostly odd),
+  float16/32/64 and int8 (per block and per row) operands in every combination, bool/float masks with
+  -inf and broadcast shapes (fully masked rows included), every causal alignment, window, ALiBi,
+  softcap, GQA, custom scale, return_lse, out_dtype, and views (strided, Fortran order, transposed,
+  reversed, read-only).
+- ``KVCache`` in every storage format, with and without a window, filled in random chunks and
+  attended with ``is_causal='lower_right'``.
+- ``MultiHeadAttention`` with and without a cache, GQA, masks, against a float64 numpy layer.
+
+The expected result is the textbook formula in float64 with the whole L×S score matrix materialised
+(``attention_formula`` below; ``numba_attn.reference`` is not used), applied to the *same rounded
+inputs* the kernels see: float16 values as they are, int8 tensors dequantised (data · scale of its
+block, rounded to float32 as ``dequantize`` does), and, for int8 keys with one scale per row, the
+query quantised per row the way the kernel does (it scores int8 × int8; README "float16 and int8").
+
+Tolerance (flash-attention's rule): for every output row, the error of our result against the float64
+formula may be at most twice the error of the same formula computed naively in the arithmetic dtype
+(float32, or float64 when an input is float64: numpy matmul, max-subtracted softmax with numpy's exp)
+on the same inputs, plus a floor ``eps·max|v|·(C_EXP + C_SCORE·M)`` where ``M`` is the row's largest
+score magnitude (|scale·q|·|k| + |ALiBi| + |mask|, + softcap when capping: tanh's error is in ulps of
+the cap) over its visible keys. The floor is needed because a
+row's naive error can be zero or tiny by chance (a single visible key, Ev = 1) while ours is not:
+the kernels' exp is a polynomial with relative error up to 2.3e-7 ≈ 2 eps32 (NUMBA_NOTES) where
+numpy's is within 1 ulp, and an error of k ulps in a weight moves the output by up to
+2·k·eps·max|v| (the output is a convex combination: δout = Σ p_j·δ_j·(v_j − out)); a score error of
+k ulps of M moves the weights by k·eps·M relative, hence the term in M. A float16 result adds
+float16's half-ulp of the output magnitude, 2⁻¹¹·|out| (+ 2⁻²⁵ for subnormals); likewise a float32 result
+of float64 arithmetic (``out_dtype``) adds 2⁻²⁴·|out|. Two more terms apply
+only where they exist: a float64 computation with int8 operands may dequantise exactly instead of in
+float32 (±2⁻²⁴ relative on k and v), and per-row int8 keys quantise the query, where a value that
+lies within 1e-4 of a rounding tie may round either way (one int8 step of that query entry).
+"""
+import math
+import os
+import traceback
+
+import numpy as np
+import pytest
+
+from numba_attn import KVCache, MultiHeadAttention, QuantizedTensor, quantize, scaled_dot_product_attention
+
+FLOATS = (np.float16, np.float32, np.float64)
+CAUSAL = (False, True, "upper_left", "lower_right")
+
+#: the floor's constants (see the module docstring): 4 ulps of exp error on each weight, and 4 ulps of
+#: the score magnitude, each moving the output by at most 2× that times max|v|
+C_EXP = 8.0
+C_SCORE = 8.0
+#: cases per test (a failure report lists every failing case of its batch)
+BATCH = 50
+#: a case's cost cap: multiply-adds batch·L·S·(E + Ev), and the size of the materialised scores
+MAX_WORK = 4_000_000
+MAX_SCORES = 300_000
+
+
+# ------------------------------------------------------------------------------------------------
+# case counts, seeds, batches
+# ------------------------------------------------------------------------------------------------
+
+def _fuzz_count(config):
+    n = config.getoption("fuzz", default=None)
+    if n is None:
+        n = int(os.environ.get("NUMBA_ATTN_FUZZ", "1000"))
+    return max(0, int(n))
+
+
+def _fuzz_seed(config):
+    s = config.getoption("fuzz_seed", default=None)
+    if s is None:
+        s = int(os.environ.get("NUMBA_ATTN_FUZZ_SEED", "0"))
+    return int(s)
+
+
+#: cases of each family per N (the sdpa family gets N, the cache and layer families a fraction)
+FAMILY_SHARE = {"sdpa": 1.0, "cache": 0.1, "layer": 0.1}
+
+
+def pytest_generate_tests(metafunc):
+    for family in FAMILY_SHARE:
+        arg = f"{family}_batch"
+        if arg in metafunc.fixturenames:
+            n = math.ceil(_fuzz_count(metafunc.config) * FAMILY_SHARE[family])
+            starts = list(range(0, n, BATCH))
+            metafunc.parametrize(arg, [(s, min(n, s + BATCH)) for s in starts],
+                                 ids=[f"cases{s}-{min(n, s + BATCH) - 1}" for s in starts])
+
+
+@pytest.fixture
+def fuzz_seed(request):
+    return _fuzz_seed(request.config)
+
+
+def run_batch(family, runner, seed, first, stop):
+    """Run cases [first, stop) of a family; one report of every failing case, with what reproduces it."""
+    failures = []
+    for i in range(first, stop):
+        params = {}
+        try:
+            runner(seed + i, params)
+        except Exception as exc:  # noqa: BLE001 - every failure of the batch is collected, then reported together
+            where = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+            failures.append(f"case {i} (rng seed {seed + i}; reproduce: tests/test_fuzz.py::{runner.__name__}"
+                            f"({seed + i}, {{}})):\n  params: {params}\n  {where[:1500]}")
+    if failures:
+        pytest.fail(f"{len(failures)} of {stop - first} {family} fuzz cases failed:\n\n" + "\n\n".join(failures),
+                    pytrace=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# the independent float64 formula (and the same in the arithmetic dtype, for the tolerance)
+# ------------------------------------------------------------------------------------------------
+
+def visible_keys(L, S, causal, window, mask):
+    """Boolean (..., L, S): the keys each query row sees (mask broadcast, causal band, window)."""
+    i = np.arange(L)[:, None]
+    j = np.arange(S)[None, :]
+    pos = i if causal in (True, "upper_left") else i + S - L
+    vis = np.ones((L, S), bool)
+    if causal:
+        vis &= j <= pos
+        if window is not None:
+            vis &= j > pos - window
+    if mask is not None:
+        vis = vis & (mask if mask.dtype == np.bool_ else ~np.isneginf(mask))
+    return vis
+
+
+def attention_formula(q, k, v, scale, mask=None, causal=False, window=None, slopes=None, softcap=None,
+                      dtype=np.float64):
+    """softmax(q·kᵀ·scale [softcap] [ALiBi] + mask)·v with the L×S scores materialised, in ``dtype``.
+
+    q (..., L, E), k (..., S, E), v (..., S, Ev), mask (..., L, S) bool (True = attend) or float, all
+    already broadcast to the same batch dims; slopes (...,) per batch entry. Returns (out, lse,
+    visible). Rows without a visible key: out 0, lse -inf.
+    """
+    dt = np.dtype(dtype).type
+    q, k, v = q.astype(dt), k.astype(dt), v.astype(dt)
+    L, S = q.shape[-2], k.shape[-2]
+    s = np.matmul(q, np.swapaxes(k, -1, -2)) * dt(scale)
+    if softcap is not None:
+        s = dt(softcap) * np.tanh(s / dt(softcap))
+    pos = np.arange(L)[:, None] if causal in (True, "upper_left") else np.arange(L)[:, None] + S - L
+    if slopes is not None:
+        s = s - slopes.astype(dt)[..., None, None] * np.abs(pos - np.arange(S)[None, :]).astype(dt)
+    if mask is not None and mask.dtype != np.bool_:
+        s = s + mask.astype(dt)
+    vis = np.broadcast_to(visible_keys(L, S, causal, window, mask), s.shape)
+    s = np.where(vis, s, dt(-np.inf))
+    any_vis = vis.any(axis=-1, keepdims=True)
+    m = np.where(any_vis, np.max(s, axis=-1, keepdims=True, initial=-np.inf), dt(0))
+    e = np.where(vis, np.exp(s - m), dt(0))
+    total = e.sum(axis=-1, keepdims=True)
+    p = e / np.where(any_vis, total, dt(1))
+    out = np.matmul(p, v)
+    lse = np.where(any_vis[..., 0], m[..., 0] + np.log(np.where(any_vis[..., 0], total[..., 0], dt(1))), -np.inf)
+    return out, lse, vis
+
+
+def score_magnitude(q, k, scale, mask, slopes, causal, vis):
+    """Per row (..., L): the largest |score term| over visible keys: |scale·q|·|k| + |ALiBi| + |mask|."""
+    L, S = q.shape[-2], k.shape[-2]
+    m = np.matmul(np.abs(q), np.swapaxes(np.abs(k), -1, -2)) * scale
+    if slopes is not None:
+        pos = np.arange(L)[:, None] if causal in (True, "upper_left") else np.arange(L)[:, None] + S - L
+        m = m + np.abs(slopes)[..., None, None] * np.abs(pos - np.arange(S)[None, :])
+    if mask is not None and mask.dtype != np.bool_:
+        m = m + np.where(np.isfinite(mask), np.abs(mask), 0.0)
+    return np.where(vis, m, 0.0).max(axis=-1, initial=0.0)
+
+
+def value_magnitude(v, vis):
+    """Per row (..., L): max |v| over the row's visible keys (all value columns)."""
+    vrow = np.abs(v).max(axis=-1, initial=0.0) if v.shape[-1] else np.zeros(v.shape[:-1])   # (..., S)
+    return np.where(vis, vrow[..., None, :], 0.0).max(axis=-1, initial=0.0)
+
+
+def check_against_formula(out, lse, q, k, v, scale, mask=None, causal=False, window=None, slopes=None,
+                          softcap=None, arith=np.float32, extra_row_budget=None, label="out"):
+    """Assert ``out`` (and ``lse`` if given) match the float64 formula on the effective inputs within
+    the budget of the module docstring; fully masked rows exactly 0 and lse -inf; no NaN."""
+    assert not np.isnan(out).any(), f"{label} holds NaN"
+    exact, exact_lse, vis = attention_formula(q, k, v, scale, mask, causal, window, slopes, softcap)
+    naive, naive_lse, _ = attention_formula(q, k, v, scale, mask, causal, window, slopes, softcap, dtype=arith)
+    assert out.shape == exact.shape, (out.shape, exact.shape)
+    eps = float(np.finfo(arith).eps)
+    dead = ~vis.any(axis=-1)                                        # fully masked rows
+    if dead.any():
+        assert (out[dead] == 0).all(), f"fully masked rows of {label} are not exactly 0: {out[dead].max()}"
+    M = score_magnitude(q, k, scale, mask, slopes, causal, vis)
+    if softcap is not None:
+        # softcap·tanh(s/softcap) evaluated through exp (1 - 2/(e^{2x} + 1)) is accurate to ulps of softcap
+        M = M + softcap
+    V = value_magnitude(v, vis)
+    naive_err = np.abs(naive.astype(np.float64) - exact).max(axis=-1, initial=0.0)
+    budget = 2 * naive_err + eps * V * (C_EXP + C_SCORE * M)
+    if extra_row_budget is not None:
+        budget = budget + extra_row_budget
+    tol = budget[..., None]
+    if np.finfo(out.dtype).eps > eps:       # a result rounded to a narrower dtype than the arithmetic's
+        tiny = float(np.finfo(out.dtype).smallest_subnormal)
+        tol = tol + float(np.finfo(out.dtype).eps) / 2 * np.abs(exact) + tiny / 2
+    err = np.abs(out.astype(np.float64) - exact)
+    tol = np.broadcast_to(tol, err.shape)
+    bad = err > tol
+    if bad.any():
+        idx = tuple(int(x) for x in np.argwhere(bad)[0])
+        worst = np.unravel_index(np.argmax(err - tol), err.shape)
+        raise AssertionError(
+            f"{label}: {int(bad.sum())} of {err.size} elements outside the budget; first at {idx}: "
+            f"got {out[idx]!r}, expected {exact[idx]!r}, |err| {err[idx]:.3g} > tol {tol[idx]:.3g}; worst at "
+            f"{tuple(int(x) for x in worst)}: |err| {err[worst]:.3g}, tol {tol[worst]:.3g}, naive row error "
+            f"{naive_err[worst[:-1]]:.3g}, M {M[worst[:-1]]:.3g}, max|v| {V[worst[:-1]]:.3g}")
+    if lse is not None:
+        assert lse.shape == exact_lse.shape, (lse.shape, exact_lse.shape)
+        assert not np.isnan(lse).any(), "lse holds NaN"
+        if dead.any():
+            assert np.isneginf(lse[dead]).all(), "lse of fully masked rows is not -inf"
+        live = ~dead
+        assert np.isfinite(lse[live]).all(), "lse of a row with visible keys is not finite"
+        lse_err = np.abs(lse[live].astype(np.float64) - exact_lse[live])
+        naive_lse_err = np.abs(naive_lse[live].astype(np.float64) - exact_lse[live])
+        lse_tol = 2 * naive_lse_err + eps * (C_EXP + C_SCORE * (M[live] + np.abs(exact_lse[live])))
+        if extra_row_budget is not None:
+            lse_tol = lse_tol + np.broadcast_to(extra_row_budget, dead.shape)[live] / np.maximum(V[live], 1e-300)
+        if (lse_err > lse_tol).any():
+            w = int(np.argmax(lse_err - lse_tol))
+            raise AssertionError(f"lse outside the budget: |err| {lse_err[w]:.3g} > tol {lse_tol[w]:.3g} "
+                                 f"({int((lse_err > lse_tol).sum())} rows)")
+
+
+# ------------------------------------------------------------------------------------------------
+# rounded inputs: what the kernels actually see
+# ------------------------------------------------------------------------------------------------
+
+def dequantised(qt):
+    """float64 copy of an int8 QuantizedTensor's values: data · scale of its block, rounded to float32
+    (what ``dequantize`` returns). Written here, not taken from numba_attn."""
+    D = qt.data.shape[-1]
+    per_entry = np.repeat(np.asarray(qt.scales), qt.block, axis=-1)[..., :D]
+    return (np.asarray(qt.data).astype(np.float32) * per_entry).astype(np.float32).astype(np.float64)
+
+
+def quantise_rows_like_kernel(x32):
+    """(values, tie) of x (..., E) float32 quantised with one scale per row, as the kernels do:
+    s = max|x|/127, q = clamp(rint(x·(1/s)), ±127), value = q·s; ``tie`` marks entries within 1e-4 of
+    a rounding tie (the kernel's reciprocal may differ from numpy's by an ulp there)."""
+    x32 = x32.astype(np.float32)
+    amax = np.abs(x32).max(axis=-1, keepdims=True, initial=np.float32(0))
+    s = (amax / np.float32(127)).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inv = np.where(s > 0, np.float32(1) / s, np.float32(0)).astype(np.float32)
+    y = x32 * inv
+    q8 = np.clip(np.rint(y), -127, 127)
+    frac = np.abs(y) - np.floor(np.abs(y))
+    tie = (np.abs(frac - 0.5) < 1e-4) & (s > 0)
+    return q8.astype(np.float64) * s.astype(np.float64), tie, s.astype(np.float64)
+
+
+def effective(x):
+    """float64 values of an operand as the kernels read them."""
+    if isinstance(x, QuantizedTensor):
+        return dequantised(x)
+    return np.asarray(x).astype(np.float64)
+
+
+# ------------------------------------------------------------------------------------------------
+# views and invariants
+# ------------------------------------------------------------------------------------------------
+
+VIEWS = ("plain", "plain", "plain", "strided_rows", "strided_cols", "fortran", "transposed", "reversed", "readonly")
+
+
+def as_view(x, kind):
+    """An array holding x's values in another memory layout."""
+    if kind == "plain" or x.ndim < 2:
+        return x
+    if kind == "strided_rows":
+        buf = np.zeros(x.shape[:-2] + (2 * x.shape[-2] + 1, x.shape[-1]), x.dtype)
+        buf[..., 1::2, :] = x
+        return buf[..., 1::2, :]
+    if kind == "strided_cols":
+        buf = np.zeros(x.shape[:-1] + (3 * x.shape[-1],), x.dtype)
+        buf[..., ::3] = x
+        return buf[..., ::3]
+    if kind == "fortran":
+        return np.asfortranarray(x)
+    if kind == "transposed":
+        return np.ascontiguousarray(np.swapaxes(x, -1, -2)).swapaxes(-1, -2)
+    if kind == "reversed":
+        return np.ascontiguousarray(x[..., ::-1, :])[..., ::-1, :]
+    if kind == "readonly":
+        y = x.copy()
+        y.flags.writeable = False
+        return y
+    raise ValueError(kind)
+
+
+class Snapshot:
+    """Copies of every array a call receives (and of the buffers under views), compared afterwards."""
+
+    def __init__(self, *objs):
+        self.items = []
+        for obj in objs:
+            arrays = [obj.data, obj.scales] if isinstance(obj, QuantizedTensor) else [obj]
+            for a in arrays:
+                if isinstance(a, np.ndarray):
+                    self.items.append((a, a.copy()))
+                    if isinstance(a.base, np.ndarray):
+                        self.items.append((a.base, a.base.copy()))
+
+    def assert_unchanged(self):
+        for a, original in self.items:
+            assert a.dtype == original.dtype and a.shape == original.shape, "an input changed shape or dtype"
+            np.testing.assert_array_equal(a, original, err_msg="the call modified an input")
+
+
+def float_dtypes_of(*xs):
+    return [x.dtype for x in xs if not isinstance(x, QuantizedTensor)]
+
+
+# ------------------------------------------------------------------------------------------------
+# family 1: scaled_dot_product_attention
+# ------------------------------------------------------------------------------------------------
+
+def _choice(rng, options, p=None):
+    return options[int(rng.choice(len(options), p=p))]
+
+
+def _operand_batch(rng, batch, keep_last, heads=None):
+    dims = [d if d == 1 or rng.random() < 0.7 else 1 for d in batch]
+    if heads is not None:
+        dims[-1] = heads
+    elif keep_last and dims:
+        dims[-1] = batch[-1]
+    droppable = len(dims) - (1 if keep_last and dims else 0)
+    drop = int(rng.integers(0, droppable + 1))
+    return tuple(dims[drop:])
+
+
+def _features(rng):
+    if rng.random() < 0.2:
+        return int(_choice(rng, [1, 2, 3, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129, 159, 160]))
+    return int(rng.integers(0, 80)) * 2 + 1          # odd, 1..159
+
+
+def _lengths(rng):
+    shape = rng.random()
+    if shape < 0.25:      # split-K decode sizes
+        return int(rng.integers(1, 9)), int(rng.integers(256, 601)), "decode"
+    if shape < 0.35:      # no keys, or very few
+        return int(rng.integers(1, 40)), int(_choice(rng, [0, 0, 1, 2, 3])), "short"
+    L = int(rng.integers(1, 301)) if rng.random() < 0.5 else int(rng.integers(1, 33))
+    S = int(rng.integers(0, 601)) if rng.random() < 0.5 else int(rng.integers(1, 65))
+    return L, S, "any"
+
+
+def _operand(rng, shape, kind, block, magnitude, outlier):
+    """A random operand: float array in ``kind``'s dtype (in a random layout), or an int8 QuantizedTensor."""
+    x = rng.standard_normal(shape) * magnitude
+    if outlier and shape[-1] > 1:
+        x[..., int(rng.integers(0, shape[-1]))] *= 20.0
+    if kind == "int8":
+        view = _choice(rng, ("plain", "plain", "strided"))
+        if view == "strided" and len(shape) >= 2:
+            big = np.zeros(shape[:-2] + (2 * shape[-2], shape[-1]))
+            big[..., ::2, :] = x
+            qt = quantize(big.astype(np.float32), block)
+            return QuantizedTensor(qt.data[..., ::2, :], qt.scales[..., ::2, :], qt.block), "strided"
+        return quantize(x.astype(_choice(rng, FLOATS)), block), "plain"
+    view = _choice(rng, VIEWS)
+    return as_view(x.astype(kind), view), view
+
+
+def draw_sdpa_case(rng, params):
+    nb = int(rng.integers(0, 3))
+    batch = [int(rng.integers(1, 4)) for _ in range(nb)]
+    gqa = nb >= 1 and rng.random() < 0.3
+    hkv = None
+    if gqa:
+        hkv = int(rng.integers(1, 4))
+        batch[-1] = hkv * int(rng.integers(1, 4))
+    bq = _operand_batch(rng, batch, keep_last=gqa)
+    bk = _operand_batch(rng, batch, keep_last=gqa, heads=hkv)
+    bv = _operand_batch(rng, batch, keep_last=gqa, heads=hkv)
+    if gqa:
+        bv = bv[:-1] + (hkv,)
+        out_batch = np.broadcast_shapes(bq, bk[:-1] + (bq[-1],), bv[:-1] + (bq[-1],))
+    else:
+        out_batch = np.broadcast_shapes(bq, bk, bv)
+    n = math.prod(out_batch)
+    L, S, size_kind = _lengths(rng)
+    E, Ev = _features(rng), _features(rng)
+    while n * L * S * (E + Ev) > MAX_WORK or n * L * S > MAX_SCORES:
+        if size_kind == "decode":
+            E, Ev = max(1, E // 2), max(1, Ev // 2)
+            if E == 1 and Ev == 1:
+                S = max(256, S // 2)
+                if S == 256:
+                    L = max(1, L // 2)
+        elif L >= S:
+            L = max(1, L // 2)
+        else:
+            S = max(1, S // 2)
+
+    kinds = [np.float16, np.float32, np.float64, "int8"]
+    q_kind = _choice(rng, FLOATS)
+    k_kind = _choice(rng, kinds, p=[0.2, 0.35, 0.2, 0.25])
+    v_kind = _choice(rng, kinds, p=[0.2, 0.35, 0.2, 0.25])
+    k_block = _choice(rng, (32, 32, None, 16, 64)) if k_kind == "int8" else None
+    v_block = _choice(rng, (32, 32, None, 16, 64)) if v_kind == "int8" else None
+    magnitude = _choice(rng, (1.0, 1.0, 1.0, 0.1, 4.0))
+    outlier = rng.random() < 0.1
+    query, q_view = _operand(rng, bq + (L, E), q_kind, None, magnitude, outlier)
+    key, k_view = _operand(rng, bk + (S, E), k_kind, k_block, magnitude, outlier)
+    value, v_view = _operand(rng, bv + (S, Ev), v_kind, v_block, 1.0, False)
+
+    mask_type = _choice(rng, (None, None, "bool", "float"))
+    mask = None
+    mask_shape = None
+    if mask_type is not None:
+        full = tuple(out_batch) + (L, S)
+        shape = [d if rng.random() < 0.75 else 1 for d in full]
+        drop = int(rng.integers(0, len(shape) - 1)) if len(shape) > 2 else 0
+        mask_shape = tuple(shape[drop:])
+        density = _choice(rng, (0.0, 0.1, 0.5, 0.9, 1.0), p=[0.05, 0.15, 0.4, 0.3, 0.1])
+        if mask_type == "bool":
+            mask = rng.random(mask_shape) < density
+            fill = False
+        else:
+            mask_dtype = _choice(rng, (np.float16, np.float32, np.float32, np.float64))
+            mask = (_choice(rng, (0.0, 1.0, 3.0)) * rng.standard_normal(mask_shape)).astype(mask_dtype)
+            mask[rng.random(mask_shape) >= density] = -np.inf
+            fill = -np.inf
+        if rng.random() < 0.3 and mask.shape[-2] > 0:           # some fully masked rows
+            rows = rng.choice(mask.shape[-2], size=min(2, mask.shape[-2]), replace=False)
+            mask[..., rows, :] = fill
+        mask = as_view(mask, _choice(rng, VIEWS))
+    is_causal = _choice(rng, CAUSAL)
+    window = int(rng.integers(1, S + 3)) if is_causal and rng.random() < 0.35 else None
+    slopes = None
+    if len(out_batch) >= 1 and rng.random() < 0.2:
+        slopes = rng.uniform(0, 0.5, out_batch[-1]) * (rng.random(out_batch[-1]) < 0.9)
+        slopes = slopes.astype(_choice(rng, (np.float32, np.float64)))
+    softcap = float(rng.uniform(1, 30)) if rng.random() < 0.2 else None
+    scale = None if rng.random() < 0.6 else float(rng.uniform(0.05, 3) / math.sqrt(E))
+    return_lse = bool(rng.random() < 0.5)
+    enable_gqa = gqa or (len(bq) >= 1 and len(bk) >= 1 and len(bv) >= 1 and bk[-1] == bv[-1]
+                         and bq[-1] % bk[-1] == 0 and rng.random() < 0.1)
+    out_dtype = _choice(rng, FLOATS) if rng.random() < 0.1 else None
+
+    params.update(batch=tuple(batch), q=(q_kind if isinstance(q_kind, str) else np.dtype(q_kind).name, bq, q_view),
+                  k=(k_kind if isinstance(k_kind, str) else np.dtype(k_kind).name, bk, k_view, k_block),
+                  v=(v_kind if isinstance(v_kind, str) else np.dtype(v_kind).name, bv, v_view, v_block),
+                  L=L, S=S, E=E, Ev=Ev, magnitude=magnitude, outlier=outlier,
+                  mask=None if mask is None else (mask.dtype.name, mask_shape),
+                  is_causal=is_causal, window=window, alibi=slopes is not None, softcap=softcap, scale=scale,
+                  return_lse=return_lse, enable_gqa=enable_gqa, out_dtype=out_dtype and np.dtype(out_dtype).name)
+    kwargs = dict(attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa, window=window,
+                  alibi_slopes=slopes, softcap=softcap, return_lse=return_lse, out_dtype=out_dtype)
+    return query, key, value, kwargs, out_batch, gqa
+
+
+def _full(x, out_batch, gqa, group):
+    """Effective float64 operand broadcast to the output batch (key/value heads repeated for GQA)."""
+    if gqa and group > 1:
+        x = np.repeat(x, group, axis=-3)
+    return np.broadcast_to(x, tuple(out_batch) + x.shape[-2:])
+
+
+def effective_query_for_row_keys(q, scale, arith):
+    """Per-row int8 keys are scored against an int8 copy of scale·query: (q_eff, tie mask, step)."""
+    if arith == np.float32:
+        qs = q.astype(np.float32) * np.float32(scale)
+    else:
+        qs = (q.astype(np.float64) * scale).astype(np.float32)
+    return quantise_rows_like_kernel(qs)
+
+
+def run_sdpa_case(seed, params):
+    rng = np.random.default_rng(seed)
+    query, key, value, kwargs, out_batch, gqa = draw_sdpa_case(rng, params)
+    snap = Snapshot(query, key, value, kwargs["attn_mask"], kwargs["alibi_slopes"])
+    result = scaled_dot_product_attention(query, key, value, **kwargs)
+    snap.assert_unchanged()
+    out, lse = result if kwargs["return_lse"] else (result, None)
+
+    floats = float_dtypes_of(query, key, value)
+    arith = np.float64 if np.dtype(np.float64) in floats else np.float32
+    expected_dtype = np.dtype(kwargs["out_dtype"]) if kwargs["out_dtype"] else np.result_type(*floats)
+    L, E, S, Ev = query.shape[-2], query.shape[-1], key.shape[-2], value.shape[-1]
+    assert out.dtype == expected_dtype, f"result dtype {out.dtype}, documented {expected_dtype}"
+    assert out.shape == tuple(out_batch) + (L, Ev), f"result shape {out.shape}"
+    if lse is not None:
+        assert lse.dtype == arith, f"lse dtype {lse.dtype}, expected the arithmetic's {np.dtype(arith)}"
+        assert lse.shape == tuple(out_batch) + (L,), f"lse shape {lse.shape}"
+
+    group = out_batch[-1] // key.shape[-3] if gqa else 1
+    scale = kwargs["scale"] if kwargs["scale"] is not None else 1.0 / math.sqrt(E)
+    q = np.broadcast_to(effective(query), tuple(out_batch) + (L, E))
+    k = _full(effective(key), out_batch, gqa, group)
+    v = _full(effective(value), out_batch, gqa, group)
+    extra = None
+    if isinstance(key, QuantizedTensor) and key.scales.shape[-1] == 1:
+        q_eff, tie, step = effective_query_for_row_keys(np.asarray(query), scale, arith)
+        # one int8 step of each query entry that lies at a rounding tie: that entry's score moves by at most
+        # step·|k_d|, the output by at most twice that times max|v|
+        tie_k = np.matmul(np.broadcast_to(tie * step, tuple(out_batch) + (L, E)), np.abs(np.swapaxes(k, -1, -2)))
+        extra = 2 * tie_k.max(axis=-1, initial=0.0) * np.abs(v).max(initial=0.0)
+        q, scale = np.broadcast_to(q_eff, tuple(out_batch) + (L, E)), 1.0
+    if arith == np.float64 and (isinstance(key, QuantizedTensor) or isinstance(value, QuantizedTensor)):
+        # the kernel may dequantise exactly where dequantize rounds to float32: ±2⁻²⁴ on k and v
+        sens = 2.0 ** -24 * (2 * score_magnitude(q, k, scale, None, None, False, np.ones(q.shape[:-1] + (S,), bool))
+                             + 1.0) * np.abs(v).max(initial=0.0)
+        extra = sens if extra is None else extra + sens
+    mask = kwargs["attn_mask"]
+    if mask is not None:
+        mask = np.broadcast_to(mask if mask.dtype == np.bool_ else mask.astype(arith), tuple(out_batch) + (L, S))
+    slopes = kwargs["alibi_slopes"]
+    if slopes is not None:
+        slopes = np.broadcast_to(slopes.astype(np.float64), tuple(out_batch))
+    check_against_formula(out, lse, q, k, v, scale, mask, kwargs["is_causal"], kwargs["window"], slopes,
+                          kwargs["softcap"], arith, extra)
+
+
+def test_fuzz_sdpa(sdpa_batch, fuzz_seed):
+    run_batch("scaled_dot_product_attention", run_sdpa_case, fuzz_seed, *sdpa_batch)
+
+
+# ------------------------------------------------------------------------------------------------
+# family 2: KVCache in every format
+# ------------------------------------------------------------------------------------------------
+
+def rounded_like_cache(x, dtype, block):
+    """float64 values of x (B, H, T, D) as a cache of ``dtype`` stores them (int8 quantised here, in numpy,
+    the documented way: s = max|x|/127 per block, q = clamp(rint(x/s), ±127); returns also per-entry s)."""
+    x = np.asarray(x)
+    if dtype == np.int8:
+        D = x.shape[-1]
+        b = D if block is None else min(block, D)
+        nb = -(-D // b)
+        pad = np.zeros(x.shape[:-1] + (nb * b,), np.float32)
+        pad[..., :D] = x.astype(np.float32)
+        blocks = pad.reshape(x.shape[:-1] + (nb, b))
+        s = (np.abs(blocks).max(axis=-1, keepdims=True) / np.float32(127)).astype(np.float32)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            inv = np.where(s > 0, np.float32(1) / s, np.float32(0)).astype(np.float32)
+        q8 = np.clip(np.rint(blocks * inv), -127, 127)
+        vals = (q8 * s).astype(np.float32).reshape(x.shape[:-1] + (nb * b,))[..., :D]
+        step = np.broadcast_to(s, blocks.shape).reshape(x.shape[:-1] + (nb * b,))[..., :D]
+        return vals.astype(np.float64), step.astype(np.float64)
+    return x.astype(dtype).astype(np.float64), np.zeros(x.shape)
+
+
+def cache_content(cache):
+    """(keys, values) of a cache in position order, as float64."""
+    keys, values = cache.ordered()
+    return effective(keys), effective(values)
+
+
+def run_cache_case(seed, params):
+    rng = np.random.default_rng(seed)
+    B, Hkv, group = int(rng.integers(1, 3)), int(rng.integers(1, 4)), int(rng.integers(1, 4))
+    dtype = np.dtype(_choice(rng, (np.float32, np.float16, np.int8, np.int8, np.float64)))
+    block = _choice(rng, (32, None, 16)) if dtype == np.int8 else 32
+    D = _features(rng) if rng.random() < 0.5 else int(rng.integers(1, 65))
+    Dv = D if (dtype == np.int8 and block is not None) or rng.random() < 0.7 else _features(rng)
+    window = None if rng.random() < 0.5 else int(rng.integers(1, 80))
+    total = int(rng.integers(1, 700))
+    capacity = total + int(rng.integers(0, 20))
+    params.update(B=B, Hkv=Hkv, group=group, dtype=dtype.name, block=block, D=D, Dv=Dv, window=window,
+                  capacity=capacity, total=total, chunks=[])
+    cache = KVCache(B, Hkv, D, capacity, dtype=dtype, window=window, value_dim=Dv, block=block)
+    hist_k, hist_v = np.zeros((B, Hkv, 0, D)), np.zeros((B, Hkv, 0, Dv))
+    step_k, step_v = np.zeros((B, Hkv, 0, D)), np.zeros((B, Hkv, 0, Dv))
+    appended = 0
+    q_dtype = np.float64 if dtype == np.float64 else _choice(rng, (np.float32, np.float32, np.float16))
+    while appended < total:
+        T = min(total - appended, int(_choice(rng, (1, 1, rng.integers(1, 9), rng.integers(1, 200)))))
+        params["chunks"].append(T)
+        k_new = rng.standard_normal((B, Hkv, T, D)).astype(_choice(rng, (np.float32, np.float64, np.float16)))
+        v_new = rng.standard_normal((B, Hkv, T, Dv)).astype(_choice(rng, (np.float32, np.float64, np.float16)))
+        k_new, v_new = as_view(k_new, _choice(rng, VIEWS)), as_view(v_new, _choice(rng, VIEWS))
+        snap = Snapshot(k_new, v_new)
+        cache.append(k_new, v_new)
+        snap.assert_unchanged()
+        appended += T
+        rk, sk = rounded_like_cache(k_new, dtype, block)
+        rv, sv = rounded_like_cache(v_new, dtype, block)
+        hist_k, hist_v = np.concatenate([hist_k, rk], 2), np.concatenate([hist_v, rv], 2)
+        step_k, step_v = np.concatenate([step_k, sk], 2), np.concatenate([step_v, sv], 2)
+        assert cache.length == appended, (cache.length, appended)
+        n_valid = appended if window is None else min(window, appended)
+        assert cache.n_valid == n_valid, (cache.n_valid, n_valid)
+        np.testing.assert_array_equal(np.sort(cache.positions()), np.arange(appended - n_valid, appended))
+        keys, values = cache_content(cache)
+        assert keys.shape == (B, Hkv, n_valid, D) and values.shape == (B, Hkv, n_valid, Dv)
+        # what the cache holds: the last n_valid tokens, rounded to its format (int8: within one step of
+        # the documented scheme, since a reciprocal may differ by an ulp at a tie)
+        if dtype == np.int8:
+            assert_within_step(keys, hist_k[:, :, appended - n_valid:], step_k[:, :, appended - n_valid:])
+            assert_within_step(values, hist_v[:, :, appended - n_valid:], step_v[:, :, appended - n_valid:])
+        else:
+            np.testing.assert_array_equal(keys, hist_k[:, :, appended - n_valid:], err_msg="cache keys")
+            np.testing.assert_array_equal(values, hist_v[:, :, appended - n_valid:], err_msg="cache values")
+        if rng.random() < 0.6 or appended == total:
+            Lq = int(min(n_valid, _choice(rng, (1, 1, rng.integers(1, 9), rng.integers(1, 300)))))
+            q = rng.standard_normal((B, Hkv * group, Lq, D)).astype(q_dtype)
+            ordered_k, ordered_v = cache.ordered()
+            if not cache.wrapped and rng.random() < 0.5:
+                ordered_k, ordered_v = cache.keys, cache.values       # views straight onto the storage
+            scale = None if rng.random() < 0.7 else float(rng.uniform(0.1, 2) / math.sqrt(D))
+            kw = dict(is_causal="lower_right", window=window, enable_gqa=group > 1, scale=scale,
+                      return_lse=bool(rng.random() < 0.5))
+            snap = Snapshot(q, ordered_k, ordered_v)
+            res = scaled_dot_product_attention(q, ordered_k, ordered_v, **kw)
+            snap.assert_unchanged()
+            out, lse = res if kw["return_lse"] else (res, None)
+            floats = float_dtypes_of(q, ordered_k, ordered_v)
+            arith = np.float64 if np.dtype(np.float64) in floats else np.float32
+            assert out.dtype == np.result_type(*floats), out.dtype
+            k_eff, v_eff = cache_content(cache)
+            k_eff, v_eff = np.repeat(k_eff, group, axis=1), np.repeat(v_eff, group, axis=1)
+            s = 1.0 / math.sqrt(D) if scale is None else scale
+            q_eff, extra = q.astype(np.float64), None
+            if dtype == np.int8 and (block is None or block >= D):
+                q_eff, tie, st = effective_query_for_row_keys(q, s, arith)
+                tie_k = np.matmul(tie * st, np.abs(np.swapaxes(k_eff, -1, -2)))
+                extra = 2 * tie_k.max(axis=-1, initial=0.0) * np.abs(v_eff).max(initial=0.0)
+                s = 1.0
+            check_against_formula(out, lse, q_eff, k_eff, v_eff, s, None, "lower_right", window, None, None,
+                                  arith, extra)
+
+
+def assert_within_step(actual, expected, step):
+    """int8 content: equal to the documented rounding, or one quantisation step off (a tie)."""
+    err = np.abs(actual - expected)
+    bad = err > step * (1 + 1e-6) + 1e-30
+    assert not bad.any(), f"int8 cache content off by more than one step at {np.argwhere(bad)[0]}"
+    exact_share = float((err == 0).mean()) if err.size else 1.0
+    assert exact_share > 0.99, f"int8 cache content differs from the documented rounding in {1 - exact_share:.1%}"
+
+
+def test_fuzz_kv_cache(cache_batch, fuzz_seed):
+    run_batch("KVCache", run_cache_case, fuzz_seed, *cache_batch)
+
+
+# ------------------------------------------------------------------------------------------------
+# family 3: MultiHeadAttention against a float64 numpy layer
+# ------------------------------------------------------------------------------------------------
+
+def numpy_layer(layer, x_new, dtype, x_all=None, k_hist=None, v_hist=None, kpm=None, attn_mask=None,
+                is_causal=False, window=None, q_scaled=None):
+    """The layer in numpy, all in ``dtype``: projections, heads, attention, output projection.
+
+    Queries from ``x_new`` (B, L, embed); keys and values from ``x_all`` (B, S, embed; default x_new; a
+    cached call's whole history, the new tokens last), or given as ``k_hist``/``v_hist`` (B, H_kv, S, hd)
+    (a float16/int8 cache's rounded content). ``q_scaled``: scale·Q given (B, H, L, hd) (the int8 copy
+    of the query that per-row int8 keys are scored against), then the scale is 1. ``kpm``: bool (B, S)
+    True = padding, or float added;
+    ``attn_mask``: bool True = not allowed, or float added (torch.nn.MultiheadAttention's conventions)."""
+    dt = np.dtype(dtype).type
+    W = {n: getattr(layer, n).astype(dt) for n in ("w_q", "w_k", "w_v", "w_o")}
+    b = {n: (None if getattr(layer, n) is None else getattr(layer, n).astype(dt)) for n in ("b_q", "b_k", "b_v", "b_o")}
+    H, Hkv, hd = layer.num_heads, layer.num_kv_heads, layer.head_dim
+
+    def proj(x, w, bias, heads):
+        x = x.astype(dt)
+        y = x @ W[w]
+        if b[bias] is not None:
+            y = y + b[bias]
+        return y.reshape(x.shape[0], x.shape[1], heads, hd).transpose(0, 2, 1, 3)
+
+    B, L, _ = x_new.shape
+    q = proj(x_new, "w_q", "b_q", H)
+    if k_hist is None:
+        src = x_new if x_all is None else x_all
+        k, v = proj(src, "w_k", "b_k", Hkv), proj(src, "w_v", "b_v", Hkv)
+    else:
+        k, v = k_hist.astype(dt), v_hist.astype(dt)
+    g = H // Hkv
+    k, v = np.repeat(k, g, axis=1), np.repeat(v, g, axis=1)
+    S = k.shape[2]
+    mask = None
+    parts = []
+    if kpm is not None:
+        parts.append(np.where(kpm, -np.inf, 0.0)[:, None, None, :] if kpm.dtype == np.bool_
+                     else kpm.astype(np.float64)[:, None, None, :])
+    if attn_mask is not None:
+        parts.append(np.where(attn_mask, -np.inf, 0.0) if attn_mask.dtype == np.bool_
+                     else attn_mask.astype(np.float64))
+    if parts:
+        mask = np.broadcast_to(sum(parts), (B, H, L, S)).astype(dt)
+    scale = 1.0 / math.sqrt(hd)
+    if q_scaled is not None:
+        q, scale = q_scaled, 1.0
+    out, _, vis = attention_formula(q, k, v, scale, mask, is_causal, window, dtype=dt)
+    merged = out.transpose(0, 2, 1, 3).reshape(B, L, H * hd)
+    y = merged @ W["w_o"]
+    if b["b_o"] is not None:
+        y = y + b["b_o"]
+    return y, dict(q=q, k=k, v=v, mask=mask, vis=vis, merged=merged)
+
+
+def check_layer(y, layer, x_new, arith, quantised_query=False, **kw):
+    """y against the float64 numpy layer: error ≤ 2× the naive-``arith`` layer's + a floor propagated
+    through the output projection (the attention floor per head row, and eps·|merged|·|W_o|).
+    ``quantised_query``: the cache holds int8 keys with one scale per row, scored against an int8
+    copy of scale·Q (a rounding tie may go either way: one step of that entry, in the budget)."""
+    assert y.dtype == layer.dtype and y.shape == x_new.shape[:2] + (layer.embed_dim,), (y.dtype, y.shape)
+    assert not np.isnan(y).any(), "layer output holds NaN"
+    exact, parts = numpy_layer(layer, x_new, np.float64, **kw)
+    scale = 1.0 / math.sqrt(layer.head_dim)
+    tie_budget = 0.0
+    if quantised_query:
+        q_eff, tie, step = quantise_rows_like_kernel((parts["q"] * scale).astype(np.float32))
+        kw = dict(kw, q_scaled=q_eff)
+        exact, parts = numpy_layer(layer, x_new, np.float64, **kw)
+        scale = 1.0
+        tie_k = np.matmul(tie * step, np.abs(np.swapaxes(parts["k"], -1, -2)))
+        tie_budget = 2 * tie_k.max(axis=-1, initial=0.0) * np.abs(parts["v"]).max(initial=0.0)
+    naive, _ = numpy_layer(layer, x_new, arith, **kw)
+    eps = float(np.finfo(arith).eps)
+    M = score_magnitude(parts["q"], parts["k"], scale, parts["mask"], None, kw.get("is_causal", False),
+                        parts["vis"])
+    V = value_magnitude(parts["v"], parts["vis"])
+    head_floor = eps * V * (C_EXP + C_SCORE * M) + tie_budget                       # (B, H, L)
+    w_o = np.abs(layer.w_o.astype(np.float64))
+    per_head = w_o.reshape(layer.num_heads, layer.head_dim, -1).sum(axis=1)          # (H, embed)
+    floor = np.einsum("bhl,he->ble", head_floor, per_head) + C_EXP * eps * (np.abs(parts["merged"]) @ w_o)
+    naive_err = np.abs(naive - exact).max(axis=-1, keepdims=True)
+    err = np.abs(y.astype(np.float64) - exact)
+    tol = 2 * naive_err + floor
+    if (err > tol).any():
+        w = np.unravel_index(np.argmax(err - tol), err.shape)
+        raise AssertionError(f"layer output outside the budget at {tuple(int(i) for i in w)}: |err| {err[w]:.3g} > "
+                             f"tol {tol[w]:.3g} ({int((err > tol).sum())} of {err.size})")
+
+
+def run_layer_case(seed, params):
+    rng = np.random.default_rng(seed)
+    Hkv = int(rng.integers(1, 4))
+    H = Hkv * int(rng.integers(1, 4))
+    hd = int(rng.integers(1, 40))
+    embed = H * hd if rng.random() < 0.7 else int(rng.integers(1, 100))
+    dtype = np.dtype(_choice(rng, (np.float32, np.float32, np.float64)))
+    bias = bool(rng.random() < 0.7)
+    B = int(rng.integers(1, 3))
+    cached = rng.random() < 0.5
+    params.update(H=H, Hkv=Hkv, head_dim=hd, embed=embed, dtype=dtype.name, bias=bias, B=B, cached=cached)
+    layer = MultiHeadAttention(embed, H, Hkv, head_dim=hd, bias=bias, dtype=dtype, seed=int(rng.integers(1 << 31)))
+    if bias:
+        layer.load(layer.w_q, layer.w_k, layer.w_v, layer.w_o,
+                   *(rng.standard_normal(getattr(layer, n).shape) * 0.1 for n in ("b_q", "b_k", "b_v", "b_o")))
+    arith = np.float64 if dtype == np.float64 else np.float32
+    if not cached:
+        L = int(rng.integers(1, 60))
+        x = as_view(rng.standard_normal((B, L, embed)).astype(dtype), _choice(rng, VIEWS))
+        kpm = attn_mask = None
+        if rng.random() < 0.4:
+            kpm = rng.random((B, L)) < 0.3
+            if rng.random() < 0.3:
+                kpm = np.where(kpm, -np.inf, rng.standard_normal((B, L))).astype(dtype)
+        if rng.random() < 0.4:
+            shape = (L, L) if rng.random() < 0.6 else (B, H, L, L)
+            attn_mask = rng.random(shape) < 0.3
+            if rng.random() < 0.4:
+                attn_mask = np.where(attn_mask, -np.inf, rng.standard_normal(shape)).astype(dtype)
+        is_causal = _choice(rng, CAUSAL)
+        params.update(L=L, kpm=None if kpm is None else kpm.dtype.name,
+                      attn_mask=None if attn_mask is None else (attn_mask.dtype.name, attn_mask.shape),
+                      is_causal=is_causal, view=None)
+        snap = Snapshot(x, kpm, attn_mask)
+        y = layer(x, key_padding_mask=kpm, attn_mask=attn_mask, is_causal=is_causal)
+        snap.assert_unchanged()
+        check_layer(y, layer, np.asarray(x), arith, kpm=kpm, attn_mask=attn_mask, is_causal=is_causal)
+        return
+    cache_dtype = np.dtype(dtype if dtype == np.float64 else _choice(rng, (np.float32, np.float16, np.int8)))
+    block = _choice(rng, (32, None)) if cache_dtype == np.int8 else 32
+    window = None if rng.random() < 0.5 else int(rng.integers(1, 40))
+    total = int(rng.integers(1, 120))
+    cache = layer.new_cache(B, total + 5, window=window, dtype=cache_dtype, block=block)
+    params.update(cache_dtype=cache_dtype.name, block=block, window=window, total=total, chunks=[])
+    rounded = cache_dtype in (np.float16, np.int8)
+    x_all = np.zeros((B, 0, embed), dtype)
+    k_hist, v_hist = np.zeros((B, Hkv, 0, hd)), np.zeros((B, Hkv, 0, hd))
+    while x_all.shape[1] < total:
+        done = x_all.shape[1]
+        T = min(total - done, int(_choice(rng, (1, 1, rng.integers(1, 8), rng.integers(1, 50)))))
+        params["chunks"].append(T)
+        x = rng.standard_normal((B, T, embed)).astype(dtype)
+        x_all = np.concatenate([x_all, x], 1)
+        hist = {}
+        if rounded:
+            # K and V as the layer computes them (float32), rounded as the cache stores them: the same
+            # rounded inputs for the float64 formula
+            _, k_new, v_new = layer.project_qkv(x)
+            k_hist = np.concatenate([k_hist, rounded_like_cache(k_new, cache_dtype, block)[0]], 2)
+            v_hist = np.concatenate([v_hist, rounded_like_cache(v_new, cache_dtype, block)[0]], 2)
+            hist = dict(k_hist=k_hist, v_hist=v_hist)
+        kpm = rng.random((B, done + T)) < 0.2 if rng.random() < 0.3 else None
+        y = layer(x, cache=cache, key_padding_mask=kpm)
+        assert cache.length == done + T, (cache.length, done + T)
+        check_layer(y, layer, x, arith, quantised_query=cache_dtype == np.int8 and (block is None or block >= hd),
+                    x_all=x_all, kpm=kpm, is_causal="lower_right", window=window, **hist)
+
+
+def test_fuzz_layer(layer_batch, fuzz_seed):
+    run_batch("MultiHeadAttention", run_layer_case, fuzz_seed, *layer_batch)
+
+
+# ------------------------------------------------------------------------------------------------
+# the fuzzer can fail
+# ------------------------------------------------------------------------------------------------
+
+def test_formula_check_catches_a_small_error():
+    """A result off by a relative 1e-3 in the scale fails the budget (the same check the fuzzer runs)."""
+    rng = np.random.default_rng(1)
+    q, k, v = (rng.standard_normal((2, 37, 33)).astype(np.float32) for _ in range(3))
+    good = scaled_dot_product_attention(q, k, v)
+    check_against_formula(good, None, q.astype(np.float64), k.astype(np.float64), v.astype(np.float64),
+                          1 / math.sqrt(33))
+    wrong = scaled_dot_product_attention(q, k, v, scale=(1 + 1e-3) / math.sqrt(33))
+    with pytest.raises(AssertionError, match="outside the budget"):
+        check_against_formula(wrong, None, q.astype(np.float64), k.astype(np.float64), v.astype(np.float64),
+                              1 / math.sqrt(33))
