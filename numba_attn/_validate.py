@@ -302,9 +302,10 @@ def _prepare_mask(attn_mask, batch, L, S, dtype, check_finite):
     if full != target:
         raise ValueError(f"attn_mask of shape {mask.shape} does not broadcast to (..., L, S) = {target}")
     if kind == MASK_ADD:
+        mask = mask.astype(dtype, copy=False)        # checked after: 1e300 in float32 arithmetic is +inf
         if np.isnan(mask).any() or np.isposinf(mask).any():
-            raise ValueError("attn_mask contains NaN or +inf; an additive mask may hold finite values and -inf")
-        mask = mask.astype(dtype, copy=False)
+            raise ValueError(f"attn_mask contains NaN or +inf (or values beyond {np.dtype(dtype).name}'s range); "
+                             "an additive mask may hold finite values and -inf")
     if mask.ndim < 2:
         mask = mask.reshape((1,) * (2 - mask.ndim) + mask.shape)
     own_batch = mask.shape[:-2]

@@ -15,7 +15,6 @@ from .cache import is_kv_cache_view
 from .kernels._scores import MASK_NONE
 from .kernels import decode, prefill
 from .kernels._load import to_float16
-from .kernels.finite import all_finite
 
 __all__ = ["scaled_dot_product_attention", "attention_weights"]
 
@@ -78,9 +77,9 @@ def _run(plan, out=None):
         kernel(*args)
     else:
         launch(kernel, *args)
-    # every kernel counts non-finite query values, raw scores and accumulators into ``check``;
-    # prefill also checks its result as it writes it, decode's (N·L rows) is scanned here
-    if plan.check_finite and (check.any() or (decode_path and not all_finite(out))):
+    # every kernel counts non-finite query values, raw scores, accumulators and result rows into
+    # ``check`` in loops that read them anyway: one parallel region per call, no scan afterwards
+    if plan.check_finite and check.any():
         _raise_nonfinite(plan)
     return out, lse
 

@@ -101,7 +101,10 @@ class KVCache:
         if window is not None:
             if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window <= 0:
                 raise ValueError(f"window must be a positive int or None, got {window!r}")
-        dtype = np.dtype(dtype)
+        try:
+            dtype = np.dtype(dtype)
+        except TypeError:
+            raise TypeError(f"dtype must be float32, float64, float16 or int8, got {dtype!r}") from None
         if dtype not in _DTYPES:
             raise TypeError(f"dtype must be float32, float64, float16 or int8, got {dtype}")
         self.batch, self.num_kv_heads, self.head_dim, self.value_dim = int(batch), int(num_kv_heads), int(head_dim), int(value_dim)

@@ -84,7 +84,10 @@ class MultiHeadAttention:
         if self.kdim != self.vdim:
             raise ValueError(f"kdim ({self.kdim}) and vdim ({self.vdim}) must be equal: one context sequence feeds "
                              "both the key and the value projection")
-        self.dtype = np.dtype(dtype)
+        try:
+            self.dtype = np.dtype(dtype)
+        except TypeError:
+            raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
         if self.dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
             raise TypeError(f"dtype must be float32 or float64, got {self.dtype}")
         hq, hkv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -125,6 +128,8 @@ class MultiHeadAttention:
             if dst is None:
                 raise ValueError(f"{name} given but the layer was built with bias=False")
             src = np.asarray(src)
+            if src.dtype.kind not in "fiu":
+                raise TypeError(f"{name} must be a real (floating) array, got dtype {src.dtype}")
             if src.shape != dst.shape:
                 raise ValueError(f"{name} must have shape {dst.shape} (in_features, out_features), got {src.shape}")
             check_finite_array(src, name)
@@ -162,6 +167,10 @@ class MultiHeadAttention:
         """From four ``nn.Linear``-layout weights (out_features, in_features), as Hugging Face stores
         ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj`` (Llama, Mistral, BERT's query/key/value/dense)."""
         q_proj, k_proj, v_proj, o_proj = (np.asarray(w) for w in (q_proj, k_proj, v_proj, o_proj))
+        for name, w in (("q_proj", q_proj), ("k_proj", k_proj), ("v_proj", v_proj), ("o_proj", o_proj)):
+            if w.ndim != 2:
+                raise ValueError(f"{name} must be a 2-D (out_features, in_features) weight, got shape {w.shape}")
+        num_heads = _positive_int("num_heads", num_heads)
         embed_dim = q_proj.shape[1]
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         head_dim = q_proj.shape[0] // num_heads if head_dim is None else head_dim
@@ -265,6 +274,8 @@ class MultiHeadAttention:
         if cache is not None and not isinstance(cache, KVCache):
             raise TypeError(f"cache must be a numba_attn.KVCache, got {type(cache).__name__}")
         check_causal(is_causal)      # with a cache it is not used (bottom-right by construction), but still checked
+        if rotary is not None and not callable(rotary):
+            raise TypeError(f"rotary must be a callable (q, k, positions) -> (q, k), got {type(rotary).__name__}")
         x = self._check_input(x, "x", self.embed_dim)
         B, L, _ = x.shape
         if context is not None:
@@ -342,7 +353,7 @@ class MultiHeadAttention:
         if key_padding_mask is not None:
             kpm = np.asarray(key_padding_mask)
             need = int(positions.max()) + 1 if positions.size else 0
-            if kpm.ndim != 2 or kpm.shape[0] != B or kpm.shape[1] < need:
+            if kpm.ndim != 2 or kpm.shape[0] != B or kpm.shape[1] != need:
                 raise ValueError(f"key_padding_mask must have shape (batch, S) = ({B}, {need}), got {kpm.shape}")
             parts.append(self._as_additive_or_bool(kpm[:, positions], "key_padding_mask")[:, None, None, :])
         if attn_mask is not None:

@@ -291,7 +291,7 @@ def test_serial_path_equals_parallel_path(monkeypatch, name):
 
 
 @pytest.mark.parametrize("L,S,expected", [
-    (8, 256, "decode"), (9, 256, "prefill"), (8, 255, "prefill"), (1, 256, "decode"), (1, 100000 // 64, "decode"),
+    (8, 32, "decode"), (9, 256, "prefill"), (8, 31, "prefill"), (1, 32, "decode"), (1, 100000 // 64, "decode"),
 ])
 def test_kernel_choice(monkeypatch, L, S, expected):
     rng = np.random.default_rng(4)

@@ -34,8 +34,8 @@ def adjust_score(x, qpos, kpos, slope, softcap, window):
 
     tanh(y) is computed as 1 - 2/(exp(2y) + 1) with the vectorising ``fast_exp``.
     """
-    if softcap > 0:
-        x = softcap - 2 * softcap / (fast_exp(2 * x / softcap) + 1)
+    if softcap > 0:      # x + x, not 2 * x: an int times a float32 is float64 in numba (and exp goes scalar)
+        x = softcap - (softcap + softcap) / (fast_exp((x + x) / softcap) + 1)
     x -= slope * abs(qpos - kpos)
     if window > 0 and kpos <= qpos - window:
         x = -np.inf

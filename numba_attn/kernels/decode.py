@@ -161,8 +161,9 @@ def _decode_body(q, k, k_scales, k_block, v, v_scales, v_block, q_idx, k_idx, v_
     ``v_block`` for int8 keys/values (ignored for float ones); ``row_chunk``: query rows per work
     item; ``n_split``: parts of the key range. Storage may be float32/float64, uint16 (float16
     bits) or int8; the arithmetic runs in ``out.dtype``. ``check`` (G·n_chunks·n_split,) int64: per work
-    item, how many of its raw scores (before masks) are NaN or ±inf: a key or the query held NaN/inf,
-    or a score overflowed.
+    item, how many of its raw scores (before masks) are NaN or ±inf (a key or the query held NaN/inf,
+    or a score overflowed), whether its query rows or accumulator are not finite; ``check[0]`` also
+    counts the result rows that are not finite (the merge checks them as it writes them).
 
     Per work item (KV group g, rows [r0, r0 + nr), key part sp): load the query rows; for each key
     block of the part: scores, then per row: count non-finite raw scores, adjust them
@@ -228,13 +229,22 @@ def _decode_body(q, k, k_scales, k_block, v, v_scales, v_block, q_idx, k_idx, v_
         part_m[g, sp, r0:r0 + nr] = m
         part_l[g, sp, r0:r0 + nr] = l
         check[w] = n_bad + (0 if q_chk == zero else 1) + (0 if nonfinite_sum(acc) == zero else 1)
-    # exact merge of the parts
-    for t in prange(G * R):
+    # exact merge of the parts, on the calling thread: G·R·n_split·Ev multiply-adds, too few to pay
+    # for a second parallel region (a call is one parallel launch), and the result's finite check
+    # rides along (0·x is NaN for a NaN or ±inf result) instead of a scan of its own after the kernel
+    bad_results = 0
+    for t in range(G * R):
         g = t // R
         r = t % R
         n = groups[g, r // L]
         i = r % L
-        lse[n, i] = merge_parts(part_acc, part_m, part_l, g, r, out[n, i])
+        orow = out[n, i]
+        lse[n, i] = merge_parts(part_acc, part_m, part_l, g, r, orow)
+        c = zero
+        for e in range(Ev):
+            c += orow[e] * zero
+        bad_results += 0 if c == zero else 1
+    check[0] += bad_results
 
 
 decode_parallel = njit(parallel=True, fastmath=config.FASTMATH, cache=config.CACHE)(
