@@ -15,8 +15,9 @@ Three families, each case drawn from ``np.random.default_rng(seed + i)`` (reprod
 The expected result is the textbook formula in float64 with the whole L×S score matrix materialised
 (``attention_formula`` below; ``numba_attn.reference`` is not used), applied to the *same rounded
 inputs* the kernels see: float16 values as they are, int8 tensors dequantised (data · scale of its
-block, rounded to float32 as ``dequantize`` does), and, for int8 keys with one scale per row, the
-query quantised per row the way the kernel does (it scores int8 × int8; README "float16 and int8").
+block, rounded to float32 as ``dequantize`` does), and, for int8 keys with one scale per row in float32
+arithmetic, the query quantised per row the way the kernel does (it scores int8 × int8; README "float16
+and int8"; float64 arithmetic dequantises those keys instead and keeps the query exact).
 
 Tolerance (flash-attention's rule): for every output row, the error of our result against the float64
 formula may be at most twice the error of the same formula computed naively in the arithmetic dtype
@@ -505,7 +506,8 @@ def run_sdpa_case(seed, params):
     k = _full(effective(key), out_batch, gqa, group)
     v = _full(effective(value), out_batch, gqa, group)
     extra = None
-    if isinstance(key, QuantizedTensor) and key.scales.shape[-1] == 1:
+    if isinstance(key, QuantizedTensor) and key.scales.shape[-1] == 1 and arith == np.float32:
+        # (float64 arithmetic dequantises per-row keys too and never rounds the query: README)
         q_eff, tie, step = effective_query_for_row_keys(np.asarray(query), scale, arith)
         # one int8 step of each query entry that lies at a rounding tie: that entry's score moves by at most
         # step·|k_d|, the output by at most twice that times max|v|
@@ -627,7 +629,7 @@ def run_cache_case(seed, params):
             k_eff, v_eff = np.repeat(k_eff, group, axis=1), np.repeat(v_eff, group, axis=1)
             s = 1.0 / math.sqrt(D) if scale is None else scale
             q_eff, extra = q.astype(np.float64), None
-            if dtype == np.int8 and (block is None or block >= D):
+            if dtype == np.int8 and (block is None or block >= D) and arith == np.float32:
                 q_eff, tie, st = effective_query_for_row_keys(q, s, arith)
                 tie_k = np.matmul(tie * st, np.abs(np.swapaxes(k_eff, -1, -2)))
                 extra = 2 * tie_k.max(axis=-1, initial=0.0) * np.abs(v_eff).max(initial=0.0)
