@@ -13,6 +13,7 @@ also writes a heat map (needs matplotlib).
 (Layer 5, head 11 sends almost every token to the subject, "cat"; most heads put much of their
 weight on [CLS], a common "no-op" sink.)
 """
+
 import argparse
 import os
 import sys
@@ -20,9 +21,9 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from minilm_embeddings import MiniLM, set_threads  # noqa: E402  (the encoder lives there)
+from minilm_embeddings import MiniLM, set_threads
 
-import numba_attn  # noqa: E402
+import numba_attn
 
 DEFAULT_SENTENCE = "The cat sat on the mat because it was tired."
 
@@ -31,8 +32,8 @@ def attention_map(model, sentence, layer, head):
     """(weights (T, T), tokens): head ``head`` (an int, or "mean" over heads) of layer ``layer``."""
     if not 0 <= layer < model.num_layers:
         raise ValueError(f"layer must be 0 … {model.num_layers - 1}, got {layer}")
-    q, k, tokens = model.qk(layer, sentence)                 # (1, heads, T, head_dim)
-    w = numba_attn.attention_weights(q[0], k[0])            # (heads, T, T)
+    q, k, tokens = model.qk(layer, sentence)  # (1, heads, T, head_dim)
+    w = numba_attn.attention_weights(q[0], k[0])  # (heads, T, T)
     if head == "mean":
         return w.mean(axis=0), tokens
     head = int(head)
@@ -51,7 +52,7 @@ def print_table(weights, tokens, top=3, matrix_up_to=16):
     if len(tokens) <= matrix_up_to:
         print("\nweights ×100 (row: query token, column: key token)")
         cw = max(4, max(len(t) for t in tokens) + 1)
-        print(" " * (width + 1) + "".join(f"{t[:cw - 1]:>{cw}}" for t in tokens))
+        print(" " * (width + 1) + "".join(f"{t[: cw - 1]:>{cw}}" for t in tokens))
         for t, row in zip(tokens, weights):
             print(f"{t:>{width}} " + "".join(f"{100 * v:{cw}.0f}" for v in row))
 
@@ -60,8 +61,10 @@ def plot(weights, tokens, title, path):
     try:
         import matplotlib
     except ImportError:
-        raise SystemExit("--plot needs matplotlib, which is not installed: pip install matplotlib "
-                         "(or pip install -e '.[plot]'); the table above shows the same weights") from None
+        raise SystemExit(
+            "--plot needs matplotlib, which is not installed: pip install matplotlib "
+            "(or pip install -e '.[plot]'); the table above shows the same weights"
+        ) from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

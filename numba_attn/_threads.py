@@ -6,6 +6,7 @@ little cores (e.g. 4 × Cortex-A76 + 4 × A55) the little ones slow a parallel r
 pace: use as many threads as big cores, ``numba_attn.set_num_threads(4)``, or start the process
 with ``NUMBA_NUM_THREADS=4``.
 """
+
 import contextlib
 import os
 import threading
@@ -38,8 +39,10 @@ def set_num_threads(n):
     """
     limit = numba.config.NUMBA_NUM_THREADS
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= limit:
-        raise ValueError(f"n must be an int from 1 to NUMBA_NUM_THREADS = {limit}, got {n!r} "
-                         "(start the process with a larger NUMBA_NUM_THREADS for more)")
+        raise ValueError(
+            f"n must be an int from 1 to NUMBA_NUM_THREADS = {limit}, got {n!r} "
+            "(start the process with a larger NUMBA_NUM_THREADS for more)"
+        )
     numba.set_num_threads(n)
 
 
@@ -78,7 +81,7 @@ def start_pool():
     if not user_set:
         os.environ["OMP_WAIT_POLICY"] = config.OMP_WAIT_POLICY
     try:
-        numba.get_num_threads()            # loads the threading layer and starts its threads
+        numba.get_num_threads()  # loads the threading layer and starts its threads
     finally:
         if not user_set:
             del os.environ["OMP_WAIT_POLICY"]

@@ -9,6 +9,7 @@ and grouped-query attention reach the kernel without copying K and V), and the m
 read-only ``(N_m, L or 1, S or 1)`` array with index steps (broadcast by the kernels, never
 materialised).
 """
+
 import math
 import numbers
 from dataclasses import dataclass
@@ -26,36 +27,36 @@ CAUSAL_ALIGNMENTS = ("upper_left", "lower_right")
 
 @dataclass
 class Plan:
-    query: np.ndarray        # (Nq, L, E) float32/float64, or uint16 (float16 bits)
-    key: np.ndarray          # (Nk, ≥S, E) same, or int8
-    value: np.ndarray        # (Nv, ≥S, Ev)
-    k_scales: np.ndarray     # (Nk, ≥S, blocks) float32 for int8 keys, else a (1, 1, 0) placeholder
+    query: np.ndarray  # (Nq, L, E) float32/float64, or uint16 (float16 bits)
+    key: np.ndarray  # (Nk, ≥S, E) same, or int8
+    value: np.ndarray  # (Nv, ≥S, Ev)
+    k_scales: np.ndarray  # (Nk, ≥S, blocks) float32 for int8 keys, else a (1, 1, 0) placeholder
     v_scales: np.ndarray
-    k_block: int             # int8 block size, 0 for float keys
+    k_block: int  # int8 block size, 0 for float keys
     v_block: int
-    q_idx: np.ndarray        # (N,) int64
+    q_idx: np.ndarray  # (N,) int64
     k_idx: np.ndarray
     v_idx: np.ndarray
-    mask: np.ndarray         # (Nm, L or 1, S or 1) C-contiguous, read-only; a (1, 1, 1) placeholder if none
+    mask: np.ndarray  # (Nm, L or 1, S or 1) C-contiguous, read-only; a (1, 1, 1) placeholder if none
     m_idx: np.ndarray
-    mask_kind: int           # MASK_NONE, MASK_BOOL or MASK_ADD (kernels._scores)
-    mask_row_step: int       # mask[m, i * row_step, j * col_step]: 0 where the mask broadcasts
+    mask_kind: int  # MASK_NONE, MASK_BOOL or MASK_ADD (kernels._scores)
+    mask_row_step: int  # mask[m, i * row_step, j * col_step]: 0 where the mask broadcasts
     mask_col_step: int
     is_causal: bool
-    pos_offset: int          # query i sits at key position i + pos_offset (causal: sees j <= that)
-    window: int              # 0: none; else query at position p sees keys j > p - window
-    slopes: np.ndarray       # (N,) ALiBi slope per output batch entry, or (0,) for none
-    softcap: float           # 0: none
+    pos_offset: int  # query i sits at key position i + pos_offset (causal: sees j <= that)
+    window: int  # 0: none; else query at position p sees keys j > p - window
+    slopes: np.ndarray  # (N,) ALiBi slope per output batch entry, or (0,) for none
+    softcap: float  # 0: none
     scale: float
-    dtype: np.dtype          # the arithmetic: float32 or float64
-    out_dtype: np.dtype      # what the caller gets
+    dtype: np.dtype  # the arithmetic: float32 or float64
+    out_dtype: np.dtype  # what the caller gets
     batch_shape: tuple
     L: int
     S: int
     E: int
     Ev: int
-    check_finite: bool = False   # the kernels check query, scores and result for NaN/inf (see api._run)
-    groups: np.ndarray = None    # (G, g) output entries sharing a K/V entry, when the caller knows (KVCache.attend)
+    check_finite: bool = False  # the kernels check query, scores and result for NaN/inf (see api._run)
+    groups: np.ndarray = None  # (G, g) output entries sharing a K/V entry, when the caller knows (KVCache.attend)
 
     @property
     def quantized(self):
@@ -73,7 +74,7 @@ def _as_array(x, name):
         try:
             return np.asarray(x)
         except Exception as exc:  # ragged lists and the like
-            raise TypeError(f"{name} must be a numpy array or array-like, got {type(x).__name__}: {exc}")
+            raise TypeError(f"{name} must be a numpy array or array-like, got {type(x).__name__}: {exc}") from None
     raise TypeError(f"{name} must be a numpy array, got {type(x).__name__}")
 
 
@@ -86,9 +87,11 @@ def check_float_operand(x, name, allow_quantized=False):
     else:
         x = _as_array(x, name)
         if x.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float16, float32 or float64"
-                            + (" (or an int8 QuantizedTensor from numba_attn.quantize)" if allow_quantized else "")
-                            + f", got dtype {x.dtype}")
+            raise TypeError(
+                f"{name} must be float16, float32 or float64"
+                + (" (or an int8 QuantizedTensor from numba_attn.quantize)" if allow_quantized else "")
+                + f", got dtype {x.dtype}"
+            )
     if x.ndim < 2:
         raise ValueError(f"{name} must have at least 2 dims (..., length, features), got shape {x.shape}")
     return x
@@ -135,7 +138,7 @@ def _batch_index(batch, target, name):
         return np.arange(n, dtype=np.int64)
     own = np.arange(n, dtype=np.int64).reshape(batch)
     try:
-        return np.array(np.broadcast_to(own, target).reshape(-1))     # writable, one numba type
+        return np.array(np.broadcast_to(own, target).reshape(-1))  # writable, one numba type
     except ValueError:
         raise ValueError(f"{name}'s batch dims {batch} do not broadcast to {target}") from None
 
@@ -178,7 +181,7 @@ def _as_3d(x, rows, cols):
                 wide = np.lib.stride_tricks.as_strided(x3, shape=(n, slots, cols), strides=st, writeable=False)
                 if wide.flags.c_contiguous:
                     return wide
-    return _read_only(np.ascontiguousarray(x3))   # read-only: one numba type whatever the caller passed
+    return _read_only(np.ascontiguousarray(x3))  # read-only: one numba type whatever the caller passed
 
 
 def _storage(x, dtype, rows, cols):
@@ -207,8 +210,21 @@ def _dtypes(query, key, value, out_dtype):
     return compute, result
 
 
-def prepare_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                      check_finite, window=None, alibi_slopes=None, softcap=None, out_dtype=None):
+def prepare_attention(
+    query,
+    key,
+    value,
+    attn_mask,
+    dropout_p,
+    is_causal,
+    scale,
+    enable_gqa,
+    check_finite,
+    window=None,
+    alibi_slopes=None,
+    softcap=None,
+    out_dtype=None,
+):
     query = check_float_operand(query, "query")
     key = check_float_operand(key, "key", allow_quantized=True)
     value = check_float_operand(value, "value", allow_quantized=True)
@@ -232,12 +248,15 @@ def prepare_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
     group = 1
     if enable_gqa:
         if len(bq) < 1 or len(bk) < 1 or len(bv) < 1:
-            raise ValueError("enable_gqa=True needs a heads dim (-3) on query, key and value, got shapes "
-                             f"{query.shape}, {key.shape}, {value.shape}")
+            raise ValueError(
+                "enable_gqa=True needs a heads dim (-3) on query, key and value, got shapes "
+                f"{query.shape}, {key.shape}, {value.shape}"
+            )
         hq, hk, hv = bq[-1], bk[-1], bv[-1]
         if hk != hv:
-            raise ValueError(f"enable_gqa=True: key and value must have the same number of heads (dim -3), "
-                             f"got {hk} and {hv}")
+            raise ValueError(
+                f"enable_gqa=True: key and value must have the same number of heads (dim -3), got {hk} and {hv}"
+            )
         if hk == 0 or hq % hk != 0:
             raise ValueError(f"enable_gqa=True: query heads ({hq}) must be a multiple of key/value heads ({hk})")
         group = hq // hk
@@ -271,13 +290,34 @@ def prepare_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
     k3, k_scales, k_block = _storage(key, dtype, S, E)
     v3, v_scales, v_block = _storage(value, dtype, S, Ev)
     return Plan(
-        query=q3, key=k3, value=v3, k_scales=k_scales, v_scales=v_scales, k_block=k_block, v_block=v_block,
-        q_idx=q_idx, k_idx=k_idx, v_idx=v_idx,
-        mask=mask, m_idx=m_idx, mask_kind=mask_kind, mask_row_step=mask_row_step, mask_col_step=mask_col_step,
+        query=q3,
+        key=k3,
+        value=v3,
+        k_scales=k_scales,
+        v_scales=v_scales,
+        k_block=k_block,
+        v_block=v_block,
+        q_idx=q_idx,
+        k_idx=k_idx,
+        v_idx=v_idx,
+        mask=mask,
+        m_idx=m_idx,
+        mask_kind=mask_kind,
+        mask_row_step=mask_row_step,
+        mask_col_step=mask_col_step,
         is_causal=alignment is not None,
         pos_offset=0 if alignment == "upper_left" else S - L,
-        window=window, slopes=slopes, softcap=softcap,
-        scale=scale, dtype=dtype, out_dtype=result_dtype, batch_shape=tuple(batch), L=L, S=S, E=E, Ev=Ev,
+        window=window,
+        slopes=slopes,
+        softcap=softcap,
+        scale=scale,
+        dtype=dtype,
+        out_dtype=result_dtype,
+        batch_shape=tuple(batch),
+        L=L,
+        S=S,
+        E=E,
+        Ev=Ev,
         check_finite=bool(check_finite),
     )
 
@@ -292,8 +332,9 @@ def _prepare_mask(attn_mask, batch, L, S, dtype, check_finite):
     elif mask.dtype.kind == "f":
         kind = MASK_ADD
     else:
-        raise TypeError(f"attn_mask must be boolean (True = takes part) or floating (added to the scores), "
-                        f"got dtype {mask.dtype}")
+        raise TypeError(
+            f"attn_mask must be boolean (True = takes part) or floating (added to the scores), got dtype {mask.dtype}"
+        )
     target = tuple(batch) + (L, S)
     try:
         full = np.broadcast_shapes(mask.shape, target)
@@ -302,10 +343,12 @@ def _prepare_mask(attn_mask, batch, L, S, dtype, check_finite):
     if full != target:
         raise ValueError(f"attn_mask of shape {mask.shape} does not broadcast to (..., L, S) = {target}")
     if kind == MASK_ADD:
-        mask = mask.astype(dtype, copy=False)        # checked after: 1e300 in float32 arithmetic is +inf
+        mask = mask.astype(dtype, copy=False)  # checked after: 1e300 in float32 arithmetic is +inf
         if np.isnan(mask).any() or np.isposinf(mask).any():
-            raise ValueError(f"attn_mask contains NaN or +inf (or values beyond {np.dtype(dtype).name}'s range); "
-                             "an additive mask may hold finite values and -inf")
+            raise ValueError(
+                f"attn_mask contains NaN or +inf (or values beyond {np.dtype(dtype).name}'s range); "
+                "an additive mask may hold finite values and -inf"
+            )
     if mask.ndim < 2:
         mask = mask.reshape((1,) * (2 - mask.ndim) + mask.shape)
     own_batch = mask.shape[:-2]
@@ -326,8 +369,10 @@ def check_window(window, alignment):
     if window <= 0:
         raise ValueError(f"window must be a positive number of keys, got {window}")
     if alignment is None:
-        raise ValueError("window needs is_causal (True, 'upper_left' or 'lower_right'): a query at position p "
-                         "sees keys p - window < j <= p")
+        raise ValueError(
+            "window needs is_causal (True, 'upper_left' or 'lower_right'): a query at position p "
+            "sees keys p - window < j <= p"
+        )
     return int(window)
 
 
@@ -352,8 +397,9 @@ def check_slopes(alibi_slopes, heads):
     if heads is None:
         raise ValueError("alibi_slopes needs a heads dim (-3) on query")
     if slopes.ndim != 1 or slopes.shape[0] != heads:
-        raise ValueError(f"alibi_slopes must have shape (H,) = ({heads},), one slope per query head, "
-                         f"got shape {slopes.shape}")
+        raise ValueError(
+            f"alibi_slopes must have shape (H,) = ({heads},), one slope per query head, got shape {slopes.shape}"
+        )
     if not np.isfinite(slopes).all():
         raise ValueError("alibi_slopes contains NaN or inf")
     return slopes

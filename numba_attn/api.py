@@ -2,6 +2,7 @@
 
 Data flows one way: validate and normalise (``_validate``) → pick a kernel → run it → reshape.
 """
+
 import math
 
 import numba
@@ -9,12 +10,20 @@ import numpy as np
 
 from . import config
 from ._threads import launch
-from ._validate import (_NO_MASK, _NO_SLOPES, FLOAT16_MAX, Plan, check_finite_array, check_float_operand, check_scale,
-                        prepare_attention)
+from ._validate import (
+    _NO_MASK,
+    _NO_SLOPES,
+    FLOAT16_MAX,
+    Plan,
+    check_finite_array,
+    check_float_operand,
+    check_scale,
+    prepare_attention,
+)
 from .cache import is_kv_cache_view
-from .kernels._scores import MASK_NONE
 from .kernels import decode, prefill
 from .kernels._load import to_float16
+from .kernels._scores import MASK_NONE
 
 __all__ = ["scaled_dot_product_attention", "attention_weights"]
 
@@ -50,8 +59,20 @@ def _run(plan, out=None):
     if N == 0 or L == 0:
         return out, lse
     dt = plan.dtype.type
-    common = (plan.S, plan.mask, plan.m_idx, plan.mask_kind, plan.mask_row_step, plan.mask_col_step, plan.is_causal,
-              plan.pos_offset, plan.window, plan.slopes, dt(plan.softcap), dt(plan.scale))
+    common = (
+        plan.S,
+        plan.mask,
+        plan.m_idx,
+        plan.mask_kind,
+        plan.mask_row_step,
+        plan.mask_col_step,
+        plan.is_causal,
+        plan.pos_offset,
+        plan.window,
+        plan.slopes,
+        dt(plan.softcap),
+        dt(plan.scale),
+    )
     work = N * L * plan.S * (plan.E + Ev)
     serial = work < config.SERIAL_BELOW_FLOPS
     decode_path = _use_decode(plan)
@@ -63,15 +84,32 @@ def _run(plan, out=None):
         n_chunks = -(-rows // config.DECODE_MAX_ROWS)
         n_split = 1 if serial else decode_splits(groups.shape[0] * n_chunks, plan.S)
         check = np.empty(groups.shape[0] * n_chunks * n_split, np.int64)
-        args = (plan.query, plan.key, plan.k_scales, plan.k_block, plan.value, plan.v_scales, plan.v_block,
-                plan.q_idx, plan.k_idx, plan.v_idx, groups) + common + (
-                config.DECODE_MAX_ROWS, n_split, config.DECODE_BLOCK_K, out, lse, check)
+        args = (
+            (
+                plan.query,
+                plan.key,
+                plan.k_scales,
+                plan.k_block,
+                plan.value,
+                plan.v_scales,
+                plan.v_block,
+                plan.q_idx,
+                plan.k_idx,
+                plan.v_idx,
+                groups,
+            )
+            + common
+            + (config.DECODE_MAX_ROWS, n_split, config.DECODE_BLOCK_K, out, lse, check)
+        )
         kernel = decode.decode_serial if serial else decode.decode_parallel
     else:
         block_q = prefill_block_q(N, L)
         check = np.empty(N * -(-L // block_q), np.int64)
-        args = (plan.query, plan.key, plan.value, plan.q_idx, plan.k_idx, plan.v_idx) + common + (
-            block_q, config.PREFILL_BLOCK_K, plan.check_finite, out, lse, check)
+        args = (
+            (plan.query, plan.key, plan.value, plan.q_idx, plan.k_idx, plan.v_idx)
+            + common
+            + (block_q, config.PREFILL_BLOCK_K, plan.check_finite, out, lse, check)
+        )
         kernel = prefill.prefill_serial if serial else prefill.prefill_parallel
     if serial:
         kernel(*args)
@@ -91,11 +129,18 @@ def attend_cache(cache, q, scale, window, slopes, softcap, out, check_finite):
     scale = check_scale(scale, E)
     dtype = np.dtype(np.float64) if np.float64 in (q.dtype, store) else np.dtype(np.float32)
     result = np.result_type(q.dtype, store) if store.kind == "f" else q.dtype
-    if out is not None and (not isinstance(out, np.ndarray) or out.shape != (B, H, L, Ev) or out.dtype != result
-                            or not out.flags.c_contiguous or not out.flags.writeable):
-        raise ValueError(f"out must be a writeable C-contiguous {result.name} array of shape (batch, H, L, value_dim) "
-                         f"= {(B, H, L, Ev)}, got " + (f"{out.dtype.name} {out.shape}" if isinstance(out, np.ndarray)
-                                                       else type(out).__name__))
+    if out is not None and (
+        not isinstance(out, np.ndarray)
+        or out.shape != (B, H, L, Ev)
+        or out.dtype != result
+        or not out.flags.c_contiguous
+        or not out.flags.writeable
+    ):
+        raise ValueError(
+            f"out must be a writeable C-contiguous {result.name} array of shape (batch, H, L, value_dim) "
+            f"= {(B, H, L, Ev)}, got "
+            + (f"{out.dtype.name} {out.shape}" if isinstance(out, np.ndarray) else type(out).__name__)
+        )
     n_valid = cache.n_valid
     # a window whose ring has wrapped keeps storage order != position order: fine for one query
     # that sees every held key, otherwise the keys go in position order (a copy)
@@ -103,9 +148,18 @@ def attend_cache(cache, q, scale, window, slopes, softcap, out, check_finite):
     native = store == np.int8 or (store == np.float64) == (dtype == np.float64)
     if reorder or not native:
         keys, values = cache.ordered()
-        res = scaled_dot_product_attention(q, keys, values, is_causal="lower_right", scale=scale, enable_gqa=True,
-                                           window=window, alibi_slopes=slopes, softcap=softcap or None,
-                                           check_finite=check_finite)
+        res = scaled_dot_product_attention(
+            q,
+            keys,
+            values,
+            is_causal="lower_right",
+            scale=scale,
+            enable_gqa=True,
+            window=window,
+            alibi_slopes=slopes,
+            softcap=softcap or None,
+            check_finite=check_finite,
+        )
         if out is None:
             return res
         out[...] = res
@@ -124,15 +178,40 @@ def attend_cache(cache, q, scale, window, slopes, softcap, out, check_finite):
     if not q3.flags.c_contiguous:
         q3 = np.ascontiguousarray(q3)
     q3 = q3.view()
-    q3.flags.writeable = False          # one numba type whatever the caller passed
+    q3.flags.writeable = False  # one numba type whatever the caller passed
     in_order = not cache.wrapped
-    plan = Plan(query=q3, key=k3, value=v3, k_scales=k_scales, v_scales=v_scales, k_block=k_block, v_block=v_block,
-                q_idx=q_idx, k_idx=k_idx, v_idx=k_idx, mask=_NO_MASK[dtype], m_idx=m_idx, mask_kind=MASK_NONE,
-                mask_row_step=0, mask_col_step=0, is_causal=in_order, pos_offset=n_valid - L,
-                window=(window or 0) if in_order else 0,
-                slopes=_NO_SLOPES[dtype] if slopes is None else np.tile(slopes.astype(dtype), B),
-                softcap=softcap, scale=scale, dtype=dtype, out_dtype=result, batch_shape=(B, H), L=L, S=n_valid,
-                E=E, Ev=Ev, check_finite=bool(check_finite), groups=groups)
+    plan = Plan(
+        query=q3,
+        key=k3,
+        value=v3,
+        k_scales=k_scales,
+        v_scales=v_scales,
+        k_block=k_block,
+        v_block=v_block,
+        q_idx=q_idx,
+        k_idx=k_idx,
+        v_idx=k_idx,
+        mask=_NO_MASK[dtype],
+        m_idx=m_idx,
+        mask_kind=MASK_NONE,
+        mask_row_step=0,
+        mask_col_step=0,
+        is_causal=in_order,
+        pos_offset=n_valid - L,
+        window=(window or 0) if in_order else 0,
+        slopes=_NO_SLOPES[dtype] if slopes is None else np.tile(slopes.astype(dtype), B),
+        softcap=softcap,
+        scale=scale,
+        dtype=dtype,
+        out_dtype=result,
+        batch_shape=(B, H),
+        L=L,
+        S=n_valid,
+        E=E,
+        Ev=Ev,
+        check_finite=bool(check_finite),
+        groups=groups,
+    )
     direct = out is not None and result == dtype
     res, _ = _run(plan, out.reshape(B * H, L, Ev) if direct else None)
     if direct:
@@ -149,9 +228,11 @@ def _raise_nonfinite(plan):
     for name, x, rows in (("query", plan.query, plan.L), ("key", plan.key, plan.S), ("value", plan.value, plan.S)):
         if x.dtype != np.int8:
             check_finite_array(x, name, rows)
-    raise ValueError(f"the attention overflowed {plan.dtype.name} although query, key and value are finite: "
-                     f"|scale·query·key|, or the weighted sum of value rows, exceeds {np.finfo(plan.dtype).max:.3g}; "
-                     "scale the inputs down")
+    raise ValueError(
+        f"the attention overflowed {plan.dtype.name} although query, key and value are finite: "
+        f"|scale·query·key|, or the weighted sum of value rows, exceeds {np.finfo(plan.dtype).max:.3g}; "
+        "scale the inputs down"
+    )
 
 
 def _to_out_dtype(out, dtype, value_is_half):
@@ -161,7 +242,7 @@ def _to_out_dtype(out, dtype, value_is_half):
     if dtype == np.float16 and not value_is_half and out.size and np.abs(out).max() > FLOAT16_MAX:
         raise ValueError("the result exceeds float16's range (65504); ask for out_dtype=np.float32")
     if dtype == np.float16 and out.dtype == np.float32:
-        return to_float16(out)          # numpy's astype to float16 cost ~10 % of a float16 prefill
+        return to_float16(out)  # numpy's astype to float16 cost ~10 % of a float16 prefill
     return out.astype(dtype)
 
 
@@ -182,9 +263,23 @@ def decode_splits(n_items, S):
     return int(max(1, min(want, S // config.DECODE_MIN_SPLIT)))
 
 
-def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
-                                 scale=None, enable_gqa=False, *, window=None, alibi_slopes=None, softcap=None,
-                                 return_lse=False, check_finite=True, out_dtype=None):
+def scaled_dot_product_attention(
+    query,
+    key,
+    value,
+    attn_mask=None,
+    dropout_p=0.0,
+    is_causal=False,
+    scale=None,
+    enable_gqa=False,
+    *,
+    window=None,
+    alibi_slopes=None,
+    softcap=None,
+    return_lse=False,
+    check_finite=True,
+    out_dtype=None,
+):
     """softmax(query·keyᵀ·scale + attn_mask)·value, fused: no (L, S) score matrix is ever allocated.
 
     A short query (L ≤ 8 rows) against many keys (S ≥ 256) takes the split-K decode kernel, which
@@ -260,12 +355,27 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     >>> numba_attn.scaled_dot_product_attention(q, k, v, attn_mask=sees)[0, 0, 0]
     array([0., 0., 0.], dtype=float32)
     """
-    plan = prepare_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                             check_finite, window, alibi_slopes, softcap, out_dtype)
+    plan = prepare_attention(
+        query,
+        key,
+        value,
+        attn_mask,
+        dropout_p,
+        is_causal,
+        scale,
+        enable_gqa,
+        check_finite,
+        window,
+        alibi_slopes,
+        softcap,
+        out_dtype,
+    )
     if plan.is_causal and plan.pos_offset == 0 and plan.L < plan.S and is_kv_cache_view(key):
-        raise ValueError(f"is_causal={is_causal!r} aligns the causal diagonal top-left (query i sees keys j <= i), so "
-                         f"these {plan.L} new queries would see only the first {plan.L} of the {plan.S} cached keys; "
-                         "with a KVCache pass is_causal='lower_right', or call cache.attend(query)")
+        raise ValueError(
+            f"is_causal={is_causal!r} aligns the causal diagonal top-left (query i sees keys j <= i), so "
+            f"these {plan.L} new queries would see only the first {plan.L} of the {plan.S} cached keys; "
+            "with a KVCache pass is_causal='lower_right', or call cache.attend(query)"
+        )
     out, lse = _run(plan)
     out = _to_out_dtype(out, plan.out_dtype, plan.value.dtype == np.uint16)
     out = out.reshape(plan.batch_shape + (plan.L, plan.Ev))
@@ -274,8 +384,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     return out
 
 
-def attention_weights(query, key, attn_mask=None, is_causal=False, scale=None, enable_gqa=False, *,
-                      check_finite=True):
+def attention_weights(query, key, attn_mask=None, is_causal=False, scale=None, enable_gqa=False, *, check_finite=True):
     """softmax(query·keyᵀ·scale + attn_mask) as a (..., L, S) array: which keys each query attends to.
 
     For inspecting small inputs (it materialises the L×S matrix the fused kernel avoids): more than
@@ -312,8 +421,10 @@ def attention_weights(query, key, attn_mask=None, is_causal=False, scale=None, e
         raise ValueError(f"batch dims of query {q.shape[:-2]} and key {k.shape[:-2]} do not broadcast") from None
     elements = math.prod(batch) * L * S
     if elements > config.MAX_WEIGHTS_ELEMENTS:
-        raise ValueError(f"attention_weights would materialise {elements} weights "
-                         f"(> {config.MAX_WEIGHTS_ELEMENTS}); use scaled_dot_product_attention, which never builds the L×S matrix")
+        raise ValueError(
+            f"attention_weights would materialise {elements} weights "
+            f"(> {config.MAX_WEIGHTS_ELEMENTS}); use scaled_dot_product_attention, which never builds the L×S matrix"
+        )
     dtype = q.dtype
     # identity columns [j0, j0 + width): one "value" per key head, so that grouped-query attention sees
     # matching heads; at most config.MAX_WEIGHTS_ELEMENTS of them at a time (S × width)
@@ -324,8 +435,18 @@ def attention_weights(query, key, attn_mask=None, is_causal=False, scale=None, e
         identity = np.zeros((S, cols), dtype)
         identity[j0 + np.arange(min(cols, max(S - j0, 0))), np.arange(min(cols, max(S - j0, 0)))] = 1
         value = np.broadcast_to(identity, k.shape[:-2] + identity.shape)
-        parts.append(scaled_dot_product_attention(q, k, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
-                                                  enable_gqa=enable_gqa, check_finite=check_finite))
+        parts.append(
+            scaled_dot_product_attention(
+                q,
+                k,
+                value,
+                attn_mask=attn_mask,
+                is_causal=is_causal,
+                scale=scale,
+                enable_gqa=enable_gqa,
+                check_finite=check_finite,
+            )
+        )
         if S == 0:
             return parts[0][..., :0]
     return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)

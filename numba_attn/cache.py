@@ -6,6 +6,7 @@ buffer: token at absolute position p lives in slot p mod W).
 
 The attention kernels read the valid slots straight from this storage: no copy per step.
 """
+
 import numbers
 import weakref
 
@@ -31,8 +32,10 @@ _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 def _range_message(name, dtype):
     if dtype == np.float16:
-        return (f"{name} holds values beyond float16's range (|x| > 65504): a float16 cache would store inf; "
-                "use a float32 cache")
+        return (
+            f"{name} holds values beyond float16's range (|x| > 65504): a float16 cache would store inf; "
+            "use a float32 cache"
+        )
     return f"{name} holds values beyond float32's range: int8 scales are float32"
 
 
@@ -89,10 +92,23 @@ class KVCache:
     True
     """
 
-    def __init__(self, batch, num_kv_heads, head_dim, capacity, dtype=np.float32, window=None, value_dim=None,
-                 block=DEFAULT_BLOCK):
-        for name, val in (("batch", batch), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
-                          ("capacity", capacity)):
+    def __init__(
+        self,
+        batch,
+        num_kv_heads,
+        head_dim,
+        capacity,
+        dtype=np.float32,
+        window=None,
+        value_dim=None,
+        block=DEFAULT_BLOCK,
+    ):
+        for name, val in (
+            ("batch", batch),
+            ("num_kv_heads", num_kv_heads),
+            ("head_dim", head_dim),
+            ("capacity", capacity),
+        ):
             if isinstance(val, bool) or not isinstance(val, numbers.Integral) or val <= 0:
                 raise ValueError(f"{name} must be a positive int, got {val!r}")
         value_dim = head_dim if value_dim is None else value_dim
@@ -107,7 +123,12 @@ class KVCache:
             raise TypeError(f"dtype must be float32, float64, float16 or int8, got {dtype!r}") from None
         if dtype not in _DTYPES:
             raise TypeError(f"dtype must be float32, float64, float16 or int8, got {dtype}")
-        self.batch, self.num_kv_heads, self.head_dim, self.value_dim = int(batch), int(num_kv_heads), int(head_dim), int(value_dim)
+        self.batch, self.num_kv_heads, self.head_dim, self.value_dim = (
+            int(batch),
+            int(num_kv_heads),
+            int(head_dim),
+            int(value_dim),
+        )
         self.capacity = int(capacity)
         self.window = None if window is None else int(window)
         self.dtype = dtype
@@ -124,11 +145,12 @@ class KVCache:
             self.block = self.head_dim if block is None else self._quant_block
             self._value_block = self.value_dim if block is None else self._quant_block
             self._key_scales = np.zeros(self._keys.shape[:3] + (-(-self.head_dim // self.block),), np.float32)
-            self._value_scales = np.zeros(self._values.shape[:3] + (-(-self.value_dim // self._value_block),),
-                                          np.float32)
+            self._value_scales = np.zeros(
+                self._values.shape[:3] + (-(-self.value_dim // self._value_block),), np.float32
+            )
         self._length = 0
-        self._operands = None          # kernel views of the storage, made on first use
-        self._index_cache = {}         # per query-head count: the kernels' batch index arrays
+        self._operands = None  # kernel views of the storage, made on first use
+        self._index_cache = {}  # per query-head count: the kernels' batch index arrays
         _STORAGE[id(self._keys)] = self._keys
         _STORAGE[id(self._values)] = self._values
 
@@ -192,9 +214,8 @@ class KVCache:
         if not self.wrapped:
             return self.keys, self.values
         start = self._length % self.slots
-        order = np.r_[start:self.slots, 0:start]
-        return (self._view(self._keys, self._key_scales, order),
-                self._view(self._values, self._value_scales, order))
+        order = np.r_[start : self.slots, 0:start]
+        return (self._view(self._keys, self._key_scales, order), self._view(self._values, self._value_scales, order))
 
     def ordered_with(self, key, value):
         """(keys, values) in position order followed by the new ``key``/``value`` (not stored), in
@@ -210,7 +231,7 @@ class KVCache:
         n = min(length, self.slots)
         if length <= self.slots:
             return np.arange(n)
-        start = length - self.slots             # position held by slot start % slots
+        start = length - self.slots  # position held by slot start % slots
         return start + (np.arange(n) - start) % self.slots
 
     def _encode(self, x, name):
@@ -224,8 +245,7 @@ class KVCache:
         return x.astype(self.dtype, copy=False)
 
     # -- attending --------------------------------------------------------------------------------
-    def attend(self, query, *, scale=None, window=None, alibi_slopes=None, softcap=None, out=None,
-               check_finite=True):
+    def attend(self, query, *, scale=None, window=None, alibi_slopes=None, softcap=None, out=None, check_finite=True):
         """Attention of the newest ``L`` tokens' queries over everything cached: the decode fast path.
 
         ``query`` (batch, H, L, head_dim), H a multiple of ``num_kv_heads`` (grouped-query attention
@@ -249,17 +269,27 @@ class KVCache:
         """
         from ._validate import check_slopes, check_softcap
         from .api import attend_cache
+
         q = query if isinstance(query, np.ndarray) else np.asarray(query)
         if q.dtype not in _QUERY_DTYPES:
             raise TypeError(f"query must be float16, float32 or float64, got dtype {q.dtype}")
-        if (q.ndim != 4 or q.shape[0] != self.batch or q.shape[1] == 0 or q.shape[1] % self.num_kv_heads
-                or q.shape[3] != self.head_dim):
-            raise ValueError(f"query must have shape (batch, H, L, head_dim) = ({self.batch}, H, L, {self.head_dim}) "
-                             f"with H a multiple of num_kv_heads = {self.num_kv_heads}, got {q.shape}")
+        if (
+            q.ndim != 4
+            or q.shape[0] != self.batch
+            or q.shape[1] == 0
+            or q.shape[1] % self.num_kv_heads
+            or q.shape[3] != self.head_dim
+        ):
+            raise ValueError(
+                f"query must have shape (batch, H, L, head_dim) = ({self.batch}, H, L, {self.head_dim}) "
+                f"with H a multiple of num_kv_heads = {self.num_kv_heads}, got {q.shape}"
+            )
         L = q.shape[2]
         if L > self.n_valid:
-            raise ValueError(f"query holds {L} tokens but the cache holds {self.n_valid}: append the new tokens' "
-                             "keys and values first (query i is the token at position length - L + i)")
+            raise ValueError(
+                f"query holds {L} tokens but the cache holds {self.n_valid}: append the new tokens' "
+                "keys and values first (query i is the token at position length - L + i)"
+            )
         if window is not None:
             if isinstance(window, (bool, np.bool_)) or not isinstance(window, numbers.Integral) or window <= 0:
                 raise ValueError(f"window must be a positive int or None, got {window!r}")
@@ -269,9 +299,11 @@ class KVCache:
         # a ring that has dropped keys the chunk's first queries still see cannot answer exactly
         first_needed = 0 if window is None else max(0, self._length - L - window + 1)
         if first_needed < self._length - self.n_valid:
-            raise ValueError(f"the cache's ring ({self.slots} slots) no longer holds the keys the first of these {L} "
-                             f"queries sees (window {window}): attend to a chunk this long before appending it "
-                             "(MultiHeadAttention does), or append and attend one token at a time")
+            raise ValueError(
+                f"the cache's ring ({self.slots} slots) no longer holds the keys the first of these {L} "
+                f"queries sees (window {window}): attend to a chunk this long before appending it "
+                "(MultiHeadAttention does), or append and attend one token at a time"
+            )
         softcap = check_softcap(softcap)
         slopes = check_slopes(alibi_slopes, q.shape[1])
         return attend_cache(self, q, scale, window, slopes, softcap, out, check_finite)
@@ -280,6 +312,7 @@ class KVCache:
         """(keys, key scales, key block, values, value scales, value block) as the kernels take them:
         C-contiguous read-only 3-D views (batch·heads, slots, dim) of the whole storage."""
         if self._operands is None:
+
             def as3(x, dim):
                 if x is None:
                     return _NO_SCALES, 0
@@ -287,6 +320,7 @@ class KVCache:
                 v = v.view(np.uint16) if v.dtype == np.float16 else v.view()
                 v.flags.writeable = False
                 return v, 0
+
             k, _ = as3(self._keys, self.head_dim)
             v, _ = as3(self._values, self.value_dim)
             if self.dtype == np.int8:
@@ -314,24 +348,33 @@ class KVCache:
             if x.dtype.kind != "f":
                 raise TypeError(f"{name} must be a floating array, got dtype {x.dtype}")
             if x.ndim != 4 or x.shape[0] != self.batch or x.shape[1] != self.num_kv_heads or x.shape[3] != dim:
-                raise ValueError(f"{name} must have shape (batch, num_kv_heads, T, {dim}) = "
-                                 f"({self.batch}, {self.num_kv_heads}, T, {dim}), got {x.shape}")
+                raise ValueError(
+                    f"{name} must have shape (batch, num_kv_heads, T, {dim}) = "
+                    f"({self.batch}, {self.num_kv_heads}, T, {dim}), got {x.shape}"
+                )
         if key.shape[2] != value.shape[2]:
-            raise ValueError(f"key and value must hold the same number of tokens, got {key.shape[2]} and {value.shape[2]}")
+            raise ValueError(
+                f"key and value must hold the same number of tokens, got {key.shape[2]} and {value.shape[2]}"
+            )
         T = key.shape[2]
         if self._length + T > self.capacity:
-            raise ValueError(f"KVCache is full: {self._length} tokens held + {T} new > capacity {self.capacity}"
-                             + ("" if self.window is not None else "; create it with a larger capacity or a window"))
+            raise ValueError(
+                f"KVCache is full: {self._length} tokens held + {T} new > capacity {self.capacity}"
+                + ("" if self.window is not None else "; create it with a larger capacity or a window")
+            )
         slots = self.slots
         if self.window is None or self._length + T <= slots:
             first, slot0 = 0, self._length
         else:
-            first = T - min(T, slots)             # only the last `slots` new tokens can survive
+            first = T - min(T, slots)  # only the last `slots` new tokens can survive
             slot0 = (self._length + first) % slots
         # (float64 into float16 goes through numpy: the kernels would round twice, via float32)
-        if (self.batch * self.num_kv_heads * T <= APPEND_SERIAL_ROWS and key.dtype in _QUERY_DTYPES
-                and value.dtype in _QUERY_DTYPES
-                and not (self.dtype == np.float16 and np.float64 in (key.dtype, value.dtype))):
+        if (
+            self.batch * self.num_kv_heads * T <= APPEND_SERIAL_ROWS
+            and key.dtype in _QUERY_DTYPES
+            and value.dtype in _QUERY_DTYPES
+            and not (self.dtype == np.float16 and np.float64 in (key.dtype, value.dtype))
+        ):
             self._append_serial(key, value, slot0, first, check_finite)
         else:
             self._append_numpy(key, value, slot0, first, check_finite)
@@ -350,17 +393,19 @@ class KVCache:
                 limit = np.inf
             code = scan_rows(bits, limit) if x.size else 0
             if code == 1 and (check_finite or self.dtype in (np.float16, np.int8)):
-                raise ValueError(f"{name} contains NaN or inf; pass finite values"
-                                 + ("" if self.dtype in (np.float16, np.int8) else
-                                    " (or check_finite=False to skip the check)"))
+                raise ValueError(
+                    f"{name} contains NaN or inf; pass finite values"
+                    + ("" if self.dtype in (np.float16, np.int8) else " (or check_finite=False to skip the check)")
+                )
             if code == 2:
                 raise ValueError(_range_message(name, self.dtype))
             rows.append(bits)
         if self.dtype == np.int8:
             scratch = np.empty(max(self.head_dim, self.value_dim), np.float32)
-            write_rows_int8(rows[0], self._keys, self._key_scales, self.block, slot0, first, scratch[:self.head_dim])
-            write_rows_int8(rows[1], self._values, self._value_scales, self._value_block, slot0, first,
-                            scratch[:self.value_dim])
+            write_rows_int8(rows[0], self._keys, self._key_scales, self.block, slot0, first, scratch[: self.head_dim])
+            write_rows_int8(
+                rows[1], self._values, self._value_scales, self._value_block, slot0, first, scratch[: self.value_dim]
+            )
         elif self.dtype == np.float16:
             write_rows(rows[0], self._keys.view(np.uint16), slot0, first)
             write_rows(rows[1], self._values.view(np.uint16), slot0, first)
@@ -374,8 +419,9 @@ class KVCache:
             check_finite_array(value, "value")
         key, value = self._encode(key, "key"), self._encode(value, "value")
         T = key.shape[2]
-        where = (slot0 + np.arange(T - first)) % self.slots if first or slot0 + T > self.slots else slice(slot0,
-                                                                                                          slot0 + T)
+        where = (
+            (slot0 + np.arange(T - first)) % self.slots if first or slot0 + T > self.slots else slice(slot0, slot0 + T)
+        )
         for data, scales, x in ((self._keys, self._key_scales, key), (self._values, self._value_scales, value)):
             if scales is None:
                 data[:, :, where] = x[:, :, first:]
@@ -384,13 +430,16 @@ class KVCache:
                 scales[:, :, where] = x.scales[:, :, first:]
 
     def __repr__(self):
-        return (f"KVCache(batch={self.batch}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
-                f"capacity={self.capacity}, dtype={self.dtype.name}, window={self.window}, length={self._length})")
+        return (
+            f"KVCache(batch={self.batch}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
+            f"capacity={self.capacity}, dtype={self.dtype.name}, window={self.window}, length={self._length})"
+        )
 
 
 def _concat_tokens(a, b):
     """Concatenate two blocks of tokens (axis 2): arrays, or QuantizedTensors with the same block."""
     if isinstance(a, QuantizedTensor):
-        return QuantizedTensor._trusted(np.concatenate([a.data, b.data], axis=2),
-                                        np.concatenate([a.scales, b.scales], axis=2), a.block)
+        return QuantizedTensor._trusted(
+            np.concatenate([a.data, b.data], axis=2), np.concatenate([a.scales, b.scales], axis=2), a.block
+        )
     return np.concatenate([a, b], axis=2)

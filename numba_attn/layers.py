@@ -6,6 +6,7 @@ once at load. Heads are contiguous column blocks: head h of Q is columns h·head
 of ``w_q`` (PyTorch's and Hugging Face's convention); with grouped-query attention query head h
 uses key/value head h // (num_heads / num_kv_heads).
 """
+
 import math
 import numbers
 
@@ -66,8 +67,18 @@ class MultiHeadAttention:
     (True, 5)
     """
 
-    def __init__(self, embed_dim, num_heads, num_kv_heads=None, head_dim=None, bias=True, kdim=None, vdim=None,
-                 dtype=np.float32, seed=None):
+    def __init__(
+        self,
+        embed_dim,
+        num_heads,
+        num_kv_heads=None,
+        head_dim=None,
+        bias=True,
+        kdim=None,
+        vdim=None,
+        dtype=np.float32,
+        seed=None,
+    ):
         self.embed_dim = _positive_int("embed_dim", embed_dim)
         self.num_heads = _positive_int("num_heads", num_heads)
         self.num_kv_heads = _positive_int("num_kv_heads", num_heads if num_kv_heads is None else num_kv_heads)
@@ -75,15 +86,18 @@ class MultiHeadAttention:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
         if head_dim is None:
             if self.embed_dim % self.num_heads:
-                raise ValueError(f"embed_dim ({self.embed_dim}) is not divisible by num_heads ({self.num_heads}); "
-                                 "pass head_dim")
+                raise ValueError(
+                    f"embed_dim ({self.embed_dim}) is not divisible by num_heads ({self.num_heads}); pass head_dim"
+                )
             head_dim = self.embed_dim // self.num_heads
         self.head_dim = _positive_int("head_dim", head_dim)
         self.kdim = _positive_int("kdim", self.embed_dim if kdim is None else kdim)
         self.vdim = _positive_int("vdim", self.embed_dim if vdim is None else vdim)
         if self.kdim != self.vdim:
-            raise ValueError(f"kdim ({self.kdim}) and vdim ({self.vdim}) must be equal: one context sequence feeds "
-                             "both the key and the value projection")
+            raise ValueError(
+                f"kdim ({self.kdim}) and vdim ({self.vdim}) must be equal: one context sequence feeds "
+                "both the key and the value projection"
+            )
         try:
             self.dtype = np.dtype(dtype)
         except TypeError:
@@ -100,16 +114,17 @@ class MultiHeadAttention:
 
         if self._fused:
             # one (embed_dim, hq + 2·hkv) matrix: self-attention projects Q, K, V in one product
-            self._w_in = np.concatenate([xavier(self.embed_dim, hq), xavier(self.embed_dim, hkv),
-                                         xavier(self.embed_dim, hkv)], axis=1)
-            self.w_q, self.w_k, self.w_v = (self._w_in[:, :hq], self._w_in[:, hq:hq + hkv], self._w_in[:, hq + hkv:])
+            self._w_in = np.concatenate(
+                [xavier(self.embed_dim, hq), xavier(self.embed_dim, hkv), xavier(self.embed_dim, hkv)], axis=1
+            )
+            self.w_q, self.w_k, self.w_v = (self._w_in[:, :hq], self._w_in[:, hq : hq + hkv], self._w_in[:, hq + hkv :])
         else:
             self._w_in = None
             self.w_q, self.w_k, self.w_v = xavier(self.embed_dim, hq), xavier(self.kdim, hkv), xavier(self.vdim, hkv)
         self.w_o = xavier(hq, self.embed_dim)
         if bias:
             self._b_in = np.zeros(hq + 2 * hkv, self.dtype)
-            self.b_q, self.b_k, self.b_v = self._b_in[:hq], self._b_in[hq:hq + hkv], self._b_in[hq + hkv:]
+            self.b_q, self.b_k, self.b_v = self._b_in[:hq], self._b_in[hq : hq + hkv], self._b_in[hq + hkv :]
             self.b_o = np.zeros(self.embed_dim, self.dtype)
         else:
             self._b_in = self.b_q = self.b_k = self.b_v = self.b_o = None
@@ -120,9 +135,16 @@ class MultiHeadAttention:
     # -- loading ----------------------------------------------------------------------------------
     def load(self, w_q, w_k, w_v, w_o, b_q=None, b_k=None, b_v=None, b_o=None):
         """Copy weights in OUR layout (in_features, out_features) into the layer (shapes checked)."""
-        for name, src, dst in (("w_q", w_q, self.w_q), ("w_k", w_k, self.w_k), ("w_v", w_v, self.w_v),
-                               ("w_o", w_o, self.w_o), ("b_q", b_q, self.b_q), ("b_k", b_k, self.b_k),
-                               ("b_v", b_v, self.b_v), ("b_o", b_o, self.b_o)):
+        for name, src, dst in (
+            ("w_q", w_q, self.w_q),
+            ("w_k", w_k, self.w_k),
+            ("w_v", w_v, self.w_v),
+            ("w_o", w_o, self.w_o),
+            ("b_q", b_q, self.b_q),
+            ("b_k", b_k, self.b_k),
+            ("b_v", b_v, self.b_v),
+            ("b_o", b_o, self.b_o),
+        ):
             if src is None:
                 continue
             if dst is None:
@@ -135,7 +157,7 @@ class MultiHeadAttention:
             check_finite_array(src, name)
             dst[...] = src
         if self._packed is not None:
-            self.quantize_weights(self.weight_dtype)        # keep the packed copies in step
+            self.quantize_weights(self.weight_dtype)  # keep the packed copies in step
         return self
 
     def quantize_weights(self, dtype):
@@ -147,6 +169,7 @@ class MultiHeadAttention:
         layer's source of truth: ``load`` repacks); products compute in float32. Returns self.
         """
         from .linear import LinearWeight, _storage_dtype
+
         dtype = np.dtype(_storage_dtype(dtype))
         if dtype == np.float32:
             self._packed = None
@@ -155,15 +178,30 @@ class MultiHeadAttention:
             if self._fused:
                 packed["in"] = LinearWeight(self._w_in, self._b_in, dtype=dtype)
             else:
-                packed.update((n, LinearWeight(w, b, dtype=dtype)) for n, w, b in (
-                    ("q", self.w_q, self.b_q), ("k", self.w_k, self.b_k), ("v", self.w_v, self.b_v)))
+                packed.update(
+                    (n, LinearWeight(w, b, dtype=dtype))
+                    for n, w, b in (("q", self.w_q, self.b_q), ("k", self.w_k, self.b_k), ("v", self.w_v, self.b_v))
+                )
             self._packed = packed
         self.weight_dtype = dtype
         return self
 
     @classmethod
-    def from_linear_weights(cls, q_proj, k_proj, v_proj, o_proj, num_heads, num_kv_heads=None, q_bias=None,
-                            k_bias=None, v_bias=None, o_bias=None, head_dim=None, dtype=np.float32):
+    def from_linear_weights(
+        cls,
+        q_proj,
+        k_proj,
+        v_proj,
+        o_proj,
+        num_heads,
+        num_kv_heads=None,
+        q_bias=None,
+        k_bias=None,
+        v_bias=None,
+        o_bias=None,
+        head_dim=None,
+        dtype=np.float32,
+    ):
         """From four ``nn.Linear``-layout weights (out_features, in_features), as Hugging Face stores
         ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj`` (Llama, Mistral, BERT's query/key/value/dense)."""
         q_proj, k_proj, v_proj, o_proj = (np.asarray(w) for w in (q_proj, k_proj, v_proj, o_proj))
@@ -175,14 +213,23 @@ class MultiHeadAttention:
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         head_dim = q_proj.shape[0] // num_heads if head_dim is None else head_dim
         has_bias = any(b is not None for b in (q_bias, k_bias, v_bias, o_bias))
-        layer = cls(embed_dim, num_heads, num_kv_heads, head_dim, bias=has_bias, kdim=k_proj.shape[1],
-                    vdim=v_proj.shape[1], dtype=dtype)
+        layer = cls(
+            embed_dim,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            bias=has_bias,
+            kdim=k_proj.shape[1],
+            vdim=v_proj.shape[1],
+            dtype=dtype,
+        )
         # a bias left out (None) stays zero
         return layer.load(q_proj.T, k_proj.T, v_proj.T, o_proj.T, q_bias, k_bias, v_bias, o_bias)
 
     @classmethod
-    def from_torch_weights(cls, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, num_heads,
-                           dtype=np.float32):
+    def from_torch_weights(
+        cls, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, num_heads, dtype=np.float32
+    ):
         """From ``torch.nn.MultiheadAttention``'s packed layout as numpy arrays: ``in_proj_weight``
         (3·E, E) = [W_q; W_k; W_v] in (out, in) layout, ``out_proj.weight`` (E, E), biases or None."""
         w = np.asarray(in_proj_weight)
@@ -190,32 +237,62 @@ class MultiHeadAttention:
         if w.shape != (3 * E, E):
             raise ValueError(f"in_proj_weight must have shape (3·E, E) = ({3 * E}, {E}), got {w.shape}")
         b = None if in_proj_bias is None else np.asarray(in_proj_bias)
-        return cls.from_linear_weights(w[:E], w[E:2 * E], w[2 * E:], out_proj_weight, num_heads,
-                                       q_bias=None if b is None else b[:E], k_bias=None if b is None else b[E:2 * E],
-                                       v_bias=None if b is None else b[2 * E:], o_bias=out_proj_bias, dtype=dtype)
+        return cls.from_linear_weights(
+            w[:E],
+            w[E : 2 * E],
+            w[2 * E :],
+            out_proj_weight,
+            num_heads,
+            q_bias=None if b is None else b[:E],
+            k_bias=None if b is None else b[E : 2 * E],
+            v_bias=None if b is None else b[2 * E :],
+            o_bias=out_proj_bias,
+            dtype=dtype,
+        )
 
     @classmethod
     def from_torch(cls, module, dtype=np.float32):
         """From a ``torch.nn.MultiheadAttention`` instance (needs torch only for reading it)."""
+
         def arr(t):
             return None if t is None else t.detach().cpu().numpy()
+
         if getattr(module, "_qkv_same_embed_dim", True):
-            return cls.from_torch_weights(arr(module.in_proj_weight), arr(module.in_proj_bias),
-                                          arr(module.out_proj.weight), arr(module.out_proj.bias), module.num_heads,
-                                          dtype=dtype)
+            return cls.from_torch_weights(
+                arr(module.in_proj_weight),
+                arr(module.in_proj_bias),
+                arr(module.out_proj.weight),
+                arr(module.out_proj.bias),
+                module.num_heads,
+                dtype=dtype,
+            )
         b = arr(module.in_proj_bias)
         E = module.embed_dim
-        return cls.from_linear_weights(arr(module.q_proj_weight), arr(module.k_proj_weight), arr(module.v_proj_weight),
-                                       arr(module.out_proj.weight), module.num_heads,
-                                       q_bias=None if b is None else b[:E], k_bias=None if b is None else b[E:2 * E],
-                                       v_bias=None if b is None else b[2 * E:], o_bias=arr(module.out_proj.bias),
-                                       dtype=dtype)
+        return cls.from_linear_weights(
+            arr(module.q_proj_weight),
+            arr(module.k_proj_weight),
+            arr(module.v_proj_weight),
+            arr(module.out_proj.weight),
+            module.num_heads,
+            q_bias=None if b is None else b[:E],
+            k_bias=None if b is None else b[E : 2 * E],
+            v_bias=None if b is None else b[2 * E :],
+            o_bias=arr(module.out_proj.bias),
+            dtype=dtype,
+        )
 
     # -- forward ----------------------------------------------------------------------------------
     def new_cache(self, batch, capacity, window=None, dtype=None, block=32):
         """A KVCache shaped for this layer (storage ``dtype``: the layer's by default, or float16/int8)."""
-        return KVCache(batch, self.num_kv_heads, self.head_dim, capacity, dtype=self.dtype if dtype is None else dtype,
-                       window=window, block=block)
+        return KVCache(
+            batch,
+            self.num_kv_heads,
+            self.head_dim,
+            capacity,
+            dtype=self.dtype if dtype is None else dtype,
+            window=window,
+            block=block,
+        )
 
     def _heads(self, y, n_heads):
         B, T, _ = y.shape
@@ -235,7 +312,7 @@ class MultiHeadAttention:
                 if self._b_in is not None:
                     qkv += self._b_in
             qkv = qkv.reshape(B, L, -1)
-            q, k, v = qkv[..., :hq], qkv[..., hq:hq + hkv], qkv[..., hq + hkv:]
+            q, k, v = qkv[..., :hq], qkv[..., hq : hq + hkv], qkv[..., hq + hkv :]
         else:
             src = x if context is None else context
             S = src.shape[1]
@@ -251,8 +328,20 @@ class MultiHeadAttention:
                     q, k, v = q + self.b_q, k + self.b_k, v + self.b_v
         return self._heads(q, self.num_heads), self._heads(k, self.num_kv_heads), self._heads(v, self.num_kv_heads)
 
-    def __call__(self, x, context=None, *, key_padding_mask=None, attn_mask=None, is_causal=False, cache=None,
-                 window=None, alibi_slopes=None, softcap=None, rotary=None):
+    def __call__(
+        self,
+        x,
+        context=None,
+        *,
+        key_padding_mask=None,
+        attn_mask=None,
+        is_causal=False,
+        cache=None,
+        window=None,
+        alibi_slopes=None,
+        softcap=None,
+        rotary=None,
+    ):
         """Attention of x (B, L, embed_dim) over itself, or over ``context`` (B, S, kdim); → (B, L, embed_dim).
 
         Masks follow ``torch.nn.MultiheadAttention``: ``key_padding_mask`` (B, S), boolean True =
@@ -273,7 +362,7 @@ class MultiHeadAttention:
         """
         if cache is not None and not isinstance(cache, KVCache):
             raise TypeError(f"cache must be a numba_attn.KVCache, got {type(cache).__name__}")
-        check_causal(is_causal)      # with a cache it is not used (bottom-right by construction), but still checked
+        check_causal(is_causal)  # with a cache it is not used (bottom-right by construction), but still checked
         if rotary is not None and not callable(rotary):
             raise TypeError(f"rotary must be a callable (q, k, positions) -> (q, k), got {type(rotary).__name__}")
         x = self._check_input(x, "x", self.embed_dim)
@@ -290,8 +379,13 @@ class MultiHeadAttention:
         start = 0 if cache is None else cache.length
         if rotary is not None:
             q, k = rotary(q, k, start + np.arange(L))
-        kw = dict(enable_gqa=self.num_kv_heads != self.num_heads, alibi_slopes=alibi_slopes, softcap=softcap,
-                  check_finite=False, out_dtype=self.dtype)
+        kw = dict(
+            enable_gqa=self.num_kv_heads != self.num_heads,
+            alibi_slopes=alibi_slopes,
+            softcap=softcap,
+            check_finite=False,
+            out_dtype=self.dtype,
+        )
         if cache is None:
             S = k.shape[2]
             mask = self._combined_mask(key_padding_mask, attn_mask, B, L, S, np.arange(S))
@@ -309,14 +403,24 @@ class MultiHeadAttention:
 
     def _attend_cached(self, q, k, v, cache, key_padding_mask, attn_mask, window, kw):
         B, L = q.shape[0], q.shape[2]
-        if (cache.batch, cache.num_kv_heads, cache.head_dim, cache.value_dim) != (B, self.num_kv_heads,
-                                                                               self.head_dim, self.head_dim):
-            raise ValueError(f"cache holds (batch={cache.batch}, num_kv_heads={cache.num_kv_heads}, "
-                             f"head_dim={cache.head_dim}); this call needs ({B}, {self.num_kv_heads}, {self.head_dim})")
-        allowed = (q.dtype,) if q.dtype == np.float64 else (np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.int8))
+        if (cache.batch, cache.num_kv_heads, cache.head_dim, cache.value_dim) != (
+            B,
+            self.num_kv_heads,
+            self.head_dim,
+            self.head_dim,
+        ):
+            raise ValueError(
+                f"cache holds (batch={cache.batch}, num_kv_heads={cache.num_kv_heads}, "
+                f"head_dim={cache.head_dim}); this call needs ({B}, {self.num_kv_heads}, {self.head_dim})"
+            )
+        allowed = (
+            (q.dtype,) if q.dtype == np.float64 else (np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.int8))
+        )
         if cache.dtype not in allowed:
-            raise TypeError(f"cache dtype {cache.dtype} does not fit the layer's dtype {q.dtype}: use "
-                            + " or ".join(d.name for d in allowed))
+            raise TypeError(
+                f"cache dtype {cache.dtype} does not fit the layer's dtype {q.dtype}: use "
+                + " or ".join(d.name for d in allowed)
+            )
         if window is not None and window != cache.window:
             raise ValueError(f"window={window} differs from the cache's window ({cache.window})")
         if cache.length + L > cache.capacity:
@@ -360,10 +464,15 @@ class MultiHeadAttention:
             am = np.asarray(attn_mask)
             if am.ndim == 3 and am.shape[0] == B * self.num_heads:
                 am = am.reshape(B, self.num_heads, L, -1)
-            if (am.shape[-2:] != (L, S) or am.ndim not in (2, 4)
-                    or (am.ndim == 4 and any(a not in (1, b) for a, b in zip(am.shape[:2], (B, self.num_heads))))):
-                raise ValueError(f"attn_mask must have shape (L, S) = ({L}, {S}), (B, H, L, S) = "
-                                 f"({B}, {self.num_heads}, {L}, {S}) or (B·H, L, S), got {np.shape(attn_mask)}")
+            if (
+                am.shape[-2:] != (L, S)
+                or am.ndim not in (2, 4)
+                or (am.ndim == 4 and any(a not in (1, b) for a, b in zip(am.shape[:2], (B, self.num_heads))))
+            ):
+                raise ValueError(
+                    f"attn_mask must have shape (L, S) = ({L}, {S}), (B, H, L, S) = "
+                    f"({B}, {self.num_heads}, {L}, {S}) or (B·H, L, S), got {np.shape(attn_mask)}"
+                )
             parts.append(self._as_additive_or_bool(am, "attn_mask"))
         if not parts:
             return None
@@ -375,9 +484,9 @@ class MultiHeadAttention:
         total = None
         for p in parts:
             add = np.where(p, 0.0, -np.inf).astype(self.dtype) if p.dtype == np.bool_ else p.astype(self.dtype)
-            with np.errstate(over="ignore"):          # an overflow is refused just below
+            with np.errstate(over="ignore"):  # an overflow is refused just below
                 total = add if total is None else total + add
-        if np.isposinf(total).any():      # two large finite masks can add up to +inf in the layer's dtype
+        if np.isposinf(total).any():  # two large finite masks can add up to +inf in the layer's dtype
             raise ValueError(f"key_padding_mask + attn_mask overflows {self.dtype.name} (+inf); use smaller values")
         return total
 
@@ -391,8 +500,10 @@ class MultiHeadAttention:
             if np.isnan(mask).any() or np.isposinf(mask).any():
                 raise ValueError(f"{name} contains NaN or +inf; a float {name} may hold finite values and -inf")
             return mask
-        raise TypeError(f"{name} must be boolean (True = masked out, as in torch.nn.MultiheadAttention) or floating "
-                        f"(added to the scores), got dtype {mask.dtype}")
+        raise TypeError(
+            f"{name} must be boolean (True = masked out, as in torch.nn.MultiheadAttention) or floating "
+            f"(added to the scores), got dtype {mask.dtype}"
+        )
 
     def _check_input(self, x, name, dim):
         x = np.asarray(x)
@@ -404,5 +515,7 @@ class MultiHeadAttention:
         return x.astype(self.dtype, copy=False)
 
     def __repr__(self):
-        return (f"MultiHeadAttention(embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
-                f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, dtype={self.dtype.name})")
+        return (
+            f"MultiHeadAttention(embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
+            f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, dtype={self.dtype.name})"
+        )

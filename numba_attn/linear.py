@@ -19,6 +19,7 @@ gives a float64 result (the float32 values widened: numpy's ``float64 @ float32`
 float16 or float32 ``x`` a float32 result. NaN/inf in ``x`` propagate as in numpy (no check); NaN/inf
 weights or biases are refused at construction.
 """
+
 import math
 
 import numpy as np
@@ -72,7 +73,7 @@ def _panels(w, K_pad, P):
 def _quantize_panels(w32, K_pad, P):
     """float32 (K, N) → int8 panels (P, K_pad, 64) and float32 scales (P, K_pad/32, 64)."""
     blocks = _panels(w32, K_pad, P).reshape(P, K_pad // _k.BLOCK, _k.BLOCK, _k.PANEL)
-    scales = np.abs(blocks).max(axis=2) / np.float32(127)                           # (P, nb, 64)
+    scales = np.abs(blocks).max(axis=2) / np.float32(127)  # (P, nb, 64)
     ratio = np.divide(blocks, scales[:, :, None, :], out=np.zeros_like(blocks), where=scales[:, :, None, :] > 0)
     q = np.clip(np.rint(ratio), -127, 127).astype(np.int8)
     return np.ascontiguousarray(q.reshape(P, K_pad, _k.PANEL)), np.ascontiguousarray(scales, dtype=np.float32)
@@ -164,8 +165,9 @@ class LinearWeight:
         the GEMM kernel; both serial below ``kernels.linear.SERIAL_BELOW_MACS`` multiply-adds."""
         x = np.asarray(x)
         if x.dtype not in (np.float16, np.float32, np.float64):
-            raise TypeError(f"x must be a float16/float32/float64 array of shape (..., {self.in_features}), "
-                            f"got dtype {x.dtype}")
+            raise TypeError(
+                f"x must be a float16/float32/float64 array of shape (..., {self.in_features}), got dtype {x.dtype}"
+            )
         if x.ndim < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"x must have shape (..., in_features) = (..., {self.in_features}), got {x.shape}")
         K, N = self.shape
@@ -185,16 +187,29 @@ class LinearWeight:
         if M == 1:
             y = np.empty((1, N), np.float32)
             if self._scales is not None:
-                launch(_k.gemv_int8_parallel if parallel else _k.gemv_int8_serial,
-                       xs[0], self._weights, self._scales, self._bias, y[0])
+                launch(
+                    _k.gemv_int8_parallel if parallel else _k.gemv_int8_serial,
+                    xs[0],
+                    self._weights,
+                    self._scales,
+                    self._bias,
+                    y[0],
+                )
             else:
-                launch(_k.gemv_float_parallel if parallel else _k.gemv_float_serial,
-                       xs[0], self._weights, self._bias, y[0])
+                launch(
+                    _k.gemv_float_parallel if parallel else _k.gemv_float_serial, xs[0], self._weights, self._bias, y[0]
+                )
         else:
             y = np.empty((M, N), np.float32)
             if self._scales is not None:
-                launch(_k.gemm_int8_parallel if parallel else _k.gemm_int8_serial,
-                       xs, self._weights, self._scales, self._bias, y)
+                launch(
+                    _k.gemm_int8_parallel if parallel else _k.gemm_int8_serial,
+                    xs,
+                    self._weights,
+                    self._scales,
+                    self._bias,
+                    y,
+                )
             else:
                 launch(_k.gemm_float_parallel if parallel else _k.gemm_float_serial, xs, self._weights, self._bias, y)
         y = y.reshape(lead + (N,))
@@ -207,5 +222,7 @@ class LinearWeight:
         return self.apply(x)
 
     def __repr__(self):
-        return (f"LinearWeight(in_features={self.in_features}, out_features={self.out_features}, "
-                f"dtype={self.dtype.name}, bias={self._has_bias}, nbytes={self.nbytes})")
+        return (
+            f"LinearWeight(in_features={self.in_features}, out_features={self.out_features}, "
+            f"dtype={self.dtype.name}, bias={self._has_bias}, nbytes={self.nbytes})"
+        )

@@ -6,6 +6,7 @@ to [-127, 127]. A quarter of float32's memory plus 4 bytes per block. The attent
 ``QuantizedTensor`` as ``key``/``value`` and compute Q·Kᵀ in int8 × int8 → int32, dequantising V
 inside the kernel. Accuracy: see the README's accuracy table.
 """
+
 import math
 import numbers
 
@@ -28,7 +29,7 @@ class QuantizedTensor:
     matching shape, finite and ≥ 0.
     """
 
-    __slots__ = ("data", "scales", "block")
+    __slots__ = ("block", "data", "scales")
 
     def __init__(self, data, scales, block):
         data = np.asarray(data)
@@ -43,8 +44,10 @@ class QuantizedTensor:
         block = _check_block(block, D)
         nb = -(-D // block)
         if scales.shape != data.shape[:-1] + (nb,):
-            raise ValueError(f"scales must have shape {data.shape[:-1] + (nb,)} for data {data.shape} and block "
-                             f"{block}, got {scales.shape}")
+            raise ValueError(
+                f"scales must have shape {data.shape[:-1] + (nb,)} for data {data.shape} and block "
+                f"{block}, got {scales.shape}"
+            )
         if scales.size:
             low = float(scales.min())
             if not np.isfinite(low) or not np.isfinite(max_abs(scales)):

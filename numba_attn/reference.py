@@ -6,6 +6,7 @@ Written as close to the textbook as possible, with no attempt at speed or memory
 attention, sliding window, ALiBi, soft-capping, zeros for fully-masked rows), minus input
 validation: give it well-formed arrays.
 """
+
 import numpy as np
 
 __all__ = ["scaled_dot_product_attention", "attention_weights", "causal_mask"]
@@ -28,7 +29,7 @@ def _scores(query, key, attn_mask, is_causal, scale, enable_gqa, window=None, al
         k = np.repeat(k, q.shape[-3] // k.shape[-3], axis=-3)
     if scale is None:
         scale = 1.0 / np.sqrt(q.shape[-1])
-    s = (q @ np.swapaxes(k, -1, -2)) * scale            # scores: Q·Kᵀ / √d_k
+    s = (q @ np.swapaxes(k, -1, -2)) * scale  # scores: Q·Kᵀ / √d_k
     L, S = s.shape[-2:]
     if softcap:
         s = softcap * np.tanh(s / softcap)
@@ -38,7 +39,7 @@ def _scores(query, key, attn_mask, is_causal, scale, enable_gqa, window=None, al
     query_pos = np.arange(L)[:, None] + (0 if alignment == "upper_left" else S - L)
     key_pos = np.arange(S)[None, :]
     if alibi_slopes is not None:
-        slopes = np.asarray(alibi_slopes, dtype=np.float64)[:, None, None]   # (H, 1, 1) on dim -3
+        slopes = np.asarray(alibi_slopes, dtype=np.float64)[:, None, None]  # (H, 1, 1) on dim -3
         s = s - slopes * np.abs(query_pos - key_pos)
     allowed = np.ones((L, S), dtype=bool)
     if alignment is not None:
@@ -55,19 +56,39 @@ def _scores(query, key, attn_mask, is_causal, scale, enable_gqa, window=None, al
     return s
 
 
-def attention_weights(query, key, attn_mask=None, is_causal=False, scale=None, enable_gqa=False, window=None,
-                      alibi_slopes=None, softcap=None):
+def attention_weights(
+    query,
+    key,
+    attn_mask=None,
+    is_causal=False,
+    scale=None,
+    enable_gqa=False,
+    window=None,
+    alibi_slopes=None,
+    softcap=None,
+):
     """softmax(Q·Kᵀ·scale + mask) as a float64 ``(..., L, S)`` array; fully-masked rows are zeros."""
     s = _scores(query, key, attn_mask, is_causal, scale, enable_gqa, window, alibi_slopes, softcap)
     m = s.max(axis=-1, keepdims=True, initial=-np.inf)
-    m = np.where(np.isfinite(m), m, 0.0)                # a row with no visible key: avoid -inf - -inf
+    m = np.where(np.isfinite(m), m, 0.0)  # a row with no visible key: avoid -inf - -inf
     p = np.exp(s - m)
     total = p.sum(axis=-1, keepdims=True)
     return np.divide(p, total, out=np.zeros_like(p), where=total > 0)
 
 
-def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=False, scale=None,
-                                 enable_gqa=False, return_lse=False, window=None, alibi_slopes=None, softcap=None):
+def scaled_dot_product_attention(
+    query,
+    key,
+    value,
+    attn_mask=None,
+    is_causal=False,
+    scale=None,
+    enable_gqa=False,
+    return_lse=False,
+    window=None,
+    alibi_slopes=None,
+    softcap=None,
+):
     """softmax(Q·Kᵀ·scale + mask)·V in float64; with ``return_lse`` also log Σ_j exp(score_ij).
 
     The log-sum-exp of a fully-masked row is ``-inf`` and its output row is zeros.
@@ -81,7 +102,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
     if not return_lse:
         return out
     s = _scores(query, key, attn_mask, is_causal, scale, enable_gqa, **extras)
-    s = np.broadcast_to(s, out.shape[:-1] + s.shape[-1:])      # batch dims that only value has
+    s = np.broadcast_to(s, out.shape[:-1] + s.shape[-1:])  # batch dims that only value has
     m = s.max(axis=-1, initial=-np.inf)
     finite = np.isfinite(m)
     m0 = np.where(finite, m, 0.0)

@@ -1,4 +1,5 @@
 """8 Python threads calling numba_attn at once get the same results as serial calls (any threading layer)."""
+
 import concurrent.futures
 
 import numba

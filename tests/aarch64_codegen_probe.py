@@ -4,6 +4,7 @@ Run in a fresh process with NUMBA_LOOP_VECTORIZE=0 NUMBA_SLP_VECTORIZE=0: numba 
 optimised but still scalar IR, and LLVM's aarch64 pipeline vectorises it with the aarch64 cost model
 (as numba itself would on a board). Prints one JSON object {probe: {cpu: {mnemonic: count}}}.
 """
+
 import collections
 import json
 import re
@@ -19,7 +20,7 @@ from numba_attn.kernels._prefill_tiles import VW, tile_add
 from numba_attn.kernels.quantised import int8_dot
 
 TRIPLE = "aarch64-unknown-linux-gnu"
-CPUS = ("cortex-a76", "cortex-a72")      # Raspberry Pi 5 / Jetson Orin class, and Raspberry Pi 4
+CPUS = ("cortex-a76", "cortex-a72")  # Raspberry Pi 5 / Jetson Orin class, and Raspberry Pi 4
 
 
 @njit(fastmath=config.FASTMATH)
@@ -31,7 +32,7 @@ def f32_dot(q, k):
 
 
 @njit(fastmath=config.FASTMATH)
-def f16_dot(q, k):          # the same source as f32_dot, with float16 keys as uint16 bits
+def f16_dot(q, k):  # the same source as f32_dot, with float16 keys as uint16 bits
     a = np.float32(0)
     for d in range(q.shape[0]):
         a += q[d] * load(k[d])
@@ -44,12 +45,12 @@ def i8_dot(a, b):
 
 
 @njit(fastmath=config.FASTMATH)
-def prefill_tile(pt, vn, acct, nk):      # the prefill P·V register tile (4 columns × W rows)
+def prefill_tile(pt, vn, acct, nk):  # the prefill P·V register tile (4 columns × W rows)
     tile_add(vn, 0, 1, vn.shape[1], pt, 0, pt.shape[1], acct, 0, acct.shape[1], nk)
 
 
 @njit(fastmath=config.FASTMATH)
-def decode_scores_f16(q, k, s):          # VW float16 keys' scores (shuffle butterfly)
+def decode_scores_f16(q, k, s):  # VW float16 keys' scores (shuffle butterfly)
     key_scores(q, 0, k, 0, k.shape[1], q, 0, 0, 0, k.shape[1], s, 0)
 
 
@@ -79,10 +80,14 @@ def _portable_ir(ir):
     for block in re.split(r"(?m)^(?=define )", ir):
         head = block.split("\n", 1)[0]
         if block.startswith("define ") and ("@NRT_" in head or "cpython." in head or "cfunc." in head):
-            decl = re.sub(r"^define\s+(?:(?:internal|linkonce_odr|weak_odr|private|dso_local|local_unnamed_addr|"
-                          r"unnamed_addr)\s+)*", "declare ", head)
+            decl = re.sub(
+                r"^define\s+(?:(?:internal|linkonce_odr|weak_odr|private|dso_local|local_unnamed_addr|"
+                r"unnamed_addr)\s+)*",
+                "declare ",
+                head,
+            )
             decl = re.sub(r"\s*(#\d+\s*)?\{\s*$", "", decl)
-            out.append(decl + "\n" + block[block.index("\n}\n") + 3:])
+            out.append(decl + "\n" + block[block.index("\n}\n") + 3 :])
         else:
             out.append(block)
     ir = "".join(out)

@@ -1,4 +1,5 @@
 """Shared helpers for the numba_attn tests: random data, masks, tolerances, kernel spies."""
+
 import numpy as np
 import pytest
 
@@ -77,8 +78,7 @@ def assert_unchanged(arrays, originals):
         assert np.asarray(a).dtype == o.dtype
 
 
-KERNELS = {"prefill_serial": prefill, "prefill_parallel": prefill, "decode_serial": decode,
-           "decode_parallel": decode}
+KERNELS = {"prefill_serial": prefill, "prefill_parallel": prefill, "decode_serial": decode, "decode_parallel": decode}
 
 
 class KernelSpy:
@@ -96,6 +96,7 @@ class KernelSpy:
             if forbid:
                 raise AssertionError(f"the {name} kernel ran although the input was rejected")
             return original(*args)
+
         return spy
 
     def ran(self):
@@ -120,6 +121,7 @@ def int8_effective_inputs(query, key, value, scale=None):
     int8 × int8 dot products in float32 arithmetic), the query scaled and quantised per row the
     way the kernel does it (then ``scale`` = 1). Float operands pass through."""
     from numba_attn import QuantizedTensor, dequantize, quantize
+
     E = query.shape[-1]
     scale = 1.0 / np.sqrt(E) if scale is None else scale
     k = dequantize(key) if isinstance(key, QuantizedTensor) else key
@@ -134,7 +136,17 @@ def pytest_addoption(parser):
     """``--fuzz=N``: cases of the differential fuzzer (tests/test_fuzz.py; default 1000, or the env var
     NUMBA_ATTN_FUZZ); ``--fuzz-seed``: its base seed (default 0, or NUMBA_ATTN_FUZZ_SEED)."""
     group = parser.getgroup("numba_attn fuzzer")
-    group.addoption("--fuzz", type=int, default=None, metavar="N",
-                    help="number of differential fuzz cases (default: $NUMBA_ATTN_FUZZ or 1000)")
-    group.addoption("--fuzz-seed", type=int, default=None, metavar="SEED",
-                    help="base seed of the fuzz cases; case i uses SEED + i (default: $NUMBA_ATTN_FUZZ_SEED or 0)")
+    group.addoption(
+        "--fuzz",
+        type=int,
+        default=None,
+        metavar="N",
+        help="number of differential fuzz cases (default: $NUMBA_ATTN_FUZZ or 1000)",
+    )
+    group.addoption(
+        "--fuzz-seed",
+        type=int,
+        default=None,
+        metavar="SEED",
+        help="base seed of the fuzz cases; case i uses SEED + i (default: $NUMBA_ATTN_FUZZ_SEED or 0)",
+    )

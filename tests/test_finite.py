@@ -1,5 +1,6 @@
 """kernels/finite.py: the bit-level NaN/inf scan, against np.isfinite, for every float dtype, shape
 and position of the bad value (including KV-cache views whose free slots must not be read)."""
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -13,18 +14,20 @@ SPECIALS = (np.nan, np.inf, -np.inf)
 
 
 @settings(max_examples=60, deadline=None)
-@given(dtype=st.sampled_from(DTYPES),
-       shape=st.lists(st.integers(0, 40), min_size=1, max_size=4),
-       bad=st.one_of(st.none(), st.sampled_from(SPECIALS)),
-       where=st.integers(0, 10 ** 6),
-       transpose=st.booleans())
+@given(
+    dtype=st.sampled_from(DTYPES),
+    shape=st.lists(st.integers(0, 40), min_size=1, max_size=4),
+    bad=st.one_of(st.none(), st.sampled_from(SPECIALS)),
+    where=st.integers(0, 10**6),
+    transpose=st.booleans(),
+)
 def test_matches_isfinite(dtype, shape, bad, where, transpose):
     rng = np.random.default_rng(where)
     x = (rng.standard_normal(shape) * 1e3).astype(dtype)
     if bad is not None and x.size:
         x.reshape(-1)[where % x.size] = bad
     if transpose:
-        x = x.T                      # a non-contiguous view is scanned as well
+        x = x.T  # a non-contiguous view is scanned as well
     before = x.copy()
     assert all_finite(x) == bool(np.isfinite(x).all())
     top = max_abs(x)

@@ -36,6 +36,7 @@ only where they exist: a float64 computation with int8 operands may dequantise e
 float32 (±2⁻²⁴ relative on k and v), and per-row int8 keys quantise the query, where a value that
 lies within 1e-4 of a rounding tie may round either way (one int8 step of that query entry).
 """
+
 import math
 import os
 import traceback
@@ -63,6 +64,7 @@ MAX_SCORES = 300_000
 # case counts, seeds, batches
 # ------------------------------------------------------------------------------------------------
 
+
 def _fuzz_count(config):
     n = config.getoption("fuzz", default=None)
     if n is None:
@@ -87,8 +89,9 @@ def pytest_generate_tests(metafunc):
         if arg in metafunc.fixturenames:
             n = math.ceil(_fuzz_count(metafunc.config) * FAMILY_SHARE[family])
             starts = list(range(0, n, BATCH))
-            metafunc.parametrize(arg, [(s, min(n, s + BATCH)) for s in starts],
-                                 ids=[f"cases{s}-{min(n, s + BATCH) - 1}" for s in starts])
+            metafunc.parametrize(
+                arg, [(s, min(n, s + BATCH)) for s in starts], ids=[f"cases{s}-{min(n, s + BATCH) - 1}" for s in starts]
+            )
 
 
 @pytest.fixture
@@ -103,18 +106,22 @@ def run_batch(family, runner, seed, first, stop):
         params = {}
         try:
             runner(seed + i, params)
-        except Exception as exc:  # noqa: BLE001 - every failure of the batch is collected, then reported together
+        except Exception as exc:
             where = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-            failures.append(f"case {i} (rng seed {seed + i}; reproduce: tests/test_fuzz.py::{runner.__name__}"
-                            f"({seed + i}, {{}})):\n  params: {params}\n  {where[:1500]}")
+            failures.append(
+                f"case {i} (rng seed {seed + i}; reproduce: tests/test_fuzz.py::{runner.__name__}"
+                f"({seed + i}, {{}})):\n  params: {params}\n  {where[:1500]}"
+            )
     if failures:
-        pytest.fail(f"{len(failures)} of {stop - first} {family} fuzz cases failed:\n\n" + "\n\n".join(failures),
-                    pytrace=False)
+        pytest.fail(
+            f"{len(failures)} of {stop - first} {family} fuzz cases failed:\n\n" + "\n\n".join(failures), pytrace=False
+        )
 
 
 # ------------------------------------------------------------------------------------------------
 # the independent float64 formula (and the same in the arithmetic dtype, for the tolerance)
 # ------------------------------------------------------------------------------------------------
+
 
 def visible_keys(L, S, causal, window, mask):
     """Boolean (..., L, S): the keys each query row sees (mask broadcast, causal band, window)."""
@@ -131,8 +138,9 @@ def visible_keys(L, S, causal, window, mask):
     return vis
 
 
-def attention_formula(q, k, v, scale, mask=None, causal=False, window=None, slopes=None, softcap=None,
-                      dtype=np.float64):
+def attention_formula(
+    q, k, v, scale, mask=None, causal=False, window=None, slopes=None, softcap=None, dtype=np.float64
+):
     """softmax(q·kᵀ·scale [softcap] [ALiBi] + mask)·v with the L×S scores materialised, in ``dtype``.
 
     q (..., L, E), k (..., S, E), v (..., S, Ev), mask (..., L, S) bool (True = attend) or float, all
@@ -176,12 +184,26 @@ def score_magnitude(q, k, scale, mask, slopes, causal, vis):
 
 def value_magnitude(v, vis):
     """Per row (..., L): max |v| over the row's visible keys (all value columns)."""
-    vrow = np.abs(v).max(axis=-1, initial=0.0) if v.shape[-1] else np.zeros(v.shape[:-1])   # (..., S)
+    vrow = np.abs(v).max(axis=-1, initial=0.0) if v.shape[-1] else np.zeros(v.shape[:-1])  # (..., S)
     return np.where(vis, vrow[..., None, :], 0.0).max(axis=-1, initial=0.0)
 
 
-def check_against_formula(out, lse, q, k, v, scale, mask=None, causal=False, window=None, slopes=None,
-                          softcap=None, arith=np.float32, extra_row_budget=None, label="out"):
+def check_against_formula(
+    out,
+    lse,
+    q,
+    k,
+    v,
+    scale,
+    mask=None,
+    causal=False,
+    window=None,
+    slopes=None,
+    softcap=None,
+    arith=np.float32,
+    extra_row_budget=None,
+    label="out",
+):
     """Assert ``out`` (and ``lse`` if given) match the float64 formula on the effective inputs within
     the budget of the module docstring; fully masked rows exactly 0 and lse -inf; no NaN."""
     assert not np.isnan(out).any(), f"{label} holds NaN"
@@ -189,7 +211,7 @@ def check_against_formula(out, lse, q, k, v, scale, mask=None, causal=False, win
     naive, naive_lse, _ = attention_formula(q, k, v, scale, mask, causal, window, slopes, softcap, dtype=arith)
     assert out.shape == exact.shape, (out.shape, exact.shape)
     eps = float(np.finfo(arith).eps)
-    dead = ~vis.any(axis=-1)                                        # fully masked rows
+    dead = ~vis.any(axis=-1)  # fully masked rows
     if dead.any():
         assert (out[dead] == 0).all(), f"fully masked rows of {label} are not exactly 0: {out[dead].max()}"
     M = score_magnitude(q, k, scale, mask, slopes, causal, vis)
@@ -202,7 +224,7 @@ def check_against_formula(out, lse, q, k, v, scale, mask=None, causal=False, win
     if extra_row_budget is not None:
         budget = budget + extra_row_budget
     tol = budget[..., None]
-    if np.finfo(out.dtype).eps > eps:       # a result rounded to a narrower dtype than the arithmetic's
+    if np.finfo(out.dtype).eps > eps:  # a result rounded to a narrower dtype than the arithmetic's
         tiny = float(np.finfo(out.dtype).smallest_subnormal)
         tol = tol + float(np.finfo(out.dtype).eps) / 2 * np.abs(exact) + tiny / 2
     err = np.abs(out.astype(np.float64) - exact)
@@ -215,7 +237,8 @@ def check_against_formula(out, lse, q, k, v, scale, mask=None, causal=False, win
             f"{label}: {int(bad.sum())} of {err.size} elements outside the budget; first at {idx}: "
             f"got {out[idx]!r}, expected {exact[idx]!r}, |err| {err[idx]:.3g} > tol {tol[idx]:.3g}; worst at "
             f"{tuple(int(x) for x in worst)}: |err| {err[worst]:.3g}, tol {tol[worst]:.3g}, naive row error "
-            f"{naive_err[worst[:-1]]:.3g}, M {M[worst[:-1]]:.3g}, max|v| {V[worst[:-1]]:.3g}")
+            f"{naive_err[worst[:-1]]:.3g}, M {M[worst[:-1]]:.3g}, max|v| {V[worst[:-1]]:.3g}"
+        )
     if lse is not None:
         assert lse.shape == exact_lse.shape, (lse.shape, exact_lse.shape)
         assert not np.isnan(lse).any(), "lse holds NaN"
@@ -230,13 +253,16 @@ def check_against_formula(out, lse, q, k, v, scale, mask=None, causal=False, win
             lse_tol = lse_tol + np.broadcast_to(extra_row_budget, dead.shape)[live] / np.maximum(V[live], 1e-300)
         if (lse_err > lse_tol).any():
             w = int(np.argmax(lse_err - lse_tol))
-            raise AssertionError(f"lse outside the budget: |err| {lse_err[w]:.3g} > tol {lse_tol[w]:.3g} "
-                                 f"({int((lse_err > lse_tol).sum())} rows)")
+            raise AssertionError(
+                f"lse outside the budget: |err| {lse_err[w]:.3g} > tol {lse_tol[w]:.3g} "
+                f"({int((lse_err > lse_tol).sum())} rows)"
+            )
 
 
 # ------------------------------------------------------------------------------------------------
 # rounded inputs: what the kernels actually see
 # ------------------------------------------------------------------------------------------------
+
 
 def dequantised(qt):
     """float64 copy of an int8 QuantizedTensor's values: data · scale of its block, rounded to float32
@@ -328,6 +354,7 @@ def float_dtypes_of(*xs):
 # family 1: scaled_dot_product_attention
 # ------------------------------------------------------------------------------------------------
 
+
 def _choice(rng, options, p=None):
     return options[int(rng.choice(len(options), p=p))]
 
@@ -346,14 +373,14 @@ def _operand_batch(rng, batch, keep_last, heads=None):
 def _features(rng):
     if rng.random() < 0.2:
         return int(_choice(rng, [1, 2, 3, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129, 159, 160]))
-    return int(rng.integers(0, 80)) * 2 + 1          # odd, 1..159
+    return int(rng.integers(0, 80)) * 2 + 1  # odd, 1..159
 
 
 def _lengths(rng):
     shape = rng.random()
-    if shape < 0.25:      # split-K decode sizes
+    if shape < 0.25:  # split-K decode sizes
         return int(rng.integers(1, 9)), int(rng.integers(256, 601)), "decode"
-    if shape < 0.35:      # no keys, or very few
+    if shape < 0.35:  # no keys, or very few
         return int(rng.integers(1, 40)), int(_choice(rng, [0, 0, 1, 2, 3])), "short"
     L = int(rng.integers(1, 301)) if rng.random() < 0.5 else int(rng.integers(1, 33))
     S = int(rng.integers(0, 601)) if rng.random() < 0.5 else int(rng.integers(1, 65))
@@ -437,7 +464,7 @@ def draw_sdpa_case(rng, params):
             mask = (_choice(rng, (0.0, 1.0, 3.0)) * rng.standard_normal(mask_shape)).astype(mask_dtype)
             mask[rng.random(mask_shape) >= density] = -np.inf
             fill = -np.inf
-        if rng.random() < 0.3 and mask.shape[-2] > 0:           # some fully masked rows
+        if rng.random() < 0.3 and mask.shape[-2] > 0:  # some fully masked rows
             rows = rng.choice(mask.shape[-2], size=min(2, mask.shape[-2]), replace=False)
             mask[..., rows, :] = fill
         mask = as_view(mask, _choice(rng, VIEWS))
@@ -450,19 +477,48 @@ def draw_sdpa_case(rng, params):
     softcap = float(rng.uniform(1, 30)) if rng.random() < 0.2 else None
     scale = None if rng.random() < 0.6 else float(rng.uniform(0.05, 3) / math.sqrt(E))
     return_lse = bool(rng.random() < 0.5)
-    enable_gqa = gqa or (len(bq) >= 1 and len(bk) >= 1 and len(bv) >= 1 and bk[-1] == bv[-1]
-                         and bq[-1] % bk[-1] == 0 and rng.random() < 0.1)
+    enable_gqa = gqa or (
+        len(bq) >= 1
+        and len(bk) >= 1
+        and len(bv) >= 1
+        and bk[-1] == bv[-1]
+        and bq[-1] % bk[-1] == 0
+        and rng.random() < 0.1
+    )
     out_dtype = _choice(rng, FLOATS) if rng.random() < 0.1 else None
 
-    params.update(batch=tuple(batch), q=(q_kind if isinstance(q_kind, str) else np.dtype(q_kind).name, bq, q_view),
-                  k=(k_kind if isinstance(k_kind, str) else np.dtype(k_kind).name, bk, k_view, k_block),
-                  v=(v_kind if isinstance(v_kind, str) else np.dtype(v_kind).name, bv, v_view, v_block),
-                  L=L, S=S, E=E, Ev=Ev, magnitude=magnitude, outlier=outlier,
-                  mask=None if mask is None else (mask.dtype.name, mask_shape),
-                  is_causal=is_causal, window=window, alibi=slopes is not None, softcap=softcap, scale=scale,
-                  return_lse=return_lse, enable_gqa=enable_gqa, out_dtype=out_dtype and np.dtype(out_dtype).name)
-    kwargs = dict(attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa, window=window,
-                  alibi_slopes=slopes, softcap=softcap, return_lse=return_lse, out_dtype=out_dtype)
+    params.update(
+        batch=tuple(batch),
+        q=(q_kind if isinstance(q_kind, str) else np.dtype(q_kind).name, bq, q_view),
+        k=(k_kind if isinstance(k_kind, str) else np.dtype(k_kind).name, bk, k_view, k_block),
+        v=(v_kind if isinstance(v_kind, str) else np.dtype(v_kind).name, bv, v_view, v_block),
+        L=L,
+        S=S,
+        E=E,
+        Ev=Ev,
+        magnitude=magnitude,
+        outlier=outlier,
+        mask=None if mask is None else (mask.dtype.name, mask_shape),
+        is_causal=is_causal,
+        window=window,
+        alibi=slopes is not None,
+        softcap=softcap,
+        scale=scale,
+        return_lse=return_lse,
+        enable_gqa=enable_gqa,
+        out_dtype=out_dtype and np.dtype(out_dtype).name,
+    )
+    kwargs = dict(
+        attn_mask=mask,
+        is_causal=is_causal,
+        scale=scale,
+        enable_gqa=enable_gqa,
+        window=window,
+        alibi_slopes=slopes,
+        softcap=softcap,
+        return_lse=return_lse,
+        out_dtype=out_dtype,
+    )
     return query, key, value, kwargs, out_batch, gqa
 
 
@@ -516,8 +572,11 @@ def run_sdpa_case(seed, params):
         q, scale = np.broadcast_to(q_eff, tuple(out_batch) + (L, E)), 1.0
     if arith == np.float64 and (isinstance(key, QuantizedTensor) or isinstance(value, QuantizedTensor)):
         # the kernel may dequantise exactly where dequantize rounds to float32: ±2⁻²⁴ on k and v
-        sens = 2.0 ** -24 * (2 * score_magnitude(q, k, scale, None, None, False, np.ones(q.shape[:-1] + (S,), bool))
-                             + 1.0) * np.abs(v).max(initial=0.0)
+        sens = (
+            2.0**-24
+            * (2 * score_magnitude(q, k, scale, None, None, False, np.ones(q.shape[:-1] + (S,), bool)) + 1.0)
+            * np.abs(v).max(initial=0.0)
+        )
         extra = sens if extra is None else extra + sens
     mask = kwargs["attn_mask"]
     if mask is not None:
@@ -525,8 +584,9 @@ def run_sdpa_case(seed, params):
     slopes = kwargs["alibi_slopes"]
     if slopes is not None:
         slopes = np.broadcast_to(slopes.astype(np.float64), tuple(out_batch))
-    check_against_formula(out, lse, q, k, v, scale, mask, kwargs["is_causal"], kwargs["window"], slopes,
-                          kwargs["softcap"], arith, extra)
+    check_against_formula(
+        out, lse, q, k, v, scale, mask, kwargs["is_causal"], kwargs["window"], slopes, kwargs["softcap"], arith, extra
+    )
 
 
 def test_fuzz_sdpa(sdpa_batch, fuzz_seed):
@@ -536,6 +596,7 @@ def test_fuzz_sdpa(sdpa_batch, fuzz_seed):
 # ------------------------------------------------------------------------------------------------
 # family 2: KVCache in every format
 # ------------------------------------------------------------------------------------------------
+
 
 def rounded_like_cache(x, dtype, block):
     """float64 values of x (B, H, T, D) as a cache of ``dtype`` stores them (int8 quantised here, in numpy,
@@ -574,8 +635,19 @@ def run_cache_case(seed, params):
     window = None if rng.random() < 0.5 else int(rng.integers(1, 80))
     total = int(rng.integers(1, 700))
     capacity = total + int(rng.integers(0, 20))
-    params.update(B=B, Hkv=Hkv, group=group, dtype=dtype.name, block=block, D=D, Dv=Dv, window=window,
-                  capacity=capacity, total=total, chunks=[])
+    params.update(
+        B=B,
+        Hkv=Hkv,
+        group=group,
+        dtype=dtype.name,
+        block=block,
+        D=D,
+        Dv=Dv,
+        window=window,
+        capacity=capacity,
+        total=total,
+        chunks=[],
+    )
     cache = KVCache(B, Hkv, D, capacity, dtype=dtype, window=window, value_dim=Dv, block=block)
     hist_k, hist_v = np.zeros((B, Hkv, 0, D)), np.zeros((B, Hkv, 0, Dv))
     step_k, step_v = np.zeros((B, Hkv, 0, D)), np.zeros((B, Hkv, 0, Dv))
@@ -604,20 +676,25 @@ def run_cache_case(seed, params):
         # what the cache holds: the last n_valid tokens, rounded to its format (int8: within one step of
         # the documented scheme, since a reciprocal may differ by an ulp at a tie)
         if dtype == np.int8:
-            assert_within_step(keys, hist_k[:, :, appended - n_valid:], step_k[:, :, appended - n_valid:])
-            assert_within_step(values, hist_v[:, :, appended - n_valid:], step_v[:, :, appended - n_valid:])
+            assert_within_step(keys, hist_k[:, :, appended - n_valid :], step_k[:, :, appended - n_valid :])
+            assert_within_step(values, hist_v[:, :, appended - n_valid :], step_v[:, :, appended - n_valid :])
         else:
-            np.testing.assert_array_equal(keys, hist_k[:, :, appended - n_valid:], err_msg="cache keys")
-            np.testing.assert_array_equal(values, hist_v[:, :, appended - n_valid:], err_msg="cache values")
+            np.testing.assert_array_equal(keys, hist_k[:, :, appended - n_valid :], err_msg="cache keys")
+            np.testing.assert_array_equal(values, hist_v[:, :, appended - n_valid :], err_msg="cache values")
         if rng.random() < 0.6 or appended == total:
             Lq = int(min(n_valid, _choice(rng, (1, 1, rng.integers(1, 9), rng.integers(1, 300)))))
             q = rng.standard_normal((B, Hkv * group, Lq, D)).astype(q_dtype)
             ordered_k, ordered_v = cache.ordered()
             if not cache.wrapped and rng.random() < 0.5:
-                ordered_k, ordered_v = cache.keys, cache.values       # views straight onto the storage
+                ordered_k, ordered_v = cache.keys, cache.values  # views straight onto the storage
             scale = None if rng.random() < 0.7 else float(rng.uniform(0.1, 2) / math.sqrt(D))
-            kw = dict(is_causal="lower_right", window=window, enable_gqa=group > 1, scale=scale,
-                      return_lse=bool(rng.random() < 0.5))
+            kw = dict(
+                is_causal="lower_right",
+                window=window,
+                enable_gqa=group > 1,
+                scale=scale,
+                return_lse=bool(rng.random() < 0.5),
+            )
             snap = Snapshot(q, ordered_k, ordered_v)
             res = scaled_dot_product_attention(q, ordered_k, ordered_v, **kw)
             snap.assert_unchanged()
@@ -634,8 +711,9 @@ def run_cache_case(seed, params):
                 tie_k = np.matmul(tie * st, np.abs(np.swapaxes(k_eff, -1, -2)))
                 extra = 2 * tie_k.max(axis=-1, initial=0.0) * np.abs(v_eff).max(initial=0.0)
                 s = 1.0
-            check_against_formula(out, lse, q_eff, k_eff, v_eff, s, None, "lower_right", window, None, None,
-                                  arith, extra)
+            check_against_formula(
+                out, lse, q_eff, k_eff, v_eff, s, None, "lower_right", window, None, None, arith, extra
+            )
 
 
 def assert_within_step(actual, expected, step):
@@ -655,8 +733,20 @@ def test_fuzz_kv_cache(cache_batch, fuzz_seed):
 # family 3: MultiHeadAttention against a float64 numpy layer
 # ------------------------------------------------------------------------------------------------
 
-def numpy_layer(layer, x_new, dtype, x_all=None, k_hist=None, v_hist=None, kpm=None, attn_mask=None,
-                is_causal=False, window=None, q_scaled=None):
+
+def numpy_layer(
+    layer,
+    x_new,
+    dtype,
+    x_all=None,
+    k_hist=None,
+    v_hist=None,
+    kpm=None,
+    attn_mask=None,
+    is_causal=False,
+    window=None,
+    q_scaled=None,
+):
     """The layer in numpy, all in ``dtype``: projections, heads, attention, output projection.
 
     Queries from ``x_new`` (B, L, embed); keys and values from ``x_all`` (B, S, embed; default x_new; a
@@ -690,11 +780,13 @@ def numpy_layer(layer, x_new, dtype, x_all=None, k_hist=None, v_hist=None, kpm=N
     mask = None
     parts = []
     if kpm is not None:
-        parts.append(np.where(kpm, -np.inf, 0.0)[:, None, None, :] if kpm.dtype == np.bool_
-                     else kpm.astype(np.float64)[:, None, None, :])
+        parts.append(
+            np.where(kpm, -np.inf, 0.0)[:, None, None, :]
+            if kpm.dtype == np.bool_
+            else kpm.astype(np.float64)[:, None, None, :]
+        )
     if attn_mask is not None:
-        parts.append(np.where(attn_mask, -np.inf, 0.0) if attn_mask.dtype == np.bool_
-                     else attn_mask.astype(np.float64))
+        parts.append(np.where(attn_mask, -np.inf, 0.0) if attn_mask.dtype == np.bool_ else attn_mask.astype(np.float64))
     if parts:
         mask = np.broadcast_to(sum(parts), (B, H, L, S)).astype(dt)
     scale = 1.0 / math.sqrt(hd)
@@ -727,20 +819,21 @@ def check_layer(y, layer, x_new, arith, quantised_query=False, **kw):
         tie_budget = 2 * tie_k.max(axis=-1, initial=0.0) * np.abs(parts["v"]).max(initial=0.0)
     naive, _ = numpy_layer(layer, x_new, arith, **kw)
     eps = float(np.finfo(arith).eps)
-    M = score_magnitude(parts["q"], parts["k"], scale, parts["mask"], None, kw.get("is_causal", False),
-                        parts["vis"])
+    M = score_magnitude(parts["q"], parts["k"], scale, parts["mask"], None, kw.get("is_causal", False), parts["vis"])
     V = value_magnitude(parts["v"], parts["vis"])
-    head_floor = eps * V * (C_EXP + C_SCORE * M) + tie_budget                       # (B, H, L)
+    head_floor = eps * V * (C_EXP + C_SCORE * M) + tie_budget  # (B, H, L)
     w_o = np.abs(layer.w_o.astype(np.float64))
-    per_head = w_o.reshape(layer.num_heads, layer.head_dim, -1).sum(axis=1)          # (H, embed)
+    per_head = w_o.reshape(layer.num_heads, layer.head_dim, -1).sum(axis=1)  # (H, embed)
     floor = np.einsum("bhl,he->ble", head_floor, per_head) + C_EXP * eps * (np.abs(parts["merged"]) @ w_o)
     naive_err = np.abs(naive - exact).max(axis=-1, keepdims=True)
     err = np.abs(y.astype(np.float64) - exact)
     tol = 2 * naive_err + floor
     if (err > tol).any():
         w = np.unravel_index(np.argmax(err - tol), err.shape)
-        raise AssertionError(f"layer output outside the budget at {tuple(int(i) for i in w)}: |err| {err[w]:.3g} > "
-                             f"tol {tol[w]:.3g} ({int((err > tol).sum())} of {err.size})")
+        raise AssertionError(
+            f"layer output outside the budget at {tuple(int(i) for i in w)}: |err| {err[w]:.3g} > "
+            f"tol {tol[w]:.3g} ({int((err > tol).sum())} of {err.size})"
+        )
 
 
 def run_layer_case(seed, params):
@@ -756,8 +849,13 @@ def run_layer_case(seed, params):
     params.update(H=H, Hkv=Hkv, head_dim=hd, embed=embed, dtype=dtype.name, bias=bias, B=B, cached=cached)
     layer = MultiHeadAttention(embed, H, Hkv, head_dim=hd, bias=bias, dtype=dtype, seed=int(rng.integers(1 << 31)))
     if bias:
-        layer.load(layer.w_q, layer.w_k, layer.w_v, layer.w_o,
-                   *(rng.standard_normal(getattr(layer, n).shape) * 0.1 for n in ("b_q", "b_k", "b_v", "b_o")))
+        layer.load(
+            layer.w_q,
+            layer.w_k,
+            layer.w_v,
+            layer.w_o,
+            *(rng.standard_normal(getattr(layer, n).shape) * 0.1 for n in ("b_q", "b_k", "b_v", "b_o")),
+        )
     arith = np.float64 if dtype == np.float64 else np.float32
     if not cached:
         L = int(rng.integers(1, 60))
@@ -773,9 +871,13 @@ def run_layer_case(seed, params):
             if rng.random() < 0.4:
                 attn_mask = np.where(attn_mask, -np.inf, rng.standard_normal(shape)).astype(dtype)
         is_causal = _choice(rng, CAUSAL)
-        params.update(L=L, kpm=None if kpm is None else kpm.dtype.name,
-                      attn_mask=None if attn_mask is None else (attn_mask.dtype.name, attn_mask.shape),
-                      is_causal=is_causal, view=None)
+        params.update(
+            L=L,
+            kpm=None if kpm is None else kpm.dtype.name,
+            attn_mask=None if attn_mask is None else (attn_mask.dtype.name, attn_mask.shape),
+            is_causal=is_causal,
+            view=None,
+        )
         snap = Snapshot(x, kpm, attn_mask)
         y = layer(x, key_padding_mask=kpm, attn_mask=attn_mask, is_causal=is_causal)
         snap.assert_unchanged()
@@ -807,8 +909,18 @@ def run_layer_case(seed, params):
         kpm = rng.random((B, done + T)) < 0.2 if rng.random() < 0.3 else None
         y = layer(x, cache=cache, key_padding_mask=kpm)
         assert cache.length == done + T, (cache.length, done + T)
-        check_layer(y, layer, x, arith, quantised_query=cache_dtype == np.int8 and (block is None or block >= hd),
-                    x_all=x_all, kpm=kpm, is_causal="lower_right", window=window, **hist)
+        check_layer(
+            y,
+            layer,
+            x,
+            arith,
+            quantised_query=cache_dtype == np.int8 and (block is None or block >= hd),
+            x_all=x_all,
+            kpm=kpm,
+            is_causal="lower_right",
+            window=window,
+            **hist,
+        )
 
 
 def test_fuzz_layer(layer_batch, fuzz_seed):
@@ -819,14 +931,17 @@ def test_fuzz_layer(layer_batch, fuzz_seed):
 # the fuzzer can fail
 # ------------------------------------------------------------------------------------------------
 
+
 def test_formula_check_catches_a_small_error():
     """A result off by a relative 1e-3 in the scale fails the budget (the same check the fuzzer runs)."""
     rng = np.random.default_rng(1)
     q, k, v = (rng.standard_normal((2, 37, 33)).astype(np.float32) for _ in range(3))
     good = scaled_dot_product_attention(q, k, v)
-    check_against_formula(good, None, q.astype(np.float64), k.astype(np.float64), v.astype(np.float64),
-                          1 / math.sqrt(33))
+    check_against_formula(
+        good, None, q.astype(np.float64), k.astype(np.float64), v.astype(np.float64), 1 / math.sqrt(33)
+    )
     wrong = scaled_dot_product_attention(q, k, v, scale=(1 + 1e-3) / math.sqrt(33))
     with pytest.raises(AssertionError, match="outside the budget"):
-        check_against_formula(wrong, None, q.astype(np.float64), k.astype(np.float64), v.astype(np.float64),
-                              1 / math.sqrt(33))
+        check_against_formula(
+            wrong, None, q.astype(np.float64), k.astype(np.float64), v.astype(np.float64), 1 / math.sqrt(33)
+        )

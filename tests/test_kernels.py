@@ -1,4 +1,5 @@
 """numba_attn.kernels (the package): stale on-disk kernels are dropped when any kernel source changes."""
+
 import os
 import subprocess
 import sys
@@ -8,8 +9,11 @@ IMPORT = "import numba_attn, numba_attn.kernels as k, sys; sys.stdout.write(str(
 
 
 def _import(cache_dir):
-    env = dict(os.environ, NUMBA_CACHE_DIR=str(cache_dir),
-               PYTHONPATH=str(Path(__file__).parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(
+        os.environ,
+        NUMBA_CACHE_DIR=str(cache_dir),
+        PYTHONPATH=str(Path(__file__).parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
     env.pop("NUMBA_ATTN_CACHE", None)
     proc = subprocess.run([sys.executable, "-c", IMPORT], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -23,10 +27,10 @@ def test_stale_kernels_are_dropped_when_a_kernel_source_changes(tmp_path):
     cached = [stamp.parent / "decode._decode_body_parallel-1.py311.nbi", stamp.parent / "x.py311.1.nbc"]
     for f in cached:
         f.write_bytes(b"machine code")
-    _import(tmp_path)                                 # same sources: the cache stays
+    _import(tmp_path)  # same sources: the cache stays
     assert all(f.exists() for f in cached)
     stamp.write_text("written by other kernel sources")
-    _import(tmp_path)                                 # other sources: our cached kernels go
+    _import(tmp_path)  # other sources: our cached kernels go
     assert not any(f.exists() for f in cached)
     assert stamp.read_text() == fingerprint
     (stamp.parent / "unrelated.txt").write_text("kept")

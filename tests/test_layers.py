@@ -1,5 +1,6 @@
 """numba_attn.layers: MultiHeadAttention against torch.nn.MultiheadAttention and a plain numpy
 reference; decoding through a KVCache equals one causal prefill; bad input."""
+
 import numpy as np
 import pytest
 
@@ -18,13 +19,15 @@ TOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-10}
 # the numpy reference of the whole layer
 # ----------------------------------------------------------------------------------------------
 
+
 def split_heads(y, n_heads, head_dim):
     B, T, _ = y.shape
     return y.reshape(B, T, n_heads, head_dim).transpose(0, 2, 1, 3)
 
 
-def layer_reference(layer, x, context=None, mask=None, is_causal=False, window=None, alibi_slopes=None,
-                    softcap=None, rotary=None):
+def layer_reference(
+    layer, x, context=None, mask=None, is_causal=False, window=None, alibi_slopes=None, softcap=None, rotary=None
+):
     """x@W_q+b, heads, reference attention (``mask``: True = attend, broadcastable to (B, H, L, S)),
     merge, @W_o+b; everything in float64 from the layer's own weights."""
     f = np.float64
@@ -41,9 +44,17 @@ def layer_reference(layer, x, context=None, mask=None, is_causal=False, window=N
     v = split_heads(proj(src, layer.w_v, layer.b_v), layer.num_kv_heads, hd)
     if rotary is not None:
         q, k = rotary(q, k, np.arange(x.shape[1]))
-    out = reference.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                                 enable_gqa=layer.num_kv_heads != layer.num_heads, window=window,
-                                                 alibi_slopes=alibi_slopes, softcap=softcap)
+    out = reference.scaled_dot_product_attention(
+        q,
+        k,
+        v,
+        attn_mask=mask,
+        is_causal=is_causal,
+        enable_gqa=layer.num_kv_heads != layer.num_heads,
+        window=window,
+        alibi_slopes=alibi_slopes,
+        softcap=softcap,
+    )
     B, _, L, _ = out.shape
     merged = out.transpose(0, 2, 1, 3).reshape(B, L, -1)
     return proj(merged, layer.w_o, layer.b_o)
@@ -76,6 +87,7 @@ def rope(q, k, positions, base=10000.0):
 # ----------------------------------------------------------------------------------------------
 # against the numpy reference
 # ----------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (4, 1), (6, 3)])
@@ -142,8 +154,10 @@ def test_masks_float_and_bool_and_shapes(dtype):
         (dict(attn_mask=am_bhls), ~am_bhls),
         (dict(attn_mask=am_bhls.reshape(B * H, L, L)), ~am_bhls),
         (dict(attn_mask=am_float, key_padding_mask=kpm_bool), am_float + ref_mask_float[:, None, None, :]),
-        (dict(attn_mask=am_bool, key_padding_mask=kpm_float),
-         np.where(am_bool, -np.inf, 0.0) + kpm_float[:, None, None, :]),
+        (
+            dict(attn_mask=am_bool, key_padding_mask=kpm_float),
+            np.where(am_bool, -np.inf, 0.0) + kpm_float[:, None, None, :],
+        ),
     ]
     for kwargs, mask in cases:
         y = layer(x, **kwargs)
@@ -177,10 +191,10 @@ def test_from_linear_weights_equals_from_torch_weights():
     E, H = 32, 4
     wq, wk, wv, wo = (randn(rng, (E, E), np.float32) / 6 for _ in range(4))
     bq, bk, bv, bo = (randn(rng, (E,), np.float32) for _ in range(4))
-    hf = MultiHeadAttention.from_linear_weights(wq, wk, wv, wo, num_heads=H, q_bias=bq, k_bias=bk, v_bias=bv,
-                                                o_bias=bo)
-    packed = MultiHeadAttention.from_torch_weights(np.concatenate([wq, wk, wv]), np.concatenate([bq, bk, bv]), wo,
-                                                   bo, num_heads=H)
+    hf = MultiHeadAttention.from_linear_weights(wq, wk, wv, wo, num_heads=H, q_bias=bq, k_bias=bk, v_bias=bv, o_bias=bo)
+    packed = MultiHeadAttention.from_torch_weights(
+        np.concatenate([wq, wk, wv]), np.concatenate([bq, bk, bv]), wo, bo, num_heads=H
+    )
     for name in ("w_q", "w_k", "w_v", "w_o", "b_q", "b_k", "b_v", "b_o"):
         np.testing.assert_array_equal(getattr(hf, name), getattr(packed, name))
     np.testing.assert_array_equal(hf.w_q, wq.T)
@@ -203,10 +217,11 @@ def test_from_linear_weights_gqa(dtype):
     wq, wo = randn(rng, (H * hd, E), np.float32), randn(rng, (E, H * hd), np.float32)
     wk, wv = randn(rng, (Hkv * hd, E), np.float32), randn(rng, (Hkv * hd, E), np.float32)
     bk = randn(rng, (Hkv * hd,), np.float32)
-    layer = MultiHeadAttention.from_linear_weights(wq, wk, wv, wo, num_heads=H, num_kv_heads=Hkv, k_bias=bk,
-                                                   dtype=dtype)
+    layer = MultiHeadAttention.from_linear_weights(
+        wq, wk, wv, wo, num_heads=H, num_kv_heads=Hkv, k_bias=bk, dtype=dtype
+    )
     assert (layer.num_heads, layer.num_kv_heads, layer.head_dim, layer.dtype) == (H, Hkv, hd, np.dtype(dtype))
-    assert (layer.b_q == 0).all() and (layer.b_o == 0).all()       # biases left out stay zero
+    assert (layer.b_q == 0).all() and (layer.b_o == 0).all()  # biases left out stay zero
     x = randn(rng, (2, 5, E), dtype)
     f = np.float64
     q = split_heads(x @ wq.T.astype(f), H, hd)
@@ -241,7 +256,7 @@ if torch is not None:
     def torch_mha(E, H, dtype, seed=0, **kwargs):
         torch.manual_seed(seed)
         m = torch.nn.MultiheadAttention(E, H, batch_first=True, **kwargs)
-        with torch.no_grad():                    # torch starts biases at zero: make them count
+        with torch.no_grad():  # torch starts biases at zero: make them count
             if m.in_proj_bias is not None:
                 m.in_proj_bias.normal_(0, 0.1)
                 m.out_proj.bias.normal_(0, 0.1)
@@ -249,8 +264,10 @@ if torch is not None:
         return m.double() if dtype == np.float64 else m
 
     def run_torch(m, x, ctx=None, **kwargs):
-        t = {key: torch.from_numpy(np.ascontiguousarray(val)) if isinstance(val, np.ndarray) else val
-             for key, val in kwargs.items()}
+        t = {
+            key: torch.from_numpy(np.ascontiguousarray(val)) if isinstance(val, np.ndarray) else val
+            for key, val in kwargs.items()
+        }
         q = torch.from_numpy(x)
         kv = q if ctx is None else torch.from_numpy(ctx)
         with torch.no_grad():
@@ -258,13 +275,22 @@ if torch is not None:
         assert weights is None
         return out.numpy()
 
-    TORCH_MASKS = ["none", "kpm bool", "kpm float", "attn bool", "attn float", "attn (B*H, L, S)", "causal",
-                   "kpm bool + attn bool", "kpm float + attn float"]
+    TORCH_MASKS = [
+        "none",
+        "kpm bool",
+        "kpm float",
+        "attn bool",
+        "attn float",
+        "attn (B*H, L, S)",
+        "causal",
+        "kpm bool + attn bool",
+        "kpm float + attn float",
+    ]
 
     def torch_mask_case(name, rng, B, H, L, S, dtype):
         """(kwargs for both, extra kwargs for torch only, extra kwargs for ours only)."""
         kpm_bool = rng.random((B, S)) < 0.3
-        kpm_bool[:, 0] = False                    # no fully-masked rows (torch gives NaN there)
+        kpm_bool[:, 0] = False  # no fully-masked rows (torch gives NaN there)
         kpm_float = (rng.standard_normal((B, S)) + np.where(kpm_bool, -np.inf, 0.0)).astype(dtype)
         am_bool = rng.random((L, S)) < 0.3
         am_bool[:, 0] = False
@@ -344,6 +370,7 @@ if torch is not None:
 # decoding through a KVCache equals one causal prefill
 # ----------------------------------------------------------------------------------------------
 
+
 def schedule(total):
     """Token counts per call: a prompt of 5, single tokens, a 3-token chunk, more single tokens, a 3 and
     an 8 near the end (after the split-K decode kernel has taken over), single tokens to the end."""
@@ -360,8 +387,8 @@ def decode(layer, x, cache, steps, key_padding_mask=None, **kwargs):
     for n in steps:
         kw = dict(kwargs)
         if key_padding_mask is not None:
-            kw["key_padding_mask"] = key_padding_mask[:, :t + n]
-        outs.append(layer(x[:, t:t + n], cache=cache, **kw))
+            kw["key_padding_mask"] = key_padding_mask[:, : t + n]
+        outs.append(layer(x[:, t : t + n], cache=cache, **kw))
         t += n
         assert cache.length == t
     return np.concatenate(outs, axis=1)
@@ -386,7 +413,7 @@ def test_cached_decode_equals_prefill(split_k, heads, kv_heads, window):
     full = layer(x, is_causal=True, window=window)
     steps = schedule(T_DECODE)
     if window == 16:
-        steps = [5, 1, 1, 20, 1, 3] + [1] * (T_DECODE - 31)      # a chunk longer than the window
+        steps = [5, 1, 1, 20, 1, 3] + [1] * (T_DECODE - 31)  # a chunk longer than the window
     cache = layer.new_cache(batch=2, capacity=T_DECODE, window=window)
     assert cache.window == window and cache.dtype == np.float32
     got = decode(layer, x, cache, steps, window=window if window else None)
@@ -497,19 +524,23 @@ def test_cache_reset_and_reuse():
 # bad input
 # ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("args,kwargs,exc,match", [
-    ((64, 4), dict(num_kv_heads=3), ValueError, "num_kv_heads"),
-    ((64, 4), dict(num_kv_heads=8), ValueError, "num_kv_heads"),
-    ((30, 4), {}, ValueError, "head_dim"),
-    ((0, 4), {}, ValueError, "embed_dim"),
-    ((64, 0), {}, ValueError, "num_heads"),
-    ((64, 4.0), {}, ValueError, "num_heads"),
-    ((64, 4), dict(head_dim=0), ValueError, "head_dim"),
-    ((64, 4), dict(kdim=-1), ValueError, "kdim"),
-    ((64, 4), dict(vdim=0), ValueError, "vdim"),
-    ((64, 4), dict(dtype=np.float16), TypeError, "dtype"),
-    ((64, 4), dict(dtype=np.int32), TypeError, "dtype"),
-])
+
+@pytest.mark.parametrize(
+    "args,kwargs,exc,match",
+    [
+        ((64, 4), dict(num_kv_heads=3), ValueError, "num_kv_heads"),
+        ((64, 4), dict(num_kv_heads=8), ValueError, "num_kv_heads"),
+        ((30, 4), {}, ValueError, "head_dim"),
+        ((0, 4), {}, ValueError, "embed_dim"),
+        ((64, 0), {}, ValueError, "num_heads"),
+        ((64, 4.0), {}, ValueError, "num_heads"),
+        ((64, 4), dict(head_dim=0), ValueError, "head_dim"),
+        ((64, 4), dict(kdim=-1), ValueError, "kdim"),
+        ((64, 4), dict(vdim=0), ValueError, "vdim"),
+        ((64, 4), dict(dtype=np.float16), TypeError, "dtype"),
+        ((64, 4), dict(dtype=np.int32), TypeError, "dtype"),
+    ],
+)
 def test_bad_constructor_arguments(args, kwargs, exc, match):
     with pytest.raises(exc, match=match):
         MultiHeadAttention(*args, **kwargs)
@@ -531,13 +562,16 @@ def _x(B=2, L=3, E=32, dtype=np.float32):
     return np.ones((B, L, E), dtype) * np.linspace(-1, 1, E, dtype=np.float32)
 
 
-@pytest.mark.parametrize("x,exc,match", [
-    (np.ones((2, 3, 31), np.float32), ValueError, "x must have shape"),
-    (np.ones((3, 32), np.float32), ValueError, "x must have shape"),
-    (np.ones((1, 2, 3, 32), np.float32), ValueError, "x must have shape"),
-    (np.ones((2, 3, 32), np.int64), TypeError, "x must be a floating"),
-    (np.full((2, 3, 32), np.nan, np.float32), ValueError, "x contains NaN"),
-])
+@pytest.mark.parametrize(
+    "x,exc,match",
+    [
+        (np.ones((2, 3, 31), np.float32), ValueError, "x must have shape"),
+        (np.ones((3, 32), np.float32), ValueError, "x must have shape"),
+        (np.ones((1, 2, 3, 32), np.float32), ValueError, "x must have shape"),
+        (np.ones((2, 3, 32), np.int64), TypeError, "x must be a floating"),
+        (np.full((2, 3, 32), np.nan, np.float32), ValueError, "x contains NaN"),
+    ],
+)
 def test_bad_x(gqa_layer, x, exc, match):
     with pytest.raises(exc, match=match):
         gqa_layer(x)
@@ -551,7 +585,7 @@ def test_bad_context(gqa_layer):
     with pytest.raises(TypeError, match="context"):
         gqa_layer(_x(), np.ones((2, 5, 32), np.int32))
     cache = gqa_layer.new_cache(2, 10)
-    with pytest.raises(ValueError, match="context.*cache"):
+    with pytest.raises(ValueError, match=r"context.*cache"):
         gqa_layer(_x(), np.ones((2, 5, 32), np.float32), cache=cache)
     assert cache.length == 0
     cross = random_layer(32, 4, kdim=16, vdim=16)
@@ -559,24 +593,27 @@ def test_bad_context(gqa_layer):
         cross(_x())
 
 
-@pytest.mark.parametrize("kwargs,exc,match", [
-    (dict(key_padding_mask=np.zeros((2, 2), bool)), ValueError, "key_padding_mask"),
-    (dict(key_padding_mask=np.zeros((3, 3), bool)), ValueError, "key_padding_mask"),
-    (dict(key_padding_mask=np.zeros(3, bool)), ValueError, "key_padding_mask"),
-    (dict(key_padding_mask=np.zeros((2, 3), np.int32)), TypeError, "key_padding_mask"),
-    (dict(attn_mask=np.zeros((3, 4), bool)), ValueError, "attn_mask"),
-    (dict(attn_mask=np.zeros((4, 3), bool)), ValueError, "attn_mask"),
-    (dict(attn_mask=np.zeros((9, 3, 3), bool)), ValueError, "attn_mask"),
-    (dict(attn_mask=np.zeros((2, 3, 3, 3), bool)), ValueError, "attn_mask"),
-    (dict(attn_mask=np.zeros((3, 3), np.int8)), TypeError, "attn_mask"),
-    (dict(attn_mask=np.full((3, 3), np.nan)), ValueError, "attn_mask"),
-    (dict(is_causal="diagonal"), ValueError, "is_causal"),
-    (dict(window=0, is_causal=True), ValueError, "window"),
-    (dict(window=-2, is_causal=True), ValueError, "window"),
-    (dict(window=4), ValueError, "window"),
-    (dict(alibi_slopes=np.ones(3)), ValueError, "alibi_slopes"),
-    (dict(softcap=0.0), ValueError, "softcap"),
-])
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(key_padding_mask=np.zeros((2, 2), bool)), ValueError, "key_padding_mask"),
+        (dict(key_padding_mask=np.zeros((3, 3), bool)), ValueError, "key_padding_mask"),
+        (dict(key_padding_mask=np.zeros(3, bool)), ValueError, "key_padding_mask"),
+        (dict(key_padding_mask=np.zeros((2, 3), np.int32)), TypeError, "key_padding_mask"),
+        (dict(attn_mask=np.zeros((3, 4), bool)), ValueError, "attn_mask"),
+        (dict(attn_mask=np.zeros((4, 3), bool)), ValueError, "attn_mask"),
+        (dict(attn_mask=np.zeros((9, 3, 3), bool)), ValueError, "attn_mask"),
+        (dict(attn_mask=np.zeros((2, 3, 3, 3), bool)), ValueError, "attn_mask"),
+        (dict(attn_mask=np.zeros((3, 3), np.int8)), TypeError, "attn_mask"),
+        (dict(attn_mask=np.full((3, 3), np.nan)), ValueError, "attn_mask"),
+        (dict(is_causal="diagonal"), ValueError, "is_causal"),
+        (dict(window=0, is_causal=True), ValueError, "window"),
+        (dict(window=-2, is_causal=True), ValueError, "window"),
+        (dict(window=4), ValueError, "window"),
+        (dict(alibi_slopes=np.ones(3)), ValueError, "alibi_slopes"),
+        (dict(softcap=0.0), ValueError, "softcap"),
+    ],
+)
 def test_bad_call_arguments(gqa_layer, kwargs, exc, match):
     with pytest.raises(exc, match=match):
         gqa_layer(_x(), **kwargs)
@@ -609,7 +646,7 @@ def test_capacity_overflow_through_the_layer_writes_nothing(gqa_layer, window):
     with pytest.raises(ValueError, match="capacity"):
         gqa_layer(randn(rng, (2, 3, 32), np.float32), cache=cache)
     _assert_state(cache, state)
-    gqa_layer(randn(rng, (2, 2, 32), np.float32), cache=cache)        # the rest still fits
+    gqa_layer(randn(rng, (2, 2, 32), np.float32), cache=cache)  # the rest still fits
     assert cache.length == 6
 
 
@@ -639,7 +676,7 @@ def test_cache_that_does_not_fit_the_layer(gqa_layer):
 
 @pytest.mark.parametrize("cache", [{"keys": []}, "cache", 5])
 def test_cache_must_be_a_kvcache(gqa_layer, cache):
-    with pytest.raises(TypeError, match="cache must be a numba_attn.KVCache"):
+    with pytest.raises(TypeError, match=r"cache must be a numba_attn\.KVCache"):
         gqa_layer(_x(), cache=cache)
 
 
@@ -654,16 +691,20 @@ def test_window_must_match_the_cache(gqa_layer):
             gqa_layer(randn(rng, (2, 1, 32), np.float32), cache=cache, window=call_window)
         _assert_state(cache, state)
     cache = _filled_cache(gqa_layer, rng, window=4, n=2)
-    gqa_layer(randn(rng, (2, 1, 32), np.float32), cache=cache, window=4)   # the same window is fine
+    gqa_layer(randn(rng, (2, 1, 32), np.float32), cache=cache, window=4)  # the same window is fine
     assert cache.length == 3
 
 
 @pytest.mark.parametrize("window", [None, 5])
-@pytest.mark.parametrize("kwargs", [
-    dict(key_padding_mask=np.zeros((2, 3), bool)),                      # must cover 4 + 2 positions
-    dict(attn_mask=np.zeros((2, 6), np.int64)),
-    dict(alibi_slopes=np.ones(3)),
-], ids=["key_padding_mask shape", "attn_mask dtype", "alibi_slopes shape"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(key_padding_mask=np.zeros((2, 3), bool)),  # must cover 4 + 2 positions
+        dict(attn_mask=np.zeros((2, 6), np.int64)),
+        dict(alibi_slopes=np.ones(3)),
+    ],
+    ids=["key_padding_mask shape", "attn_mask dtype", "alibi_slopes shape"],
+)
 def test_rejected_cached_call_leaves_the_cache_alone(gqa_layer, window, kwargs):
     """A call that raises must not have appended its tokens: the caller cannot retry or go on."""
     rng = np.random.default_rng(33)
@@ -677,6 +718,7 @@ def test_rejected_cached_call_leaves_the_cache_alone(gqa_layer, window, kwargs):
 # ----------------------------------------------------------------------------------------------
 # refused calls leave the cache alone (everything refusable is checked before the cache changes)
 # ----------------------------------------------------------------------------------------------
+
 
 def _nan_float_mask(shape, bad):
     m = np.zeros(shape, np.float32)
@@ -746,6 +788,7 @@ def test_cached_call_refuses_masks_that_add_up_to_inf():
 # quantised projection weights (LinearWeight inside the layer)
 # ----------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("weight_dtype", ["float16", "int8"])
 @pytest.mark.parametrize("num_kv_heads", [4, 2])
 @pytest.mark.parametrize("cross", [False, True])
@@ -753,6 +796,7 @@ def test_quantized_weights_compute_with_the_effective_weights(weight_dtype, num_
     """A layer with float16/int8 projections equals a float32 layer holding the effective
     (dequantised) weights, with and without a cache, and quantize_weights("float32") restores it."""
     from numba_attn import LinearWeight
+
     kdim = 24 if cross else None
     layer = random_layer(32, 4, num_kv_heads, kdim=kdim, vdim=kdim, seed=3)
     rng = np.random.default_rng(60)
@@ -760,8 +804,9 @@ def test_quantized_weights_compute_with_the_effective_weights(weight_dtype, num_
     ctx = randn(rng, (2, 7, 24), np.float32) if cross else None
     before = layer(x, ctx)
     effective = random_layer(32, 4, num_kv_heads, kdim=kdim, vdim=kdim, seed=3)
-    effective.load(*(LinearWeight(w, dtype=weight_dtype).dequantize() for w in (layer.w_q, layer.w_k, layer.w_v,
-                                                                             layer.w_o)))
+    effective.load(
+        *(LinearWeight(w, dtype=weight_dtype).dequantize() for w in (layer.w_q, layer.w_k, layer.w_v, layer.w_o))
+    )
     assert layer.quantize_weights(weight_dtype) is layer and layer.weight_dtype == np.dtype(weight_dtype)
     out = layer(x, ctx)
     assert out.dtype == np.float32

@@ -1,10 +1,11 @@
 """numba_attn.linear.LinearWeight: y = x @ W + b with float32 / float16 / int8 weights, against float64 numpy."""
+
 import numpy as np
 import pytest
-from conftest import assert_unchanged, copies, randn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import assert_unchanged, copies, randn
 from numba_attn.kernels import linear as kernels
 from numba_attn.linear import LinearWeight
 
@@ -39,16 +40,23 @@ def expected_int8(W):
     w32 = np.asarray(W, np.float32)
     out = np.zeros_like(w32)
     for k0 in range(0, w32.shape[0], 32):
-        part = w32[k0:k0 + 32]
+        part = w32[k0 : k0 + 32]
         s = np.abs(part).max(axis=0) / np.float32(127)
         q = np.clip(np.rint(np.divide(part, s, out=np.zeros_like(part), where=s > 0)), -127, 127)
-        out[k0:k0 + 32] = q.astype(np.float32) * s
+        out[k0 : k0 + 32] = q.astype(np.float32) * s
     return out
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(K=st.integers(1, 130), N=st.integers(1, 200), M=st.integers(1, 70), storage=st.sampled_from(STORAGE),
-       with_bias=st.booleans(), x_dtype=st.sampled_from([np.float32, np.float64]), seed=st.integers(0, 2**16))
+@given(
+    K=st.integers(1, 130),
+    N=st.integers(1, 200),
+    M=st.integers(1, 70),
+    storage=st.sampled_from(STORAGE),
+    with_bias=st.booleans(),
+    x_dtype=st.sampled_from([np.float32, np.float64]),
+    seed=st.integers(0, 2**16),
+)
 def test_matches_float64_reference(K, N, M, storage, with_bias, x_dtype, seed):
     rng = np.random.default_rng(seed)
     W = randn(rng, (K, N))
@@ -99,17 +107,17 @@ def test_serial_and_parallel_builds_agree(kind):
 def test_int8_scheme_and_error_bound():
     rng = np.random.default_rng(1)
     W = randn(rng, (77, 130))
-    W[:, 5] = 0.0                     # an all-zero column: scale 0, q 0
-    W[3, 7] = 40.0                    # an outlier widens only its own block's scale
+    W[:, 5] = 0.0  # an all-zero column: scale 0, q 0
+    W[3, 7] = 40.0  # an outlier widens only its own block's scale
     w = LinearWeight(W, dtype=np.int8)
     eff = w.dequantize()
     np.testing.assert_allclose(eff, expected_int8(W), rtol=2 * F32_EPS, atol=0)
     assert np.all(eff[:, 5] == 0)
     # |W − s·q| ≤ s / 2 (+ float32 rounding), s = the block's max / 127
     for k0 in range(0, 77, 32):
-        s = np.abs(W[k0:k0 + 32].astype(np.float32)).max(axis=0) / 127
-        err = np.abs(eff[k0:k0 + 32] - W[k0:k0 + 32])
-        assert np.all(err <= s / 2 * (1 + 1e-5) + 1e-6 * np.abs(W[k0:k0 + 32]))
+        s = np.abs(W[k0 : k0 + 32].astype(np.float32)).max(axis=0) / 127
+        err = np.abs(eff[k0 : k0 + 32] - W[k0 : k0 + 32])
+        assert np.all(err <= s / 2 * (1 + 1e-5) + 1e-6 * np.abs(W[k0 : k0 + 32]))
     assert w.dtype == np.int8 and w.shape == (77, 130)
 
 
@@ -117,8 +125,9 @@ def test_float_storage_is_exact_rounding():
     rng = np.random.default_rng(2)
     W = randn(rng, (40, 70))
     np.testing.assert_array_equal(LinearWeight(W, dtype="float32").dequantize(), W.astype(np.float32))
-    np.testing.assert_array_equal(LinearWeight(W, dtype=np.float16).dequantize(),
-                                  W.astype(np.float16).astype(np.float32))
+    np.testing.assert_array_equal(
+        LinearWeight(W, dtype=np.float16).dequantize(), W.astype(np.float16).astype(np.float32)
+    )
 
 
 def test_layouts_operators_and_shapes():
@@ -132,7 +141,7 @@ def test_layouts_operators_and_shapes():
     assert y.shape == (2, 3, 50) and y.dtype == np.float32
     np.testing.assert_allclose(y, x @ W_out_in.T + bias, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(x @ w, y)
-    np.testing.assert_array_equal(w.apply(x[0, 0]), y[0, 0])           # 1-D x: one row
+    np.testing.assert_array_equal(w.apply(x[0, 0]), y[0, 0])  # 1-D x: one row
     assert w.apply(x[0, 0]).shape == (50,)
     assert w.apply(np.zeros((0, 33), np.float32)).shape == (0, 50)
     assert w.apply(x.astype(np.float16)).dtype == np.float32
@@ -153,30 +162,33 @@ def test_weight_is_copied():
 def test_nbytes():
     rng = np.random.default_rng(6)
     W = randn(rng, (576, 960), np.float32)
-    sizes = {s: LinearWeight(W, dtype=s).nbytes - 960 * 4 for s in STORAGE}       # minus the bias
+    sizes = {s: LinearWeight(W, dtype=s).nbytes - 960 * 4 for s in STORAGE}  # minus the bias
     assert sizes["float32"] == W.nbytes
     assert sizes["float16"] == W.nbytes // 2
-    assert sizes["int8"] == W.size + W.size // 32 * 4                                # 1.125 bytes / weight
+    assert sizes["int8"] == W.size + W.size // 32 * 4  # 1.125 bytes / weight
 
 
-@pytest.mark.parametrize("make, error, words", [
-    (lambda: LinearWeight(np.ones((4, 3), np.int32)), TypeError, "weight must be a float16/float32/float64"),
-    (lambda: LinearWeight(np.ones(4)), ValueError, "weight must have shape (in_features, out_features)"),
-    (lambda: LinearWeight(np.ones((0, 3))), ValueError, "weight must have shape"),
-    (lambda: LinearWeight(np.full((4, 3), np.nan)), ValueError, "weight contains NaN"),
-    (lambda: LinearWeight(np.full((4, 3), np.inf), dtype="int8"), ValueError, "weight contains inf"),
-    (lambda: LinearWeight(np.full((4, 3), 7e4), dtype="float16"), ValueError, "beyond float16's range"),
-    (lambda: LinearWeight(np.full((4, 3), 1e39)), ValueError, "beyond float32's range"),
-    (lambda: LinearWeight(np.ones((4, 3)), bias=np.ones(4)), ValueError, "bias must have shape (out_features,)"),
-    (lambda: LinearWeight(np.ones((4, 3)), bias=np.ones(3, np.int64)), TypeError, "bias must be a float"),
-    (lambda: LinearWeight(np.ones((4, 3)), bias=np.array([1, np.nan, 0])), ValueError, "bias contains NaN"),
-    (lambda: LinearWeight(np.ones((4, 3)), dtype="bfloat16"), ValueError, "dtype must be one of"),
-    (lambda: LinearWeight(np.ones((4, 3)), dtype=np.int16), ValueError, "dtype must be one of"),
-    (lambda: LinearWeight.from_linear(np.ones((2, 4, 3))), ValueError, "(out_features, in_features)"),
-    (lambda: LinearWeight(np.ones((4, 3)))(np.ones((2, 4), np.int64)), TypeError, "x must be a float16"),
-    (lambda: LinearWeight(np.ones((4, 3)))(np.ones((2, 3))), ValueError, "(..., in_features) = (..., 4)"),
-    (lambda: LinearWeight(np.ones((4, 3)))(np.float64(1.0)), ValueError, "x must have shape"),
-])
+@pytest.mark.parametrize(
+    "make, error, words",
+    [
+        (lambda: LinearWeight(np.ones((4, 3), np.int32)), TypeError, "weight must be a float16/float32/float64"),
+        (lambda: LinearWeight(np.ones(4)), ValueError, "weight must have shape (in_features, out_features)"),
+        (lambda: LinearWeight(np.ones((0, 3))), ValueError, "weight must have shape"),
+        (lambda: LinearWeight(np.full((4, 3), np.nan)), ValueError, "weight contains NaN"),
+        (lambda: LinearWeight(np.full((4, 3), np.inf), dtype="int8"), ValueError, "weight contains inf"),
+        (lambda: LinearWeight(np.full((4, 3), 7e4), dtype="float16"), ValueError, "beyond float16's range"),
+        (lambda: LinearWeight(np.full((4, 3), 1e39)), ValueError, "beyond float32's range"),
+        (lambda: LinearWeight(np.ones((4, 3)), bias=np.ones(4)), ValueError, "bias must have shape (out_features,)"),
+        (lambda: LinearWeight(np.ones((4, 3)), bias=np.ones(3, np.int64)), TypeError, "bias must be a float"),
+        (lambda: LinearWeight(np.ones((4, 3)), bias=np.array([1, np.nan, 0])), ValueError, "bias contains NaN"),
+        (lambda: LinearWeight(np.ones((4, 3)), dtype="bfloat16"), ValueError, "dtype must be one of"),
+        (lambda: LinearWeight(np.ones((4, 3)), dtype=np.int16), ValueError, "dtype must be one of"),
+        (lambda: LinearWeight.from_linear(np.ones((2, 4, 3))), ValueError, "(out_features, in_features)"),
+        (lambda: LinearWeight(np.ones((4, 3)))(np.ones((2, 4), np.int64)), TypeError, "x must be a float16"),
+        (lambda: LinearWeight(np.ones((4, 3)))(np.ones((2, 3))), ValueError, "(..., in_features) = (..., 4)"),
+        (lambda: LinearWeight(np.ones((4, 3)))(np.float64(1.0)), ValueError, "x must have shape"),
+    ],
+)
 def test_bad_input(make, error, words):
     with pytest.raises(error) as info:
         make()

@@ -1,4 +1,5 @@
 """kernels/_load.py: float16 conversions inside the kernels and the float32 → float16 result conversion."""
+
 import numpy as np
 import pytest
 
@@ -18,8 +19,25 @@ def test_to_float16_is_bit_identical_to_numpy(shape):
 
 def test_to_float16_special_values_and_rounding():
     """Ties round to even, overflow gives ±inf, subnormals and signed zeros survive, NaN stays NaN."""
-    x = np.array([65504, 65519.99, 65520, -65520, np.inf, -np.inf, 6e-8, 2.9e-8, 3e-8, 0.0, -0.0,
-                  1 + 2 ** -11, 1 + 3 * 2 ** -11, np.nan], np.float32)
+    x = np.array(
+        [
+            65504,
+            65519.99,
+            65520,
+            -65520,
+            np.inf,
+            -np.inf,
+            6e-8,
+            2.9e-8,
+            3e-8,
+            0.0,
+            -0.0,
+            1 + 2**-11,
+            1 + 3 * 2**-11,
+            np.nan,
+        ],
+        np.float32,
+    )
     with np.errstate(over="ignore"):
         expected = x.astype(np.float16)
     out = to_float16(x)

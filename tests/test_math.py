@@ -1,4 +1,5 @@
 """numba_attn.kernels._math: the vectorisable float32 exp and the float64 fallback."""
+
 import math
 
 import numpy as np
@@ -6,7 +7,7 @@ import pytest
 
 from numba_attn.kernels._math import exp_nonpositive_array, fast_exp_array
 
-F32_MAX_LOG = math.log(float(np.finfo(np.float32).max))    # 88.7228...: exp(x) overflows float32 above
+F32_MAX_LOG = math.log(float(np.finfo(np.float32).max))  # 88.7228...: exp(x) overflows float32 above
 
 
 def _elementwise(kernel, x):
@@ -38,7 +39,7 @@ def test_float32_relative_error_dense_range():
 def test_float32_ln2_reduction_boundaries():
     """Around every multiple of ln 2/2 (where the range reduction switches n) the error stays small."""
     ks = np.arange(-250, 254)
-    centres = (ks * math.log(2) / 2)
+    centres = ks * math.log(2) / 2
     centres = centres[(centres > -87.0) & (centres < 88.0)]
     x = (centres[:, None] + np.linspace(-1e-4, 1e-4, 41)[None, :]).astype(np.float32).ravel()
     y = fast_exp(x).astype(np.float64)
@@ -46,8 +47,9 @@ def test_float32_ln2_reduction_boundaries():
     assert (np.abs(y - exact) / exact).max() < 1e-6
 
 
-@pytest.mark.parametrize("x", [-np.inf, -1e30, -np.finfo(np.float32).max, -1000.0, -100.0, -87.31, -87.4, -88.0,
-                               -103.0])
+@pytest.mark.parametrize(
+    "x", [-np.inf, -1e30, -np.finfo(np.float32).max, -1000.0, -100.0, -87.31, -87.4, -88.0, -103.0]
+)
 def test_float32_underflow_is_exact_zero(x):
     y = fast_exp(np.float32([x]))
     assert y[0] == 0.0 and not np.signbit(y[0])
@@ -97,8 +99,13 @@ def test_float32_special_values():
 
 def test_float64_equals_math_exp():
     rng = np.random.default_rng(2)
-    x = np.concatenate([rng.uniform(-745.0, 709.0, 100_000), rng.standard_normal(10_000),
-                        [0.0, -0.0, 1.0, -1.0, 709.7, 710.0, -745.2, -746.0, -np.inf, np.inf, 1e-300, -1e-300]])
+    x = np.concatenate(
+        [
+            rng.uniform(-745.0, 709.0, 100_000),
+            rng.standard_normal(10_000),
+            [0.0, -0.0, 1.0, -1.0, 709.7, 710.0, -745.2, -746.0, -np.inf, np.inf, 1e-300, -1e-300],
+        ]
+    )
     y = fast_exp(x)
     assert y.dtype == np.float64
     expected = np.array([math.exp(v) if v < 709.8 else math.inf for v in x])
@@ -118,9 +125,13 @@ def test_exp_nonpositive_matches_fast_exp_on_its_domain():
     """The softmax's exp (x ≤ 0 only, no overflow path): relative error < 1e-6 against float64, and
     bit-identical to ``fast_exp`` wherever both apply; -inf and everything below -87.3 give exactly 0."""
     rng = np.random.default_rng(1)
-    x = np.concatenate([np.linspace(-87.29, 0.0, 1_000_001, dtype=np.float32),
-                        rng.uniform(-87.29, 0.0, 200_000).astype(np.float32),
-                        np.float32([0.0, -0.0, -1e-30, -87.29])])
+    x = np.concatenate(
+        [
+            np.linspace(-87.29, 0.0, 1_000_001, dtype=np.float32),
+            rng.uniform(-87.29, 0.0, 200_000).astype(np.float32),
+            np.float32([0.0, -0.0, -1e-30, -87.29]),
+        ]
+    )
     y = exp_nonpositive(x)
     assert y.dtype == np.float32
     exact = np.exp(x.astype(np.float64))

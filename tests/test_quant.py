@@ -1,4 +1,5 @@
 """numba_attn.quant: quantize / dequantize / QuantizedTensor, and attention on int8 keys and values."""
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -20,17 +21,17 @@ def expected_quantisation(x, block):
     data = np.zeros(x32.shape, np.int8)
     scales = np.zeros((x32.shape[0], nb), np.float32)
     for b in range(nb):
-        part = x32[:, b * block:(b + 1) * block]
+        part = x32[:, b * block : (b + 1) * block]
         s = np.abs(part).max(axis=1) / np.float32(127) if part.size else np.zeros(x32.shape[0], np.float32)
         scales[:, b] = s
         inv = np.where(s > 0, np.float32(1) / np.where(s > 0, s, 1), 0).astype(np.float32)
-        data[:, b * block:(b + 1) * block] = np.clip(np.rint(part * inv[:, None]), -127, 127)
+        data[:, b * block : (b + 1) * block] = np.clip(np.rint(part * inv[:, None]), -127, 127)
     return data.reshape(x.shape), scales.reshape(x.shape[:-1] + (nb,))
 
 
 def block_of_each_entry(qt):
     """scales broadcast to data's shape: the scale each entry was quantised with."""
-    return np.repeat(qt.scales, qt.block, axis=-1)[..., :qt.shape[-1]]
+    return np.repeat(qt.scales, qt.block, axis=-1)[..., : qt.shape[-1]]
 
 
 def assert_round_trip_bound(x, qt):
@@ -46,6 +47,7 @@ def assert_round_trip_bound(x, qt):
 # ----------------------------------------------------------------------------------------------
 # quantize / dequantize
 # ----------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("block", [32, None, 16, 64, 128])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
@@ -75,13 +77,18 @@ def test_round_trip_and_scheme(block, dtype):
 
 
 _magnitudes = st.floats(float(np.float32(1e-30)), float(np.float32(1e30)), width=32)
-_elements = st.one_of(st.just(0.0), st.sampled_from([0.5, 1.5, 2.5, 127.0, -63.5]),
-                      st.tuples(st.booleans(), _magnitudes).map(lambda t: -t[1] if t[0] else t[1]))
+_elements = st.one_of(
+    st.just(0.0),
+    st.sampled_from([0.5, 1.5, 2.5, 127.0, -63.5]),
+    st.tuples(st.booleans(), _magnitudes).map(lambda t: -t[1] if t[0] else t[1]),
+)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(x=hnp.arrays(np.float32, st.tuples(st.integers(1, 4), st.integers(1, 70)), elements=_elements),
-       block=st.sampled_from([None, 1, 2, 4, 8, 16, 32, 64, 128, 1000]))
+@given(
+    x=hnp.arrays(np.float32, st.tuples(st.integers(1, 4), st.integers(1, 70)), elements=_elements),
+    block=st.sampled_from([None, 1, 2, 4, 8, 16, 32, 64, 128, 1000]),
+)
 def test_round_trip_property(x, block):
     """Finite float32 input (zeros, ties, magnitudes 1e-30 … 1e30; subnormal scales: test_tiny_values):
     the scheme, bit for bit, and the per-element bound |x - x̂| <= scale/2."""
@@ -104,7 +111,7 @@ def test_rint_rounds_half_to_even():
 def test_clamping_to_127():
     rng = np.random.default_rng(1)
     x = randn(rng, (200, 64), np.float32) * 10 ** rng.uniform(-30, 30, (200, 1)).astype(np.float32)
-    x[:, 0] = -np.abs(x).max(axis=1)          # the extreme of each row negative: never -128
+    x[:, 0] = -np.abs(x).max(axis=1)  # the extreme of each row negative: never -128
     for block in (32, None):
         qt = quantize(x, block)
         assert qt.data.min() == -127 and qt.data.max() <= 127
@@ -190,7 +197,7 @@ def test_non_finite_is_refused(bad, dtype):
 
 @pytest.mark.parametrize("block,D", [(3, 64), (48, 64), (24, 32), (33, 64)])
 def test_non_power_of_two_block_below_D_is_refused(block, D):
-    with pytest.raises(ValueError, match="block.*power of two"):
+    with pytest.raises(ValueError, match=r"block.*power of two"):
         quantize(np.ones((2, D), np.float32), block)
 
 
@@ -217,15 +224,18 @@ def test_partial_last_block(block, D, nb):
     assert_round_trip_bound(x, qt)
 
 
-@pytest.mark.parametrize("x,block,exc,match", [
-    (np.ones((2, 8), np.int32), 32, TypeError, "x must be a floating"),
-    (np.ones((2, 8), bool), 32, TypeError, "x must be a floating"),
-    (np.float32(1.0), 32, ValueError, "x must have at least 1 dim"),
-    (np.ones((2, 8), np.float32), 0, ValueError, "block"),
-    (np.ones((2, 8), np.float32), -4, ValueError, "block"),
-    (np.ones((2, 8), np.float32), True, ValueError, "block"),
-    (np.ones((2, 8), np.float32), 4.0, ValueError, "block"),
-])
+@pytest.mark.parametrize(
+    "x,block,exc,match",
+    [
+        (np.ones((2, 8), np.int32), 32, TypeError, "x must be a floating"),
+        (np.ones((2, 8), bool), 32, TypeError, "x must be a floating"),
+        (np.float32(1.0), 32, ValueError, "x must have at least 1 dim"),
+        (np.ones((2, 8), np.float32), 0, ValueError, "block"),
+        (np.ones((2, 8), np.float32), -4, ValueError, "block"),
+        (np.ones((2, 8), np.float32), True, ValueError, "block"),
+        (np.ones((2, 8), np.float32), 4.0, ValueError, "block"),
+    ],
+)
 def test_quantize_bad_arguments(x, block, exc, match):
     with pytest.raises(exc, match=match):
         quantize(x, block)
@@ -239,6 +249,7 @@ def test_dequantize_refuses_other_types():
 # ----------------------------------------------------------------------------------------------
 # QuantizedTensor
 # ----------------------------------------------------------------------------------------------
+
 
 def test_getitem_indexes_leading_dims():
     rng = np.random.default_rng(6)
@@ -283,7 +294,7 @@ def test_hand_built_block_must_be_a_power_of_two():
     data = np.zeros((16, 96), np.int8)
     with pytest.raises(ValueError, match="block must be a power of two"):
         QuantizedTensor(data, np.ones((16, 2), np.float32), 48)
-    for block in (96, 128):                       # one scale per row, stored as D
+    for block in (96, 128):  # one scale per row, stored as D
         assert QuantizedTensor(data, np.ones((16, 1), np.float32), block).block == 96
 
 
@@ -311,6 +322,7 @@ def test_hand_built_tensor_attends_like_its_dequantised_self():
 # attention on QuantizedTensor keys/values
 # ----------------------------------------------------------------------------------------------
 
+
 def emulated_int8_reference(q, kq, vq, scale=None, **kwargs):
     """The reference on exactly the numbers the int8 kernels use (see conftest.int8_effective_inputs)."""
     q, k, v, scale = int8_effective_inputs(q, kq, vq, scale)
@@ -327,11 +339,13 @@ def test_attention_matches_dequantised_reference(block, L, S, causal):
     k, v = randn(rng, (1, 2, S, 64), np.float32), randn(rng, (1, 2, S, 64), np.float32)
     kq, vq = quantize(k, block), quantize(v, block)
     mask = rng.random((L, S)) < 0.8
-    out, lse = scaled_dot_product_attention(q, kq, vq, attn_mask=mask, is_causal=causal, enable_gqa=True,
-                                            return_lse=True)
+    out, lse = scaled_dot_product_attention(
+        q, kq, vq, attn_mask=mask, is_causal=causal, enable_gqa=True, return_lse=True
+    )
     assert out.dtype == np.float32 and out.shape == (1, 4, L, 64)
-    ref, ref_lse = emulated_int8_reference(q, kq, vq, attn_mask=mask, is_causal=causal, enable_gqa=True,
-                                           return_lse=True)
+    ref, ref_lse = emulated_int8_reference(
+        q, kq, vq, attn_mask=mask, is_causal=causal, enable_gqa=True, return_lse=True
+    )
     assert_close(out, ref, rtol=2e-5)
     assert_close(lse, ref_lse, rtol=2e-5)
 
@@ -411,18 +425,21 @@ def test_float16_accuracy_contract(L):
     ref = reference.scaled_dot_product_attention(q, k, v)
     out = scaled_dot_product_attention(*(x.astype(np.float16) for x in (q, k, v)), out_dtype=np.float32)
     assert out.dtype == np.float32
-    err, rel, cos = _accuracy(out, ref)
+    err, _rel, cos = _accuracy(out, ref)
     assert err <= 2e-3, err
     assert cos >= 0.9999
 
 
-@pytest.mark.parametrize("qdtype,out_dtype,expected", [
-    (np.float32, None, np.float32),
-    (np.float16, None, np.float16),       # int8 operands do not count towards the result dtype
-    (np.float16, np.float32, np.float32),
-    (np.float32, np.float64, np.float64),
-    (np.float32, np.float16, np.float16),
-])
+@pytest.mark.parametrize(
+    "qdtype,out_dtype,expected",
+    [
+        (np.float32, None, np.float32),
+        (np.float16, None, np.float16),  # int8 operands do not count towards the result dtype
+        (np.float16, np.float32, np.float32),
+        (np.float32, np.float64, np.float64),
+        (np.float32, np.float16, np.float16),
+    ],
+)
 def test_out_dtype(qdtype, out_dtype, expected):
     rng = np.random.default_rng(10)
     q = randn(rng, (2, 4, 32), qdtype)
@@ -430,12 +447,12 @@ def test_out_dtype(qdtype, out_dtype, expected):
     kq, vq = quantize(k), quantize(v)
     out = scaled_dot_product_attention(q, kq, vq, out_dtype=out_dtype)
     assert out.dtype == np.dtype(expected)
-    ref = emulated_int8_reference(q, kq, vq)                 # E = 32 = block: per-row scales
+    ref = emulated_int8_reference(q, kq, vq)  # E = 32 = block: per-row scales
     assert_close(out, ref, rtol=1e-3 if expected == np.float16 else 2e-5)
 
 
 @pytest.mark.parametrize("block", [32, None])
-@pytest.mark.parametrize("S", [40, 300])        # prefill-shaped and decode-kernel-shaped (L ≤ 8, S ≥ 256)
+@pytest.mark.parametrize("S", [40, 300])  # prefill-shaped and decode-kernel-shaped (L ≤ 8, S ≥ 256)
 def test_float64_query_with_int8(block, S):
     """float64 arithmetic over int8 keys/values (the README: float64 if any input is float64): the
     result is float64 and matches the float64 formula on the dequantised keys/values, with the
@@ -446,7 +463,8 @@ def test_float64_query_with_int8(block, S):
     vq = quantize(randn(rng, (2, S, 32), np.float32), block=block)
     out, lse = scaled_dot_product_attention(q, kq, vq, return_lse=True)
     assert out.dtype == np.float64 and lse.dtype == np.float64
-    def exact(t):         # data · scale in float64 (dequantize() rounds the products to float32)
+
+    def exact(t):  # data · scale in float64 (dequantize() rounds the products to float32)
         return t.data.astype(np.float64) * np.repeat(t.scales.astype(np.float64), t.block, axis=-1)[..., :32]
 
     ref, ref_lse = reference.scaled_dot_product_attention(q, exact(kq), exact(vq), return_lse=True)

@@ -1,4 +1,5 @@
 """numba_attn.reference (the float64 oracle) against a naive per-row loop on tiny shapes."""
+
 import math
 
 import numpy as np
@@ -34,7 +35,7 @@ def naive_attention(q, k, v, mask=None, is_causal=False, scale=None, enable_gqa=
 
     def pick(x, idx, heads_div=1):
         nb = x.ndim - 2
-        idx = idx[len(idx) - nb:] if nb else ()
+        idx = idx[len(idx) - nb :] if nb else ()
         own = []
         for axis, i in enumerate(idx):
             last = axis == nb - 1
@@ -119,8 +120,9 @@ def _make(case, seed):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_reference_matches_naive_loop(case, seed):
     q, k, v, mask, causal, scale, gqa = _make(case, seed)
-    out, lse = reference.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
-                                                      enable_gqa=gqa, return_lse=True)
+    out, lse = reference.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa, return_lse=True
+    )
     w = reference.attention_weights(q, k, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa)
     n_out, n_lse, n_w = naive_attention(q, k, v, mask, causal, scale, gqa)
     assert out.dtype == lse.dtype == w.dtype == np.float64
@@ -131,9 +133,15 @@ def test_reference_matches_naive_loop(case, seed):
     np.testing.assert_allclose(lse[finite], np.broadcast_to(n_lse, lse.shape)[finite], rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(w, np.broadcast_to(n_w, w.shape), rtol=1e-12, atol=1e-12)
     # the same input as float32 gives float64 results (computed from the exactly upcast values)
-    out32 = reference.scaled_dot_product_attention(q.astype(np.float32), k.astype(np.float32),
-                                                   v.astype(np.float32), attn_mask=mask, is_causal=causal,
-                                                   scale=scale, enable_gqa=gqa)
+    out32 = reference.scaled_dot_product_attention(
+        q.astype(np.float32),
+        k.astype(np.float32),
+        v.astype(np.float32),
+        attn_mask=mask,
+        is_causal=causal,
+        scale=scale,
+        enable_gqa=gqa,
+    )
     assert out32.dtype == np.float64
 
 
@@ -166,17 +174,16 @@ def test_fully_masked_rows_are_zeros(kind):
         mask[[0, 4]] = -np.inf
         dead = [0, 4]
     else:
-        mask, causal, dead = None, "lower_right", [0]     # L - S = 1 row sees no key
+        mask, causal, dead = None, "lower_right", [0]  # L - S = 1 row sees no key
     with np.errstate(all="raise"):
-        out, lse = reference.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                                          return_lse=True)
+        out, lse = reference.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, return_lse=True)
         w = reference.attention_weights(q, k, attn_mask=mask, is_causal=causal)
     assert not np.isnan(out).any() and not np.isnan(lse).any() and not np.isnan(w).any()
     assert (out[:, dead] == 0).all() and (w[:, dead] == 0).all()
     assert np.isneginf(lse[:, dead]).all()
     alive = [i for i in range(5) if i not in dead]
     np.testing.assert_allclose(w[:, alive].sum(-1), 1.0, rtol=1e-14)
-    n_out, n_lse, _ = naive_attention(q, k, v, mask, causal)
+    n_out, _n_lse, _ = naive_attention(q, k, v, mask, causal)
     np.testing.assert_allclose(out, n_out, rtol=1e-12, atol=1e-12)
 
 
@@ -207,5 +214,5 @@ def test_lse_has_the_output_batch_dims():
     out, lse = reference.scaled_dot_product_attention(q, k, v, return_lse=True)
     assert out.shape == (2, 3, 2)
     assert lse.shape == out.shape[:-1]
-    n_out, n_lse, _ = naive_attention(q, k, v)
+    _n_out, n_lse, _ = naive_attention(q, k, v)
     np.testing.assert_allclose(lse, n_lse, rtol=1e-12)

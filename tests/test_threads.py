@@ -1,5 +1,6 @@
 """numba_attn._threads: the thread count API, and concurrent callers under every threading layer
 (each layer in its own process: numba picks its layer once per process)."""
+
 import concurrent.futures
 import os
 import subprocess
@@ -11,8 +12,8 @@ import numba
 import numpy as np
 import pytest
 
-from conftest import randn
 import numba_attn
+from conftest import randn
 from numba_attn import get_num_threads, num_threads, scaled_dot_product_attention, set_num_threads
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,6 +24,7 @@ LIMIT = numba.config.NUMBA_NUM_THREADS
 # ----------------------------------------------------------------------------------------------
 # the thread count
 # ----------------------------------------------------------------------------------------------
+
 
 def test_get_num_threads():
     n = get_num_threads()
@@ -43,14 +45,13 @@ def test_set_num_threads():
         numba.set_num_threads(old)
 
 
-@pytest.mark.parametrize("bad", [0, -1, LIMIT + 1, 10 ** 6, True, False, 1.0, 2.5, "2", None, [1]])
+@pytest.mark.parametrize("bad", [0, -1, LIMIT + 1, 10**6, True, False, 1.0, 2.5, "2", None, [1]])
 def test_bad_thread_counts(bad):
     old = get_num_threads()
     with pytest.raises(ValueError, match="n must be an int from 1 to NUMBA_NUM_THREADS"):
         set_num_threads(bad)
-    with pytest.raises(ValueError, match="NUMBA_NUM_THREADS"):
-        with num_threads(bad):
-            pass
+    with pytest.raises(ValueError, match="NUMBA_NUM_THREADS"), num_threads(bad):
+        pass
     assert get_num_threads() == old
 
 
@@ -62,10 +63,9 @@ def test_num_threads_context_manager():
             assert get_num_threads() == LIMIT
         assert get_num_threads() == 1
     assert get_num_threads() == old
-    with pytest.raises(RuntimeError, match="inside"):
-        with num_threads(1):
-            assert get_num_threads() == 1
-            raise RuntimeError("inside")
+    with pytest.raises(RuntimeError, match="inside"), num_threads(1):
+        assert get_num_threads() == 1
+        raise RuntimeError("inside")
     assert get_num_threads() == old
 
 
@@ -111,6 +111,7 @@ def test_results_do_not_depend_on_the_thread_count(monkeypatch, L, S):
 # concurrent callers, one process per threading layer
 # ----------------------------------------------------------------------------------------------
 
+
 def layer_env(layer):
     """Environment for a child process that asks numba for ``layer``. A tbb installed from PyPI puts
     libtbb.so.12 into <prefix>/lib, which the dynamic loader does not search: add it."""
@@ -126,8 +127,10 @@ def layer_env(layer):
 def _layer_loads(layer):
     module = {"tbb": "tbbpool", "omp": "omppool", "workqueue": "workqueue"}[layer]
     code = f"import numba.np.ufunc.{module}"
-    return subprocess.run([sys.executable, "-c", code], env=layer_env(layer), capture_output=True,
-                          timeout=120).returncode == 0
+    return (
+        subprocess.run([sys.executable, "-c", code], env=layer_env(layer), capture_output=True, timeout=120).returncode
+        == 0
+    )
 
 
 #: threading layers that load here (workqueue always does; omp needs libgomp, tbb the tbb package)
@@ -135,8 +138,9 @@ LAYERS = [layer for layer in ("workqueue", "omp", "tbb") if layer == "workqueue"
 
 
 def run_child(args, layer, timeout=300):
-    proc = subprocess.run([sys.executable] + args, env=layer_env(layer), capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable] + args, env=layer_env(layer), capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
     return proc.returncode, proc.stdout, proc.stderr
 
 
@@ -195,7 +199,7 @@ def test_concurrent_layer_decoding():
 
     def run(x):
         cache = layer.new_cache(1, 40, dtype=np.float16)
-        outs = [layer(x[:, :8], cache=cache)] + [layer(x[:, t:t + 1], cache=cache) for t in range(8, 40)]
+        outs = [layer(x[:, :8], cache=cache)] + [layer(x[:, t : t + 1], cache=cache) for t in range(8, 40)]
         return np.concatenate(outs, axis=1)
 
     serial = [run(x) for x in xs]

@@ -1,5 +1,6 @@
 """numba_attn._validate: every bad input is refused at the door, with a message naming the argument,
 before any kernel runs and without touching the inputs."""
+
 import types
 
 import numpy as np
@@ -14,8 +15,11 @@ L, S, E, EV = 5, 7, 4, 3
 
 def _good(dtype=np.float64, batch=(2, 3)):
     rng = np.random.default_rng(0)
-    return dict(query=randn(rng, batch + (L, E), dtype), key=randn(rng, batch + (S, E), dtype),
-                value=randn(rng, batch + (S, EV), dtype))
+    return dict(
+        query=randn(rng, batch + (L, E), dtype),
+        key=randn(rng, batch + (S, E), dtype),
+        value=randn(rng, batch + (S, EV), dtype),
+    )
 
 
 def _call(overrides, fn=scaled_dot_product_attention):
@@ -36,6 +40,7 @@ def _with_nonfinite(name, value, where=(0, 1, 2, 1)):
         x = kw[name].copy()
         x[where[: x.ndim]] = value
         return x
+
     return make
 
 
@@ -46,9 +51,9 @@ BAD = [
     ("value-1d", dict(value=np.ones(EV)), ValueError, r"value .*at least 2 dims"),
     ("query-0d", dict(query=np.float64(1.0)), (ValueError, TypeError), r"query"),
     ("value-0d-array", dict(value=np.array(1.0)), ValueError, r"value .*at least 2 dims"),
-    ("E-mismatch", dict(key=lambda kw: kw["key"][..., :E - 1]), ValueError, r"key's last dim .*query"),
+    ("E-mismatch", dict(key=lambda kw: kw["key"][..., : E - 1]), ValueError, r"key's last dim .*query"),
     ("E-mismatch-longer", dict(key=lambda kw: np.concatenate([kw["key"]] * 2, -1)), ValueError, r"key's last dim"),
-    ("S-mismatch", dict(value=lambda kw: kw["value"][..., :S - 1, :]), ValueError, r"value's .*key"),
+    ("S-mismatch", dict(value=lambda kw: kw["value"][..., : S - 1, :]), ValueError, r"value's .*key"),
     ("E-zero", dict(query=np.ones((L, 0)), key=np.ones((S, 0))), ValueError, r"query's last dim"),
     ("batch-query-key", dict(key=lambda kw: np.ones((4, 3, S, E))), ValueError, r"batch dims of query .*key"),
     ("batch-value", dict(value=lambda kw: np.ones((2, 5, S, EV))), ValueError, r"batch dims .*value \(2, 5\)"),
@@ -90,17 +95,37 @@ BAD = [
     ("dropout-nan", dict(dropout_p=float("nan")), ValueError, r"dropout_p"),
     ("dropout-str", dict(dropout_p="0"), ValueError, r"dropout_p"),
     ("dropout-none", dict(dropout_p=None), ValueError, r"dropout_p"),
-    ("heads-differ", dict(key=np.ones((2, 2, S, E)), value=np.ones((2, 2, S, EV))),
-     ValueError, r"batch dims .*enable_gqa"),
-    ("gqa-not-divisible", dict(key=np.ones((2, 2, S, E)), value=np.ones((2, 2, S, EV)), enable_gqa=True),
-     ValueError, r"enable_gqa.*query heads \(3\).*key/value heads \(2\)"),
-    ("gqa-more-kv-heads", dict(key=np.ones((2, 6, S, E)), value=np.ones((2, 6, S, EV)), enable_gqa=True),
-     ValueError, r"enable_gqa.*heads"),
-    ("gqa-kv-heads-differ", dict(key=np.ones((2, 1, S, E)), value=np.ones((2, 3, S, EV)), enable_gqa=True),
-     ValueError, r"enable_gqa.*key and value"),
+    (
+        "heads-differ",
+        dict(key=np.ones((2, 2, S, E)), value=np.ones((2, 2, S, EV))),
+        ValueError,
+        r"batch dims .*enable_gqa",
+    ),
+    (
+        "gqa-not-divisible",
+        dict(key=np.ones((2, 2, S, E)), value=np.ones((2, 2, S, EV)), enable_gqa=True),
+        ValueError,
+        r"enable_gqa.*query heads \(3\).*key/value heads \(2\)",
+    ),
+    (
+        "gqa-more-kv-heads",
+        dict(key=np.ones((2, 6, S, E)), value=np.ones((2, 6, S, EV)), enable_gqa=True),
+        ValueError,
+        r"enable_gqa.*heads",
+    ),
+    (
+        "gqa-kv-heads-differ",
+        dict(key=np.ones((2, 1, S, E)), value=np.ones((2, 3, S, EV)), enable_gqa=True),
+        ValueError,
+        r"enable_gqa.*key and value",
+    ),
     ("gqa-no-heads-dim", dict(query=np.ones((L, E)), enable_gqa=True), ValueError, r"enable_gqa.*heads dim"),
-    ("gqa-zero-kv-heads", dict(key=np.ones((2, 0, S, E)), value=np.ones((2, 0, S, EV)), enable_gqa=True),
-     ValueError, r"enable_gqa"),
+    (
+        "gqa-zero-kv-heads",
+        dict(key=np.ones((2, 0, S, E)), value=np.ones((2, 0, S, EV)), enable_gqa=True),
+        ValueError,
+        r"enable_gqa",
+    ),
     ("out_dtype-int", dict(out_dtype=np.int32), TypeError, r"out_dtype"),
     ("out_dtype-complex", dict(out_dtype=complex), TypeError, r"out_dtype"),
     ("out_dtype-str", dict(out_dtype="half-ish"), TypeError, r"out_dtype"),
@@ -117,15 +142,30 @@ BAD = [
     ("softcap-bool", dict(softcap=True), TypeError, r"softcap"),
     ("alibi-shape", dict(alibi_slopes=np.ones(4)), ValueError, r"alibi_slopes .*\(3,\)"),
     ("alibi-2d", dict(alibi_slopes=np.ones((1, 3))), ValueError, r"alibi_slopes"),
-    ("alibi-no-heads", dict(query=np.ones((L, E)), key=np.ones((S, E)), value=np.ones((S, EV)),
-                            alibi_slopes=np.ones(1)), ValueError, r"alibi_slopes"),
+    (
+        "alibi-no-heads",
+        dict(query=np.ones((L, E)), key=np.ones((S, E)), value=np.ones((S, EV)), alibi_slopes=np.ones(1)),
+        ValueError,
+        r"alibi_slopes",
+    ),
     ("alibi-nan", dict(alibi_slopes=np.array([0.5, np.nan, 0.1])), ValueError, r"alibi_slopes .*NaN"),
     ("alibi-complex", dict(alibi_slopes=np.ones(3, complex)), TypeError, r"alibi_slopes"),
     ("alibi-str", dict(alibi_slopes="abc"), TypeError, r"alibi_slopes"),
 ]
 
-NON_FLOAT = [np.int64, np.int32, np.uint8, np.int8, np.bool_, np.complex128, np.complex64, np.longdouble, object,
-             "U3", "S3"]
+NON_FLOAT = [
+    np.int64,
+    np.int32,
+    np.uint8,
+    np.int8,
+    np.bool_,
+    np.complex128,
+    np.complex64,
+    np.longdouble,
+    object,
+    "U3",
+    "S3",
+]
 
 
 @pytest.mark.parametrize("overrides,exc,pattern", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
@@ -151,7 +191,7 @@ def test_non_finite_input_is_refused(monkeypatch, overrides, pattern, path):
     """NaN/inf in query/key/value: ValueError naming the operand, and no result. The kernels find
     them (in a loop that already reads the values, see api._run), so the kernel runs first; the
     inputs are left as they were (``_call`` checks)."""
-    monkeypatch.setattr(config, "SERIAL_BELOW_FLOPS", 10 ** 18 if path == "serial" else 0)
+    monkeypatch.setattr(config, "SERIAL_BELOW_FLOPS", 10**18 if path == "serial" else 0)
     with pytest.raises(ValueError, match=pattern):
         _call(overrides)
 
@@ -164,6 +204,7 @@ def test_non_float_operands_are_refused(no_kernel, name, dtype):
         if np.dtype(dtype).kind in "US":
             return np.full(x.shape, "abc", dtype)
         return x.astype(dtype)
+
     with pytest.raises(TypeError, match=rf"{name} must be float16, float32 or float64"):
         _call({name: make})
 
@@ -208,7 +249,7 @@ def test_check_finite_false_skips_the_scan(name, bad):
     kw[name] = x
     with pytest.raises(ValueError, match=name):
         scaled_dot_product_attention(**kw)
-    out = scaled_dot_product_attention(**kw, check_finite=False)   # no error; values unspecified
+    out = scaled_dot_product_attention(**kw, check_finite=False)  # no error; values unspecified
     assert out.shape == (2, 3, L, EV)
     w = attention_weights(kw["query"], kw["key"], check_finite=False)
     assert w.shape == (2, 3, L, S)
@@ -224,6 +265,7 @@ def test_check_finite_is_on_by_default_in_attention_weights():
 
 def test_quantized_query_is_refused(no_kernel):
     from numba_attn import quantize
+
     kw = _good()
     with pytest.raises(TypeError, match="query cannot be a QuantizedTensor"):
         scaled_dot_product_attention(quantize(kw["query"]), kw["key"], kw["value"])
@@ -231,6 +273,7 @@ def test_quantized_query_is_refused(no_kernel):
 
 def test_int8_keys_with_float64_query_are_refused(no_kernel):
     from numba_attn import quantize
+
     kw = _good()
     with pytest.raises(TypeError, match="float64"):
         scaled_dot_product_attention(kw["query"], quantize(kw["key"]), kw["value"])
@@ -253,6 +296,7 @@ AW_BAD = [
 def test_attention_weights_refuses_bad_input(no_kernel, overrides, exc, pattern):
     def weights(query, key, value, **kw):
         return attention_weights(query, key, **kw)
+
     with pytest.raises(exc, match=pattern):
         _call(overrides, fn=weights)
 
@@ -261,17 +305,26 @@ def test_attention_weights_refuses_bad_input(no_kernel, overrides, exc, pattern)
 # the helpers and the plan, directly
 # ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("value,expected", [
-    (False, None), (None, None), (np.bool_(False), None),
-    (True, "upper_left"), (np.bool_(True), "upper_left"),
-    ("upper_left", "upper_left"), ("lower_right", "lower_right"),
-])
+
+@pytest.mark.parametrize(
+    "value,expected",
+    [
+        (False, None),
+        (None, None),
+        (np.bool_(False), None),
+        (True, "upper_left"),
+        (np.bool_(True), "upper_left"),
+        ("upper_left", "upper_left"),
+        ("lower_right", "lower_right"),
+    ],
+)
 def test_check_causal(value, expected):
     assert check_causal(value) == expected
 
 
-@pytest.mark.parametrize("scale,E_,expected", [(None, 16, 0.25), (None, 1, 1.0), (2, 5, 2.0),
-                                               (np.float32(0.5), 3, 0.5), (1e-30, 3, 1e-30)])
+@pytest.mark.parametrize(
+    "scale,E_,expected", [(None, 16, 0.25), (None, 1, 1.0), (2, 5, 2.0), (np.float32(0.5), 3, 0.5), (1e-30, 3, 1e-30)]
+)
 def test_check_scale(scale, E_, expected):
     assert check_scale(scale, E_) == expected
     assert isinstance(check_scale(scale, E_), float)
@@ -280,14 +333,14 @@ def test_check_scale(scale, E_, expected):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_plan_normalises_operands(dtype):
     rng = np.random.default_rng(1)
-    q = randn(rng, (2, 3, L, E), dtype)[:, :, ::-1]          # negative strides
+    q = randn(rng, (2, 3, L, E), dtype)[:, :, ::-1]  # negative strides
     k = np.asfortranarray(randn(rng, (1, 3, S, E), dtype))
     v = randn(rng, (3, S, EV), np.float64)
     mask = rng.random((L, S)) < 0.5
     before = copies(q, k, v, mask)
     plan = prepare_attention(q, k, v, mask, 0.0, "lower_right", None, False, True)
     assert_unchanged([q, k, v, mask], before)
-    assert plan.dtype == np.float64                            # result_type with the float64 value
+    assert plan.dtype == np.float64  # result_type with the float64 value
     assert plan.batch_shape == (2, 3) and plan.n_batch == 6
     assert (plan.L, plan.S, plan.E, plan.Ev) == (L, S, E, EV)
     assert plan.pos_offset == S - L and plan.is_causal
@@ -340,7 +393,7 @@ def test_non_finite_value_under_a_fully_masked_row_is_refused():
     rng = np.random.default_rng(4)
     q, k, v = (rng.standard_normal((1, 2, n, 16)) for n in (20, 30, 30))
     v[0, 0, 5, 1] = np.inf
-    mask = np.zeros((20, 30), bool)         # no row sees any key: every output row is zeros
+    mask = np.zeros((20, 30), bool)  # no row sees any key: every output row is zeros
     with pytest.raises(ValueError, match="value contains inf"):
         scaled_dot_product_attention(q, k, v, attn_mask=mask)
     np.testing.assert_array_equal(scaled_dot_product_attention(q, k, v, attn_mask=mask, check_finite=False), 0)

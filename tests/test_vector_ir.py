@@ -6,6 +6,7 @@ supports. Exact equality wherever both sides compute the same thing; where the w
 (``llvm.fma``) and the loop twice, or sums in another order, the tolerance is stated, and the same
 operation on integer-valued floats (exact either way) is checked for equality as well.
 """
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -52,8 +53,9 @@ def _fma_into(a, a_off, b, b_off, c, c_off, out, out_off, width):
 
 @njit
 def _fma_tile_into(a, a_off, a_step, b, b_off, b_step, steps, out, out_off, out_stride, rows, width):
-    vir.fma_tile_into(a, a_off, a_step, b, b_off, b_step, steps, out, out_off, out_stride, literally(rows),
-                      literally(width))
+    vir.fma_tile_into(
+        a, a_off, a_step, b, b_off, b_step, steps, out, out_off, out_stride, literally(rows), literally(width)
+    )
 
 
 @njit
@@ -74,8 +76,13 @@ def _same_bits(actual, expected):
     np.testing.assert_array_equal(actual.view(f"u{actual.itemsize}"), expected.view(f"u{expected.itemsize}"))
 
 
-@given(dtype=st.sampled_from(FLOATS + INTS + (np.uint16,)), width=st.sampled_from(WIDTHS),
-       offset=st.integers(1, 9), extra=st.integers(0, 6).map(lambda n: 2 * n + 1), seed=st.integers(0, 2**32 - 1))
+@given(
+    dtype=st.sampled_from(FLOATS + INTS + (np.uint16,)),
+    width=st.sampled_from(WIDTHS),
+    offset=st.integers(1, 9),
+    extra=st.integers(0, 6).map(lambda n: 2 * n + 1),
+    seed=st.integers(0, 2**32 - 1),
+)
 @EXAMPLES
 def test_splat_into_matches_loop(dtype, width, offset, extra, seed):
     rng = np.random.default_rng(seed)
@@ -85,12 +92,17 @@ def test_splat_into_matches_loop(dtype, width, offset, extra, seed):
     vir.splat_into_loop(value, expected, offset, width)
     _splat_into(value, out, offset, width)
     _same_bits(out, expected)
-    assert (out[offset:offset + width] == value).all()
+    assert (out[offset : offset + width] == value).all()
 
 
-@given(dtype=st.sampled_from(FLOATS + INTS + (np.uint16,)), width=st.sampled_from(WIDTHS),
-       src_off=st.integers(1, 9), dst_off=st.integers(1, 9), extra=st.integers(0, 6).map(lambda n: 2 * n + 1),
-       seed=st.integers(0, 2**32 - 1))
+@given(
+    dtype=st.sampled_from(FLOATS + INTS + (np.uint16,)),
+    width=st.sampled_from(WIDTHS),
+    src_off=st.integers(1, 9),
+    dst_off=st.integers(1, 9),
+    extra=st.integers(0, 6).map(lambda n: 2 * n + 1),
+    seed=st.integers(0, 2**32 - 1),
+)
 @EXAMPLES
 def test_copy_vector_matches_loop(dtype, width, src_off, dst_off, extra, seed):
     rng = np.random.default_rng(seed)
@@ -103,14 +115,19 @@ def test_copy_vector_matches_loop(dtype, width, src_off, dst_off, extra, seed):
     _same_bits(src, src_before)
 
 
-@given(dtype=st.sampled_from((np.float32, np.uint16, np.int8)), width=st.sampled_from(WIDTHS),
-       src_off=st.integers(1, 9), dst_off=st.integers(1, 9), extra=st.integers(0, 6).map(lambda n: 2 * n + 1),
-       seed=st.integers(0, 2**32 - 1))
+@given(
+    dtype=st.sampled_from((np.float32, np.uint16, np.int8)),
+    width=st.sampled_from(WIDTHS),
+    src_off=st.integers(1, 9),
+    dst_off=st.integers(1, 9),
+    extra=st.integers(0, 6).map(lambda n: 2 * n + 1),
+    seed=st.integers(0, 2**32 - 1),
+)
 @EXAMPLES
 def test_load_float32_into_matches_loop(dtype, width, src_off, dst_off, extra, seed):
     rng = np.random.default_rng(seed)
     n = src_off + width + extra
-    if dtype == np.uint16:          # float16 bit patterns of ordinary numbers
+    if dtype == np.uint16:  # float16 bit patterns of ordinary numbers
         src = rng.standard_normal(n).astype(np.float16).view(np.uint16)
     else:
         src = _random(rng, n, dtype)
@@ -121,8 +138,9 @@ def test_load_float32_into_matches_loop(dtype, width, src_off, dst_off, extra, s
     _load_float32_into(src, src_off, scales, 3, out, dst_off, width)
     _same_bits(out, expected)
     stored = src.view(np.float16) if dtype == np.uint16 else src
-    np.testing.assert_array_equal(out[dst_off:dst_off + width],
-                                  stored[src_off:src_off + width].astype(np.float32) * scales[3])
+    np.testing.assert_array_equal(
+        out[dst_off : dst_off + width], stored[src_off : src_off + width].astype(np.float32) * scales[3]
+    )
 
 
 @pytest.mark.parametrize("width", WIDTHS)
@@ -136,9 +154,14 @@ def test_load_float32_converts_every_float16_bit_pattern_as_numpy(width):
     _same_bits(out[~nan], expected[~nan])
 
 
-@given(dtype=st.sampled_from(FLOATS), width=st.sampled_from(WIDTHS), integer_valued=st.booleans(),
-       offsets=st.tuples(*[st.integers(1, 9)] * 4), extra=st.integers(0, 6).map(lambda n: 2 * n + 1),
-       seed=st.integers(0, 2**32 - 1))
+@given(
+    dtype=st.sampled_from(FLOATS),
+    width=st.sampled_from(WIDTHS),
+    integer_valued=st.booleans(),
+    offsets=st.tuples(*[st.integers(1, 9)] * 4),
+    extra=st.integers(0, 6).map(lambda n: 2 * n + 1),
+    seed=st.integers(0, 2**32 - 1),
+)
 @EXAMPLES
 def test_fma_into_matches_loop(dtype, width, integer_valued, offsets, extra, seed):
     """float32: the twin's a·b + c in float64 (a·b exact) rounded to float32 is the fused result but for
@@ -158,22 +181,30 @@ def test_fma_into_matches_loop(dtype, width, integer_valued, offsets, extra, see
     elif dtype == np.float32:
         np.testing.assert_array_max_ulp(out[window], expected[window], maxulp=1)
     else:
-        product = np.abs(a[a_off:a_off + width] * b[b_off:b_off + width])
+        product = np.abs(a[a_off : a_off + width] * b[b_off : b_off + width])
         bound = np.finfo(dtype).eps * (product + np.abs(expected[window]))
         assert (np.abs(out[window] - expected[window]) <= bound).all()
 
 
-@given(dtype=st.sampled_from(FLOATS), width=st.sampled_from(WIDTHS), rows=st.sampled_from((1, 4)),
-       steps=st.sampled_from((0, 1, 7, 33)), integer_valued=st.booleans(), a_off=st.integers(1, 9),
-       b_off=st.integers(1, 9), out_off=st.integers(1, 9), pad=st.integers(0, 3).map(lambda n: 2 * n + 1),
-       seed=st.integers(0, 2**32 - 1))
+@given(
+    dtype=st.sampled_from(FLOATS),
+    width=st.sampled_from(WIDTHS),
+    rows=st.sampled_from((1, 4)),
+    steps=st.sampled_from((0, 1, 7, 33)),
+    integer_valued=st.booleans(),
+    a_off=st.integers(1, 9),
+    b_off=st.integers(1, 9),
+    out_off=st.integers(1, 9),
+    pad=st.integers(0, 3).map(lambda n: 2 * n + 1),
+    seed=st.integers(0, 2**32 - 1),
+)
 @EXAMPLES
 def test_fma_tile_into_matches_loop(dtype, width, rows, steps, integer_valued, a_off, b_off, out_off, pad, seed):
     """A register tile over a runtime loop. The wrapper accumulates with fused multiply-adds in dtype,
     the twin in float64 rounded once: they differ by at most (steps + 1)·eps·(|out| + Σ|a·b|).
     Integer-valued data (sums below 2^24): both exact."""
     rng = np.random.default_rng(seed)
-    a_step, b_step, out_stride = rows + pad, width + pad, width + pad      # odd gaps between rows
+    a_step, b_step, out_stride = rows + pad, width + pad, width + pad  # odd gaps between rows
     a = _random(rng, a_off + steps * a_step + rows + pad, dtype, integer_valued)
     b = _random(rng, b_off + steps * b_step + width + pad, dtype, integer_valued)
     out = _random(rng, out_off + rows * out_stride + pad, dtype, integer_valued)
@@ -186,16 +217,22 @@ def test_fma_tile_into_matches_loop(dtype, width, rows, steps, integer_valued, a
         return
     bound = np.zeros_like(out, dtype=np.float64)
     for i in range(rows):
-        a_i = np.abs(a[a_off + i:a_off + i + steps * a_step:a_step].astype(np.float64))
-        b_t = np.abs(np.stack([b[b_off + t * b_step:b_off + t * b_step + width] for t in range(steps)]))
+        a_i = np.abs(a[a_off + i : a_off + i + steps * a_step : a_step].astype(np.float64))
+        b_t = np.abs(np.stack([b[b_off + t * b_step : b_off + t * b_step + width] for t in range(steps)]))
         row = slice(out_off + i * out_stride, out_off + i * out_stride + width)
         bound[row] = (steps + 1) * np.finfo(dtype).eps * (np.abs(before[row]) + a_i @ b_t)
     assert (np.abs(out.astype(np.float64) - expected) <= bound).all()
 
 
-@given(dtype=st.sampled_from(FLOATS + (np.int32, np.int64)), width=st.sampled_from((2,) + WIDTHS),
-       integer_valued=st.booleans(), x_off=st.integers(1, 9), out_off=st.integers(1, 9),
-       pad=st.integers(0, 3).map(lambda n: 2 * n + 1), seed=st.integers(0, 2**32 - 1))
+@given(
+    dtype=st.sampled_from(FLOATS + (np.int32, np.int64)),
+    width=st.sampled_from((2,) + WIDTHS),
+    integer_valued=st.booleans(),
+    x_off=st.integers(1, 9),
+    out_off=st.integers(1, 9),
+    pad=st.integers(0, 3).map(lambda n: 2 * n + 1),
+    seed=st.integers(0, 2**32 - 1),
+)
 @EXAMPLES
 def test_butterfly_sums_into_matches_loop(dtype, width, integer_valued, x_off, out_off, pad, seed):
     """Integer lanes and integer-valued floats: exact. Other floats: the butterfly sums in a tree,
@@ -212,7 +249,7 @@ def test_butterfly_sums_into_matches_loop(dtype, width, integer_valued, x_off, o
     if integer_valued or np.issubdtype(dtype, np.integer):
         _same_bits(out, expected)
     else:
-        rows = np.stack([x[x_off + j * x_stride:x_off + j * x_stride + width] for j in range(width)])
+        rows = np.stack([x[x_off + j * x_stride : x_off + j * x_stride + width] for j in range(width)])
         bound = 2 * (width - 1) * np.finfo(dtype).eps * np.abs(rows).sum(axis=1)
         assert (np.abs(out[window] - expected[window]) <= bound).all()
 
@@ -231,8 +268,15 @@ def test_element_address_matches_loop(dtype):
 
 
 def test_every_wrapper_has_a_twin_and_a_test():
-    tested = {"splat_into", "copy_vector", "load_float32_into", "fma_into", "fma_tile_into", "butterfly_sums_into",
-              "element_address"}
+    tested = {
+        "splat_into",
+        "copy_vector",
+        "load_float32_into",
+        "fma_into",
+        "fma_tile_into",
+        "butterfly_sums_into",
+        "element_address",
+    }
     assert {wrapper._defn.__name__ for wrapper in vir.TWINS} == tested
     assert all(twin.py_func.__name__ == wrapper._defn.__name__ + "_loop" for wrapper, twin in vir.TWINS.items())
 

@@ -5,6 +5,7 @@ A decode step (one row) is bound by the bytes of weight read, so float16 should 
 (1.125 bytes per weight) up to ~3.5× numpy's float32 GEMV where memory, not arithmetic, is the limit.
 ``threads`` sets numba's threads and, through threadpoolctl when installed, numpy's BLAS threads.
 """
+
 import numba
 import numpy as np
 
@@ -13,8 +14,13 @@ from numba_attn.linear import LinearWeight
 from .common import THREADS, cached, check_threads
 
 #: (in_features, out_features) of SmolLM2-135M's projections
-SHAPES = {"qkv 576x960": (576, 960), "o 576x576": (576, 576), "gate_up 576x3072": (576, 3072),
-          "down 1536x576": (1536, 576), "lm_head 576x49152": (576, 49152)}
+SHAPES = {
+    "qkv 576x960": (576, 960),
+    "o 576x576": (576, 576),
+    "gate_up 576x3072": (576, 3072),
+    "down 1536x576": (1536, 576),
+    "lm_head 576x49152": (576, 49152),
+}
 STORAGE = ["numpy float32", "float32", "float16", "int8"]
 
 
@@ -37,12 +43,14 @@ def _make(shape, storage, rows):
 
     def fn():
         return w.apply(x)
-    fn()                             # compile, or load from numba's cache
+
+    fn()  # compile, or load from numba's cache
     return fn
 
 
 class ProjectionDecode:
     """One activation row times the weight (a decode step's GEMV)."""
+
     params = [list(SHAPES), STORAGE, THREADS]
     param_names = ["shape", "storage", "threads"]
 
@@ -63,6 +71,7 @@ class ProjectionDecode:
 class ProjectionPrefill:
     """64 activation rows times the weight (a prompt's GEMM); lm_head is left out (prefill needs only
     the last row's logits)."""
+
     params = [[s for s in SHAPES if not s.startswith("lm_head")], STORAGE, THREADS]
     param_names = ["shape", "storage", "threads"]
     rows = 64
@@ -83,6 +92,7 @@ class ProjectionPrefill:
 
 class WeightBytes:
     """Storage of a SmolLM2 projection weight against float32 (bias included, none here)."""
+
     params = [list(SHAPES), ["float16", "int8"]]
     param_names = ["shape", "storage"]
     unit = "× float32"

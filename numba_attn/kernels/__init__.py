@@ -1,4 +1,6 @@
 """Numba kernels: one module per concern (prefill, decode, quantised)."""
+
+import contextlib
 import types
 
 
@@ -25,6 +27,7 @@ def _fingerprint():
     import os
 
     import numba
+
     here = os.path.dirname(os.path.abspath(__file__))
     digest = hashlib.sha256(numba.__version__.encode())
     for name in sorted(os.listdir(here)):
@@ -47,10 +50,12 @@ def drop_stale_cache():
     import os
 
     from .. import config
+
     if not config.CACHE:
         return
     try:
-        from numba.core.caching import CacheImpl      # the locators numba tries, in its order
+        from numba.core.caching import CacheImpl  # the locators numba tries, in its order
+
         for locator_class in CacheImpl._locator_classes:
             locator = locator_class.from_function(_cache_probe, os.path.abspath(__file__))
             if locator is not None:
@@ -67,15 +72,13 @@ def drop_stale_cache():
         except OSError:
             pass
         for old in glob.glob(os.path.join(path, "*.nbi")) + glob.glob(os.path.join(path, "*.nbc")):
-            try:
+            with contextlib.suppress(OSError):
                 os.remove(old)
-            except OSError:
-                pass
         tmp = f"{stamp}.{os.getpid()}"
         with open(tmp, "w") as f:
             f.write(want)
         os.replace(tmp, stamp)
-    except Exception:  # noqa: BLE001 - a cache clean-up must never break an import
+    except Exception:
         return
 
 

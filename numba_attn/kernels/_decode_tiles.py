@@ -19,6 +19,7 @@ scale per vector). Scores are written to s[s_off : s_off + VW].
 Vector width as in ``_prefill_tiles``: VW = 16 (AVX-512), 8 (AVX/AVX2), 4 (other). E must be a multiple of VW.
 The IR is assembled from the helpers in ``_vector_ir`` (shared with ``_prefill_tiles``).
 """
+
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
@@ -33,8 +34,12 @@ from ._vector_ir import is_c_array
 def key_scores(typingctx, q, q_off, k, k_off, k_stride, ks, ks_off, ks_stride, scale_shift, E, s, s_off):
     """s[s_off + j] = Σ_{d<E} q[q_off + d]·key_j[d] for j < VW, key_j[d] = k[k_off + j·k_stride + d]
     (· ks[ks_off + j·ks_stride + (d >> scale_shift)] for int8 keys). Offsets in elements."""
-    if not (is_c_array(q, types.float32) and is_c_array(s, types.float32) and is_c_array(ks, types.float32)
-            and is_c_array(k, types.float32, types.uint16, types.int8)):
+    if not (
+        is_c_array(q, types.float32)
+        and is_c_array(s, types.float32)
+        and is_c_array(ks, types.float32)
+        and is_c_array(k, types.float32, types.uint16, types.int8)
+    ):
         return None
     i64 = types.int64
     sig = types.void(q, i64, k, i64, i64, ks, i64, i64, i64, i64, s, i64)
@@ -75,8 +80,11 @@ def _rows_of_key_scores_overload(qs, kn, k_scales, k_block, j0, nk, s):
     ``key_scores``; returns how many keys it did (0 where it does not apply: a float64 query, a
     head dim that is not a multiple of VW, int8 keys with one scale per row, whose scores are
     int8 × int8 products against a quantised query, or scale blocks narrower than VW)."""
-    if not (is_c_array(qs, types.float32) and is_c_array(s, types.float32)
-            and is_c_array(kn, types.float32, types.uint16, types.int8)):
+    if not (
+        is_c_array(qs, types.float32)
+        and is_c_array(s, types.float32)
+        and is_c_array(kn, types.float32, types.uint16, types.int8)
+    ):
         return lambda qs, kn, k_scales, k_block, j0, nk, s: 0
     if kn.dtype == types.int8:
         if not is_c_array(k_scales, types.float32):
@@ -93,9 +101,22 @@ def _rows_of_key_scores_overload(qs, kn, k_scales, k_block, j0, nk, s):
             done = nk // VW * VW
             for r in range(qs.shape[0]):
                 for j in range(0, done, VW):
-                    key_scores(qs, r * qs.shape[1], kn, (j0 + j) * E, E, k_scales, (j0 + j) * nbk, nbk, shift, E,
-                               s, r * s.shape[1] + j)
+                    key_scores(
+                        qs,
+                        r * qs.shape[1],
+                        kn,
+                        (j0 + j) * E,
+                        E,
+                        k_scales,
+                        (j0 + j) * nbk,
+                        nbk,
+                        shift,
+                        E,
+                        s,
+                        r * s.shape[1] + j,
+                    )
             return done
+
         return impl_int8
 
     def impl_float(qs, kn, k_scales, k_block, j0, nk, s):
@@ -108,23 +129,60 @@ def _rows_of_key_scores_overload(qs, kn, k_scales, k_block, j0, nk, s):
                 # float keys have no scales: the query stands in for the unused scale array
                 key_scores(qs, r * qs.shape[1], kn, (j0 + j) * E, E, qs, 0, 0, 0, E, s, r * s.shape[1] + j)
         return done
+
     return impl_float
 
 
 def _make_value_rows(rows, chunks):
     """acc[i] += Σ_j p[i, j]·v_j over a rows × (chunks·VW columns) tile held in registers."""
-    def value_rows(typingctx, p, p_off, p_stride, v, v_off, v_stride, vs, vs_off, vs_stride, col0, shift,
-                   acc, acc_off, acc_stride, nk):
-        if not (is_c_array(p, types.float32) and is_c_array(acc, types.float32) and is_c_array(vs, types.float32)
-                and is_c_array(v, types.float32, types.uint16, types.int8)):
+
+    def value_rows(
+        typingctx,
+        p,
+        p_off,
+        p_stride,
+        v,
+        v_off,
+        v_stride,
+        vs,
+        vs_off,
+        vs_stride,
+        col0,
+        shift,
+        acc,
+        acc_off,
+        acc_stride,
+        nk,
+    ):
+        if not (
+            is_c_array(p, types.float32)
+            and is_c_array(acc, types.float32)
+            and is_c_array(vs, types.float32)
+            and is_c_array(v, types.float32, types.uint16, types.int8)
+        ):
             return None
         i64 = types.int64
         sig = types.void(p, i64, i64, v, i64, i64, vs, i64, i64, i64, i64, acc, i64, i64, i64)
         kind = v.dtype
 
         def codegen(context, builder, signature, args):
-            (p_, p_off_, p_stride_, v_, v_off_, v_stride_, vs_, vs_off_, vs_stride_, col0_, shift_,
-             acc_, acc_off_, acc_stride_, nk_) = args
+            (
+                p_,
+                p_off_,
+                p_stride_,
+                v_,
+                v_off_,
+                v_stride_,
+                vs_,
+                vs_off_,
+                vs_stride_,
+                col0_,
+                shift_,
+                acc_,
+                acc_off_,
+                acc_stride_,
+                nk_,
+            ) = args
             pp = vir.data_pointer(context, builder, p, p_)
             vp = vir.data_pointer(context, builder, v, v_)
             vsp = vir.data_pointer(context, builder, vs, vs_)
@@ -145,13 +203,16 @@ def _make_value_rows(rows, chunks):
                         scale = vir.load_element(builder, vsp, scale_index)
                     value_index = vir.strided_index(builder, v_off_, j, v_stride_, c * VW)
                     vals.append(vir.load_float32_vector(builder, vp, value_index, VW, scale))
-                weights = [vir.load_element(builder, pp, vir.strided_index(builder, p_off_, i, p_stride_, j))
-                           for i in range(rows)]
+                weights = [
+                    vir.load_element(builder, pp, vir.strided_index(builder, p_off_, i, p_stride_, j))
+                    for i in range(rows)
+                ]
                 vir.rank1_update(builder, accs, weights, vals)
             vir.store_tile(builder, accs, ap, acc_index)
             return context.get_dummy_value()
 
         return sig, codegen
+
     value_rows.__name__ = value_rows.__qualname__ = f"value_rows_{rows}x{chunks}"
     return intrinsic(value_rows)
 
@@ -174,31 +235,37 @@ def _rows_of_values_overload(s, vn, v_scales, v_block, j0, nk, acc):
     rows × 4, 2 or 1 vectors of columns (``value_rows_*``); returns True, or False without doing
     anything where it does not apply (float64, a value dim that is not a multiple of VW, int8
     scale blocks narrower than VW)."""
-    if not (is_c_array(s, types.float32) and is_c_array(acc, types.float32)
-            and is_c_array(vn, types.float32, types.uint16, types.int8)):
+    if not (
+        is_c_array(s, types.float32)
+        and is_c_array(acc, types.float32)
+        and is_c_array(vn, types.float32, types.uint16, types.int8)
+    ):
         return lambda s, vn, v_scales, v_block, j0, nk, acc: False
     is_int8 = vn.dtype == types.int8
     if is_int8 and not is_c_array(v_scales, types.float32):
         return lambda s, vn, v_scales, v_block, j0, nk, acc: False
 
     if is_int8:
+
         def impl_int8(s, vn, v_scales, v_block, j0, nk, acc):
             Ev = vn.shape[1]
             nb = v_scales.shape[1]
             if Ev % VW != 0 or (nb > 1 and v_block % VW != 0):
                 return False
             shift = 0
-            while (1 << shift) < (v_block if nb > 1 else Ev):     # one scale per row: every column → 0
+            while (1 << shift) < (v_block if nb > 1 else Ev):  # one scale per row: every column → 0
                 shift += 1
             _value_tiles(s, vn, v_scales, nb, shift, j0, nk, acc)
             return True
+
         return impl_int8
 
     def impl_float(s, vn, v_scales, v_block, j0, nk, acc):
         if vn.shape[1] % VW != 0:
             return False
-        _value_tiles(s, vn, s, 0, 0, j0, nk, acc)      # float values have no scales: s stands in
+        _value_tiles(s, vn, s, 0, 0, j0, nk, acc)  # float values have no scales: s stands in
         return True
+
     return impl_float
 
 

@@ -10,6 +10,7 @@ float16 data reaches the kernels as its ``uint16`` bit pattern and is converted 
 ``half_bits(f)``: float32 → uint16 bits of the nearest float16.
 ``to_float16(x)``: a float32 array → float16, vectorised (numpy's ``astype`` is ~100× slower).
 """
+
 import ctypes
 
 import numpy as np
@@ -87,6 +88,7 @@ def _rows_for_compute_overload(x, j0, n, scratch):
     instead of converting every scalar they broadcast.
     """
     if isinstance(x, types.Array) and x.dtype == types.uint16:
+
         def impl_half(x, j0, n, scratch):
             for j in range(n):
                 src = x[j0 + j]
@@ -94,10 +96,12 @@ def _rows_for_compute_overload(x, j0, n, scratch):
                 for d in range(src.shape[0]):
                     dst[d] = _half_bits_to_float32(src[d])
             return scratch, 0
+
         return impl_half
 
     def impl_float(x, j0, n, scratch):
         return x, j0
+
     return impl_float
 
 

@@ -14,6 +14,7 @@ For float64 we call ``math.exp`` (the float64 path is the accurate one, not the 
 
 ``exp_nonpositive(x)``: the same for x ≤ 0 only (the softmax's arguments), without the overflow path.
 """
+
 import math
 
 import numpy as np
@@ -45,7 +46,7 @@ _LOG2E = np.float32(1.4426950408889634)
 _LN2_HI = np.float32(0.693145751953125)
 _LN2_LO = np.float32(1.428606765330187e-06)
 _EXP_LO = np.float32(-87.3)
-_EXP_HI = np.float32(88.72283)   # log(largest float32): above it exp overflows
+_EXP_HI = np.float32(88.72283)  # log(largest float32): above it exp overflows
 
 
 @njit(fastmath=config.FASTMATH, inline="always")
@@ -68,6 +69,7 @@ def _exp_reduced(xc):
 @overload(fast_exp, fastmath=config.FASTMATH)
 def _fast_exp_overload(x):
     if x == types.float32:
+
         def impl(x):
             xc = min(max(x, _EXP_LO), _EXP_HI)
             n, p = _exp_reduced(xc)
@@ -79,10 +81,13 @@ def _fast_exp_overload(x):
             y = y + y if high else y
             y = np.float32(0.0) if x < _EXP_LO else y
             return np.float32(np.inf) if x > _EXP_HI else y
+
         return impl
     if isinstance(x, types.Float):
+
         def impl(x):
             return math.exp(x)
+
         return impl
     return None
 
@@ -101,15 +106,19 @@ def _exp_nonpositive_overload(x):
     value (the kernels check their scores for NaN before the softmax).
     """
     if x == types.float32:
+
         def impl(x):
             xc = max(x, _EXP_LO)
             n, p = _exp_reduced(xc)
             y = p * _int32_bits_as_float32(np.int32((np.int32(n) + np.int32(127)) << np.int32(23)))
             return np.float32(0.0) if x < _EXP_LO else y
+
         return impl
     if isinstance(x, types.Float):
+
         def impl(x):
             return math.exp(x)
+
         return impl
     return None
 

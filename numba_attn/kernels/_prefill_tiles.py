@@ -25,6 +25,7 @@ GFLOP/s, against 84 for the plain-loop micro-kernels they replace.
 Arrays must be C-contiguous float32 (checked at typing); offsets and strides are in elements.
 The IR is assembled from the helpers in ``_vector_ir`` (shared with ``_decode_tiles``).
 """
+
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
@@ -37,7 +38,7 @@ from ._vector_ir import is_c_array
 KI = 4
 
 
-VW, NV = config.TILE_VW, config.TILE_NV      # chosen per target in config.tile_shape (NUMBA_ATTN_TILE)
+VW, NV = config.TILE_VW, config.TILE_NV  # chosen per target in config.tile_shape (NUMBA_ATTN_TILE)
 #: query rows per tile
 W = VW * NV
 
@@ -66,8 +67,10 @@ def _make(accumulate):
             accs = vir.tile_accumulators(builder, cp, c_index, KI, NV, VW, zero=not accumulate)
             with cgutils.for_range(builder, T_) as loop:
                 t = loop.index
-                bvs = [vir.load_vector(builder, bp, vir.strided_index(builder, b_off_, t, b_st_, VW * m), VW)
-                       for m in range(NV)]
+                bvs = [
+                    vir.load_vector(builder, bp, vir.strided_index(builder, b_off_, t, b_st_, VW * m), VW)
+                    for m in range(NV)
+                ]
                 a_col = vir.strided_index(builder, a_off_, t, a_st_)
                 a_t = [vir.load_element(builder, ap, vir.strided_index(builder, a_col, i, a_si_)) for i in range(KI)]
                 vir.rank1_update(builder, accs, a_t, bvs)
@@ -75,6 +78,7 @@ def _make(accumulate):
             return context.get_dummy_value()
 
         return sig, codegen
+
     microkernel.__name__ = microkernel.__qualname__ = "tile_add" if accumulate else "tile_set"
     return microkernel
 
@@ -102,12 +106,13 @@ def _tile_scores_overload(qt, kn, j0, nk, st, nr):
 
     def impl(qt, kn, j0, nk, st, nr):
         E = qt.shape[0]
-        ks = kn.shape[1]                      # row stride of the keys (= E)
+        ks = kn.shape[1]  # row stride of the keys (= E)
         rows_done = nr // W * W
         for j in range(0, nk // KI * KI, KI):
             for r0 in range(0, rows_done, W):
                 tile_set(kn, (j0 + j) * ks, ks, 1, qt, r0, qt.shape[1], st, j * st.shape[1] + r0, st.shape[1], E)
         return rows_done
+
     return impl
 
 
@@ -120,10 +125,11 @@ def _tile_values_overload(pt, vn, j0, nk, acct, nr):
 
     def impl(pt, vn, j0, nk, acct, nr):
         Ev = acct.shape[0]
-        vs = vn.shape[1]                      # row stride of the values (= Ev)
+        vs = vn.shape[1]  # row stride of the values (= Ev)
         rows_done = nr // W * W
         for e in range(0, Ev // KI * KI, KI):
             for r0 in range(0, rows_done, W):
                 tile_add(vn, j0 * vs + e, 1, vs, pt, r0, pt.shape[1], acct, e * acct.shape[1] + r0, acct.shape[1], nk)
         return rows_done
+
     return impl

@@ -19,6 +19,7 @@ Decode applies all steps to one row at a time (``adjust_scores_line``); prefill 
 its whole block before the next (one loop nest per step: with all steps in one pass over the keys,
 LLVM left the ALiBi/window loop scalar).
 """
+
 import numpy as np
 from numba import njit
 
@@ -34,7 +35,7 @@ def adjust_score(x, qpos, kpos, slope, softcap, window):
 
     tanh(y) is computed as 1 - 2/(exp(2y) + 1) with the vectorising ``fast_exp``.
     """
-    if softcap > 0:      # x + x, not 2 * x: an int times a float32 is float64 in numba (and exp goes scalar)
+    if softcap > 0:  # x + x, not 2 * x: an int times a float32 is float64 in numba (and exp goes scalar)
         x = softcap - (softcap + softcap) / (fast_exp((x + x) / softcap) + 1)
     x -= slope * abs(qpos - kpos)
     if window > 0 and kpos <= qpos - window:
@@ -82,17 +83,18 @@ def causal_hidden_span(count, i0, di, j0, dj, pos_offset):
     hidden by the causal rule. The line runs along one axis, (di, dj) ∈ {(1, 0), (0, 1)}, so the
     hidden part is a prefix (along query rows: rows before the key's position) or a suffix (along
     keys: keys after the row's position)."""
-    gap = i0 + pos_offset - j0                       # query position - key position at t = 0
-    if dj > di:                                      # hidden where t > gap
+    gap = i0 + pos_offset - j0  # query position - key position at t = 0
+    if dj > di:  # hidden where t > gap
         return min(count, max(0, gap + 1)), count
-    if di > dj:                                      # hidden where t < -gap
+    if di > dj:  # hidden where t < -gap
         return 0, min(count, max(0, -gap))
     return 0, (count if gap < 0 else 0)
 
 
 @njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
-def adjust_scores_line(x, count, i0, di, j0, dj, pos_offset, causal, has_alibi, slope, softcap, window,
-                       mask_n, mask_kind, mask_li, mask_sj):
+def adjust_scores_line(
+    x, count, i0, di, j0, dj, pos_offset, causal, has_alibi, slope, softcap, window, mask_n, mask_kind, mask_li, mask_sj
+):
     """Every rule of the module doc applied to the line x[t] = score of (query row i0 + di·t, key j0 + dj·t),
     t < count, in order: soft-cap/ALiBi/window, mask, then the causal rule if ``causal``. Each step
     that has nothing to do is skipped; each is one pass along x."""

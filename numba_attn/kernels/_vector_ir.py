@@ -32,6 +32,7 @@ twin (the same operation as an ordinary loop); ``TWINS`` maps one to the other a
 ``tests/test_vector_ir.py`` checks every pair on random data. The wrappers take the vector width as
 a compile-time constant (an integer literal, or ``numba.literally(width)``) and C-contiguous arrays.
 """
+
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
@@ -53,6 +54,7 @@ def is_c_array(x, *dtypes):
 # ---------------------------------------------------------------------------------------------------------------------
 # IR helpers (codegen time)
 # ---------------------------------------------------------------------------------------------------------------------
+
 
 def as_index(value):
     """An int64 IR value from an IR value or a Python int."""
@@ -78,8 +80,7 @@ def element_pointer(builder, base, index):
 def strided_index(builder, offset, row, stride, column=0):
     """``offset + row·stride + column`` in int64 (each an IR value or a Python int): element (row, column)
     of a tile whose rows are ``stride`` elements apart and whose element (0, 0) is at ``offset``."""
-    return builder.add(builder.add(as_index(offset), builder.mul(as_index(row), as_index(stride))),
-                       as_index(column))
+    return builder.add(builder.add(as_index(offset), builder.mul(as_index(row), as_index(stride))), as_index(column))
 
 
 def load_element(builder, base, index):
@@ -171,8 +172,10 @@ def tile_accumulators(builder, base, index_of, rows, chunks, width, zero=False):
     ``base[index_of(i, c)]``, or as zeros if ``zero`` (then ``base`` is only read for its element type)."""
     if zero:
         return [[accumulator(builder, zeros(base.type.pointee, width)) for _ in range(chunks)] for _ in range(rows)]
-    return [[accumulator(builder, load_vector(builder, base, index_of(i, c), width)) for c in range(chunks)]
-            for i in range(rows)]
+    return [
+        [accumulator(builder, load_vector(builder, base, index_of(i, c), width)) for c in range(chunks)]
+        for i in range(rows)
+    ]
 
 
 def store_tile(builder, accumulators, base, index_of):
@@ -194,11 +197,13 @@ def butterfly_sum(builder, vectors):
     """
     width = vectors[0].type.count
     if len(vectors) != width or width & (width - 1):
-        raise ValueError(f"butterfly_sum: needs width vectors of width lanes, width a power of two; "
-                         f"got {len(vectors)} vectors of {width} lanes")
+        raise ValueError(
+            f"butterfly_sum: needs width vectors of width lanes, width a power of two; "
+            f"got {len(vectors)} vectors of {width} lanes"
+        )
     add = builder.fadd if isinstance(vectors[0].type.element, (ir.FloatType, ir.DoubleType)) else builder.add
     mask_type = ir.VectorType(_I32, width)
-    half = 1                        # lanes per partial sum block at this level
+    half = 1  # lanes per partial sum block at this level
     while len(vectors) > 1:
         lo, hi = [], []
         for lane in range(width):
@@ -207,9 +212,13 @@ def butterfly_sum(builder, vectors):
             lo.append(source)
             hi.append(source + half)
         lo, hi = ir.Constant(mask_type, lo), ir.Constant(mask_type, hi)
-        vectors = [add(builder.shuffle_vector(vectors[n], vectors[n + 1], lo),
-                       builder.shuffle_vector(vectors[n], vectors[n + 1], hi))
-                   for n in range(0, len(vectors), 2)]
+        vectors = [
+            add(
+                builder.shuffle_vector(vectors[n], vectors[n + 1], lo),
+                builder.shuffle_vector(vectors[n], vectors[n + 1], hi),
+            )
+            for n in range(0, len(vectors), 2)
+        ]
         half *= 2
     return vectors[0]
 
@@ -280,8 +289,12 @@ def load_float32_into(typingctx, src, src_off, scales, scale_index, dst, dst_off
     """``dst[dst_off + l] = float32(src[src_off + l])·scales[scale_index]`` for l < width through
     ``load_float32_vector`` (src float32, uint16 float16 bits or int8; dst and scales float32)."""
     lanes = _width(width)
-    if (lanes is None or not is_c_array(src, types.float32, types.uint16, types.int8)
-            or not is_c_array(scales, types.float32) or not is_c_array(dst, types.float32)):
+    if (
+        lanes is None
+        or not is_c_array(src, types.float32, types.uint16, types.int8)
+        or not is_c_array(scales, types.float32)
+        or not is_c_array(dst, types.float32)
+    ):
         return None
 
     def codegen(context, builder, signature, args):
@@ -325,8 +338,10 @@ def fma_into(typingctx, a, a_off, b, b_off, c, c_off, out, out_off, width):
 
     def codegen(context, builder, signature, args):
         a_, a_off_, b_, b_off_, c_, c_off_, out_, out_off_, _ = args
-        av, bv, cv = (load_vector(builder, data_pointer(context, builder, ty, x), off, lanes)
-                      for ty, x, off in ((a, a_, a_off_), (b, b_, b_off_), (c, c_, c_off_)))
+        av, bv, cv = (
+            load_vector(builder, data_pointer(context, builder, ty, x), off, lanes)
+            for ty, x, off in ((a, a_, a_off_), (b, b_, b_off_), (c, c_, c_off_))
+        )
         store_vector(builder, fma(builder, av, bv, cv), data_pointer(context, builder, out, out_), out_off_)
         return context.get_dummy_value()
 
@@ -338,7 +353,7 @@ def fma_into(typingctx, a, a_off, b, b_off, c, c_off, out, out_off, width):
 def fma_into_loop(a, a_off, b, b_off, c, c_off, out, out_off, width):
     """Twin of ``fma_into`` (rounded twice for float64: a·b, then + c)."""
     for lane in range(width):
-        product = np.float64(a[a_off + lane]) * np.float64(b[b_off + lane])   # exact for float32 inputs
+        product = np.float64(a[a_off + lane]) * np.float64(b[b_off + lane])  # exact for float32 inputs
         out[out_off + lane] = product + c[c_off + lane]
 
 
@@ -349,8 +364,12 @@ def fma_tile_into(typingctx, a, a_off, a_step, b, b_off, b_step, steps, out, out
     over a runtime loop, the pattern of the micro-kernels. float32 or float64, one dtype; ``rows`` a
     literal too."""
     lanes, n_rows = _width(width), _width(rows)
-    if (lanes is None or n_rows is None or not is_c_array(a, *_FLOATS)
-            or not all(is_c_array(x, a.dtype) for x in (b, out))):
+    if (
+        lanes is None
+        or n_rows is None
+        or not is_c_array(a, *_FLOATS)
+        or not all(is_c_array(x, a.dtype) for x in (b, out))
+    ):
         return None
 
     def codegen(context, builder, signature, args):

@@ -1,4 +1,5 @@
 """A parallel read of a large array: the memory-bandwidth yardstick for the decode kernels."""
+
 from numba import njit, prange
 
 from .. import config

@@ -17,6 +17,7 @@ can stall for milliseconds when the machine is busy. Here each step is one seria
 
 x may be float32, float64 or float16 bits (uint16); memory: nothing beyond the scratch row.
 """
+
 import numpy as np
 from numba import njit, types
 from numba.extending import overload
@@ -38,7 +39,7 @@ def scan_rows(x, limit):
                 for d in range(D):
                     v = abs(np.float64(load(row[d])))
                     if not v < np.inf:
-                        return 1              # NaN (every compare fails) or inf
+                        return 1  # NaN (every compare fails) or inf
                     if v > limit:
                         code = 2
     return code
@@ -47,7 +48,7 @@ def scan_rows(x, limit):
 @njit(cache=config.CACHE)
 def write_rows(x, data, slot0, t0):
     """data[b, h, (slot0 + t - t0) % slots] = x[b, h, t] for t ≥ t0, converted to data's type."""
-    B, H, T, D = x.shape
+    B, H, T, _D = x.shape
     slots = data.shape[2]
     for b in range(B):
         for h in range(H):
@@ -65,19 +66,24 @@ def _store_row(src, dst):  # pragma: no cover - numba overload below
 def _store_row_overload(src, dst):
     """One row into the store: raw bits (float16 into float16), float16 bits, or a float."""
     if dst.dtype == types.uint16 and src.dtype == types.uint16:
+
         def impl_copy(src, dst):
             for d in range(src.shape[0]):
                 dst[d] = src[d]
+
         return impl_copy
     if dst.dtype == types.uint16:
+
         def impl_half(src, dst):
             for d in range(src.shape[0]):
                 dst[d] = half_bits(np.float32(load(src[d])))
+
         return impl_half
 
     def impl_float(src, dst):
         for d in range(src.shape[0]):
             dst[d] = load(src[d])
+
     return impl_float
 
 

@@ -32,6 +32,7 @@ masked key, as 0·inf is NaN); the caller checks those counts and the result.
 Memory: partial results G·n_split·R·(Ev + 2) floats, plus per work item the R × block_k score block
 and R × Ev accumulator; independent of S.
 """
+
 import math
 
 import numpy as np
@@ -41,8 +42,8 @@ from .. import config
 from . import variant
 from ._load import load
 from ._math import exp_nonpositive, fast_exp
-from .quantised import block_scores, block_values, quantize_row_into
 from ._scores import adjust_scores_line, visible_key_range
+from .quantised import block_scores, block_values, quantize_row_into
 
 
 @njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
@@ -72,7 +73,7 @@ def load_query_rows(q, q_idx, group, r0, nr, L, scale, k_block, nbk, qs, q8, q8_
             x = load(qrow[d])
             qs[r, d] = x * scale
             q_chk += x * zero
-        if k_block > 0 and nbk == 1:    # only per-row int8 keys score against an int8 query
+        if k_block > 0 and nbk == 1:  # only per-row int8 keys score against an int8 query
             quantize_row_into(qs[r], k_block, q8[r], q8_scales[r])
     return q_chk
 
@@ -151,9 +152,37 @@ def merge_parts(part_acc, part_m, part_l, g, r, orow):
     return orow.dtype.type(-np.inf)
 
 
-def _decode_body(q, k, k_scales, k_block, v, v_scales, v_block, q_idx, k_idx, v_idx, groups, kv_len, mask, m_idx,
-                 mask_kind, mask_li, mask_sj, is_causal, pos_offset, window, slopes, softcap, scale, row_chunk,
-                 n_split, block_k, out, lse, check):
+def _decode_body(
+    q,
+    k,
+    k_scales,
+    k_block,
+    v,
+    v_scales,
+    v_block,
+    q_idx,
+    k_idx,
+    v_idx,
+    groups,
+    kv_len,
+    mask,
+    m_idx,
+    mask_kind,
+    mask_li,
+    mask_sj,
+    is_causal,
+    pos_offset,
+    window,
+    slopes,
+    softcap,
+    scale,
+    row_chunk,
+    n_split,
+    block_k,
+    out,
+    lse,
+    check,
+):
     """Attention for out[groups[g, t]] (all t share k[k_idx[...]], v[v_idx[...]]); see module doc.
 
     Same arguments as the prefill kernel, plus: ``groups`` (G, g), the output batch entries that
@@ -202,7 +231,7 @@ def _decode_body(q, k, k_scales, k_block, v, v_scales, v_block, q_idx, k_idx, v_
         ksn = k_scales[k_idx[n0] if k_block > 0 else 0]
         vsn = v_scales[v_idx[n0] if v_block > 0 else 0]
         qs = np.empty((nr, E), dt)
-        q8 = np.zeros((nr, E), np.int8)                 # int8 copy of the query rows, for per-row int8 keys
+        q8 = np.zeros((nr, E), np.int8)  # int8 copy of the query rows, for per-row int8 keys
         q8_scales = np.zeros((nr, max(nbk, 1)), np.float32)
         q_chk = load_query_rows(q, q_idx, groups[g], r0, nr, L, scale, k_block, nbk, qs, q8, q8_scales)
         # this item's running state, private until the end: part_m/part_l hold one float per row, so
@@ -220,14 +249,29 @@ def _decode_body(q, k, k_scales, k_block, v, v_scales, v_block, q_idx, k_idx, v_
                 n = groups[g, (r0 + r) // L]
                 srow = s[r]
                 n_bad += count_nonfinite(srow, nk)
-                adjust_scores_line(srow, nk, (r0 + r) % L, 0, j0, 1, pos_offset, is_causal, has_alibi,
-                                   slopes[n] if has_alibi else zero, softcap, window,
-                                   mask[m_idx[n]], mask_kind, mask_li, mask_sj)
+                adjust_scores_line(
+                    srow,
+                    nk,
+                    (r0 + r) % L,
+                    0,
+                    j0,
+                    1,
+                    pos_offset,
+                    is_causal,
+                    has_alibi,
+                    slopes[n] if has_alibi else zero,
+                    softcap,
+                    window,
+                    mask[m_idx[n]],
+                    mask_kind,
+                    mask_li,
+                    mask_sj,
+                )
                 streaming_softmax_row(srow, nk, m, l, r, acc[r])
             block_values(s, vn, vsn, v_block, j0, nk, acc)
-        part_acc[g, sp, r0:r0 + nr] = acc
-        part_m[g, sp, r0:r0 + nr] = m
-        part_l[g, sp, r0:r0 + nr] = l
+        part_acc[g, sp, r0 : r0 + nr] = acc
+        part_m[g, sp, r0 : r0 + nr] = m
+        part_l[g, sp, r0 : r0 + nr] = l
         check[w] = n_bad + (0 if q_chk == zero else 1) + (0 if nonfinite_sum(acc) == zero else 1)
     # exact merge of the parts, on the calling thread: G·R·n_split·Ev multiply-adds, too few to pay
     # for a second parallel region (a call is one parallel launch), and the result's finite check
@@ -247,7 +291,5 @@ def _decode_body(q, k, k_scales, k_block, v, v_scales, v_block, q_idx, k_idx, v_
     check[0] += bad_results
 
 
-decode_parallel = njit(parallel=True, fastmath=config.FASTMATH, cache=config.CACHE)(
-    variant(_decode_body, "_parallel"))
-decode_serial = njit(parallel=False, fastmath=config.FASTMATH, cache=config.CACHE)(
-    variant(_decode_body, "_serial"))
+decode_parallel = njit(parallel=True, fastmath=config.FASTMATH, cache=config.CACHE)(variant(_decode_body, "_parallel"))
+decode_serial = njit(parallel=False, fastmath=config.FASTMATH, cache=config.CACHE)(variant(_decode_body, "_serial"))

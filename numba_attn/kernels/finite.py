@@ -17,17 +17,20 @@ the query, the raw scores and the result in loops that already read them (see ``
 This scan names the culprit once they report a non-finite value, and checks the inputs of
 ``KVCache.append``, ``quantize`` and the layers.
 """
+
 import numpy as np
 from numba import njit, prange
 
 from .. import config
 from . import variant
 
-_CHUNK_ROWS = config.FINITE_CHUNK_ROWS      # a compile-time constant of the scan kernels
+_CHUNK_ROWS = config.FINITE_CHUNK_ROWS  # a compile-time constant of the scan kernels
 
-_BITS = {np.dtype(np.float16): (np.uint16, np.uint16(0x7FFF)),
-         np.dtype(np.float32): (np.uint32, np.uint32(0x7FFFFFFF)),
-         np.dtype(np.float64): (np.uint64, np.uint64(0x7FFFFFFFFFFFFFFF))}
+_BITS = {
+    np.dtype(np.float16): (np.uint16, np.uint16(0x7FFF)),
+    np.dtype(np.float32): (np.uint32, np.uint32(0x7FFFFFFF)),
+    np.dtype(np.float64): (np.uint64, np.uint64(0x7FFFFFFFFFFFFFFF)),
+}
 
 
 def _max_magnitude_bits(bits, rows, magnitude):
@@ -40,7 +43,7 @@ def _max_magnitude_bits(bits, rows, magnitude):
         n = w // n_chunks
         i0 = (w % n_chunks) * _CHUNK_ROWS
         i1 = min(rows, i0 + _CHUNK_ROWS)
-        top = magnitude ^ magnitude     # an unsigned zero: mixing in a signed 0 would type it float64
+        top = magnitude ^ magnitude  # an unsigned zero: mixing in a signed 0 would type it float64
         for i in range(i0, i1):
             row = bits[n, i]
             for c in range(C):
@@ -58,6 +61,7 @@ def _scan(bits, rows, magnitude):
     if bits.shape[0] * rows * bits.shape[2] < config.FINITE_SERIAL_BELOW:
         return _max_serial(bits, rows, magnitude)
     from .._threads import launch
+
     return launch(_max_parallel, bits, rows, magnitude)
 
 
@@ -99,8 +103,9 @@ def check_finite_array(x, name, rows=None):
         top = max_abs(x, rows)
     else:
         part = x if rows is None else x[:, :rows]
-        top = 0.0 if part.dtype.kind in "iub" or np.isfinite(part).all() else (
-            np.nan if np.isnan(part).any() else np.inf)
+        top = (
+            0.0 if part.dtype.kind in "iub" or np.isfinite(part).all() else (np.nan if np.isnan(part).any() else np.inf)
+        )
     if not np.isfinite(top):
         bad = "NaN" if np.isnan(top) else "inf"
         raise ValueError(f"{name} contains {bad}; pass finite values (or check_finite=False to skip the check)")

@@ -36,6 +36,7 @@ on a busy machine). Activations arrive as float32 (M, K_pad), zero-padded by the
 not a multiple of 32. Memory: no allocation beyond the output and per-work-item scratch (64 floats
 for gemv; 32 × 64 + ROWS × 64 floats for gemm).
 """
+
 import numpy as np
 from numba import njit, prange
 
@@ -72,8 +73,12 @@ def _gemv_int8_body(x, q, scales, bias, y):
                 x0, x1, x2, x3 = x[k], x[k + 1], x[k + 2], x[k + 3]
                 w0, w1, w2, w3 = qp[k], qp[k + 1], qp[k + 2], qp[k + 3]
                 for t in range(PANEL):
-                    part[t] += (x0 * np.float32(w0[t]) + x1 * np.float32(w1[t])
-                                + x2 * np.float32(w2[t]) + x3 * np.float32(w3[t]))
+                    part[t] += (
+                        x0 * np.float32(w0[t])
+                        + x1 * np.float32(w1[t])
+                        + x2 * np.float32(w2[t])
+                        + x3 * np.float32(w3[t])
+                    )
             sb = sp[b]
             for t in range(PANEL):
                 acc[t] += part[t] * sb[t]
@@ -93,8 +98,12 @@ def _gemv_float_body(x, w, bias, y):
             x0, x1, x2, x3 = x[k], x[k + 1], x[k + 2], x[k + 3]
             w0, w1, w2, w3 = wp[k], wp[k + 1], wp[k + 2], wp[k + 3]
             for t in range(PANEL):
-                acc[t] += (x0 * np.float32(load(w0[t])) + x1 * np.float32(load(w1[t]))
-                           + x2 * np.float32(load(w2[t])) + x3 * np.float32(load(w3[t])))
+                acc[t] += (
+                    x0 * np.float32(load(w0[t]))
+                    + x1 * np.float32(load(w1[t]))
+                    + x2 * np.float32(load(w2[t]))
+                    + x3 * np.float32(load(w3[t]))
+                )
         o0 = p * PANEL
         for t in range(min(PANEL, N - o0)):
             y[o0 + t] = acc[t] + bias[o0 + t]

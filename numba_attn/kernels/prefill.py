@@ -42,6 +42,7 @@ Storage: float32, float64, or float16 as uint16 bits; the arithmetic runs in ``o
 for float16 storage). Each float16 key/value block is converted once into a BLOCK_K × D scratch
 (``_load.rows_for_compute``) before the micro-kernels, which reuse every row BLOCK_Q times.
 """
+
 import math
 
 import numpy as np
@@ -240,7 +241,7 @@ def load_scaled_query_block(qn, i0, nr, scale, qt, chk):
     E = qt.shape[0]
     zero = qt.dtype.type(0)
     for r in range(nr):
-        c = zero                           # a local sum: chk[r] itself would be a store per value
+        c = zero  # a local sum: chk[r] itself would be a store per value
         for d in range(E):
             x = load(qn[i0 + r, d])
             qt[d, r] = x * scale
@@ -260,8 +261,9 @@ def check_score_block(st, nk, nr, chk):
 
 
 @njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
-def adjust_score_block(st, nk, nr, i0, j0, pos_offset, diagonal, has_alibi, slope, softcap, window,
-                       mask_n, mask_kind, mask_li, mask_sj):
+def adjust_score_block(
+    st, nk, nr, i0, j0, pos_offset, diagonal, has_alibi, slope, softcap, window, mask_n, mask_kind, mask_li, mask_sj
+):
     """The score adjustments of ``_scores`` on st[j, r] = score of query row i0 + r and key j0 + j: soft-cap,
     ALiBi and window, the mask, then the causal rule if ``diagonal`` (the block straddles the diagonal).
     Each step is its own pass over the block, one key row at a time along the query rows r (the
@@ -322,9 +324,32 @@ def write_rows(acct, m, l, nr, chk, on, lse_n, i0):
     return n_bad
 
 
-def _prefill_body(q, k, v, q_idx, k_idx, v_idx, kv_len, mask, m_idx, mask_kind, mask_li, mask_sj, is_causal,
-                  pos_offset, window,
-                  slopes, softcap, scale, block_q, block_k, check_finite, out, lse, check):
+def _prefill_body(
+    q,
+    k,
+    v,
+    q_idx,
+    k_idx,
+    v_idx,
+    kv_len,
+    mask,
+    m_idx,
+    mask_kind,
+    mask_li,
+    mask_sj,
+    is_causal,
+    pos_offset,
+    window,
+    slopes,
+    softcap,
+    scale,
+    block_q,
+    block_k,
+    check_finite,
+    out,
+    lse,
+    check,
+):
     """out[n] = softmax(z)·v[v_idx[n]] with z as in ``_scores``; see module doc.
 
     q (Nq, L, E), k (Nk, ≥S, E), v (Nv, ≥S, Ev): C-contiguous, the first kv_len = S rows of k and v
@@ -356,15 +381,15 @@ def _prefill_body(q, k, v, q_idx, k_idx, v_idx, kv_len, mask, m_idx, mask_kind, 
         vn = v[v_idx[n]]
         mask_n = mask[m_idx[n]]
         slope = slopes[n] if has_alibi else dt.type(0)
-        chk = np.zeros(nr, dt)                 # per row: 0 while every checked value is finite
-        qt = np.empty((E, nr), dt)            # scaled query block, transposed: rows are unit-stride in r
-        acct = np.zeros((Ev, nr), dt)          # output accumulator, transposed
+        chk = np.zeros(nr, dt)  # per row: 0 while every checked value is finite
+        qt = np.empty((E, nr), dt)  # scaled query block, transposed: rows are unit-stride in r
+        acct = np.zeros((Ev, nr), dt)  # output accumulator, transposed
         m = np.full(nr, -np.inf, dt)
         l = np.zeros(nr, dt)
         alpha = np.empty(nr, dt)
         m_blk = np.empty(nr, dt)
-        st = np.empty((block_k, nr), dt)       # scores, then probabilities, keys × rows
-        k_conv = np.empty((block_k, E), dt)    # float16 key/value blocks, converted (unused for floats)
+        st = np.empty((block_k, nr), dt)  # scores, then probabilities, keys × rows
+        k_conv = np.empty((block_k, E), dt)  # float16 key/value blocks, converted (unused for floats)
         v_conv = np.empty((block_k, Ev), dt)
         load_scaled_query_block(q[q_idx[n]], i0, nr, scale, qt, chk)
         kv_begin, kv_end = visible_key_range(i0, i1, S, is_causal, pos_offset, window)
@@ -375,10 +400,25 @@ def _prefill_body(q, k, v, q_idx, k_idx, v_idx, kv_len, mask, m_idx, mask_kind, 
             diagonal = is_causal and j0 + nk - 1 > i0 + pos_offset
             raw = not (has_alibi or softcap > 0 or window > 0 or diagonal or mask_kind != MASK_NONE)
             if not raw:
-                if check_finite:                  # check before masks write their -inf
+                if check_finite:  # check before masks write their -inf
                     check_score_block(st, nk, nr, chk)
-                adjust_score_block(st, nk, nr, i0, j0, pos_offset, diagonal, has_alibi, slope, softcap, window,
-                                   mask_n, mask_kind, mask_li, mask_sj)
+                adjust_score_block(
+                    st,
+                    nk,
+                    nr,
+                    i0,
+                    j0,
+                    pos_offset,
+                    diagonal,
+                    has_alibi,
+                    slope,
+                    softcap,
+                    window,
+                    mask_n,
+                    mask_kind,
+                    mask_li,
+                    mask_sj,
+                )
             online_softmax_block(st, nk, nr, m, l, alpha, m_blk, chk, check_finite and raw)
             rescale_accumulator(acct, alpha, nr)
             v_rows, v_off = rows_for_compute(vn, j0, nk, v_conv)
@@ -388,6 +428,6 @@ def _prefill_body(q, k, v, q_idx, k_idx, v_idx, kv_len, mask, m_idx, mask_kind, 
 
 
 prefill_parallel = njit(parallel=True, fastmath=config.FASTMATH, cache=config.CACHE)(
-    variant(_prefill_body, "_parallel"))
-prefill_serial = njit(parallel=False, fastmath=config.FASTMATH, cache=config.CACHE)(
-    variant(_prefill_body, "_serial"))
+    variant(_prefill_body, "_parallel")
+)
+prefill_serial = njit(parallel=False, fastmath=config.FASTMATH, cache=config.CACHE)(variant(_prefill_body, "_serial"))

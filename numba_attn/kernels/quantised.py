@@ -17,6 +17,7 @@ int8 × int8 dot products accumulate in int32 (``np.int32(acc + np.int32(a)·np.
 written plainly numba widens to int64 and the loop compiles to ``vpmuldq``; forced to int32 LLVM
 emits ``vpmaddwd``/``vpdpwssd`` on x86, ``sdot`` on Armv8.2+ and ``smull``/``sadalp`` on Cortex-A72).
 """
+
 import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
@@ -24,7 +25,6 @@ from numba.extending import overload
 from .. import config
 from ._decode_tiles import rows_of_key_scores, rows_of_values
 from ._load import load
-
 
 #: smallest normal float32: below it 1/scale overflows, so such (rare) blocks divide instead
 _TINY = np.float32(1.1754944e-38)
@@ -129,14 +129,14 @@ def _block_scores_overload(qs, q8, q8_scales, kn, k_scales, k_block, j0, nk, s):
 
         def impl_int8(qs, q8, q8_scales, kn, k_scales, k_block, j0, nk, s):
             E = kn.shape[1]
-            j_lo = rows_of_key_scores(qs, kn, k_scales, k_block, j0, nk, s)    # VW keys at a time
+            j_lo = rows_of_key_scores(qs, kn, k_scales, k_block, j0, nk, s)  # VW keys at a time
             if int8_query and k_scales.shape[1] == 1:
                 for j in range(j_lo, nk):
                     kj = kn[j0 + j]
                     ksj = k_scales[j0 + j, 0]
                     for r in range(qs.shape[0]):
                         s[r, j] = np.float32(int8_dot(q8[r], kj, 0, E)) * (q8_scales[r, 0] * ksj)
-            elif k_block == 32:   # the default: a constant shift lets LLVM broadcast one scale per vector
+            elif k_block == 32:  # the default: a constant shift lets LLVM broadcast one scale per vector
                 for j in range(j_lo, nk):
                     kj = kn[j0 + j]
                     ksj = k_scales[j0 + j]
@@ -157,11 +157,12 @@ def _block_scores_overload(qs, q8, q8_scales, kn, k_scales, k_block, j0, nk, s):
                         for d in range(E):
                             a += qr[d] * (qs.dtype.type(kj[d]) * ksj[d >> shift])
                         s[r, j] = a
+
         return impl_int8
 
     def impl_float(qs, q8, q8_scales, kn, k_scales, k_block, j0, nk, s):
         E = qs.shape[1]
-        j_lo = rows_of_key_scores(qs, kn, k_scales, k_block, j0, nk, s)    # VW keys at a time
+        j_lo = rows_of_key_scores(qs, kn, k_scales, k_block, j0, nk, s)  # VW keys at a time
         for j in range(j_lo, nk):
             kj = kn[j0 + j]
             for r in range(qs.shape[0]):
@@ -170,6 +171,7 @@ def _block_scores_overload(qs, q8, q8_scales, kn, k_scales, k_block, j0, nk, s):
                 for d in range(E):
                     a += qr[d] * load(kj[d])
                 s[r, j] = a
+
     return impl_float
 
 
@@ -183,21 +185,24 @@ def _block_values_overload(s, vn, v_scales, v_block, j0, nk, acc):
 
     float32 probabilities and a value dim that is a multiple of VW: register tiles in LLVM vector
     IR (``_decode_tiles.rows_of_values``: 4 rows × up to 4 vectors of columns, accumulated over all
-    nk keys without touching memory). Otherwise the loops here: four keys per pass over an accumulator row, so each accumulator entry is read and written
-    once per four keys (one at a time, the loop waits on its own stores).
+    nk keys without touching memory). Otherwise the loops here: four keys per pass over an accumulator
+    row, so each accumulator entry is read and written once per four keys (one at a time, the loop
+    waits on its own stores).
     """
     if isinstance(vn, types.Array) and vn.dtype == types.int8:
+
         def impl_int8(s, vn, v_scales, v_block, j0, nk, acc):
-            if rows_of_values(s, vn, v_scales, v_block, j0, nk, acc):     # register tiles, see _decode_tiles
+            if rows_of_values(s, vn, v_scales, v_block, j0, nk, acc):  # register tiles, see _decode_tiles
                 return
-            if v_block == 32 and vn.shape[1] % 32 == 0:     # the default: constant 32-wide blocks
+            if v_block == 32 and vn.shape[1] % 32 == 0:  # the default: constant 32-wide blocks
                 _values_int8_32(s, vn, v_scales, j0, nk, acc)
             else:
                 _values_int8(s, vn, v_scales, block_shift(v_block), j0, nk, acc)
+
         return impl_int8
 
     def impl_float(s, vn, v_scales, v_block, j0, nk, acc):
-        if rows_of_values(s, vn, v_scales, v_block, j0, nk, acc):     # register tiles, see _decode_tiles
+        if rows_of_values(s, vn, v_scales, v_block, j0, nk, acc):  # register tiles, see _decode_tiles
             return
         Ev = vn.shape[1]
         nk4 = nk // 4 * 4
@@ -221,6 +226,7 @@ def _block_values_overload(s, vn, v_scales, v_block, j0, nk, acc):
                 pj = s[r, j]
                 for e in range(Ev):
                     arow[e] += pj * load(vj[e])
+
     return impl_float
 
 
@@ -246,8 +252,12 @@ def _values_int8(s, vn, v_scales, shift, j0, nk, acc):
             pd = s[r, j + 3]
             for e in range(Ev):
                 b = e >> shift
-                arow[e] += (pa * sa[b] * np.float32(va[e]) + pb * sb[b] * np.float32(vb[e])
-                            + pc * sc[b] * np.float32(vc[e]) + pd * sd[b] * np.float32(vd[e]))
+                arow[e] += (
+                    pa * sa[b] * np.float32(va[e])
+                    + pb * sb[b] * np.float32(vb[e])
+                    + pc * sc[b] * np.float32(vc[e])
+                    + pd * sd[b] * np.float32(vd[e])
+                )
     for j in range(nk4, nk):
         vj = vn[j0 + j]
         sj = v_scales[j0 + j]
@@ -278,8 +288,12 @@ def _values_int8_32(s, vn, v_scales, j0, nk, acc):
                 pd = s[r, j + 3] * v_scales[j0 + j + 3, b]
                 e0 = b * 32
                 for e in range(32):
-                    arow[e0 + e] += (pa * np.float32(va[e0 + e]) + pb * np.float32(vb[e0 + e])
-                                     + pc * np.float32(vc[e0 + e]) + pd * np.float32(vd[e0 + e]))
+                    arow[e0 + e] += (
+                        pa * np.float32(va[e0 + e])
+                        + pb * np.float32(vb[e0 + e])
+                        + pc * np.float32(vc[e0 + e])
+                        + pd * np.float32(vd[e0 + e])
+                    )
     for j in range(nk4, nk):
         vj = vn[j0 + j]
         for r in range(acc.shape[0]):
