@@ -269,7 +269,9 @@ def test_smollm_quantised_weights_follow_float32(smollm_module, smollm, weights)
     finally:
         smollm.set_weights("float32")  # the fixture is shared: back to float32
     print(f"{weights} weights: {q}")
-    assert q["tokens"] == 39 and q["top1"] == 1.0 and q["mean_kld"] < 5e-3
+    # float16 agrees everywhere; int8 (q8_0-like, every projection) flips near-ties: 97.3 % top-1 over the
+    # whole 409-token text (mean KLD 1.2e-3), 1 of these 39 positions here
+    assert q["tokens"] == 39 and q["top1"] >= (1.0 if weights == "float16" else 0.95) and q["mean_kld"] < 5e-3
 
 
 if HAVE_TRANSFORMERS_GGUF:
