@@ -20,6 +20,7 @@ __all__ = ["set_num_threads", "get_num_threads", "num_threads", "launch"]
 
 def get_num_threads():
     """Threads the kernels use when called from this Python thread."""
+    start_pool()
     return numba.get_num_threads()
 
 
@@ -37,6 +38,7 @@ def set_num_threads(n):
     ...
     ValueError: n must be an int from 1 to NUMBA_NUM_THREADS = ...
     """
+    start_pool()
     limit = numba.config.NUMBA_NUM_THREADS
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= limit:
         raise ValueError(
@@ -58,6 +60,7 @@ def num_threads(n):
     >>> numba_attn.get_num_threads() == before
     True
     """
+    start_pool()
     old = numba.get_num_threads()
     set_num_threads(n)
     try:
@@ -75,8 +78,16 @@ def start_pool():
     reads the variable once, when numba's omp layer loads it; it is set just for that moment and
     restored after, so other libraries' OpenMP runtimes loaded later (torch ships its own libgomp)
     keep their defaults. A user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins; a pool numba already
-    started (the process ran a parallel numba function before importing numba_attn) is left alone.
+    started (the process ran a parallel numba function before numba_attn's first) is left alone.
+
+    Called before numba_attn's first parallel kernel or thread query, not at import: once libgomp's
+    threads run, a ``fork()`` (multiprocessing's default start method on Linux, asv) terminates the
+    child ("fork() called from a process already using GNU OpenMP"), so importing must not start them.
     """
+    global _pool_started
+    if _pool_started:
+        return
+    _pool_started = True
     user_set = "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ
     if not user_set:
         os.environ["OMP_WAIT_POLICY"] = config.OMP_WAIT_POLICY
@@ -87,7 +98,7 @@ def start_pool():
             del os.environ["OMP_WAIT_POLICY"]
 
 
-start_pool()
+_pool_started = False
 _launch_lock = threading.Lock()
 _layer_is_threadsafe = None
 
@@ -101,6 +112,7 @@ def launch(kernel, *args):
     """
     global _layer_is_threadsafe
     if _layer_is_threadsafe is None:
+        start_pool()
         numba.get_num_threads()
         _layer_is_threadsafe = numba.threading_layer() != "workqueue"
     if _layer_is_threadsafe:

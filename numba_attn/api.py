@@ -5,11 +5,10 @@ Data flows one way: validate and normalise (``_validate``) → pick a kernel →
 
 import math
 
-import numba
 import numpy as np
 
 from . import config
-from ._threads import launch
+from ._threads import get_num_threads, launch
 from ._validate import (
     _NO_MASK,
     _NO_SLOPES,
@@ -250,7 +249,7 @@ def prefill_block_q(N, L):
     """Query rows per prefill work item: the larger block when it still leaves every thread
     PREFILL_ITEMS_PER_THREAD items (N batch entries × ceil(L / block) items)."""
     big = config.PREFILL_BLOCK_Q_LARGE
-    if N * -(-L // big) >= config.PREFILL_ITEMS_PER_THREAD * numba.get_num_threads():
+    if N * -(-L // big) >= config.PREFILL_ITEMS_PER_THREAD * get_num_threads():
         return big
     return config.PREFILL_BLOCK_Q
 
@@ -258,7 +257,7 @@ def prefill_block_q(N, L):
 def decode_splits(n_items, S):
     """Parts of the key range per (KV group, row chunk): enough work items for every thread, each part
     at least DECODE_MIN_SPLIT keys."""
-    threads = numba.get_num_threads()
+    threads = get_num_threads()
     want = -(-config.DECODE_ITEMS_PER_THREAD * threads // n_items)
     return int(max(1, min(want, S // config.DECODE_MIN_SPLIT)))
 

@@ -8,6 +8,7 @@ import time
 import numpy as np
 
 from . import __version__, config
+from ._threads import get_num_threads
 from .api import scaled_dot_product_attention
 
 
@@ -22,7 +23,7 @@ def run_info(out=None):
 
     warnings = []
     # Start numba's thread pool so that it picks (and reports) its threading layer.
-    numba.set_num_threads(numba.get_num_threads())
+    numba.set_num_threads(get_num_threads())
     try:
         layer = numba.threading_layer()
     except ValueError:
@@ -49,7 +50,7 @@ def run_info(out=None):
         ("CPU name (JIT target)", info.get("CPU Name", "?")),
         ("CPU features", info.get("CPU Features", "?")),
         ("threading layer", layer),
-        ("threads (numba.get_num_threads)", str(numba.get_num_threads())),
+        ("threads (numba.get_num_threads)", str(get_num_threads())),
         ("NUMBA_NUM_THREADS", str(nconfig.NUMBA_NUM_THREADS)),
         ("compile cache", config.CACHE_DIR if config.CACHE else f"off: {config.CACHE_UNAVAILABLE}"),
         (

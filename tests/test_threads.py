@@ -206,3 +206,29 @@ def test_concurrent_layer_decoding():
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         for got, want in zip(pool.map(run, xs), serial):
             np.testing.assert_array_equal(got, want)
+
+
+def test_import_starts_no_threads_and_fork_stays_safe():
+    """numba_attn starts numba's OpenMP pool at its first parallel kernel, not at import: with libgomp's
+    threads running, fork() (multiprocessing's default on Linux, asv) terminates the child. The wait
+    policy it sets for libgomp is restored in the environment once the pool has started."""
+    import os
+    import subprocess
+    import sys
+
+    child = (
+        "import os, sys, numpy as np\n"
+        "import numba_attn\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    os._exit(7)\n"
+        "_, status = os.waitpid(pid, 0)\n"
+        "assert os.WEXITSTATUS(status) == 7, status\n"
+        "q = np.ones((1, 8, 512, 64), np.float32)\n"
+        "numba_attn.scaled_dot_product_attention(q, q, q)\n"
+        "assert 'OMP_WAIT_POLICY' not in os.environ\n"
+        "print('ok')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    proc = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
