@@ -61,7 +61,7 @@ class ProjectionDecode:
         self.fn = cached(("decode", shape, storage), lambda: _make(shape, storage, 1))
 
     def teardown(self, *params):
-        if self._limits is not None:
+        if getattr(self, "_limits", None) is not None:  # setup skipped (threads) before setting it
             self._limits.unregister()
 
     def time_projection(self, *params):
@@ -83,7 +83,7 @@ class ProjectionPrefill:
         self.fn = cached(("prefill", shape, storage), lambda: _make(shape, storage, self.rows))
 
     def teardown(self, *params):
-        if self._limits is not None:
+        if getattr(self, "_limits", None) is not None:  # setup skipped (threads) before setting it
             self._limits.unregister()
 
     def time_projection(self, *params):
