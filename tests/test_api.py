@@ -423,7 +423,7 @@ def test_prefill_block_sizes(monkeypatch, block_q, block_k, mask_kind, causal):
 
 def test_prefill_block_q_choice(monkeypatch):
     """The larger query block only when every thread still gets PREFILL_ITEMS_PER_THREAD items."""
-    monkeypatch.setattr(api.numba, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(api, "get_num_threads", lambda: 2)
     big, small = config.PREFILL_BLOCK_Q_LARGE, config.PREFILL_BLOCK_Q
     need = config.PREFILL_ITEMS_PER_THREAD * 2
     assert api.prefill_block_q(need, big) == big
