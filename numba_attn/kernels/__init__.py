@@ -65,12 +65,9 @@ def drop_stale_cache():
         path = locator.get_cache_path()
         stamp = os.path.join(path, "numba_attn.fingerprint")
         want = _fingerprint()
-        try:
-            with open(stamp) as f:
-                if f.read() == want:
-                    return
-        except OSError:
-            pass
+        with contextlib.suppress(OSError), open(stamp) as f:  # no stamp yet: the cache is ours to clear
+            if f.read() == want:
+                return
         for old in glob.glob(os.path.join(path, "*.nbi")) + glob.glob(os.path.join(path, "*.nbc")):
             with contextlib.suppress(OSError):
                 os.remove(old)
