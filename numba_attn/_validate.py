@@ -46,6 +46,7 @@ class Plan:
     pos_offset: int  # query i sits at key position i + pos_offset (causal: sees j <= that)
     window: int  # 0: none; else query at position p sees keys j > p - window
     slopes: np.ndarray  # (N,) ALiBi slope per output batch entry, or (0,) for none
+    sinks: np.ndarray  # (N,) learned sink logit per output batch entry, or (0,) for none
     softcap: float  # 0: none
     scale: float
     dtype: np.dtype  # the arithmetic: float32 or float64
@@ -224,6 +225,7 @@ def prepare_attention(
     alibi_slopes=None,
     softcap=None,
     out_dtype=None,
+    sinks=None,
 ):
     query = check_float_operand(query, "query")
     key = check_float_operand(key, "key", allow_quantized=True)
@@ -285,7 +287,8 @@ def prepare_attention(
     mask, m_idx, mask_kind, mask_row_step, mask_col_step = _prepare_mask(attn_mask, batch, L, S, dtype, check_finite)
     window = check_window(window, alignment)
     softcap = check_softcap(softcap)
-    slopes = _prepare_slopes(alibi_slopes, batch, dtype)
+    slopes = _prepare_per_head(alibi_slopes, check_slopes, "alibi_slopes", batch, dtype)
+    sinks = _prepare_per_head(sinks, check_sinks, "sinks", batch, dtype)
     q3, _, _ = _storage(query, dtype, L, E)
     k3, k_scales, k_block = _storage(key, dtype, S, E)
     v3, v_scales, v_block = _storage(value, dtype, S, Ev)
@@ -309,6 +312,7 @@ def prepare_attention(
         pos_offset=0 if alignment == "upper_left" else S - L,
         window=window,
         slopes=slopes,
+        sinks=sinks,
         softcap=softcap,
         scale=scale,
         dtype=dtype,
@@ -387,26 +391,45 @@ def check_softcap(softcap):
     return softcap
 
 
+def _check_per_head(x, name, heads, what):
+    """None, or a real array of shape (heads,) (one ``what`` per query head) with no NaN or inf."""
+    if x is None:
+        return None
+    arr = _as_array(x, name)
+    if arr.dtype.kind not in "fiu":
+        raise TypeError(f"{name} must be a real array of one {what} per head, got dtype {arr.dtype}")
+    if heads is None:
+        raise ValueError(f"{name} needs a heads dim (-3) on query")
+    if arr.ndim != 1 or arr.shape[0] != heads:
+        raise ValueError(f"{name} must have shape (H,) = ({heads},), one {what} per query head, got shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name} contains NaN or inf")
+    return arr
+
+
 def check_slopes(alibi_slopes, heads):
     """ALiBi slopes: None, or a finite real array of shape (heads,)."""
-    if alibi_slopes is None:
-        return None
-    slopes = _as_array(alibi_slopes, "alibi_slopes")
-    if slopes.dtype.kind not in "fiu":
-        raise TypeError(f"alibi_slopes must be a real array of one slope per head, got dtype {slopes.dtype}")
-    if heads is None:
-        raise ValueError("alibi_slopes needs a heads dim (-3) on query")
-    if slopes.ndim != 1 or slopes.shape[0] != heads:
-        raise ValueError(
-            f"alibi_slopes must have shape (H,) = ({heads},), one slope per query head, got shape {slopes.shape}"
-        )
-    if not np.isfinite(slopes).all():
-        raise ValueError("alibi_slopes contains NaN or inf")
-    return slopes
+    return _check_per_head(alibi_slopes, "alibi_slopes", heads, "slope")
 
 
-def _prepare_slopes(alibi_slopes, batch, dtype):
-    if alibi_slopes is None:
+def check_sinks(sinks, heads):
+    """Learned attention sinks: None, or a finite real array of shape (heads,), one logit per query head."""
+    return _check_per_head(sinks, "sinks", heads, "sink logit")
+
+
+def per_head_in(values, name, dtype):
+    """A checked (H,) array in the arithmetic ``dtype``, refused if the conversion overflows it (1e300
+    in float32 is inf)."""
+    with np.errstate(over="ignore"):
+        out = values.astype(dtype)
+    if not np.isfinite(out).all():
+        raise ValueError(f"{name} holds values beyond {np.dtype(dtype).name}'s range")
+    return out
+
+
+def _prepare_per_head(x, check, name, batch, dtype):
+    """(N,) per output batch entry (the heads dim -3 repeated over the batch), or (0,) for none."""
+    if x is None:
         return _NO_SLOPES[np.dtype(dtype)]
-    slopes = check_slopes(alibi_slopes, batch[-1] if len(batch) else None)
-    return np.array(np.broadcast_to(slopes.astype(dtype), batch).reshape(-1))
+    arr = check(x, batch[-1] if len(batch) else None)
+    return np.array(np.broadcast_to(per_head_in(arr, name, dtype), batch).reshape(-1))

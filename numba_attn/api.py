@@ -18,6 +18,7 @@ from ._validate import (
     check_finite_array,
     check_float_operand,
     check_scale,
+    per_head_in,
     prepare_attention,
 )
 from .cache import is_kv_cache_view
@@ -70,6 +71,7 @@ def _run(plan, out=None):
         plan.pos_offset,
         plan.window,
         plan.slopes,
+        plan.sinks,
         dt(plan.softcap),
         dt(plan.scale),
     )
@@ -122,7 +124,7 @@ def _run(plan, out=None):
     return out, lse
 
 
-def attend_cache(cache, q, scale, window, slopes, softcap, out, check_finite):
+def attend_cache(cache, q, scale, window, slopes, sinks, softcap, out, check_finite):
     """``KVCache.attend`` after its checks: one kernel on the cache's storage (see there)."""
     B, H, L, E = q.shape
     Hkv, Ev, store = cache.num_kv_heads, cache.value_dim, cache.dtype
@@ -157,6 +159,7 @@ def attend_cache(cache, q, scale, window, slopes, softcap, out, check_finite):
             window=window,
             alibi_slopes=slopes,
             softcap=softcap or None,
+            sinks=sinks,
             check_finite=check_finite,
         )
         if out is None:
@@ -195,7 +198,8 @@ def attend_cache(cache, q, scale, window, slopes, softcap, out, check_finite):
         is_causal=in_order,
         pos_offset=n_valid - L,
         window=(window or 0) if in_order else 0,
-        slopes=_NO_SLOPES[dtype] if slopes is None else np.tile(slopes.astype(dtype), B),
+        slopes=_NO_SLOPES[dtype] if slopes is None else np.tile(per_head_in(slopes, "alibi_slopes", dtype), B),
+        sinks=_NO_SLOPES[dtype] if sinks is None else np.tile(per_head_in(sinks, "sinks", dtype), B),
         softcap=softcap,
         scale=scale,
         dtype=dtype,
@@ -272,6 +276,7 @@ def scaled_dot_product_attention(
     window=None,
     alibi_slopes=None,
     softcap=None,
+    sinks=None,
     return_lse=False,
     check_finite=True,
     out_dtype=None,
@@ -311,8 +316,15 @@ def scaled_dot_product_attention(
     softcap : float, optional
         Logit soft-capping (Gemma-2): scores become ``softcap·tanh(scores / softcap)`` before
         ALiBi and masks.
+    sinks : array (H,), optional
+        Learned attention sinks (gpt-oss; ggml's ``sinks``, ONNX Runtime's ``head_sink``): one logit per
+        query head (dim -3) that joins every row's softmax as one more score, taken as it is (no scale,
+        soft-cap, ALiBi or mask), and takes no value: out_i = Σ_j exp(z_ij)·v_j / (exp(sink_h) + Σ_j exp(z_ij)).
+        A row can then give the sink most of its weight and little to the keys; a fully masked row
+        gets zeros and lse = sink_h.
     return_lse : bool
-        Also return the log-sum-exp of each row's scores, shape (..., L): what two partial results
+        Also return the log-sum-exp of each row's scores (with ``sinks``: the sink's term included),
+        shape (..., L): what two partial results
         over disjoint key sets need to be merged exactly.
     check_finite : bool
         Raise ``ValueError`` naming the operand when query, key or value hold NaN/inf, or when the
@@ -365,6 +377,7 @@ def scaled_dot_product_attention(
         alibi_slopes,
         softcap,
         out_dtype,
+        sinks,
     )
     if plan.is_causal and plan.pos_offset == 0 and plan.L < plan.S and is_kv_cache_view(key):
         raise ValueError(
@@ -380,13 +393,16 @@ def scaled_dot_product_attention(
     return out
 
 
-def attention_weights(query, key, attn_mask=None, is_causal=False, scale=None, enable_gqa=False, *, check_finite=True):
+def attention_weights(
+    query, key, attn_mask=None, is_causal=False, scale=None, enable_gqa=False, *, sinks=None, check_finite=True
+):
     """softmax(query·keyᵀ·scale + attn_mask) as a (..., L, S) array: which keys each query attends to.
 
     For inspecting small inputs (it materialises the L×S matrix the fused kernel avoids): more than
     ``config.MAX_WEIGHTS_ELEMENTS`` weights are refused. Same arguments and conventions as
     :func:`scaled_dot_product_attention` (``key`` may be an int8 ``QuantizedTensor``); fully-masked
-    rows are zeros. The weights come from the same fused kernel, applied to columns of an identity
+    rows are zeros; with ``sinks`` (H,) each row sums to 1 minus the sink's share. The weights come
+    from the same fused kernel, applied to columns of an identity
     "value" matrix, so they are exactly the weights ``scaled_dot_product_attention`` uses; the
     identity is taken a block of columns at a time, so no temporary exceeds the result's size
     bound either (each block re-runs the kernel: S keys cost ⌈S² / MAX_WEIGHTS_ELEMENTS⌉ passes).
@@ -440,6 +456,7 @@ def attention_weights(query, key, attn_mask=None, is_causal=False, scale=None, e
                 is_causal=is_causal,
                 scale=scale,
                 enable_gqa=enable_gqa,
+                sinks=sinks,
                 check_finite=check_finite,
             )
         )

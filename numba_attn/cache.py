@@ -245,7 +245,18 @@ class KVCache:
         return x.astype(self.dtype, copy=False)
 
     # -- attending --------------------------------------------------------------------------------
-    def attend(self, query, *, scale=None, window=None, alibi_slopes=None, softcap=None, out=None, check_finite=True):
+    def attend(
+        self,
+        query,
+        *,
+        scale=None,
+        window=None,
+        alibi_slopes=None,
+        sinks=None,
+        softcap=None,
+        out=None,
+        check_finite=True,
+    ):
         """Attention of the newest ``L`` tokens' queries over everything cached: the decode fast path.
 
         ``query`` (batch, H, L, head_dim), H a multiple of ``num_kv_heads`` (grouped-query attention
@@ -253,7 +264,7 @@ class KVCache:
         is the token at position ``length - L + i``: append the new tokens' keys and values first,
         then attend. Causal with bottom-right alignment by construction (the last query sees every
         cached key), windowed to the cache's ``window`` (and to ``window`` if given, the smaller of
-        the two wins). ``scale``, ``alibi_slopes`` (H,) and ``softcap`` as in
+        the two wins). ``scale``, ``alibi_slopes`` (H,), ``sinks`` (H,) and ``softcap`` as in
         :func:`~numba_attn.scaled_dot_product_attention`.
 
         ``out``: a C-contiguous (batch, H, L, value_dim) array of the result's dtype to write into
@@ -267,7 +278,7 @@ class KVCache:
         ring has wrapped when L > 1 or with ALiBi: the keys are then put in position order).
         Returns ``(batch, H, L, value_dim)``.
         """
-        from ._validate import check_slopes, check_softcap
+        from ._validate import check_sinks, check_slopes, check_softcap
         from .api import attend_cache
 
         q = query if isinstance(query, np.ndarray) else np.asarray(query)
@@ -306,7 +317,8 @@ class KVCache:
             )
         softcap = check_softcap(softcap)
         slopes = check_slopes(alibi_slopes, q.shape[1])
-        return attend_cache(self, q, scale, window, slopes, softcap, out, check_finite)
+        sinks = check_sinks(sinks, q.shape[1])
+        return attend_cache(self, q, scale, window, slopes, sinks, softcap, out, check_finite)
 
     def _kernel_operands(self):
         """(keys, key scales, key block, values, value scales, value block) as the kernels take them:

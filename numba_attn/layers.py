@@ -12,7 +12,7 @@ import numbers
 
 import numpy as np
 
-from ._validate import check_causal, check_finite_array, check_slopes, check_softcap
+from ._validate import check_causal, check_finite_array, check_sinks, check_slopes, check_softcap
 from .api import scaled_dot_product_attention
 from .cache import KVCache
 
@@ -47,7 +47,7 @@ class MultiHeadAttention:
         Weights start Xavier-uniform (as PyTorch's), biases zero; load real ones with ``from_*``.
 
     Call: ``layer(x, context=None, *, key_padding_mask=None, attn_mask=None, is_causal=False,
-    cache=None, window=None, alibi_slopes=None, softcap=None, rotary=None)``, see ``__call__``.
+    cache=None, window=None, alibi_slopes=None, sinks=None, softcap=None, rotary=None)``, see ``__call__``.
 
     Examples
     --------
@@ -339,6 +339,7 @@ class MultiHeadAttention:
         cache=None,
         window=None,
         alibi_slopes=None,
+        sinks=None,
         softcap=None,
         rotary=None,
     ):
@@ -359,6 +360,9 @@ class MultiHeadAttention:
         ``rotary``: optional callable ``(q, k, positions) -> (q, k)`` applied to the new tokens'
         queries and keys (B, heads, T, head_dim) before caching, e.g. RoPE; ``positions`` are
         absolute token positions (T,).
+
+        ``alibi_slopes``, ``sinks`` (learned sink logits, one per query head) and ``softcap``: as in
+        :func:`~numba_attn.scaled_dot_product_attention`, on every path (cached or not).
         """
         if cache is not None and not isinstance(cache, KVCache):
             raise TypeError(f"cache must be a numba_attn.KVCache, got {type(cache).__name__}")
@@ -382,6 +386,7 @@ class MultiHeadAttention:
         kw = dict(
             enable_gqa=self.num_kv_heads != self.num_heads,
             alibi_slopes=alibi_slopes,
+            sinks=sinks,
             softcap=softcap,
             check_finite=False,
             out_dtype=self.dtype,
@@ -429,6 +434,7 @@ class MultiHeadAttention:
         # everything that can be refused is checked before the cache changes
         check_softcap(kw["softcap"])
         check_slopes(kw["alibi_slopes"], self.num_heads)
+        check_sinks(kw["sinks"], self.num_heads)
         direct = window is None or (L == 1 and kw["alibi_slopes"] is None)
         if direct:
             # every cached token (after appending) is visible to the new ones: attend in storage order
@@ -439,7 +445,9 @@ class MultiHeadAttention:
         if direct and mask is None:
             # the decode fast path: the cache's own storage, bottom-right causal, GQA from its heads
             cache.append(k, v, check_finite=False)
-            return cache.attend(q, alibi_slopes=kw["alibi_slopes"], softcap=kw["softcap"], check_finite=False)
+            return cache.attend(
+                q, alibi_slopes=kw["alibi_slopes"], sinks=kw["sinks"], softcap=kw["softcap"], check_finite=False
+            )
         if direct:
             cache.append(k, v, check_finite=False)
             keys, values = cache.keys, cache.values

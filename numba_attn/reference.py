@@ -56,6 +56,14 @@ def _scores(query, key, attn_mask, is_causal, scale, enable_gqa, window=None, al
     return s
 
 
+def _with_sinks(s, sinks):
+    """The scores with each head's sink logit appended as one more column (dim -1)."""
+    if sinks is None:
+        return s
+    col = np.broadcast_to(np.asarray(sinks, dtype=np.float64)[:, None, None], s.shape[:-1] + (1,))  # dim -3 heads
+    return np.concatenate([s, col], axis=-1)
+
+
 def attention_weights(
     query,
     key,
@@ -66,14 +74,21 @@ def attention_weights(
     window=None,
     alibi_slopes=None,
     softcap=None,
+    sinks=None,
 ):
-    """softmax(Q·Kᵀ·scale + mask) as a float64 ``(..., L, S)`` array; fully-masked rows are zeros."""
+    """softmax(Q·Kᵀ·scale + mask) as a float64 ``(..., L, S)`` array; fully-masked rows are zeros.
+
+    ``sinks`` (H,): one logit per head joins every row's softmax as an extra column that is then
+    dropped (its weight goes to no key), so with sinks a row sums to less than 1.
+    """
     s = _scores(query, key, attn_mask, is_causal, scale, enable_gqa, window, alibi_slopes, softcap)
+    S = s.shape[-1]
+    s = _with_sinks(s, sinks)
     m = s.max(axis=-1, keepdims=True, initial=-np.inf)
     m = np.where(np.isfinite(m), m, 0.0)  # a row with no visible key: avoid -inf - -inf
     p = np.exp(s - m)
     total = p.sum(axis=-1, keepdims=True)
-    return np.divide(p, total, out=np.zeros_like(p), where=total > 0)
+    return np.divide(p, total, out=np.zeros_like(p), where=total > 0)[..., :S]
 
 
 def scaled_dot_product_attention(
@@ -88,20 +103,22 @@ def scaled_dot_product_attention(
     window=None,
     alibi_slopes=None,
     softcap=None,
+    sinks=None,
 ):
     """softmax(Q·Kᵀ·scale + mask)·V in float64; with ``return_lse`` also log Σ_j exp(score_ij).
 
-    The log-sum-exp of a fully-masked row is ``-inf`` and its output row is zeros.
+    The log-sum-exp of a fully-masked row is ``-inf`` and its output row is zeros. ``sinks`` (H,):
+    learned sink logits, one per head, in every row's softmax denominator (and its lse) with no value.
     """
     v = np.asarray(value, dtype=np.float64)
     q = np.asarray(query)
     if enable_gqa and q.ndim >= 3 and v.ndim >= 3 and q.shape[-3] != v.shape[-3]:
         v = np.repeat(v, q.shape[-3] // v.shape[-3], axis=-3)
     extras = dict(window=window, alibi_slopes=alibi_slopes, softcap=softcap)
-    out = attention_weights(query, key, attn_mask, is_causal, scale, enable_gqa, **extras) @ v
+    out = attention_weights(query, key, attn_mask, is_causal, scale, enable_gqa, sinks=sinks, **extras) @ v
     if not return_lse:
         return out
-    s = _scores(query, key, attn_mask, is_causal, scale, enable_gqa, **extras)
+    s = _with_sinks(_scores(query, key, attn_mask, is_causal, scale, enable_gqa, **extras), sinks)
     s = np.broadcast_to(s, out.shape[:-1] + s.shape[-1:])  # batch dims that only value has
     m = s.max(axis=-1, initial=-np.inf)
     finite = np.isfinite(m)

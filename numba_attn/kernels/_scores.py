@@ -9,6 +9,11 @@ For query row i (at key position p_i = i + pos_offset) and key j, with s = scale
 
 applied in that order (the causal rule last, so it wins over anything a mask added).
 
+A learned sink (gpt-oss; ggml's and ONNX Runtime's ``sinks``/``head_sink``) is one more logit per head,
+taken as it is (no scale, cap, bias or mask), that joins each row's softmax denominator and has no
+value row: o_i = Σ_j exp(z_ij)·v_j / (exp(sink_h) + Σ_j exp(z_ij)), lse_i = log(exp(sink_h) + Σ_j exp(z_ij)).
+The kernels fold it into the finished row's (m, l) once (``add_sink``): no work per key.
+
 The kernels hold their scores in different layouts (prefill: keys × query rows, ``st[j, r]``;
 decode: query rows × keys, ``s[r, j]``) and want every loop to run along the contiguous axis. So
 the rules are written once for a *line* of scores: x[t], t < count, is the score of query row
@@ -20,6 +25,8 @@ its whole block before the next (one loop nest per step: with all steps in one p
 LLVM left the ALiBi/window loop scalar).
 """
 
+import math
+
 import numpy as np
 from numba import njit
 
@@ -27,6 +34,16 @@ from .. import config
 from ._math import fast_exp
 
 MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
+
+
+@njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
+def add_sink(m, l, sink):
+    """A row's streaming-softmax state (max m, sum l = Σ exp(z - m)) with the sink logit added:
+    (m', l', keep) with m' = max(m, sink), keep = exp(m - m') (what the row's accumulator is scaled by;
+    0 when m = -inf: no visible key) and l' = l·keep + exp(sink - m')."""
+    m_new = max(m, sink)
+    keep = math.exp(m - m_new)
+    return m_new, l * keep + math.exp(sink - m_new), keep
 
 
 @njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")

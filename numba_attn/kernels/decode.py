@@ -42,7 +42,7 @@ from .. import config
 from . import variant
 from ._load import load
 from ._math import exp_nonpositive, fast_exp
-from ._scores import adjust_scores_line, visible_key_range
+from ._scores import add_sink, adjust_scores_line, visible_key_range
 from .quantised import block_scores, block_values, quantize_row_into
 
 
@@ -126,10 +126,12 @@ def nonfinite_sum(acc):
 
 
 @njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
-def merge_parts(part_acc, part_m, part_l, g, r, orow):
+def merge_parts(part_acc, part_m, part_l, g, r, orow, has_sink, sink):
     """orow = Σ_s acc_s·exp(m_s - M) / l for row r of KV group g over the key parts s with l_s > 0, where
     M = max_s m_s and l = Σ_s l_s·exp(m_s - M); returns lse = M + log l (zeros and -inf if no part
-    saw a visible key)."""
+    saw a visible key). ``has_sink``: the sink logit joins as one more part with l = 1 at m = sink and
+    no value (``_scores.add_sink``): M ≥ sink, l gains exp(sink - M), a row without visible keys gets
+    zeros and lse = sink."""
     n_split = part_m.shape[1]
     zero = orow.dtype.type(0)
     big = orow.dtype.type(-np.inf)
@@ -139,6 +141,8 @@ def merge_parts(part_acc, part_m, part_l, g, r, orow):
     for sp in range(n_split):
         if part_l[g, sp, r] > 0:
             total += part_l[g, sp, r] * fast_exp(part_m[g, sp, r] - big)
+    if has_sink:
+        big, total, _ = add_sink(big, total, sink)
     for e in range(orow.shape[0]):
         orow[e] = zero
     if total > 0:
@@ -174,6 +178,7 @@ def _decode_body(
     pos_offset,
     window,
     slopes,
+    sinks,
     softcap,
     scale,
     row_chunk,
@@ -185,8 +190,8 @@ def _decode_body(
 ):
     """Attention for out[groups[g, t]] (all t share k[k_idx[...]], v[v_idx[...]]); see module doc.
 
-    Same arguments as the prefill kernel, plus: ``groups`` (G, g), the output batch entries that
-    read the same key/value entry; ``k_scales``/``v_scales`` (N, ≥S, blocks) and ``k_block``/
+    Same arguments as the prefill kernel (``sinks`` enter in the merge), plus: ``groups`` (G, g), the
+    output batch entries that read the same key/value entry; ``k_scales``/``v_scales`` (N, ≥S, blocks) and ``k_block``/
     ``v_block`` for int8 keys/values (ignored for float ones); ``row_chunk``: query rows per work
     item; ``n_split``: parts of the key range. Storage may be float32/float64, uint16 (float16
     bits) or int8; the arithmetic runs in ``out.dtype``. ``check`` (G·n_chunks·n_split,) int64: per work
@@ -208,6 +213,7 @@ def _decode_body(
     neg_inf = dt.type(-np.inf)
     zero = dt.type(0)
     has_alibi = slopes.shape[0] > 0
+    has_sink = sinks.shape[0] > 0
     nbk = k_scales.shape[2]
     n_chunks = (R + row_chunk - 1) // row_chunk
     kv_begin, kv_end = visible_key_range(0, L, S, is_causal, pos_offset, window)
@@ -283,7 +289,7 @@ def _decode_body(
         n = groups[g, r // L]
         i = r % L
         orow = out[n, i]
-        lse[n, i] = merge_parts(part_acc, part_m, part_l, g, r, orow)
+        lse[n, i] = merge_parts(part_acc, part_m, part_l, g, r, orow, has_sink, sinks[n] if has_sink else zero)
         c = zero
         for e in range(Ev):
             c += orow[e] * zero

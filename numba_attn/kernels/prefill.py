@@ -53,7 +53,7 @@ from . import variant
 from ._load import load, rows_for_compute
 from ._math import exp_nonpositive
 from ._prefill_tiles import tile_scores, tile_values
-from ._scores import MASK_NONE, adjust_score_line, causal_hidden_span, mask_score_line, visible_key_range
+from ._scores import MASK_NONE, add_sink, adjust_score_line, causal_hidden_span, mask_score_line, visible_key_range
 
 
 @njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
@@ -294,32 +294,39 @@ def rescale_accumulator(acct, alpha, nr):
 
 
 @njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
-def write_rows(acct, m, l, nr, chk, on, lse_n, i0):
+def write_rows(acct, m, l, nr, chk, on, lse_n, i0, has_sink, sink):
     """on[i0 + r, e] = acct[e, r] / l[r] and lse_n[i0 + r] = m[r] + log l[r] for r < nr; a row with l = 0
     (every key masked) gets zeros and lse = -inf. chk[r] += the written values·0 (for a fully masked
     row: its accumulator·0, NaN if a value row under a masked key held NaN/inf, as 0·v is NaN there).
-    Returns how many rows have chk[r] ≠ 0 (a NaN/±inf query value, raw score or result)."""
+    Returns how many rows have chk[r] ≠ 0 (a NaN/±inf query value, raw score or result).
+
+    ``has_sink``: the learned sink logit ``sink`` joins each row's softmax as one more score with no
+    value row (``_scores.add_sink``): m and l absorb it first, so a fully masked row gets zeros and
+    lse = sink.
+    """
     Ev = acct.shape[0]
     dt = acct.dtype
     zero = dt.type(0)
     n_bad = 0
     for r in range(nr):
+        m_r, l_r, keep = m[r], l[r], dt.type(1.0)
+        if has_sink:
+            m_r, l_r, keep = add_sink(m_r, l_r, sink)
         if l[r] > 0:
-            inv = dt.type(1.0) / l[r]
+            inv = keep / l_r
             c = zero
             for e in range(Ev):
                 o = acct[e, r] * inv
                 on[i0 + r, e] = o
                 c += o * zero
             chk[r] += c
-            lse_n[i0 + r] = m[r] + math.log(l[r])
         else:
             c = zero
             for e in range(Ev):
                 on[i0 + r, e] = 0.0
                 c += acct[e, r] * zero
             chk[r] += c
-            lse_n[i0 + r] = -np.inf
+        lse_n[i0 + r] = m_r + math.log(l_r) if l_r > 0 else -np.inf
         n_bad += 0 if chk[r] == zero else 1
     return n_bad
 
@@ -341,6 +348,7 @@ def _prefill_body(
     pos_offset,
     window,
     slopes,
+    sinks,
     softcap,
     scale,
     block_q,
@@ -356,7 +364,8 @@ def _prefill_body(
     are the keys (the rest may be a KV cache's free slots); q_idx/k_idx/v_idx/m_idx (N,) map each
     output batch entry to its operands; mask (Nm, L or 1, S or 1), read at
     [m_idx[n], i·mask_li, j·mask_sj]; slopes (N,) or (0,) for no
-    ALiBi; window 0 = none; softcap 0 = none; query i sits at key position i + pos_offset.
+    ALiBi; sinks (N,) learned sink logits or (0,) for none (``_scores.add_sink``); window 0 = none;
+    softcap 0 = none; query i sits at key position i + pos_offset.
     ``check_finite``: ``check[w]`` (one int64 per work item) counts the query rows whose query,
     raw scores (before masks: NaN or ±inf from a non-finite query or key, or an overflow) or
     result are not all finite; each check adds x·0 (0, or NaN for NaN and ±inf) into a per-row sum
@@ -372,6 +381,7 @@ def _prefill_body(
     dt = out.dtype
     nqb = (L + block_q - 1) // block_q
     has_alibi = slopes.shape[0] > 0
+    has_sink = sinks.shape[0] > 0
     for w in prange(N * nqb):
         n = w // nqb
         i0 = (w % nqb) * block_q
@@ -423,7 +433,8 @@ def _prefill_body(
             rescale_accumulator(acct, alpha, nr)
             v_rows, v_off = rows_for_compute(vn, j0, nk, v_conv)
             accumulate_values(st, v_rows, v_off, nk, acct, nr)
-        n_bad = write_rows(acct, m, l, nr, chk, out[n], lse[n], i0)
+        sink = sinks[n] if has_sink else dt.type(0)
+        n_bad = write_rows(acct, m, l, nr, chk, out[n], lse[n], i0, has_sink, sink)
         check[w] = n_bad if check_finite else 0
 
 
