@@ -55,8 +55,9 @@ def within_tolerance(out, ref, precision):
 
 
 def check_cases():
-    """(name, spec) for every kernel path: masks, both causal alignments, GQA, broadcasting, decode."""
+    """(name, spec) for every kernel path: masks, both causal alignments, GQA, broadcasting, decode, sinks."""
     alibi = 2.0 ** -np.arange(1, 9)
+    sinks = np.linspace(-2.0, 3.0, 8)  # learned sink logits, one per query head
     return [
         ("prefill", dict(q=(1, 8, 256, 64), k=(1, 8, 256, 64))),
         ("prefill causal upper_left", dict(q=(1, 8, 256, 64), k=(1, 8, 256, 64), is_causal=True)),
@@ -79,6 +80,8 @@ def check_cases():
             "decode window + mask",
             dict(q=(2, 8, 1, 64), k=(2, 8, 1500, 64), is_causal="lower_right", window=500, mask="bool"),
         ),
+        ("prefill sinks", dict(q=(1, 8, 200, 64), k=(1, 8, 200, 64), is_causal=True, sinks=sinks)),
+        ("decode sinks GQA", dict(q=(1, 8, 1, 64), k=(1, 2, 1024, 64), enable_gqa=True, sinks=sinks)),
     ]
 
 
@@ -124,7 +127,7 @@ def run_check(quick=False, out=None):
         for name, spec in cases:
             kwargs = {
                 key: spec[key]
-                for key in ("is_causal", "enable_gqa", "window", "alibi_slopes", "softcap")
+                for key in ("is_causal", "enable_gqa", "window", "alibi_slopes", "softcap", "sinks")
                 if key in spec
             }
             (qd, kd, vd), exact = case_inputs(rng, spec, precision)

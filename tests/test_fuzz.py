@@ -6,7 +6,7 @@ Three families, each case drawn from ``np.random.default_rng(seed + i)`` (reprod
   S 0–600 (with S = 0, short S, and split-K decode sizes L ≤ 8, S ≥ 256), E/Ev up to 160 (mostly odd),
   float16/32/64 and int8 (per block and per row) operands in every combination, bool/float masks with
   -inf and broadcast shapes (fully masked rows included), every causal alignment, window, ALiBi,
-  softcap, GQA, custom scale, return_lse, out_dtype, and views (strided, Fortran order, transposed,
+  softcap, learned sinks, GQA, custom scale, return_lse, out_dtype, and views (strided, Fortran order, transposed,
   reversed, read-only).
 - ``KVCache`` in every storage format, with and without a window, filled in random chunks and
   attended with ``is_causal='lower_right'``.
@@ -139,13 +139,14 @@ def visible_keys(L, S, causal, window, mask):
 
 
 def attention_formula(
-    q, k, v, scale, mask=None, causal=False, window=None, slopes=None, softcap=None, dtype=np.float64
+    q, k, v, scale, mask=None, causal=False, window=None, slopes=None, softcap=None, dtype=np.float64, sinks=None
 ):
     """softmax(q·kᵀ·scale [softcap] [ALiBi] + mask)·v with the L×S scores materialised, in ``dtype``.
 
     q (..., L, E), k (..., S, E), v (..., S, Ev), mask (..., L, S) bool (True = attend) or float, all
-    already broadcast to the same batch dims; slopes (...,) per batch entry. Returns (out, lse,
-    visible). Rows without a visible key: out 0, lse -inf.
+    already broadcast to the same batch dims; slopes and sinks (...,) per batch entry. Returns (out,
+    lse, visible). Rows without a visible key: out 0, lse -inf (the sink's logit with sinks). A sink
+    is one more term exp(sink) in each row's denominator (and lse) with no value row.
     """
     dt = np.dtype(dtype).type
     q, k, v = q.astype(dt), k.astype(dt), v.astype(dt)
@@ -162,8 +163,14 @@ def attention_formula(
     s = np.where(vis, s, dt(-np.inf))
     any_vis = vis.any(axis=-1, keepdims=True)
     m = np.where(any_vis, np.max(s, axis=-1, keepdims=True, initial=-np.inf), dt(0))
+    if sinks is not None:
+        sink = np.broadcast_to(sinks.astype(dt)[..., None, None], m.shape)
+        m = np.where(any_vis, np.maximum(m, sink), sink)
     e = np.where(vis, np.exp(s - m), dt(0))
     total = e.sum(axis=-1, keepdims=True)
+    if sinks is not None:
+        total = total + np.exp(sink - m)
+        any_vis = np.ones_like(any_vis)  # every row has the sink in its denominator
     p = e / np.where(any_vis, total, dt(1))
     out = np.matmul(p, v)
     lse = np.where(any_vis[..., 0], m[..., 0] + np.log(np.where(any_vis[..., 0], total[..., 0], dt(1))), -np.inf)
@@ -203,12 +210,16 @@ def check_against_formula(
     arith=np.float32,
     extra_row_budget=None,
     label="out",
+    sinks=None,
 ):
     """Assert ``out`` (and ``lse`` if given) match the float64 formula on the effective inputs within
-    the budget of the module docstring; fully masked rows exactly 0 and lse -inf; no NaN."""
+    the budget of the module docstring; fully masked rows exactly 0 and lse -inf (without sinks; with
+    them, the sink logit within the budget); no NaN."""
     assert not np.isnan(out).any(), f"{label} holds NaN"
-    exact, exact_lse, vis = attention_formula(q, k, v, scale, mask, causal, window, slopes, softcap)
-    naive, naive_lse, _ = attention_formula(q, k, v, scale, mask, causal, window, slopes, softcap, dtype=arith)
+    exact, exact_lse, vis = attention_formula(q, k, v, scale, mask, causal, window, slopes, softcap, sinks=sinks)
+    naive, naive_lse, _ = attention_formula(
+        q, k, v, scale, mask, causal, window, slopes, softcap, dtype=arith, sinks=sinks
+    )
     assert out.shape == exact.shape, (out.shape, exact.shape)
     eps = float(np.finfo(arith).eps)
     dead = ~vis.any(axis=-1)  # fully masked rows
@@ -218,6 +229,8 @@ def check_against_formula(
     if softcap is not None:
         # softcap·tanh(s/softcap) evaluated through exp (1 - 2/(e^{2x} + 1)) is accurate to ulps of softcap
         M = M + softcap
+    if sinks is not None:  # the sink's logit joins the row's max: its ulps count like a score's
+        M = M + np.abs(np.broadcast_to(sinks, M.shape[:-1])[..., None])
     V = value_magnitude(v, vis)
     naive_err = np.abs(naive.astype(np.float64) - exact).max(axis=-1, initial=0.0)
     budget = 2 * naive_err + eps * V * (C_EXP + C_SCORE * M)
@@ -242,9 +255,9 @@ def check_against_formula(
     if lse is not None:
         assert lse.shape == exact_lse.shape, (lse.shape, exact_lse.shape)
         assert not np.isnan(lse).any(), "lse holds NaN"
-        if dead.any():
+        if dead.any() and sinks is None:
             assert np.isneginf(lse[dead]).all(), "lse of fully masked rows is not -inf"
-        live = ~dead
+        live = ~dead if sinks is None else np.ones_like(dead)
         assert np.isfinite(lse[live]).all(), "lse of a row with visible keys is not finite"
         lse_err = np.abs(lse[live].astype(np.float64) - exact_lse[live])
         naive_lse_err = np.abs(naive_lse[live].astype(np.float64) - exact_lse[live])
@@ -486,6 +499,9 @@ def draw_sdpa_case(rng, params):
         and rng.random() < 0.1
     )
     out_dtype = _choice(rng, FLOATS) if rng.random() < 0.1 else None
+    sinks = None
+    if len(out_batch) >= 1 and rng.random() < 0.2:
+        sinks = rng.uniform(-6, 6, out_batch[-1]).astype(_choice(rng, (np.float32, np.float64)))
 
     params.update(
         batch=tuple(batch),
@@ -507,6 +523,7 @@ def draw_sdpa_case(rng, params):
         return_lse=return_lse,
         enable_gqa=enable_gqa,
         out_dtype=out_dtype and np.dtype(out_dtype).name,
+        sinks=sinks is not None,
     )
     kwargs = dict(
         attn_mask=mask,
@@ -518,6 +535,7 @@ def draw_sdpa_case(rng, params):
         softcap=softcap,
         return_lse=return_lse,
         out_dtype=out_dtype,
+        sinks=sinks,
     )
     return query, key, value, kwargs, out_batch, gqa
 
@@ -541,7 +559,7 @@ def effective_query_for_row_keys(q, scale, arith):
 def run_sdpa_case(seed, params):
     rng = np.random.default_rng(seed)
     query, key, value, kwargs, out_batch, gqa = draw_sdpa_case(rng, params)
-    snap = Snapshot(query, key, value, kwargs["attn_mask"], kwargs["alibi_slopes"])
+    snap = Snapshot(query, key, value, kwargs["attn_mask"], kwargs["alibi_slopes"], kwargs["sinks"])
     result = scaled_dot_product_attention(query, key, value, **kwargs)
     snap.assert_unchanged()
     out, lse = result if kwargs["return_lse"] else (result, None)
@@ -584,8 +602,24 @@ def run_sdpa_case(seed, params):
     slopes = kwargs["alibi_slopes"]
     if slopes is not None:
         slopes = np.broadcast_to(slopes.astype(np.float64), tuple(out_batch))
+    sinks = kwargs["sinks"]
+    if sinks is not None:  # in the arithmetic's dtype, as the kernels take them
+        sinks = np.broadcast_to(sinks.astype(arith).astype(np.float64), tuple(out_batch))
     check_against_formula(
-        out, lse, q, k, v, scale, mask, kwargs["is_causal"], kwargs["window"], slopes, kwargs["softcap"], arith, extra
+        out,
+        lse,
+        q,
+        k,
+        v,
+        scale,
+        mask,
+        kwargs["is_causal"],
+        kwargs["window"],
+        slopes,
+        kwargs["softcap"],
+        arith,
+        extra,
+        sinks=sinks,
     )
 
 
@@ -694,6 +728,7 @@ def run_cache_case(seed, params):
                 enable_gqa=group > 1,
                 scale=scale,
                 return_lse=bool(rng.random() < 0.5),
+                sinks=rng.uniform(-6, 6, Hkv * group) if rng.random() < 0.3 else None,
             )
             snap = Snapshot(q, ordered_k, ordered_v)
             res = scaled_dot_product_attention(q, ordered_k, ordered_v, **kw)
@@ -711,8 +746,11 @@ def run_cache_case(seed, params):
                 tie_k = np.matmul(tie * st, np.abs(np.swapaxes(k_eff, -1, -2)))
                 extra = 2 * tie_k.max(axis=-1, initial=0.0) * np.abs(v_eff).max(initial=0.0)
                 s = 1.0
+            sinks = None
+            if kw["sinks"] is not None:
+                sinks = np.broadcast_to(kw["sinks"].astype(arith).astype(np.float64), (B, Hkv * group))
             check_against_formula(
-                out, lse, q_eff, k_eff, v_eff, s, None, "lower_right", window, None, None, arith, extra
+                out, lse, q_eff, k_eff, v_eff, s, None, "lower_right", window, None, None, arith, extra, sinks=sinks
             )
 
 
