@@ -25,11 +25,30 @@ def main(argv=None):
     b.add_argument("--threads", type=int, default=None, help="threads for every implementation (default: all)")
     b.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     b.add_argument("--plot", metavar="FILE.png", help="plot throughput against sequence length (needs matplotlib)")
+    what = b.add_mutually_exclusive_group()
+    what.add_argument(
+        "--busy",
+        action="store_true",
+        help="decode, prefill and a SmolLM2 cache.attend step idle and beside neighbours it starts (a busy loop, "
+        "BLAS, numba), ours and torch side by side",
+    )
+    what.add_argument(
+        "--layer",
+        action="store_true",
+        help="a SmolLM2-shaped attention layer decode step (float32/float16/int8 cache and weights), split into "
+        "projections, attention and the rest, against the old float32 path and torch; call overhead; appends",
+    )
     args = parser.parse_args(argv)
+    if args.command == "bench" and (args.busy or args.layer) and (args.full or args.plot):
+        parser.error("--full and --plot belong to the main table, not to --busy or --layer")
     if args.command == "info":
         return info.run_info()
     if args.command == "warmup":
         return info.run_warmup()
+    if args.command == "bench" and args.busy:
+        return bench.run_busy(args.quick, args.threads, args.json)
+    if args.command == "bench" and args.layer:
+        return bench.run_layer(args.quick, args.threads, args.json)
     if args.command == "bench":
         return bench.run_bench(args.quick, args.threads, args.json, args.plot, args.full)
     return check.run_check(quick=args.quick)

@@ -12,11 +12,15 @@ Each implementation's ``prepare(case, threads)`` returns a zero-argument callabl
 ``Unavailable`` (not installed, or the case is outside what it supports) with the reason.
 """
 
+import contextlib
 import dataclasses
 import math
 import os
+import select
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -197,11 +201,10 @@ class NumbaAttn:
     name = "numba_attn"
 
     def prepare(self, case, threads):
-        import numba
-
+        from ._threads import set_num_threads
         from .api import scaled_dot_product_attention
 
-        numba.set_num_threads(threads)
+        set_num_threads(threads)  # not numba's: that would start the pool without numba_attn's wait policy
         q, k, v = case.inputs()
         gqa = case.kv_heads != case.H
 
@@ -345,11 +348,10 @@ def median_seconds(fn, min_repeat=5, max_repeat=50, budget=1.0):
 
 def read_bandwidth(threads, nbytes=1 << 30):
     """GB/s of a parallel sum over an ``nbytes`` float32 array (the memory-bound limit of decode)."""
-    import numba
-
+    from ._threads import set_num_threads
     from .kernels.bandwidth import parallel_sum
 
-    numba.set_num_threads(threads)
+    set_num_threads(threads)  # numba_attn's, so that the pool starts as a user's would (_threads.start_pool)
     a = np.ones(nbytes // 4, np.float32)
     return a.nbytes / median_seconds(lambda: parallel_sum(a), min_repeat=3, max_repeat=7, budget=2.0) / 1e9
 
@@ -474,7 +476,6 @@ def run_bench(quick=False, threads=None, json_path=None, plot_path=None, full=Fa
     memory bandwidth. Optionally writes JSON and a plot. Returns the exit status."""
     out = sys.stdout if out is None else out
     import json
-    import tempfile
 
     import numba
 
@@ -604,10 +605,10 @@ def _plot(cases, results, path, out):
     except ImportError:
         print("--plot needs matplotlib: pip install 'numba_attn[plot]' (or pip install matplotlib)", file=sys.stderr)
         return 2
-        sweep = sorted(
-            (c for c in cases if c.name.startswith("prefill") and not c.causal and c.D == 64 and c.B == 1 and c.H == 8),
-            key=lambda c: c.L,
-        )
+    sweep = sorted(
+        (c for c in cases if c.name.startswith("prefill") and not c.causal and c.D == 64 and c.B == 1 and c.H == 8),
+        key=lambda c: c.L,
+    )
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for impl in IMPLEMENTATIONS:
         pts = [
@@ -624,4 +625,734 @@ def _plot(cases, results, path, out):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"wrote {path}", file=out)
+    return 0
+
+
+# -- shared by --busy and --layer -----------------------------------------------------------------
+def alternate(fns, rounds=4, calls=5, evict=False):
+    """{name: median seconds} of ``fns`` = {name: (library, zero-argument callable)}, timed in turns.
+
+    Each callable is called once untimed (compilation, thread pools), then ``rounds`` rounds time
+    ``calls`` calls of each in turn, the order reversed every other round, so that a machine whose
+    speed drifts (or a neighbour whose load comes and goes) treats them alike. A block whose library
+    differs from the previous block's starts after HAND_OVER_SECONDS (spinning threads go idle).
+    ``evict``: read EVICT_BYTES of other memory before every timed call (``evict_caches``).
+    """
+    for _, fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    order = list(fns)
+    previous = None
+    for r in range(rounds):
+        for name in order if r % 2 == 0 else order[::-1]:
+            library, fn = fns[name]
+            if library != previous:
+                time.sleep(HAND_OVER_SECONDS)
+                previous = library
+            for _ in range(calls):
+                if evict:
+                    evict_caches()
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def per_call_seconds(fn, inner=200, repeats=7):
+    """Median over ``repeats`` of the mean time of ``inner`` back-to-back calls (for µs-sized calls,
+    where one timer read per call would be a visible share of the result); one warm-up batch first."""
+    for _ in range(inner):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        samples.append((time.perf_counter() - t0) / inner)
+    return float(np.median(samples))
+
+
+def _check_threads(threads):
+    """``threads`` or all of numba's pool; None (after a message) when more than the pool is asked."""
+    import numba
+
+    pool = numba.config.NUMBA_NUM_THREADS
+    if threads and threads > pool:
+        print(f"--threads {threads} is more than numba's pool ({pool}); set NUMBA_NUM_THREADS first", file=sys.stderr)
+        return None
+    return threads or pool
+
+
+def _torch_or_reason():
+    try:
+        import torch
+    except ImportError:
+        return None, "torch is not installed (pip install 'numba_attn[torch]'): its columns are left out"
+    return torch, None
+
+
+def _torch_threads(torch, threads):
+    if torch.get_num_threads() != threads:  # numba can reset it (numba issue #9387)
+        torch.set_num_threads(threads)
+
+
+#: SmolLM2-135M's attention layer: hidden size 576 → 9 query heads and 3 K/V heads of 64, no biases
+SMOLLM2 = {"embed_dim": 576, "num_heads": 9, "num_kv_heads": 3, "head_dim": 64}
+#: storage formats of the layer's cache and weights in ``--layer``
+FORMATS = ("float32", "float16", "int8")
+
+
+def smollm2_layer(weights="float32", seed=0):
+    """A SmolLM2-shaped ``MultiHeadAttention`` (random weights) with its projections stored as ``weights``."""
+    from .layers import MultiHeadAttention
+
+    layer = MultiHeadAttention(
+        SMOLLM2["embed_dim"], SMOLLM2["num_heads"], SMOLLM2["num_kv_heads"], SMOLLM2["head_dim"], bias=False, seed=seed
+    )
+    return layer.quantize_weights(weights)
+
+
+def smollm2_cache(tokens, dtype="float32", seed=1):
+    """A full ring ``KVCache`` of ``tokens`` slots for the SmolLM2 layer (batch 1), filled with random
+    tokens: every further append overwrites the oldest, so each decode step attends over ``tokens``."""
+    from .cache import KVCache
+
+    rng = np.random.default_rng(seed)
+    cache = KVCache(1, SMOLLM2["num_kv_heads"], SMOLLM2["head_dim"], capacity=1 << 40, dtype=dtype, window=tokens)
+    shape = (1, SMOLLM2["num_kv_heads"], tokens, SMOLLM2["head_dim"])
+    cache.append(rng.standard_normal(shape, dtype=np.float32), rng.standard_normal(shape, dtype=np.float32))
+    return cache
+
+
+def smollm2_query(seed=2):
+    """One decode step's query (1, 9, 1, 64) float32."""
+    shape = (1, SMOLLM2["num_heads"], 1, SMOLLM2["head_dim"])
+    return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+
+
+def attend_step(tokens, threads, cache_dtype="float32"):
+    """SmolLM2's attention call of one decode step at ``tokens`` cached tokens: {"numba_attn":
+    ``cache.attend(q)``, "torch": 4-D ``scaled_dot_product_attention`` with ``enable_gqa`` on the same
+    float32 tokens (or why not)}."""
+    from ._threads import set_num_threads
+
+    set_num_threads(threads)
+    cache = smollm2_cache(tokens, cache_dtype)
+    q = smollm2_query()
+    fns = {"numba_attn": lambda: cache.attend(q)}
+    torch, why = _torch_or_reason()
+    if torch is None:
+        fns["torch"] = why
+        return fns
+    torch.set_num_threads(threads)
+    cache32 = smollm2_cache(tokens, "float32")
+    qt, kt, vt = (torch.from_numpy(np.ascontiguousarray(x)) for x in (q, cache32.keys, cache32.values))
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def torch_step():
+        _torch_threads(torch, threads)
+        with torch.no_grad():
+            return sdpa(qt, kt, vt, enable_gqa=True)
+
+    fns["torch"] = torch_step
+    return fns
+
+
+# -- bench --busy ---------------------------------------------------------------------------------
+#: the neighbours ``bench --busy`` starts, one kind at a time
+NEIGHBOURS = ("busy loop", "BLAS", "numba")
+#: seconds a neighbour runs after it says it is ready, before the timing starts
+SETTLE_SECONDS = 1.0
+#: seconds a neighbour lives at most, whatever happens (it also exits as soon as its parent is gone)
+NEIGHBOUR_LIFETIME = 1800
+#: the target of issue 13: ours_busy/ours_idle at most this many times torch_busy/torch_idle
+BUSY_TARGET = 1.1
+
+_WATCHDOG = """
+import os, sys, threading, time
+_parent, _end = os.getppid(), time.monotonic() + float(sys.argv[1])
+
+
+def _watch():  # exit once the bench process is gone (killed, crashed) or the lifetime is over
+    while os.getppid() == _parent and time.monotonic() < _end:
+        time.sleep(0.1)
+    os._exit(0)
+
+
+threading.Thread(target=_watch, daemon=True).start()
+"""
+
+_NEIGHBOUR_WORK = {
+    "busy loop": """
+import numpy as np
+a = np.arange(4096.0)
+print("ready", flush=True)
+while True:
+    n = 0
+    for i in range(20000):
+        n += i
+    a.sum()
+""",
+    "BLAS": """
+import numpy as np
+a = np.random.default_rng(0).standard_normal((512, 512), dtype=np.float32)
+c = a @ a
+print("ready", flush=True)
+while True:
+    np.matmul(a, a, out=c)
+""",
+    "numba": """
+import numpy as np
+import numba_attn
+q = np.random.default_rng(0).standard_normal((1, 8, 1024, 64), dtype=np.float32)
+numba_attn.scaled_dot_product_attention(q, q, q, is_causal=True)  # compiles, or loads from the cache
+print("ready", flush=True)
+while True:
+    numba_attn.scaled_dot_product_attention(q, q, q, is_causal=True)
+""",
+}
+
+
+def available_cores():
+    """Cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _neighbour_processes(kind, cores):
+    """(number of processes, extra environment) of a neighbour ``kind`` on ``cores`` cores."""
+    one = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    if kind == "busy loop":
+        return cores, one  # one single-threaded process per core
+    if kind == "BLAS":
+        return 1, {name: str(cores) for name in one}  # one process, BLAS threads = cores
+    if kind == "numba":
+        return 1, {**one, "NUMBA_NUM_THREADS": str(cores)}  # numba's pool = cores, numba_attn's defaults
+    raise ValueError(f"neighbour must be one of {', '.join(NEIGHBOURS)}, got {kind!r}")
+
+
+@contextlib.contextmanager
+def neighbours(kind, cores=None, settle=SETTLE_SECONDS, ready_timeout=300.0, lifetime=NEIGHBOUR_LIFETIME):
+    """Run a neighbour while the ``with`` block runs; yields the pids of its processes.
+
+    ``kind``: ``"busy loop"`` (a pure-Python/numpy loop, one process per core), ``"BLAS"`` (numpy
+    float32 matmul in a loop, one process, BLAS threads = cores) or ``"numba"`` (numba_attn's causal
+    prefill B1 H8 L=S=1024 in a loop, one process, numba's pool = cores; its first call compiles or
+    loads the kernel). Each is a ``sys.executable`` subprocess in a session of its own; the block
+    starts once every process has said it is ready and ``settle`` seconds more have passed. On the
+    way out (normally, on an exception, on KeyboardInterrupt) every process group is killed and
+    reaped; should this process die without that, each neighbour exits within 0.1 s of noticing
+    its parent is gone, and after ``lifetime`` seconds in any case.
+    """
+    cores = cores or available_cores()
+    count, extra = _neighbour_processes(kind, cores)
+    env = dict(os.environ, **extra)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    code = _WATCHDOG + _NEIGHBOUR_WORK[kind]
+    procs = []
+    with contextlib.ExitStack() as files:
+        try:
+            for _ in range(count):
+                err = files.enter_context(tempfile.TemporaryFile())
+                procs.append(
+                    (
+                        subprocess.Popen(
+                            [sys.executable, "-c", code, str(lifetime)],
+                            stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE,
+                            stderr=err,
+                            env=env,
+                            start_new_session=True,
+                        ),
+                        err,
+                    )
+                )
+            deadline = time.monotonic() + ready_timeout
+            for proc, err in procs:
+                _wait_ready(kind, proc, err, deadline)
+            time.sleep(settle)
+            yield [proc.pid for proc, _ in procs]
+        finally:
+            for proc, _ in procs:
+                _stop(proc)
+
+
+def _wait_ready(kind, proc, err, deadline):
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise RuntimeError(f"the {kind} neighbour (pid {proc.pid}) did not get ready in time")
+        readable, _, _ = select.select([proc.stdout], [], [], min(left, 0.5))
+        if not readable:
+            continue
+        line = proc.stdout.readline()
+        if line.strip() == b"ready":
+            return
+        if not line:  # end of file: it exited
+            proc.wait()
+            err.seek(0)
+            tail = err.read()[-3000:].decode(errors="replace")
+            raise RuntimeError(
+                f"the {kind} neighbour exited with status {proc.returncode} before it was ready:\n{tail}"
+            )
+
+
+def _stop(proc):
+    """Kill ``proc``'s process group (it leads a session of its own) and reap it."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            proc.kill()
+    try:
+        proc.wait(timeout=30)
+    finally:
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def busy_cases(threads):
+    """[(case label, {"numba_attn": callable, "torch": callable or why not})] of ``bench --busy``:
+    decode B1 H32 S4096 D64, causal prefill B1 H8 L=S=1024 D64 (``CASES``, float32) and SmolLM2's
+    ``cache.attend`` step at 512 cached tokens (``attend_step``)."""
+    preload_baselines()
+    picked = [
+        next(c for c in CASES if (c.name, c.H, c.S, c.dtype) == ("decode", 32, 4096, "float32")),
+        next(c for c in CASES if (c.name, c.L, c.causal) == ("prefill causal", 1024, True)),
+    ]
+    out = []
+    for case in picked:
+        fns = {"numba_attn": NumbaAttn().prepare(case, threads)}
+        try:
+            fns["torch"] = Torch().prepare(case, threads)
+        except Unavailable as why:
+            fns["torch"] = str(why)
+        out.append((f"{case.name} {case.shape}", fns))
+    out.append(("SmolLM2 cache.attend B1 H9/3 L1 S512 D64", attend_step(512, threads)))
+    return out
+
+
+def busy_results(threads, quick=False, kinds=NEIGHBOURS, cores=None, settle=SETTLE_SECONDS, progress=None):
+    """[{case, neighbour, ours_idle_s, ours_busy_s, torch_idle_s, torch_busy_s}] (torch's None without
+    it): for each neighbour kind, every case timed idle, then again beside that neighbour. Ours and
+    torch are timed in turns (``alternate``), so both see the same noise."""
+    cases = busy_cases(threads)
+    rounds = 4 if quick else 8
+    records = []
+
+    def timed(fns):
+        usable = {name: (name, fn) for name, fn in fns.items() if callable(fn)}
+        return alternate(usable, rounds=rounds, calls=3)
+
+    for kind in kinds:
+        if progress:
+            progress(f"idle, before the {kind} neighbour ...")
+        idle = [timed(fns) for _, fns in cases]
+        if progress:
+            progress(f"beside the {kind} neighbour ...")
+        with neighbours(kind, cores=cores, settle=settle):
+            busy = [timed(fns) for _, fns in cases]
+        for (label, fns), i, b in zip(cases, idle, busy):
+            records.append(
+                {
+                    "case": label,
+                    "neighbour": kind,
+                    "ours_idle_s": i["numba_attn"],
+                    "ours_busy_s": b["numba_attn"],
+                    "torch_idle_s": i.get("torch"),
+                    "torch_busy_s": b.get("torch"),
+                    "torch_skipped": None if callable(fns["torch"]) else fns["torch"],
+                }
+            )
+    return records
+
+
+def busy_ratio(record):
+    """(ours_busy/ours_idle, torch_busy/torch_idle or None, their quotient or None) of a record."""
+    ours = record["ours_busy_s"] / record["ours_idle_s"]
+    if record["torch_idle_s"] is None:
+        return ours, None, None
+    theirs = record["torch_busy_s"] / record["torch_idle_s"]
+    return ours, theirs, ours / theirs
+
+
+def print_busy(records, threads, cores, out):
+    from .check import print_table
+
+    with_torch = any(r["torch_idle_s"] is not None for r in records)
+    header = ["case", "neighbour", "ours idle ms", "ours busy ms", "ours busy/idle"]
+    if with_torch:
+        header += ["torch idle ms", "torch busy ms", "torch busy/idle", f"ours/torch (target ≤ {BUSY_TARGET})"]
+    rows = []
+    for r in records:
+        ours, theirs, quotient = busy_ratio(r)
+        row = [r["case"], r["neighbour"], f"{r['ours_idle_s'] * 1e3:.2f}", f"{r['ours_busy_s'] * 1e3:.2f}"]
+        row.append(f"{ours:.2f}")
+        if with_torch:
+            if theirs is None:
+                row += ["-", "-", "-", "-"]
+            else:
+                verdict = "ok" if quotient <= BUSY_TARGET else "over"
+                row += [
+                    f"{r['torch_idle_s'] * 1e3:.2f}",
+                    f"{r['torch_busy_s'] * 1e3:.2f}",
+                    f"{theirs:.2f}",
+                    f"{quotient:.2f} {verdict}",
+                ]
+        rows.append(tuple(row))
+    print(file=out)
+    print_table(tuple(header), rows, out)
+    print(
+        f"\nMedian wall times, {threads} threads for ours and torch, {cores} cores; idle = just before the "
+        "neighbour started, busy = beside it. Neighbours: 'busy loop' = one pure-Python/numpy loop process "
+        "per core; 'BLAS' = one numpy float32 matmul loop process with BLAS threads = cores; 'numba' = one "
+        "process running numba_attn's causal prefill B1 H8 L=S=1024 in a loop (numba's pool = cores). "
+        f"Target (issue 13): ours busy/idle ≤ {BUSY_TARGET} × torch busy/idle, with no environment variable set.",
+        file=out,
+    )
+    skipped = sorted({r["torch_skipped"] for r in records if r["torch_skipped"]})
+    for why in skipped:
+        print(f"- torch: {why}", file=out)
+
+
+def run_busy(quick=False, threads=None, json_path=None, out=None, kinds=NEIGHBOURS, cores=None, settle=SETTLE_SECONDS):
+    """``python -m numba_attn bench --busy``: decode, prefill and SmolLM2's ``cache.attend`` step, idle
+    and beside each neighbour (``neighbours``), ours and torch side by side. Returns the exit status."""
+    import json
+
+    out = sys.stdout if out is None else out
+    preload_baselines()  # before numba's pool starts: see preload_baselines
+    threads = _check_threads(threads)
+    if threads is None:
+        return 2
+    cores = cores or available_cores()
+    print(f"bench --busy: {threads} threads, {cores} cores" + (", quick" if quick else ""), file=sys.stderr)
+    records = busy_results(threads, quick=quick, kinds=kinds, cores=cores, settle=settle, progress=_progress)
+    print_busy(records, threads, cores, out)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"threads": threads, "cores": cores, "busy": records}, f, indent=2)
+        print(f"wrote {json_path}", file=out)
+    return 0
+
+
+def _progress(msg):
+    print(f"  {msg}", file=sys.stderr, flush=True)
+
+
+# -- bench --layer --------------------------------------------------------------------------------
+#: cached tokens of the SmolLM2 layer step in ``--layer`` (the targets are at 512)
+LAYER_TOKENS = (512, 4096)
+#: issue 13's targets for the layer step at 512 cached tokens: × today's float32 path (numpy float32
+#: projections + ``scaled_dot_product_attention`` on the cache's views)
+LAYER_TARGETS = {("int8", "int8"): 3.0, ("float32", "float32"): 1.5}
+#: issue 13's targets for the per-call costs, seconds
+CALL_TARGET, BEYOND_KERNEL_TARGET, APPEND_TARGET = 25e-6, 15e-6, 10e-6
+
+
+def _blas_limits(threads):
+    """numpy's BLAS limited to ``threads`` (threadpoolctl, when installed) until ``.unregister()``."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return None
+    return threadpool_limits(threads, user_api="blas")
+
+
+def layer_step(tokens, cache_dtype, weights, threads):
+    """One SmolLM2-shaped decode step of ``MultiHeadAttention`` (batch 1, one new token) over a full
+    ring of ``tokens`` cached tokens (each call appends one and attends over ``tokens``), and its
+    parts on the same layer and cache: {"step": ``layer(x, cache=cache)``, "projections": Q/K/V
+    (one fused product) and O, "attention": ``cache.attend`` on the step's query}. The rest of a
+    step (append, reshapes, Python) is step − projections − attention."""
+    from ._threads import set_num_threads
+
+    set_num_threads(threads)
+    layer = smollm2_layer(weights)
+    cache = smollm2_cache(tokens, cache_dtype)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((1, 1, SMOLLM2["embed_dim"]), dtype=np.float32)
+    q, _, _ = layer.project_qkv(x)
+    merged = rng.standard_normal((1, SMOLLM2["num_heads"] * SMOLLM2["head_dim"]), dtype=np.float32)
+    packed = layer._packed
+    w_o = layer.w_o
+
+    def o_projection():
+        return packed["o"](merged) if packed is not None else merged @ w_o
+
+    def projections():
+        layer.project_qkv(x)
+        return o_projection()
+
+    return {
+        "step": lambda: layer(x, cache=cache),
+        "projections": projections,
+        "attention": lambda: cache.attend(q, check_finite=False),
+    }
+
+
+def old_layer_step(tokens, threads):
+    """The float32 path before issue 13, on the same shapes: numpy float32 projections (one fused
+    Q/K/V product, then O), ``cache.append`` and ``scaled_dot_product_attention(q, cache.keys,
+    cache.values, is_causal="lower_right", enable_gqa=True)`` on the cache's views."""
+    from ._threads import set_num_threads
+    from .api import scaled_dot_product_attention
+
+    set_num_threads(threads)
+    layer = smollm2_layer("float32")
+    cache = smollm2_cache(tokens, "float32")
+    H, Hkv, D = SMOLLM2["num_heads"], SMOLLM2["num_kv_heads"], SMOLLM2["head_dim"]
+    w_in = np.concatenate([layer.w_q, layer.w_k, layer.w_v], axis=1)
+    w_o = layer.w_o.copy()
+    x = np.random.default_rng(3).standard_normal((1, SMOLLM2["embed_dim"]), dtype=np.float32)
+
+    def step():
+        qkv = x @ w_in
+        q = qkv[:, : H * D].reshape(1, 1, H, D).transpose(0, 2, 1, 3)
+        k = qkv[:, H * D : (H + Hkv) * D].reshape(1, 1, Hkv, D).transpose(0, 2, 1, 3)
+        v = qkv[:, (H + Hkv) * D :].reshape(1, 1, Hkv, D).transpose(0, 2, 1, 3)
+        cache.append(k, v, check_finite=False)
+        out = scaled_dot_product_attention(
+            q, cache.keys, cache.values, is_causal="lower_right", enable_gqa=True, check_finite=False
+        )
+        return out.transpose(0, 2, 1, 3).reshape(1, H * D) @ w_o
+
+    return step
+
+
+def torch_layer_step(tokens, threads):
+    """The same decode step in torch (float32): ``F.linear`` projections, a preallocated ring of K/V
+    tensors written in place, 4-D ``scaled_dot_product_attention`` with ``enable_gqa``. Raises
+    ``Unavailable`` without torch."""
+    torch, why = _torch_or_reason()
+    if torch is None:
+        raise Unavailable(why)
+    torch.set_num_threads(threads)
+    layer = smollm2_layer("float32")
+    cache = smollm2_cache(tokens, "float32")
+    H, Hkv, D = SMOLLM2["num_heads"], SMOLLM2["num_kv_heads"], SMOLLM2["head_dim"]
+    w_in = torch.from_numpy(np.ascontiguousarray(np.concatenate([layer.w_q, layer.w_k, layer.w_v], axis=1).T))
+    w_o = torch.from_numpy(np.ascontiguousarray(layer.w_o.T))
+    keys = torch.from_numpy(np.ascontiguousarray(cache.keys))
+    values = torch.from_numpy(np.ascontiguousarray(cache.values))
+    x = torch.from_numpy(np.random.default_rng(3).standard_normal((1, 1, SMOLLM2["embed_dim"]), dtype=np.float32))
+    linear, sdpa = torch.nn.functional.linear, torch.nn.functional.scaled_dot_product_attention
+    position = [0]
+
+    def step():
+        _torch_threads(torch, threads)
+        with torch.no_grad():
+            qkv = linear(x, w_in)
+            q = qkv[..., : H * D].view(1, 1, H, D).transpose(1, 2)
+            slot = position[0] % tokens
+            position[0] += 1
+            keys[:, :, slot] = qkv[0, :, H * D : (H + Hkv) * D].view(Hkv, D)
+            values[:, :, slot] = qkv[0, :, (H + Hkv) * D :].view(Hkv, D)
+            out = sdpa(q, keys, values, enable_gqa=True)
+            return linear(out.transpose(1, 2).reshape(1, 1, H * D), w_o)
+
+    return step
+
+
+def layer_results(threads, quick=False, tokens=LAYER_TOKENS, formats=FORMATS, progress=None):
+    """[{tokens, cache, weights, step_s, projections_s, attention_s, rest_s, old_s, torch_s}] for
+    every cache × weight format (``layer_step``). The old float32 path is timed in turns with each
+    row's step and parts (``alternate``), so each row's ratio comes from one stretch of time; torch
+    (float32) once per token count, in turns with the old path (``torch_s`` None without torch).
+    Every timed call first reads EVICT_BYTES of other memory: in a model each layer's weights and
+    cache come from DRAM, not from a cache level the previous call filled."""
+    rounds = 2 if quick else 4
+    records = []
+    for n in tokens:
+        old = old_layer_step(n, threads)
+        try:
+            theirs = torch_layer_step(n, threads)
+        except Unavailable:
+            theirs = None
+        torch_s = old_vs_torch = None
+        if theirs is not None:
+            if progress:
+                progress(f"layer step, {n} tokens: torch and the old path ...")
+            t = alternate({"old": ("numba_attn", old), "torch": ("torch", theirs)}, rounds=rounds, evict=True)
+            torch_s, old_vs_torch = t["torch"], t["old"]
+        for cache_dtype in formats:
+            for weights in formats:
+                if progress:
+                    progress(f"layer step, {n} tokens: {cache_dtype} cache, {weights} weights ...")
+                fns = layer_step(n, cache_dtype, weights, threads)
+                timed = alternate(
+                    {name: ("numba_attn", fn) for name, fn in (*fns.items(), ("old", old))}, rounds=rounds, evict=True
+                )
+                records.append(
+                    {
+                        "tokens": n,
+                        "cache": cache_dtype,
+                        "weights": weights,
+                        "step_s": timed["step"],
+                        "projections_s": timed["projections"],
+                        "attention_s": timed["attention"],
+                        "rest_s": timed["step"] - timed["projections"] - timed["attention"],
+                        "old_s": timed["old"],
+                        "torch_s": torch_s,
+                        "old_in_torch_run_s": old_vs_torch,
+                    }
+                )
+    return records
+
+
+def _captured_kernel_call(call):
+    """(api._run's plan, the numba kernel, its arguments) of the attention kernel ``call()`` runs,
+    captured by running it once with recording wrappers around ``api._run`` and the four kernels."""
+    from . import api
+    from .kernels import decode, prefill
+
+    seen = {}
+    real_run = api._run
+    kernels = ((decode, "decode_serial"), (decode, "decode_parallel"), (prefill, "prefill_serial"))
+    kernels += ((prefill, "prefill_parallel"),)
+    patched = [(api, "_run", real_run)] + [(module, name, getattr(module, name)) for module, name in kernels]
+
+    def recording(kernel):
+        def run_kernel(*args):
+            seen["kernel"], seen["args"] = kernel, args
+            return kernel(*args)
+
+        return run_kernel
+
+    def run(plan, out=None):
+        seen["plan"] = plan
+        return real_run(plan, out)
+
+    try:
+        for module, name, real in patched[1:]:
+            setattr(module, name, recording(real))
+        api._run = run
+        call()
+    finally:
+        for module, name, real in patched:
+            setattr(module, name, real)
+    return seen["plan"], seen["kernel"], seen["args"]
+
+
+def call_overhead(tokens=64, threads=None, inner=200, repeats=7):
+    """Seconds per call of a 1-token grouped-query decode call (SmolLM2's 9 query / 3 K/V heads, D64)
+    at ``tokens`` cached tokens (float32): {"attend": ``cache.attend(q)``, "run": ``api._run`` on
+    the plan that call builds (buffers, work split, kernel), "kernel": the numba kernel alone on the
+    arguments ``_run`` passes it (numba's dispatch included), "beyond_kernel": attend − kernel}."""
+    from . import api
+    from ._threads import set_num_threads
+
+    if threads:
+        set_num_threads(threads)
+    cache = smollm2_cache(tokens, "float32")
+    q = smollm2_query()
+    plan, kernel, args = _captured_kernel_call(lambda: cache.attend(q))
+    attend = per_call_seconds(lambda: cache.attend(q), inner, repeats)
+    run = per_call_seconds(lambda: api._run(plan), inner, repeats)
+    alone = per_call_seconds(lambda: kernel(*args), inner, repeats)
+    return {"attend": attend, "run": run, "kernel": alone, "beyond_kernel": attend - alone}
+
+
+def append_seconds(dtype, inner=200, repeats=7):
+    """Seconds per one-token ``KVCache.append`` (SmolLM2's 3 K/V heads of 64, float32 key and value)
+    into a ``dtype`` cache (a 1024-slot ring, so it never fills)."""
+    from .cache import KVCache
+
+    rng = np.random.default_rng(4)
+    cache = KVCache(1, SMOLLM2["num_kv_heads"], SMOLLM2["head_dim"], capacity=1 << 40, dtype=dtype, window=1024)
+    k, v = (rng.standard_normal((1, SMOLLM2["num_kv_heads"], 1, SMOLLM2["head_dim"]), dtype=np.float32) for _ in "kv")
+    return per_call_seconds(lambda: cache.append(k, v), inner, repeats)
+
+
+def print_layer(records, overhead, appends, threads, out):
+    from .check import print_table
+
+    with_torch = any(r["torch_s"] is not None for r in records)
+    header = ["tokens", "cache", "weights", "step ms", "projections", "attention", "rest", "× old fp32 path"]
+    if with_torch:
+        header.append("× torch fp32")
+    rows = []
+    for r in records:
+        target = LAYER_TARGETS.get((r["cache"], r["weights"])) if r["tokens"] == 512 else None
+        speedup = r["old_s"] / r["step_s"]
+        row = [
+            str(r["tokens"]),
+            r["cache"],
+            r["weights"],
+            f"{r['step_s'] * 1e3:.3f}",
+            f"{r['projections_s'] * 1e3:.3f}",
+            f"{r['attention_s'] * 1e3:.3f}",
+            f"{r['rest_s'] * 1e3:.3f}",
+            f"{speedup:.2f}×"
+            + (f" ({'ok' if speedup >= target else 'under'}, target ≥ {target:g}×)" if target else ""),
+        ]
+        if with_torch:
+            row.append("-" if r["torch_s"] is None else f"{r['torch_s'] / r['step_s']:.2f}×")
+        rows.append(tuple(row))
+    print(file=out)
+    print_table(tuple(header), rows, out)
+    olds = {r["tokens"]: r for r in records}
+    for n, r in olds.items():
+        line = f"old float32 path at {n} tokens: {r['old_s'] * 1e3:.3f} ms"
+        if r["torch_s"] is not None:
+            line += f"; torch float32: {r['torch_s'] * 1e3:.3f} ms"
+            line += f" (the old path {r['old_in_torch_run_s'] * 1e3:.3f} ms in turns with it)"
+        print(line, file=out)
+    print(
+        f"\nOne decode step of a SmolLM2-135M-shaped attention layer ({SMOLLM2['embed_dim']} → "
+        f"{SMOLLM2['num_heads']}×{SMOLLM2['head_dim']} query / {SMOLLM2['num_kv_heads']}×{SMOLLM2['head_dim']} "
+        f"K/V heads, no RoPE, batch 1) over a full ring of 'tokens' cached tokens, {threads} threads (numba and, "
+        "with threadpoolctl, numpy's BLAS; torch the same). Median ms; each timed call reads 96 MiB of other "
+        "memory first (weights and cache come from DRAM, as in a model). projections = Q/K/V (one product) + O; "
+        "attention = cache.attend; rest = step − both (append, reshapes, Python). × = the other's time / this "
+        "step's: old fp32 path = numpy float32 projections + scaled_dot_product_attention on the cache views, "
+        "timed in turns with each row.",
+        file=out,
+    )
+    print(file=out)
+    print(
+        f"1-token GQA decode call at {overhead['tokens']} cached tokens (H9/3 D64, float32, back to back): "
+        f"cache.attend {overhead['attend'] * 1e6:.1f} µs (target ≤ {CALL_TARGET * 1e6:.0f}), "
+        f"api._run {overhead['run'] * 1e6:.1f} µs, the numba kernel alone {overhead['kernel'] * 1e6:.1f} µs, "
+        f"beyond the kernel {overhead['beyond_kernel'] * 1e6:.1f} µs (target ≤ {BEYOND_KERNEL_TARGET * 1e6:.0f})",
+        file=out,
+    )
+    print(
+        "one-token KVCache.append (3 K/V heads × 64, float32 in): "
+        + ", ".join(f"{d} {s * 1e6:.1f} µs" for d, s in appends.items())
+        + f" (target ≤ {APPEND_TARGET * 1e6:.0f} µs each)",
+        file=out,
+    )
+
+
+def run_layer(quick=False, threads=None, json_path=None, out=None, tokens=LAYER_TOKENS, formats=FORMATS):
+    """``python -m numba_attn bench --layer``: the SmolLM2-shaped layer decode step (``layer_results``),
+    the per-call overhead of ``cache.attend`` (``call_overhead``) and one-token appends per format
+    (``append_seconds``). Returns the exit status."""
+    import json
+
+    out = sys.stdout if out is None else out
+    preload_baselines()
+    threads = _check_threads(threads)
+    if threads is None:
+        return 2
+    print(f"bench --layer: {threads} threads" + (", quick" if quick else ""), file=sys.stderr)
+    limits = _blas_limits(threads)
+    try:
+        records = layer_results(threads, quick=quick, tokens=tokens, formats=formats, progress=_progress)
+        _progress("call overhead and appends ...")
+        overhead = dict(call_overhead(64, threads), tokens=64)
+        appends = {d: append_seconds(d) for d in FORMATS}
+    finally:
+        if limits is not None:
+            limits.unregister()
+    print_layer(records, overhead, appends, threads, out)
+    if json_path:
+        with open(json_path, "w") as f:
+            data = {"threads": threads, "layer": records, "call_overhead_s": overhead, "append_s": appends}
+            json.dump(data, f, indent=2)
+        print(f"wrote {json_path}", file=out)
     return 0
