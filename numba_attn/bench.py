@@ -746,7 +746,7 @@ def attend_step(tokens, threads, cache_dtype="float32"):
         return fns
     torch.set_num_threads(threads)
     cache32 = smollm2_cache(tokens, "float32")
-    qt, kt, vt = (torch.from_numpy(np.ascontiguousarray(x)) for x in (q, cache32.keys, cache32.values))
+    qt, kt, vt = (torch.from_numpy(np.array(x)) for x in (q, cache32.keys, cache32.values))
     sdpa = torch.nn.functional.scaled_dot_product_attention
 
     def torch_step():
@@ -1136,8 +1136,7 @@ def torch_layer_step(tokens, threads):
     H, Hkv, D = SMOLLM2["num_heads"], SMOLLM2["num_kv_heads"], SMOLLM2["head_dim"]
     w_in = torch.from_numpy(np.ascontiguousarray(np.concatenate([layer.w_q, layer.w_k, layer.w_v], axis=1).T))
     w_o = torch.from_numpy(np.ascontiguousarray(layer.w_o.T))
-    keys = torch.from_numpy(np.ascontiguousarray(cache.keys))
-    values = torch.from_numpy(np.ascontiguousarray(cache.values))
+    keys, values = (torch.from_numpy(np.array(x)) for x in (cache.keys, cache.values))  # writeable copies
     x = torch.from_numpy(np.random.default_rng(3).standard_normal((1, 1, SMOLLM2["embed_dim"]), dtype=np.float32))
     linear, sdpa = torch.nn.functional.linear, torch.nn.functional.scaled_dot_product_attention
     position = [0]

@@ -82,7 +82,7 @@ def prepare(impl, case, threads, warm=True):
 
     fn = cached((impl, case, threads, warm), make)
     if impl == "numba_attn":
-        numba.set_num_threads(threads)  # thread-local in numba; cheap, keeps it right on reuse
+        numba_attn.set_num_threads(threads)  # thread-local in numba; cheap, keeps it right on reuse
     return fn
 
 

@@ -6,9 +6,9 @@ A decode step (one row) is bound by the bytes of weight read, so float16 should 
 ``threads`` sets numba's threads and, through threadpoolctl when installed, numpy's BLAS threads.
 """
 
-import numba
 import numpy as np
 
+import numba_attn
 from numba_attn.linear import LinearWeight
 
 from .common import THREADS, cached, check_threads
@@ -56,7 +56,7 @@ class ProjectionDecode:
 
     def setup(self, shape, storage, threads):
         check_threads(threads)
-        numba.set_num_threads(threads)
+        numba_attn.set_num_threads(threads)
         self._limits = _blas_threads(threads)
         self.fn = cached(("decode", shape, storage), lambda: _make(shape, storage, 1))
 
@@ -78,7 +78,7 @@ class ProjectionPrefill:
 
     def setup(self, shape, storage, threads):
         check_threads(threads)
-        numba.set_num_threads(threads)
+        numba_attn.set_num_threads(threads)
         self._limits = _blas_threads(threads)
         self.fn = cached(("prefill", shape, storage), lambda: _make(shape, storage, self.rows))
 

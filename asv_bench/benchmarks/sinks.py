@@ -5,7 +5,6 @@ so the cost should be the per-call argument handling (check, conversion) and one
 side by side in one process: the same call with and without ``sinks``.
 """
 
-import numba
 import numpy as np
 
 import numba_attn
@@ -54,7 +53,7 @@ class Sinks:
     def setup(self, shape, sinks, threads):
         check_threads(threads)
         self.run = cached(("sinks", shape), lambda: _make(shape))
-        numba.set_num_threads(threads)
+        numba_attn.set_num_threads(threads)
 
     def time_call(self, shape, sinks, threads):
         self.run(sinks)
@@ -70,7 +69,7 @@ class SinksOverhead:
     def setup(self, shape, threads):
         check_threads(threads)
         self.run = cached(("sinks", shape), lambda: _make(shape))
-        numba.set_num_threads(threads)
+        numba_attn.set_num_threads(threads)
 
     def track_ratio(self, shape, threads):
         with_sinks, without = [], []
