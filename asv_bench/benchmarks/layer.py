@@ -171,18 +171,27 @@ class SmolLM2DecodeParts:
     """Where a SmolLM2 decode step's time goes, in µs, with cache and weights in the same format and
     read from DRAM (each timed call first reads 96 MiB of other memory, as layer after layer of a model
     does): ``projections`` (Q/K/V + O), ``attention`` (``cache.attend``), ``rest`` (step − both: append,
-    reshapes, Python), ``step`` (all), timed in turns (``bench.alternate``), all of numba's threads."""
+    reshapes, Python), ``step`` (all); the parts of one step timed in turns (``bench.alternate``), all
+    of numba's threads, every combination measured once in ``setup_cache``."""
 
     params = [list(bench.LAYER_TOKENS), list(bench.FORMATS), ["step", "projections", "attention", "rest"]]
     param_names = ["tokens", "storage", "part"]
     unit = "µs"
+    timeout = 600
 
-    def track_part(self, tokens, storage, part):
+    def setup_cache(self):
         threads = numba_attn.get_num_threads()
-        fns = bench.layer_step(tokens, storage, storage, threads)
-        t = bench.alternate({name: ("numba_attn", fn) for name, fn in fns.items()}, rounds=2, evict=True)
-        t["rest"] = t["step"] - t["projections"] - t["attention"]
-        return t[part] * 1e6
+        parts = {}
+        for tokens in bench.LAYER_TOKENS:
+            for storage in bench.FORMATS:
+                fns = bench.layer_step(tokens, storage, storage, threads)
+                t = bench.alternate({name: ("numba_attn", fn) for name, fn in fns.items()}, rounds=2, evict=True)
+                t["rest"] = t["step"] - t["projections"] - t["attention"]
+                parts[tokens, storage] = t
+        return parts
+
+    def track_part(self, parts, tokens, storage, part):
+        return parts[tokens, storage][part] * 1e6
 
 
 class SmolLM2DecodeSpeedup:
