@@ -199,7 +199,8 @@ class KVCache:
 
     @property
     def wrapped(self):
-        """True when a ring buffer has overwritten its oldest slots (storage order ≠ position order)."""
+        """True when a ring buffer has overwritten its oldest slots (storage order ≠ position order;
+        with ``sink_tokens``, the ring's slots after the sink slots)."""
         return self._length > self.slots
 
     @property

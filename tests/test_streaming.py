@@ -245,6 +245,31 @@ def test_one_query_after_the_wrap_reads_the_storage_as_it_is(dtype):
             np.testing.assert_array_equal(into, out)
 
 
+def test_int8_per_token_scales_with_another_value_dim():
+    """int8 with block=None (one scale per token and head) and value_dim != head_dim."""
+    rng = np.random.default_rng(7)
+    cache = KVCache(2, 1, 32, 10**6, dtype=np.int8, window=5, sink_tokens=2, value_dim=24, block=None)
+    T = 30
+    k, v = randn(rng, (2, 1, T, 32)), randn(rng, (2, 1, T, 24))
+    q = randn(rng, (2, 3, T, 32))  # float64 queries: the keys are dequantised exactly
+    k_all, v_all = stored(k, np.int8, None), stored(v, np.int8, None)
+    t = 0
+    for L in [4, 1, 1, 1, 1, 9] + [1] * 13:
+        cache.append(k[:, :, t : t + L], v[:, :, t : t + L])
+        if L == 1 or not t:  # (the chunk of 9 after the wrap: its first queries' keys are gone, see above)
+            out = cache.attend(q[:, :, t : t + L])
+            ref = reference.scaled_dot_product_attention(
+                q[:, :, t : t + L],
+                k_all[:, :, : t + L],
+                v_all[:, :, : t + L],
+                attn_mask=sees(t + L, 2, 5, start=t),
+                enable_gqa=True,
+            )
+            assert_close(out, ref, rtol=1e-10)
+        t += L
+    assert cache.nbytes == 2 * (7 * 32 + 7 * 24) + 2 * 2 * 7 * 4
+
+
 # ----------------------------------------------------------------------------------------------
 # the layer: a cache with sink tokens equals the masked prefill, whatever the chunks
 # ----------------------------------------------------------------------------------------------
