@@ -259,13 +259,17 @@ class KVCache:
         """Boolean (query_len, n_valid) mask for ``scaled_dot_product_attention`` over ``ordered()``
         (True = attend, ``is_causal=False``): query i is the token at position
         ``length - query_len + i`` and sees the sink tokens plus the keys inside its own window
-        (``window``, default the cache's), causally. Needed with ``sink_tokens`` (the kernels' own
+        (the cache's, or ``window`` when smaller), causally. Needed with ``sink_tokens`` (the kernels' own
         ``window`` rule would hide the sinks); without them it equals ``is_causal="lower_right"``
         with the window. Keys the ring has already dropped are not there: a chunk of several new
         tokens needs the keys before appending (``ordered_with``)."""
         if isinstance(query_len, (bool, np.bool_)) or not isinstance(query_len, numbers.Integral) or query_len < 0:
             raise ValueError(f"query_len must be a non-negative int, got {query_len!r}")
-        w = self.window if window is None else window
+        if window is not None and (
+            isinstance(window, (bool, np.bool_)) or not isinstance(window, numbers.Integral) or window <= 0
+        ):
+            raise ValueError(f"window must be a positive int or None, got {window!r}")
+        w = self.window if window is None else window if self.window is None else min(window, self.window)
         q_pos = self._length - query_len + np.arange(query_len)
         return streaming_mask(q_pos, self.ordered_positions(), self.sink_tokens, w)
 

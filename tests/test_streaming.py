@@ -380,6 +380,9 @@ def test_sink_tokens_need_a_window():
 
 
 @pytest.mark.parametrize("bad", [-1, 1.5, True])
-def test_bad_attn_mask_length(bad):
+def test_bad_attn_mask_arguments(bad):
+    cache = KVCache(1, 1, 4, 10, window=4, sink_tokens=1)
     with pytest.raises(ValueError, match="query_len"):
-        KVCache(1, 1, 4, 10, window=4, sink_tokens=1).attn_mask(bad)
+        cache.attn_mask(bad)
+    with pytest.raises(ValueError, match="window"):
+        cache.attn_mask(1, window=bad if bad != -1 else 0)
