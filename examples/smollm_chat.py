@@ -204,14 +204,20 @@ class Rope:
     """Hugging Face's (GPT-NeoX / "rotate half") rotary embedding: dims i and i + D/2 rotate together."""
 
     def __init__(self, head_dim, base, max_positions):
-        inv_freq = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
-        angles = np.arange(max_positions, dtype=np.float64)[:, None] * inv_freq[None, :]
-        angles = np.concatenate([angles, angles], axis=1)
-        self.cos, self.sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+        self.inv_freq = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+        self.cos, self.sin = self._table(np.arange(max_positions))
         self.half = head_dim // 2
 
+    def _table(self, positions):
+        angles = np.asarray(positions, dtype=np.float64)[:, None] * self.inv_freq[None, :]
+        angles = np.concatenate([angles, angles], axis=1)
+        return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
     def rotate(self, x, positions):
-        cos, sin = self.cos[positions], self.sin[positions]  # (T, D)
+        if len(positions) and positions[-1] >= len(self.cos):  # past the table (endless streaming): compute
+            cos, sin = self._table(positions)
+        else:
+            cos, sin = self.cos[positions], self.sin[positions]  # (T, D)
         h = self.half
         rot = np.concatenate([-x[..., h:], x[..., :h]], axis=-1)
         return x * cos + rot * sin
