@@ -17,13 +17,22 @@ through the model's chat template; decoding is greedy.
     python examples/smollm_chat.py                        # "What is the capital of France?"
     python examples/smollm_chat.py "Name three colours." --cache-dtype int8 --max-new-tokens 40
     python examples/smollm_chat.py --weights int8 --quality     # int8 projections; KLD / top-1 vs float32
+    python examples/smollm_chat.py "Tell me a long story." --window 64 --sink-tokens 4 --max-new-tokens 512
+    python examples/smollm_chat.py --streaming --window 64 --sink-tokens 4      # sinks vs none vs full, measured
 
 ``--weights float16|int8`` stores the feed-forward (gate+up, down) and output (lm_head) weights as
 ``numba_attn.linear.LinearWeight`` (float16, or int8 in q8_0-like blocks of 32), multiplied by numba
 kernels that read them at that width, and converts the attention projections too where
-``MultiHeadAttention.quantize_weights`` exists. ``--quality`` feeds a fixed public-domain text
-token by token (teacher forcing) through float32 weights and through the chosen ones and prints the
-mean KL divergence of the next-token distributions and how often their top-1 tokens agree.
+``MultiHeadAttention.quantize_weights`` exists.
+
+``--window W --sink-tokens n`` decode in fixed memory: every layer's KVCache keeps the first n
+tokens and the last W (StreamingLLM); ``--streaming`` measures it against the same window without
+sink tokens and against the full cache (teacher-forced perplexity and KLD on the fixed text below,
+and the perplexity, under the full-cache model, of a greedy generation of at least 4·W tokens).
+
+``--quality`` feeds a fixed public-domain text token by token (teacher forcing) through float32
+weights and through the chosen ones and prints the mean KL divergence of the next-token
+distributions and how often their top-1 tokens agree.
 
 One trap: llama.cpp's converter permutes the rows of the Q and K weights of every head (it uses
 an interleaved RoPE, pairs (0,1), (2,3), …); Hugging Face's Llama pairs dims i and i + 64/2.
@@ -195,14 +204,20 @@ class Rope:
     """Hugging Face's (GPT-NeoX / "rotate half") rotary embedding: dims i and i + D/2 rotate together."""
 
     def __init__(self, head_dim, base, max_positions):
-        inv_freq = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
-        angles = np.arange(max_positions, dtype=np.float64)[:, None] * inv_freq[None, :]
-        angles = np.concatenate([angles, angles], axis=1)
-        self.cos, self.sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+        self.inv_freq = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+        self.cos, self.sin = self._table(np.arange(max_positions))
         self.half = head_dim // 2
 
+    def _table(self, positions):
+        angles = np.asarray(positions, dtype=np.float64)[:, None] * self.inv_freq[None, :]
+        angles = np.concatenate([angles, angles], axis=1)
+        return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
     def rotate(self, x, positions):
-        cos, sin = self.cos[positions], self.sin[positions]  # (T, D)
+        if len(positions) and positions[-1] >= len(self.cos):  # past the table (endless streaming): compute
+            cos, sin = self._table(positions)
+        else:
+            cos, sin = self.cos[positions], self.sin[positions]  # (T, D)
         h = self.half
         rot = np.concatenate([-x[..., h:], x[..., :h]], axis=-1)
         return x * cos + rot * sin
@@ -292,11 +307,17 @@ class SmolLM:
         self.weights_dtype = dtype
         return self
 
-    def new_caches(self, capacity, dtype=np.float32):
-        return [lay["attn"].new_cache(batch=1, capacity=capacity, dtype=dtype) for lay in self.layers]
+    def new_caches(self, capacity, dtype=np.float32, window=None, sink_tokens=0):
+        """One KVCache per layer; ``window``/``sink_tokens``: keep the last ``window`` tokens (plus the
+        first ``sink_tokens``), fixed memory whatever the length (``capacity`` is then only a bound)."""
+        return [
+            lay["attn"].new_cache(batch=1, capacity=capacity, dtype=dtype, window=window, sink_tokens=sink_tokens)
+            for lay in self.layers
+        ]
 
-    def forward(self, ids, caches):
-        """Logits (vocab,) float32 of the last of ``ids`` (new tokens), appending their keys/values to ``caches``."""
+    def forward(self, ids, caches, all_logits=False):
+        """Logits (vocab,) float32 of the last of ``ids`` (new tokens), appending their keys/values to
+        ``caches``; ``all_logits``: (len(ids), vocab), the logits after each of them."""
         x = self.embed[np.asarray(ids)][None]  # (1, T, dim)
         T = x.shape[1]
         for lay, cache in zip(self.layers, caches):
@@ -306,12 +327,14 @@ class SmolLM:
             gu = h @ lay["w_gate_up"]
             act = silu(gu[:, : self.ffn]) * gu[:, self.ffn :]
             x = x + (act @ lay["w_down"]).reshape(1, T, self.dim)
-        h = rms_norm(x[0, -1], self.final_norm, self.eps)
+        h = rms_norm(x[0] if all_logits else x[0, -1], self.final_norm, self.eps)
         return h @ self.lm_head
 
-    def generate(self, prompt_ids, max_new_tokens, cache_dtype=np.float32, on_token=None, stop=True):
+    def generate(
+        self, prompt_ids, max_new_tokens, cache_dtype=np.float32, on_token=None, stop=True, window=None, sink_tokens=0
+    ):
         """Greedy decoding. Returns (new token ids, list of the logits each step chose from, timings)."""
-        caches = self.new_caches(len(prompt_ids) + max_new_tokens, cache_dtype)
+        caches = self.new_caches(len(prompt_ids) + max_new_tokens, cache_dtype, window, sink_tokens)
         t0 = time.perf_counter()
         logits = self.forward(prompt_ids, caches)  # prefill: the whole prompt at once
         t_prefill = time.perf_counter() - t0
@@ -373,6 +396,105 @@ def weight_quality(model, dtype, text=QUALITY_TEXT, max_tokens=None, cache_dtype
     }
 
 
+def streaming_quality(model, ids, window, sink_tokens=(4, 0), chunk=1, cache_dtype=np.float32):
+    """Teacher-forced ``ids`` through a full float32 cache and through windowed caches (the last
+    ``window`` tokens, plus the first n for each n in ``sink_tokens``), ``chunk`` tokens per call.
+
+    Returns {"full": ..., n: ...}, each a dict of ``nll`` (mean negative log-likelihood of the actual
+    next token, nats), ``ppl`` (exp of it), ``kld`` (mean KL(p_full ‖ p_windowed) of the next-token
+    distributions; 0 for full) and ``top1`` (how often the most likely next token agrees with the
+    full cache's), over the positions where the windowed caches have dropped tokens (t ≥ window +
+    max(sink_tokens)), and ``kv_bytes`` (storage of all the layers' caches, the same after every
+    chunk: checked)."""
+    ids = list(ids)
+    start = window + max(sink_tokens)
+    if len(ids) < start + 2:
+        raise ValueError(f"{len(ids)} tokens: need more than window + sink_tokens = {start} to compare")
+    targets = np.asarray(ids[start + 1 :])
+
+    def run(caches):
+        nbytes = sum(c.nbytes for c in caches)
+        out = []
+        for i in range(0, len(ids) - 1, chunk):
+            out.append(model.forward(ids[i : min(i + chunk, len(ids) - 1)], caches, all_logits=True))
+            if sum(c.nbytes for c in caches) != nbytes:
+                raise AssertionError("the caches grew")
+        return log_softmax(np.concatenate(out)[start:]), nbytes
+
+    def summary(lp, lp_ref, nbytes):
+        nll = float(-lp[np.arange(targets.size), targets].mean())
+        kld = float((np.exp(lp_ref) * (lp_ref - lp)).sum(axis=-1).mean())
+        top1 = float((lp.argmax(-1) == lp_ref.argmax(-1)).mean())
+        return dict(nll=nll, ppl=float(np.exp(nll)), kld=kld, top1=top1, kv_bytes=nbytes)
+
+    lp_full, full_bytes = run(model.new_caches(len(ids), np.float32))
+    results = {"full": summary(lp_full, lp_full, full_bytes)}
+    for n in sink_tokens:
+        lp, nbytes = run(model.new_caches(10**9, cache_dtype, window=window, sink_tokens=n))
+        results[n] = summary(lp, lp_full, nbytes)
+    results["tokens"] = int(targets.size)
+    return results
+
+
+def streaming_generation(model, prompt_ids, new_tokens, window, sink_tokens=(4, 0), cache_dtype=np.float32):
+    """Greedy generation of ``new_tokens`` tokens (no stop at end-of-text) with a full float32 cache
+    and with windowed caches (``window`` plus each n of ``sink_tokens``), each continuation then
+    scored by the full-cache float32 model (teacher-forced, one pass).
+
+    Returns {"full": ..., n: ...}, each a dict of ``ids`` (the continuation), ``ppl`` (perplexity of
+    the continuation under the full-cache model), ``distinct`` (distinct 4-grams / 4-grams: low when
+    the text loops) and ``same`` (tokens equal to the full cache's continuation before the first
+    difference)."""
+    prompt_ids = list(prompt_ids)
+    configs = [("full", None, 0)] + [(n, window, n) for n in sink_tokens]
+    results = {}
+    for name, w, n in configs:
+        dtype = np.float32 if name == "full" else cache_dtype
+        ids, _, _ = model.generate(prompt_ids, new_tokens, dtype, stop=False, window=w, sink_tokens=n)
+        seq = prompt_ids + ids
+        logits = model.forward(seq[:-1], model.new_caches(len(seq), np.float32), all_logits=True)
+        lp = log_softmax(logits[len(prompt_ids) - 1 :])
+        nll = float(-lp[np.arange(len(ids)), ids].mean())
+        grams = [tuple(ids[i : i + 4]) for i in range(len(ids) - 3)]
+        results[name] = dict(ids=ids, ppl=float(np.exp(nll)), distinct=len(set(grams)) / max(1, len(grams)))
+    ref = results["full"]["ids"]
+    for r in results.values():
+        diff = [a != b for a, b in zip(r["ids"], ref)]
+        r["same"] = diff.index(True) if any(diff) else len(ref)
+    return results
+
+
+def print_streaming(model, window, sink_tokens, prompt_ids, new_tokens, cache_dtype, chunk=16):
+    """The two measurements of endless chat in fixed memory, as a table."""
+    ids = model.tokenizer.encode(QUALITY_TEXT)
+    t0 = time.perf_counter()
+    q = streaming_quality(model, ids, window, (sink_tokens, 0), chunk=chunk, cache_dtype=cache_dtype)
+    t1 = time.perf_counter()
+    print(
+        f"\nteacher-forced on {len(ids)} tokens of QUALITY_TEXT ({chunk} per call), scored on the last {q['tokens']} "
+        f"(where the window of {window} has dropped tokens); {t1 - t0:.0f} s"
+    )
+    print("| KV cache | KV bytes (30 layers) | perplexity | mean KLD vs full (nats) | top-1 = full |")
+    print("|---|---|---|---|---|")
+    for name in ("full", sink_tokens, 0):
+        r = q[name]
+        label = "full (float32)" if name == "full" else f"window {window}, sink_tokens={name}"
+        print(f"| {label} | {r['kv_bytes']:,} | {r['ppl']:.2f} | {r['kld']:.3f} | {r['top1']:.1%} |")
+    g = streaming_generation(model, prompt_ids, new_tokens, window, (sink_tokens, 0), cache_dtype)
+    print(
+        f"\ngreedy generation of {new_tokens} tokens (= {new_tokens / window:.1f}× the window), scored by the "
+        f"full-cache model; {time.perf_counter() - t1:.0f} s"
+    )
+    print("| KV cache | perplexity under full | distinct 4-grams | tokens equal to full's | text (end) |")
+    print("|---|---|---|---|---|")
+    for name in ("full", sink_tokens, 0):
+        r = g[name]
+        label = "full (float32)" if name == "full" else f"window {window}, sink_tokens={name}"
+        tail = model.tokenizer.decode(r["ids"][-24:]).replace("\n", " ").replace("|", "/")
+        print(f"| {label} | {r['ppl']:.2f} | {r['distinct']:.0%} | {r['same']} | …{tail} |")
+    return q, g
+
+
 def transformers_tokens_per_s(prompt_ids, max_new_tokens, threads):
     """transformers' generate() (greedy, its own cache) on the same weights and prompt: (tokens/s, ids), or None."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the reference reads the same file, offline
@@ -416,6 +538,19 @@ def main(argv=None):
         help="teacher-forced check of --weights against float32 weights on a fixed text (KLD, top-1)",
     )
     ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument(
+        "--window",
+        type=int,
+        default=None,
+        help="KV caches keep only the last W tokens (fixed memory; with --sink-tokens also the first n)",
+    )
+    ap.add_argument("--sink-tokens", type=int, default=0, help="with --window: keep the first n tokens too")
+    ap.add_argument(
+        "--streaming",
+        action="store_true",
+        help="measure endless chat in fixed memory: --window (default 64) with --sink-tokens (default 4) vs "
+        "none vs the full cache, teacher-forced (perplexity, KLD) and on a greedy generation of at least 4×W tokens",
+    )
     ap.add_argument("--threads", type=int, default=None, help="threads for numba_attn and numpy (and torch)")
     ap.add_argument(
         "--compare",
@@ -423,6 +558,8 @@ def main(argv=None):
         help="also time transformers' generate() on the same prompt (needs torch, transformers, accelerate)",
     )
     args = ap.parse_args(argv)
+    if args.sink_tokens and args.window is None and not args.streaming:
+        ap.error("--sink-tokens needs --window")
     threads = args.threads or numba_attn.get_num_threads()
     set_threads(threads)
 
@@ -453,7 +590,14 @@ def main(argv=None):
 
     # the first call compiles (or loads from numba's cache) the kernels: run a tiny warm-up
     model.generate(prompt_ids[:4], 2, CACHE_DTYPES[args.cache_dtype], stop=False)
-    ids, _, t = model.generate(prompt_ids, args.max_new_tokens, CACHE_DTYPES[args.cache_dtype], on_token=show)
+    ids, _, t = model.generate(
+        prompt_ids,
+        args.max_new_tokens,
+        CACHE_DTYPES[args.cache_dtype],
+        on_token=show,
+        window=args.window,
+        sink_tokens=args.sink_tokens,
+    )
     print()
     tps = t["decode_steps"] / t["decode_s"] if t["decode_steps"] else float("nan")
     print(
@@ -466,6 +610,16 @@ def main(argv=None):
             f"teacher-forced on {q['tokens']} tokens, {args.weights} vs float32 weights: top-1 agreement "
             f"{q['top1']:.1%}, mean KLD {q['mean_kld']:.2e} nats (max {q['max_kld']:.2e}); "
             f"{1 / q['float32_s']:.1f} vs {1 / q['dtype_s']:.1f} tokens/s"
+        )
+    if args.streaming:
+        window = args.window or 64
+        print_streaming(
+            model,
+            window,
+            args.sink_tokens or 4,
+            prompt_ids,
+            max(args.max_new_tokens, 4 * window),
+            CACHE_DTYPES[args.cache_dtype],
         )
     if args.compare:
         ref = transformers_tokens_per_s(prompt_ids, len(ids), threads)

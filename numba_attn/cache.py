@@ -2,7 +2,9 @@
 
 Layout: ``(batch, num_kv_heads, slots, head_dim)`` for keys and ``(..., value_dim)`` for values,
 C-contiguous, allocated once. ``slots`` is ``capacity`` or, with ``window=W``, ``W`` (a ring
-buffer: token at absolute position p lives in slot p mod W).
+buffer: token at absolute position p lives in slot p mod W). With ``sink_tokens=n`` too (StreamingLLM)
+it is ``n + W``: slots 0 … n-1 keep the first n tokens forever, and position p ≥ n lives in ring slot
+``n + (p - n) mod W``.
 
 The attention kernels read the valid slots straight from this storage: no copy per step.
 """
@@ -66,6 +68,17 @@ class KVCache:
     window : int, optional
         Keep only the last ``window`` tokens (sliding-window models): a ring buffer of ``window``
         slots.
+    sink_tokens : int
+        With ``window``: also keep the first ``sink_tokens`` tokens forever (StreamingLLM's attention
+        sinks; default 0), for endless generation in fixed memory: storage is ``sink_tokens + window``
+        slots. A query at position p then sees the sink tokens (positions < ``sink_tokens``) and the
+        keys p - window < j <= p. Positions stay the tokens' original (absolute) positions: keys are
+        cached after RoPE, so ``rotary`` gets absolute positions and a sink key keeps the rotation of
+        its own position (its distance to a query grows, as in a full cache, and ALiBi counts the same
+        absolute distance). StreamingLLM's alternative, positions inside the cache, would need
+        un-rotated keys and re-rotating all ``sink_tokens + window`` of them every step (O(W·D) per
+        token); absolute positions give exactly the full cache's scores on the keys kept, but leave the
+        model's trained context once the sequence outgrows it.
     value_dim : int, optional
         Value head size when it differs from ``head_dim``.
     block : int or None
@@ -102,6 +115,7 @@ class KVCache:
         window=None,
         value_dim=None,
         block=DEFAULT_BLOCK,
+        sink_tokens=0,
     ):
         for name, val in (
             ("batch", batch),
@@ -117,6 +131,16 @@ class KVCache:
         if window is not None:
             if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window <= 0:
                 raise ValueError(f"window must be a positive int or None, got {window!r}")
+        if (
+            isinstance(sink_tokens, (bool, np.bool_))
+            or not isinstance(sink_tokens, numbers.Integral)
+            or sink_tokens < 0
+        ):
+            raise ValueError(f"sink_tokens must be a non-negative int, got {sink_tokens!r}")
+        if sink_tokens and window is None:
+            raise ValueError(
+                f"sink_tokens={sink_tokens} needs a window: the sink tokens are kept besides the last `window` tokens"
+            )
         try:
             dtype = np.dtype(dtype)
         except TypeError:
@@ -131,8 +155,9 @@ class KVCache:
         )
         self.capacity = int(capacity)
         self.window = None if window is None else int(window)
+        self.sink_tokens = int(sink_tokens)
         self.dtype = dtype
-        slots = self.capacity if self.window is None else min(self.window, self.capacity)
+        slots = self.capacity if self.window is None else min(self.sink_tokens + self.window, self.capacity)
         self._keys = np.zeros((self.batch, self.num_kv_heads, slots, self.head_dim), dtype)
         self._values = np.zeros((self.batch, self.num_kv_heads, slots, self.value_dim), dtype)
         self._key_scales = self._value_scales = None
@@ -174,7 +199,8 @@ class KVCache:
 
     @property
     def wrapped(self):
-        """True when a ring buffer has overwritten its oldest slots (storage order ≠ position order)."""
+        """True when a ring buffer has overwritten its oldest slots (storage order ≠ position order;
+        with ``sink_tokens``, the ring's slots after the sink slots)."""
         return self._length > self.slots
 
     @property
@@ -210,12 +236,42 @@ class KVCache:
         return self._view(self._values, self._value_scales, slice(0, self.n_valid))
 
     def ordered(self):
-        """(keys, values) in position order: views when possible, a copy once a ring has wrapped."""
+        """(keys, values) in position order: views when possible, a copy once a ring has wrapped
+        (with ``sink_tokens``: the sink tokens first, then the last ``window`` tokens; their
+        positions are ``ordered_positions()``)."""
         if not self.wrapped:
             return self.keys, self.values
-        start = self._length % self.slots
-        order = np.r_[start : self.slots, 0:start]
+        n, ring = self.sink_tokens, self.slots - self.sink_tokens
+        start = n + (self._length - n) % ring
+        order = np.r_[0:n, start : self.slots, n:start]
         return (self._view(self._keys, self._key_scales, order), self._view(self._values, self._value_scales, order))
+
+    def ordered_positions(self, appended=0):
+        """Absolute positions of the tokens ``ordered()`` returns, shape (n_valid,), increasing: now,
+        or once ``appended`` more tokens have been appended."""
+        length = self._length + appended
+        if length <= self.slots:
+            return np.arange(length)
+        n = self.sink_tokens
+        return np.r_[0:n, length - (self.slots - n) : length]
+
+    def attn_mask(self, query_len=1, window=None):
+        """Boolean (query_len, n_valid) mask for ``scaled_dot_product_attention`` over ``ordered()``
+        (True = attend, ``is_causal=False``): query i is the token at position
+        ``length - query_len + i`` and sees the sink tokens plus the keys inside its own window
+        (the cache's, or ``window`` when smaller), causally. Needed with ``sink_tokens`` (the kernels' own
+        ``window`` rule would hide the sinks); without them it equals ``is_causal="lower_right"``
+        with the window. Keys the ring has already dropped are not there: a chunk of several new
+        tokens needs the keys before appending (``ordered_with``)."""
+        if isinstance(query_len, (bool, np.bool_)) or not isinstance(query_len, numbers.Integral) or query_len < 0:
+            raise ValueError(f"query_len must be a non-negative int, got {query_len!r}")
+        if window is not None and (
+            isinstance(window, (bool, np.bool_)) or not isinstance(window, numbers.Integral) or window <= 0
+        ):
+            raise ValueError(f"window must be a positive int or None, got {window!r}")
+        w = self.window if window is None else window if self.window is None else min(window, self.window)
+        q_pos = self._length - query_len + np.arange(query_len)
+        return streaming_mask(q_pos, self.ordered_positions(), self.sink_tokens, w)
 
     def ordered_with(self, key, value):
         """(keys, values) in position order followed by the new ``key``/``value`` (not stored), in
@@ -225,14 +281,15 @@ class KVCache:
         return _concat_tokens(old_k, new_k), _concat_tokens(old_v, new_v)
 
     def positions(self, appended=0):
-        """Absolute position of the token in each valid slot, shape (n_valid,): now, or once
-        ``appended`` more tokens have been appended (what a caller needs before it appends)."""
+        """Absolute position of the token in each valid slot (storage order, the order of ``keys``;
+        the sink tokens first), shape (n_valid,): now, or once ``appended`` more tokens have been
+        appended (what a caller needs before it appends)."""
         length = self._length + appended
-        n = min(length, self.slots)
         if length <= self.slots:
-            return np.arange(n)
-        start = length - self.slots  # position held by slot start % slots
-        return start + (np.arange(n) - start) % self.slots
+            return np.arange(length)
+        n, ring = self.sink_tokens, self.slots - self.sink_tokens
+        start = length - n - ring  # ring position (counted from the first non-sink token) in slot n + start % ring
+        return np.r_[np.arange(n), n + start + (np.arange(ring) - start) % ring]
 
     def _encode(self, x, name):
         """x in the storage format: an array of the cache dtype, or a QuantizedTensor for int8."""
@@ -264,8 +321,9 @@ class KVCache:
         is the token at position ``length - L + i``: append the new tokens' keys and values first,
         then attend. Causal with bottom-right alignment by construction (the last query sees every
         cached key), windowed to the cache's ``window`` (and to ``window`` if given, the smaller of
-        the two wins). ``scale``, ``alibi_slopes`` (H,), ``sinks`` (H,) and ``softcap`` as in
-        :func:`~numba_attn.scaled_dot_product_attention`.
+        the two wins). ``scale``, ``alibi_slopes`` (H,), ``sinks`` (H,, learned sink logits) and
+        ``softcap`` as in :func:`~numba_attn.scaled_dot_product_attention`. With ``sink_tokens`` each
+        query also sees the sink tokens (``attn_mask``); ALiBi then counts absolute position distances.
 
         ``out``: a C-contiguous (batch, H, L, value_dim) array of the result's dtype to write into
         (no allocation). The result's dtype follows ``scaled_dot_product_attention``: float32 for a
@@ -275,7 +333,8 @@ class KVCache:
         What the cache already guarantees (shapes, dtypes, finite contents when they were appended
         with ``check_finite=True``) is not checked again: a call validates the query and the
         arguments, then runs one kernel on the cache's storage (no copy, except for a window whose
-        ring has wrapped when L > 1 or with ALiBi: the keys are then put in position order).
+        ring has wrapped when L > 1 or with ALiBi: the keys are then put in position order; with
+        ``sink_tokens``, anything but one query without ALiBi takes that path with a mask).
         Returns ``(batch, H, L, value_dim)``.
         """
         from ._validate import check_sinks, check_slopes, check_softcap
@@ -308,8 +367,10 @@ class KVCache:
         else:
             window = self.window
         # a ring that has dropped keys the chunk's first queries still see cannot answer exactly
+        # (the dropped ones are positions sink_tokens … sink_tokens + dropped - 1)
         first_needed = 0 if window is None else max(0, self._length - L - window + 1)
-        if first_needed < self._length - self.n_valid:
+        dropped = self._length - self.n_valid
+        if dropped and max(first_needed, self.sink_tokens) < self.sink_tokens + dropped:
             raise ValueError(
                 f"the cache's ring ({self.slots} slots) no longer holds the keys the first of these {L} "
                 f"queries sees (window {window}): attend to a chunk this long before appending it "
@@ -318,7 +379,53 @@ class KVCache:
         softcap = check_softcap(softcap)
         slopes = check_slopes(alibi_slopes, q.shape[1])
         sinks = check_sinks(sinks, q.shape[1])
+        if self.sink_tokens and not (L == 1 and slopes is None and window == self.window):
+            return self._attend_streaming(q, scale, window, slopes, sinks, softcap, out, check_finite)
+        # (a sink cache's newest query sees every key held: no window for the kernel, which would hide the sinks)
+        window = None if self.sink_tokens else window
         return attend_cache(self, q, scale, window, slopes, sinks, softcap, out, check_finite)
+
+    def _attend_streaming(self, q, scale, window, slopes, sinks, softcap, out, check_finite):
+        """A sink cache's queries when they do not all see every held key (a chunk, a smaller
+        window, ALiBi): the keys in position order with ``streaming_mask`` (ALiBi on absolute
+        positions as an additive mask)."""
+        from ._validate import _dtypes
+        from .api import scaled_dot_product_attention
+
+        B, H, L, _ = q.shape
+        dtype, result = _dtypes(q, self._keys, self._values, None)
+        if out is not None and (
+            not isinstance(out, np.ndarray)
+            or out.shape != (B, H, L, self.value_dim)
+            or out.dtype != result
+            or not out.flags.c_contiguous
+            or not out.flags.writeable
+        ):
+            raise ValueError(
+                f"out must be a writeable C-contiguous {result.name} array of shape (batch, H, L, value_dim) "
+                f"= {(B, H, L, self.value_dim)}, got "
+                + (f"{out.dtype.name} {out.shape}" if isinstance(out, np.ndarray) else type(out).__name__)
+            )
+        keys, values = self.ordered()
+        q_pos, k_pos = self._length - L + np.arange(L), self.ordered_positions()
+        mask = streaming_mask(q_pos, k_pos, self.sink_tokens, window)
+        if slopes is not None:
+            mask = np.where(mask, alibi_bias(q_pos, k_pos, slopes, dtype), -np.inf).astype(dtype)
+        res = scaled_dot_product_attention(
+            q,
+            keys,
+            values,
+            attn_mask=mask,
+            scale=scale,
+            enable_gqa=True,
+            softcap=softcap or None,
+            sinks=sinks,
+            check_finite=check_finite,
+        )
+        if out is None:
+            return res
+        out[...] = res
+        return out
 
     def _kernel_operands(self):
         """(keys, key scales, key block, values, value scales, value block) as the kernels take them:
@@ -374,12 +481,6 @@ class KVCache:
                 f"KVCache is full: {self._length} tokens held + {T} new > capacity {self.capacity}"
                 + ("" if self.window is not None else "; create it with a larger capacity or a window")
             )
-        slots = self.slots
-        if self.window is None or self._length + T <= slots:
-            first, slot0 = 0, self._length
-        else:
-            first = T - min(T, slots)  # only the last `slots` new tokens can survive
-            slot0 = (self._length + first) % slots
         # (float64 into float16 goes through numpy: the kernels would round twice, via float32)
         if (
             self.batch * self.num_kv_heads * T <= APPEND_SERIAL_ROWS
@@ -387,12 +488,25 @@ class KVCache:
             and value.dtype in _QUERY_DTYPES
             and not (self.dtype == np.float16 and np.float64 in (key.dtype, value.dtype))
         ):
-            self._append_serial(key, value, slot0, first, check_finite)
+            self._append_serial(key, value, T, check_finite)
         else:
-            self._append_numpy(key, value, slot0, first, check_finite)
+            self._append_numpy(key, value, T, check_finite)
         self._length += T
 
-    def _append_serial(self, key, value, slot0, first, check_finite):
+    def _writes(self, T):
+        """Where T new tokens go: (sink, first, slot0). New tokens 0 … sink-1 fill the sink slots
+        ``length`` … (sink tokens, kept forever); tokens t ≥ first go to slots ``fold(slot0 + t - first)``
+        (``fold`` wraps past the last slot back to ``sink_tokens``, the ring's first slot); the ones
+        in between would be overwritten within this append and are skipped."""
+        slots, n = self.slots, self.sink_tokens
+        if self.window is None or self._length + T <= slots:
+            return 0, 0, self._length
+        sink = max(0, min(T, n - self._length))
+        ring = slots - n
+        first = max(sink, T - ring)  # only the last `ring` new tokens can survive in the ring
+        return sink, first, n + (self._length + first - n) % ring
+
+    def _append_serial(self, key, value, T, check_finite):
         rows = []
         for name, x in (("key", key), ("value", value)):
             x = np.ascontiguousarray(x)
@@ -412,40 +526,72 @@ class KVCache:
             if code == 2:
                 raise ValueError(_range_message(name, self.dtype))
             rows.append(bits)
-        if self.dtype == np.int8:
-            scratch = np.empty(max(self.head_dim, self.value_dim), np.float32)
-            write_rows_int8(rows[0], self._keys, self._key_scales, self.block, slot0, first, scratch[: self.head_dim])
-            write_rows_int8(
-                rows[1], self._values, self._value_scales, self._value_block, slot0, first, scratch[: self.value_dim]
-            )
-        elif self.dtype == np.float16:
-            write_rows(rows[0], self._keys.view(np.uint16), slot0, first)
-            write_rows(rows[1], self._values.view(np.uint16), slot0, first)
-        else:
-            write_rows(rows[0], self._keys, slot0, first)
-            write_rows(rows[1], self._values, slot0, first)
+        sink, first, slot0 = self._writes(T)
+        # the sink slots take new tokens 0 … sink-1 (once per cache: a copy of those rows is fine)
+        parts = [([np.ascontiguousarray(r[:, :, :sink]) for r in rows], self._length, 0)] if sink else []
+        parts.append((rows, slot0, first))
+        n = self.sink_tokens
+        for (k_rows, v_rows), s0, t0 in parts:
+            if self.dtype == np.int8:
+                scratch = np.empty(max(self.head_dim, self.value_dim), np.float32)
+                write_rows_int8(k_rows, self._keys, self._key_scales, self.block, s0, t0, n, scratch[: self.head_dim])
+                write_rows_int8(
+                    v_rows, self._values, self._value_scales, self._value_block, s0, t0, n, scratch[: self.value_dim]
+                )
+            elif self.dtype == np.float16:
+                write_rows(k_rows, self._keys.view(np.uint16), s0, t0, n)
+                write_rows(v_rows, self._values.view(np.uint16), s0, t0, n)
+            else:
+                write_rows(k_rows, self._keys, s0, t0, n)
+                write_rows(v_rows, self._values, s0, t0, n)
 
-    def _append_numpy(self, key, value, slot0, first, check_finite):
+    def _append_numpy(self, key, value, T, check_finite):
         if check_finite or self.dtype == np.int8:
             check_finite_array(key, "key")
             check_finite_array(value, "value")
         key, value = self._encode(key, "key"), self._encode(value, "value")
-        T = key.shape[2]
-        where = (
-            (slot0 + np.arange(T - first)) % self.slots if first or slot0 + T > self.slots else slice(slot0, slot0 + T)
-        )
+        sink, first, slot0 = self._writes(T)
+        n, ring = self.sink_tokens, self.slots - self.sink_tokens
+        if first or slot0 + T > self.slots:
+            where = slot0 + np.arange(T - first)
+            where = np.where(where < self.slots, where, n + (where - n) % ring)
+        else:
+            where = slice(slot0, slot0 + T)
+        targets = [(slice(self._length, self._length + sink), slice(0, sink))] if sink else []
+        targets.append((where, slice(first, None)))
         for data, scales, x in ((self._keys, self._key_scales, key), (self._values, self._value_scales, value)):
-            if scales is None:
-                data[:, :, where] = x[:, :, first:]
-            else:
-                data[:, :, where] = x.data[:, :, first:]
-                scales[:, :, where] = x.scales[:, :, first:]
+            for dst, src in targets:
+                if scales is None:
+                    data[:, :, dst] = x[:, :, src]
+                else:
+                    data[:, :, dst] = x.data[:, :, src]
+                    scales[:, :, dst] = x.scales[:, :, src]
 
     def __repr__(self):
+        sinks = f", sink_tokens={self.sink_tokens}" if self.sink_tokens else ""
         return (
             f"KVCache(batch={self.batch}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
-            f"capacity={self.capacity}, dtype={self.dtype.name}, window={self.window}, length={self._length})"
+            f"capacity={self.capacity}, dtype={self.dtype.name}, window={self.window}{sinks}, length={self._length})"
         )
+
+
+def streaming_mask(query_positions, key_positions, sink_tokens, window):
+    """Boolean (L, S): True where the query at ``query_positions[i]`` sees the key at
+    ``key_positions[j]``: causal (key ≤ query), and the key is a sink token (position <
+    ``sink_tokens``) or inside the window (query - window < key). ``window`` None: causal only."""
+    q = np.asarray(query_positions)[:, None]
+    k = np.asarray(key_positions)[None, :]
+    allowed = k <= q
+    if window is not None:
+        allowed &= (k < sink_tokens) | (k > q - window)
+    return allowed
+
+
+def alibi_bias(query_positions, key_positions, slopes, dtype):
+    """-slope[h]·|query - key| as (H, L, S) in ``dtype``: ALiBi on absolute positions, for keys whose
+    positions have gaps (a sink cache), where the kernels' index distance would be wrong."""
+    dist = np.abs(np.asarray(query_positions)[:, None] - np.asarray(key_positions)[None, :])
+    return (-np.asarray(slopes, np.float64)[:, None, None] * dist).astype(dtype)
 
 
 def _concat_tokens(a, b):

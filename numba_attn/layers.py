@@ -14,7 +14,7 @@ import numpy as np
 
 from ._validate import check_causal, check_finite_array, check_sinks, check_slopes, check_softcap
 from .api import scaled_dot_product_attention
-from .cache import KVCache
+from .cache import KVCache, alibi_bias, streaming_mask
 
 __all__ = ["MultiHeadAttention"]
 
@@ -282,8 +282,10 @@ class MultiHeadAttention:
         )
 
     # -- forward ----------------------------------------------------------------------------------
-    def new_cache(self, batch, capacity, window=None, dtype=None, block=32):
-        """A KVCache shaped for this layer (storage ``dtype``: the layer's by default, or float16/int8)."""
+    def new_cache(self, batch, capacity, window=None, dtype=None, block=32, sink_tokens=0):
+        """A KVCache shaped for this layer (storage ``dtype``: the layer's by default, or float16/int8;
+        ``window`` and ``sink_tokens``: a ring of the last ``window`` tokens plus the first
+        ``sink_tokens``, see :class:`KVCache`)."""
         return KVCache(
             batch,
             self.num_kv_heads,
@@ -292,6 +294,7 @@ class MultiHeadAttention:
             dtype=self.dtype if dtype is None else dtype,
             window=window,
             block=block,
+            sink_tokens=sink_tokens,
         )
 
     def _heads(self, y, n_heads):
@@ -355,11 +358,13 @@ class MultiHeadAttention:
         appended and the queries attend over everything cached, causally with bottom-right
         alignment (query i is token ``cache.length + i``). ``key_padding_mask`` then covers all
         positions so far, (B, cache.length after the call). A cache with a window keeps the last W
-        tokens and the attention is windowed to match.
+        tokens and the attention is windowed to match; with ``sink_tokens=n`` too each query also
+        sees the first n tokens (StreamingLLM), a chunk of several tokens exactly as one at a time.
 
         ``rotary``: optional callable ``(q, k, positions) -> (q, k)`` applied to the new tokens'
         queries and keys (B, heads, T, head_dim) before caching, e.g. RoPE; ``positions`` are
-        absolute token positions (T,).
+        absolute token positions (T,), also with a window and sink tokens (the cached keys keep the
+        rotation of their own positions; see :class:`KVCache`).
 
         ``alibi_slopes``, ``sinks`` (learned sink logits, one per query head) and ``softcap``: as in
         :func:`~numba_attn.scaled_dot_product_attention`, on every path (cached or not).
@@ -440,8 +445,16 @@ class MultiHeadAttention:
             # every cached token (after appending) is visible to the new ones: attend in storage order
             positions = cache.positions(appended=L)
         else:
-            positions = np.arange(cache.length - cache.n_valid, cache.length + L)
+            positions = np.r_[cache.ordered_positions(), cache.length + np.arange(L)]
         mask = self._combined_mask(key_padding_mask, attn_mask, B, L, positions.size, positions)
+        if cache.sink_tokens and not direct:
+            # a sink cache's chunk (or ALiBi): the window rule cannot see the sinks, a mask on positions can
+            keys, values = cache.ordered_with(k, v)
+            cache.append(k, v, check_finite=False)
+            q_pos = positions[-L:]
+            mask = _with_streaming_mask(mask, q_pos, positions, cache.sink_tokens, window, kw, q.dtype)
+            kw = dict(kw, alibi_slopes=None)
+            return scaled_dot_product_attention(q, keys, values, attn_mask=mask, **kw)
         if direct and mask is None:
             # the decode fast path: the cache's own storage, bottom-right causal, GQA from its heads
             cache.append(k, v, check_finite=False)
@@ -527,3 +540,20 @@ class MultiHeadAttention:
             f"MultiHeadAttention(embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
             f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, dtype={self.dtype.name})"
         )
+
+
+def _with_streaming_mask(mask, q_pos, k_pos, sink_tokens, window, kw, dtype):
+    """The layer's own mask (None, boolean True = attend, or additive) and a sink cache's visibility
+    (``streaming_mask``: sinks + window, causal; ALiBi on absolute positions as an additive part)
+    as one mask for keys at positions ``k_pos``."""
+    allowed = streaming_mask(q_pos, k_pos, sink_tokens, window)
+    slopes = kw["alibi_slopes"]
+    if slopes is None and (mask is None or mask.dtype == np.bool_):
+        return allowed if mask is None else allowed & mask
+    bias = 0.0 if slopes is None else alibi_bias(q_pos, k_pos, np.asarray(slopes), dtype)
+    add = np.where(allowed, bias, -np.inf).astype(dtype)
+    if mask is None:
+        return add
+    if mask.dtype == np.bool_:
+        return np.where(mask, add, -np.inf).astype(dtype)
+    return add + mask

@@ -250,3 +250,53 @@ def test_a_refused_cached_layer_call_leaves_the_cache_alone(bad):
         layer(randn(rng, (1, 1, 32), np.float32), cache=cache, sinks=bad)
     assert cache.length == 2
     np.testing.assert_array_equal(cache.keys, keys)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.int8])
+@pytest.mark.parametrize("L", [1, 3])
+def test_learned_sinks_on_a_cache_with_sink_tokens(dtype, L):
+    """Both kinds of sink at once: StreamingLLM's kept first tokens (``sink_tokens``) and learned sink logits."""
+    rng = np.random.default_rng(10)
+    n, W = 2, 6
+    cache = KVCache(1, 2, 16, 100, dtype=dtype, window=W, sink_tokens=n)
+    history_k, history_v = randn(rng, (1, 2, 20, 16)), randn(rng, (1, 2, 20, 16))
+    cache.append(history_k[:, :, : 20 - L], history_v[:, :, : 20 - L])
+    q = randn(rng, (1, 4, L, 16), np.float32)
+    sinks = rng.uniform(-2, 2, 4)
+    if L > 1:  # a chunk: attend over the cached keys and the new ones before the ring drops any
+        keys, values = cache.ordered_with(history_k[:, :, 20 - L :], history_v[:, :, 20 - L :])
+        k_pos = np.r_[cache.ordered_positions(), np.arange(20 - L, 20)]
+    cache.append(history_k[:, :, 20 - L :], history_v[:, :, 20 - L :])
+    out = None
+    if L == 1:
+        keys, values = cache.ordered()
+        k_pos = cache.ordered_positions()
+        out = cache.attend(q, sinks=sinks)
+    mask = (k_pos[None, :] <= (20 - L + np.arange(L))[:, None]) & (
+        (k_pos[None, :] < n) | (k_pos[None, :] > (20 - L + np.arange(L))[:, None] - W)
+    )
+    general = scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True, sinks=sinks)
+    qe, ke, ve, scale = int8_effective_inputs(q, keys, values)
+    if not isinstance(keys, QuantizedTensor):
+        ke, ve = ke.astype(np.float64), ve.astype(np.float64)
+    ref = reference.scaled_dot_product_attention(qe, ke, ve, attn_mask=mask, enable_gqa=True, sinks=sinks, scale=scale)
+    assert_close(general, ref, dtype=np.float32, rtol=2e-5)
+    if out is not None:
+        np.testing.assert_allclose(out, general, rtol=1e-5, atol=1e-6)
+
+
+def test_layer_with_learned_sinks_and_sink_tokens():
+    rng = np.random.default_rng(11)
+    layer = MultiHeadAttention(32, 4, num_kv_heads=2, dtype=np.float32, seed=5)
+    x = randn(rng, (1, 20, 32), np.float32)
+    sinks = np.array([0.5, -1.0, 1.5, 0.0])
+    cache = layer.new_cache(1, 64, window=6, sink_tokens=2)
+    steps = [layer(x[:, :4], cache=cache, sinks=sinks), layer(x[:, 4:9], cache=cache, sinks=sinks)]
+    steps += [layer(x[:, t : t + 1], cache=cache, sinks=sinks) for t in range(9, 20)]
+    q, k, v = layer.project_qkv(x)
+    pos = np.arange(20)
+    mask = (pos[None, :] <= pos[:, None]) & ((pos[None, :] < 2) | (pos[None, :] > pos[:, None] - 6))
+    ref = reference.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True, sinks=sinks)
+    expected = ref.transpose(0, 2, 1, 3).reshape(20, 32) @ layer.w_o.astype(np.float64)
+    np.testing.assert_allclose(np.concatenate(steps, axis=1)[0], expected, rtol=1e-4, atol=1e-4)
+    assert cache.nbytes == layer.new_cache(1, 64, window=6, sink_tokens=2).nbytes

@@ -8,10 +8,11 @@ can stall for milliseconds when the machine is busy. Here each step is one seria
 - ``scan_rows(x, limit)``: 0 if every value of x (B, H, T, D) is finite with |x| ≤ limit, 1 if one is
   NaN or ±inf, 2 if one is finite but beyond ``limit`` (float16's 65504 for a float16 store, float32's
   max for an int8 one): the caller refuses before anything is written.
-- ``write_rows(x, data, slot0, t0)``: token t ≥ t0 of x goes to slot (slot0 + t − t0) mod slots of
-  ``data`` (B, H, slots, D), converted to the storage type: a float, float16 bits (round to nearest
-  even, as numpy), or a raw copy when both are float16 bits.
-- ``write_rows_int8(x, data, scales, block, slot0, t0, row)``: the same, quantised to int8 per block
+- ``write_rows(x, data, slot0, t0, ring0)``: token t ≥ t0 of x goes to slot s = slot0 + t − t0 of
+  ``data`` (B, H, slots, D), folded back onto the ring ``ring0 … slots-1`` when s ≥ slots
+  (``ring0`` = a sink cache's sink slots, else 0: plain mod slots), converted to the storage type:
+  a float, float16 bits (round to nearest even, as numpy), or a raw copy when both are float16 bits.
+- ``write_rows_int8(x, data, scales, block, slot0, t0, ring0, row)``: the same, quantised to int8 per block
   (``quantised.quantize_row_into``: the scheme and rounding of ``quantize``) through the float32
   scratch ``row`` (D,).
 
@@ -46,15 +47,21 @@ def scan_rows(x, limit):
 
 
 @njit(cache=config.CACHE)
-def write_rows(x, data, slot0, t0):
-    """data[b, h, (slot0 + t - t0) % slots] = x[b, h, t] for t ≥ t0, converted to data's type."""
+def _fold(s, slots, ring0):
+    """Slot s, or past the last slot, its place on the ring ring0 … slots-1."""
+    return s if s < slots else ring0 + (s - ring0) % (slots - ring0)
+
+
+@njit(cache=config.CACHE)
+def write_rows(x, data, slot0, t0, ring0):
+    """data[b, h, fold(slot0 + t - t0)] = x[b, h, t] for t ≥ t0, converted to data's type."""
     B, H, T, _D = x.shape
     slots = data.shape[2]
     for b in range(B):
         for h in range(H):
             for t in range(t0, T):
                 src = x[b, h, t]
-                dst = data[b, h, (slot0 + t - t0) % slots]
+                dst = data[b, h, _fold(slot0 + t - t0, slots, ring0)]
                 _store_row(src, dst)
 
 
@@ -88,7 +95,7 @@ def _store_row_overload(src, dst):
 
 
 @njit(cache=config.CACHE)
-def write_rows_int8(x, data, scales, block, slot0, t0, row):
+def write_rows_int8(x, data, scales, block, slot0, t0, ring0, row):
     """``write_rows`` into an int8 store: each row quantised with ``quantize``'s scheme."""
     B, H, T, D = x.shape
     slots = data.shape[2]
@@ -98,5 +105,5 @@ def write_rows_int8(x, data, scales, block, slot0, t0, row):
                 src = x[b, h, t]
                 for d in range(D):
                     row[d] = np.float32(load(src[d]))
-                s = (slot0 + t - t0) % slots
+                s = _fold(slot0 + t - t0, slots, ring0)
                 quantize_row_into(row, block, data[b, h, s], scales[b, h, s])
