@@ -198,8 +198,8 @@ def attend_cache(cache, q, scale, window, slopes, sinks, softcap, out, check_fin
         is_causal=in_order,
         pos_offset=n_valid - L,
         window=(window or 0) if in_order else 0,
-        slopes=_NO_SLOPES[dtype] if slopes is None else np.tile(per_head_in(slopes, "alibi_slopes", dtype), B),
-        sinks=_NO_SLOPES[dtype] if sinks is None else np.tile(per_head_in(sinks, "sinks", dtype), B),
+        slopes=_per_entry(slopes, "alibi_slopes", dtype, B),
+        sinks=_per_entry(sinks, "sinks", dtype, B),
         softcap=softcap,
         scale=scale,
         dtype=dtype,
@@ -221,6 +221,15 @@ def attend_cache(cache, q, scale, window, slopes, sinks, softcap, out, check_fin
         return res
     out[...] = res
     return out
+
+
+def _per_entry(per_head, name, dtype, B):
+    """(B·H,) per output batch entry from a shape-checked (H,) array (``KVCache.attend`` leaves the
+    NaN/inf check to this one conversion), or the (0,) "none" placeholder."""
+    if per_head is None:
+        return _NO_SLOPES[dtype]
+    conv = per_head_in(per_head, name, dtype, finite=True)
+    return conv if B == 1 else np.tile(conv, B)
 
 
 def _raise_nonfinite(plan):

@@ -377,9 +377,11 @@ class KVCache:
                 "(MultiHeadAttention does), or append and attend one token at a time"
             )
         softcap = check_softcap(softcap)
-        slopes = check_slopes(alibi_slopes, q.shape[1])
-        sinks = check_sinks(sinks, q.shape[1])
+        # shapes and dtypes here; NaN/inf once, after the conversion to the arithmetic's dtype (attend_cache)
+        slopes = check_slopes(alibi_slopes, q.shape[1], finite=False)
+        sinks = check_sinks(sinks, q.shape[1], finite=False)
         if self.sink_tokens and not (L == 1 and slopes is None and window == self.window):
+            slopes = check_slopes(slopes, q.shape[1])  # (made into a mask there: checked for NaN/inf first)
             return self._attend_streaming(q, scale, window, slopes, sinks, softcap, out, check_finite)
         # (a sink cache's newest query sees every key held: no window for the kernel, which would hide the sinks)
         window = None if self.sink_tokens else window
