@@ -70,9 +70,7 @@ def check_cu_seqlens(cu_seqlens, name, total, operand):
             f"{name}[{at + 1}] = {int(cu[at + 1])}"
         )
     if cu[-1] != total:
-        raise ValueError(
-            f"{name}[-1] must equal the number of packed tokens of {operand} ({total}), got {int(cu[-1])}"
-        )
+        raise ValueError(f"{name}[-1] must equal the number of packed tokens of {operand} ({total}), got {int(cu[-1])}")
     return _read_only(cu)
 
 
@@ -290,7 +288,7 @@ def scaled_dot_product_attention_varlen(
             bin_start,
             H // Hkv,
             alignment is not None,
-            alignment == "lower_right",
+            alignment == "upper_left",
             window,
             slopes,
             dt(softcap),

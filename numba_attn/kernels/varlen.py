@@ -10,7 +10,8 @@ Maths, for sequence b, head h and its query row i (local index, 0 ≤ i < L_b), 
 
     z_ij = s·q_i·k_j, adjusted as in ``_scores`` (soft-cap, ALiBi, window, causal) with local key
            index j < S_b and query position p_i = i + pos_offset_b, where pos_offset_b = 0 for
-           ``upper_left`` and S_b − L_b for ``lower_right``
+           ``upper_left`` and S_b − L_b otherwise (``lower_right``, or no causal rule: ALiBi's
+           positions, as in ``scaled_dot_product_attention``)
     o_i  = Σ_j exp(z_ij − m_i)·v_j / Σ_j exp(z_ij − m_i),   lse_i = m_i + log Σ_j exp(z_ij − m_i)
 
 exactly what ``prefill`` computes for one (L_b, S_b) problem: a row that sees no key (S_b = 0, or
@@ -96,7 +97,7 @@ def _varlen_body(
     bin_start,
     group,
     is_causal,
-    lower_right,
+    upper_left,
     window,
     slopes,
     softcap,
@@ -114,9 +115,10 @@ def _varlen_body(
     float16 bits; cu_q, cu_k (B + 1,) int64 offsets; items (n_items, 3) int64 rows (b, h, i0) with
     i0 the first local query row of the item (it covers rows i0 … min(L_b, i0 + block_q) − 1);
     bin_start (n_bins + 1,): bin w runs items bin_start[w] … bin_start[w+1] − 1; group = H / H_kv;
-    lower_right: causal alignment (else upper-left); window 0 = none; slopes (H,) or (0,) for no
-    ALiBi; softcap 0 = none. out (total_q, H, Ev) and lse (total_q, H) in the arithmetic's dtype;
-    check (n_items,) int64.
+    upper_left: query i sits at key position i (causal ``upper_left``), else at i + S_b − L_b (the
+    ``lower_right`` alignment, and the ALiBi positions without a causal rule); window 0 = none;
+    slopes (H,) or (0,) for no ALiBi; softcap 0 = none. out (total_q, H, Ev) and lse (total_q, H)
+    in the arithmetic's dtype; check (n_items,) int64.
     """
     E = q.shape[2]
     Ev = v.shape[2]
@@ -146,7 +148,7 @@ def _varlen_body(
             S = cu_k[b + 1] - k_begin
             i1 = min(L, i0 + block_q)
             nr = i1 - i0
-            pos_offset = S - L if lower_right else 0
+            pos_offset = 0 if upper_left else S - L
             hk = h // group
             qn = q[:, h, :]  # head h of every token: rows strided by H·E, read in place
             kn = k[:, hk, :]
