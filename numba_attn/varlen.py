@@ -26,6 +26,7 @@ from ._validate import (
 )
 from .api import _to_out_dtype
 from .kernels import varlen
+from .kernels._prefill_tiles import W as ROW_TILE
 from .quant import QuantizedTensor
 
 __all__ = ["scaled_dot_product_attention_varlen"]
@@ -93,11 +94,12 @@ def _block_q(L, heads):
     return config.PREFILL_BLOCK_Q
 
 
-def work_table(cu_q, cu_k, heads, block_q, alignment, window, E, Ev, n_bins):
+def work_table(cu_q, cu_k, heads, block_q, alignment, window, E, Ev, n_bins, row_tile=1):
     """(items (n, 3) int64 rows (b, h, i0), bin_start (n_bins + 1,), total cost) for ``kernels.varlen``.
 
     One item per (sequence b, head h, block of ``block_q`` query rows starting at local row i0); a
-    sequence with no query rows has none. An item's cost is its rows × the keys it visits × (E + Ev)
+    sequence with no query rows has none. An item's cost is the rows it computes (its rows, rounded
+    up to a multiple of ``row_tile`` as the kernel does) × the keys it visits × (E + Ev)
     (the causal rule and the window cut the keys as ``_scores.visible_key_range`` does) plus a fixed
     per-row part. Items are sorted by cost, largest first, and dealt to the bins in a snake order
     (0, 1, …, n−1, n−1, …, 0, 0, 1, …), so the bins' costs differ by at most about one item's.
@@ -118,7 +120,10 @@ def work_table(cu_q, cu_k, heads, block_q, alignment, window, E, Ev, n_bins):
         end = np.clip(i1 + offset, 0, Sb)
         begin = np.clip(i0 + offset - window + 1, 0, end) if window else 0
         keys = end - begin
-    cost = (i1 - i0) * (keys * (E + Ev) + E + _ITEM_ROW_OVERHEAD)
+    rows = i1 - i0
+    rem = rows % row_tile
+    rows = np.where((rem > 0) & (8 * rem >= row_tile), rows + row_tile - rem, rows)
+    cost = rows * (keys * (E + Ev) + E + _ITEM_ROW_OVERHEAD)
     items = np.empty((n_blocks * heads, 3), np.int64)
     items[:, 0] = np.repeat(b, heads)
     items[:, 1] = np.tile(np.arange(heads, dtype=np.int64), n_blocks)
@@ -272,7 +277,8 @@ def scaled_dot_product_attention_varlen(
     lse = np.empty((Tq, H), dtype)
     threads = get_num_threads()
     block_q = _block_q(np.diff(cu_q), H)
-    items, bin_start, work = work_table(cu_q, cu_k, H, block_q, alignment, window, E, Ev, threads)
+    row_tile = ROW_TILE if dtype == np.float32 else 1
+    items, bin_start, work = work_table(cu_q, cu_k, H, block_q, alignment, window, E, Ev, threads, row_tile)
     if items.shape[0]:
         serial = work < config.SERIAL_BELOW_FLOPS
         if serial and bin_start.shape[0] > 2:
@@ -295,6 +301,7 @@ def scaled_dot_product_attention_varlen(
             dt(scale),
             block_q,
             config.PREFILL_BLOCK_K,
+            row_tile,
             bool(check_finite),
             out,
             lse,

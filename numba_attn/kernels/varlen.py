@@ -30,9 +30,16 @@ Per item, the prefill kernel's steps in its order (``prefill.load_scaled_query_b
 blocks that the causal rule or the window hides from every row of the item are never visited
 (``_scores.visible_key_range``). Query rows are read in place (a strided view of head h); each key
 and value block is gathered into a contiguous BLOCK_K × E scratch first (float16 storage:
-converted on the way by ``_load.rows_for_compute``), so the register-tiled float32
+converted on the way, as ``_load.rows_for_compute`` does), so the register-tiled float32
 micro-kernels (which need C-contiguous rows) run on it; the gather costs E loads per key against
 BLOCK_Q·E multiply-adds. Results are written in place into ``out[:, h]`` and ``lse[:, h]``.
+
+Rows per item: the micro-kernels cover query rows in groups of W (``_prefill_tiles.W``: 64 with
+AVX-512) and leave the rest to plain loops, which ran 4-7× slower per row here (1 thread: 32
+sequences of 32 rows 7 GFLOP/s, of 64 rows 48 GFLOP/s). Sequences are short, so most items end
+in such a remainder: an item computes its rows rounded up to a multiple of W (``row_tile``) when
+the remainder is at least W/8 rows, the extra rows holding zero queries (their results are never
+written), which costs at most 8× the remainder's multiply-adds at tile speed.
 
 Memory per bin (float32, BLOCK_Q = BLOCK_K = 128, E = Ev = 64): the scaled query block and the
 output accumulator, transposed (E × BLOCK_Q, 32 KiB each), the score block (BLOCK_K × BLOCK_Q,
@@ -44,12 +51,11 @@ counts the rows of table entry t that saw a NaN/±inf), see ``api._run``.
 """
 
 import numpy as np
-from numba import njit, prange, types
-from numba.extending import overload
+from numba import njit, prange
 
 from .. import config
 from . import variant
-from ._load import rows_for_compute
+from ._load import load
 from ._scores import MASK_NONE, visible_key_range
 from .prefill import (
     accumulate_values,
@@ -63,28 +69,18 @@ from .prefill import (
 )
 
 
-def packed_rows(x, j0, n, scratch):  # pragma: no cover - numba overload below
-    raise TypeError("packed_rows is a numba kernel helper: call it from @njit code")
-
-
-@overload(packed_rows)
-def _packed_rows_overload(x, j0, n, scratch):
-    """(scratch, 0) with scratch[j] = row j0 + j of x (j < n) in the compute dtype, C-contiguous.
-
-    x is one head of a packed array (rows strided by H_kv·E): float16 bits are converted by
-    ``rows_for_compute`` (which writes them into ``scratch``), floats are copied."""
-    if isinstance(x, types.Array) and x.dtype == types.uint16:
-        return lambda x, j0, n, scratch: rows_for_compute(x, j0, n, scratch)
-
-    def impl(x, j0, n, scratch):
-        for j in range(n):
-            src = x[j0 + j]
-            dst = scratch[j]
-            for d in range(src.shape[0]):
-                dst[d] = src[d]
-        return scratch, 0
-
-    return impl
+@njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
+def packed_rows(x, head, j0, n, scratch):
+    """(scratch, 0) with scratch[j] = x[j0 + j, head] (j < n) in the compute dtype: rows of one head of
+    a packed (tokens, heads, D) array gathered into a C-contiguous block, float16 bits converted on the
+    way (``_load.load``; the row loop of ``_load.rows_for_compute``, on rows that ``x[t, head]`` gives
+    as contiguous vectors, so both the copy and the conversion vectorise)."""
+    for j in range(n):
+        src = x[j0 + j, head]
+        dst = scratch[j]
+        for d in range(src.shape[0]):
+            dst[d] = load(src[d])
+    return scratch, 0
 
 
 def _varlen_body(
@@ -104,6 +100,7 @@ def _varlen_body(
     scale,
     block_q,
     block_k,
+    row_tile,
     check_finite,
     out,
     lse,
@@ -117,8 +114,9 @@ def _varlen_body(
     bin_start (n_bins + 1,): bin w runs items bin_start[w] … bin_start[w+1] − 1; group = H / H_kv;
     upper_left: query i sits at key position i (causal ``upper_left``), else at i + S_b − L_b (the
     ``lower_right`` alignment, and the ALiBi positions without a causal rule); window 0 = none;
-    slopes (H,) or (0,) for no ALiBi; softcap 0 = none. out (total_q, H, Ev) and lse (total_q, H)
-    in the arithmetic's dtype; check (n_items,) int64.
+    slopes (H,) or (0,) for no ALiBi; softcap 0 = none; row_tile: query rows of the register tile
+    (``_prefill_tiles.W`` for float32, 1 where there is no tile). out (total_q, H, Ev) and lse
+    (total_q, H) in the arithmetic's dtype; check (n_items,) int64.
     """
     E = q.shape[2]
     Ev = v.shape[2]
@@ -126,16 +124,17 @@ def _varlen_body(
     has_alibi = slopes.shape[0] > 0
     no_mask = np.zeros((1, 1), dt)
     n_bins = bin_start.shape[0] - 1
+    cap = (block_q + row_tile - 1) // row_tile * row_tile  # most rows an item computes
     for w in prange(n_bins):
         # scratch of the largest item, reshaped per item (the micro-kernels want C-contiguous blocks)
-        qt_buf = np.empty(E * block_q, dt)
-        acc_buf = np.empty(Ev * block_q, dt)
-        st_buf = np.empty(block_k * block_q, dt)
-        chk_buf = np.empty(block_q, dt)
-        m_buf = np.empty(block_q, dt)
-        l_buf = np.empty(block_q, dt)
-        alpha_buf = np.empty(block_q, dt)
-        m_blk_buf = np.empty(block_q, dt)
+        qt_buf = np.empty(E * cap, dt)
+        acc_buf = np.empty(Ev * cap, dt)
+        st_buf = np.empty(block_k * cap, dt)
+        chk_buf = np.empty(cap, dt)
+        m_buf = np.empty(cap, dt)
+        l_buf = np.empty(cap, dt)
+        alpha_buf = np.empty(cap, dt)
+        m_blk_buf = np.empty(cap, dt)
         k_conv = np.empty((block_k, E), dt)
         v_conv = np.empty((block_k, Ev), dt)
         for t in range(bin_start[w], bin_start[w + 1]):
@@ -148,38 +147,43 @@ def _varlen_body(
             S = cu_k[b + 1] - k_begin
             i1 = min(L, i0 + block_q)
             nr = i1 - i0
+            # rows computed: nr, or up to the next multiple of the register tile's rows when that
+            # remainder is at least 1/8 of a tile (the extra rows hold zero queries and are not written)
+            rem = nr % row_tile
+            nc = nr + row_tile - rem if rem > 0 and 8 * rem >= row_tile else nr
             pos_offset = 0 if upper_left else S - L
             hk = h // group
             qn = q[:, h, :]  # head h of every token: rows strided by H·E, read in place
-            kn = k[:, hk, :]
-            vn = v[:, hk, :]
             slope = slopes[h] if has_alibi else dt.type(0)
-            qt = qt_buf[: E * nr].reshape((E, nr))
-            acct = acc_buf[: Ev * nr].reshape((Ev, nr))
-            st = st_buf[: block_k * nr].reshape((block_k, nr))
-            chk = chk_buf[:nr]
-            m = m_buf[:nr]
-            l = l_buf[:nr]
-            alpha = alpha_buf[:nr]
-            m_blk = m_blk_buf[:nr]
+            qt = qt_buf[: E * nc].reshape((E, nc))
+            acct = acc_buf[: Ev * nc].reshape((Ev, nc))
+            st = st_buf[: block_k * nc].reshape((block_k, nc))
+            chk = chk_buf[:nc]
+            m = m_buf[:nc]
+            l = l_buf[:nc]
+            alpha = alpha_buf[:nc]
+            m_blk = m_blk_buf[:nc]
             acct[:] = 0
             m[:] = -np.inf
             l[:] = 0
+            if nc > nr:
+                qt[:, nr:] = 0
+                chk[nr:] = 0
             load_scaled_query_block(qn, q_begin + i0, nr, scale, qt, chk)
             kv_begin, kv_end = visible_key_range(i0, i1, S, is_causal, pos_offset, window)
             for j0 in range(kv_begin, kv_end, block_k):
                 nk = min(block_k, kv_end - j0)
-                k_rows, k_off = packed_rows(kn, k_begin + j0, nk, k_conv)
-                scores_block(qt, k_rows, k_off, nk, st, nr)
+                k_rows, k_off = packed_rows(k, hk, k_begin + j0, nk, k_conv)
+                scores_block(qt, k_rows, k_off, nk, st, nc)
                 diagonal = is_causal and j0 + nk - 1 > i0 + pos_offset
                 raw = not (has_alibi or softcap > 0 or window > 0 or diagonal)
                 if not raw:
                     if check_finite:  # check before the adjustments write their -inf
-                        check_score_block(st, nk, nr, chk)
+                        check_score_block(st, nk, nc, chk)
                     adjust_score_block(
                         st,
                         nk,
-                        nr,
+                        nc,
                         i0,
                         j0,
                         pos_offset,
@@ -193,10 +197,10 @@ def _varlen_body(
                         0,
                         0,
                     )
-                online_softmax_block(st, nk, nr, m, l, alpha, m_blk, chk, check_finite and raw)
-                rescale_accumulator(acct, alpha, nr)
-                v_rows, v_off = packed_rows(vn, k_begin + j0, nk, v_conv)
-                accumulate_values(st, v_rows, v_off, nk, acct, nr)
+                online_softmax_block(st, nk, nc, m, l, alpha, m_blk, chk, check_finite and raw)
+                rescale_accumulator(acct, alpha, nc)
+                v_rows, v_off = packed_rows(v, hk, k_begin + j0, nk, v_conv)
+                accumulate_values(st, v_rows, v_off, nk, acct, nc)
             n_bad = write_rows(acct, m, l, nr, chk, out[:, h, :], lse[:, h], q_begin + i0)
             check[t] = n_bad if check_finite else 0
 
