@@ -85,9 +85,13 @@ def _packed_storage(x, dtype):
     return _read_only(np.ascontiguousarray(x))
 
 
-def _block_q(L, heads):
+def _block_q(L, heads, causal):
     """Query rows per work item: the larger block when it still leaves every thread
-    PREFILL_ITEMS_PER_THREAD items (as ``api.prefill_block_q``)."""
+    PREFILL_ITEMS_PER_THREAD items (as ``api.prefill_block_q``). Causal: half the usual block, so that
+    a short sequence's first rows skip the keys after them (a 128-row block of a 128-token sequence
+    visits every key; two 64-row blocks visit 3/4 of them)."""
+    if causal:
+        return max(1, config.PREFILL_BLOCK_Q // 2)
     big = config.PREFILL_BLOCK_Q_LARGE
     if heads * int((-(-L // big)).sum()) >= config.PREFILL_ITEMS_PER_THREAD * get_num_threads():
         return big
@@ -276,7 +280,7 @@ def scaled_dot_product_attention_varlen(
     out = np.empty((Tq, H, Ev), dtype)
     lse = np.empty((Tq, H), dtype)
     threads = get_num_threads()
-    block_q = _block_q(np.diff(cu_q), H)
+    block_q = _block_q(np.diff(cu_q), H, alignment is not None)
     row_tile = ROW_TILE if dtype == np.float32 else 1
     items, bin_start, work = work_table(cu_q, cu_k, H, block_q, alignment, window, E, Ev, threads, row_tile)
     if items.shape[0]:
