@@ -35,11 +35,12 @@ micro-kernels (which need C-contiguous rows) run on it; the gather costs E loads
 BLOCK_Q·E multiply-adds. Results are written in place into ``out[:, h]`` and ``lse[:, h]``.
 
 Rows per item: the micro-kernels cover query rows in groups of W (``_prefill_tiles.W``: 64 with
-AVX-512) and leave the rest to plain loops, which ran 4-7× slower per row here (1 thread: 32
-sequences of 32 rows 7 GFLOP/s, of 64 rows 48 GFLOP/s). Sequences are short, so most items end
-in such a remainder: an item computes its rows rounded up to a multiple of W (``row_tile``) when
-the remainder is at least W/8 rows, the extra rows holding zero queries (their results are never
-written), which costs at most 8× the remainder's multiply-adds at tile speed.
+AVX-512) and leave the rest to plain loops, which ran 4-7× slower per row here (1 thread, on a
+busy machine, so ratios only: 32 sequences of 32 rows 7 GFLOP/s, of 64 rows 48 GFLOP/s). Sequences
+are short, so most items end in such a remainder: an item computes its rows rounded up to a
+multiple of W (``row_tile``) when the remainder is at least W/8 rows, the extra rows holding zero
+queries (their results are never written), which costs at most 8× the remainder's multiply-adds
+at tile speed.
 
 Memory per bin (float32, BLOCK_Q = BLOCK_K = 128, E = Ev = 64): the scaled query block and the
 output accumulator, transposed (E × BLOCK_Q, 32 KiB each), the score block (BLOCK_K × BLOCK_Q,
