@@ -13,6 +13,12 @@ normalisation (what sentence-transformers' Pooling + Normalize modules do).
 
     python examples/minilm_embeddings.py "A man is eating food." "A man is eating pasta."
     python examples/minilm_embeddings.py --dtype int8 --time
+    python examples/minilm_embeddings.py --packed --time
+
+``--packed`` runs the batch without padding: the sentences' tokens are stacked into one
+(total tokens, 384) array with offsets ``cu_seqlens`` (flash-attention's layout), the layers call
+``MultiHeadAttention(x, cu_seqlens=...)`` (``scaled_dot_product_attention_varlen``), and the linear
+layers and layer norms see only real tokens. Same embeddings as the padded batch.
 
 ``--dtype`` picks how the attention reads K and V: ``float32`` is the layer's own call;
 ``float16`` and ``int8`` project Q, K, V in float32 with the same layer, then store K and V as
@@ -167,17 +173,44 @@ class MiniLM:
         mask = np.array([e.attention_mask for e in enc], dtype=np.int64)
         return ids, types, mask
 
+    def tokenize_packed(self, sentences):
+        """(ids, token_type_ids, positions, cu_seqlens): the sentences' tokens stacked with no padding,
+        (total,) int64 each, and the offsets (B + 1,) of each sentence's tokens."""
+        enc = self.tokenizer.encode_batch(list(sentences))
+        ids = [np.array(e.ids, np.int64)[np.array(e.attention_mask, bool)] for e in enc]
+        types = [np.array(e.type_ids, np.int64)[np.array(e.attention_mask, bool)] for e in enc]
+        lengths = np.array([len(t) for t in ids], np.int64)
+        cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        positions = np.arange(cu[-1]) - np.repeat(cu[:-1], lengths)
+        return np.concatenate(ids), np.concatenate(types), positions, cu
+
     def tokens(self, sentence):
         """The tokens of one sentence, as the model sees them ([CLS] … [SEP])."""
         return self.tokenizer.encode(sentence).tokens
 
     # forward --------------------------------------------------------------------------------------
-    def embed(self, ids, types):
-        _B, T = ids.shape
+    def embed(self, ids, types, positions=None):
+        """Token embeddings: (B, T) ids padded, or (total,) packed ids with each token's ``positions``."""
         x = self.word_emb[ids]
-        x += self.pos_emb[:T]
+        x += self.pos_emb[: ids.shape[1]] if positions is None else self.pos_emb[positions]
         x += self.type_emb[types]
         return layer_norm(x, *self.emb_ln, self.eps)
+
+    def attention_packed(self, i, x, cu_seqlens, dtype="float32"):
+        """Self-attention sublayer of layer ``i`` on a packed batch x (total, H) with offsets ``cu_seqlens``."""
+        mha = self.layers[i]["mha"]
+        if dtype == "float32":
+            return mha(x, cu_seqlens=cu_seqlens)
+        if dtype != "float16":
+            raise ValueError(f"a packed batch takes dtype float32 or float16 (no int8 varlen kernel), got {dtype!r}")
+        q, k, v = (t[0].transpose(1, 0, 2) for t in mha.project_qkv(x[None]))  # (total, heads, head_dim)
+        out = numba_attn.scaled_dot_product_attention_varlen(
+            q, k.astype(np.float16), v.astype(np.float16), cu_seqlens, cu_seqlens, check_finite=False,
+            out_dtype=np.float32,
+        )  # fmt: skip
+        y = out.reshape(x.shape[0], -1) @ mha.w_o
+        y += mha.b_o
+        return y
 
     def attention(self, i, x, padding, dtype="float32"):
         """Self-attention sublayer of layer ``i`` on x (B, T, H); ``padding`` (B, T) bool, True = pad."""
@@ -199,23 +232,28 @@ class MiniLM:
         y += mha.b_o
         return y.reshape(B, T, H * D)
 
-    def block(self, i, x, padding, dtype="float32", timings=None):
-        """Encoder layer ``i``: attention, residual + layer norm, GELU feed-forward, residual + layer norm."""
+    def block(self, i, x, padding, dtype="float32", timings=None, cu_seqlens=None):
+        """Encoder layer ``i``: attention, residual + layer norm, GELU feed-forward, residual + layer norm.
+
+        x (B, T, H) with ``padding``, or packed (total, H) with ``cu_seqlens`` (``padding`` unused)."""
         lay = self.layers[i]
-        B, T, Hd = x.shape
+        Hd = x.shape[-1]
         t0 = time.perf_counter()
-        a = self.attention(i, x, padding, dtype)
+        if cu_seqlens is None:
+            a = self.attention(i, x, padding, dtype)
+        else:
+            a = self.attention_packed(i, x, cu_seqlens, dtype)
         if timings is not None:
             timings["attention"] = timings.get("attention", 0.0) + time.perf_counter() - t0
         a += x
-        x2 = layer_norm(a, *lay["ln1"], self.eps).reshape(B * T, Hd)
+        x2 = layer_norm(a, *lay["ln1"], self.eps).reshape(-1, Hd)
         h = x2 @ lay["w1"]
         h += lay["b1"]
         gelu_(h)
         y = h @ lay["w2"]
         y += lay["b2"]
         y += x2
-        return layer_norm(y, *lay["ln2"], self.eps).reshape(B, T, Hd)
+        return layer_norm(y, *lay["ln2"], self.eps).reshape(x.shape)
 
     def forward(self, ids, types, mask, dtype="float32", timings=None, upto=None):
         """Token states (B, T, H) after the last layer (or after the first ``upto`` layers).
@@ -227,6 +265,13 @@ class MiniLM:
             x = self.block(i, x, padding, dtype, timings)
         return x
 
+    def forward_packed(self, ids, types, positions, cu_seqlens, dtype="float32", timings=None):
+        """Token states (total, H) of a packed batch (``tokenize_packed``) after the last layer."""
+        x = self.embed(ids, types, positions)
+        for i in range(self.num_layers):
+            x = self.block(i, x, None, dtype, timings, cu_seqlens=cu_seqlens)
+        return x
+
     def qk(self, i, sentence):
         """Q and K (1, heads, T, head_dim) of layer ``i`` for one sentence, and its tokens."""
         ids, types, mask = self.tokenize([sentence])
@@ -234,12 +279,18 @@ class MiniLM:
         q, k, _ = self.layers[i]["mha"].project_qkv(x)
         return q, k, self.tokens(sentence)
 
-    def encode(self, sentences, dtype="float32", timings=None):
-        """L2-normalised mean-pooled embeddings (B, 384) float32."""
-        ids, types, mask = self.tokenize(sentences)
-        x = self.forward(ids, types, mask, dtype, timings)
-        m = mask[:, :, None].astype(np.float32)
-        pooled = (x * m).sum(axis=1) / np.maximum(m.sum(axis=1), 1e-9)
+    def encode(self, sentences, dtype="float32", timings=None, packed=False):
+        """L2-normalised mean-pooled embeddings (B, 384) float32. ``packed``: no padding (see module doc)."""
+        if packed:
+            ids, types, positions, cu = self.tokenize_packed(sentences)
+            x = self.forward_packed(ids, types, positions, cu, dtype, timings)
+            lengths = np.diff(cu)
+            pooled = np.add.reduceat(x, cu[:-1], axis=0) / np.maximum(lengths, 1)[:, None]
+        else:
+            ids, types, mask = self.tokenize(sentences)
+            x = self.forward(ids, types, mask, dtype, timings)
+            m = mask[:, :, None].astype(np.float32)
+            pooled = (x * m).sum(axis=1) / np.maximum(m.sum(axis=1), 1e-9)
         return pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
 
 
@@ -254,8 +305,10 @@ def _best_ms(fn, repeat):
     return best * 1e3
 
 
-def kernel_ms(model, sentences, dtype, repeat):
-    """ms of the scaled_dot_product_attention calls alone (all 6 layers), on the batch's real Q, K, V."""
+def kernel_ms(model, sentences, dtype, repeat, packed=False):
+    """ms of the scaled_dot_product_attention(_varlen) calls alone (all 6 layers), on the batch's real Q, K, V."""
+    if packed:
+        return _packed_kernel_ms(model, sentences, dtype, repeat)
     ids, types, mask = model.tokenize(sentences)
     padding = mask == 0
     keep = ~padding[:, None, None, :]
@@ -277,21 +330,45 @@ def kernel_ms(model, sentences, dtype, repeat):
     return _best_ms(run, repeat)
 
 
-def report_timing(model, sentences, dtype, threads, repeat=5):
-    ms = _best_ms(lambda: model.encode(sentences, dtype), repeat)
+def _packed_kernel_ms(model, sentences, dtype, repeat):
+    ids, types, positions, cu = model.tokenize_packed(sentences)
+    x = model.embed(ids, types, positions)
+    qkv = []
+    for i in range(model.num_layers):
+        q, k, v = (np.ascontiguousarray(t[0].transpose(1, 0, 2)) for t in model.layers[i]["mha"].project_qkv(x[None]))
+        if dtype == "float16":
+            k, v = k.astype(np.float16), v.astype(np.float16)
+        qkv.append((q, k, v))
+        x = model.block(i, x, None, dtype, cu_seqlens=cu)
+
+    def run():
+        for q, k, v in qkv:
+            numba_attn.scaled_dot_product_attention_varlen(q, k, v, cu, cu, check_finite=False, out_dtype=np.float32)
+
+    return _best_ms(run, repeat)
+
+
+def report_timing(model, sentences, dtype, threads, repeat=5, packed=False):
+    ms = _best_ms(lambda: model.encode(sentences, dtype, packed=packed), repeat)
     tm = {}
-    model.encode(sentences, dtype, timings=tm)
+    model.encode(sentences, dtype, timings=tm, packed=packed)
     tm = {}
     for _ in range(repeat):
-        model.encode(sentences, dtype, timings=tm)
+        model.encode(sentences, dtype, timings=tm, packed=packed)
     attn_ms = tm["attention"] / repeat * 1e3
-    k_ms = kernel_ms(model, sentences, dtype, repeat)
+    k_ms = kernel_ms(model, sentences, dtype, repeat, packed)
+    layout = "packed, no padding" if packed else "padded"
     print(
-        f"\nnumpy + numba_attn ({dtype}, {threads} threads): {ms:.1f} ms per batch of {len(sentences)} "
-        f"(best of {repeat})"
+        f"\nnumpy + numba_attn ({dtype}, {layout}, {threads} threads): {ms:.1f} ms per batch of "
+        f"{len(sentences)} (best of {repeat})"
     )
     print(f"  attention sublayers (Q/K/V/O projections + attention): {attn_ms:.1f} ms (~{100 * attn_ms / ms:.0f}%)")
-    print(f"  scaled_dot_product_attention kernels alone:            {k_ms:.1f} ms (~{100 * k_ms / ms:.0f}%)")
+    kernels = "scaled_dot_product_attention_varlen" if packed else "scaled_dot_product_attention"
+    print(f"  {kernels} kernels alone: {k_ms:.1f} ms (~{100 * k_ms / ms:.0f}%)")
+    if packed:
+        padded_ms = _best_ms(lambda: model.encode(sentences, dtype), repeat)
+        padded_k_ms = kernel_ms(model, sentences, dtype, repeat)
+        print(f"  the same batch padded: {padded_ms:.1f} ms per batch, attention kernels {padded_k_ms:.1f} ms")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the reference loads from the same folder, offline
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
@@ -315,16 +392,20 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="threads for numba_attn and numpy (and torch)")
     ap.add_argument("--dims", type=int, default=6, help="embedding dims to print")
     ap.add_argument("--time", action="store_true", help="time the forward, its attention share and PyTorch's")
+    ap.add_argument("--packed", action="store_true", help="run the batch packed, without padding (float32/float16)")
     args = ap.parse_args(argv)
+    if args.packed and args.dtype == "int8":
+        ap.error("--packed takes --dtype float32 or float16 (the varlen kernel reads float K/V only)")
     threads = args.threads or numba_attn.get_num_threads()
     set_threads(threads)
     sentences = args.sentences or DEFAULT_SENTENCES
 
     model = MiniLM()
-    emb = model.encode(sentences, args.dtype)
+    emb = model.encode(sentences, args.dtype, packed=args.packed)
     print(
-        f"all-MiniLM-L6-v2 on numpy + numba_attn, attention K/V in {args.dtype}: "
-        f"{len(sentences)} sentences -> {emb.shape[1]}-dim unit vectors"
+        f"all-MiniLM-L6-v2 on numpy + numba_attn, attention K/V in {args.dtype}"
+        + (", packed batch (no padding)" if args.packed else "")
+        + f": {len(sentences)} sentences -> {emb.shape[1]}-dim unit vectors"
     )
     width = max(len(s) for s in sentences)
     for i, (s, e) in enumerate(zip(sentences, emb)):
@@ -336,7 +417,7 @@ def main(argv=None):
     for i, row in enumerate(sims):
         print(f"[{i}]  " + " ".join(f"{v:6.3f}" for v in row))
     if args.time:
-        report_timing(model, sentences, args.dtype, threads)
+        report_timing(model, sentences, args.dtype, threads, packed=args.packed)
     return emb
 
 

@@ -4,6 +4,8 @@ Public API (see each docstring):
 
 - :func:`scaled_dot_product_attention` — PyTorch-compatible attention on numpy arrays.
 - :func:`attention_weights` — the softmax weights themselves, for small inputs.
+- :func:`scaled_dot_product_attention_varlen` — a packed batch of sequences of different lengths
+  (flash-attention's ``cu_seqlens`` layout), no padding.
 - :class:`MultiHeadAttention` — a layer with Q/K/V/O projections, GQA/MQA, masks, a KV cache.
 - :class:`LinearWeight` — a projection weight stored as float32, float16 or int8, read at its width.
 - :class:`KVCache` — preallocated key/value storage (optionally a sliding-window ring buffer),
@@ -22,11 +24,13 @@ from .cache import KVCache
 from .layers import MultiHeadAttention
 from .linear import LinearWeight
 from .quant import QuantizedTensor, dequantize, quantize
+from .varlen import scaled_dot_product_attention_varlen
 
 __all__ = [
     "__version__",
     "scaled_dot_product_attention",
     "attention_weights",
+    "scaled_dot_product_attention_varlen",
     "MultiHeadAttention",
     "KVCache",
     "LinearWeight",

@@ -333,6 +333,130 @@ class OnnxRuntime:
 IMPLEMENTATIONS = [NumbaAttn(), Torch(), OnnxRuntime(), Numpy()]
 
 
+# -- packed batches of different lengths ------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class VarlenCase:
+    """A batch of B sequences (self-attention, L_b = S_b) with lengths drawn uniformly from
+    [min_len, max_len] by a seeded generator: packed for ``scaled_dot_product_attention_varlen``,
+    padded to the longest with a key padding mask for the others."""
+
+    name: str
+    B: int = 32
+    H: int = 12
+    D: int = 32
+    min_len: int = 8
+    max_len: int = 128
+    causal: bool = False
+    seed: int = 0
+    memory_bound = False  # for run_cases
+
+    @property
+    def lengths(self):
+        return np.random.default_rng(self.seed).integers(self.min_len, self.max_len + 1, self.B)
+
+    @property
+    def shape(self):
+        return f"B{self.B} H{self.H} L{self.min_len}-{self.max_len} D{self.D}" + (" causal" if self.causal else "")
+
+    @property
+    def flops(self):
+        """4·H·D·Σ L_b², the useful work (halved when causal)."""
+        f = 4 * self.H * self.D * int((self.lengths.astype(np.int64) ** 2).sum())
+        return f // 2 if self.causal else f
+
+    def packed(self):
+        """(q, k, v, cu_seqlens): (total, H, D) float32 each, offsets (B + 1,)."""
+        lengths = self.lengths
+        total = int(lengths.sum())
+        rng = np.random.default_rng(self.seed + 1)
+        q, k, v = (rng.standard_normal((total, self.H, self.D), dtype=np.float32) for _ in range(3))
+        cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        return q, k, v, cu
+
+    def padded(self):
+        """(q, k, v, keep): (B, H, T, D) float32 zero-padded to the longest T, keep (B, 1, 1, T) bool
+        True where the key is a real token (the same tokens as ``packed``)."""
+        q, k, v, cu = self.packed()
+        lengths = np.diff(cu)
+        T = int(lengths.max())
+        out = []
+        for x in (q, k, v):
+            p = np.zeros((self.B, self.H, T, self.D), np.float32)
+            for b in range(self.B):
+                p[b, :, : lengths[b]] = x[cu[b] : cu[b + 1]].transpose(1, 0, 2)
+            out.append(p)
+        keep = (np.arange(T)[None, :] < lengths[:, None])[:, None, None, :]
+        return (*out, keep)
+
+
+#: the packed-batch cases of ``scripts/varlen_bench.py`` and the asv suite (``asv_bench/benchmarks/varlen.py``)
+VARLEN_CASES = (
+    VarlenCase("32 sentences, 8-128 tokens"),
+    VarlenCase("32 sentences, 8-128 tokens, causal", causal=True),
+)
+
+
+class NumbaAttnVarlen:
+    name = "numba_attn varlen"
+
+    def prepare(self, case, threads):
+        import numba
+
+        from .varlen import scaled_dot_product_attention_varlen
+
+        numba.set_num_threads(threads)
+        q, k, v, cu = case.packed()
+
+        def run():
+            return scaled_dot_product_attention_varlen(q, k, v, cu, cu, is_causal=case.causal)
+
+        return run
+
+
+class NumbaAttnPadded:
+    name = "numba_attn padded"
+
+    def prepare(self, case, threads):
+        import numba
+
+        from .api import scaled_dot_product_attention
+
+        numba.set_num_threads(threads)
+        q, k, v, keep = case.padded()
+
+        def run():
+            return scaled_dot_product_attention(q, k, v, attn_mask=keep, is_causal=case.causal)
+
+        return run
+
+
+class TorchPadded:
+    name = "torch padded"
+
+    def prepare(self, case, threads):
+        try:
+            import torch
+        except ImportError:
+            raise Unavailable("torch is not installed (pip install 'numba_attn[torch]')") from None
+        torch.set_num_threads(threads)
+        q, k, v, keep = (torch.from_numpy(x) for x in case.padded())
+        if case.causal:  # torch takes a mask or is_causal, not both
+            T = q.shape[2]
+            keep = keep & torch.ones(T, T, dtype=torch.bool).tril()
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+
+        def run():
+            if torch.get_num_threads() != threads:  # numba can reset it (numba issue #9387)
+                torch.set_num_threads(threads)
+            with torch.no_grad():
+                return sdpa(q, k, v, attn_mask=keep)
+
+        return run
+
+
+VARLEN_IMPLEMENTATIONS = [NumbaAttnVarlen(), NumbaAttnPadded(), TorchPadded()]
+
+
 # -- measuring ------------------------------------------------------------------------------------
 def median_seconds(fn, min_repeat=5, max_repeat=50, budget=1.0):
     """Median wall time of ``fn()`` after one warm-up call; repeats until ``budget`` seconds or max."""

@@ -10,6 +10,7 @@ import numpy as np
 from . import __version__, config
 from ._threads import get_num_threads
 from .api import scaled_dot_product_attention
+from .varlen import scaled_dot_product_attention_varlen
 
 
 def run_info(out=None):
@@ -71,8 +72,9 @@ def run_warmup(out=None):
     """Compile (or load) every kernel variant a typical program meets, so its first call is fast.
 
     Variants: prefill and decode kernels, parallel and serial builds, float32/float64/float16/int8
-    storage, no mask / boolean mask / float mask. Run once after installing (the results land in
-    the on-disk cache, see ``info``).
+    storage, no mask / boolean mask / float mask; the packed-batch (varlen) kernel, parallel and
+    serial, float32/float64/float16 storage. Run once after installing (the results land in the
+    on-disk cache, see ``info``).
     """
     out = sys.stdout if out is None else out
     from .quant import quantize
@@ -102,6 +104,13 @@ def run_warmup(out=None):
                 elif mask == "float":
                     m = np.zeros((qs[-2], ks[-2]), np.float64 if precision == "float64" else np.float32)
                 scaled_dot_product_attention(q, k, v, attn_mask=m)
+                n += 1
+        if precision != "int8":  # the varlen kernel reads float K/V only
+            for lengths in ((3, 5), (150, 90)):  # the serial build, then the parallel one
+                cu = np.concatenate([[0], np.cumsum(lengths)])
+                q = rng.standard_normal((cu[-1], 2, 64)).astype(np.float32 if precision == "float16" else precision)
+                k = rng.standard_normal((cu[-1], 2, 64)).astype(precision)
+                scaled_dot_product_attention_varlen(q, k, k, cu, cu)
                 n += 1
         print(f"  {precision}: {time.perf_counter() - t0:.1f} s", file=out, flush=True)
     where = config.CACHE_DIR if config.CACHE else f"nowhere (cache off: {config.CACHE_UNAVAILABLE})"

@@ -15,6 +15,7 @@ import numpy as np
 from ._validate import check_causal, check_finite_array, check_sinks, check_slopes, check_softcap
 from .api import scaled_dot_product_attention
 from .cache import KVCache, alibi_bias, streaming_mask
+from .varlen import check_cu_seqlens, scaled_dot_product_attention_varlen
 
 __all__ = ["MultiHeadAttention"]
 
@@ -47,7 +48,8 @@ class MultiHeadAttention:
         Weights start Xavier-uniform (as PyTorch's), biases zero; load real ones with ``from_*``.
 
     Call: ``layer(x, context=None, *, key_padding_mask=None, attn_mask=None, is_causal=False,
-    cache=None, window=None, alibi_slopes=None, sinks=None, softcap=None, rotary=None)``, see ``__call__``.
+    cache=None, window=None, alibi_slopes=None, sinks=None, softcap=None, rotary=None, cu_seqlens=None,
+    cu_seqlens_k=None)``, see ``__call__``; with ``cu_seqlens`` x is a packed batch (tokens, embed_dim).
 
     Examples
     --------
@@ -345,6 +347,8 @@ class MultiHeadAttention:
         sinks=None,
         softcap=None,
         rotary=None,
+        cu_seqlens=None,
+        cu_seqlens_k=None,
     ):
         """Attention of x (B, L, embed_dim) over itself, or over ``context`` (B, S, kdim); → (B, L, embed_dim).
 
@@ -368,7 +372,32 @@ class MultiHeadAttention:
 
         ``alibi_slopes``, ``sinks`` (learned sink logits, one per query head) and ``softcap``: as in
         :func:`~numba_attn.scaled_dot_product_attention`, on every path (cached or not).
+
+        ``cu_seqlens`` (B + 1,): x is a packed batch (total tokens, embed_dim), sequence b being rows
+        ``cu_seqlens[b]:cu_seqlens[b+1]`` (flash-attention's layout), and the result is packed the same
+        way: each sequence attends to itself only, with no padding computed
+        (``scaled_dot_product_attention_varlen``). Cross-attention: ``context`` packed too
+        (total context tokens, kdim) with its own offsets ``cu_seqlens_k``. ``is_causal``, ``window``,
+        ``alibi_slopes``, ``sinks``, ``softcap`` apply per sequence; ``rotary`` gets q and k as (1, heads,
+        tokens, head_dim) and each token's position inside its own sequence. No masks (there is no padding to
+        mask) and no cache.
         """
+        if cu_seqlens is not None or cu_seqlens_k is not None:
+            return self._call_packed(
+                x,
+                context,
+                cu_seqlens,
+                cu_seqlens_k,
+                key_padding_mask,
+                attn_mask,
+                is_causal,
+                cache,
+                window,
+                alibi_slopes,
+                sinks,
+                softcap,
+                rotary,
+            )
         if cache is not None and not isinstance(cache, KVCache):
             raise TypeError(f"cache must be a numba_attn.KVCache, got {type(cache).__name__}")
         check_causal(is_causal)  # with a cache it is not used (bottom-right by construction), but still checked
@@ -403,13 +432,84 @@ class MultiHeadAttention:
         else:
             out = self._attend_cached(q, k, v, cache, key_padding_mask, attn_mask, window, kw)
         merged = out.transpose(0, 2, 1, 3).reshape(B * L, self.num_heads * self.head_dim)
+        return self._project_out(merged).reshape(B, L, self.embed_dim)
+
+    def _project_out(self, merged):
+        """The output projection of the heads' results, (tokens, H·head_dim) → (tokens, embed_dim)."""
         if self._packed is not None:
-            y = self._packed["o"](merged)
+            return self._packed["o"](merged)
+        y = merged @ self.w_o
+        if self.b_o is not None:
+            y += self.b_o
+        return y
+
+    def _call_packed(
+        self,
+        x,
+        context,
+        cu_seqlens,
+        cu_seqlens_k,
+        key_padding_mask,
+        attn_mask,
+        is_causal,
+        cache,
+        window,
+        alibi_slopes,
+        sinks,
+        softcap,
+        rotary,
+    ):
+        """``__call__`` on a packed batch (``cu_seqlens`` given): see there."""
+        for name, given in (("cache", cache), ("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
+            if given is not None:
+                raise ValueError(
+                    f"{name} cannot be combined with a packed batch (cu_seqlens): a packed batch has no padding "
+                    "to mask and no cache; pass a padded (B, L, embed_dim) batch for that"
+                )
+        if rotary is not None and not callable(rotary):
+            raise TypeError(f"rotary must be a callable (q, k, positions) -> (q, k), got {type(rotary).__name__}")
+        if cu_seqlens is None:
+            raise ValueError("cu_seqlens_k is the packed context's offsets: pass cu_seqlens (x's offsets) too")
+        x = self._check_packed_input(x, "x", self.embed_dim)
+        cu = check_cu_seqlens(cu_seqlens, "cu_seqlens", x.shape[0], "x")
+        if context is not None:
+            context = self._check_packed_input(context, "context", self.kdim)
+            if cu_seqlens_k is None:
+                raise ValueError("cross-attention on a packed batch needs cu_seqlens_k (the offsets of context)")
+            cu_k = check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", context.shape[0], "context")
+            if cu_k.shape != cu.shape:
+                raise ValueError(
+                    f"cu_seqlens_k must describe as many sequences as cu_seqlens ({cu.shape[0] - 1}), "
+                    f"got shape {cu_k.shape}"
+                )
         else:
-            y = merged @ self.w_o
-            if self.b_o is not None:
-                y += self.b_o
-        return y.reshape(B, L, self.embed_dim)
+            if cu_seqlens_k is not None:
+                raise ValueError(
+                    "cu_seqlens_k is for a packed context (cross-attention); self-attention uses cu_seqlens"
+                )
+            if not self._fused and (self.kdim != self.embed_dim or self.vdim != self.embed_dim):
+                raise ValueError("this layer has kdim/vdim != embed_dim: pass the key/value source as context")
+            cu_k = cu
+        q, k, v = self.project_qkv(x[None], None if context is None else context[None])  # (1, heads, tokens, D)
+        if rotary is not None:
+            lengths = np.diff(cu)
+            positions = np.arange(x.shape[0]) - np.repeat(cu[:-1], lengths)  # inside each sequence
+            q, k = rotary(q, k, positions)
+        out = scaled_dot_product_attention_varlen(
+            q[0].transpose(1, 0, 2),
+            k[0].transpose(1, 0, 2),
+            v[0].transpose(1, 0, 2),
+            cu,
+            cu_k,
+            is_causal=is_causal,
+            window=window,
+            alibi_slopes=alibi_slopes,
+            sinks=sinks,
+            softcap=softcap,
+            check_finite=False,
+            out_dtype=self.dtype,
+        )
+        return self._project_out(out.reshape(x.shape[0], self.num_heads * self.head_dim))
 
     def _attend_cached(self, q, k, v, cache, key_padding_mask, attn_mask, window, kw):
         B, L = q.shape[0], q.shape[2]
@@ -525,6 +625,15 @@ class MultiHeadAttention:
             f"{name} must be boolean (True = masked out, as in torch.nn.MultiheadAttention) or floating "
             f"(added to the scores), got dtype {mask.dtype}"
         )
+
+    def _check_packed_input(self, x, name, dim):
+        x = np.asarray(x)
+        if x.dtype.kind != "f":
+            raise TypeError(f"{name} must be a floating array, got dtype {x.dtype}")
+        if x.ndim != 2 or x.shape[1] != dim:
+            raise ValueError(f"{name} must be a packed batch of shape (tokens, {dim}) with cu_seqlens, got {x.shape}")
+        check_finite_array(x, name)
+        return x.astype(self.dtype, copy=False)
 
     def _check_input(self, x, name, dim):
         x = np.asarray(x)

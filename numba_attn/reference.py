@@ -9,7 +9,7 @@ validation: give it well-formed arrays.
 
 import numpy as np
 
-__all__ = ["scaled_dot_product_attention", "attention_weights", "causal_mask"]
+__all__ = ["scaled_dot_product_attention", "attention_weights", "causal_mask", "scaled_dot_product_attention_varlen"]
 
 
 def causal_mask(L, S, alignment="upper_left"):
@@ -126,3 +126,51 @@ def scaled_dot_product_attention(
     with np.errstate(divide="ignore"):
         lse = np.where(finite, m0 + np.log(np.exp(s - m0[..., None]).sum(axis=-1)), -np.inf)
     return out, lse
+
+
+def scaled_dot_product_attention_varlen(
+    query,
+    key,
+    value,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    is_causal=False,
+    scale=None,
+    return_lse=False,
+    window=None,
+    alibi_slopes=None,
+    softcap=None,
+    sinks=None,
+):
+    """Packed batches (flash-attention's ``cu_seqlens`` layout) in float64: a loop over the sequences,
+    each through :func:`scaled_dot_product_attention` on its own (H, L_b, E) slice.
+
+    query (total_q, H, E), key (total_k, H_kv, E), value (total_k, H_kv, Ev); H_kv may divide H.
+    Returns out (total_q, H, Ev) and, with ``return_lse``, lse (total_q, H).
+    """
+    q = np.asarray(query, dtype=np.float64)
+    k = np.asarray(key, dtype=np.float64)
+    v = np.asarray(value, dtype=np.float64)
+    if scale is None:
+        scale = 1.0 / np.sqrt(q.shape[-1])
+    out = np.zeros(q.shape[:2] + v.shape[2:])
+    lse = np.full(q.shape[:2], -np.inf)
+    for b in range(len(cu_seqlens_q) - 1):
+        qs = slice(int(cu_seqlens_q[b]), int(cu_seqlens_q[b + 1]))
+        ks = slice(int(cu_seqlens_k[b]), int(cu_seqlens_k[b + 1]))
+        o, l = scaled_dot_product_attention(
+            q[qs].transpose(1, 0, 2),
+            k[ks].transpose(1, 0, 2),
+            v[ks].transpose(1, 0, 2),
+            is_causal=is_causal,
+            scale=scale,
+            enable_gqa=True,
+            return_lse=True,
+            window=window,
+            alibi_slopes=alibi_slopes,
+            softcap=softcap,
+            sinks=sinks,
+        )
+        out[qs] = o.transpose(1, 0, 2)
+        lse[qs] = l.transpose(1, 0)
+    return (out, lse) if return_lse else out

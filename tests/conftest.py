@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from numba_attn.check import TOLERANCE
-from numba_attn.kernels import decode, prefill
+from numba_attn.kernels import decode, prefill, varlen
 
 DTYPES = (np.float32, np.float64)
 
@@ -78,7 +78,14 @@ def assert_unchanged(arrays, originals):
         assert np.asarray(a).dtype == o.dtype
 
 
-KERNELS = {"prefill_serial": prefill, "prefill_parallel": prefill, "decode_serial": decode, "decode_parallel": decode}
+KERNELS = {
+    "prefill_serial": prefill,
+    "prefill_parallel": prefill,
+    "decode_serial": decode,
+    "decode_parallel": decode,
+    "varlen_serial": varlen,
+    "varlen_parallel": varlen,
+}
 
 
 class KernelSpy:

@@ -24,6 +24,7 @@ from numba_attn import (
     dequantize,
     quantize,
     scaled_dot_product_attention,
+    scaled_dot_product_attention_varlen,
 )
 
 B, H, L, S, E, EV = 2, 3, 5, 7, 8, 6
@@ -73,6 +74,26 @@ def with_value(name, index, value):
 
 def reshaped(name, shape):
     return lambda args: np.zeros(shape, args[name].dtype)
+
+
+def varlen(**changes):
+    """A call of scaled_dot_product_attention_varlen on a good packed batch (sequences of 2 and 3 tokens,
+    4 query heads over 2 key/value heads) with some arguments replaced."""
+
+    def make():
+        rng = _rng()
+        args = dict(
+            query=rng.standard_normal((5, 4, E)).astype(np.float32),
+            key=rng.standard_normal((5, 2, E)).astype(np.float32),
+            value=rng.standard_normal((5, 2, EV)).astype(np.float32),
+            cu_seqlens_q=np.array([0, 2, 5]),
+            cu_seqlens_k=np.array([0, 2, 5]),
+        )
+        for name, value in changes.items():
+            args[name] = _given(value, args)
+        return lambda: scaled_dot_product_attention_varlen(**args)
+
+    return make
 
 
 def weights(**changes):
@@ -231,6 +252,23 @@ def nan_mask(shape, value=np.nan, dtype=np.float32):
 NaN, INF = np.nan, np.inf
 
 CATALOGUE = [
+    # ---- scaled_dot_product_attention_varlen: packed operands and offsets ----
+    ("varlen-query-4d", varlen(query=lambda a: a["query"][None]), "query"),
+    ("varlen-key-int8-array", varlen(key=lambda a: a["key"].astype(np.int8)), "key"),
+    ("varlen-value-quantized", varlen(value=lambda a: quantize(a["value"])), "value"),
+    ("varlen-key-features", varlen(key=lambda a: a["key"][..., :-1]), "key"),
+    ("varlen-value-tokens", varlen(value=lambda a: a["value"][:-1]), "value"),
+    ("varlen-heads-not-multiple", varlen(key=lambda a: np.zeros((5, 3, E), np.float32)), "heads"),
+    ("varlen-cu-float", varlen(cu_seqlens_q=lambda a: a["cu_seqlens_q"].astype(np.float64)), "cu_seqlens_q"),
+    ("varlen-cu-start", varlen(cu_seqlens_k=np.array([1, 2, 5])), "cu_seqlens_k"),
+    ("varlen-cu-decreasing", varlen(cu_seqlens_q=np.array([0, 3, 2, 5])), "cu_seqlens_q"),
+    ("varlen-cu-last", varlen(cu_seqlens_k=np.array([0, 2, 4])), "cu_seqlens_k"),
+    ("varlen-cu-counts", varlen(cu_seqlens_k=np.array([0, 5])), "cu_seqlens"),
+    ("varlen-cu-2d", varlen(cu_seqlens_q=np.array([[0, 2, 5]])), "cu_seqlens_q"),
+    ("varlen-alibi-length", varlen(alibi_slopes=np.ones(2)), "alibi_slopes"),
+    ("varlen-window-no-causal", varlen(window=2), "window"),
+    ("varlen-query-nan", varlen(query=with_value("query", (3, 1, 0), NaN)), "query"),
+    ("varlen-value-inf", varlen(value=with_value("value", (4, 0, 0), INF)), "value"),
     # ---- scaled_dot_product_attention: operand dtypes and shapes ----
     ("sdpa-query-int32", sdpa(query=lambda a: a["query"].astype(np.int32)), "query"),
     ("sdpa-query-int8-array", sdpa(query=lambda a: a["query"].astype(np.int8)), "query"),

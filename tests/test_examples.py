@@ -154,6 +154,25 @@ def test_minilm_low_precision_attention(minilm, dtype, min_cos):
     assert cos.min() >= min_cos, cos
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_minilm_packed_equals_padded(minilm, dtype):
+    """--packed (no padding: scaled_dot_product_attention_varlen) gives the padded batch's embeddings."""
+    padded = minilm.encode(SENTENCES, dtype)
+    packed = minilm.encode(SENTENCES, dtype, packed=True)
+    cos = (padded * packed).sum(axis=1) / (np.linalg.norm(padded, axis=1) * np.linalg.norm(packed, axis=1))
+    assert cos.min() >= 0.99999, cos
+    np.testing.assert_allclose(packed, padded, atol=1e-5)
+
+
+def test_minilm_example_packed_runs(minilm_module, capsys):
+    sentences = ["A cat sits on the mat.", "Interest rates rose again this year, the bank said."]
+    emb = minilm_module.main(["--packed", "--dims", "3", *sentences])
+    assert "packed batch (no padding)" in capsys.readouterr().out
+    np.testing.assert_allclose(emb, minilm_module.main(["--dims", "3", *sentences]), atol=1e-5)
+    with pytest.raises(SystemExit):
+        minilm_module.main(["--packed", "--dtype", "int8", *sentences])
+
+
 def test_minilm_padding_does_not_leak(minilm):
     """A sentence embeds the same alone and padded in a batch with a longer one."""
     alone = minilm.encode([SENTENCES[3]])

@@ -305,3 +305,17 @@ def test_layer_with_learned_sinks_and_sink_tokens():
     expected = ref.transpose(0, 2, 1, 3).reshape(20, 32) @ layer.w_o.astype(np.float64)
     np.testing.assert_allclose(np.concatenate(steps, axis=1)[0], expected, rtol=1e-4, atol=1e-4)
     assert cache.nbytes == layer.new_cache(1, 64, window=6, sink_tokens=2).nbytes
+
+
+def test_packed_layer_with_sinks_equals_each_sequence_alone():
+    rng = np.random.default_rng(12)
+    layer = MultiHeadAttention(32, 4, num_kv_heads=2, dtype=np.float32, seed=6)
+    lengths = [5, 0, 9]
+    cu = np.concatenate([[0], np.cumsum(lengths)])
+    x = randn(rng, (int(cu[-1]), 32), np.float32)
+    sinks = np.array([1.0, -0.5, 0.0, 2.0])
+    packed = layer(x, cu_seqlens=cu, is_causal=True, sinks=sinks)
+    for b, L in enumerate(lengths):
+        if L:
+            alone = layer(x[None, cu[b] : cu[b + 1]], is_causal=True, sinks=sinks)[0]
+            np.testing.assert_allclose(packed[cu[b] : cu[b + 1]], alone, rtol=1e-5, atol=1e-5)
