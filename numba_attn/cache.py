@@ -337,7 +337,7 @@ class KVCache:
         ``sink_tokens``, anything but one query without ALiBi takes that path with a mask).
         Returns ``(batch, H, L, value_dim)``.
         """
-        from ._validate import check_sinks, check_slopes, check_softcap
+        from ._validate import check_sinks, check_slopes, check_softcap, per_head_in
         from .api import attend_cache
 
         q = query if isinstance(query, np.ndarray) else np.asarray(query)
@@ -381,7 +381,9 @@ class KVCache:
         slopes = check_slopes(alibi_slopes, q.shape[1], finite=False)
         sinks = check_sinks(sinks, q.shape[1], finite=False)
         if self.sink_tokens and not (L == 1 and slopes is None and window == self.window):
-            slopes = check_slopes(slopes, q.shape[1])  # (made into a mask there: checked for NaN/inf first)
+            # (made into a mask there: checked for NaN/inf, and for the arithmetic's range, first)
+            arith = np.float64 if np.float64 in (q.dtype, self.dtype) else np.float32
+            slopes = None if slopes is None else per_head_in(slopes, "alibi_slopes", arith, finite=True)
             return self._attend_streaming(q, scale, window, slopes, sinks, softcap, out, check_finite)
         # (a sink cache's newest query sees every key held: no window for the kernel, which would hide the sinks)
         window = None if self.sink_tokens else window

@@ -12,7 +12,7 @@ import numbers
 
 import numpy as np
 
-from ._validate import check_causal, check_finite_array, check_sinks, check_slopes, check_softcap
+from ._validate import check_causal, check_finite_array, check_sinks, check_slopes, check_softcap, per_head_in
 from .api import scaled_dot_product_attention
 from .cache import KVCache, alibi_bias, streaming_mask
 from .varlen import check_cu_seqlens, scaled_dot_product_attention_varlen
@@ -538,8 +538,11 @@ class MultiHeadAttention:
         window = cache.window
         # everything that can be refused is checked before the cache changes
         check_softcap(kw["softcap"])
-        check_slopes(kw["alibi_slopes"], self.num_heads)
-        check_sinks(kw["sinks"], self.num_heads)
+        # (H,) arrays in the arithmetic's dtype now: a value beyond it (1e39 in float32) is refused here, not
+        # by the kernel call after the append (the kernels convert them again: the same values, no copy kept)
+        for name, check in (("alibi_slopes", check_slopes), ("sinks", check_sinks)):
+            if kw[name] is not None:
+                per_head_in(check(kw[name], self.num_heads), name, q.dtype)
         direct = window is None or (L == 1 and kw["alibi_slopes"] is None)
         if direct:
             # every cached token (after appending) is visible to the new ones: attend in storage order

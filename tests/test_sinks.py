@@ -244,15 +244,24 @@ def test_sinks_need_a_heads_dim():
         scaled_dot_product_attention(q, q, q, sinks=np.zeros(1))
 
 
-@pytest.mark.parametrize("bad", [np.zeros(3), np.array([0.0, np.nan, 0.0, 0.0])])
-def test_a_refused_cached_layer_call_leaves_the_cache_alone(bad):
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")
+@pytest.mark.parametrize("window, sink_tokens", [(None, 0), (4, 0), (4, 2)])
+@pytest.mark.parametrize("name", ["sinks", "alibi_slopes"])
+@pytest.mark.parametrize(
+    "bad",
+    [np.zeros(3), np.array([0.0, np.nan, 0.0, 0.0]), np.array([1e39, 0.0, 0.0, 0.0])],
+    ids=["shape", "nan", "big"],
+)
+def test_a_refused_cached_layer_call_leaves_the_cache_alone(bad, name, window, sink_tokens):
+    """Shape, NaN, and a value beyond the layer's float32 (1e39): refused before the new token is cached."""
     rng = np.random.default_rng(9)
     layer = MultiHeadAttention(32, 4, dtype=np.float32, seed=1)
-    cache = layer.new_cache(1, 8)
+    cache = layer.new_cache(1, 8, window=window, sink_tokens=sink_tokens)
     layer(randn(rng, (1, 2, 32), np.float32), cache=cache)
     keys = np.array(cache.keys)
-    with pytest.raises(ValueError, match="sinks"):
-        layer(randn(rng, (1, 1, 32), np.float32), cache=cache, sinks=bad)
+    for L in (1, 3):
+        with pytest.raises(ValueError, match=name):
+            layer(randn(rng, (1, L, 32), np.float32), cache=cache, **{name: bad})
     assert cache.length == 2
     np.testing.assert_array_equal(cache.keys, keys)
 
@@ -319,3 +328,17 @@ def test_packed_layer_with_sinks_equals_each_sequence_alone():
         if L:
             alone = layer(x[None, cu[b] : cu[b + 1]], is_causal=True, sinks=sinks)[0]
             np.testing.assert_allclose(packed[cu[b] : cu[b + 1]], alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")
+@pytest.mark.parametrize("L", [1, 3])
+def test_cache_attend_refuses_slopes_and_sinks_beyond_float32(L):
+    """Every path of ``KVCache.attend`` (the fast one, a sink cache's masked one) refuses 1e39 in float32."""
+    rng = np.random.default_rng(13)
+    cache = KVCache(1, 2, 8, 32, window=4, sink_tokens=2)
+    cache.append(randn(rng, (1, 2, 9, 8)), randn(rng, (1, 2, 9, 8)))
+    q = randn(rng, (1, 2, L, 8), np.float32)
+    big = np.array([1e39, 0.0])
+    for name in ("alibi_slopes", "sinks"):
+        with pytest.raises(ValueError, match=f"{name} holds values beyond float32's range"):
+            cache.attend(q, window=2, **{name: big})
