@@ -287,8 +287,8 @@ def prepare_attention(
     mask, m_idx, mask_kind, mask_row_step, mask_col_step = _prepare_mask(attn_mask, batch, L, S, dtype, check_finite)
     window = check_window(window, alignment)
     softcap = check_softcap(softcap)
-    slopes = _prepare_per_head(alibi_slopes, check_slopes, "alibi_slopes", batch, dtype)
-    sinks = _prepare_per_head(sinks, check_sinks, "sinks", batch, dtype)
+    slopes = prepare_per_head(alibi_slopes, check_slopes, "alibi_slopes", batch, dtype)
+    sinks = prepare_per_head(sinks, check_sinks, "sinks", batch, dtype)
     q3, _, _ = _storage(query, dtype, L, E)
     k3, k_scales, k_block = _storage(key, dtype, S, E)
     v3, v_scales, v_block = _storage(value, dtype, S, Ev)
@@ -431,9 +431,14 @@ def per_head_in(values, name, dtype, finite=False):
     return out
 
 
-def _prepare_per_head(x, check, name, batch, dtype):
-    """(N,) per output batch entry (the heads dim -3 repeated over the batch), or (0,) for none."""
+def prepare_per_head(x, check, name, batch, dtype):
+    """(N,) per output batch entry (the heads dim -3 repeated over the batch), or (0,) for none: shape
+    checked by ``check``, NaN/inf and the arithmetic's range checked once, after the conversion. No copy
+    beyond the conversion's own when the batch is just the heads (a decode call's B = 1)."""
     if x is None:
         return _NO_SLOPES[np.dtype(dtype)]
-    arr = check(x, batch[-1] if len(batch) else None)
-    return np.array(np.broadcast_to(per_head_in(arr, name, dtype), batch).reshape(-1))
+    arr = check(x, batch[-1] if len(batch) else None, finite=False)
+    conv = per_head_in(arr, name, dtype, finite=True)
+    if math.prod(batch) == conv.shape[0]:
+        return conv
+    return np.array(np.broadcast_to(conv, batch).reshape(-1))

@@ -11,15 +11,16 @@ from . import config
 from ._threads import get_num_threads, launch
 from ._validate import (
     _NO_MASK,
-    _NO_SLOPES,
     FLOAT16_MAX,
     Plan,
     _dtypes,
     check_finite_array,
     check_float_operand,
     check_scale,
-    per_head_in,
+    check_sinks,
+    check_slopes,
     prepare_attention,
+    prepare_per_head,
 )
 from .cache import is_kv_cache_view
 from .kernels import decode, prefill
@@ -124,24 +125,37 @@ def _run(plan, out=None):
     return out, lse
 
 
-def attend_cache(cache, q, scale, window, slopes, sinks, softcap, out, check_finite):
-    """``KVCache.attend`` after its checks: one kernel on the cache's storage (see there)."""
-    B, H, L, E = q.shape
-    Hkv, Ev, store = cache.num_kv_heads, cache.value_dim, cache.dtype
-    scale = check_scale(scale, E)
-    dtype, result = _dtypes(q, cache._keys, cache._values, None)  # the rule of every call
+def check_attend_out(out, shape, result):
+    """``KVCache.attend``'s ``out``: None, or a writeable C-contiguous array of ``shape`` and dtype ``result``."""
     if out is not None and (
         not isinstance(out, np.ndarray)
-        or out.shape != (B, H, L, Ev)
+        or out.shape != shape
         or out.dtype != result
         or not out.flags.c_contiguous
         or not out.flags.writeable
     ):
         raise ValueError(
             f"out must be a writeable C-contiguous {result.name} array of shape (batch, H, L, value_dim) "
-            f"= {(B, H, L, Ev)}, got "
+            f"= {shape}, got "
             + (f"{out.dtype.name} {out.shape}" if isinstance(out, np.ndarray) else type(out).__name__)
         )
+
+
+def into_out(res, out):
+    """``res``, or ``res`` copied into the caller's ``out`` (returned)."""
+    if out is None:
+        return res
+    out[...] = res
+    return out
+
+
+def attend_cache(cache, q, scale, window, slopes, sinks, softcap, out, check_finite):
+    """``KVCache.attend`` after its checks: one kernel on the cache's storage (see there)."""
+    B, H, L, E = q.shape
+    Hkv, Ev, store = cache.num_kv_heads, cache.value_dim, cache.dtype
+    scale = check_scale(scale, E)
+    dtype, result = _dtypes(q, cache._keys, cache._values, None)  # the rule of every call
+    check_attend_out(out, (B, H, L, Ev), result)
     n_valid = cache.n_valid
     # a window whose ring has wrapped keeps storage order != position order: fine for one query
     # that sees every held key, otherwise the keys go in position order (a copy)
@@ -162,10 +176,7 @@ def attend_cache(cache, q, scale, window, slopes, sinks, softcap, out, check_fin
             sinks=sinks,
             check_finite=check_finite,
         )
-        if out is None:
-            return res
-        out[...] = res
-        return out
+        return into_out(res, out)
     k3, k_scales, k_block, v3, v_scales, v_block = cache._kernel_operands()
     index = cache._index_cache.get(H)
     if index is None:
@@ -198,8 +209,8 @@ def attend_cache(cache, q, scale, window, slopes, sinks, softcap, out, check_fin
         is_causal=in_order,
         pos_offset=n_valid - L,
         window=(window or 0) if in_order else 0,
-        slopes=_per_entry(slopes, "alibi_slopes", dtype, B),
-        sinks=_per_entry(sinks, "sinks", dtype, B),
+        slopes=prepare_per_head(slopes, check_slopes, "alibi_slopes", (B, H), dtype),
+        sinks=prepare_per_head(sinks, check_sinks, "sinks", (B, H), dtype),
         softcap=softcap,
         scale=scale,
         dtype=dtype,
@@ -217,19 +228,7 @@ def attend_cache(cache, q, scale, window, slopes, sinks, softcap, out, check_fin
     if direct:
         return out
     res = _to_out_dtype(res, result, store == np.float16).reshape(B, H, L, Ev)
-    if out is None:
-        return res
-    out[...] = res
-    return out
-
-
-def _per_entry(per_head, name, dtype, B):
-    """(B·H,) per output batch entry from a shape-checked (H,) array (``KVCache.attend`` leaves the
-    NaN/inf check to this one conversion), or the (0,) "none" placeholder."""
-    if per_head is None:
-        return _NO_SLOPES[dtype]
-    conv = per_head_in(per_head, name, dtype, finite=True)
-    return conv if B == 1 else np.tile(conv, B)
+    return into_out(res, out)
 
 
 def _raise_nonfinite(plan):

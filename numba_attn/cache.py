@@ -394,22 +394,11 @@ class KVCache:
         window, ALiBi): the keys in position order with ``streaming_mask`` (ALiBi on absolute
         positions as an additive mask)."""
         from ._validate import _dtypes
-        from .api import scaled_dot_product_attention
+        from .api import check_attend_out, into_out, scaled_dot_product_attention
 
         B, H, L, _ = q.shape
         dtype, result = _dtypes(q, self._keys, self._values, None)
-        if out is not None and (
-            not isinstance(out, np.ndarray)
-            or out.shape != (B, H, L, self.value_dim)
-            or out.dtype != result
-            or not out.flags.c_contiguous
-            or not out.flags.writeable
-        ):
-            raise ValueError(
-                f"out must be a writeable C-contiguous {result.name} array of shape (batch, H, L, value_dim) "
-                f"= {(B, H, L, self.value_dim)}, got "
-                + (f"{out.dtype.name} {out.shape}" if isinstance(out, np.ndarray) else type(out).__name__)
-            )
+        check_attend_out(out, (B, H, L, self.value_dim), result)
         keys, values = self.ordered()
         q_pos, k_pos = self._length - L + np.arange(L), self.ordered_positions()
         mask = streaming_mask(q_pos, k_pos, self.sink_tokens, window)
@@ -426,10 +415,7 @@ class KVCache:
             sinks=sinks,
             check_finite=check_finite,
         )
-        if out is None:
-            return res
-        out[...] = res
-        return out
+        return into_out(res, out)
 
     def _kernel_operands(self):
         """(keys, key scales, key block, values, value scales, value block) as the kernels take them:
