@@ -70,6 +70,54 @@ def key_scores(typingctx, q, q_off, k, k_off, k_stride, ks, ks_off, ks_stride, s
     return sig, codegen
 
 
+@intrinsic
+def key_scores_q4(typingctx, q, q_off, k, k_off, k_stride, ks, ks_off, ks_stride, block, E, s, s_off):
+    """``key_scores`` for 4-bit keys: s[s_off + j] = Σ_{d<E} q[q_off + d]·key_j[d] for j < VW, where key j's
+    row is the E/2 bytes k[k_off + j·k_stride …] (two codes per byte, blocks of ``block`` entries: entry w of
+    a block is the low nibble of its byte w, entry w + block/2 the high nibble; ``quantised``'s packing)
+    and key_j[d] = code·step + min with the block's (step, min) float16 bits at ks[ks_off + j·ks_stride + 2b].
+    Loops over the row's bytes VW at a time (block/2 a multiple of VW): each byte vector gives the low
+    and the high halves' codes, dotted with the two matching query vectors."""
+    if not (
+        is_c_array(q, types.float32)
+        and is_c_array(s, types.float32)
+        and is_c_array(ks, types.uint16)
+        and is_c_array(k, types.uint8)
+    ):
+        return None
+    i64 = types.int64
+    sig = types.void(q, i64, k, i64, i64, ks, i64, i64, i64, i64, s, i64)
+
+    def codegen(context, builder, signature, args):
+        q_, q_off_, k_, k_off_, k_stride_, ks_, ks_off_, ks_stride_, block_, E_, s_, s_off_ = args
+        qp = vir.data_pointer(context, builder, q, q_)
+        kp = vir.data_pointer(context, builder, k, k_)
+        ksp = vir.data_pointer(context, builder, ks, ks_)
+        sp = vir.data_pointer(context, builder, s, s_)
+        accs = [vir.accumulator(builder, vir.zeros(ir.FloatType(), VW)) for _ in range(VW)]
+        half = builder.lshr(block_, vir.as_index(1))
+        n_chunks = builder.udiv(builder.lshr(E_, vir.as_index(1)), vir.as_index(VW))
+        with cgutils.for_range(builder, n_chunks) as loop:
+            y = builder.mul(loop.index, vir.as_index(VW))  # byte offset in the row
+            b = builder.udiv(y, half)  # its block
+            low_entry = builder.add(y, builder.mul(b, half))  # entry of the low nibble of byte y
+            q_low = vir.load_vector(builder, qp, builder.add(q_off_, low_entry), VW)
+            q_high = vir.load_vector(builder, qp, builder.add(builder.add(q_off_, low_entry), half), VW)
+            pair = builder.mul(b, vir.as_index(2))
+            for j in range(VW):
+                scale_index = vir.strided_index(builder, ks_off_, j, ks_stride_, pair)
+                step = vir.load_half(builder, ksp, scale_index)
+                low = vir.load_half(builder, ksp, builder.add(scale_index, vir.as_index(1)))
+                byte_index = vir.strided_index(builder, k_off_, j, k_stride_, y)
+                vir.accumulate_fma(builder, accs[j], q_low, vir.load_nibbles_vector(builder, kp, byte_index, VW, False, step, low))
+                vir.accumulate_fma(builder, accs[j], q_high, vir.load_nibbles_vector(builder, kp, byte_index, VW, True, step, low))
+        total = vir.butterfly_sum(builder, [builder.load(acc) for acc in accs])
+        vir.store_vector(builder, total, sp, s_off_)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 def rows_of_key_scores(qs, kn, k_scales, k_block, j0, nk, s):  # pragma: no cover - numba overload below
     raise TypeError("rows_of_key_scores is a numba kernel helper: call it from @njit code")
 
@@ -77,9 +125,28 @@ def rows_of_key_scores(qs, kn, k_scales, k_block, j0, nk, s):  # pragma: no cove
 @overload(rows_of_key_scores)
 def _rows_of_key_scores_overload(qs, kn, k_scales, k_block, j0, nk, s):
     """s[r, j] = qs[r]·key_{j0+j} for every row r and the first nk//VW·VW keys, VW keys per
-    ``key_scores``; returns how many keys it did (0 where it does not apply: a float64 query, a
-    head dim that is not a multiple of VW, int8 keys with one scale per row, whose scores are
-    int8 × int8 products against a quantised query, or scale blocks narrower than VW)."""
+    ``key_scores`` (``key_scores_q4`` for 4-bit keys); returns how many keys it did (0 where it does not
+    apply: a float64 query, a head dim that is not a multiple of VW, int8 scale blocks narrower than VW,
+    4-bit keys whose half blocks are not a multiple of VW)."""
+    if is_c_array(qs, types.float32) and is_c_array(s, types.float32) and is_c_array(kn, types.uint8):
+        if not is_c_array(k_scales, types.uint16):
+            return lambda qs, kn, k_scales, k_block, j0, nk, s: 0
+
+        def impl_q4(qs, kn, k_scales, k_block, j0, nk, s):
+            row = kn.shape[1]  # bytes per key: E / 2
+            E = qs.shape[1]
+            nbk = k_scales.shape[1]
+            if (k_block // 2) % VW != 0:
+                return 0
+            done = nk // VW * VW
+            for r in range(qs.shape[0]):
+                for j in range(0, done, VW):
+                    key_scores_q4(
+                        qs, r * E, kn, (j0 + j) * row, row, k_scales, (j0 + j) * nbk, nbk, k_block, E, s, r * s.shape[1] + j
+                    )
+            return done
+
+        return impl_q4
     if not (
         is_c_array(qs, types.float32)
         and is_c_array(s, types.float32)
@@ -93,10 +160,10 @@ def _rows_of_key_scores_overload(qs, kn, k_scales, k_block, j0, nk, s):
         def impl_int8(qs, kn, k_scales, k_block, j0, nk, s):
             E = kn.shape[1]
             nbk = k_scales.shape[1]
-            if E % VW != 0 or nbk == 1 or k_block % VW != 0:
+            if E % VW != 0 or (nbk > 1 and k_block % VW != 0):
                 return 0
-            shift = 0
-            while (1 << shift) < k_block:
+            shift = 0  # one scale per row: every d0 >> shift is 0
+            while (1 << shift) < (k_block if nbk > 1 else E):
                 shift += 1
             done = nk // VW * VW
             for r in range(qs.shape[0]):
@@ -134,7 +201,14 @@ def _rows_of_key_scores_overload(qs, kn, k_scales, k_block, j0, nk, s):
 
 
 def _make_value_rows(rows, chunks):
-    """acc[i] += Σ_j p[i, j]·v_j over a rows × (chunks·VW columns) tile held in registers."""
+    """acc[i] += Σ_j p[i, j]·v_j over a rows × (chunks·VW columns) tile held in registers.
+
+    Value row j's columns col0 … col0 + chunks·VW - 1 are at v[v_off + j·v_stride + c·VW …] for float and
+    int8 values (int8: times the scale vs[vs_off + j·vs_stride + (column >> shift)]). For 4-bit values
+    (uint8, two codes per byte) ``v_off`` is row j0's first byte, ``shift`` is the block size in columns
+    (any even size: per-row blocks need not be powers of two) and each chunk's byte and nibble are
+    found from its column (``quantised``'s packing; a chunk lies in one half block: block/2 a multiple
+    of VW), dequantised with the block's (step, min) float16 bits at vs[vs_off + j·vs_stride + 2b]."""
 
     def value_rows(
         typingctx,
@@ -154,11 +228,12 @@ def _make_value_rows(rows, chunks):
         acc_stride,
         nk,
     ):
+        packed = is_c_array(v, types.uint8)
         if not (
             is_c_array(p, types.float32)
             and is_c_array(acc, types.float32)
-            and is_c_array(vs, types.float32)
-            and is_c_array(v, types.float32, types.uint16, types.int8)
+            and is_c_array(vs, types.uint16 if packed else types.float32)
+            and is_c_array(v, types.float32, types.uint16, types.int8, types.uint8)
         ):
             return None
         i64 = types.int64
@@ -192,10 +267,29 @@ def _make_value_rows(rows, chunks):
                 return vir.strided_index(builder, acc_off_, i, acc_stride_, c * VW)
 
             accs = vir.tile_accumulators(builder, ap, acc_index, rows, chunks, VW)
+            if packed:  # per chunk (loop-invariant): its block, byte offset in the row, and nibble
+                block_ = shift_
+                half = builder.lshr(block_, vir.as_index(1))
+                places = []
+                for c in range(chunks):
+                    column = builder.add(col0_, vir.as_index(c * VW))
+                    b = builder.udiv(column, block_)
+                    within = builder.sub(column, builder.mul(b, block_))
+                    high = builder.icmp_unsigned(">=", within, half)
+                    byte = builder.add(builder.mul(b, half), builder.select(high, builder.sub(within, half), within))
+                    places.append((builder.mul(b, vir.as_index(2)), byte, high))
             with cgutils.for_range(builder, nk_) as loop:
                 j = loop.index
                 vals = []
                 for c in range(chunks):
+                    if packed:
+                        pair, byte, high = places[c]
+                        scale_index = vir.strided_index(builder, vs_off_, j, vs_stride_, pair)
+                        step = vir.load_half(builder, vsp, scale_index)
+                        low = vir.load_half(builder, vsp, builder.add(scale_index, vir.as_index(1)))
+                        byte_index = vir.strided_index(builder, v_off_, j, v_stride_, byte)
+                        vals.append(vir.load_nibbles_vector(builder, vp, byte_index, VW, high, step, low))
+                        continue
                     scale = None
                     if kind == types.int8:
                         block = builder.lshr(builder.add(col0_, vir.as_index(c * VW)), shift_)
@@ -234,7 +328,18 @@ def _rows_of_values_overload(s, vn, v_scales, v_block, j0, nk, acc):
     """acc[r, :] += Σ_{j<nk} s[r, j]·v_{j0+j} for every row and column, in register tiles of 4 (or 1)
     rows × 4, 2 or 1 vectors of columns (``value_rows_*``); returns True, or False without doing
     anything where it does not apply (float64, a value dim that is not a multiple of VW, int8
-    scale blocks narrower than VW)."""
+    scale blocks narrower than VW, 4-bit half blocks that are not a multiple of VW)."""
+    if is_c_array(s, types.float32) and is_c_array(acc, types.float32) and is_c_array(vn, types.uint8):
+        if not is_c_array(v_scales, types.uint16):
+            return lambda s, vn, v_scales, v_block, j0, nk, acc: False
+
+        def impl_q4(s, vn, v_scales, v_block, j0, nk, acc):
+            if acc.shape[1] % VW != 0 or (v_block // 2) % VW != 0:
+                return False
+            _value_tiles(s, vn, v_scales, v_scales.shape[1], v_block, True, j0, nk, acc)
+            return True
+
+        return impl_q4
     if not (
         is_c_array(s, types.float32)
         and is_c_array(acc, types.float32)
@@ -255,7 +360,7 @@ def _rows_of_values_overload(s, vn, v_scales, v_block, j0, nk, acc):
             shift = 0
             while (1 << shift) < (v_block if nb > 1 else Ev):  # one scale per row: every column → 0
                 shift += 1
-            _value_tiles(s, vn, v_scales, nb, shift, j0, nk, acc)
+            _value_tiles(s, vn, v_scales, nb, shift, False, j0, nk, acc)
             return True
 
         return impl_int8
@@ -263,34 +368,38 @@ def _rows_of_values_overload(s, vn, v_scales, v_block, j0, nk, acc):
     def impl_float(s, vn, v_scales, v_block, j0, nk, acc):
         if vn.shape[1] % VW != 0:
             return False
-        _value_tiles(s, vn, s, 0, 0, j0, nk, acc)  # float values have no scales: s stands in
+        _value_tiles(s, vn, s, 0, 0, False, j0, nk, acc)  # float values have no scales: s stands in
         return True
 
     return impl_float
 
 
 @njit(inline="always")
-def _value_tiles(s, vn, scales, nb, shift, j0, nk, acc):
-    """Cover acc (R, Ev) with tiles: 4 rows at a time, then single rows; 4, 2 or 1 vectors of columns."""
+def _value_tiles(s, vn, scales, nb, shift, packed, j0, nk, acc):
+    """Cover acc (R, Ev) with tiles: 4 rows at a time, then single rows; 4, 2 or 1 vectors of columns.
+    ``nb``: scales per value row (the stride of ``scales``); ``shift``: int8's log2 block, or 4-bit's
+    block (``packed``: vn holds two codes per byte, see ``value_rows``)."""
     R = acc.shape[0]
     for r in range(0, R, 4):
         if r + 4 <= R:
-            _row_tiles(True, r, s, vn, scales, nb, shift, j0, nk, acc)
+            _row_tiles(True, r, s, vn, scales, nb, shift, packed, j0, nk, acc)
         else:
             for rr in range(r, R):
-                _row_tiles(False, rr, s, vn, scales, nb, shift, j0, nk, acc)
+                _row_tiles(False, rr, s, vn, scales, nb, shift, packed, j0, nk, acc)
 
 
 @njit(inline="always")
-def _row_tiles(four, r, s, vn, scales, nb, shift, j0, nk, acc):
+def _row_tiles(four, r, s, vn, scales, nb, shift, packed, j0, nk, acc):
     """Rows r … r+3 (``four``) or row r of acc, across all Ev columns in tiles of 4, 2 or 1 vectors."""
-    Ev = vn.shape[1]
+    Ev = acc.shape[1]
+    row = vn.shape[1]  # elements (bytes for 4-bit values) per value row
     ps = s.shape[1]
     e = 0
     while e < Ev:
         left = Ev - e
         width = 4 * VW if left >= 4 * VW else (2 * VW if left >= 2 * VW else VW)
-        a = (s, r * ps, ps, vn, j0 * Ev + e, Ev, scales, j0 * nb, nb, e, shift, acc, r * Ev + e, Ev, nk)
+        v_off = j0 * row + (0 if packed else e)
+        a = (s, r * ps, ps, vn, v_off, row, scales, j0 * nb, nb, e, shift, acc, r * Ev + e, Ev, nk)
         if four:
             if width == 4 * VW:
                 value_rows_4x4(*a)
