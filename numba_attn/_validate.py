@@ -84,7 +84,9 @@ def check_float_operand(x, name, allow_quantized=False):
     only) a ``QuantizedTensor`` (int8 or 4-bit)."""
     if isinstance(x, QuantizedTensor):
         if not allow_quantized:
-            raise TypeError(f"{name} cannot be a QuantizedTensor: quantised storage is for key and value; pass float {name}")
+            raise TypeError(
+                f"{name} cannot be a QuantizedTensor: quantised storage is for key and value; pass float {name}"
+            )
     else:
         x = _as_array(x, name)
         if x.dtype not in _FLOAT_DTYPES:

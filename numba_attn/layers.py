@@ -523,7 +523,9 @@ class MultiHeadAttention:
                 f"cache holds (batch={cache.batch}, num_kv_heads={cache.num_kv_heads}, "
                 f"head_dim={cache.head_dim}); this call needs ({B}, {self.num_kv_heads}, {self.head_dim})"
             )
-        allowed = (q.dtype,) if q.dtype == np.float64 else (np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.int8))
+        allowed = (
+            (q.dtype,) if q.dtype == np.float64 else (np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.int8))
+        )
         for name, fmt in (("key_dtype", cache.key_dtype), ("value_dtype", cache.value_dtype)):
             if not (fmt == "int4" and q.dtype != np.float64) and (fmt == "int4" or fmt not in allowed):
                 raise TypeError(

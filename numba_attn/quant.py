@@ -93,7 +93,8 @@ class QuantizedTensor:
 
     @property
     def dtype(self):
-        """The codes' storage dtype: int8, or uint8 for 4 bits (not a float: the kernels tell the formats apart by it)."""
+        """The codes' storage dtype: int8, or uint8 for 4 bits (not a float: the kernels tell the
+        formats apart by it)."""
         return self.data.dtype
 
     @property

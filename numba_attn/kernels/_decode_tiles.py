@@ -109,8 +109,12 @@ def key_scores_q4(typingctx, q, q_off, k, k_off, k_stride, ks, ks_off, ks_stride
                 step = vir.load_half(builder, ksp, scale_index)
                 low = vir.load_half(builder, ksp, builder.add(scale_index, vir.as_index(1)))
                 byte_index = vir.strided_index(builder, k_off_, j, k_stride_, y)
-                vir.accumulate_fma(builder, accs[j], q_low, vir.load_nibbles_vector(builder, kp, byte_index, VW, False, step, low))
-                vir.accumulate_fma(builder, accs[j], q_high, vir.load_nibbles_vector(builder, kp, byte_index, VW, True, step, low))
+                vir.accumulate_fma(
+                    builder, accs[j], q_low, vir.load_nibbles_vector(builder, kp, byte_index, VW, False, step, low)
+                )
+                vir.accumulate_fma(
+                    builder, accs[j], q_high, vir.load_nibbles_vector(builder, kp, byte_index, VW, True, step, low)
+                )
         total = vir.butterfly_sum(builder, [builder.load(acc) for acc in accs])
         vir.store_vector(builder, total, sp, s_off_)
         return context.get_dummy_value()
@@ -142,7 +146,18 @@ def _rows_of_key_scores_overload(qs, kn, k_scales, k_block, j0, nk, s):
             for r in range(qs.shape[0]):
                 for j in range(0, done, VW):
                     key_scores_q4(
-                        qs, r * E, kn, (j0 + j) * row, row, k_scales, (j0 + j) * nbk, nbk, k_block, E, s, r * s.shape[1] + j
+                        qs,
+                        r * E,
+                        kn,
+                        (j0 + j) * row,
+                        row,
+                        k_scales,
+                        (j0 + j) * nbk,
+                        nbk,
+                        k_block,
+                        E,
+                        s,
+                        r * s.shape[1] + j,
                     )
             return done
 
