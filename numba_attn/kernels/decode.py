@@ -188,13 +188,14 @@ def _decode_body(
     """Attention for out[groups[g, t]] (all t share k[k_idx[...]], v[v_idx[...]]); see module doc.
 
     Same arguments as the prefill kernel (``sinks`` enter in the merge), plus: ``groups`` (G, g), the
-    output batch entries that read the same key/value entry; ``k_scales``/``v_scales`` (N, ≥S, blocks) float32 for int8
-    keys/values, (N, ≥S, 2·blocks) float16 bits (step, min) for 4-bit ones (uint8, two codes per byte),
-    and ``k_block``/``v_block`` (ignored for float ones); ``row_chunk``: query rows per work
-    item; ``n_split``: parts of the key range. Storage may be float32/float64, uint16 (float16
+    output batch entries that read the same key/value entry; ``k_scales``/``v_scales`` (N, ≥S, blocks)
+    float32 for int8 keys/values, (N, ≥S, 2·blocks) float16 bits (step, min) for 4-bit ones (uint8, two
+    codes per byte), and ``k_block``/``v_block`` (ignored for float ones); ``row_chunk``: query rows per
+    work item; ``n_split``: parts of the key range. Storage may be float32/float64, uint16 (float16
     bits), int8 or uint8 (4-bit codes); the arithmetic runs in ``out.dtype``. ``check``
-    (G·n_chunks·n_split,) int64: per work item, how many of its raw scores (before masks) are NaN or ±inf (a key or the query held NaN/inf,
-    or a score overflowed), whether its query rows or accumulator are not finite; ``check[0]`` also
+    (G·n_chunks·n_split,) int64: per work item, how many of its raw scores (before masks) are NaN or
+    ±inf (a key or the query held NaN/inf, or a score overflowed), whether its query rows or
+    accumulator are not finite; ``check[0]`` also
     counts the result rows that are not finite (the merge checks them as it writes them).
 
     Per work item (KV group g, rows [r0, r0 + nr), key part sp): load the query rows; for each key
