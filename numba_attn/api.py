@@ -22,7 +22,7 @@ from ._validate import (
     prepare_attention,
     prepare_per_head,
 )
-from .cache import is_kv_cache_view
+from .cache import is_kv_cache_view, is_rotated_query, is_rotated_view
 from .kernels import decode, prefill
 from .kernels._load import to_float16
 from .kernels._scores import MASK_NONE
@@ -396,6 +396,12 @@ def scaled_dot_product_attention(
             f"is_causal={is_causal!r} aligns the causal diagonal top-left (query i sees keys j <= i), so "
             f"these {plan.L} new queries would see only the first {plan.L} of the {plan.S} cached keys; "
             "with a KVCache pass is_causal='lower_right', or call cache.attend(query)"
+        )
+    if is_rotated_view(key) and not is_rotated_query(query):
+        raise ValueError(
+            "key is a view of a KVCache that stores its keys Hadamard-rotated (rotate=...): this query "
+            "would score against rotated keys; pass cache.rotate_query(query) (and cache.unrotate_output(out) "
+            'for rotate="both"), or call cache.attend(query)'
         )
     out, lse = _run(plan)
     out = _to_out_dtype(out, plan.out_dtype, plan.value.dtype == np.uint16)

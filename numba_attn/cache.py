@@ -16,7 +16,9 @@ import numpy as np
 
 from ._validate import FLOAT16_MAX, check_finite_array
 from .kernels.cache_append import scan_rows, write_rows, write_rows_int4, write_rows_int8
+from .kernels.hadamard import hadamard_rows
 from .quant import DEFAULT_BLOCK, QuantizedTensor, _check_block, quantize
+from .rotation import hadamard_block
 
 __all__ = ["KVCache"]
 
@@ -25,6 +27,9 @@ _QUERY_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64
 _NO_SCALES = np.broadcast_to(np.zeros((1, 1, 0), np.float32), (1, 1, 0))
 #: every cache's key/value storage by id, to recognise views of it (``is_kv_cache_view``)
 _STORAGE = weakref.WeakValueDictionary()
+#: the key storage of caches that rotate their keys, and the queries ``rotate_query`` made
+_ROTATED = weakref.WeakValueDictionary()
+_ROTATED_QUERIES = weakref.WeakValueDictionary()
 
 
 #: appends of at most this many rows (batch · kv heads · tokens) take the serial kernels
@@ -59,6 +64,50 @@ def storage_format(value, name):
 
 def _same_format(a, b):
     return (a == "int4") == (b == "int4") and (a == "int4" or a == b)
+
+
+def _rotation(rotate, key_fmt, head_dim, value_dim):
+    """(rotate keys, rotate values) from ``rotate`` (None: keys stored as int8 or int4, when head_dim
+    is even)."""
+    if rotate is None:
+        return (key_fmt == "int4" or key_fmt == np.int8) and head_dim % 2 == 0, False
+    if isinstance(rotate, (bool, np.bool_)):
+        keys, values = bool(rotate), False
+    elif rotate in ("keys", "both"):
+        keys, values = True, rotate == "both"
+    else:
+        raise ValueError(f'rotate must be None, False, True, "keys" or "both", got {rotate!r}')
+    for name, dim, wanted in (("head_dim", head_dim, keys), ("value_dim", value_dim, values)):
+        if wanted and dim % 2:
+            raise ValueError(f"rotate={rotate!r}: a Hadamard rotation needs an even {name}, got {dim}")
+    return keys, values
+
+
+def _rotated(x, block):
+    """H·x along the last axis (block-diagonal, ``block`` wide), a new C-contiguous float32 array
+    (float64 for float64 x)."""
+    out = np.empty(x.shape, np.float64 if x.dtype == np.float64 else np.float32)
+    if out.size:
+        rows = np.ascontiguousarray(x).reshape(-1, x.shape[-1])
+        hadamard_rows(rows.view(np.uint16) if rows.dtype == np.float16 else rows, block, out.reshape(rows.shape))
+    return out
+
+
+def is_rotated_view(x):
+    """True if ``x`` (an array or a QuantizedTensor) is a view of the keys of a KVCache that rotates them."""
+    if not _ROTATED:
+        return False
+    x = x.data if isinstance(x, QuantizedTensor) else x
+    while isinstance(x, np.ndarray):
+        if _ROTATED.get(id(x)) is x:
+            return True
+        x = x.base
+    return False
+
+
+def is_rotated_query(x):
+    """True if ``x`` came from some cache's ``rotate_query``."""
+    return isinstance(x, np.ndarray) and _ROTATED_QUERIES.get(id(x)) is x
 
 
 def _is_float_store(fmt):
@@ -130,6 +179,18 @@ class KVCache:
         un-rotated keys and re-rotating all ``sink_tokens + window`` of them every step (O(W·D) per
         token); absolute positions give exactly the full cache's scores on the keys kept, but leave the
         model's trained context once the sequence outgrows it.
+    rotate : None, False, True, "keys" or "both"
+        Hadamard rotation (``numba_attn.rotation``): keys (True/"keys"), or keys and values ("both"),
+        are multiplied by the normalised Walsh–Hadamard matrix H along the head dim as they are
+        appended, which spreads a few large channels over all of them before quantising; ``attend``
+        rotates the query the same way (scores are unchanged in exact arithmetic: Hq·Hk = q·k) and,
+        for rotated values, rotates the output back. None (the default) rotates keys stored as int8
+        or "int4" and nothing else (measured on SmolLM2: see the README's table). Head dims that are
+        not powers of two use a block-diagonal H (``rotation.hadamard_block``); odd ones cannot be
+        rotated (refused if asked for). The stored ``keys``/``values`` (and ``ordered()``) hold the
+        rotated vectors: give ``scaled_dot_product_attention`` ``cache.rotate_query(query)`` with them
+        (it refuses an unrotated query against rotated keys) and ``cache.unrotate_output(out)`` for
+        rotated values; ``attend`` and ``MultiHeadAttention`` do both.
     value_dim : int, optional
         Value head size when it differs from ``head_dim``.
     block : int or None
@@ -170,6 +231,7 @@ class KVCache:
         sink_tokens=0,
         key_dtype=None,
         value_dtype=None,
+        rotate=None,
     ):
         for name, val in (
             ("batch", batch),
@@ -214,11 +276,43 @@ class KVCache:
         self._values, self._value_scales, self._value_block = _allocate(
             value_fmt, prefix, self.value_dim, block, "value"
         )
+        self.rotate_keys, self.rotate_values = _rotation(rotate, key_fmt, self.head_dim, self.value_dim)
+        self._key_rotation = hadamard_block(self.head_dim) if self.rotate_keys else 0
+        self._value_rotation = hadamard_block(self.value_dim) if self.rotate_values else 0
         self._length = 0
         self._operands = None  # kernel views of the storage, made on first use
         self._index_cache = {}  # per query-head count: the kernels' batch index arrays
         _STORAGE[id(self._keys)] = self._keys
         _STORAGE[id(self._values)] = self._values
+        if self.rotate_keys:
+            _ROTATED[id(self._keys)] = self._keys
+
+    @property
+    def rotate(self):
+        """What is stored rotated: "keys", "both" or False."""
+        return "both" if self.rotate_values else ("keys" if self.rotate_keys else False)
+
+    def rotate_query(self, query):
+        """``query`` (..., head_dim) as this cache's keys are stored: H·query along the last axis for
+        a cache with rotated keys (a new float32 array, float64 for float64), else ``query`` itself.
+        What ``scaled_dot_product_attention`` needs beside ``keys``/``values`` of a rotated cache."""
+        if not self.rotate_keys:
+            return query
+        q = query if isinstance(query, np.ndarray) else np.asarray(query)
+        if q.dtype.kind != "f" or q.ndim < 1 or q.shape[-1] != self.head_dim:
+            raise ValueError(
+                f"query must be a float array (..., head_dim = {self.head_dim}), got {q.dtype} {q.shape}"
+            )
+        rotated = _rotated(q, self._key_rotation)
+        _ROTATED_QUERIES[id(rotated)] = rotated
+        return rotated
+
+    def unrotate_output(self, out):
+        """An attention output computed over this cache's ``values`` (..., value_dim) back in the
+        values' own basis (H·out: H is its own inverse) for a cache with rotated values; else ``out``."""
+        if not self.rotate_values:
+            return out
+        return _rotated(np.asarray(out), self._value_rotation)
 
     @property
     def dtype(self):
@@ -323,8 +417,13 @@ class KVCache:
 
     def ordered_with(self, key, value):
         """(keys, values) in position order followed by the new ``key``/``value`` (not stored), in
-        the cache's storage format: what a windowed chunk of several new tokens attends over."""
+        the cache's storage format (rotated as stored): what a windowed chunk of several new tokens
+        attends over."""
         old_k, old_v = self.ordered()
+        if self.rotate_keys:
+            key = _rotated(np.asarray(key), self._key_rotation)
+        if self.rotate_values:
+            value = _rotated(np.asarray(value), self._value_rotation)
         new_k, new_v = self._encode(key, "key"), self._encode(value, "value")
         return _concat_tokens(old_k, new_k), _concat_tokens(old_v, new_v)
 
@@ -432,14 +531,33 @@ class KVCache:
         # shapes and dtypes here; NaN/inf once, after the conversion to the arithmetic's dtype (attend_cache)
         slopes = check_slopes(alibi_slopes, q.shape[1], finite=False)
         sinks = check_sinks(sinks, q.shape[1], finite=False)
+        user_out = None
+        if self.rotate_keys:  # the query in the keys' basis; the result computed apart, then delivered
+            from ._validate import _dtypes
+            from .api import check_attend_out
+
+            result = _dtypes(q, self._keys, self._values, None)[1]
+            check_attend_out(out, (q.shape[0], q.shape[1], L, self.value_dim), result)
+            user_out, out = out, None
+            q = self.rotate_query(q)
         if self.sink_tokens and not (L == 1 and slopes is None and window == self.window):
             # (made into a mask there: checked for NaN/inf, and for the arithmetic's range, first)
             arith = np.float64 if np.float64 in (q.dtype, self._keys.dtype, self._values.dtype) else np.float32
             slopes = None if slopes is None else per_head_in(slopes, "alibi_slopes", arith, finite=True)
-            return self._attend_streaming(q, scale, window, slopes, sinks, softcap, out, check_finite)
-        # (a sink cache's newest query sees every key held: no window for the kernel, which would hide the sinks)
-        window = None if self.sink_tokens else window
-        return attend_cache(self, q, scale, window, slopes, sinks, softcap, out, check_finite)
+            res = self._attend_streaming(q, scale, window, slopes, sinks, softcap, out, check_finite)
+        else:
+            # (a sink cache's newest query sees every key held: no window for the kernel, which would hide the sinks)
+            window = None if self.sink_tokens else window
+            res = attend_cache(self, q, scale, window, slopes, sinks, softcap, out, check_finite)
+        if not self.rotate_keys:
+            return res
+        return self._deliver(self.unrotate_output(res), result, user_out)
+
+    def _deliver(self, res, result, out):
+        """A rotated call's result in the dtype an unrotated call gives (``result``), into ``out`` if given."""
+        from .api import _to_out_dtype, into_out
+
+        return into_out(_to_out_dtype(res, result, self.value_dtype == np.float16), out)
 
     def _attend_streaming(self, q, scale, window, slopes, sinks, softcap, out, check_finite):
         """A sink cache's queries when they do not all see every held key (a chunk, a smaller
@@ -522,6 +640,10 @@ class KVCache:
                 f"KVCache is full: {self._length} tokens held + {T} new > capacity {self.capacity}"
                 + ("" if self.window is not None else "; create it with a larger capacity or a window")
             )
+        if self.rotate_keys:  # stored rotated (a copy: the caller's arrays are never modified)
+            key = _rotated(key, self._key_rotation)
+        if self.rotate_values:
+            value = _rotated(value, self._value_rotation)
         # (float64 into float16 goes through numpy: the kernels would round twice, via float32)
         if (
             self.batch * self.num_kv_heads * T <= APPEND_SERIAL_ROWS
@@ -619,9 +741,10 @@ class KVCache:
             formats = f"dtype={_format_name(self.key_dtype)}"
         else:
             formats = f"key_dtype={_format_name(self.key_dtype)}, value_dtype={_format_name(self.value_dtype)}"
+        rotate = f", rotate={self.rotate!r}" if self.rotate else ""
         return (
             f"KVCache(batch={self.batch}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
-            f"capacity={self.capacity}, {formats}, window={self.window}{sinks}, length={self._length})"
+            f"capacity={self.capacity}, {formats}{rotate}, window={self.window}{sinks}, length={self._length})"
         )
 
 

@@ -10,7 +10,7 @@ DTYPES = (np.float32, np.float64)
 
 #: relative tolerance of a result in ``dtype`` against the float64 reference: the package's one table,
 #: ``numba_attn.check.TOLERANCE`` (also what ``python -m numba_attn check`` applies), float dtypes only
-RTOL = {np.dtype(precision): tol.rtol for precision, tol in TOLERANCE.items() if precision != "int8"}
+RTOL = {np.dtype(precision): tol.rtol for precision, tol in TOLERANCE.items() if precision not in ("int8", "int4")}
 
 
 def rtol_for(dtype):
