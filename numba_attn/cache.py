@@ -300,9 +300,7 @@ class KVCache:
             return query
         q = query if isinstance(query, np.ndarray) else np.asarray(query)
         if q.dtype.kind != "f" or q.ndim < 1 or q.shape[-1] != self.head_dim:
-            raise ValueError(
-                f"query must be a float array (..., head_dim = {self.head_dim}), got {q.dtype} {q.shape}"
-            )
+            raise ValueError(f"query must be a float array (..., head_dim = {self.head_dim}), got {q.dtype} {q.shape}")
         rotated = _rotated(q, self._key_rotation)
         _ROTATED_QUERIES[id(rotated)] = rotated
         return rotated
