@@ -218,12 +218,8 @@ def _rows_of_key_scores_overload(qs, kn, k_scales, k_block, j0, nk, s):
 def _make_value_rows(rows, chunks):
     """acc[i] += Σ_j p[i, j]·v_j over a rows × (chunks·VW columns) tile held in registers.
 
-    Value row j's columns col0 … col0 + chunks·VW - 1 are at v[v_off + j·v_stride + c·VW …] for float and
-    int8 values (int8: times the scale vs[vs_off + j·vs_stride + (column >> shift)]). For 4-bit values
-    (uint8, two codes per byte) ``v_off`` is row j0's first byte, ``shift`` is the block size in columns
-    (any even size: per-row blocks need not be powers of two) and each chunk's byte and nibble are
-    found from its column (``quantised``'s packing; a chunk lies in one half block: block/2 a multiple
-    of VW), dequantised with the block's (step, min) float16 bits at vs[vs_off + j·vs_stride + 2b]."""
+    Value row j's columns col0 … col0 + chunks·VW - 1 are at v[v_off + j·v_stride + c·VW …] (float or
+    int8 values; int8 times the scale vs[vs_off + j·vs_stride + (column >> shift)])."""
 
     def value_rows(
         typingctx,
@@ -243,12 +239,11 @@ def _make_value_rows(rows, chunks):
         acc_stride,
         nk,
     ):
-        packed = is_c_array(v, types.uint8)
         if not (
             is_c_array(p, types.float32)
             and is_c_array(acc, types.float32)
-            and is_c_array(vs, types.uint16 if packed else types.float32)
-            and is_c_array(v, types.float32, types.uint16, types.int8, types.uint8)
+            and is_c_array(vs, types.float32)
+            and is_c_array(v, types.float32, types.uint16, types.int8)
         ):
             return None
         i64 = types.int64
@@ -282,29 +277,10 @@ def _make_value_rows(rows, chunks):
                 return vir.strided_index(builder, acc_off_, i, acc_stride_, c * VW)
 
             accs = vir.tile_accumulators(builder, ap, acc_index, rows, chunks, VW)
-            if packed:  # per chunk (loop-invariant): its block, byte offset in the row, and nibble
-                block_ = shift_
-                half = builder.lshr(block_, vir.as_index(1))
-                places = []
-                for c in range(chunks):
-                    column = builder.add(col0_, vir.as_index(c * VW))
-                    b = builder.udiv(column, block_)
-                    within = builder.sub(column, builder.mul(b, block_))
-                    high = builder.icmp_unsigned(">=", within, half)
-                    byte = builder.add(builder.mul(b, half), builder.select(high, builder.sub(within, half), within))
-                    places.append((builder.mul(b, vir.as_index(2)), byte, high))
             with cgutils.for_range(builder, nk_) as loop:
                 j = loop.index
                 vals = []
                 for c in range(chunks):
-                    if packed:
-                        pair, byte, high = places[c]
-                        scale_index = vir.strided_index(builder, vs_off_, j, vs_stride_, pair)
-                        step = vir.load_half(builder, vsp, scale_index)
-                        low = vir.load_half(builder, vsp, builder.add(scale_index, vir.as_index(1)))
-                        byte_index = vir.strided_index(builder, v_off_, j, v_stride_, byte)
-                        vals.append(vir.load_nibbles_vector(builder, vp, byte_index, VW, high, step, low))
-                        continue
                     scale = None
                     if kind == types.int8:
                         block = builder.lshr(builder.add(col0_, vir.as_index(c * VW)), shift_)
@@ -334,6 +310,79 @@ value_rows_1x2 = _make_value_rows(1, 2)
 value_rows_1x1 = _make_value_rows(1, 1)
 
 
+def _make_value_rows_q4(rows, pairs):
+    """acc[i] += Σ_j p[i, j]·v_j for 4-bit values over a rows × (2·pairs·VW columns) tile in registers.
+
+    Value row j is the bytes v[v_off + j·v_stride …] (two codes per byte, ``quantised``'s packing); the
+    tile is the bytes y0 … y0 + pairs·VW - 1 of each row: byte vector i (block b = y / (block/2))
+    holds the codes of columns y + b·block/2 … (low nibbles) and those block/2 further on (high
+    nibbles), so one load, one ``and`` and one constant shift give two column vectors, dequantised
+    with the block's (step, min) float16 bits at vs[vs_off + j·vs_stride + 2b] (read once per byte
+    vector). ``acc_off``: row 0 of the tile, column 0; the columns are found from the bytes."""
+
+    def value_rows_q4(
+        typingctx, p, p_off, p_stride, v, v_off, v_stride, vs, vs_off, vs_stride, y0, block, acc, acc_off, acc_stride, n
+    ):
+        if not (
+            is_c_array(p, types.float32)
+            and is_c_array(acc, types.float32)
+            and is_c_array(vs, types.uint16)
+            and is_c_array(v, types.uint8)
+        ):
+            return None
+        i64 = types.int64
+        sig = types.void(p, i64, i64, v, i64, i64, vs, i64, i64, i64, i64, acc, i64, i64, i64)
+
+        def codegen(context, builder, signature, args):
+            p_, p_off_, p_stride_, v_, v_off_, v_stride_, vs_, vs_off_, vs_stride_, y0_, block_ = args[:11]
+            acc_, acc_off_, acc_stride_, nk_ = args[11:]
+            pp = vir.data_pointer(context, builder, p, p_)
+            vp = vir.data_pointer(context, builder, v, v_)
+            vsp = vir.data_pointer(context, builder, vs, vs_)
+            ap = vir.data_pointer(context, builder, acc, acc_)
+            half = builder.lshr(block_, vir.as_index(1))
+            places, columns = [], []
+            for i in range(pairs):  # loop-invariant: each byte vector's offset, block and two columns
+                y = builder.add(y0_, vir.as_index(i * VW))
+                b = builder.udiv(y, half)
+                low_column = builder.add(y, builder.mul(b, half))
+                places.append((y, builder.mul(b, vir.as_index(2))))
+                columns += [low_column, builder.add(low_column, half)]
+
+            def acc_index(r, c):
+                return vir.strided_index(builder, acc_off_, r, acc_stride_, columns[c])
+
+            accs = vir.tile_accumulators(builder, ap, acc_index, rows, 2 * pairs, VW)
+            with cgutils.for_range(builder, nk_) as loop:
+                j = loop.index
+                vals = []
+                for y, pair in places:
+                    scale_index = vir.strided_index(builder, vs_off_, j, vs_stride_, pair)
+                    step = vir.load_half(builder, vsp, scale_index)
+                    low = vir.load_half(builder, vsp, builder.add(scale_index, vir.as_index(1)))
+                    byte_index = vir.strided_index(builder, v_off_, j, v_stride_, y)
+                    vals.append(vir.load_nibbles_vector(builder, vp, byte_index, VW, False, step, low))
+                    vals.append(vir.load_nibbles_vector(builder, vp, byte_index, VW, True, step, low))
+                weights = [
+                    vir.load_element(builder, pp, vir.strided_index(builder, p_off_, r, p_stride_, j))
+                    for r in range(rows)
+                ]
+                vir.rank1_update(builder, accs, weights, vals)
+            vir.store_tile(builder, accs, ap, acc_index)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    value_rows_q4.__name__ = value_rows_q4.__qualname__ = f"value_rows_q4_{rows}x{pairs}"
+    return intrinsic(value_rows_q4)
+
+
+value_rows_q4_4x2 = _make_value_rows_q4(4, 2)
+value_rows_q4_4x1 = _make_value_rows_q4(4, 1)
+value_rows_q4_1x2 = _make_value_rows_q4(1, 2)
+value_rows_q4_1x1 = _make_value_rows_q4(1, 1)
+
+
 def rows_of_values(s, vn, v_scales, v_block, j0, nk, acc):  # pragma: no cover - numba overload below
     raise TypeError("rows_of_values is a numba kernel helper: call it from @njit code")
 
@@ -351,7 +400,13 @@ def _rows_of_values_overload(s, vn, v_scales, v_block, j0, nk, acc):
         def impl_q4(s, vn, v_scales, v_block, j0, nk, acc):
             if acc.shape[1] % VW != 0 or (v_block // 2) % VW != 0:
                 return False
-            _value_tiles(s, vn, v_scales, v_scales.shape[1], v_block, True, j0, nk, acc)
+            R = acc.shape[0]
+            for r in range(0, R, 4):
+                if r + 4 <= R:
+                    _q4_row_tiles(True, r, s, vn, v_scales, v_block, j0, nk, acc)
+                else:
+                    for rr in range(r, R):
+                        _q4_row_tiles(False, rr, s, vn, v_scales, v_block, j0, nk, acc)
             return True
 
         return impl_q4
@@ -375,7 +430,7 @@ def _rows_of_values_overload(s, vn, v_scales, v_block, j0, nk, acc):
             shift = 0
             while (1 << shift) < (v_block if nb > 1 else Ev):  # one scale per row: every column → 0
                 shift += 1
-            _value_tiles(s, vn, v_scales, nb, shift, False, j0, nk, acc)
+            _value_tiles(s, vn, v_scales, nb, shift, j0, nk, acc)
             return True
 
         return impl_int8
@@ -383,38 +438,59 @@ def _rows_of_values_overload(s, vn, v_scales, v_block, j0, nk, acc):
     def impl_float(s, vn, v_scales, v_block, j0, nk, acc):
         if vn.shape[1] % VW != 0:
             return False
-        _value_tiles(s, vn, s, 0, 0, False, j0, nk, acc)  # float values have no scales: s stands in
+        _value_tiles(s, vn, s, 0, 0, j0, nk, acc)  # float values have no scales: s stands in
         return True
 
     return impl_float
 
 
 @njit(inline="always")
-def _value_tiles(s, vn, scales, nb, shift, packed, j0, nk, acc):
-    """Cover acc (R, Ev) with tiles: 4 rows at a time, then single rows; 4, 2 or 1 vectors of columns.
-    ``nb``: scales per value row (the stride of ``scales``); ``shift``: int8's log2 block, or 4-bit's
-    block (``packed``: vn holds two codes per byte, see ``value_rows``)."""
+def _value_tiles(s, vn, scales, nb, shift, j0, nk, acc):
+    """Cover acc (R, Ev) with tiles: 4 rows at a time, then single rows; 4, 2 or 1 vectors of columns."""
     R = acc.shape[0]
     for r in range(0, R, 4):
         if r + 4 <= R:
-            _row_tiles(True, r, s, vn, scales, nb, shift, packed, j0, nk, acc)
+            _row_tiles(True, r, s, vn, scales, nb, shift, j0, nk, acc)
         else:
             for rr in range(r, R):
-                _row_tiles(False, rr, s, vn, scales, nb, shift, packed, j0, nk, acc)
+                _row_tiles(False, rr, s, vn, scales, nb, shift, j0, nk, acc)
 
 
 @njit(inline="always")
-def _row_tiles(four, r, s, vn, scales, nb, shift, packed, j0, nk, acc):
-    """Rows r … r+3 (``four``) or row r of acc, across all Ev columns in tiles of 4, 2 or 1 vectors."""
+def _q4_row_tiles(four, r, s, vn, scales, block, j0, nk, acc):
+    """Rows r … r+3 (``four``) or row r of acc, for 4-bit values: the row's bytes in tiles of 2 or 1
+    byte vectors (each two vectors of columns, ``value_rows_q4``)."""
     Ev = acc.shape[1]
-    row = vn.shape[1]  # elements (bytes for 4-bit values) per value row
+    row = vn.shape[1]  # bytes per value row: Ev / 2
+    nb = scales.shape[1]
+    ps = s.shape[1]
+    y = 0
+    while y < row:
+        a = (s, r * ps, ps, vn, j0 * row, row, scales, j0 * nb, nb, y, block, acc, r * Ev, Ev, nk)
+        if row - y >= 2 * VW:
+            if four:
+                value_rows_q4_4x2(*a)
+            else:
+                value_rows_q4_1x2(*a)
+            y += 2 * VW
+        else:
+            if four:
+                value_rows_q4_4x1(*a)
+            else:
+                value_rows_q4_1x1(*a)
+            y += VW
+
+
+@njit(inline="always")
+def _row_tiles(four, r, s, vn, scales, nb, shift, j0, nk, acc):
+    """Rows r … r+3 (``four``) or row r of acc, across all Ev columns in tiles of 4, 2 or 1 vectors."""
+    Ev = vn.shape[1]
     ps = s.shape[1]
     e = 0
     while e < Ev:
         left = Ev - e
         width = 4 * VW if left >= 4 * VW else (2 * VW if left >= 2 * VW else VW)
-        v_off = j0 * row + (0 if packed else e)
-        a = (s, r * ps, ps, vn, v_off, row, scales, j0 * nb, nb, e, shift, acc, r * Ev + e, Ev, nk)
+        a = (s, r * ps, ps, vn, j0 * Ev + e, Ev, scales, j0 * nb, nb, e, shift, acc, r * Ev + e, Ev, nk)
         if four:
             if width == 4 * VW:
                 value_rows_4x4(*a)
