@@ -397,11 +397,11 @@ def scaled_dot_product_attention(
             f"these {plan.L} new queries would see only the first {plan.L} of the {plan.S} cached keys; "
             "with a KVCache pass is_causal='lower_right', or call cache.attend(query)"
         )
-    if is_rotated_view(key) and not is_rotated_query(query):
+    if (is_rotated_view(key) or is_rotated_view(value)) and not is_rotated_query(query):
         raise ValueError(
-            "key is a view of a KVCache that stores its keys Hadamard-rotated (rotate=...): this query "
-            "would score against rotated keys; pass cache.rotate_query(query) (and cache.unrotate_output(out) "
-            'for rotate="both"), or call cache.attend(query)'
+            "key/value are views of a KVCache that stores them Hadamard-rotated (rotate=...): this query "
+            "would score against rotated keys, or average rotated values; pass cache.rotate_query(query) and "
+            "cache.unrotate_output(out), or call cache.attend(query)"
         )
     out, lse = _run(plan)
     out = _to_out_dtype(out, plan.out_dtype, plan.value.dtype == np.uint16)

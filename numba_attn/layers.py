@@ -298,8 +298,8 @@ class MultiHeadAttention:
     ):
         """A KVCache shaped for this layer (storage ``dtype``: the layer's by default, or float16, int8
         or "int4"; ``key_dtype``/``value_dtype`` to store keys and values differently, e.g. int8 keys
-        and "int4" values; ``rotate``: Hadamard rotation of keys (default: quantised ones) or of keys
-        and values ("both"); ``window`` and ``sink_tokens``: a ring of the last ``window`` tokens plus
+        and "int4" values; ``rotate``: Hadamard rotation of keys and/or values (default: int8/int4
+        keys, int4 values); ``window`` and ``sink_tokens``: a ring of the last ``window`` tokens plus
         the first ``sink_tokens``; see :class:`KVCache`)."""
         return KVCache(
             batch,

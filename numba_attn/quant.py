@@ -160,7 +160,7 @@ def quantize(x, block=DEFAULT_BLOCK, bits=8):
     block = _check_block(block, D, bits)
     check_finite_array(x, "x")
     limit = np.finfo(np.float32).max if bits == 8 else _FLOAT16_MAX
-    if x.dtype != np.float16 and x.size and max_abs(x) > limit:
+    if x.dtype != np.float16 and x.size and np.abs(x).max() > limit:
         raise ValueError(
             "x holds values beyond float32's range: int8 scales are float32"
             if bits == 8
@@ -192,6 +192,8 @@ def _check_block(block, D, bits=8):
         raise ValueError(f"block must be a positive int (None in quantize: one scale per row), got {block!r}")
     block = int(block)
     if bits == 4:
+        if D < 2:
+            raise ValueError(f"4-bit rows pack two entries per byte: the last dim must be even and ≥ 2, got {D}")
         block = min(block, D)
         if D % 2 or block % 2 or D % block or (block < D and block & (block - 1)):
             raise ValueError(
@@ -221,7 +223,7 @@ def dequantize(q):
     data = np.ascontiguousarray(q.data.reshape(rows, q.data.shape[-1]))
     out = np.empty((rows, D), np.float32)
     if q.bits == 4:
-        scales = np.ascontiguousarray(q.scales.view(np.uint16).reshape(rows, -1))
+        scales = np.ascontiguousarray(q.scales.view(np.uint16).reshape(rows, 2 * q.scales.shape[-2]))
         if data.size:
             launch(dequantize_rows_q4, data, scales, q.block, out)
         return out.reshape(q.shape)
