@@ -9,8 +9,9 @@ Public API (see each docstring):
 - :class:`MultiHeadAttention` — a layer with Q/K/V/O projections, GQA/MQA, masks, a KV cache.
 - :class:`LinearWeight` — a projection weight stored as float32, float16 or int8, read at its width.
 - :class:`KVCache` — preallocated key/value storage (optionally a sliding-window ring buffer),
-  float32, float16 or int8.
-- :func:`quantize` / :func:`dequantize` / :class:`QuantizedTensor` — int8 keys and values.
+  float32, float16, int8 or 4-bit, keys and values each their own, optionally Hadamard-rotated.
+- :func:`quantize` / :func:`dequantize` / :class:`QuantizedTensor` — int8 and 4-bit keys and values.
+- :func:`hadamard_transform` — the normalised Walsh–Hadamard rotation a cache applies (``numba_attn.rotation``).
 - :func:`set_num_threads` / :func:`num_threads` (a context manager) / :func:`get_num_threads`.
 - :mod:`numba_attn.reference` — the same contract in plain float64 numpy (the oracle).
 """
@@ -24,6 +25,7 @@ from .cache import KVCache
 from .layers import MultiHeadAttention
 from .linear import LinearWeight
 from .quant import QuantizedTensor, dequantize, quantize
+from .rotation import hadamard_transform
 from .varlen import scaled_dot_product_attention_varlen
 
 __all__ = [
@@ -37,6 +39,7 @@ __all__ = [
     "quantize",
     "dequantize",
     "QuantizedTensor",
+    "hadamard_transform",
     "set_num_threads",
     "get_num_threads",
     "num_threads",

@@ -28,9 +28,9 @@ CAUSAL_ALIGNMENTS = ("upper_left", "lower_right")
 @dataclass
 class Plan:
     query: np.ndarray  # (Nq, L, E) float32/float64, or uint16 (float16 bits)
-    key: np.ndarray  # (Nk, ≥S, E) same, or int8
+    key: np.ndarray  # (Nk, ≥S, E) same, or int8, or uint8 (Nk, ≥S, E/2): 4-bit codes
     value: np.ndarray  # (Nv, ≥S, Ev)
-    k_scales: np.ndarray  # (Nk, ≥S, blocks) float32 for int8 keys, else a (1, 1, 0) placeholder
+    k_scales: np.ndarray  # (Nk, ≥S, blocks) float32 for int8 keys, (…, 2·blocks) uint16 for 4-bit, else (1, 1, 0)
     v_scales: np.ndarray
     k_block: int  # int8 block size, 0 for float keys
     v_block: int
@@ -81,16 +81,18 @@ def _as_array(x, name):
 
 def check_float_operand(x, name, allow_quantized=False):
     """A query/key/value operand: a float16/32/64 array with at least 2 dims, or (key and value
-    only) an int8 ``QuantizedTensor``."""
+    only) a ``QuantizedTensor`` (int8 or 4-bit)."""
     if isinstance(x, QuantizedTensor):
         if not allow_quantized:
-            raise TypeError(f"{name} cannot be a QuantizedTensor: int8 is for key and value; pass float {name}")
+            raise TypeError(
+                f"{name} cannot be a QuantizedTensor: quantised storage is for key and value; pass float {name}"
+            )
     else:
         x = _as_array(x, name)
         if x.dtype not in _FLOAT_DTYPES:
             raise TypeError(
                 f"{name} must be float16, float32 or float64"
-                + (" (or an int8 QuantizedTensor from numba_attn.quantize)" if allow_quantized else "")
+                + (" (or a QuantizedTensor from numba_attn.quantize)" if allow_quantized else "")
                 + f", got dtype {x.dtype}"
             )
     if x.ndim < 2:
@@ -188,6 +190,10 @@ def _as_3d(x, rows, cols):
 def _storage(x, dtype, rows, cols):
     """Kernel operand(s) for x: (data, scales, block); float16 travels as its uint16 bits."""
     if isinstance(x, QuantizedTensor):
+        if x.bits == 4:  # codes (N, S, cols / 2) uint8; (step, min) pairs as float16 bits (N, S, 2·blocks)
+            pairs = x.scales.view(np.uint16)
+            pairs = pairs.reshape(pairs.shape[:-2] + (2 * pairs.shape[-2],))
+            return _as_3d(x.data, rows, cols // 2), _as_3d(pairs, rows, pairs.shape[-1]), x.block
         nb = x.scales.shape[-1]
         return _as_3d(x.data, rows, cols), _as_3d(x.scales, rows, nb), x.block
     if x.dtype == np.float16 and dtype == np.float32:

@@ -22,7 +22,7 @@ from ._validate import (
     prepare_attention,
     prepare_per_head,
 )
-from .cache import is_kv_cache_view
+from .cache import is_kv_cache_view, is_rotated_query, is_rotated_view
 from .kernels import decode, prefill
 from .kernels._load import to_float16
 from .kernels._scores import MASK_NONE
@@ -47,7 +47,7 @@ def _kv_groups(plan):
 
 
 def _use_decode(plan):
-    """Few query rows against many keys, or int8 keys/values (whose inner loops are dot products)."""
+    """Few query rows against many keys, or quantised keys/values (dequantised a row at a time there)."""
     return plan.quantized or (plan.L <= config.DECODE_MAX_QUERY_ROWS and plan.S >= config.DECODE_MIN_KEYS)
 
 
@@ -152,7 +152,7 @@ def into_out(res, out):
 def attend_cache(cache, q, scale, window, slopes, sinks, softcap, out, check_finite):
     """``KVCache.attend`` after its checks: one kernel on the cache's storage (see there)."""
     B, H, L, E = q.shape
-    Hkv, Ev, store = cache.num_kv_heads, cache.value_dim, cache.dtype
+    Hkv, Ev = cache.num_kv_heads, cache.value_dim
     scale = check_scale(scale, E)
     dtype, result = _dtypes(q, cache._keys, cache._values, None)  # the rule of every call
     check_attend_out(out, (B, H, L, Ev), result)
@@ -160,7 +160,11 @@ def attend_cache(cache, q, scale, window, slopes, sinks, softcap, out, check_fin
     # a window whose ring has wrapped keeps storage order != position order: fine for one query
     # that sees every held key, otherwise the keys go in position order (a copy)
     reorder = cache.wrapped and (L > 1 or slopes is not None or (window is not None and window < n_valid))
-    native = store == np.int8 or (store == np.float64) == (dtype == np.float64)
+    # the kernels read quantised stores, and float ones whose width fits the arithmetic (float16 as
+    # bits in float32 arithmetic), in place; a float64 query over a float32 cache converts (a copy)
+    native = all(
+        x.dtype.kind != "f" or (x.dtype == np.float64) == (dtype == np.float64) for x in (cache._keys, cache._values)
+    )
     if reorder or not native:
         keys, values = cache.ordered()
         res = scaled_dot_product_attention(
@@ -227,14 +231,14 @@ def attend_cache(cache, q, scale, window, slopes, sinks, softcap, out, check_fin
     res, _ = _run(plan, out.reshape(B * H, L, Ev) if direct else None)
     if direct:
         return out
-    res = _to_out_dtype(res, result, store == np.float16).reshape(B, H, L, Ev)
+    res = _to_out_dtype(res, result, cache.value_dtype == np.float16).reshape(B, H, L, Ev)
     return into_out(res, out)
 
 
 def _raise_nonfinite(plan):
     """A kernel saw a NaN/inf query value or score, or produced a non-finite result: name the culprit."""
     for name, x, rows in (("query", plan.query, plan.L), ("key", plan.key, plan.S), ("value", plan.value, plan.S)):
-        if x.dtype != np.int8:
+        if x.dtype.kind == "f" or x.dtype == np.uint16:  # quantised codes cannot hold NaN/inf
             check_finite_array(x, name, rows)
     raise ValueError(
         f"the attention overflowed {plan.dtype.name} although query, key and value are finite: "
@@ -297,8 +301,8 @@ def scaled_dot_product_attention(
     Parameters
     ----------
     query : ndarray (..., L, E), float16, float32 or float64
-    key : ndarray (..., S, E), or an int8 :class:`~numba_attn.QuantizedTensor` (``numba_attn.quantize``)
-    value : ndarray (..., S, Ev), or an int8 ``QuantizedTensor``
+    key : ndarray (..., S, E), or a :class:`~numba_attn.QuantizedTensor` (int8 or 4-bit, ``numba_attn.quantize``)
+    value : ndarray (..., S, Ev), or a ``QuantizedTensor``
         Leading (batch) dims broadcast against each other, as in numpy; any number of them, including
         none. With ``enable_gqa`` dim -3 is the heads dim and key/value may have fewer heads.
     attn_mask : ndarray, optional
@@ -344,10 +348,10 @@ def scaled_dot_product_attention(
 
     Returns
     -------
-    out : ndarray (..., L, Ev). Its dtype is ``np.result_type`` of the float inputs (int8 ones do not
-        count), or ``out_dtype``. The arithmetic runs in float64 if any input is float64, otherwise in
-        float32: float16 and int8 storage is converted inside the kernels, element by element, never
-        copied up front.
+    out : ndarray (..., L, Ev). Its dtype is ``np.result_type`` of the float inputs (quantised ones do
+        not count), or ``out_dtype``. The arithmetic runs in float64 if any input is float64, otherwise in
+        float32: float16, int8 and 4-bit storage is converted inside the kernels, element by element,
+        never copied up front.
     lse : ndarray (..., L) in the arithmetic's dtype, only with ``return_lse``.
 
     A query row whose keys are all masked gets zeros (PyTorch returns NaN there) and lse = -inf.
@@ -393,6 +397,12 @@ def scaled_dot_product_attention(
             f"these {plan.L} new queries would see only the first {plan.L} of the {plan.S} cached keys; "
             "with a KVCache pass is_causal='lower_right', or call cache.attend(query)"
         )
+    if is_rotated_view(key) and not is_rotated_query(query):
+        raise ValueError(
+            "key is a view of a KVCache that stores its keys Hadamard-rotated (rotate=...): this query "
+            "would score against rotated keys; pass cache.rotate_query(query) (and cache.unrotate_output(out) "
+            'for rotate="both"), or call cache.attend(query)'
+        )
     out, lse = _run(plan)
     out = _to_out_dtype(out, plan.out_dtype, plan.value.dtype == np.uint16)
     out = out.reshape(plan.batch_shape + (plan.L, plan.Ev))
@@ -408,7 +418,7 @@ def attention_weights(
 
     For inspecting small inputs (it materialises the L×S matrix the fused kernel avoids): more than
     ``config.MAX_WEIGHTS_ELEMENTS`` weights are refused. Same arguments and conventions as
-    :func:`scaled_dot_product_attention` (``key`` may be an int8 ``QuantizedTensor``); fully-masked
+    :func:`scaled_dot_product_attention` (``key`` may be a ``QuantizedTensor``); fully-masked
     rows are zeros; with ``sinks`` (H,) each row sums to 1 minus the sink's share. The weights come
     from the same fused kernel, applied to columns of an identity
     "value" matrix, so they are exactly the weights ``scaled_dot_product_attention`` uses; the

@@ -40,7 +40,9 @@ class Case:
     D: int
     causal: bool = False
     H_kv: int = 0  # 0: same as H
-    dtype: str = "float32"  # storage of K and V: float32, float16 or int8 (query float32; float16 with float16)
+    #: storage of K and V: float32, float16, int8, int4, or "int8/int4" (int8 keys, 4-bit values); the query
+    #: is float32 (float16 with float16)
+    dtype: str = "float32"
     #: who times this shape (see ``CASES``); not part of the case's identity
     uses: tuple = dataclasses.field(default=(), compare=False, repr=False)
 
@@ -55,10 +57,20 @@ class Case:
         return f // 2 if self.causal and self.L == self.S else f
 
     @property
+    def key_format(self):
+        return self.dtype.split("/")[0]
+
+    @property
+    def value_format(self):
+        return self.dtype.split("/")[-1]
+
+    @property
     def kv_bytes(self):
-        """Bytes of K and V as stored (int8: data plus one float32 scale per 32 entries)."""
-        per_value = {"int8": 1 + 4 / 32}.get(self.dtype) or np.dtype(self.dtype).itemsize
-        return int(2 * self.B * self.kv_heads * self.S * self.D * per_value)
+        """Bytes of K and V as stored (int8: data plus one float32 scale per 32 entries; int4: half a
+        byte per entry plus a float16 step and minimum per 32)."""
+        per_value = {"int8": 1 + 4 / 32, "int4": 0.5 + 4 / 32}
+        per = [per_value.get(f) or np.dtype(f).itemsize for f in (self.key_format, self.value_format)]
+        return int(self.B * self.kv_heads * self.S * self.D * sum(per))
 
     @property
     def kv_bytes_float32(self):
@@ -87,10 +99,11 @@ class Case:
                 return q, k, v
         if as_float32 or self.dtype == "float32":
             return tuple(x.astype(np.float32) for x in (q, k, v))
-        if self.dtype == "int8":
+        if self.key_format in ("int8", "int4"):
             from .quant import quantize
 
-            return q, quantize(k), quantize(v)
+            bits = {"int8": 8, "int4": 4}
+            return q, quantize(k, bits=bits[self.key_format]), quantize(v, bits=bits[self.value_format])
         return q, k, v
 
 
@@ -140,6 +153,8 @@ CASES = _one_each(
         ),
         Case("decode, float16 cache", 1, 32, 1, 4096, 64, dtype="float16", uses=_QUICK),
         Case("decode, int8 cache", 1, 32, 1, 4096, 64, dtype="int8", uses=_QUICK),
+        Case("decode, int8 keys + int4 values", 1, 32, 1, 4096, 64, dtype="int8/int4", uses=_QUICK),
+        Case("decode, int4 cache", 1, 32, 1, 4096, 64, dtype="int4", uses=_QUICK),
         Case("decode GQA 64/8, float16 cache", 1, 64, 1, 7680, 64, H_kv=8, dtype="float16", uses=_BENCH),
         Case("decode GQA 64/8, int8 cache", 1, 64, 1, 7680, 64, H_kv=8, dtype="int8", uses=_BENCH),
         Case("prefill, float16", 1, 8, 1024, 1024, 64, dtype="float16", uses=_BENCH),
@@ -261,8 +276,8 @@ class Torch:
             import torch
         except ImportError:
             raise Unavailable("torch is not installed (pip install 'numba_attn[torch]')") from None
-        if case.dtype == "int8":
-            raise Unavailable("no int8 attention; compare with its float32 row on the same tokens")
+        if case.dtype not in ("float32", "float16", "float64"):
+            raise Unavailable("no quantised attention; compare with its float32 row on the same tokens")
         torch.set_num_threads(threads)
         q, k, v = (torch.from_numpy(x) for x in case.inputs())
         gqa = case.kv_heads != case.H

@@ -15,8 +15,10 @@ import weakref
 import numpy as np
 
 from ._validate import FLOAT16_MAX, check_finite_array
-from .kernels.cache_append import scan_rows, write_rows, write_rows_int8
+from .kernels.cache_append import scan_rows, write_rows, write_rows_int4, write_rows_int8
+from .kernels.hadamard import hadamard_rows
 from .quant import DEFAULT_BLOCK, QuantizedTensor, _check_block, quantize
+from .rotation import hadamard_block
 
 __all__ = ["KVCache"]
 
@@ -25,6 +27,9 @@ _QUERY_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64
 _NO_SCALES = np.broadcast_to(np.zeros((1, 1, 0), np.float32), (1, 1, 0))
 #: every cache's key/value storage by id, to recognise views of it (``is_kv_cache_view``)
 _STORAGE = weakref.WeakValueDictionary()
+#: the key storage of caches that rotate their keys, and the queries ``rotate_query`` made
+_ROTATED = weakref.WeakValueDictionary()
+_ROTATED_QUERIES = weakref.WeakValueDictionary()
 
 
 #: appends of at most this many rows (batch · kv heads · tokens) take the serial kernels
@@ -32,13 +37,101 @@ APPEND_SERIAL_ROWS = 1024
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
-def _range_message(name, dtype):
-    if dtype == np.float16:
+def _range_message(name, fmt):
+    if fmt == "int4":
+        return f"{name} holds values beyond float16's range (|x| > 65504): int4 steps and minimums are float16"
+    if fmt == np.float16:
         return (
             f"{name} holds values beyond float16's range (|x| > 65504): a float16 cache would store inf; "
             "use a float32 cache"
         )
     return f"{name} holds values beyond float32's range: int8 scales are float32"
+
+
+def storage_format(value, name):
+    """A cache storage format from what a user passed: an ``np.dtype`` (float32, float64, float16,
+    int8) or the string "int4" (numpy has no 4-bit dtype; ``np.dtype("int4")`` would be int32)."""
+    if isinstance(value, str) and value.lower() in ("int4", "q4"):
+        return "int4"
+    try:
+        fmt = np.dtype(value)
+    except TypeError:
+        fmt = None
+    if fmt not in _DTYPES:
+        raise TypeError(f'{name} must be float32, float64, float16, int8 or "int4", got {value!r}')
+    return fmt
+
+
+def _same_format(a, b):
+    return (a == "int4") == (b == "int4") and (a == "int4" or a == b)
+
+
+def _rotation(rotate, key_fmt, head_dim, value_dim):
+    """(rotate keys, rotate values) from ``rotate`` (None: keys stored as int8 or int4, when head_dim
+    is even)."""
+    if rotate is None:
+        return (key_fmt == "int4" or key_fmt == np.int8) and head_dim % 2 == 0, False
+    if isinstance(rotate, (bool, np.bool_)):
+        keys, values = bool(rotate), False
+    elif rotate in ("keys", "both"):
+        keys, values = True, rotate == "both"
+    else:
+        raise ValueError(f'rotate must be None, False, True, "keys" or "both", got {rotate!r}')
+    for name, dim, wanted in (("head_dim", head_dim, keys), ("value_dim", value_dim, values)):
+        if wanted and dim % 2:
+            raise ValueError(f"rotate={rotate!r}: a Hadamard rotation needs an even {name}, got {dim}")
+    return keys, values
+
+
+def _rotated(x, block):
+    """H·x along the last axis (block-diagonal, ``block`` wide), a new C-contiguous float32 array
+    (float64 for float64 x)."""
+    out = np.empty(x.shape, np.float64 if x.dtype == np.float64 else np.float32)
+    if out.size:
+        rows = np.ascontiguousarray(x).reshape(-1, x.shape[-1])
+        hadamard_rows(rows.view(np.uint16) if rows.dtype == np.float16 else rows, block, out.reshape(rows.shape))
+    return out
+
+
+def is_rotated_view(x):
+    """True if ``x`` (an array or a QuantizedTensor) is a view of the keys of a KVCache that rotates them."""
+    if not _ROTATED:
+        return False
+    x = x.data if isinstance(x, QuantizedTensor) else x
+    while isinstance(x, np.ndarray):
+        if _ROTATED.get(id(x)) is x:
+            return True
+        x = x.base
+    return False
+
+
+def is_rotated_query(x):
+    """True if ``x`` came from some cache's ``rotate_query``."""
+    return isinstance(x, np.ndarray) and _ROTATED_QUERIES.get(id(x)) is x
+
+
+def _is_float_store(fmt):
+    """float32/float64 stores can hold NaN/inf (``check_finite=False`` lets them in); the others cannot."""
+    return fmt != "int4" and fmt in (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _format_name(fmt):
+    return fmt if fmt == "int4" else fmt.name
+
+
+def _allocate(fmt, prefix, dim, block, name):
+    """(data, scales, block) of one tensor's storage: float (scales and block None), int8 (float32
+    scales per block) or int4 (two codes per byte, float16 (step, min) per block)."""
+    if fmt == "int4":
+        try:
+            blk = _check_block(dim if block is None else block, dim, bits=4)
+        except ValueError as error:
+            raise ValueError(f'"int4" {name}s of {dim} entries: {error}') from None
+        return np.zeros(prefix + (dim // 2,), np.uint8), np.zeros(prefix + (dim // blk, 2), np.float16), blk
+    if fmt == np.int8:
+        blk = dim if block is None else _check_block(block, dim)
+        return np.zeros(prefix + (dim,), np.int8), np.zeros(prefix + (-(-dim // blk),), np.float32), blk
+    return np.zeros(prefix + (dim,), fmt), None, None
 
 
 def is_kv_cache_view(x):
@@ -61,10 +154,17 @@ class KVCache:
         Most tokens held. Without a window, appending past it raises ``ValueError`` (nothing is
         written, nothing lost). With a window it is the longest sequence accepted overall (use a
         large number for unbounded streaming); storage is ``window`` slots.
-    dtype : float32, float64, float16 or int8
-        Storage. float16 halves the memory of float32 (values beyond ±65504 are refused); int8
-        quantises each token's key and value per block of ``block`` entries on append (about 0.28×
-        float32 with the default block of 32) and the kernels decode straight from int8.
+    dtype : float32, float64, float16, int8 or "int4"
+        Storage of keys and values (``key_dtype``/``value_dtype`` set them apart). float16 halves the
+        memory of float32 (values beyond ±65504 are refused); int8 quantises each token's key and
+        value per block of ``block`` entries on append (about 0.28× float32 with the default block of
+        32); "int4" (numpy has no 4-bit type: the string names the packed format) stores 16 levels
+        per entry, two per byte, with a float16 step and minimum per block (0.156× float32 at block
+        32; values beyond ±65504 are refused). The kernels decode straight from the storage.
+    key_dtype, value_dtype : optional
+        The keys' and the values' storage when they differ (each one of ``dtype``'s choices; default
+        ``dtype``). Keys are the more sensitive (an error in a score moves every weight of the row):
+        int8 keys with "int4" values is the small format that keeps quality (see the README's table).
     window : int, optional
         Keep only the last ``window`` tokens (sliding-window models): a ring buffer of ``window``
         slots.
@@ -79,10 +179,23 @@ class KVCache:
         un-rotated keys and re-rotating all ``sink_tokens + window`` of them every step (O(W·D) per
         token); absolute positions give exactly the full cache's scores on the keys kept, but leave the
         model's trained context once the sequence outgrows it.
+    rotate : None, False, True, "keys" or "both"
+        Hadamard rotation (``numba_attn.rotation``): keys (True/"keys"), or keys and values ("both"),
+        are multiplied by the normalised Walsh–Hadamard matrix H along the head dim as they are
+        appended, which spreads a few large channels over all of them before quantising; ``attend``
+        rotates the query the same way (scores are unchanged in exact arithmetic: Hq·Hk = q·k) and,
+        for rotated values, rotates the output back. None (the default) rotates keys stored as int8
+        or "int4" and nothing else (measured on SmolLM2: see the README's table). Head dims that are
+        not powers of two use a block-diagonal H (``rotation.hadamard_block``); odd ones cannot be
+        rotated (refused if asked for). The stored ``keys``/``values`` (and ``ordered()``) hold the
+        rotated vectors: give ``scaled_dot_product_attention`` ``cache.rotate_query(query)`` with them
+        (it refuses an unrotated query against rotated keys) and ``cache.unrotate_output(out)`` for
+        rotated values; ``attend`` and ``MultiHeadAttention`` do both.
     value_dim : int, optional
         Value head size when it differs from ``head_dim``.
     block : int or None
-        int8 only: entries per scale (default 32, ggml's q8_0); None for one scale per token and head.
+        int8 and "int4": entries per scale (default 32, ggml's q8_0/q4_1; capped at the head dim);
+        None for one scale per token and head. "int4" needs an even block dividing the head dim.
 
     Examples
     --------
@@ -116,6 +229,9 @@ class KVCache:
         value_dim=None,
         block=DEFAULT_BLOCK,
         sink_tokens=0,
+        key_dtype=None,
+        value_dtype=None,
+        rotate=None,
     ):
         for name, val in (
             ("batch", batch),
@@ -141,12 +257,9 @@ class KVCache:
             raise ValueError(
                 f"sink_tokens={sink_tokens} needs a window: the sink tokens are kept besides the last `window` tokens"
             )
-        try:
-            dtype = np.dtype(dtype)
-        except TypeError:
-            raise TypeError(f"dtype must be float32, float64, float16 or int8, got {dtype!r}") from None
-        if dtype not in _DTYPES:
-            raise TypeError(f"dtype must be float32, float64, float16 or int8, got {dtype}")
+        dtype = storage_format(dtype, "dtype")
+        key_fmt = dtype if key_dtype is None else storage_format(key_dtype, "key_dtype")
+        value_fmt = dtype if value_dtype is None else storage_format(value_dtype, "value_dtype")
         self.batch, self.num_kv_heads, self.head_dim, self.value_dim = (
             int(batch),
             int(num_kv_heads),
@@ -156,28 +269,54 @@ class KVCache:
         self.capacity = int(capacity)
         self.window = None if window is None else int(window)
         self.sink_tokens = int(sink_tokens)
-        self.dtype = dtype
+        self.key_dtype, self.value_dtype = key_fmt, value_fmt
         slots = self.capacity if self.window is None else min(self.sink_tokens + self.window, self.capacity)
-        self._keys = np.zeros((self.batch, self.num_kv_heads, slots, self.head_dim), dtype)
-        self._values = np.zeros((self.batch, self.num_kv_heads, slots, self.value_dim), dtype)
-        self._key_scales = self._value_scales = None
-        self.block = None
-        if dtype == np.int8:
-            # None: one scale per token and head (quantize's per-row form), for keys and values alike
-            self._quant_block = None if block is None else _check_block(block, self.head_dim)
-            if block is not None and self.value_dim != self.head_dim:
-                raise ValueError("int8 with value_dim != head_dim: use block=None (per-token scales)")
-            self.block = self.head_dim if block is None else self._quant_block
-            self._value_block = self.value_dim if block is None else self._quant_block
-            self._key_scales = np.zeros(self._keys.shape[:3] + (-(-self.head_dim // self.block),), np.float32)
-            self._value_scales = np.zeros(
-                self._values.shape[:3] + (-(-self.value_dim // self._value_block),), np.float32
-            )
+        prefix = (self.batch, self.num_kv_heads, slots)
+        self._keys, self._key_scales, self.block = _allocate(key_fmt, prefix, self.head_dim, block, "key")
+        self._values, self._value_scales, self._value_block = _allocate(
+            value_fmt, prefix, self.value_dim, block, "value"
+        )
+        self.rotate_keys, self.rotate_values = _rotation(rotate, key_fmt, self.head_dim, self.value_dim)
+        self._key_rotation = hadamard_block(self.head_dim) if self.rotate_keys else 0
+        self._value_rotation = hadamard_block(self.value_dim) if self.rotate_values else 0
         self._length = 0
         self._operands = None  # kernel views of the storage, made on first use
         self._index_cache = {}  # per query-head count: the kernels' batch index arrays
         _STORAGE[id(self._keys)] = self._keys
         _STORAGE[id(self._values)] = self._values
+        if self.rotate_keys:
+            _ROTATED[id(self._keys)] = self._keys
+
+    @property
+    def rotate(self):
+        """What is stored rotated: "keys", "both" or False."""
+        return "both" if self.rotate_values else ("keys" if self.rotate_keys else False)
+
+    def rotate_query(self, query):
+        """``query`` (..., head_dim) as this cache's keys are stored: H·query along the last axis for
+        a cache with rotated keys (a new float32 array, float64 for float64), else ``query`` itself.
+        What ``scaled_dot_product_attention`` needs beside ``keys``/``values`` of a rotated cache."""
+        if not self.rotate_keys:
+            return query
+        q = query if isinstance(query, np.ndarray) else np.asarray(query)
+        if q.dtype.kind != "f" or q.ndim < 1 or q.shape[-1] != self.head_dim:
+            raise ValueError(f"query must be a float array (..., head_dim = {self.head_dim}), got {q.dtype} {q.shape}")
+        rotated = _rotated(q, self._key_rotation)
+        _ROTATED_QUERIES[id(rotated)] = rotated
+        return rotated
+
+    def unrotate_output(self, out):
+        """An attention output computed over this cache's ``values`` (..., value_dim) back in the
+        values' own basis (H·out: H is its own inverse) for a cache with rotated values; else ``out``."""
+        if not self.rotate_values:
+            return out
+        return _rotated(np.asarray(out), self._value_rotation)
+
+    @property
+    def dtype(self):
+        """The storage format of keys and values when they share one (an np.dtype, or "int4"), else
+        None (see ``key_dtype`` and ``value_dtype``)."""
+        return self.key_dtype if _same_format(self.key_dtype, self.value_dtype) else None
 
     # -- state ------------------------------------------------------------------------------------
     @property
@@ -205,9 +344,9 @@ class KVCache:
 
     @property
     def nbytes(self):
-        """Bytes of storage (data and, for int8, scales)."""
-        extra = 0 if self._key_scales is None else self._key_scales.nbytes + self._value_scales.nbytes
-        return self._keys.nbytes + self._values.nbytes + extra
+        """Bytes of storage (data and, for int8 and int4, scales)."""
+        scales = sum(x.nbytes for x in (self._key_scales, self._value_scales) if x is not None)
+        return self._keys.nbytes + self._values.nbytes + scales
 
     def reset(self):
         """Forget every token (storage is kept)."""
@@ -222,12 +361,13 @@ class KVCache:
         sc = scales[:, :, index]
         d.flags.writeable = False
         sc.flags.writeable = False
-        return QuantizedTensor._trusted(d, sc, self.block if data is self._keys else self._value_block)
+        block = self.block if data is self._keys else self._value_block
+        return QuantizedTensor._trusted(d, sc, block, 4 if data.dtype == np.uint8 else 8)
 
     @property
     def keys(self):
         """Read-only view (batch, H_kv, n_valid, head_dim) of the stored keys, in storage order
-        (a ``QuantizedTensor`` for int8). Without a window, or before the ring wraps, storage order
+        (a ``QuantizedTensor`` for int8 and int4). Without a window, or before the ring wraps, storage order
         is position order."""
         return self._view(self._keys, self._key_scales, slice(0, self.n_valid))
 
@@ -275,8 +415,13 @@ class KVCache:
 
     def ordered_with(self, key, value):
         """(keys, values) in position order followed by the new ``key``/``value`` (not stored), in
-        the cache's storage format: what a windowed chunk of several new tokens attends over."""
+        the cache's storage format (rotated as stored): what a windowed chunk of several new tokens
+        attends over."""
         old_k, old_v = self.ordered()
+        if self.rotate_keys:
+            key = _rotated(np.asarray(key), self._key_rotation)
+        if self.rotate_values:
+            value = _rotated(np.asarray(value), self._value_rotation)
         new_k, new_v = self._encode(key, "key"), self._encode(value, "value")
         return _concat_tokens(old_k, new_k), _concat_tokens(old_v, new_v)
 
@@ -292,14 +437,18 @@ class KVCache:
         return np.r_[np.arange(n), n + start + (np.arange(ring) - start) % ring]
 
     def _encode(self, x, name):
-        """x in the storage format: an array of the cache dtype, or a QuantizedTensor for int8."""
-        if self.dtype == np.int8:
-            if x.dtype == np.float64 and x.size and np.abs(x).max() > _FLOAT32_MAX:
-                raise ValueError(_range_message(name, self.dtype))
-            return quantize(x, self._quant_block)
-        if self.dtype == np.float16 and x.dtype != np.float16 and x.size and np.abs(x).max() > FLOAT16_MAX:
-            raise ValueError(_range_message(name, self.dtype))
-        return x.astype(self.dtype, copy=False)
+        """x in the storage format of ``name`` ("key" or "value"): an array of its dtype, or a
+        QuantizedTensor for int8 and int4."""
+        fmt = self.key_dtype if name == "key" else self.value_dtype
+        block = self.block if name == "key" else self._value_block
+        if fmt == "int4" or fmt == np.int8:
+            limit = FLOAT16_MAX if fmt == "int4" else _FLOAT32_MAX
+            if x.dtype != np.float16 and x.size and np.abs(x).max() > limit:
+                raise ValueError(_range_message(name, fmt))
+            return quantize(x, block, bits=4 if fmt == "int4" else 8)
+        if fmt == np.float16 and x.dtype != np.float16 and x.size and np.abs(x).max() > FLOAT16_MAX:
+            raise ValueError(_range_message(name, fmt))
+        return x.astype(fmt, copy=False)
 
     # -- attending --------------------------------------------------------------------------------
     def attend(
@@ -380,14 +529,33 @@ class KVCache:
         # shapes and dtypes here; NaN/inf once, after the conversion to the arithmetic's dtype (attend_cache)
         slopes = check_slopes(alibi_slopes, q.shape[1], finite=False)
         sinks = check_sinks(sinks, q.shape[1], finite=False)
+        user_out = None
+        if self.rotate_keys:  # the query in the keys' basis; the result computed apart, then delivered
+            from ._validate import _dtypes
+            from .api import check_attend_out
+
+            result = _dtypes(q, self._keys, self._values, None)[1]
+            check_attend_out(out, (q.shape[0], q.shape[1], L, self.value_dim), result)
+            user_out, out = out, None
+            q = self.rotate_query(q)
         if self.sink_tokens and not (L == 1 and slopes is None and window == self.window):
             # (made into a mask there: checked for NaN/inf, and for the arithmetic's range, first)
-            arith = np.float64 if np.float64 in (q.dtype, self.dtype) else np.float32
+            arith = np.float64 if np.float64 in (q.dtype, self._keys.dtype, self._values.dtype) else np.float32
             slopes = None if slopes is None else per_head_in(slopes, "alibi_slopes", arith, finite=True)
-            return self._attend_streaming(q, scale, window, slopes, sinks, softcap, out, check_finite)
-        # (a sink cache's newest query sees every key held: no window for the kernel, which would hide the sinks)
-        window = None if self.sink_tokens else window
-        return attend_cache(self, q, scale, window, slopes, sinks, softcap, out, check_finite)
+            res = self._attend_streaming(q, scale, window, slopes, sinks, softcap, out, check_finite)
+        else:
+            # (a sink cache's newest query sees every key held: no window for the kernel, which would hide the sinks)
+            window = None if self.sink_tokens else window
+            res = attend_cache(self, q, scale, window, slopes, sinks, softcap, out, check_finite)
+        if not self.rotate_keys:
+            return res
+        return self._deliver(self.unrotate_output(res), result, user_out)
+
+    def _deliver(self, res, result, out):
+        """A rotated call's result in the dtype an unrotated call gives (``result``), into ``out`` if given."""
+        from .api import _to_out_dtype, into_out
+
+        return into_out(_to_out_dtype(res, result, self.value_dtype == np.float16), out)
 
     def _attend_streaming(self, q, scale, window, slopes, sinks, softcap, out, check_finite):
         """A sink cache's queries when they do not all see every held key (a chunk, a smaller
@@ -419,35 +587,34 @@ class KVCache:
 
     def _kernel_operands(self):
         """(keys, key scales, key block, values, value scales, value block) as the kernels take them:
-        C-contiguous read-only 3-D views (batch·heads, slots, dim) of the whole storage."""
+        C-contiguous read-only 3-D views (batch·heads, slots, dim) of the whole storage (float16 as its
+        bits; int4 scales as (step, min) float16 bit pairs, (batch·heads, slots, 2·blocks))."""
         if self._operands is None:
 
-            def as3(x, dim):
-                if x is None:
-                    return _NO_SCALES, 0
-                v = x.reshape(self.batch * self.num_kv_heads, x.shape[2], dim)
+            def as3(x):
+                v = x.reshape(self.batch * self.num_kv_heads, x.shape[2], -1)
                 v = v.view(np.uint16) if v.dtype == np.float16 else v.view()
                 v.flags.writeable = False
-                return v, 0
+                return v
 
-            k, _ = as3(self._keys, self.head_dim)
-            v, _ = as3(self._values, self.value_dim)
-            if self.dtype == np.int8:
-                ks, _ = as3(self._key_scales, self._key_scales.shape[3])
-                vs, _ = as3(self._value_scales, self._value_scales.shape[3])
-                self._operands = (k, ks, self.block, v, vs, self._value_block)
-            else:
-                self._operands = (k, _NO_SCALES, 0, v, _NO_SCALES, 0)
+            parts = []
+            for data, scales, block in (
+                (self._keys, self._key_scales, self.block),
+                (self._values, self._value_scales, self._value_block),
+            ):
+                parts += [as3(data), _NO_SCALES, 0] if scales is None else [as3(data), as3(scales), block]
+            self._operands = tuple(parts)
         return self._operands
 
     # -- writing ----------------------------------------------------------------------------------
     def append(self, key, value, check_finite=True):
         """Store ``key`` (batch, H_kv, T, head_dim) and ``value`` (batch, H_kv, T, value_dim).
 
-        Values are converted to the cache dtype. Raises ``ValueError`` before writing anything if
-        the shapes are wrong, the inputs are not finite (int8 and float16 stores refuse NaN/inf
+        Values are converted to the cache's formats. Raises ``ValueError`` before writing anything if
+        the shapes are wrong, the inputs are not finite (float16, int8 and int4 stores refuse NaN/inf
         whatever ``check_finite`` says: they have no code for them), a float32/float64 array holds
-        values beyond a float16 store's range, or (without a window) the cache would overflow
+        values beyond a float16 or int4 store's range (±65504; float32's for int8), or (without a
+        window) the cache would overflow
         ``capacity``. A few tokens (B·H_kv·T ≤ ``APPEND_SERIAL_ROWS``, a decode step) take one
         serial kernel per tensor that checks, converts and writes (``kernels/cache_append.py``).
         """
@@ -471,12 +638,17 @@ class KVCache:
                 f"KVCache is full: {self._length} tokens held + {T} new > capacity {self.capacity}"
                 + ("" if self.window is not None else "; create it with a larger capacity or a window")
             )
+        if self.rotate_keys:  # stored rotated (a copy: the caller's arrays are never modified)
+            key = _rotated(key, self._key_rotation)
+        if self.rotate_values:
+            value = _rotated(value, self._value_rotation)
         # (float64 into float16 goes through numpy: the kernels would round twice, via float32)
         if (
             self.batch * self.num_kv_heads * T <= APPEND_SERIAL_ROWS
             and key.dtype in _QUERY_DTYPES
             and value.dtype in _QUERY_DTYPES
-            and not (self.dtype == np.float16 and np.float64 in (key.dtype, value.dtype))
+            and not (self.key_dtype == np.float16 and key.dtype == np.float64)
+            and not (self.value_dtype == np.float16 and value.dtype == np.float64)
         ):
             self._append_serial(key, value, T, check_finite)
         else:
@@ -498,47 +670,51 @@ class KVCache:
 
     def _append_serial(self, key, value, T, check_finite):
         rows = []
-        for name, x in (("key", key), ("value", value)):
+        for name, x, fmt in (("key", key, self.key_dtype), ("value", value, self.value_dtype)):
             x = np.ascontiguousarray(x)
             bits = x.view(np.uint16) if x.dtype == np.float16 else x
-            if self.dtype == np.float16 and x.dtype != np.float16:
+            if (fmt == np.float16 or fmt == "int4") and x.dtype != np.float16:
                 limit = FLOAT16_MAX
-            elif self.dtype == np.int8 and x.dtype == np.float64:
+            elif fmt == np.int8 and x.dtype == np.float64:
                 limit = _FLOAT32_MAX
             else:
                 limit = np.inf
             code = scan_rows(bits, limit) if x.size else 0
-            if code == 1 and (check_finite or self.dtype in (np.float16, np.int8)):
+            no_code = not _is_float_store(fmt)  # no code for NaN/inf: refused whatever check_finite says
+            if code == 1 and (check_finite or no_code):
                 raise ValueError(
                     f"{name} contains NaN or inf; pass finite values"
-                    + ("" if self.dtype in (np.float16, np.int8) else " (or check_finite=False to skip the check)")
+                    + ("" if no_code else " (or check_finite=False to skip the check)")
                 )
             if code == 2:
-                raise ValueError(_range_message(name, self.dtype))
+                raise ValueError(_range_message(name, fmt))
             rows.append(bits)
         sink, first, slot0 = self._writes(T)
         # the sink slots take new tokens 0 … sink-1 (once per cache: a copy of those rows is fine)
         parts = [([np.ascontiguousarray(r[:, :, :sink]) for r in rows], self._length, 0)] if sink else []
         parts.append((rows, slot0, first))
         n = self.sink_tokens
-        for (k_rows, v_rows), s0, t0 in parts:
-            if self.dtype == np.int8:
-                scratch = np.empty(max(self.head_dim, self.value_dim), np.float32)
-                write_rows_int8(k_rows, self._keys, self._key_scales, self.block, s0, t0, n, scratch[: self.head_dim])
-                write_rows_int8(
-                    v_rows, self._values, self._value_scales, self._value_block, s0, t0, n, scratch[: self.value_dim]
-                )
-            elif self.dtype == np.float16:
-                write_rows(k_rows, self._keys.view(np.uint16), s0, t0, n)
-                write_rows(v_rows, self._values.view(np.uint16), s0, t0, n)
-            else:
-                write_rows(k_rows, self._keys, s0, t0, n)
-                write_rows(v_rows, self._values, s0, t0, n)
+        for tensor_rows, s0, t0 in parts:
+            for x, data, scales, block in zip(
+                tensor_rows,
+                (self._keys, self._values),
+                (self._key_scales, self._value_scales),
+                (self.block, self._value_block),
+            ):
+                if data.dtype == np.uint8:  # int4: (step, min) pairs as float16 bits, (B, H, slots, 2·blocks)
+                    pairs = scales.view(np.uint16).reshape(scales.shape[:3] + (-1,))
+                    write_rows_int4(x, data, pairs, block, s0, t0, n)
+                elif data.dtype == np.int8:
+                    write_rows_int8(x, data, scales, block, s0, t0, n, np.empty(data.shape[3], np.float32))
+                elif data.dtype == np.float16:
+                    write_rows(x, data.view(np.uint16), s0, t0, n)
+                else:
+                    write_rows(x, data, s0, t0, n)
 
     def _append_numpy(self, key, value, T, check_finite):
-        if check_finite or self.dtype == np.int8:
-            check_finite_array(key, "key")
-            check_finite_array(value, "value")
+        for name, x, fmt in (("key", key, self.key_dtype), ("value", value, self.value_dtype)):
+            if check_finite or not _is_float_store(fmt):
+                check_finite_array(x, name)
         key, value = self._encode(key, "key"), self._encode(value, "value")
         sink, first, slot0 = self._writes(T)
         n, ring = self.sink_tokens, self.slots - self.sink_tokens
@@ -559,9 +735,14 @@ class KVCache:
 
     def __repr__(self):
         sinks = f", sink_tokens={self.sink_tokens}" if self.sink_tokens else ""
+        if _same_format(self.key_dtype, self.value_dtype):
+            formats = f"dtype={_format_name(self.key_dtype)}"
+        else:
+            formats = f"key_dtype={_format_name(self.key_dtype)}, value_dtype={_format_name(self.value_dtype)}"
+        rotate = f", rotate={self.rotate!r}" if self.rotate else ""
         return (
             f"KVCache(batch={self.batch}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
-            f"capacity={self.capacity}, dtype={self.dtype.name}, window={self.window}{sinks}, length={self._length})"
+            f"capacity={self.capacity}, {formats}{rotate}, window={self.window}{sinks}, length={self._length})"
         )
 
 
@@ -585,9 +766,9 @@ def alibi_bias(query_positions, key_positions, slopes, dtype):
 
 
 def _concat_tokens(a, b):
-    """Concatenate two blocks of tokens (axis 2): arrays, or QuantizedTensors with the same block."""
+    """Concatenate two blocks of tokens (axis 2): arrays, or QuantizedTensors with the same block and bits."""
     if isinstance(a, QuantizedTensor):
         return QuantizedTensor._trusted(
-            np.concatenate([a.data, b.data], axis=2), np.concatenate([a.scales, b.scales], axis=2), a.block
+            np.concatenate([a.data, b.data], axis=2), np.concatenate([a.scales, b.scales], axis=2), a.block, a.bits
         )
     return np.concatenate([a, b], axis=2)

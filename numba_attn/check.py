@@ -33,12 +33,16 @@ class Tolerance(NamedTuple):
 #: sum in another order than numpy). float32: a few ulps (1.2e-7) of accumulated rounding over S keys
 #: and the polynomial exp (2.3e-7). float16: computed in float32, rounded to float16 at the end, whose
 #: half-ulp is 4.9e-4 relative. int8 (``quantize``d keys and values, float32 query), judged against the
-#: *unquantised* inputs: no element-wise bound, 1.5 % in norm (8-bit blocks of 32 values).
+#: *unquantised* inputs: no element-wise bound, 1.5 % in norm (8-bit blocks of 32 values). int4 (4-bit keys
+#: and values, ``quantize(bits=4)``), judged against the reference on the *dequantised* inputs, so at
+#: float32's bound: the format's own error (~10 % in norm on N(0, 1) data; see the README's quality table,
+#: measured on a model) is not the kernels'.
 TOLERANCE = {
     "float64": Tolerance(rtol=1e-10, norm=1e-12),
     "float32": Tolerance(rtol=1e-5, norm=1e-5),
     "float16": Tolerance(rtol=1e-3, norm=2e-3),
     "int8": Tolerance(rtol=np.inf, norm=1.5e-2),
+    "int4": Tolerance(rtol=1e-5, norm=1e-5),
 }
 
 
@@ -87,7 +91,13 @@ def check_cases():
 
 #: one case per kernel (prefill parallel and serial, masks, decode), for ``check --quick``
 QUICK_CASES = ("prefill causal lower_right", "decode GQA 4 tokens causal", "odd sizes, 2-D")
-PRECISIONS = ("float32", "float64", "float16", "int8")
+PRECISIONS = ("float32", "float64", "float16", "int8", "int4")
+
+
+def applies(precision, spec):
+    """Whether a case runs in ``precision``: 4-bit rows pack two entries per byte, so odd head dims
+    have no 4-bit format."""
+    return precision != "int4" or not (spec["k"][-1] % 2 or spec.get("v", spec["k"])[-1] % 2)
 
 
 def median_ms(fn, repeat=3):
@@ -110,6 +120,13 @@ def case_inputs(rng, spec, precision):
     if precision == "int8":
         kq, vq = quantize(k), quantize(v)
         return (q.astype(np.float32), kq, vq), (q, k, v)
+    if precision == "int4":
+        from .quant import dequantize
+
+        kq, vq = quantize(k, bits=4), quantize(v, bits=4)
+        return (q.astype(np.float32), kq, vq), (q.astype(np.float32).astype(np.float64),) + tuple(
+            dequantize(x).astype(np.float64) for x in (kq, vq)
+        )
     dt = np.dtype(precision)
     ours = tuple(x.astype(dt) for x in (q, k, v))
     return ours, tuple(x.astype(np.float64) for x in ours)
@@ -125,6 +142,8 @@ def run_check(quick=False, out=None):
     cases = [c for c in check_cases() if not quick or c[0] in QUICK_CASES]
     for precision in PRECISIONS:
         for name, spec in cases:
+            if not applies(precision, spec):
+                continue
             kwargs = {
                 key: spec[key]
                 for key in ("is_causal", "enable_gqa", "window", "alibi_slopes", "softcap", "sinks")
@@ -167,7 +186,8 @@ def run_check(quick=False, out=None):
     )
     print(
         f"\n{len(rows) - failed}/{len(rows)} cases within tolerance ({bounds}). Reference: numba_attn.reference in "
-        "float64 on the same (rounded) inputs; int8 against the unquantised inputs. rel err = ‖out − ref‖ / ‖ref‖. "
+        "float64 on the same (rounded) inputs; int8 against the unquantised inputs; int4 against its dequantised "
+        "inputs (odd head dims have no 4-bit format: not run). rel err = ‖out − ref‖ / ‖ref‖. "
         "'first call' includes compiling or loading the kernel.",
         file=out,
     )

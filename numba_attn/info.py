@@ -72,12 +72,14 @@ def run_warmup(out=None):
     """Compile (or load) every kernel variant a typical program meets, so its first call is fast.
 
     Variants: prefill and decode kernels, parallel and serial builds, float32/float64/float16/int8
-    storage, no mask / boolean mask / float mask; the packed-batch (varlen) kernel, parallel and
-    serial, float32/float64/float16 storage. Run once after installing (the results land in the
-    on-disk cache, see ``info``).
+    storage, int8 keys with 4-bit values and 4-bit both (a cache's quantised formats), no mask /
+    boolean mask / float mask; the packed-batch (varlen) kernel, parallel and serial,
+    float32/float64/float16 storage; the Hadamard rotation a quantised cache applies. Run once after
+    installing (the results land in the on-disk cache, see ``info``).
     """
     out = sys.stdout if out is None else out
     from .quant import quantize
+    from .rotation import hadamard_transform
 
     rng = np.random.default_rng(0)
     t_all = time.perf_counter()
@@ -88,13 +90,17 @@ def run_warmup(out=None):
         "decode small": ((1, 1, 1, 16), (1, 1, 300, 16)),
     }
     n = 0
-    for precision in ("float32", "float16", "int8", "float64"):
+    quantised = ("int8", "int8/int4", "int4")
+    for precision in ("float32", "float16", *quantised, "float64"):
         t0 = time.perf_counter()
         for qs, ks in shapes.values():
-            q = rng.standard_normal(qs).astype(np.float32 if precision in ("float16", "int8") else precision)
+            q = rng.standard_normal(qs).astype(np.float32 if precision in ("float16", *quantised) else precision)
             k = rng.standard_normal(ks)
-            if precision == "int8":
-                k = v = quantize(k)
+            if precision in quantised:
+                bits = {"int8": 8, "int4": 4}
+                k, v = (quantize(k, bits=bits[f]) for f in (precision.split("/")[0], precision.split("/")[-1]))
+                if precision != "int8":
+                    hadamard_transform(q)
             else:
                 k = v = k.astype(precision)
             for mask in (None, "bool", "float"):
@@ -105,7 +111,7 @@ def run_warmup(out=None):
                     m = np.zeros((qs[-2], ks[-2]), np.float64 if precision == "float64" else np.float32)
                 scaled_dot_product_attention(q, k, v, attn_mask=m)
                 n += 1
-        if precision != "int8":  # the varlen kernel reads float K/V only
+        if precision not in quantised:  # the varlen kernel reads float K/V only
             for lengths in ((3, 5), (150, 90)):  # the serial build, then the parallel one
                 cu = np.concatenate([[0], np.cumsum(lengths)])
                 q = rng.standard_normal((cu[-1], 2, 64)).astype(np.float32 if precision == "float16" else precision)

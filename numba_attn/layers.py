@@ -284,10 +284,23 @@ class MultiHeadAttention:
         )
 
     # -- forward ----------------------------------------------------------------------------------
-    def new_cache(self, batch, capacity, window=None, dtype=None, block=32, sink_tokens=0):
-        """A KVCache shaped for this layer (storage ``dtype``: the layer's by default, or float16/int8;
-        ``window`` and ``sink_tokens``: a ring of the last ``window`` tokens plus the first
-        ``sink_tokens``, see :class:`KVCache`)."""
+    def new_cache(
+        self,
+        batch,
+        capacity,
+        window=None,
+        dtype=None,
+        block=32,
+        sink_tokens=0,
+        key_dtype=None,
+        value_dtype=None,
+        rotate=None,
+    ):
+        """A KVCache shaped for this layer (storage ``dtype``: the layer's by default, or float16, int8
+        or "int4"; ``key_dtype``/``value_dtype`` to store keys and values differently, e.g. int8 keys
+        and "int4" values; ``rotate``: Hadamard rotation of keys (default: quantised ones) or of keys
+        and values ("both"); ``window`` and ``sink_tokens``: a ring of the last ``window`` tokens plus
+        the first ``sink_tokens``; see :class:`KVCache`)."""
         return KVCache(
             batch,
             self.num_kv_heads,
@@ -297,6 +310,9 @@ class MultiHeadAttention:
             window=window,
             block=block,
             sink_tokens=sink_tokens,
+            key_dtype=key_dtype,
+            value_dtype=value_dtype,
+            rotate=rotate,
         )
 
     def _heads(self, y, n_heads):
@@ -526,11 +542,13 @@ class MultiHeadAttention:
         allowed = (
             (q.dtype,) if q.dtype == np.float64 else (np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.int8))
         )
-        if cache.dtype not in allowed:
-            raise TypeError(
-                f"cache dtype {cache.dtype} does not fit the layer's dtype {q.dtype}: use "
-                + " or ".join(d.name for d in allowed)
-            )
+        for name, fmt in (("key_dtype", cache.key_dtype), ("value_dtype", cache.value_dtype)):
+            if not (fmt == "int4" and q.dtype != np.float64) and (fmt == "int4" or fmt not in allowed):
+                raise TypeError(
+                    f"cache {name} {fmt if fmt == 'int4' else fmt.name} does not fit the layer's dtype {q.dtype}: use "
+                    + " or ".join(d.name for d in allowed)
+                    + ("" if q.dtype == np.float64 else ' or "int4"')
+                )
         if window is not None and window != cache.window:
             raise ValueError(f"window={window} differs from the cache's window ({cache.window})")
         if cache.length + L > cache.capacity:
@@ -557,7 +575,8 @@ class MultiHeadAttention:
             q_pos = positions[-L:]
             mask = _with_streaming_mask(mask, q_pos, positions, cache.sink_tokens, window, kw, q.dtype)
             kw = dict(kw, alibi_slopes=None)
-            return scaled_dot_product_attention(q, keys, values, attn_mask=mask, **kw)
+            res = scaled_dot_product_attention(cache.rotate_query(q), keys, values, attn_mask=mask, **kw)
+            return cache.unrotate_output(res)
         if direct and mask is None:
             # the decode fast path: the cache's own storage, bottom-right causal, GQA from its heads
             cache.append(k, v, check_finite=False)
@@ -573,7 +592,11 @@ class MultiHeadAttention:
             keys, values = cache.ordered_with(k, v)
             cache.append(k, v, check_finite=False)
             causal, window_arg = "lower_right", window
-        return scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal, window=window_arg, **kw)
+        # (a cache that rotates its keys holds them rotated: the query goes the same way, the output back)
+        res = scaled_dot_product_attention(
+            cache.rotate_query(q), keys, values, attn_mask=mask, is_causal=causal, window=window_arg, **kw
+        )
+        return cache.unrotate_output(res)
 
     def _combined_mask(self, key_padding_mask, attn_mask, B, L, S, positions):
         """torch.nn.MultiheadAttention's masks → one mask for scaled_dot_product_attention (True = attend)."""

@@ -27,7 +27,7 @@ def example(name):
 
 #: relative tolerance of a result in ``dtype`` against the float64 reference: the package's one table,
 #: ``numba_attn.check.TOLERANCE`` (also what ``python -m numba_attn check`` applies), float dtypes only
-RTOL = {np.dtype(precision): tol.rtol for precision, tol in TOLERANCE.items() if precision != "int8"}
+RTOL = {np.dtype(precision): tol.rtol for precision, tol in TOLERANCE.items() if precision not in ("int8", "int4")}
 
 
 def rtol_for(dtype):
@@ -140,19 +140,15 @@ def no_kernel(monkeypatch):
 
 
 def int8_effective_inputs(query, key, value, scale=None):
-    """(query, key, value, scale) for the float64 reference that reproduce what the int8 kernels
-    compute: int8 ``QuantizedTensor`` keys/values dequantised, and, for per-row keys (scored as
-    int8 × int8 dot products in float32 arithmetic), the query scaled and quantised per row the
-    way the kernel does it (then ``scale`` = 1). Float operands pass through."""
-    from numba_attn import QuantizedTensor, dequantize, quantize
+    """(query, key, value, scale) for the float64 reference that reproduce what the quantised
+    kernels compute: ``QuantizedTensor`` keys/values (int8 or 4-bit) dequantised; the query as it
+    is (the kernels never round it). Float operands pass through."""
+    from numba_attn import QuantizedTensor, dequantize
 
     E = query.shape[-1]
     scale = 1.0 / np.sqrt(E) if scale is None else scale
     k = dequantize(key) if isinstance(key, QuantizedTensor) else key
     v = dequantize(value) if isinstance(value, QuantizedTensor) else value
-    if isinstance(key, QuantizedTensor) and key.block >= E and np.asarray(query).dtype != np.float64:
-        qs = (query.astype(np.float32) * np.float32(scale)).astype(np.float32)
-        return dequantize(quantize(qs, None)), k, v, 1.0
     return query, k, v, scale
 
 

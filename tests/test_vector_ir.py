@@ -143,6 +143,39 @@ def test_load_float32_into_matches_loop(dtype, width, src_off, dst_off, extra, s
     )
 
 
+@njit
+def _load_nibbles_into(src, src_off, high, scale, offset, dst, dst_off, width):
+    vir.load_nibbles_into(src, src_off, high, scale, offset, dst, dst_off, literally(width))
+
+
+@given(
+    width=st.sampled_from(WIDTHS),
+    high=st.booleans(),
+    src_off=st.integers(1, 9),
+    dst_off=st.integers(1, 9),
+    extra=st.integers(0, 6).map(lambda n: 2 * n + 1),
+    seed=st.integers(0, 2**32 - 1),
+)
+@EXAMPLES
+def test_load_nibbles_into_matches_loop(width, high, src_off, dst_off, extra, seed):
+    rng = np.random.default_rng(seed)
+    src = rng.integers(0, 256, src_off + width + extra).astype(np.uint8)
+    scale, offset = np.float32(rng.random() + 0.25), np.float32(rng.standard_normal())
+    out = _random(rng, dst_off + width + extra, np.float32)
+    expected = out.copy()
+    vir.load_nibbles_into_loop(src, src_off, int(high), scale, offset, expected, dst_off, width)
+    _load_nibbles_into(src, src_off, int(high), scale, offset, out, dst_off, width)
+    np.testing.assert_array_equal(out[:dst_off], expected[:dst_off])  # lanes around the vector untouched
+    np.testing.assert_array_equal(out[dst_off + width :], expected[dst_off + width :])
+    np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)  # fma rounds once, the twin twice
+    codes = (src[src_off : src_off + width] >> (4 if high else 0)) & 15
+    np.testing.assert_allclose(out[dst_off : dst_off + width], codes * np.float64(scale) + offset, rtol=1e-6, atol=1e-6)
+    # integer-valued scale and offset: exact either way
+    vir.load_nibbles_into_loop(src, src_off, int(high), np.float32(3), np.float32(-8), expected, dst_off, width)
+    _load_nibbles_into(src, src_off, int(high), np.float32(3), np.float32(-8), out, dst_off, width)
+    np.testing.assert_array_equal(out, expected)
+
+
 @pytest.mark.parametrize("width", WIDTHS)
 def test_load_float32_converts_every_float16_bit_pattern_as_numpy(width):
     bits = np.arange(2**16, dtype=np.uint16)
@@ -272,6 +305,7 @@ def test_every_wrapper_has_a_twin_and_a_test():
         "splat_into",
         "copy_vector",
         "load_float32_into",
+        "load_nibbles_into",
         "fma_into",
         "fma_tile_into",
         "butterfly_sums_into",

@@ -1,8 +1,9 @@
-"""float16 and int8 key/value storage: speed against torch's float32 on the same tokens, accuracy
-against the float64 reference, and the memory of a KVCache.
+"""float16, int8 and 4-bit key/value storage: speed against torch's float32 on the same tokens,
+accuracy against the float64 reference (with and without Hadamard rotation), and the memory of a KVCache.
 
-Decode is memory-bound, so a cache of half (float16) or about a quarter (int8, q8_0-style blocks of
-32 with a float32 scale each) of the bytes should decode proportionally faster.
+Decode is memory-bound, so a cache of half (float16), about a quarter (int8, q8_0-style blocks of 32
+with a float32 scale each) or about a sixth (int8 keys, 4-bit values) of the bytes should decode
+proportionally faster. (The quality of the formats on a real model: ``kv_quality``.)
 """
 
 import dataclasses
@@ -25,7 +26,7 @@ class QuantisedAttention:
     """Time of one call with K/V stored as ``dtype``; torch runs the same dtype (float16: its own
     float16 SDPA; int8: skipped, it has none)."""
 
-    params = [["numba_attn", "torch"], list(SHAPES), ["float32", "float16", "int8"], THREADS]
+    params = [["numba_attn", "torch"], list(SHAPES), ["float32", "float16", "int8", "int8/int4", "int4"], THREADS]
     param_names = ["impl", "shape", "dtype", "threads"]
 
     def setup(self, impl, shape, dtype, threads):
@@ -38,7 +39,7 @@ class QuantisedAttention:
 class SpeedupOverTorchFloat32:
     """numba_attn with K/V as ``dtype`` against torch's float32 SDPA on the same tokens, same threads."""
 
-    params = [list(SHAPES), ["float32", "float16", "int8"], THREADS]
+    params = [list(SHAPES), ["float32", "float16", "int8", "int8/int4", "int4"], THREADS]
     param_names = ["shape", "dtype", "threads"]
     unit = "× torch float32"
 
@@ -51,8 +52,9 @@ class SpeedupOverTorchFloat32:
         return measure(self.torch32) / measure(self.ours)
 
 
-def _accuracy(dtype, block, outliers):
-    """(relative error, min per-row cosine) on N(0,1) inputs, D64, S1024 (keys with 4 channels ×20)."""
+def _accuracy(storage, outliers):
+    """(relative error, min per-row cosine) on N(0,1) inputs, B1 H8 L16 S1024 D64 (keys with 4 channels
+    ×20), through a KVCache of ``STORAGES[storage]`` (its own rotation of the query and output)."""
     rng = np.random.default_rng(0)
     q = rng.standard_normal((1, 8, 16, 64))
     k = rng.standard_normal((1, 8, 1024, 64))
@@ -60,34 +62,41 @@ def _accuracy(dtype, block, outliers):
     if outliers:
         k[..., :4] *= 20
     ref = numba_attn.reference.scaled_dot_product_attention(q, k, v)
-    if dtype == "float16":
-        out = numba_attn.scaled_dot_product_attention(*(x.astype(np.float16) for x in (q, k, v)), out_dtype=np.float32)
-    else:
-        out = numba_attn.scaled_dot_product_attention(
-            q.astype(np.float32), numba_attn.quantize(k, block), numba_attn.quantize(v, block)
-        )
+    cache = numba_attn.KVCache(1, 8, 64, 1024, **STORAGES[storage])
+    cache.append(k, v)
+    query = cache.rotate_query(q.astype(np.float32))
+    out = numba_attn.scaled_dot_product_attention(query, cache.keys, cache.values, out_dtype=np.float32)
+    out = cache.unrotate_output(out)
     rel = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
     cos = float(np.min((out * ref).sum(-1) / np.linalg.norm(out, axis=-1) / np.linalg.norm(ref, axis=-1)))
     return rel, cos
 
 
-class QuantisedAccuracy:
-    """The README's accuracy contract: float16, int8 per block of 32 and int8 per row, with and
-    without outlier key channels."""
+#: the storages of the README's accuracy table, as KVCache options
+STORAGES = {
+    "float16": dict(dtype=np.float16),
+    "int8 block 32": dict(dtype=np.int8, rotate=False),
+    "int8 block 32, rotated keys": dict(dtype=np.int8, rotate=True),
+    "int8 per row": dict(dtype=np.int8, block=None, rotate=False),
+    "int8 keys, int4 values": dict(key_dtype=np.int8, value_dtype="int4", rotate=True),
+    "int4, rotated keys": dict(dtype="int4", rotate=True),
+}
 
-    params = [["float16", "int8 block 32", "int8 per row"], [False, True]]
+
+class QuantisedAccuracy:
+    """The README's accuracy table: float16, int8 per block of 32 (with and without rotation) and per
+    row, int8 keys with 4-bit values, 4-bit both, with and without outlier key channels."""
+
+    params = [list(STORAGES), [False, True]]
     param_names = ["storage", "outlier keys"]
 
-    def _scheme(self, storage):
-        return ("float16", None) if storage == "float16" else ("int8", 32 if "32" in storage else None)
-
     def track_relative_error(self, storage, outliers):
-        return _accuracy(*self._scheme(storage), outliers)[0]
+        return _accuracy(storage, outliers)[0]
 
     track_relative_error.unit = "‖out − ref‖ / ‖ref‖"
 
     def track_min_cosine(self, storage, outliers):
-        return _accuracy(*self._scheme(storage), outliers)[1]
+        return _accuracy(storage, outliers)[1]
 
     track_min_cosine.unit = "cosine"
 
@@ -95,10 +104,13 @@ class QuantisedAccuracy:
 class CacheMemory:
     """KVCache.nbytes against a float32 cache of the same tokens (B1, 8 KV heads, D64, 4096 slots)."""
 
-    params = [["float16", "int8"]]
+    params = [["float16", "int8", "int8/int4", "int4"]]
     param_names = ["dtype"]
     unit = "× float32"
 
     def track_nbytes_ratio(self, dtype):
-        size = lambda dt: numba_attn.KVCache(1, 8, 64, 4096, dtype=dt).nbytes  # noqa: E731
-        return size(dtype) / size(np.float32)
+        def size(dt):
+            key, value = dt.split("/")[0], dt.split("/")[-1]
+            return numba_attn.KVCache(1, 8, 64, 4096, key_dtype=key, value_dtype=value).nbytes
+
+        return size(dtype) / size("float32")

@@ -70,6 +70,58 @@ def key_scores(typingctx, q, q_off, k, k_off, k_stride, ks, ks_off, ks_stride, s
     return sig, codegen
 
 
+@intrinsic
+def key_scores_q4(typingctx, q, q_off, k, k_off, k_stride, ks, ks_off, ks_stride, block, E, s, s_off):
+    """``key_scores`` for 4-bit keys: s[s_off + j] = Σ_{d<E} q[q_off + d]·key_j[d] for j < VW, where key j's
+    row is the E/2 bytes k[k_off + j·k_stride …] (two codes per byte, blocks of ``block`` entries: entry w of
+    a block is the low nibble of its byte w, entry w + block/2 the high nibble; ``quantised``'s packing)
+    and key_j[d] = code·step + min with the block's (step, min) float16 bits at ks[ks_off + j·ks_stride + 2b].
+    Loops over the row's bytes VW at a time (block/2 a multiple of VW): each byte vector gives the low
+    and the high halves' codes, dotted with the two matching query vectors."""
+    if not (
+        is_c_array(q, types.float32)
+        and is_c_array(s, types.float32)
+        and is_c_array(ks, types.uint16)
+        and is_c_array(k, types.uint8)
+    ):
+        return None
+    i64 = types.int64
+    sig = types.void(q, i64, k, i64, i64, ks, i64, i64, i64, i64, s, i64)
+
+    def codegen(context, builder, signature, args):
+        q_, q_off_, k_, k_off_, k_stride_, ks_, ks_off_, ks_stride_, block_, E_, s_, s_off_ = args
+        qp = vir.data_pointer(context, builder, q, q_)
+        kp = vir.data_pointer(context, builder, k, k_)
+        ksp = vir.data_pointer(context, builder, ks, ks_)
+        sp = vir.data_pointer(context, builder, s, s_)
+        accs = [vir.accumulator(builder, vir.zeros(ir.FloatType(), VW)) for _ in range(VW)]
+        half = builder.lshr(block_, vir.as_index(1))
+        n_chunks = builder.udiv(builder.lshr(E_, vir.as_index(1)), vir.as_index(VW))
+        with cgutils.for_range(builder, n_chunks) as loop:
+            y = builder.mul(loop.index, vir.as_index(VW))  # byte offset in the row
+            b = builder.udiv(y, half)  # its block
+            low_entry = builder.add(y, builder.mul(b, half))  # entry of the low nibble of byte y
+            q_low = vir.load_vector(builder, qp, builder.add(q_off_, low_entry), VW)
+            q_high = vir.load_vector(builder, qp, builder.add(builder.add(q_off_, low_entry), half), VW)
+            pair = builder.mul(b, vir.as_index(2))
+            for j in range(VW):
+                scale_index = vir.strided_index(builder, ks_off_, j, ks_stride_, pair)
+                step = vir.load_half(builder, ksp, scale_index)
+                low = vir.load_half(builder, ksp, builder.add(scale_index, vir.as_index(1)))
+                byte_index = vir.strided_index(builder, k_off_, j, k_stride_, y)
+                vir.accumulate_fma(
+                    builder, accs[j], q_low, vir.load_nibbles_vector(builder, kp, byte_index, VW, False, step, low)
+                )
+                vir.accumulate_fma(
+                    builder, accs[j], q_high, vir.load_nibbles_vector(builder, kp, byte_index, VW, True, step, low)
+                )
+        total = vir.butterfly_sum(builder, [builder.load(acc) for acc in accs])
+        vir.store_vector(builder, total, sp, s_off_)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 def rows_of_key_scores(qs, kn, k_scales, k_block, j0, nk, s):  # pragma: no cover - numba overload below
     raise TypeError("rows_of_key_scores is a numba kernel helper: call it from @njit code")
 
@@ -77,9 +129,39 @@ def rows_of_key_scores(qs, kn, k_scales, k_block, j0, nk, s):  # pragma: no cove
 @overload(rows_of_key_scores)
 def _rows_of_key_scores_overload(qs, kn, k_scales, k_block, j0, nk, s):
     """s[r, j] = qs[r]·key_{j0+j} for every row r and the first nk//VW·VW keys, VW keys per
-    ``key_scores``; returns how many keys it did (0 where it does not apply: a float64 query, a
-    head dim that is not a multiple of VW, int8 keys with one scale per row, whose scores are
-    int8 × int8 products against a quantised query, or scale blocks narrower than VW)."""
+    ``key_scores`` (``key_scores_q4`` for 4-bit keys); returns how many keys it did (0 where it does not
+    apply: a float64 query, a head dim that is not a multiple of VW, int8 scale blocks narrower than VW,
+    4-bit keys whose half blocks are not a multiple of VW)."""
+    if is_c_array(qs, types.float32) and is_c_array(s, types.float32) and is_c_array(kn, types.uint8):
+        if not is_c_array(k_scales, types.uint16):
+            return lambda qs, kn, k_scales, k_block, j0, nk, s: 0
+
+        def impl_q4(qs, kn, k_scales, k_block, j0, nk, s):
+            row = kn.shape[1]  # bytes per key: E / 2
+            E = qs.shape[1]
+            nbk = k_scales.shape[1]
+            if (k_block // 2) % VW != 0:
+                return 0
+            done = nk // VW * VW
+            for r in range(qs.shape[0]):
+                for j in range(0, done, VW):
+                    key_scores_q4(
+                        qs,
+                        r * E,
+                        kn,
+                        (j0 + j) * row,
+                        row,
+                        k_scales,
+                        (j0 + j) * nbk,
+                        nbk,
+                        k_block,
+                        E,
+                        s,
+                        r * s.shape[1] + j,
+                    )
+            return done
+
+        return impl_q4
     if not (
         is_c_array(qs, types.float32)
         and is_c_array(s, types.float32)
@@ -93,10 +175,10 @@ def _rows_of_key_scores_overload(qs, kn, k_scales, k_block, j0, nk, s):
         def impl_int8(qs, kn, k_scales, k_block, j0, nk, s):
             E = kn.shape[1]
             nbk = k_scales.shape[1]
-            if E % VW != 0 or nbk == 1 or k_block % VW != 0:
+            if E % VW != 0 or (nbk > 1 and k_block % VW != 0):
                 return 0
-            shift = 0
-            while (1 << shift) < k_block:
+            shift = 0  # one scale per row: every d0 >> shift is 0
+            while (1 << shift) < (k_block if nbk > 1 else E):
                 shift += 1
             done = nk // VW * VW
             for r in range(qs.shape[0]):
@@ -134,7 +216,10 @@ def _rows_of_key_scores_overload(qs, kn, k_scales, k_block, j0, nk, s):
 
 
 def _make_value_rows(rows, chunks):
-    """acc[i] += Σ_j p[i, j]·v_j over a rows × (chunks·VW columns) tile held in registers."""
+    """acc[i] += Σ_j p[i, j]·v_j over a rows × (chunks·VW columns) tile held in registers.
+
+    Value row j's columns col0 … col0 + chunks·VW - 1 are at v[v_off + j·v_stride + c·VW …] (float or
+    int8 values; int8 times the scale vs[vs_off + j·vs_stride + (column >> shift)])."""
 
     def value_rows(
         typingctx,
@@ -225,6 +310,79 @@ value_rows_1x2 = _make_value_rows(1, 2)
 value_rows_1x1 = _make_value_rows(1, 1)
 
 
+def _make_value_rows_q4(rows, pairs):
+    """acc[i] += Σ_j p[i, j]·v_j for 4-bit values over a rows × (2·pairs·VW columns) tile in registers.
+
+    Value row j is the bytes v[v_off + j·v_stride …] (two codes per byte, ``quantised``'s packing); the
+    tile is the bytes y0 … y0 + pairs·VW - 1 of each row: byte vector i (block b = y / (block/2))
+    holds the codes of columns y + b·block/2 … (low nibbles) and those block/2 further on (high
+    nibbles), so one load, one ``and`` and one constant shift give two column vectors, dequantised
+    with the block's (step, min) float16 bits at vs[vs_off + j·vs_stride + 2b] (read once per byte
+    vector). ``acc_off``: row 0 of the tile, column 0; the columns are found from the bytes."""
+
+    def value_rows_q4(
+        typingctx, p, p_off, p_stride, v, v_off, v_stride, vs, vs_off, vs_stride, y0, block, acc, acc_off, acc_stride, n
+    ):
+        if not (
+            is_c_array(p, types.float32)
+            and is_c_array(acc, types.float32)
+            and is_c_array(vs, types.uint16)
+            and is_c_array(v, types.uint8)
+        ):
+            return None
+        i64 = types.int64
+        sig = types.void(p, i64, i64, v, i64, i64, vs, i64, i64, i64, i64, acc, i64, i64, i64)
+
+        def codegen(context, builder, signature, args):
+            p_, p_off_, p_stride_, v_, v_off_, v_stride_, vs_, vs_off_, vs_stride_, y0_, block_ = args[:11]
+            acc_, acc_off_, acc_stride_, nk_ = args[11:]
+            pp = vir.data_pointer(context, builder, p, p_)
+            vp = vir.data_pointer(context, builder, v, v_)
+            vsp = vir.data_pointer(context, builder, vs, vs_)
+            ap = vir.data_pointer(context, builder, acc, acc_)
+            half = builder.lshr(block_, vir.as_index(1))
+            places, columns = [], []
+            for i in range(pairs):  # loop-invariant: each byte vector's offset, block and two columns
+                y = builder.add(y0_, vir.as_index(i * VW))
+                b = builder.udiv(y, half)
+                low_column = builder.add(y, builder.mul(b, half))
+                places.append((y, builder.mul(b, vir.as_index(2))))
+                columns += [low_column, builder.add(low_column, half)]
+
+            def acc_index(r, c):
+                return vir.strided_index(builder, acc_off_, r, acc_stride_, columns[c])
+
+            accs = vir.tile_accumulators(builder, ap, acc_index, rows, 2 * pairs, VW)
+            with cgutils.for_range(builder, nk_) as loop:
+                j = loop.index
+                vals = []
+                for y, pair in places:
+                    scale_index = vir.strided_index(builder, vs_off_, j, vs_stride_, pair)
+                    step = vir.load_half(builder, vsp, scale_index)
+                    low = vir.load_half(builder, vsp, builder.add(scale_index, vir.as_index(1)))
+                    byte_index = vir.strided_index(builder, v_off_, j, v_stride_, y)
+                    vals.append(vir.load_nibbles_vector(builder, vp, byte_index, VW, False, step, low))
+                    vals.append(vir.load_nibbles_vector(builder, vp, byte_index, VW, True, step, low))
+                weights = [
+                    vir.load_element(builder, pp, vir.strided_index(builder, p_off_, r, p_stride_, j))
+                    for r in range(rows)
+                ]
+                vir.rank1_update(builder, accs, weights, vals)
+            vir.store_tile(builder, accs, ap, acc_index)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    value_rows_q4.__name__ = value_rows_q4.__qualname__ = f"value_rows_q4_{rows}x{pairs}"
+    return intrinsic(value_rows_q4)
+
+
+value_rows_q4_4x2 = _make_value_rows_q4(4, 2)
+value_rows_q4_4x1 = _make_value_rows_q4(4, 1)
+value_rows_q4_1x2 = _make_value_rows_q4(1, 2)
+value_rows_q4_1x1 = _make_value_rows_q4(1, 1)
+
+
 def rows_of_values(s, vn, v_scales, v_block, j0, nk, acc):  # pragma: no cover - numba overload below
     raise TypeError("rows_of_values is a numba kernel helper: call it from @njit code")
 
@@ -234,7 +392,24 @@ def _rows_of_values_overload(s, vn, v_scales, v_block, j0, nk, acc):
     """acc[r, :] += Σ_{j<nk} s[r, j]·v_{j0+j} for every row and column, in register tiles of 4 (or 1)
     rows × 4, 2 or 1 vectors of columns (``value_rows_*``); returns True, or False without doing
     anything where it does not apply (float64, a value dim that is not a multiple of VW, int8
-    scale blocks narrower than VW)."""
+    scale blocks narrower than VW, 4-bit half blocks that are not a multiple of VW)."""
+    if is_c_array(s, types.float32) and is_c_array(acc, types.float32) and is_c_array(vn, types.uint8):
+        if not is_c_array(v_scales, types.uint16):
+            return lambda s, vn, v_scales, v_block, j0, nk, acc: False
+
+        def impl_q4(s, vn, v_scales, v_block, j0, nk, acc):
+            if acc.shape[1] % VW != 0 or (v_block // 2) % VW != 0:
+                return False
+            R = acc.shape[0]
+            for r in range(0, R, 4):
+                if r + 4 <= R:
+                    _q4_row_tiles(True, r, s, vn, v_scales, v_block, j0, nk, acc)
+                else:
+                    for rr in range(r, R):
+                        _q4_row_tiles(False, rr, s, vn, v_scales, v_block, j0, nk, acc)
+            return True
+
+        return impl_q4
     if not (
         is_c_array(s, types.float32)
         and is_c_array(acc, types.float32)
@@ -279,6 +454,31 @@ def _value_tiles(s, vn, scales, nb, shift, j0, nk, acc):
         else:
             for rr in range(r, R):
                 _row_tiles(False, rr, s, vn, scales, nb, shift, j0, nk, acc)
+
+
+@njit(inline="always")
+def _q4_row_tiles(four, r, s, vn, scales, block, j0, nk, acc):
+    """Rows r … r+3 (``four``) or row r of acc, for 4-bit values: the row's bytes in tiles of 2 or 1
+    byte vectors (each two vectors of columns, ``value_rows_q4``)."""
+    Ev = acc.shape[1]
+    row = vn.shape[1]  # bytes per value row: Ev / 2
+    nb = scales.shape[1]
+    ps = s.shape[1]
+    y = 0
+    while y < row:
+        a = (s, r * ps, ps, vn, j0 * row, row, scales, j0 * nb, nb, y, block, acc, r * Ev, Ev, nk)
+        if row - y >= 2 * VW:
+            if four:
+                value_rows_q4_4x2(*a)
+            else:
+                value_rows_q4_1x2(*a)
+            y += 2 * VW
+        else:
+            if four:
+                value_rows_q4_4x1(*a)
+            else:
+                value_rows_q4_1x1(*a)
+            y += VW
 
 
 @njit(inline="always")

@@ -13,6 +13,9 @@ function of an llvmlite ``builder`` (and numba's ``context`` where an array is u
 ``store_vector``          the same, stored
 ``load_float32_vector``   ``load_vector`` widened to float32: float32 as is, uint16 as float16 bits (``fpext``),
                           int8 (``sitofp``), optionally times a scalar scale (dequantisation)
+``load_nibbles_vector``   ``width`` 4-bit codes (the low or the high halves of ``width`` bytes) as
+                          ``<width x float>``, times a scale plus an offset (int4 dequantisation)
+``load_half``             one float16 bit pattern (i16) as a float32 scalar (``fpext``)
 ``splat``                 a scalar broadcast to every lane (``insertelement`` + ``shufflevector``)
 ``fma``                   ``llvm.fma`` on float/double vectors or scalars: a·b + c with one rounding
 ``accumulator``           a vector variable (an ``alloca`` in the entry block, which LLVM's mem2reg turns into
@@ -143,6 +146,30 @@ def load_float32_vector(builder, base, index, width, scale=None):
     if scale is not None:
         value = builder.fmul(value, splat(builder, scale, width))
     return value
+
+
+def load_half(builder, base, index):
+    """The float16 bit pattern ``base[index]`` (an i16 array) as a float32 scalar (``fpext``, exact)."""
+    return builder.fpext(builder.bitcast(load_element(builder, base, index), ir.HalfType()), _F32)
+
+
+def load_nibbles_vector(builder, base, index, width, high, scale, offset):
+    """``width`` 4-bit codes as ``<width x float>``, dequantised: code·scale + offset (one ``fma``).
+
+    The codes are the low nibbles (``high`` false) or the high nibbles (``high`` true) of the bytes
+    ``base[index : index + width]`` (an i8 array); ``high`` is a Python bool or an i1 IR value
+    (then the shift, 0 or 4, is chosen at run time: one vector shift and one ``and`` either way).
+    ``scale`` and ``offset`` are float32 scalars."""
+    raw = load_vector(builder, base, index, width)
+    byte_vector = raw.type
+    if isinstance(high, bool):
+        shift = ir.Constant(ir.IntType(8), 4 if high else 0)
+    else:
+        shift = builder.select(high, ir.Constant(ir.IntType(8), 4), ir.Constant(ir.IntType(8), 0))
+    shifted = builder.lshr(raw, splat(builder, shift, width)) if not isinstance(high, bool) or high else raw
+    codes = builder.and_(shifted, ir.Constant(byte_vector, [15] * width))
+    vector_type = ir.VectorType(_F32, width)
+    return fma(builder, builder.uitofp(codes, vector_type), splat(builder, scale, width), splat(builder, offset, width))
 
 
 def accumulator(builder, initial):
@@ -307,6 +334,35 @@ def load_float32_into(typingctx, src, src_off, scales, scale_index, dst, dst_off
     return types.void(src, types.int64, scales, types.int64, dst, types.int64, width), codegen
 
 
+@intrinsic
+def load_nibbles_into(typingctx, src, src_off, high, scale, offset, dst, dst_off, width):
+    """``dst[dst_off + l] = nibble(src[src_off + l])·scale + offset`` for l < width through
+    ``load_nibbles_vector`` (src uint8; the high nibble when ``high``, else the low one; dst float32)."""
+    lanes = _width(width)
+    if lanes is None or not is_c_array(src, types.uint8) or not is_c_array(dst, types.float32):
+        return None
+
+    def codegen(context, builder, signature, args):
+        src_, src_off_, high_, scale_, offset_, dst_, dst_off_, _ = args
+        high_bit = builder.icmp_unsigned("!=", high_, ir.Constant(high_.type, 0))
+        src_p = data_pointer(context, builder, src, src_)
+        vector = load_nibbles_vector(builder, src_p, src_off_, lanes, high_bit, scale_, offset_)
+        store_vector(builder, vector, data_pointer(context, builder, dst, dst_), dst_off_)
+        return context.get_dummy_value()
+
+    i64, f32 = types.int64, types.float32
+    return types.void(src, i64, i64, f32, f32, dst, i64, width), codegen
+
+
+@njit
+def load_nibbles_into_loop(src, src_off, high, scale, offset, dst, dst_off, width):
+    """Twin of ``load_nibbles_into`` (code·scale + offset rounded twice)."""
+    for lane in range(width):
+        byte = np.int64(src[src_off + lane])
+        code = (byte >> 4) & 15 if high else byte & 15
+        dst[dst_off + lane] = np.float32(np.float64(code) * np.float64(scale) + np.float64(offset))
+
+
 def _float32_of(x):  # pragma: no cover - numba overload below
     raise TypeError("_float32_of is a numba helper: call it from @njit code")
 
@@ -455,6 +511,7 @@ TWINS = {
     splat_into: splat_into_loop,
     copy_vector: copy_vector_loop,
     load_float32_into: load_float32_into_loop,
+    load_nibbles_into: load_nibbles_into_loop,
     fma_into: fma_into_loop,
     fma_tile_into: fma_tile_into_loop,
     butterfly_sums_into: butterfly_sums_into_loop,

@@ -16,6 +16,10 @@ can stall for milliseconds when the machine is busy. Here each step is one seria
   (``quantised.quantize_row_into``: the scheme and rounding of ``quantize``) through the float32
   scratch ``row`` (D,).
 
+- ``write_rows_int4(x, data, scales, block, slot0, t0, ring0)``: the same into a 4-bit store (codes
+  (B, H, slots, D/2) uint8, (step, min) float16 bits (B, H, slots, 2·blocks)), ``quantize``'s 4-bit
+  scheme (``quantised.quantize_row_q4_into``) read straight from x.
+
 x may be float32, float64 or float16 bits (uint16); memory: nothing beyond the scratch row.
 """
 
@@ -25,7 +29,7 @@ from numba.extending import overload
 
 from .. import config
 from ._load import half_bits, load
-from .quantised import quantize_row_into
+from .quantised import quantize_row_into, quantize_row_q4_into
 
 
 @njit(cache=config.CACHE)
@@ -107,3 +111,15 @@ def write_rows_int8(x, data, scales, block, slot0, t0, ring0, row):
                     row[d] = np.float32(load(src[d]))
                 s = _fold(slot0 + t - t0, slots, ring0)
                 quantize_row_into(row, block, data[b, h, s], scales[b, h, s])
+
+
+@njit(cache=config.CACHE)
+def write_rows_int4(x, data, scales, block, slot0, t0, ring0):
+    """``write_rows`` into a 4-bit store: each row quantised with ``quantize``'s 4-bit scheme."""
+    B, H, T, _D = x.shape
+    slots = data.shape[2]
+    for b in range(B):
+        for h in range(H):
+            for t in range(t0, T):
+                s = _fold(slot0 + t - t0, slots, ring0)
+                quantize_row_q4_into(x[b, h, t], block, data[b, h, s], scales[b, h, s])

@@ -1,7 +1,7 @@
 """Split-K decode attention (flash-decoding): a few query rows against a long run of keys.
 
-Also the kernel for int8 (quantised) keys and values at any length: its inner loops are dot
-products along the head dim, the shape int8 × int8 → int32 arithmetic wants.
+Also the kernel for quantised (int8 or 4-bit) keys and values at any length: its inner loops
+dequantise one key or value row at a time in registers (``quantised.block_scores``/``block_values``).
 
 Decode reads every cached key and value once per step and does little arithmetic on each: it is
 bound by memory bandwidth, so the design goals are (1) read K and V once, (2) keep every core
@@ -43,7 +43,7 @@ from . import variant
 from ._load import load
 from ._math import exp_nonpositive, fast_exp
 from ._scores import add_sink, adjust_scores_line, visible_key_range
-from .quantised import block_scores, block_values, quantize_row_into
+from .quantised import block_scores, block_values
 
 
 @njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
@@ -59,11 +59,10 @@ def query_position_range(r0, nr, L):
 
 
 @njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
-def load_query_rows(q, q_idx, group, r0, nr, L, scale, k_block, nbk, qs, q8, q8_scales):
+def load_query_rows(q, q_idx, group, r0, nr, L, scale, qs):
     """qs[r] = scale·q[q_idx[group[(r0 + r) // L]], (r0 + r) % L] for r < nr (the item's query rows,
-    converted from their storage); for per-row int8 keys (``k_block`` > 0 and ``nbk`` = 1 scale per key
-    row) also their int8 copy q8[r] with scale q8_scales[r]. Returns Σ q·0 over the rows read: 0, or
-    NaN once a query value is NaN or ±inf."""
+    converted from their storage). Returns Σ q·0 over the rows read: 0, or NaN once a query value is
+    NaN or ±inf."""
     E = qs.shape[1]
     zero = qs.dtype.type(0)
     q_chk = zero
@@ -73,8 +72,6 @@ def load_query_rows(q, q_idx, group, r0, nr, L, scale, k_block, nbk, qs, q8, q8_
             x = load(qrow[d])
             qs[r, d] = x * scale
             q_chk += x * zero
-        if k_block > 0 and nbk == 1:  # only per-row int8 keys score against an int8 query
-            quantize_row_into(qs[r], k_block, q8[r], q8_scales[r])
     return q_chk
 
 
@@ -191,12 +188,14 @@ def _decode_body(
     """Attention for out[groups[g, t]] (all t share k[k_idx[...]], v[v_idx[...]]); see module doc.
 
     Same arguments as the prefill kernel (``sinks`` enter in the merge), plus: ``groups`` (G, g), the
-    output batch entries that read the same key/value entry; ``k_scales``/``v_scales`` (N, ≥S, blocks) and ``k_block``/
-    ``v_block`` for int8 keys/values (ignored for float ones); ``row_chunk``: query rows per work
-    item; ``n_split``: parts of the key range. Storage may be float32/float64, uint16 (float16
-    bits) or int8; the arithmetic runs in ``out.dtype``. ``check`` (G·n_chunks·n_split,) int64: per work
-    item, how many of its raw scores (before masks) are NaN or ±inf (a key or the query held NaN/inf,
-    or a score overflowed), whether its query rows or accumulator are not finite; ``check[0]`` also
+    output batch entries that read the same key/value entry; ``k_scales``/``v_scales`` (N, ≥S, blocks)
+    float32 for int8 keys/values, (N, ≥S, 2·blocks) float16 bits (step, min) for 4-bit ones (uint8, two
+    codes per byte), and ``k_block``/``v_block`` (ignored for float ones); ``row_chunk``: query rows per
+    work item; ``n_split``: parts of the key range. Storage may be float32/float64, uint16 (float16
+    bits), int8 or uint8 (4-bit codes); the arithmetic runs in ``out.dtype``. ``check``
+    (G·n_chunks·n_split,) int64: per work item, how many of its raw scores (before masks) are NaN or
+    ±inf (a key or the query held NaN/inf, or a score overflowed), whether its query rows or
+    accumulator are not finite; ``check[0]`` also
     counts the result rows that are not finite (the merge checks them as it writes them).
 
     Per work item (KV group g, rows [r0, r0 + nr), key part sp): load the query rows; for each key
@@ -214,7 +213,6 @@ def _decode_body(
     zero = dt.type(0)
     has_alibi = slopes.shape[0] > 0
     has_sink = sinks.shape[0] > 0
-    nbk = k_scales.shape[2]
     n_chunks = (R + row_chunk - 1) // row_chunk
     kv_begin, kv_end = visible_key_range(0, L, S, is_causal, pos_offset, window)
     span = kv_end - kv_begin
@@ -237,9 +235,7 @@ def _decode_body(
         ksn = k_scales[k_idx[n0] if k_block > 0 else 0]
         vsn = v_scales[v_idx[n0] if v_block > 0 else 0]
         qs = np.empty((nr, E), dt)
-        q8 = np.zeros((nr, E), np.int8)  # int8 copy of the query rows, for per-row int8 keys
-        q8_scales = np.zeros((nr, max(nbk, 1)), np.float32)
-        q_chk = load_query_rows(q, q_idx, groups[g], r0, nr, L, scale, k_block, nbk, qs, q8, q8_scales)
+        q_chk = load_query_rows(q, q_idx, groups[g], r0, nr, L, scale, qs)
         # this item's running state, private until the end: part_m/part_l hold one float per row, so
         # the rows of items on different threads share cache lines, and writing them once per key
         # block made the threads fight over those lines (false sharing)
@@ -250,7 +246,7 @@ def _decode_body(
         n_bad = 0
         for j0 in range(j_begin, j_end, block_k):
             nk = min(block_k, j_end - j0)
-            block_scores(qs, q8, q8_scales, kn, ksn, k_block, j0, nk, s)
+            block_scores(qs, kn, ksn, k_block, j0, nk, s)
             for r in range(nr):
                 n = groups[g, (r0 + r) // L]
                 srow = s[r]

@@ -1,21 +1,25 @@
-"""int8 quantisation (symmetric, per row or per block along the last axis) and the int8 inner loops.
+"""Quantised keys and values: int8 and 4-bit schemes along the last axis, and their inner loops.
 
-Scheme (ggml's q8_0 when block = 32): for each block b of ``block`` consecutive entries of a row,
+int8 (ggml's q8_0 when block = 32): for each block b of ``block`` consecutive entries of a row,
 
     scale_b = max_{d∈b} |x_d| / 127,   q_d = clamp(rint(x_d / scale_b), -127, 127)   (scale_b = 0 → q = 0)
     x_d ≈ scale_b · q_d
 
 ``block = D`` (one block per row) is the "per row" scheme. Memory per row: D bytes + 4·ceil(D/block).
 
-Attention reads int8 keys in one of two ways (``block_scores``): with one scale per row, as int8 ×
-int8 dot products accumulated in int32 against a per-row int8 copy of the query; with one scale per
-block, dequantised in registers (k8 · scale) against the float query. Values are dequantised in
-registers the same way (``block_values``). Blocks are powers of two (entry d is in block
-d >> log2(block)) or the whole row.
+4-bit (ggml's q4_1 when block = 32; see the section below ``quantize_row_q4_into``): 16 levels from each
+block's minimum in steps of (max - min)/15, two codes per byte, float16 step and minimum. Memory per row:
+D/2 bytes + 4·D/block.
 
-int8 × int8 dot products accumulate in int32 (``np.int32(acc + np.int32(a)·np.int32(b))`` each step:
-written plainly numba widens to int64 and the loop compiles to ``vpmuldq``; forced to int32 LLVM
-emits ``vpmaddwd``/``vpdpwssd`` on x86, ``sdot`` on Armv8.2+ and ``smull``/``sadalp`` on Cortex-A72).
+Attention reads quantised keys dequantised in registers (code → float, times the block's scale, plus
+the minimum for 4-bit) and dotted with the float query, which is never rounded (``block_scores``);
+values likewise (``block_values``). Blocks are powers of two (entry d is in block d >> log2(block)) or
+the whole row.
+
+``int8_dot`` (an int8 × int8 dot product accumulated in int32, ``np.int32(acc + np.int32(a)·np.int32(b))``
+each step: written plainly numba widens to int64 and the loop compiles to ``vpmuldq``; forced to int32
+LLVM emits ``vpmaddwd``/``vpdpwssd`` on x86, ``sdot`` on Armv8.2+ and ``smull``/``sadalp`` on Cortex-A72)
+is kept for the aarch64 code-generation probe; attention no longer rounds the query to use it.
 """
 
 import numpy as np
@@ -24,7 +28,7 @@ from numba.extending import overload
 
 from .. import config
 from ._decode_tiles import rows_of_key_scores, rows_of_values
-from ._load import load
+from ._load import half_bits, load
 
 #: smallest normal float32: below it 1/scale overflows, so such (rare) blocks divide instead
 _TINY = np.float32(1.1754944e-38)
@@ -101,42 +105,45 @@ def block_shift(block):
     return shift
 
 
-def block_scores(qs, q8, q8_scales, kn, k_scales, k_block, j0, nk, s):  # pragma: no cover - numba overload
+def block_scores(qs, kn, k_scales, k_block, j0, nk, s):  # pragma: no cover - numba overload
     raise TypeError("block_scores is a numba kernel helper: call it from @njit code")
 
 
 @overload(block_scores, fastmath=config.FASTMATH)
-def _block_scores_overload(qs, q8, q8_scales, kn, k_scales, k_block, j0, nk, s):
+def _block_scores_overload(qs, kn, k_scales, k_block, j0, nk, s):
     """s[r, j] = q_r · k_{j0+j} for the rows r of ``qs`` and nk keys from j0.
 
     float32 queries: VW keys at a time by ``_decode_tiles.key_scores`` (no horizontal sum per key), for
-    float keys and int8 keys with per-block scales; the keys left over, and the cases below, by
-    the loops here.
+    float keys, int8 keys and 4-bit keys; the keys left over, and float64 queries, by the loops here.
+    The query is never rounded: quantised keys are dequantised in registers and dotted with it.
 
     Float keys (float32/float64, or float16 bits): a dot product along the head dim, vectorised.
-    int8 keys, one scale per row, float32 arithmetic: the int8 query row ``q8`` (quantised on the
-    fly, scale ``q8_scales[r, 0]``) times the int8 key, accumulated in int32 over the whole row
-    (``int8_dot``), then scaled by q8_scales[r, 0]·k_scales[j, 0]. (float64 arithmetic: the key is
-    dequantised in registers as below, the query stays exact.)
-    int8 keys, one scale per block of 32 (or another power of two): the key is dequantised in
-    registers, k8[d]·k_scales[j, d >> shift], and dotted with the float query. (An int32
-    accumulation per 32-entry block compiles to short loops that LLVM vectorises badly, 5-15×
-    slower here; this form runs at float speed and does not quantise the query at all.)
+    int8 keys (one scale per block of a power of two, or per row, which is one block spanning the row):
+    k8[d]·k_scales[j, d >> shift] dotted with the float query. (An int32 accumulation per 32-entry
+    block compiles to short loops that LLVM vectorises badly, 5-15× slower here; an int8 × int8 product
+    against a quantised query also rounds the query, which added a third to the KL divergence of the
+    per-row format on SmolLM2: this form runs at float speed and adds no error to the storage's.)
+    4-bit keys (uint8, two codes per byte, see ``quantize_row_q4_into``): per block, step·Σ q·code +
+    min·Σ q (``q4_dot``).
     """
-    if isinstance(kn, types.Array) and kn.dtype == types.int8:
-        # float64 arithmetic never rounds the query to int8: its per-row keys take the dequantising loop
-        int8_query = qs.dtype == types.float32
+    if isinstance(kn, types.Array) and kn.dtype == types.uint8:
 
-        def impl_int8(qs, q8, q8_scales, kn, k_scales, k_block, j0, nk, s):
+        def impl_q4(qs, kn, k_scales, k_block, j0, nk, s):
+            j_lo = rows_of_key_scores(qs, kn, k_scales, k_block, j0, nk, s)  # VW keys at a time
+            for j in range(j_lo, nk):
+                kj = kn[j0 + j]
+                ksj = k_scales[j0 + j]
+                for r in range(qs.shape[0]):
+                    s[r, j] = q4_dot(qs[r], kj, ksj, k_block)
+
+        return impl_q4
+
+    if isinstance(kn, types.Array) and kn.dtype == types.int8:
+
+        def impl_int8(qs, kn, k_scales, k_block, j0, nk, s):
             E = kn.shape[1]
             j_lo = rows_of_key_scores(qs, kn, k_scales, k_block, j0, nk, s)  # VW keys at a time
-            if int8_query and k_scales.shape[1] == 1:
-                for j in range(j_lo, nk):
-                    kj = kn[j0 + j]
-                    ksj = k_scales[j0 + j, 0]
-                    for r in range(qs.shape[0]):
-                        s[r, j] = np.float32(int8_dot(q8[r], kj, 0, E)) * (q8_scales[r, 0] * ksj)
-            elif k_block == 32:  # the default: a constant shift lets LLVM broadcast one scale per vector
+            if k_block == 32:  # the default: a constant shift lets LLVM broadcast one scale per vector
                 for j in range(j_lo, nk):
                     kj = kn[j0 + j]
                     ksj = k_scales[j0 + j]
@@ -146,7 +153,7 @@ def _block_scores_overload(qs, q8, q8_scales, kn, k_scales, k_block, j0, nk, s):
                         for d in range(E):
                             a += qr[d] * (qs.dtype.type(kj[d]) * ksj[d >> 5])
                         s[r, j] = a
-            else:
+            else:  # another power of two, or one block per row (then d >> shift is 0 for every d < E)
                 shift = block_shift(k_block)
                 for j in range(j_lo, nk):
                     kj = kn[j0 + j]
@@ -160,7 +167,7 @@ def _block_scores_overload(qs, q8, q8_scales, kn, k_scales, k_block, j0, nk, s):
 
         return impl_int8
 
-    def impl_float(qs, q8, q8_scales, kn, k_scales, k_block, j0, nk, s):
+    def impl_float(qs, kn, k_scales, k_block, j0, nk, s):
         E = qs.shape[1]
         j_lo = rows_of_key_scores(qs, kn, k_scales, k_block, j0, nk, s)  # VW keys at a time
         for j in range(j_lo, nk):
@@ -189,6 +196,19 @@ def _block_values_overload(s, vn, v_scales, v_block, j0, nk, acc):
     row, so each accumulator entry is read and written once per four keys (one at a time, the loop
     waits on its own stores).
     """
+    if isinstance(vn, types.Array) and vn.dtype == types.uint8:
+
+        def impl_q4(s, vn, v_scales, v_block, j0, nk, acc):
+            if rows_of_values(s, vn, v_scales, v_block, j0, nk, acc):  # register tiles, see _decode_tiles
+                return
+            for j in range(nk):
+                vj = vn[j0 + j]
+                vsj = v_scales[j0 + j]
+                for r in range(acc.shape[0]):
+                    q4_axpy(s[r, j], vj, vsj, v_block, acc[r])
+
+        return impl_q4
+
     if isinstance(vn, types.Array) and vn.dtype == types.int8:
 
         def impl_int8(s, vn, v_scales, v_block, j0, nk, acc):
@@ -303,3 +323,106 @@ def _values_int8_32(s, vn, v_scales, j0, nk, acc):
                 e0 = b * 32
                 for e in range(32):
                     arow[e0 + e] += pj * np.float32(vj[e0 + e])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 4-bit ("int4") storage: two codes per byte, a float16 step and minimum per block
+# ---------------------------------------------------------------------------------------------------------------------
+#
+# Scheme (ggml's q4_1 when block = 32): for each block b of ``block`` consecutive entries of a row,
+#
+#     step_b = half((max_b - min_b) / 15),  min'_b = half(min_b),  code_d = clamp(rint((x_d - min'_b) / step_b), 0, 15)
+#     x_d ≈ code_d · step_b + min'_b                                (step_b = 0 → code 0: x ≈ min'_b)
+#
+# (half(): rounded to float16, the stored form; codes are computed from the rounded values, so the
+# error stays within half a step plus float16's rounding of the minimum.) Packing, ggml's: block b's
+# codes take bytes b·block/2 … (b+1)·block/2 - 1 of the row; entry w < block/2 of the block is the low
+# nibble of byte w, entry w + block/2 the high nibble of the same byte. So ``width`` consecutive entries
+# (width dividing block/2) are the low or the high nibbles of ``width`` consecutive bytes: one vector
+# load, one shift, one ``and``. ``scales`` holds (step, min) pairs: (rows, 2·nb) float16 bits (uint16),
+# step_b at 2b and min_b at 2b + 1. Memory per row of D: D/2 bytes + 4 bytes per block.
+
+
+@njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
+def quantize_row_q4_into(x, block, data, scales):
+    """One row x (D,) (float, or float16 bits) → ``data`` (D/2,) uint8 codes, ``scales`` (2·nb,) uint16."""
+    D = x.shape[0]
+    half = block // 2
+    for b in range(D // block):
+        d0 = b * block
+        lo = np.float32(np.inf)
+        hi = np.float32(-np.inf)
+        for d in range(d0, d0 + block):
+            xd = np.float32(load(x[d]))
+            lo = min(lo, xd)
+            hi = max(hi, xd)
+        step_bits = half_bits((hi - lo) / np.float32(15))
+        min_bits = half_bits(lo)
+        scales[2 * b] = step_bits
+        scales[2 * b + 1] = min_bits
+        step = load(step_bits)
+        low = load(min_bits)
+        inv = np.float32(1) / step if step > 0 else np.float32(0)
+        for w in range(half):
+            a = np.rint((np.float32(load(x[d0 + w])) - low) * inv)
+            c = np.rint((np.float32(load(x[d0 + half + w])) - low) * inv)
+            a = min(np.float32(15), max(np.float32(0), a))
+            c = min(np.float32(15), max(np.float32(0), c))
+            data[b * half + w] = np.uint8(np.int32(a) | (np.int32(c) << 4))
+
+
+@njit(parallel=True, cache=config.CACHE)
+def quantize_rows_q4(x, block, data, scales):
+    """Rows of x (M, D) (float32/float64/float16 bits) → data (M, D/2) uint8, scales (M, 2·nb) uint16."""
+    for i in prange(x.shape[0]):
+        quantize_row_q4_into(x[i], block, data[i], scales[i])
+
+
+@njit(parallel=True, cache=config.CACHE)
+def dequantize_rows_q4(data, scales, block, out):
+    """out (M, D) float32 = code · step + min of its block."""
+    M, D = out.shape
+    half = block // 2
+    for i in prange(M):
+        for b in range(D // block):
+            step = load(scales[i, 2 * b])
+            low = load(scales[i, 2 * b + 1])
+            for w in range(half):
+                byte = np.int32(data[i, b * half + w])
+                out[i, b * block + w] = np.float32(byte & 15) * step + low
+                out[i, b * block + half + w] = np.float32(byte >> 4) * step + low
+
+
+@njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
+def q4_dot(q, kb, ks, block):
+    """Σ_d q[d]·k[d] for one packed 4-bit key row ``kb`` (D/2,) with (step, min) pairs ``ks`` (float16
+    bits): per block, step·Σ q·code + min·Σ q (the codes of a block's two halves in one pass)."""
+    half = block // 2
+    total = q.dtype.type(0)
+    for b in range(q.shape[0] // block):
+        d0 = b * block
+        dot = q.dtype.type(0)
+        qsum = q.dtype.type(0)
+        for w in range(half):
+            byte = np.int32(kb[b * half + w])
+            qa = q[d0 + w]
+            qc = q[d0 + half + w]
+            dot += qa * q.dtype.type(byte & 15) + qc * q.dtype.type(byte >> 4)
+            qsum += qa + qc
+        total += q.dtype.type(load(ks[2 * b])) * dot + q.dtype.type(load(ks[2 * b + 1])) * qsum
+    return total
+
+
+@njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
+def q4_axpy(p, vb, vs, block, arow):
+    """arow += p · v for one packed 4-bit value row ``vb`` (D/2,) with (step, min) pairs ``vs``."""
+    half = block // 2
+    dt = arow.dtype.type
+    for b in range(arow.shape[0] // block):
+        e0 = b * block
+        ps = p * dt(load(vs[2 * b]))
+        pm = p * dt(load(vs[2 * b + 1]))
+        for w in range(half):
+            byte = np.int32(vb[b * half + w])
+            arow[e0 + w] += ps * dt(byte & 15) + pm
+            arow[e0 + half + w] += ps * dt(byte >> 4) + pm
