@@ -29,6 +29,11 @@ CONTRACT = {
     "float16": ({"dtype": np.float16}, 1e-6, 1.0),
     "int8": ({"dtype": np.int8}, 3e-4, 0.99),  # the default block of 32 and the default rotation
     "int8 keys / int4 values": ({"key_dtype": np.int8, "value_dtype": "int4"}, 5e-3, 0.95),
+    "int8 keys / int4 values, both rotated": (
+        {"key_dtype": np.int8, "value_dtype": "int4", "rotate": "both"},
+        5e-3,
+        0.95,
+    ),
     "int4 keys and values": ({"key_dtype": "int4", "value_dtype": "int4"}, None, None),
 }
 SUPPORTED, REFUSED = chat.supported_cache_formats({name: c[0] for name, c in CONTRACT.items()})
@@ -94,16 +99,15 @@ def test_new_caches_pass_options_through(smollm):
 
 def test_cache_quality_cli(smollm, monkeypatch, capsys):
     """``--cache-quality`` prints a table of the formats the library supports and names the others
-    (here on the text's first 24 tokens)."""
-    run = chat.cache_quality
+    (here two formats and one the library refuses, on the text's first 24 tokens)."""
+    run, supported = chat.cache_quality, chat.supported_cache_formats
+    formats = {"float16": {"dtype": np.float16}, "int8": {"dtype": np.int8}, "int16": {"dtype": np.int16}}
     monkeypatch.setattr(chat, "SmolLM", lambda: smollm)
     monkeypatch.setattr(chat, "set_threads", lambda n: None)
+    monkeypatch.setattr(chat, "supported_cache_formats", lambda: supported(formats))
     monkeypatch.setattr(chat, "cache_quality", lambda model, formats: run(model, formats, max_tokens=24, prefill=8))
     chat.main(["--cache-quality", "--max-new-tokens", "2"])
     out = capsys.readouterr().out
-    supported, refused = chat.supported_cache_formats()
-    assert "| float32 | 1536 | 0.00e+00 |" in out and "teacher-forced on 23 tokens" in out
-    for name in supported:
-        assert f"| {name} |" in out
-    for name in refused:
-        assert f"(left out, not supported by this numba_attn: {name}:" in out
+    assert "teacher-forced on 23 tokens" in out and "| float32 | 1536 | 0.00e+00 |" in out
+    assert "| float16 | 768 |" in out and "| int8 | 432 |" in out
+    assert "(left out, not supported by this numba_attn: int16:" in out and "| int16 |" not in out
