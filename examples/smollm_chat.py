@@ -17,6 +17,7 @@ through the model's chat template; decoding is greedy.
     python examples/smollm_chat.py                        # "What is the capital of France?"
     python examples/smollm_chat.py "Name three colours." --cache-dtype int8 --max-new-tokens 40
     python examples/smollm_chat.py --weights int8 --quality     # int8 projections; KLD / top-1 vs float32
+    python examples/smollm_chat.py --cache-quality           # every KV cache format: bytes, KLD / top-1 vs float32
     python examples/smollm_chat.py "Tell me a long story." --window 64 --sink-tokens 4 --max-new-tokens 512
     python examples/smollm_chat.py --streaming --window 64 --sink-tokens 4      # sinks vs none vs full, measured
 
@@ -33,6 +34,12 @@ and the perplexity, under the full-cache model, of a greedy generation of at lea
 ``--quality`` feeds a fixed public-domain text token by token (teacher forcing) through float32
 weights and through the chosen ones and prints the mean KL divergence of the next-token
 distributions and how often their top-1 tokens agree.
+
+``--cache-quality`` does the same for the KV cache formats (``CACHE_FORMATS``: float16, int8 per block
+or per row, separate key/value formats, 4-bit, Hadamard rotation; those the installed numba_attn
+refuses are named and left out): the text teacher-forced (32 tokens in one call, then one per
+call) through each format and through a float32 cache, a table of bytes per token per layer,
+mean and max KLD and top-1 agreement (``cache_quality``).
 
 One trap: llama.cpp's converter permutes the rows of the Q and K weights of every head (it uses
 an interleaved RoPE, pairs (0,1), (2,3), …); Hugging Face's Llama pairs dims i and i + 64/2.
@@ -307,11 +314,15 @@ class SmolLM:
         self.weights_dtype = dtype
         return self
 
-    def new_caches(self, capacity, dtype=np.float32, window=None, sink_tokens=0):
+    def new_caches(self, capacity, dtype=np.float32, window=None, sink_tokens=0, **cache_options):
         """One KVCache per layer; ``window``/``sink_tokens``: keep the last ``window`` tokens (plus the
-        first ``sink_tokens``), fixed memory whatever the length (``capacity`` is then only a bound)."""
+        first ``sink_tokens``), fixed memory whatever the length (``capacity`` is then only a bound);
+        ``cache_options`` (``block``, ``key_dtype``, ``value_dtype``, ``rotate``, …) go to ``new_cache``
+        as they are."""
         return [
-            lay["attn"].new_cache(batch=1, capacity=capacity, dtype=dtype, window=window, sink_tokens=sink_tokens)
+            lay["attn"].new_cache(
+                batch=1, capacity=capacity, dtype=dtype, window=window, sink_tokens=sink_tokens, **cache_options
+            )
             for lay in self.layers
         ]
 
@@ -363,16 +374,33 @@ def log_softmax(logits):
     return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
-def teacher_forced_logits(model, ids, cache_dtype=np.float32):
-    """(len(ids) - 1, vocab) float32: the logits after each prefix ids[:t+1], fed one token at a time."""
-    caches = model.new_caches(len(ids), cache_dtype)
-    return np.stack([model.forward([i], caches) for i in ids[:-1]])
+def teacher_forced_logits(model, ids, cache_dtype=np.float32, prefill=1, caches=None):
+    """(len(ids) - 1, vocab) float32: the logits after each prefix ids[:t+1]; the first ``prefill``
+    tokens in one call (the logits after each of them), then one token per call. ``caches``: the
+    model's caches to fill (default: new ones of ``cache_dtype``)."""
+    caches = model.new_caches(len(ids), cache_dtype) if caches is None else caches
+    prefill = max(1, min(prefill, len(ids) - 1))
+    out = [model.forward(ids[:prefill], caches, all_logits=True)]
+    out += [model.forward([i], caches)[None] for i in ids[prefill:-1]]
+    return np.concatenate(out)
+
+
+def compare_logits(ref, low):
+    """dict(tokens, mean_kld (nats, KL(p_ref ‖ p_low) averaged over positions), max_kld, top1 (the
+    fraction of positions whose most likely next token agrees)) of two (positions, vocab) logits."""
+    lp_ref, lp_low = log_softmax(ref), log_softmax(low)
+    kld = (np.exp(lp_ref) * (lp_ref - lp_low)).sum(axis=-1)
+    return {
+        "tokens": len(kld),
+        "mean_kld": float(kld.mean()),
+        "max_kld": float(kld.max()),
+        "top1": float((lp_ref.argmax(-1) == lp_low.argmax(-1)).mean()),
+    }
 
 
 def weight_quality(model, dtype, text=QUALITY_TEXT, max_tokens=None, cache_dtype=np.float32):
     """Teacher-forced comparison of ``dtype`` weights with float32 weights on ``text``:
-    dict(tokens, mean_kld (nats, KL(p_float32 ‖ p_dtype) averaged over positions), top1 (the fraction of
-    positions whose most likely next token agrees), float32_s and dtype_s (seconds per token)).
+    ``compare_logits``' dict plus float32_s and dtype_s (seconds per token).
     Leaves the model with ``dtype`` weights."""
     ids = model.tokenizer.encode(text)[:max_tokens]
     model.set_weights("float32")
@@ -383,17 +411,80 @@ def weight_quality(model, dtype, text=QUALITY_TEXT, max_tokens=None, cache_dtype
     t2 = time.perf_counter()
     low = teacher_forced_logits(model, ids, cache_dtype)
     t3 = time.perf_counter()
-    lp_ref, lp_low = log_softmax(ref), log_softmax(low)
-    kld = (np.exp(lp_ref) * (lp_ref - lp_low)).sum(axis=-1)
     steps = len(ids) - 1
-    return {
-        "tokens": steps,
-        "mean_kld": float(kld.mean()),
-        "max_kld": float(kld.max()),
-        "top1": float((ref.argmax(-1) == low.argmax(-1)).mean()),
-        "float32_s": (t1 - t0) / steps,
-        "dtype_s": (t3 - t2) / steps,
-    }
+    return dict(compare_logits(ref, low), float32_s=(t1 - t0) / steps, dtype_s=(t3 - t2) / steps)
+
+
+#: KV cache formats compared by ``--cache-quality``: options of ``SmolLM.new_caches`` (and so of
+#: ``MultiHeadAttention.new_cache``); those the installed numba_attn refuses are left out
+CACHE_FORMATS = {
+    "float16": {"dtype": np.float16},
+    "int8 (block 32, default rotation)": {"dtype": np.int8},
+    "int8, not rotated": {"dtype": np.int8, "rotate": False},
+    "int8, keys rotated": {"dtype": np.int8, "rotate": "keys"},
+    "int8 per row": {"dtype": np.int8, "block": None},
+    "int8 K / int4 V (default rotation)": {"key_dtype": np.int8, "value_dtype": "int4"},
+    "int8 K / int4 V, keys rotated": {"key_dtype": np.int8, "value_dtype": "int4", "rotate": "keys"},
+    "int8 K / int4 V, both rotated": {"key_dtype": np.int8, "value_dtype": "int4", "rotate": "both"},
+    "int4 K / int4 V (default rotation)": {"key_dtype": "int4", "value_dtype": "int4"},
+    "int4 K / int4 V, both rotated": {"key_dtype": "int4", "value_dtype": "int4", "rotate": "both"},
+}
+
+
+def supported_cache_formats(formats=CACHE_FORMATS, head_dim=64):
+    """(supported, refused): the ``formats`` whose options construct a ``numba_attn.KVCache`` here, and
+    {name: the TypeError/ValueError's message} for the others."""
+    supported, refused = {}, {}
+    for name, options in formats.items():
+        try:
+            numba_attn.KVCache(1, 1, head_dim, 1, **options)
+        except (TypeError, ValueError) as why:
+            refused[name] = str(why)
+        else:
+            supported[name] = options
+    return supported, refused
+
+
+def cache_quality(model, formats, text=QUALITY_TEXT, max_tokens=None, prefill=32, reference=None):
+    """Teacher-forced comparison of KV cache formats with a float32 cache on ``text`` (its first
+    ``max_tokens`` tokens): the first ``prefill`` tokens in one call, then one token per call.
+
+    ``formats``: {name: options of ``model.new_caches`` (e.g. {"dtype": np.int8}, or {"key_dtype": np.int8,
+    "value_dtype": "int4", "rotate": True}), or a callable (model, capacity) -> the caches}.
+    ``reference``: the "float32" entry of an earlier result on the same tokens (not run again).
+    Returns {"float32": the reference run, name: ...}: ``compare_logits``' dict against the float32 cache,
+    ``kv_bytes`` (bytes per token per layer: the first layer's ``cache.nbytes / capacity``, exact for
+    a cache without a window, scales included) and ``s_per_token`` (seconds of the whole run per
+    position, the prefill call included); the reference also keeps its ``logits``."""
+    ids = model.tokenizer.encode(text)[:max_tokens]
+
+    def run(options):
+        caches = options(model, len(ids)) if callable(options) else model.new_caches(len(ids), **options)
+        t0 = time.perf_counter()
+        logits = teacher_forced_logits(model, ids, prefill=prefill, caches=caches)
+        return logits, caches[0].nbytes / caches[0].capacity, (time.perf_counter() - t0) / len(logits)
+
+    if reference is None:
+        logits, kv_bytes, seconds = run({"dtype": np.float32})
+        reference = dict(compare_logits(logits, logits), kv_bytes=kv_bytes, s_per_token=seconds, logits=logits)
+    elif len(reference["logits"]) != len(ids) - 1:
+        raise ValueError(f"the reference holds {len(reference['logits'])} positions, this text {len(ids) - 1}")
+    results = {"float32": reference}
+    for name, options in formats.items():
+        logits, kv_bytes, seconds = run(options)
+        results[name] = dict(compare_logits(reference["logits"], logits), kv_bytes=kv_bytes, s_per_token=seconds)
+    return results
+
+
+def print_cache_quality(results):
+    """``cache_quality``'s results as a markdown table."""
+    print("| KV cache (K / V) | bytes per token per layer | mean KLD (nats) | max KLD | top-1 | ms per token |")
+    print("|---|---|---|---|---|---|")
+    for name, r in results.items():
+        print(
+            f"| {name} | {r['kv_bytes']:g} | {r['mean_kld']:.2e} | {r['max_kld']:.2e} | {r['top1']:.1%} "
+            f"| {r['s_per_token'] * 1e3:.0f} |"
+        )
 
 
 def streaming_quality(model, ids, window, sink_tokens=(4, 0), chunk=1, cache_dtype=np.float32):
@@ -537,6 +628,12 @@ def main(argv=None):
         action="store_true",
         help="teacher-forced check of --weights against float32 weights on a fixed text (KLD, top-1)",
     )
+    ap.add_argument(
+        "--cache-quality",
+        action="store_true",
+        help="teacher-forced check of every KV cache format the installed numba_attn supports against a "
+        "float32 cache on a fixed text (bytes per token, KLD, top-1)",
+    )
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument(
         "--window",
@@ -611,6 +708,17 @@ def main(argv=None):
             f"{q['top1']:.1%}, mean KLD {q['mean_kld']:.2e} nats (max {q['max_kld']:.2e}); "
             f"{1 / q['float32_s']:.1f} vs {1 / q['dtype_s']:.1f} tokens/s"
         )
+    if args.cache_quality:
+        formats, refused = supported_cache_formats()
+        for name, why in refused.items():
+            print(f"(left out, not supported by this numba_attn: {name}: {why})")
+        t0 = time.perf_counter()
+        results = cache_quality(model, formats)
+        print(
+            f"\nteacher-forced on {results['float32']['tokens']} tokens of QUALITY_TEXT (prefill 32, then one token "
+            f"per step), {args.weights} weights, every cache against float32; {time.perf_counter() - t0:.0f} s"
+        )
+        print_cache_quality(results)
     if args.streaming:
         window = args.window or 64
         print_streaming(

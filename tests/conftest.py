@@ -1,5 +1,9 @@
 """Shared helpers for the numba_attn tests: random data, masks, tolerances, kernel spies."""
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -7,6 +11,19 @@ from numba_attn.check import TOLERANCE
 from numba_attn.kernels import decode, prefill, varlen
 
 DTYPES = (np.float32, np.float64)
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def example(name):
+    """Import examples/<name>.py as the module ``name`` (once; the examples are not a package)."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
 
 #: relative tolerance of a result in ``dtype`` against the float64 reference: the package's one table,
 #: ``numba_attn.check.TOLERANCE`` (also what ``python -m numba_attn check`` applies), float dtypes only

@@ -8,20 +8,17 @@ Nothing is downloaded: the Hugging Face libraries are put in offline mode.
 
 import importlib.util
 import os
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import numba_attn
+from conftest import example as _example
 
 # the reference libraries must never reach for the network
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 def _installed(*names):
@@ -31,16 +28,6 @@ def _installed(*names):
 HAVE_SENTENCE_TRANSFORMERS = _installed("torch", "sentence_transformers")
 HAVE_TRANSFORMERS = _installed("torch", "transformers")
 HAVE_TRANSFORMERS_GGUF = HAVE_TRANSFORMERS and _installed("accelerate", "gguf")
-
-
-def _example(name):
-    """Import examples/<name>.py as the module ``name`` (once)."""
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 @pytest.fixture(autouse=True)
