@@ -3,21 +3,25 @@
 Three families, each case drawn from ``np.random.default_rng(seed + i)`` (reproducible from its index):
 
 - ``scaled_dot_product_attention``: 0–2 batch dims broadcast between query/key/value/mask, L 1–300,
-  S 0–600 (with S = 0, short S, and split-K decode sizes L ≤ 8, S ≥ 256), E/Ev up to 160 (mostly odd),
-  float16/32/64 and int8 (per block and per row) operands in every combination, bool/float masks with
-  -inf and broadcast shapes (fully masked rows included), every causal alignment, window, ALiBi,
-  softcap, learned sinks, GQA, custom scale, return_lse, out_dtype, and views (strided, Fortran order, transposed,
-  reversed, read-only).
-- ``KVCache`` in every storage format, with and without a window, filled in random chunks and
-  attended with ``is_causal='lower_right'``.
-- ``MultiHeadAttention`` with and without a cache, GQA, masks, against a float64 numpy layer.
+  S 0–600 (with S = 0, short S, and split-K decode sizes L ≤ 8, S ≥ 256), E/Ev up to 160 (mostly odd;
+  even for 4-bit operands), float16/32/64, int8 (per block and per row) and 4-bit (blocks of 2 … 128
+  dividing the head dim, or per row) operands in every combination, bool/float masks with -inf and
+  broadcast shapes (fully masked rows included), every causal alignment, window, ALiBi, softcap,
+  learned sinks, GQA, custom scale, return_lse, out_dtype, and views (strided, Fortran order,
+  transposed, reversed, read-only; quantised tensors strided along the tokens).
+- ``KVCache`` with key and value formats drawn independently (float32, float64, float16, int8,
+  "int4"), with and without a window, filled in random chunks (one-token appends take the serial
+  kernels, big chunks the numpy path) and attended with ``is_causal='lower_right'``.
+- ``MultiHeadAttention`` with and without a cache (its key and value formats drawn like the cache
+  family's), GQA, masks, against a float64 numpy layer.
 
 The expected result is the textbook formula in float64 with the whole L×S score matrix materialised
 (``attention_formula`` below; ``numba_attn.reference`` is not used), applied to the *same rounded
 inputs* the kernels see: float16 values as they are, int8 tensors dequantised (data · scale of its
-block, rounded to float32 as ``dequantize`` does), and, for int8 keys with one scale per row in float32
-arithmetic, the query quantised per row the way the kernel does (it scores int8 × int8; README "float16
-and int8"; float64 arithmetic dequantises those keys instead and keeps the query exact).
+block, rounded to float32 as ``dequantize`` does), 4-bit tensors dequantised exactly (code · step +
+min in float64 from the packed nibbles and the float16 (step, min) pairs, unpacked here, not by
+numba_attn). The query is never rounded (the kernels dequantise keys in registers and dot them with
+the float query, per-row int8 keys included).
 
 Tolerance (flash-attention's rule): for every output row, the error of our result against the float64
 formula may be at most twice the error of the same formula computed naively in the arithmetic dtype
@@ -33,8 +37,12 @@ k ulps of M moves the weights by k·eps·M relative, hence the term in M. A floa
 float16's half-ulp of the output magnitude, 2⁻¹¹·|out| (+ 2⁻²⁵ for subnormals); likewise a float32 result
 of float64 arithmetic (``out_dtype``) adds 2⁻²⁴·|out|. Two more terms apply
 only where they exist: a float64 computation with int8 operands may dequantise exactly instead of in
-float32 (±2⁻²⁴ relative on k and v), and per-row int8 keys quantise the query, where a value that
-lies within 1e-4 of a rounding tie may round either way (one int8 step of that query entry).
+float32 (±2⁻²⁴ relative on k and v); and 4-bit operands are dequantised by the kernels in the
+arithmetic's precision, not exactly: code·step + min with one fma (the vector paths) or as a product
+and a sum, or per block as step·Σ q·code + min·Σ q (the scalar paths), each rounding within eps of
+|code·step| + |min| (the dequantised value's size before the minimum cancels part of it). So for
+4-bit keys the score floor also counts ``eps·max|v|·C_SCORE·M4`` with M4 the row's largest
+scale·Σ_d |q_d|·(|code·step| + |min|)_jd, and for 4-bit values ``eps·C_EXP·max(|code·step| + |min|)``.
 """
 
 import math
@@ -45,6 +53,7 @@ import numpy as np
 import pytest
 
 from numba_attn import KVCache, MultiHeadAttention, QuantizedTensor, quantize, scaled_dot_product_attention
+from numba_attn import cache as cache_module
 
 FLOATS = (np.float16, np.float32, np.float64)
 CAUSAL = (False, True, "upper_left", "lower_right")
@@ -278,27 +287,37 @@ def check_against_formula(
 
 
 def dequantised(qt):
-    """float64 copy of an int8 QuantizedTensor's values: data · scale of its block, rounded to float32
-    (what ``dequantize`` returns). Written here, not taken from numba_attn."""
+    """float64 copy of a QuantizedTensor's values, written here, not taken from numba_attn. int8:
+    data · scale of its block, rounded to float32 (what ``dequantize`` returns). 4-bit: code · step +
+    min exactly (``unpack4``)."""
+    if qt.bits == 4:
+        codes, step, low = unpack4(qt)
+        return codes * step + low
     D = qt.data.shape[-1]
     per_entry = np.repeat(np.asarray(qt.scales), qt.block, axis=-1)[..., :D]
     return (np.asarray(qt.data).astype(np.float32) * per_entry).astype(np.float32).astype(np.float64)
 
 
-def quantise_rows_like_kernel(x32):
-    """(values, tie) of x (..., E) float32 quantised with one scale per row, as the kernels do:
-    s = max|x|/127, q = clamp(rint(x·(1/s)), ±127), value = q·s; ``tie`` marks entries within 1e-4 of
-    a rounding tie (the kernel's reciprocal may differ from numpy's by an ulp there)."""
-    x32 = x32.astype(np.float32)
-    amax = np.abs(x32).max(axis=-1, keepdims=True, initial=np.float32(0))
-    s = (amax / np.float32(127)).astype(np.float32)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        inv = np.where(s > 0, np.float32(1) / s, np.float32(0)).astype(np.float32)
-    y = x32 * inv
-    q8 = np.clip(np.rint(y), -127, 127)
-    frac = np.abs(y) - np.floor(np.abs(y))
-    tie = (np.abs(frac - 0.5) < 1e-4) & (s > 0)
-    return q8.astype(np.float64) * s.astype(np.float64), tie, s.astype(np.float64)
+def unpack4(qt):
+    """(codes, step, min) of a 4-bit QuantizedTensor, each float64 (..., D), entry by entry: block b's
+    codes are bytes b·block/2 … (b+1)·block/2 − 1 of a row, entry w < block/2 the low nibble of byte
+    w, entry w + block/2 its high nibble; (step, min) the block's float16 pair."""
+    data, scales, block = np.asarray(qt.data), np.asarray(qt.scales), qt.block
+    D, half = 2 * data.shape[-1], block // 2
+    blocks = data.reshape(data.shape[:-1] + (D // block, half))
+    codes = np.concatenate([blocks & 15, blocks >> 4], axis=-1).reshape(data.shape[:-1] + (D,))
+    step = np.repeat(scales[..., 0].astype(np.float64), block, axis=-1)
+    low = np.repeat(scales[..., 1].astype(np.float64), block, axis=-1)
+    return codes.astype(np.float64), step, low
+
+
+def dequantised_size(x):
+    """Per entry, |code·step| + |min| of a 4-bit QuantizedTensor (the size its dequantisation rounds
+    at: module docstring), else None."""
+    if not (isinstance(x, QuantizedTensor) and x.bits == 4):
+        return None
+    codes, step, low = unpack4(x)
+    return codes * np.abs(step) + np.abs(low)
 
 
 def effective(x):
@@ -306,6 +325,22 @@ def effective(x):
     if isinstance(x, QuantizedTensor):
         return dequantised(x)
     return np.asarray(x).astype(np.float64)
+
+
+def int4_budget(q, k_size, v_size, v, scale, arith):
+    """Per row (..., L): the 4-bit terms of the module docstring. ``q`` (..., L, E) and ``v`` (..., S, Ev)
+    effective (float64, broadcast); ``k_size``/``v_size`` the keys'/values' ``dequantised_size``
+    broadcast the same way, or None for other formats. None when neither is 4-bit."""
+    if k_size is None and v_size is None:
+        return None
+    eps = float(np.finfo(arith).eps)
+    budget = np.zeros(q.shape[:-1])
+    if k_size is not None and k_size.shape[-2]:
+        M4 = scale * np.matmul(np.abs(q), np.swapaxes(k_size, -1, -2)).max(axis=-1)
+        budget = budget + eps * C_SCORE * M4 * np.abs(v).max(initial=0.0)
+    if v_size is not None:
+        budget = budget + eps * C_EXP * v_size.max(initial=0.0)
+    return budget
 
 
 # ------------------------------------------------------------------------------------------------
@@ -401,20 +436,42 @@ def _lengths(rng):
 
 
 def _operand(rng, shape, kind, block, magnitude, outlier):
-    """A random operand: float array in ``kind``'s dtype (in a random layout), or an int8 QuantizedTensor."""
+    """A random operand: float array in ``kind``'s dtype (in a random layout), or an int8 / 4-bit
+    ("int4") QuantizedTensor (from a random float dtype, or built by hand as a view of every other token
+    of a bigger one)."""
     x = rng.standard_normal(shape) * magnitude
     if outlier and shape[-1] > 1:
         x[..., int(rng.integers(0, shape[-1]))] *= 20.0
-    if kind == "int8":
+    if kind in ("int8", "int4"):
+        bits = 8 if kind == "int8" else 4
         view = _choice(rng, ("plain", "plain", "strided"))
         if view == "strided" and len(shape) >= 2:
             big = np.zeros(shape[:-2] + (2 * shape[-2], shape[-1]))
             big[..., ::2, :] = x
-            qt = quantize(big.astype(np.float32), block)
-            return QuantizedTensor(qt.data[..., ::2, :], qt.scales[..., ::2, :], qt.block), "strided"
-        return quantize(x.astype(_choice(rng, FLOATS)), block), "plain"
+            qt = quantize(big.astype(np.float32), block, bits=bits)
+            every_other = (slice(None, None, 2),) + (slice(None),) * (qt.scales.ndim - qt.data.ndim + 1)
+            return QuantizedTensor(
+                qt.data[..., ::2, :], qt.scales[(Ellipsis, *every_other)], qt.block, bits=bits
+            ), "strided"
+        return quantize(x.astype(_choice(rng, FLOATS)), block, bits=bits), "plain"
     view = _choice(rng, VIEWS)
     return as_view(x.astype(kind), view), view
+
+
+def _int4_block(rng, D):
+    """A block for 4-bit rows of D (even) entries: an even power of two dividing D (32 the likeliest;
+    32 also over fewer entries: capped to one block per row), or None (one block per row)."""
+    options = [b for b in (2, 4, 8, 16, 32, 64, 128) if D % b == 0] + ([32] if D < 32 else []) + [None]
+    weights = np.array([4.0 if b == 32 else 1.0 for b in options])
+    return _choice(rng, options, p=weights / weights.sum())
+
+
+def _block_for(rng, kind, D):
+    if kind == "int8":
+        return _choice(rng, (32, 32, None, 16, 64))
+    if kind == "int4":
+        return _int4_block(rng, D)
+    return None
 
 
 def draw_sdpa_case(rng, params):
@@ -448,12 +505,18 @@ def draw_sdpa_case(rng, params):
         else:
             S = max(1, S // 2)
 
-    kinds = [np.float16, np.float32, np.float64, "int8"]
+    kinds = [np.float16, np.float32, np.float64, "int8", "int4"]
     q_kind = _choice(rng, FLOATS)
-    k_kind = _choice(rng, kinds, p=[0.2, 0.35, 0.2, 0.25])
-    v_kind = _choice(rng, kinds, p=[0.2, 0.35, 0.2, 0.25])
-    k_block = _choice(rng, (32, 32, None, 16, 64)) if k_kind == "int8" else None
-    v_block = _choice(rng, (32, 32, None, 16, 64)) if v_kind == "int8" else None
+    k_kind = _choice(rng, kinds, p=[0.15, 0.3, 0.15, 0.2, 0.2])
+    v_kind = _choice(rng, kinds, p=[0.15, 0.3, 0.15, 0.2, 0.2])
+    # 4-bit rows pack two entries per byte: even head dims; often multiples of 32, where the blocks of 32
+    # (and 64, 128, per row) take the vector-IR tiles (half blocks a multiple of the vector width)
+    if k_kind == "int4":
+        E = 32 * max(1, round(E / 32)) if rng.random() < 0.4 else E + E % 2
+    if v_kind == "int4":
+        Ev = 32 * max(1, round(Ev / 32)) if rng.random() < 0.4 else Ev + Ev % 2
+    k_block = _block_for(rng, k_kind, E)
+    v_block = _block_for(rng, v_kind, Ev)
     magnitude = _choice(rng, (1.0, 1.0, 1.0, 0.1, 4.0))
     outlier = rng.random() < 0.1
     query, q_view = _operand(rng, bq + (L, E), q_kind, None, magnitude, outlier)
@@ -547,15 +610,6 @@ def _full(x, out_batch, gqa, group):
     return np.broadcast_to(x, tuple(out_batch) + x.shape[-2:])
 
 
-def effective_query_for_row_keys(q, scale, arith):
-    """Per-row int8 keys are scored against an int8 copy of scale·query: (q_eff, tie mask, step)."""
-    if arith == np.float32:
-        qs = q.astype(np.float32) * np.float32(scale)
-    else:
-        qs = (q.astype(np.float64) * scale).astype(np.float32)
-    return quantise_rows_like_kernel(qs)
-
-
 def run_sdpa_case(seed, params):
     rng = np.random.default_rng(seed)
     query, key, value, kwargs, out_batch, gqa = draw_sdpa_case(rng, params)
@@ -579,23 +633,16 @@ def run_sdpa_case(seed, params):
     q = np.broadcast_to(effective(query), tuple(out_batch) + (L, E))
     k = _full(effective(key), out_batch, gqa, group)
     v = _full(effective(value), out_batch, gqa, group)
-    extra = None
-    if isinstance(key, QuantizedTensor) and key.scales.shape[-1] == 1 and arith == np.float32:
-        # (float64 arithmetic dequantises per-row keys too and never rounds the query: README)
-        q_eff, tie, step = effective_query_for_row_keys(np.asarray(query), scale, arith)
-        # one int8 step of each query entry that lies at a rounding tie: that entry's score moves by at most
-        # step·|k_d|, the output by at most twice that times max|v|
-        tie_k = np.matmul(np.broadcast_to(tie * step, tuple(out_batch) + (L, E)), np.abs(np.swapaxes(k, -1, -2)))
-        extra = 2 * tie_k.max(axis=-1, initial=0.0) * np.abs(v).max(initial=0.0)
-        q, scale = np.broadcast_to(q_eff, tuple(out_batch) + (L, E)), 1.0
-    if arith == np.float64 and (isinstance(key, QuantizedTensor) or isinstance(value, QuantizedTensor)):
-        # the kernel may dequantise exactly where dequantize rounds to float32: ±2⁻²⁴ on k and v
-        sens = (
-            2.0**-24
-            * (2 * score_magnitude(q, k, scale, None, None, False, np.ones(q.shape[:-1] + (S,), bool)) + 1.0)
-            * np.abs(v).max(initial=0.0)
-        )
-        extra = sens if extra is None else extra + sens
+    k_size, v_size = dequantised_size(key), dequantised_size(value)
+    extra = int4_budget(
+        q,
+        None if k_size is None else _full(k_size, out_batch, gqa, group),
+        None if v_size is None else _full(v_size, out_batch, gqa, group),
+        v,
+        scale,
+        arith,
+    )
+    extra = _add(extra, int8_exact_budget(q, k, v, scale, arith, (key, value)))
     mask = kwargs["attn_mask"]
     if mask is not None:
         mask = np.broadcast_to(mask if mask.dtype == np.bool_ else mask.astype(arith), tuple(out_batch) + (L, S))
@@ -632,11 +679,27 @@ def test_fuzz_sdpa(sdpa_batch, fuzz_seed):
 # ------------------------------------------------------------------------------------------------
 
 
-def rounded_like_cache(x, dtype, block):
-    """float64 values of x (B, H, T, D) as a cache of ``dtype`` stores them (int8 quantised here, in numpy,
-    the documented way: s = max|x|/127 per block, q = clamp(rint(x/s), ±127); returns also per-entry s)."""
+def rounded_like_cache(x, fmt, block):
+    """float64 values of x (B, H, T, D) as a cache of format ``fmt`` stores them, and per entry the
+    quantisation step (0 for float formats). int8 and "int4" are quantised here, in numpy, the
+    documented way. int8: s = max|x|/127 per block, q = clamp(rint(x/s), ±127), value q·s. int4: per
+    block step = half((max − min)/15) and min' = half(min) (float16), code = clamp(rint((x − min')/step),
+    0, 15) in float32, value code·step + min' (exact)."""
     x = np.asarray(x)
-    if dtype == np.int8:
+    if fmt == "int4":
+        D = x.shape[-1]
+        b = D if block is None else min(block, D)
+        blocks = x.astype(np.float32).reshape(x.shape[:-1] + (D // b, b))
+        lo, hi = blocks.min(axis=-1, keepdims=True), blocks.max(axis=-1, keepdims=True)
+        step = ((hi - lo) / np.float32(15)).astype(np.float16).astype(np.float32)
+        low = lo.astype(np.float16).astype(np.float32)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            inv = np.where(step > 0, np.float32(1) / step, np.float32(0)).astype(np.float32)
+        codes = np.clip(np.rint((blocks - low) * inv), 0, 15).astype(np.float64)
+        vals = codes * step.astype(np.float64) + low.astype(np.float64)
+        per_entry = np.broadcast_to(step, blocks.shape).reshape(x.shape).astype(np.float64)
+        return vals.reshape(x.shape), per_entry
+    if fmt == np.int8:
         D = x.shape[-1]
         b = D if block is None else min(block, D)
         nb = -(-D // b)
@@ -650,7 +713,17 @@ def rounded_like_cache(x, dtype, block):
         vals = (q8 * s).astype(np.float32).reshape(x.shape[:-1] + (nb * b,))[..., :D]
         step = np.broadcast_to(s, blocks.shape).reshape(x.shape[:-1] + (nb * b,))[..., :D]
         return vals.astype(np.float64), step.astype(np.float64)
-    return x.astype(dtype).astype(np.float64), np.zeros(x.shape)
+    return x.astype(fmt).astype(np.float64), np.zeros(x.shape)
+
+
+def int4_size_like_cache(x, block):
+    """|code·step| + |min| per entry of x (B, H, T, D) quantised to 4 bits as ``rounded_like_cache`` does."""
+    vals, _ = rounded_like_cache(x, "int4", block)
+    D = x.shape[-1]
+    b = D if block is None else min(block, D)
+    low = np.asarray(x).astype(np.float32).reshape(x.shape[:-1] + (D // b, b)).min(axis=-1, keepdims=True)
+    low = np.broadcast_to(low.astype(np.float16).astype(np.float64), x.shape[:-1] + (D // b, b)).reshape(x.shape)
+    return (vals - low) + np.abs(low)
 
 
 def cache_content(cache):
@@ -659,13 +732,67 @@ def cache_content(cache):
     return effective(keys), effective(values)
 
 
+#: cache storage formats (key and value drawn independently)
+FORMATS = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.int8), "int4", np.dtype(np.float64))
+FORMAT_P = (0.2, 0.2, 0.2, 0.25, 0.15)
+
+
+def _format_name(fmt):
+    return fmt if isinstance(fmt, str) else fmt.name
+
+
+def _is_quantised(fmt):
+    return fmt == "int4" or fmt == np.int8
+
+
+def _int4_dim(rng, block):
+    """A head dim a 4-bit store with ``block`` accepts: even, and a multiple of the block (or below it:
+    one block per row)."""
+    if block is None:
+        return 2 * int(rng.integers(1, 81))
+    if block > 2 and rng.random() < 0.2:
+        return 2 * int(rng.integers(1, block // 2))  # fewer entries than the block: capped, one per row
+    return block * int(rng.integers(1, 160 // block + 1))
+
+
+def _cache_dims(rng, key_fmt, value_fmt, block):
+    """(D, Dv) for the formats: any for float and int8 stores, 4-bit-compatible for "int4"."""
+    D = (
+        _int4_dim(rng, block)
+        if key_fmt == "int4"
+        else (_features(rng) if rng.random() < 0.5 else int(rng.integers(1, 65)))
+    )
+    if rng.random() < 0.7 and (value_fmt != "int4" or key_fmt == "int4"):
+        return D, D
+    Dv = _int4_dim(rng, block) if value_fmt == "int4" else _features(rng)
+    return D, Dv
+
+
+def int8_exact_budget(q, k, v, scale, arith, operands):
+    """float64 arithmetic with int8 ``operands``: the kernel may dequantise exactly where the test's
+    ``dequantised`` rounds to float32: ±2⁻²⁴ on k and v (module docstring). None otherwise."""
+    if arith != np.float64 or not any(isinstance(x, QuantizedTensor) and x.bits == 8 for x in operands):
+        return None
+    S = k.shape[-2]
+    return (
+        2.0**-24
+        * (2 * score_magnitude(q, k, scale, None, None, False, np.ones(q.shape[:-1] + (S,), bool)) + 1.0)
+        * np.abs(v).max(initial=0.0)
+    )
+
+
+def _add(a, b):
+    return a if b is None else b if a is None else a + b
+
+
 def run_cache_case(seed, params):
     rng = np.random.default_rng(seed)
     B, Hkv, group = int(rng.integers(1, 3)), int(rng.integers(1, 4)), int(rng.integers(1, 4))
-    dtype = np.dtype(_choice(rng, (np.float32, np.float16, np.int8, np.int8, np.float64)))
-    block = _choice(rng, (32, None, 16)) if dtype == np.int8 else 32
-    D = _features(rng) if rng.random() < 0.5 else int(rng.integers(1, 65))
-    Dv = D if (dtype == np.int8 and block is not None) or rng.random() < 0.7 else _features(rng)
+    key_fmt = FORMATS[int(rng.choice(len(FORMATS), p=FORMAT_P))]
+    value_fmt = key_fmt if rng.random() < 0.3 else FORMATS[int(rng.choice(len(FORMATS), p=FORMAT_P))]
+    quantised = _is_quantised(key_fmt) or _is_quantised(value_fmt)
+    block = _choice(rng, (32, None, 16, 8)) if quantised else 32
+    D, Dv = _cache_dims(rng, key_fmt, value_fmt, block)
     window = None if rng.random() < 0.5 else int(rng.integers(1, 80))
     total = int(rng.integers(1, 700))
     capacity = total + int(rng.integers(0, 20))
@@ -673,7 +800,8 @@ def run_cache_case(seed, params):
         B=B,
         Hkv=Hkv,
         group=group,
-        dtype=dtype.name,
+        key_dtype=_format_name(key_fmt),
+        value_dtype=_format_name(value_fmt),
         block=block,
         D=D,
         Dv=Dv,
@@ -682,23 +810,38 @@ def run_cache_case(seed, params):
         total=total,
         chunks=[],
     )
-    cache = KVCache(B, Hkv, D, capacity, dtype=dtype, window=window, value_dim=Dv, block=block)
+    if key_fmt == value_fmt and rng.random() < 0.5:
+        cache = KVCache(B, Hkv, D, capacity, dtype=key_fmt, window=window, value_dim=Dv, block=block)
+    else:
+        cache = KVCache(
+            B, Hkv, D, capacity, key_dtype=key_fmt, value_dtype=value_fmt, window=window, value_dim=Dv, block=block
+        )
+    assert cache.key_dtype == key_fmt and cache.value_dtype == value_fmt
+    assert cache.dtype == (key_fmt if key_fmt == value_fmt else None), cache.dtype
     hist_k, hist_v = np.zeros((B, Hkv, 0, D)), np.zeros((B, Hkv, 0, Dv))
     step_k, step_v = np.zeros((B, Hkv, 0, D)), np.zeros((B, Hkv, 0, Dv))
     appended = 0
-    q_dtype = np.float64 if dtype == np.float64 else _choice(rng, (np.float32, np.float32, np.float16))
+    has64 = np.dtype(np.float64) in (key_fmt, value_fmt)
+    q_dtype = np.float64 if has64 and rng.random() < 0.7 else _choice(rng, (np.float32, np.float32, np.float16))
     while appended < total:
         T = min(total - appended, int(_choice(rng, (1, 1, rng.integers(1, 9), rng.integers(1, 200)))))
-        params["chunks"].append(T)
+        numpy_path = bool(rng.random() < 0.25)  # the numpy path (quantize) for any T, not only big chunks
+        params["chunks"].append((T, "numpy") if numpy_path else T)
         k_new = rng.standard_normal((B, Hkv, T, D)).astype(_choice(rng, (np.float32, np.float64, np.float16)))
         v_new = rng.standard_normal((B, Hkv, T, Dv)).astype(_choice(rng, (np.float32, np.float64, np.float16)))
         k_new, v_new = as_view(k_new, _choice(rng, VIEWS)), as_view(v_new, _choice(rng, VIEWS))
         snap = Snapshot(k_new, v_new)
-        cache.append(k_new, v_new)
+        serial_rows = cache_module.APPEND_SERIAL_ROWS
+        try:
+            if numpy_path:
+                cache_module.APPEND_SERIAL_ROWS = 0
+            cache.append(k_new, v_new)
+        finally:
+            cache_module.APPEND_SERIAL_ROWS = serial_rows
         snap.assert_unchanged()
         appended += T
-        rk, sk = rounded_like_cache(k_new, dtype, block)
-        rv, sv = rounded_like_cache(v_new, dtype, block)
+        rk, sk = rounded_like_cache(k_new, key_fmt, block)
+        rv, sv = rounded_like_cache(v_new, value_fmt, block)
         hist_k, hist_v = np.concatenate([hist_k, rk], 2), np.concatenate([hist_v, rv], 2)
         step_k, step_v = np.concatenate([step_k, sk], 2), np.concatenate([step_v, sv], 2)
         assert cache.length == appended, (cache.length, appended)
@@ -707,14 +850,16 @@ def run_cache_case(seed, params):
         np.testing.assert_array_equal(np.sort(cache.positions()), np.arange(appended - n_valid, appended))
         keys, values = cache_content(cache)
         assert keys.shape == (B, Hkv, n_valid, D) and values.shape == (B, Hkv, n_valid, Dv)
-        # what the cache holds: the last n_valid tokens, rounded to its format (int8: within one step of
-        # the documented scheme, since a reciprocal may differ by an ulp at a tie)
-        if dtype == np.int8:
-            assert_within_step(keys, hist_k[:, :, appended - n_valid :], step_k[:, :, appended - n_valid :])
-            assert_within_step(values, hist_v[:, :, appended - n_valid :], step_v[:, :, appended - n_valid :])
-        else:
-            np.testing.assert_array_equal(keys, hist_k[:, :, appended - n_valid :], err_msg="cache keys")
-            np.testing.assert_array_equal(values, hist_v[:, :, appended - n_valid :], err_msg="cache values")
+        # what the cache holds: the last n_valid tokens, rounded to its format (int8 and int4: within one
+        # step of the documented scheme, since a reciprocal may differ by an ulp at a tie)
+        for name, got, hist, step, fmt in (
+            ("keys", keys, hist_k, step_k, key_fmt),
+            ("values", values, hist_v, step_v, value_fmt),
+        ):
+            if _is_quantised(fmt):
+                assert_within_step(got, hist[:, :, appended - n_valid :], step[:, :, appended - n_valid :])
+            else:
+                np.testing.assert_array_equal(got, hist[:, :, appended - n_valid :], err_msg=f"cache {name}")
         if rng.random() < 0.6 or appended == total:
             Lq = int(min(n_valid, _choice(rng, (1, 1, rng.integers(1, 9), rng.integers(1, 300)))))
             q = rng.standard_normal((B, Hkv * group, Lq, D)).astype(q_dtype)
@@ -737,15 +882,17 @@ def run_cache_case(seed, params):
             floats = float_dtypes_of(q, ordered_k, ordered_v)
             arith = np.float64 if np.dtype(np.float64) in floats else np.float32
             assert out.dtype == np.result_type(*floats), out.dtype
-            k_eff, v_eff = cache_content(cache)
-            k_eff, v_eff = np.repeat(k_eff, group, axis=1), np.repeat(v_eff, group, axis=1)
+            k_eff, v_eff = (np.repeat(effective(x), group, axis=1) for x in (ordered_k, ordered_v))
+            k_size, v_size = (
+                None if x is None else np.repeat(x, group, axis=1)
+                for x in (dequantised_size(ordered_k), dequantised_size(ordered_v))
+            )
             s = 1.0 / math.sqrt(D) if scale is None else scale
-            q_eff, extra = q.astype(np.float64), None
-            if dtype == np.int8 and (block is None or block >= D) and arith == np.float32:
-                q_eff, tie, st = effective_query_for_row_keys(q, s, arith)
-                tie_k = np.matmul(tie * st, np.abs(np.swapaxes(k_eff, -1, -2)))
-                extra = 2 * tie_k.max(axis=-1, initial=0.0) * np.abs(v_eff).max(initial=0.0)
-                s = 1.0
+            q_eff = q.astype(np.float64)
+            extra = _add(
+                int4_budget(q_eff, k_size, v_size, v_eff, s, arith),
+                int8_exact_budget(q_eff, k_eff, v_eff, s, arith, (ordered_k, ordered_v)),
+            )
             sinks = None
             if kw["sinks"] is not None:
                 sinks = np.broadcast_to(kw["sinks"].astype(arith).astype(np.float64), (B, Hkv * group))
@@ -755,12 +902,12 @@ def run_cache_case(seed, params):
 
 
 def assert_within_step(actual, expected, step):
-    """int8 content: equal to the documented rounding, or one quantisation step off (a tie)."""
+    """int8/int4 content: equal to the documented rounding, or one quantisation step off (a tie)."""
     err = np.abs(actual - expected)
     bad = err > step * (1 + 1e-6) + 1e-30
-    assert not bad.any(), f"int8 cache content off by more than one step at {np.argwhere(bad)[0]}"
+    assert not bad.any(), f"quantised cache content off by more than one step at {np.argwhere(bad)[0]}"
     exact_share = float((err == 0).mean()) if err.size else 1.0
-    assert exact_share > 0.99, f"int8 cache content differs from the documented rounding in {1 - exact_share:.1%}"
+    assert exact_share > 0.99, f"quantised cache content differs from the documented rounding in {1 - exact_share:.1%}"
 
 
 def test_fuzz_kv_cache(cache_batch, fuzz_seed):
@@ -783,15 +930,12 @@ def numpy_layer(
     attn_mask=None,
     is_causal=False,
     window=None,
-    q_scaled=None,
 ):
     """The layer in numpy, all in ``dtype``: projections, heads, attention, output projection.
 
     Queries from ``x_new`` (B, L, embed); keys and values from ``x_all`` (B, S, embed; default x_new; a
     cached call's whole history, the new tokens last), or given as ``k_hist``/``v_hist`` (B, H_kv, S, hd)
-    (a float16/int8 cache's rounded content). ``q_scaled``: scale·Q given (B, H, L, hd) (the int8 copy
-    of the query that per-row int8 keys are scored against), then the scale is 1. ``kpm``: bool (B, S)
-    True = padding, or float added;
+    (a float16, int8 or int4 cache's rounded content). ``kpm``: bool (B, S) True = padding, or float added;
     ``attn_mask``: bool True = not allowed, or float added (torch.nn.MultiheadAttention's conventions)."""
     dt = np.dtype(dtype).type
     W = {n: getattr(layer, n).astype(dt) for n in ("w_q", "w_k", "w_v", "w_o")}
@@ -828,8 +972,6 @@ def numpy_layer(
     if parts:
         mask = np.broadcast_to(sum(parts), (B, H, L, S)).astype(dt)
     scale = 1.0 / math.sqrt(hd)
-    if q_scaled is not None:
-        q, scale = q_scaled, 1.0
     out, _, vis = attention_formula(q, k, v, scale, mask, is_causal, window, dtype=dt)
     merged = out.transpose(0, 2, 1, 3).reshape(B, L, H * hd)
     y = merged @ W["w_o"]
@@ -838,28 +980,23 @@ def numpy_layer(
     return y, dict(q=q, k=k, v=v, mask=mask, vis=vis, merged=merged)
 
 
-def check_layer(y, layer, x_new, arith, quantised_query=False, **kw):
+def check_layer(y, layer, x_new, arith, k_size=None, v_size=None, **kw):
     """y against the float64 numpy layer: error ≤ 2× the naive-``arith`` layer's + a floor propagated
     through the output projection (the attention floor per head row, and eps·|merged|·|W_o|).
-    ``quantised_query``: the cache holds int8 keys with one scale per row, scored against an int8
-    copy of scale·Q (a rounding tie may go either way: one step of that entry, in the budget)."""
+    ``k_size``/``v_size``: a 4-bit cache's |code·step| + |min| per entry of ``k_hist``/``v_hist`` (the
+    4-bit terms of the module docstring join the attention floor)."""
     assert y.dtype == layer.dtype and y.shape == x_new.shape[:2] + (layer.embed_dim,), (y.dtype, y.shape)
     assert not np.isnan(y).any(), "layer output holds NaN"
     exact, parts = numpy_layer(layer, x_new, np.float64, **kw)
     scale = 1.0 / math.sqrt(layer.head_dim)
-    tie_budget = 0.0
-    if quantised_query:
-        q_eff, tie, step = quantise_rows_like_kernel((parts["q"] * scale).astype(np.float32))
-        kw = dict(kw, q_scaled=q_eff)
-        exact, parts = numpy_layer(layer, x_new, np.float64, **kw)
-        scale = 1.0
-        tie_k = np.matmul(tie * step, np.abs(np.swapaxes(parts["k"], -1, -2)))
-        tie_budget = 2 * tie_k.max(axis=-1, initial=0.0) * np.abs(parts["v"]).max(initial=0.0)
+    g = layer.num_heads // layer.num_kv_heads
+    k_size, v_size = (None if x is None else np.repeat(x, g, axis=1) for x in (k_size, v_size))
+    int4_floor = int4_budget(parts["q"], k_size, v_size, parts["v"], scale, arith)
     naive, _ = numpy_layer(layer, x_new, arith, **kw)
     eps = float(np.finfo(arith).eps)
     M = score_magnitude(parts["q"], parts["k"], scale, parts["mask"], None, kw.get("is_causal", False), parts["vis"])
     V = value_magnitude(parts["v"], parts["vis"])
-    head_floor = eps * V * (C_EXP + C_SCORE * M) + tie_budget  # (B, H, L)
+    head_floor = _add(eps * V * (C_EXP + C_SCORE * M), int4_floor)  # (B, H, L)
     w_o = np.abs(layer.w_o.astype(np.float64))
     per_head = w_o.reshape(layer.num_heads, layer.head_dim, -1).sum(axis=1)  # (H, embed)
     floor = np.einsum("bhl,he->ble", head_floor, per_head) + C_EXP * eps * (np.abs(parts["merged"]) @ w_o)
@@ -883,6 +1020,7 @@ def run_layer_case(seed, params):
     Hkv = int(rng.integers(1, 4))
     H = Hkv * int(rng.integers(1, 4))
     hd = int(rng.integers(1, 40))
+    hd += hd % 2 if rng.random() < 0.5 else 0  # (even head dims for 4-bit caches more often)
     embed = H * hd if rng.random() < 0.7 else int(rng.integers(1, 100))
     dtype = np.dtype(_choice(rng, (np.float32, np.float32, np.float64)))
     bias = bool(rng.random() < 0.7)
@@ -925,15 +1063,38 @@ def run_layer_case(seed, params):
         snap.assert_unchanged()
         check_layer(y, layer, np.asarray(x), arith, kpm=kpm, attn_mask=attn_mask, is_causal=is_causal)
         return
-    cache_dtype = np.dtype(dtype if dtype == np.float64 else _choice(rng, (np.float32, np.float16, np.int8)))
-    block = _choice(rng, (32, None)) if cache_dtype == np.int8 else 32
+    if dtype == np.float64:
+        key_fmt = value_fmt = np.dtype(np.float64)
+    else:
+        layer_formats = FORMATS[:4]  # a float32 layer's caches: float32, float16, int8, int4
+        key_fmt = _choice(rng, layer_formats, p=[0.2, 0.15, 0.2, 0.45])
+        value_fmt = key_fmt if rng.random() < 0.5 else _choice(rng, layer_formats, p=[0.2, 0.15, 0.2, 0.45])
+    if hd % 2:  # 4-bit rows pack two entries per byte: an odd head dim gets int8 instead
+        key_fmt, value_fmt = (np.dtype(np.int8) if f == "int4" else f for f in (key_fmt, value_fmt))
+    quantised = _is_quantised(key_fmt) or _is_quantised(value_fmt)
+    blocks = (32, None, 16, 8)
+    if "int4" in (key_fmt, value_fmt):  # blocks that divide the head dim (or cover it: one per row)
+        blocks = tuple(b for b in blocks if b is None or hd <= b or hd % b == 0)
+    block = _choice(rng, blocks) if quantised else 32
     window = None if rng.random() < 0.5 else int(rng.integers(1, 40))
     total = int(rng.integers(1, 120))
-    cache = layer.new_cache(B, total + 5, window=window, dtype=cache_dtype, block=block)
-    params.update(cache_dtype=cache_dtype.name, block=block, window=window, total=total, chunks=[])
-    rounded = cache_dtype in (np.float16, np.int8)
+    if key_fmt == value_fmt:
+        cache = layer.new_cache(B, total + 5, window=window, dtype=key_fmt, block=block)
+    else:  # (built directly: a cached layer call takes any KVCache of its shape)
+        cache = KVCache(B, Hkv, hd, total + 5, key_dtype=key_fmt, value_dtype=value_fmt, window=window, block=block)
+    params.update(
+        key_dtype=_format_name(key_fmt),
+        value_dtype=_format_name(value_fmt),
+        block=block,
+        window=window,
+        total=total,
+        chunks=[],
+    )
+    rounded = any(f in (np.float16, np.int8) or f == "int4" for f in (key_fmt, value_fmt))
     x_all = np.zeros((B, 0, embed), dtype)
     k_hist, v_hist = np.zeros((B, Hkv, 0, hd)), np.zeros((B, Hkv, 0, hd))
+    k_size = None if key_fmt != "int4" else np.zeros((B, Hkv, 0, hd))
+    v_size = None if value_fmt != "int4" else np.zeros((B, Hkv, 0, hd))
     while x_all.shape[1] < total:
         done = x_all.shape[1]
         T = min(total - done, int(_choice(rng, (1, 1, rng.integers(1, 8), rng.integers(1, 50)))))
@@ -945,9 +1106,13 @@ def run_layer_case(seed, params):
             # K and V as the layer computes them (float32), rounded as the cache stores them: the same
             # rounded inputs for the float64 formula
             _, k_new, v_new = layer.project_qkv(x)
-            k_hist = np.concatenate([k_hist, rounded_like_cache(k_new, cache_dtype, block)[0]], 2)
-            v_hist = np.concatenate([v_hist, rounded_like_cache(v_new, cache_dtype, block)[0]], 2)
+            k_hist = np.concatenate([k_hist, rounded_like_cache(k_new, key_fmt, block)[0]], 2)
+            v_hist = np.concatenate([v_hist, rounded_like_cache(v_new, value_fmt, block)[0]], 2)
             hist = dict(k_hist=k_hist, v_hist=v_hist)
+            if k_size is not None:
+                k_size = np.concatenate([k_size, int4_size_like_cache(k_new, block)], 2)
+            if v_size is not None:
+                v_size = np.concatenate([v_size, int4_size_like_cache(v_new, block)], 2)
         kpm = rng.random((B, done + T)) < 0.2 if rng.random() < 0.3 else None
         y = layer(x, cache=cache, key_padding_mask=kpm)
         assert cache.length == done + T, (cache.length, done + T)
@@ -956,7 +1121,8 @@ def run_layer_case(seed, params):
             layer,
             x,
             arith,
-            quantised_query=cache_dtype == np.int8 and (block is None or block >= hd),
+            k_size=k_size,
+            v_size=v_size,
             x_all=x_all,
             kpm=kpm,
             is_causal="lower_right",
@@ -987,3 +1153,23 @@ def test_formula_check_catches_a_small_error():
         check_against_formula(
             wrong, None, q.astype(np.float64), k.astype(np.float64), v.astype(np.float64), 1 / math.sqrt(33)
         )
+
+
+def test_formula_check_with_4bit_operands_catches_a_small_error():
+    """With 4-bit keys and values (their budget terms included), a scale off by a relative 1e-3 still
+    fails, and so does a value read with its nibbles swapped."""
+    rng = np.random.default_rng(2)
+    q = rng.standard_normal((2, 37, 64)).astype(np.float32)
+    kq = quantize(rng.standard_normal((2, 300, 64)) + 0.5, 32, bits=4)
+    vq = quantize(rng.standard_normal((2, 300, 64)), 32, bits=4)
+    k, v, scale = dequantised(kq), dequantised(vq), 1 / math.sqrt(64)
+    extra = int4_budget(q.astype(np.float64), dequantised_size(kq), dequantised_size(vq), v, scale, np.float32)
+    good = scaled_dot_product_attention(q, kq, vq)
+    check_against_formula(good, None, q.astype(np.float64), k, v, scale, extra_row_budget=extra)
+    wrong = scaled_dot_product_attention(q, kq, vq, scale=(1 + 1e-3) * scale)
+    with pytest.raises(AssertionError, match="outside the budget"):
+        check_against_formula(wrong, None, q.astype(np.float64), k, v, scale, extra_row_budget=extra)
+    swapped = QuantizedTensor(((vq.data & 15) << 4) | (vq.data >> 4), vq.scales, vq.block, bits=4)
+    wrong = scaled_dot_product_attention(q, kq, swapped)
+    with pytest.raises(AssertionError, match="outside the budget"):
+        check_against_formula(wrong, None, q.astype(np.float64), k, v, scale, extra_row_budget=extra)
