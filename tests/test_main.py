@@ -148,6 +148,7 @@ TINY_CASES = [
     bench.Case("decode", 1, 8, 1, 512, 64),
     bench.Case("decode, float16 cache", 1, 8, 1, 512, 64, dtype="float16"),
     bench.Case("decode, int8 cache", 1, 8, 1, 512, 64, dtype="int8"),
+    bench.Case("decode, int8 keys + int4 values", 1, 8, 1, 512, 64, dtype="int8/int4"),
     bench.Case("decode GQA 8/2", 1, 8, 1, 512, 64, H_kv=2),
 ]
 
@@ -208,9 +209,9 @@ def test_bench_table(bench_run):
     ), text
     assert "- numpy skipped on some cases: float32 only" in text
     if _importable("torch"):
-        assert "- torch skipped on some cases: no int8 attention" in text
-        # float16 / int8 rows are compared with torch's float32 run on the same tokens
-        assert re.search(r"\d+\.\d\d×\s*$", rows[3]) and re.search(r"\d+\.\d\d×\s*$", rows[4]), rows
+        assert "- torch skipped on some cases: no quantised attention" in text
+        # float16 / int8 / int4 rows are compared with torch's float32 run on the same tokens
+        assert all(re.search(r"\d+\.\d\d×\s*$", rows[i]) for i in (3, 4, 5)), rows
     if _importable("onnxruntime") and _importable("onnx"):
         assert (
             "- onnxruntime skipped on some cases: the MultiHeadAttention contrib op has no grouped-query form" in text
@@ -342,6 +343,8 @@ def test_bench_cases_are_listed_once():
         "B1 H8 L1024 S1024 D64",
         "B1 H8 L1024 S1024 D64 causal",
         "B8 H12 L128 S128 D32",
+        "B1 H32 L1 S4096 D64",
+        "B1 H32 L1 S4096 D64",
         "B1 H32 L1 S4096 D64",
         "B1 H32 L1 S4096 D64",
         "B1 H32 L1 S4096 D64",
