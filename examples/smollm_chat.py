@@ -419,15 +419,15 @@ def weight_quality(model, dtype, text=QUALITY_TEXT, max_tokens=None, cache_dtype
 #: ``MultiHeadAttention.new_cache``); those the installed numba_attn refuses are left out
 CACHE_FORMATS = {
     "float16": {"dtype": np.float16},
-    "int8 (block 32, default rotation)": {"dtype": np.int8},
+    "int8 (block 32, default: keys rotated)": {"dtype": np.int8},
     "int8, not rotated": {"dtype": np.int8, "rotate": False},
-    "int8, keys rotated": {"dtype": np.int8, "rotate": "keys"},
-    "int8 per row": {"dtype": np.int8, "block": None},
-    "int8 K / int4 V (default rotation)": {"key_dtype": np.int8, "value_dtype": "int4"},
+    "int8 per row (default: keys rotated)": {"dtype": np.int8, "block": None},
+    "int8 per row, not rotated": {"dtype": np.int8, "block": None, "rotate": False},
+    "int8 K / int4 V (default: both rotated)": {"key_dtype": np.int8, "value_dtype": "int4"},
     "int8 K / int4 V, keys rotated": {"key_dtype": np.int8, "value_dtype": "int4", "rotate": "keys"},
-    "int8 K / int4 V, both rotated": {"key_dtype": np.int8, "value_dtype": "int4", "rotate": "both"},
-    "int4 K / int4 V (default rotation)": {"key_dtype": "int4", "value_dtype": "int4"},
-    "int4 K / int4 V, both rotated": {"key_dtype": "int4", "value_dtype": "int4", "rotate": "both"},
+    "int8 K / int4 V, not rotated": {"key_dtype": np.int8, "value_dtype": "int4", "rotate": False},
+    "int4 K / int4 V (default: both rotated)": {"key_dtype": "int4", "value_dtype": "int4"},
+    "int4 K / int4 V, not rotated": {"key_dtype": "int4", "value_dtype": "int4", "rotate": False},
 }
 
 
