@@ -53,7 +53,8 @@ def decode_table(threads, rounds):
     float32_bytes = None
     print(f"cold-cache decode B{B} H{H} S{S} D{D}, {threads} threads, cache.attend vs torch float32 SDPA (4-D)")
     print(
-        "| format | KV bytes | × float32 | rotation | ms | torch fp32 ms | ours × torch | unrotated ms | rotation cost |"
+        "| format | KV bytes | × float32 | rotation | ms | torch fp32 ms | ours × torch | unrotated ms "
+        "| rotation cost |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for name, (kf, vf) in FORMATS.items():
