@@ -152,6 +152,43 @@ def int8_effective_inputs(query, key, value, scale=None):
     return query, k, v, scale
 
 
+def rotated_for(cache, query):
+    """float64 ``query`` in the basis the cache stores its keys in: H·q (``numba_attn.rotation.
+    hadamard_transform``, in float64) for a cache that rotates its keys (``cache.rotate_keys``), else q."""
+    from numba_attn.rotation import hadamard_transform
+
+    q = np.asarray(query, np.float64)
+    return hadamard_transform(q) if cache.rotate_keys else q
+
+
+def unrotated_for(cache, out):
+    """An attention output over the cache's stored values back in the values' own basis (float64):
+    H·out for a cache that rotates its values (H is its own inverse), else out."""
+    from numba_attn.rotation import hadamard_transform
+
+    out = np.asarray(out, np.float64)
+    return hadamard_transform(out) if cache.rotate_values else out
+
+
+def cache_reference(cache, query, keys, values, **kw):
+    """The float64 reference of an attention over a cache's content ``keys``/``values`` (as stored:
+    rotated where the cache rotates, dequantised), for the caller's unrotated ``query``: the query
+    rotated like the keys, the output rotated back like the values (``numba_attn.reference``)."""
+    from numba_attn import reference
+
+    out = reference.scaled_dot_product_attention(rotated_for(cache, query), keys, values, **kw)
+    return unrotated_for(cache, out)
+
+
+def cache_sdpa(cache, query, keys, values, **kw):
+    """``scaled_dot_product_attention`` on a cache's views, the documented way for any cache:
+    ``cache.unrotate_output(sdpa(cache.rotate_query(query), keys, values, ...))`` (both are no-ops for
+    a cache that rotates nothing)."""
+    from numba_attn import scaled_dot_product_attention
+
+    return cache.unrotate_output(scaled_dot_product_attention(cache.rotate_query(query), keys, values, **kw))
+
+
 def pytest_addoption(parser):
     """``--fuzz=N``: cases of the differential fuzzer (tests/test_fuzz.py; default 1000, or the env var
     NUMBA_ATTN_FUZZ); ``--fuzz-seed``: its base seed (default 0, or NUMBA_ATTN_FUZZ_SEED)."""

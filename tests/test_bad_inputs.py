@@ -142,6 +142,18 @@ def kv_cache(**kwargs):
     return lambda: lambda: KVCache(**args)
 
 
+def rotated_cache_call():
+    """scaled_dot_product_attention with an unrotated query on the views of a cache that stores its int8
+    keys Hadamard-rotated (the default): refused (the cache must stay as it was)."""
+
+    def make():
+        cache = filled_cache(dtype=np.int8)
+        q = _rng().standard_normal((B, H, 1, E)).astype(np.float32)
+        return (lambda: scaled_dot_product_attention(q, cache.keys, cache.values, is_causal="lower_right")), cache
+
+    return make
+
+
 def filled_cache(dtype=np.float32, window=None, capacity=16, tokens=3, value_dim=None, heads=H, head_dim=E, block=32):
     cache = KVCache(B, heads, head_dim, capacity, dtype=dtype, window=window, value_dim=value_dim, block=block)
     rng = _rng()
@@ -501,7 +513,13 @@ CATALOGUE = [
     ("cache-int8-block-zero", kv_cache(dtype=np.int8, block=0), "block"),
     ("cache-int8-block-not-pow2", kv_cache(dtype=np.int8, head_dim=96, block=48), "block"),
     ("cache-int8-block-string", kv_cache(dtype=np.int8, block="x"), "block"),
-    ("cache-int8-value-dim-block", kv_cache(dtype=np.int8, value_dim=E + 4), "block|value_dim"),
+    # (int8 with value_dim != head_dim is accepted since the 4-bit formats: the block is capped per tensor)
+    ("cache-int4-odd-value-dim", kv_cache(value_dtype="int4", value_dim=E + 3), "value"),
+    ("cache-rotate-nonsense", kv_cache(dtype=np.int8, rotate="queries"), "rotate"),
+    ("cache-rotate-number", kv_cache(dtype=np.int8, rotate=1), "rotate"),
+    ("cache-rotate-odd-head-dim", kv_cache(head_dim=7, rotate="keys"), "head_dim"),
+    ("cache-rotate-odd-value-dim", kv_cache(value_dim=5, rotate="both"), "value_dim"),
+    ("sdpa-plain-query-on-rotated-cache", rotated_cache_call(), "rotate"),
     # ---- KVCache.append (the cache must stay as it was) ----
     ("append-key-int", append(key=lambda k: k.astype(np.int32)), "key"),
     ("append-value-strings", append(value=lambda v: np.full(v.shape, "v")), "value"),

@@ -1,14 +1,23 @@
-"""numba_attn.cache: KVCache storage, ring-buffer semantics, dtypes, errors (no attention here)."""
+"""numba_attn.cache: KVCache storage, ring-buffer semantics, dtypes, errors, and ``attend``.
+
+A cache stores int8 keys Hadamard-rotated by default (``rotate=None``): the storage tests expect
+``quantize(hadamard_transform(k))`` there, and run int8 with ``rotate=False`` too; the attention tests
+compare against the reference on the stored (rotated) content with the query rotated the same way."""
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import assert_unchanged, copies, randn
+from conftest import assert_unchanged, cache_reference, cache_sdpa, copies, randn
 from numba_attn import KVCache, QuantizedTensor, dequantize, quantize
+from numba_attn.rotation import hadamard_transform
 
 STORAGE = (np.float32, np.float64, np.float16, np.int8)
+#: (storage, rotate): every format with the default rotation (int8: keys rotated, values not), int8
+#: unrotated, float32 with keys and values rotated (stored exactly as hadamard_transform computes them)
+CASES = [(d, None) for d in STORAGE] + [(np.int8, False), (np.float32, "both")]
+CASE_IDS = [f"{np.dtype(d).name}-{r}" for d, r in CASES]
 B, H, D = 2, 3, 64
 
 
@@ -29,15 +38,23 @@ def as_float(x):
     return dequantize(x) if isinstance(x, QuantizedTensor) else np.asarray(x)
 
 
+def as_stored(cache, x, which):
+    """x ("key" or "value" tokens) as the cache has it before converting it to its format: Hadamard-
+    rotated (``hadamard_transform``: what ``KVCache`` computes, same kernel, same bits) where it rotates."""
+    rotated = cache.rotate_keys if which == "key" else cache.rotate_values
+    return hadamard_transform(x) if rotated else x
+
+
 # ----------------------------------------------------------------------------------------------
 # basics
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", STORAGE)
-def test_append_and_views(dtype):
+@pytest.mark.parametrize("dtype,rotate", CASES, ids=CASE_IDS)
+def test_append_and_views(dtype, rotate):
     rng = np.random.default_rng(0)
-    cache = KVCache(B, H, D, capacity=20, dtype=dtype)
+    cache = KVCache(B, H, D, capacity=20, dtype=dtype, rotate=rotate)
+    assert cache.rotate == {None: "keys" if dtype == np.int8 else False}.get(rotate, rotate)
     assert cache.length == len(cache) == cache.n_valid == 0
     assert cache.dtype == np.dtype(dtype) and cache.slots == 20 and not cache.wrapped
     assert cache.keys.shape == cache.values.shape == (B, H, 0, D)
@@ -47,8 +64,8 @@ def test_append_and_views(dtype):
         cache.append(k, v)
         assert_unchanged([k, v], before)
         assert cache.length == sum(c[0].shape[2] for c in chunks[: i + 1])
-    all_k = np.concatenate([c[0] for c in chunks], axis=2)
-    all_v = np.concatenate([c[1] for c in chunks], axis=2)
+    all_k = as_stored(cache, np.concatenate([c[0] for c in chunks], axis=2), "key")
+    all_v = as_stored(cache, np.concatenate([c[1] for c in chunks], axis=2), "value")
     assert cache.length == len(cache) == cache.n_valid == 10
     keys, values = cache.keys, cache.values
     if dtype == np.int8:
@@ -68,12 +85,13 @@ def test_append_and_views(dtype):
     np.testing.assert_array_equal(as_float(ok), as_float(keys))
     np.testing.assert_array_equal(as_float(ov), as_float(values))
     assert repr(cache).startswith("KVCache(") and "length=10" in repr(cache)
+    assert (f"rotate={cache.rotate!r}" in repr(cache)) == bool(cache.rotate)
 
 
-@pytest.mark.parametrize("dtype", STORAGE)
-def test_reset(dtype):
+@pytest.mark.parametrize("dtype,rotate", CASES, ids=CASE_IDS)
+def test_reset(dtype, rotate):
     rng = np.random.default_rng(1)
-    cache = KVCache(1, 2, 16, capacity=8, dtype=dtype)
+    cache = KVCache(1, 2, 16, capacity=8, dtype=dtype, rotate=rotate)
     k, v = randn(rng, (1, 2, 8, 16), np.float32), randn(rng, (1, 2, 8, 16), np.float32)
     cache.append(k, v)
     nbytes = cache.nbytes
@@ -83,8 +101,8 @@ def test_reset(dtype):
     k2, v2 = randn(rng, (1, 2, 3, 16), np.float32), randn(rng, (1, 2, 3, 16), np.float32)
     cache.append(k2, v2)
     assert cache.length == 3
-    np.testing.assert_array_equal(as_float(cache.keys), stored(k2, dtype))
-    np.testing.assert_array_equal(as_float(cache.values), stored(v2, dtype))
+    np.testing.assert_array_equal(as_float(cache.keys), stored(as_stored(cache, k2, "key"), dtype))
+    np.testing.assert_array_equal(as_float(cache.values), stored(as_stored(cache, v2, "value"), dtype))
     np.testing.assert_array_equal(cache.positions(), np.arange(3))
     cache.append(k[:, :, :5], v[:, :, :5])  # the full capacity is available again
     assert cache.length == 8
@@ -118,22 +136,27 @@ def test_value_dim():
     cache.append(k, v)
     assert cache.keys.shape == (1, 2, 3, 8) and cache.values.shape == (1, 2, 3, 5)
     np.testing.assert_array_equal(cache.values, v)
-    # int8 with value_dim != head_dim: per-token scales only
-    with pytest.raises(ValueError, match="block=None"):
-        KVCache(1, 2, 8, capacity=4, value_dim=5, dtype=np.int8)
-    q = KVCache(1, 2, 8, capacity=4, value_dim=5, dtype=np.int8, block=None)
-    q.append(k, v)
-    assert q.values.shape == (1, 2, 3, 5) and q.values.scales.shape == (1, 2, 3, 1)
+    # int8 with value_dim != head_dim: the block is capped at each tensor's own width (here one scale
+    # per token and head for both; "block=None" is no longer required since the 4-bit formats came)
+    for block in (None, 32):
+        q = KVCache(1, 2, 8, capacity=4, value_dim=5, dtype=np.int8, block=block)
+        assert q.rotate == "keys"  # (an even head_dim: int8 keys rotated by default; values never by default)
+        q.append(k, v)
+        assert q.keys.block == 8 and q.values.block == 5
+        assert q.values.shape == (1, 2, 3, 5) and q.values.scales.shape == (1, 2, 3, 1)
+        np.testing.assert_array_equal(as_float(q.values), stored(v, np.int8, block=5))
+        np.testing.assert_array_equal(as_float(q.keys), stored(hadamard_transform(k), np.int8, block=8))
 
 
+@pytest.mark.parametrize("rotate", [None, False])
 @pytest.mark.parametrize("block", [16, 32, 64, None])
-def test_int8_block(block):
+def test_int8_block(block, rotate):
     rng = np.random.default_rng(3)
-    cache = KVCache(1, 2, 64, capacity=4, dtype=np.int8, block=block)
+    cache = KVCache(1, 2, 64, capacity=4, dtype=np.int8, block=block, rotate=rotate)
     k, v = tokens(rng, 4)
     k, v = k[:1, :2], v[:1, :2]
     cache.append(k, v)
-    expect = quantize(k, block)
+    expect = quantize(as_stored(cache, k, "key"), block)
     assert cache.keys.block == expect.block == (64 if block is None else block)
     np.testing.assert_array_equal(cache.keys.data, expect.data)
     np.testing.assert_array_equal(cache.keys.scales, expect.scales)
@@ -158,19 +181,21 @@ def test_views_are_read_only(dtype):
                 a[...] = 0
 
 
-@pytest.mark.parametrize("dtype", STORAGE)
-def test_inputs_are_converted_not_modified(dtype):
-    """float16/float64/strided inputs are accepted and left alone."""
+@pytest.mark.parametrize("dtype,rotate", CASES, ids=CASE_IDS)
+def test_inputs_are_converted_not_modified(dtype, rotate):
+    """float16/float64/strided inputs are accepted and left alone (rotated caches rotate a copy)."""
     rng = np.random.default_rng(5)
-    cache = KVCache(1, 2, 16, capacity=10, dtype=dtype)
+    cache = KVCache(1, 2, 16, capacity=10, dtype=dtype, rotate=rotate)
     big = randn(rng, (1, 2, 16, 32), np.float64)
     k = big[:, :, ::4, ::2]  # strided view (1, 2, 4, 16)
     v = np.asfortranarray(randn(rng, (1, 2, 4, 16), np.float16))
     before = copies(big, v)
     cache.append(k, v)
     assert_unchanged([big, v], before)
-    np.testing.assert_array_equal(as_float(cache.keys), stored(np.ascontiguousarray(k), dtype))
-    np.testing.assert_array_equal(as_float(cache.values), stored(np.ascontiguousarray(v), dtype))
+    np.testing.assert_array_equal(as_float(cache.keys), stored(as_stored(cache, np.ascontiguousarray(k), "key"), dtype))
+    np.testing.assert_array_equal(
+        as_float(cache.values), stored(as_stored(cache, np.ascontiguousarray(v), "value"), dtype)
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,19 +208,20 @@ def test_inputs_are_converted_not_modified(dtype):
     window=st.integers(1, 9),
     chunks=st.lists(st.integers(1, 14), min_size=1, max_size=10),
     dtype=st.sampled_from(STORAGE),
+    rotate=st.sampled_from([None, False, "both"]),
     seed=st.integers(0, 2**32 - 1),
 )
-def test_ring_buffer_keeps_the_last_window_tokens(window, chunks, dtype, seed):
+def test_ring_buffer_keeps_the_last_window_tokens(window, chunks, dtype, rotate, seed):
     rng = np.random.default_rng(seed)
     dim = 8
-    cache = KVCache(1, 2, dim, capacity=10**6, dtype=dtype, window=window)
+    cache = KVCache(1, 2, dim, capacity=10**6, dtype=dtype, window=window, rotate=rotate)
     assert cache.slots == window
     seen_k, seen_v = [], []
     for T in chunks:
         k, v = randn(rng, (1, 2, T, dim), np.float32), randn(rng, (1, 2, T, dim), np.float32)
         cache.append(k, v)
-        seen_k.append(k)
-        seen_v.append(v)
+        seen_k.append(as_stored(cache, k, "key"))
+        seen_v.append(as_stored(cache, v, "value"))
         all_k, all_v = np.concatenate(seen_k, axis=2), np.concatenate(seen_v, axis=2)
         n = all_k.shape[2]
         assert cache.length == n
@@ -402,15 +428,15 @@ def _content(cache):
 ATTEND_TOL = {np.dtype(np.float16): 2e-3, np.dtype(np.float32): 2e-5, np.dtype(np.float64): 1e-10}
 
 
-@pytest.mark.parametrize("dtype", STORAGE)
+@pytest.mark.parametrize("dtype,rotate", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("qdtype", [np.float32, np.float16, np.float64])
 @pytest.mark.parametrize("window", [None, 6])
 @pytest.mark.parametrize("L", [1, 3])
-def test_attend_matches_the_reference(dtype, qdtype, window, L):
-    from numba_attn import reference
-
+def test_attend_matches_the_reference(dtype, rotate, qdtype, window, L):
+    """attend against the float64 reference on the stored content (rotated where the cache rotates:
+    the reference's query is rotated the same way, its output rotated back for rotated values)."""
     rng = np.random.default_rng(50)
-    cache = KVCache(2, 2, 16, 64, dtype=dtype, window=window)
+    cache = KVCache(2, 2, 16, 64, dtype=dtype, window=window, rotate=rotate)
     for T in (5, 4, 1, L):  # the ring wraps (window 6) before the last chunk
         cache.append(randn(rng, (2, 2, T, 16)), randn(rng, (2, 2, T, 16)))
     q = q_in = randn(rng, (2, 6, L, 16), qdtype)
@@ -422,24 +448,21 @@ def test_attend_matches_the_reference(dtype, qdtype, window, L):
     out = cache.attend(q)
     expected_dtype = np.result_type(qdtype, dtype) if np.dtype(dtype).kind == "f" else np.dtype(qdtype)
     assert out.dtype == expected_dtype and out.shape == (2, 6, L, 16)
-    ref = reference.scaled_dot_product_attention(
-        q.astype(np.float64), keys, values, is_causal="lower_right", enable_gqa=True, window=window
-    )
+    ref = cache_reference(cache, q, keys, values, is_causal="lower_right", enable_gqa=True, window=window)
     tol = ATTEND_TOL[np.dtype(out.dtype)]
     scale = max(1.0, float(np.abs(ref).max()))
     np.testing.assert_allclose(out.astype(np.float64), ref, rtol=tol, atol=tol * scale)
-    # the same numbers as the general call on the cache's views
-    from numba_attn import scaled_dot_product_attention
-
+    # the same numbers as the general call on the cache's views (the query rotated by rotate_query, the
+    # output rotated back by unrotate_output where the cache rotates)
     k, v = cache.ordered()
-    general = scaled_dot_product_attention(q_in, k, v, is_causal="lower_right", enable_gqa=True, window=window)
+    general = cache_sdpa(cache, q_in, k, v, is_causal="lower_right", enable_gqa=True, window=window)
     np.testing.assert_allclose(out, general, rtol=tol, atol=tol * scale)
 
 
-@pytest.mark.parametrize("dtype", STORAGE)
-def test_attend_into_out(dtype):
+@pytest.mark.parametrize("dtype,rotate", CASES, ids=CASE_IDS)
+def test_attend_into_out(dtype, rotate):
     rng = np.random.default_rng(51)
-    cache = KVCache(1, 3, 64, 300, dtype=dtype)
+    cache = KVCache(1, 3, 64, 300, dtype=dtype, rotate=rotate)
     cache.append(randn(rng, (1, 3, 300, 64)), randn(rng, (1, 3, 300, 64)))
     q = randn(rng, (1, 9, 1, 64), np.float32)
     q_copy = q.copy()
@@ -505,28 +528,29 @@ def test_top_left_causal_on_cache_views_is_refused(is_causal):
     """The silent trap: torch's is_causal=True on a cache's keys attends a decode step to key 0 only."""
     from numba_attn import scaled_dot_product_attention
 
-    for dtype in (np.float32, np.int8):
-        cache = KVCache(1, 2, 8, 10, dtype=dtype)
+    for dtype, rotate in ((np.float32, None), (np.int8, False), (np.int8, None)):
+        cache = KVCache(1, 2, 8, 10, dtype=dtype, rotate=rotate)
         cache.append(np.ones((1, 2, 5, 8)), np.ones((1, 2, 5, 8)))
+        q = cache.rotate_query(np.ones((1, 2, 1, 8)))  # (int8 keys are rotated by default: the query too)
         with pytest.raises(ValueError, match="lower_right"):
-            scaled_dot_product_attention(np.ones((1, 2, 1, 8)), cache.keys, cache.values, is_causal=is_causal)
-        scaled_dot_product_attention(np.ones((1, 2, 1, 8)), cache.keys, cache.values, is_causal="lower_right")
+            scaled_dot_product_attention(q, cache.keys, cache.values, is_causal=is_causal)
+        scaled_dot_product_attention(q, cache.keys, cache.values, is_causal="lower_right")
     # plain arrays keep torch's meaning
     k = np.ones((1, 2, 5, 8))
     scaled_dot_product_attention(np.ones((1, 2, 1, 8)), k, k, is_causal=is_causal)
 
 
-@pytest.mark.parametrize("dtype", STORAGE)
+@pytest.mark.parametrize("dtype,rotate", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("window", [None, 4])
 @pytest.mark.parametrize("xdtype", [np.float32, np.float64, np.float16])
-def test_serial_append_stores_what_the_numpy_path_stores(monkeypatch, dtype, window, xdtype):
+def test_serial_append_stores_what_the_numpy_path_stores(monkeypatch, dtype, rotate, window, xdtype):
     """Small appends take the serial kernels (kernels/cache_append.py): same bits as the numpy path."""
     from numba_attn import cache as cache_module
 
     rng = np.random.default_rng(53)
     serial, numpy_path = (
-        KVCache(2, 3, 40, 50, dtype=dtype, window=window),
-        KVCache(2, 3, 40, 50, dtype=dtype, window=window),
+        KVCache(2, 3, 40, 50, dtype=dtype, window=window, rotate=rotate),
+        KVCache(2, 3, 40, 50, dtype=dtype, window=window, rotate=rotate),
     )
     for T in (3, 1, 5, 1):
         k, v = randn(rng, (2, 3, T, 40), xdtype), randn(rng, (2, 3, T, 40), xdtype)

@@ -7,6 +7,11 @@ min' = half(min) (float16, computed in float32 from float32 inputs), code = clam
 0, 15), two codes per byte (entry w of a block in the low nibble of the block's byte w, entry w + block/2
 in its high nibble). Attention is checked against ``numba_attn.reference`` on the exactly dequantised
 inputs (code·step + min' in float64) at the tolerances test_quant.py uses for int8.
+
+A KVCache rotates 4-bit keys and values (and int8 keys) by default (``rotate=None``): its attention is
+compared with the reference on the stored (rotated) content, the reference's query rotated like the keys
+and its output rotated back like the values (conftest.cache_reference); storage tests expect the rotated
+tokens, and run with ``rotate=False`` too.
 """
 
 import numpy as np
@@ -15,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from conftest import assert_close, assert_unchanged, copies, randn
+from conftest import assert_close, assert_unchanged, cache_reference, cache_sdpa, copies, randn
 from numba_attn import (
     KVCache,
     MultiHeadAttention,
@@ -27,6 +32,7 @@ from numba_attn import (
     scaled_dot_product_attention,
 )
 from numba_attn import cache as cache_module
+from numba_attn.rotation import hadamard_transform
 
 F32_EPS = float(np.finfo(np.float32).eps)
 FLOAT16_MAX = 65504.0
@@ -264,7 +270,8 @@ def test_empty_last_dim():
 def test_bad_blocks_and_dims(D, block):
     x = np.ones((2, D), np.float32)
     before = copies(x)
-    with pytest.raises(ValueError, match="block"):
+    # (D = 1: "the last dim must be even and ≥ 2", no block named)
+    with pytest.raises(ValueError, match=r"block|even"):
         quantize(x, block, bits=4)
     assert_unchanged([x], before)
 
@@ -586,9 +593,15 @@ ATTEND_TOL = {np.dtype(np.float16): 2e-3, np.dtype(np.float32): 2e-5, np.dtype(n
 @pytest.mark.parametrize("window", [None, 6])
 @pytest.mark.parametrize("L", [1, 3])
 @pytest.mark.parametrize("D,block", [(64, 32), (48, 16)])
-def test_cache_attend_matches_the_reference(kfmt, vfmt, window, L, D, block):
+@pytest.mark.parametrize("rotate", [None, False])
+def test_cache_attend_matches_the_reference(kfmt, vfmt, window, L, D, block, rotate):
+    """attend on every format pair, rotated the default way (int8/int4 keys, int4 values) and not at all,
+    against the reference on the stored content (conftest.cache_reference)."""
     rng = np.random.default_rng(50 + D)
-    cache = KVCache(2, 2, D, 64, key_dtype=kfmt, value_dtype=vfmt, window=window, block=block)
+    cache = KVCache(2, 2, D, 64, key_dtype=kfmt, value_dtype=vfmt, window=window, block=block, rotate=rotate)
+    rotate_keys = rotate is None and fmt_name(kfmt) in ("int4", "int8")
+    rotate_values = rotate is None and fmt_name(vfmt) == "int4"
+    assert (cache.rotate_keys, cache.rotate_values) == (rotate_keys, rotate_values)
     assert cache.key_dtype == (kfmt if isinstance(kfmt, str) else np.dtype(kfmt))
     assert cache.value_dtype == (vfmt if isinstance(vfmt, str) else np.dtype(vfmt))
     assert cache.dtype == (cache.key_dtype if fmt_name(kfmt) == fmt_name(vfmt) else None)
@@ -607,15 +620,13 @@ def test_cache_attend_matches_the_reference(kfmt, vfmt, window, L, D, block):
     assert_unchanged([q, *storage(cache)], before)
     floats = [np.dtype(qdtype)] + [np.dtype(f) for f in (kfmt, vfmt) if not isinstance(f, str)]
     assert out.dtype == np.result_type(*floats) and out.shape == (2, 6, L, D)
-    ref = reference.scaled_dot_product_attention(
-        q, keys, values, is_causal="lower_right", enable_gqa=True, window=window
-    )
+    ref = cache_reference(cache, q, keys, values, is_causal="lower_right", enable_gqa=True, window=window)
     tol = ATTEND_TOL[out.dtype]
     assert_close(out, ref, rtol=tol)
     # the general call on the cache's views: in storage order (one query sees every key held), or in
-    # position order
+    # position order (rotate_query / unrotate_output where the cache rotates)
     k, v = (cache.keys, cache.values) if L == 1 or not cache.wrapped else cache.ordered()
-    general = scaled_dot_product_attention(q, k, v, is_causal="lower_right", enable_gqa=True)
+    general = cache_sdpa(cache, q, k, v, is_causal="lower_right", enable_gqa=True)
     assert_close(general, ref, rtol=tol)
 
 
@@ -630,7 +641,7 @@ def test_cache_sink_tokens(kfmt, vfmt, window, sink_tokens):
         keys, values = content(cache)
         out = cache.attend(q)
         mask = cache.attn_mask(1)
-        ref = reference.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+        ref = cache_reference(cache, q, keys, values, attn_mask=mask, enable_gqa=True)
         assert_close(out, ref, rtol=2e-5)
         if step == 3:
             np.testing.assert_array_equal(cache.ordered_positions(), np.r_[0:sink_tokens, 12 - window : 12])
@@ -678,11 +689,17 @@ def test_serial_and_numpy_appends_store_the_same_bytes(monkeypatch, kfmt, vfmt, 
             np.testing.assert_array_equal(a, b)
 
 
-def test_big_chunk_matches_quantize_of_the_tokens():
+@pytest.mark.parametrize("rotate", [False, None])
+def test_big_chunk_matches_quantize_of_the_tokens(rotate):
+    """A big chunk stores the numpy re-implementation's bytes of the tokens (rotated by default: of
+    hadamard_transform(tokens), the same float32 rotation the cache computes)."""
     rng = np.random.default_rng(71)
     k, v = randn(rng, (2, 3, 200, 64), np.float32), randn(rng, (2, 3, 200, 64), np.float32)
-    cache = KVCache(2, 3, 64, 200, dtype="int4")
+    cache = KVCache(2, 3, 64, 200, dtype="int4", rotate=rotate)
+    assert cache.rotate == ("both" if rotate is None else False)
     cache.append(k, v)
+    if cache.rotate:
+        k, v = hadamard_transform(k), hadamard_transform(v)
     for got, x in ((cache.keys, k), (cache.values, v)):
         assert isinstance(got, QuantizedTensor) and got.bits == 4 and got.block == 32
         data, scales, _, _ = reference_quantize(x, 32)
@@ -792,7 +809,9 @@ def test_refused_appends_change_nothing(kfmt, vfmt, bad_name, T, bad):
     (float32 7e4, float64 1e300), is refused before anything is written: keys, values (the other tensor
     too), scales and length as they were."""
     rng = np.random.default_rng(80)
-    cache = KVCache(2, 3, 64, 500, key_dtype=kfmt, value_dtype=vfmt, window=300)
+    # unrotated: the range is the input's (a rotated cache checks the rotated values, which spread one
+    # large entry over its block: test_rotation_cache.py)
+    cache = KVCache(2, 3, 64, 500, key_dtype=kfmt, value_dtype=vfmt, window=300, rotate=False)
     cache.append(randn(rng, (2, 3, 250, 64)), randn(rng, (2, 3, 250, 64)))
     new = {"key": randn(rng, (2, 3, T, 64)), "value": randn(rng, (2, 3, T, 64))}
     new[bad_name][1, 2, T - 1, 5] = {"nan": np.nan, "inf": -np.inf, "big32": 7e4, "big64": 1e300}[bad]
@@ -857,10 +876,11 @@ def test_views_are_read_only_4bit_tensors():
 
 def _layer_reference(layer, x, cache):
     """The cached call's output from the cache's own (dequantised) content: queries of x, keys and values
-    as stored, bottom-right causal, the output projection in float64."""
+    as stored, bottom-right causal, the output projection in float64 (a rotating cache: the query rotated
+    like the keys, the attention output rotated back like the values)."""
     q, _, _ = layer.project_qkv(x)
     keys, values = content(cache)
-    att = reference.scaled_dot_product_attention(q, keys, values, is_causal="lower_right", enable_gqa=True)
+    att = cache_reference(cache, q, keys, values, is_causal="lower_right", enable_gqa=True)
     B, L = x.shape[:2]
     merged = att.transpose(0, 2, 1, 3).reshape(B, L, -1)
     y = merged @ layer.w_o.astype(np.float64)
@@ -869,14 +889,15 @@ def _layer_reference(layer, x, cache):
 
 @pytest.mark.parametrize("kfmt,vfmt", [("int4", "int4"), (np.int8, "int4"), ("int4", np.float16)])
 @pytest.mark.parametrize("block", [32, 16, None])
-def test_layer_with_a_4bit_cache(kfmt, vfmt, block):
+@pytest.mark.parametrize("rotate", [None, False])
+def test_layer_with_a_4bit_cache(kfmt, vfmt, block, rotate):
     layer = MultiHeadAttention(96, 6, 2, head_dim=32, seed=3)
     rng = np.random.default_rng(90)
     B = 2
     if kfmt == vfmt:
-        cache = layer.new_cache(B, 64, dtype=kfmt, block=block)
+        cache = layer.new_cache(B, 64, dtype=kfmt, block=block, rotate=rotate)
     else:
-        cache = KVCache(B, 2, 32, 64, key_dtype=kfmt, value_dtype=vfmt, block=block)
+        cache = layer.new_cache(B, 64, key_dtype=kfmt, value_dtype=vfmt, block=block, rotate=rotate)
     for T in (9, 1, 1, 4, 1):  # a prompt, decode steps, a chunk
         x = randn(rng, (B, T, 96), np.float32)
         y = layer(x, cache=cache)
@@ -884,11 +905,10 @@ def test_layer_with_a_4bit_cache(kfmt, vfmt, block):
         assert_close(y, _layer_reference(layer, x, cache), rtol=2e-5)
 
 
-@pytest.mark.xfail(
-    raises=TypeError, strict=False, reason="new_cache takes key_dtype/value_dtype from main's b409fc6 on"
-)
 def test_new_cache_passes_key_and_value_formats():
     """layer.new_cache(key_dtype=..., value_dtype=...): int8 keys with int4 values, the README's pair."""
     layer = MultiHeadAttention(64, 4, 2)
     cache = layer.new_cache(1, 16, key_dtype=np.int8, value_dtype="int4")
     assert cache.key_dtype == np.int8 and cache.value_dtype == "int4" and cache.head_dim == 16
+    assert cache.rotate == "both"  # the default: int8 keys and int4 values rotated
+    assert layer.new_cache(1, 16, key_dtype=np.int8, value_dtype="int4", rotate="keys").rotate == "keys"

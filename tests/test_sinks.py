@@ -10,11 +10,19 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import assert_close, copies, int8_effective_inputs, randn, random_bool_mask, random_float_mask
+from conftest import (
+    assert_close,
+    cache_reference,
+    cache_sdpa,
+    copies,
+    int8_effective_inputs,
+    randn,
+    random_bool_mask,
+    random_float_mask,
+)
 from numba_attn import (
     KVCache,
     MultiHeadAttention,
-    QuantizedTensor,
     attention_weights,
     quantize,
     reference,
@@ -156,16 +164,28 @@ def test_attention_weights_with_sinks():
     np.testing.assert_allclose(w.sum(axis=-1), 1 - np.exp(sinks[:, None] - lse), rtol=1e-12)
 
 
-#: every cache format: (dtype, int8 block)
-STORAGE = [(np.float32, 32), (np.float16, 32), (np.float64, 32), (np.int8, 32), (np.int8, None)]
+#: every cache format: (dtype, int8 block, rotate): the default rotation (int8: keys rotated), int8
+#: unrotated, and keys and values rotated
+STORAGE = [
+    (np.float32, 32, None),
+    (np.float16, 32, None),
+    (np.float64, 32, None),
+    (np.int8, 32, None),
+    (np.int8, None, None),
+    (np.int8, 32, False),
+    (np.int8, 32, "both"),
+    ("int4", 32, None),
+]
 
 
-@pytest.mark.parametrize("dtype, block", STORAGE)
+@pytest.mark.parametrize("dtype, block, rotate", STORAGE)
 @pytest.mark.parametrize("window", [None, 7])
 @pytest.mark.parametrize("L", [1, 3])
-def test_cache_attend_with_sinks(dtype, block, window, L):
+def test_cache_attend_with_sinks(dtype, block, rotate, window, L):
+    """attend with learned sinks = the general call on the cache's views = the float64 reference on
+    the stored content (a rotating cache: the query rotated like its keys, the output rotated back)."""
     rng = np.random.default_rng(6)
-    cache = KVCache(1, 2, 32, 64, dtype=dtype, window=window, block=block)
+    cache = KVCache(1, 2, 32, 64, dtype=dtype, window=window, block=block, rotate=rotate)
     cache.append(randn(rng, (1, 2, 9 if window else 40, 32)), randn(rng, (1, 2, 9 if window else 40, 32)))
     cache.append(randn(rng, (1, 2, L, 32)), randn(rng, (1, 2, L, 32)))  # a 7-slot ring has wrapped
     q = randn(rng, (1, 4, L, 32), np.float32)
@@ -173,15 +193,20 @@ def test_cache_attend_with_sinks(dtype, block, window, L):
     attend_window = None if window is None else 4  # narrower than the ring: chunks stay answerable
     out = cache.attend(q, sinks=sinks, window=attend_window)
     keys, values = cache.ordered()
-    general = scaled_dot_product_attention(
-        q, keys, values, is_causal="lower_right", enable_gqa=True, window=attend_window, sinks=sinks
+    general = cache_sdpa(
+        cache, q, keys, values, is_causal="lower_right", enable_gqa=True, window=attend_window, sinks=sinks
     )
     np.testing.assert_allclose(out, general, rtol=1e-5, atol=1e-6)
-    qe, ke, ve, scale = int8_effective_inputs(q, keys, values)
-    if not isinstance(keys, QuantizedTensor):
-        ke, ve = ke.astype(np.float64), ve.astype(np.float64)
-    ref = reference.scaled_dot_product_attention(
-        qe, ke, ve, is_causal="lower_right", enable_gqa=True, window=attend_window, sinks=sinks, scale=scale
+    _, ke, ve, _ = int8_effective_inputs(q, keys, values)
+    ref = cache_reference(
+        cache,
+        q,
+        np.asarray(ke, np.float64),
+        np.asarray(ve, np.float64),
+        is_causal="lower_right",
+        enable_gqa=True,
+        window=attend_window,
+        sinks=sinks,
     )
     assert_close(out, ref, dtype=np.float32, rtol=2e-5)
 
@@ -266,10 +291,12 @@ def test_a_refused_cached_layer_call_leaves_the_cache_alone(bad, name, window, s
     np.testing.assert_array_equal(cache.keys, keys)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.int8])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.int8, "int4"])
 @pytest.mark.parametrize("L", [1, 3])
 def test_learned_sinks_on_a_cache_with_sink_tokens(dtype, L):
-    """Both kinds of sink at once: StreamingLLM's kept first tokens (``sink_tokens``) and learned sink logits."""
+    """Both kinds of sink at once: StreamingLLM's kept first tokens (``sink_tokens``) and learned sink logits.
+    (int8 and int4 caches rotate by default: the general call takes ``rotate_query``'s query and
+    ``unrotate_output``, the reference the rotated query and the output rotated back.)"""
     rng = np.random.default_rng(10)
     n, W = 2, 6
     cache = KVCache(1, 2, 16, 100, dtype=dtype, window=W, sink_tokens=n)
@@ -289,11 +316,11 @@ def test_learned_sinks_on_a_cache_with_sink_tokens(dtype, L):
     mask = (k_pos[None, :] <= (20 - L + np.arange(L))[:, None]) & (
         (k_pos[None, :] < n) | (k_pos[None, :] > (20 - L + np.arange(L))[:, None] - W)
     )
-    general = scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True, sinks=sinks)
-    qe, ke, ve, scale = int8_effective_inputs(q, keys, values)
-    if not isinstance(keys, QuantizedTensor):
-        ke, ve = ke.astype(np.float64), ve.astype(np.float64)
-    ref = reference.scaled_dot_product_attention(qe, ke, ve, attn_mask=mask, enable_gqa=True, sinks=sinks, scale=scale)
+    general = cache_sdpa(cache, q, keys, values, attn_mask=mask, enable_gqa=True, sinks=sinks)
+    _, ke, ve, _ = int8_effective_inputs(q, keys, values)
+    ref = cache_reference(
+        cache, q, np.asarray(ke, np.float64), np.asarray(ve, np.float64), attn_mask=mask, enable_gqa=True, sinks=sinks
+    )
     assert_close(general, ref, dtype=np.float32, rtol=2e-5)
     if out is not None:
         np.testing.assert_allclose(out, general, rtol=1e-5, atol=1e-6)

@@ -3,6 +3,8 @@
 Every result is checked against the float64 reference given the whole history (no token dropped)
 and an explicit boolean mask of what each query sees: the sink tokens (positions < n) and the keys
 inside its own window (p - W < j <= p), causally. Positions are the tokens' absolute positions.
+Caches that rotate (int8 keys by default, or ``rotate=...``) are compared as they store: the history
+Hadamard-rotated (``hadamard_transform``), the reference's query rotated and its output rotated back.
 """
 
 import numpy as np
@@ -10,8 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import assert_close, int8_effective_inputs, randn
-from numba_attn import KVCache, QuantizedTensor, quantize, reference, scaled_dot_product_attention
+from conftest import assert_close, cache_reference, cache_sdpa, randn
+from numba_attn import KVCache, QuantizedTensor, quantize
+from numba_attn.rotation import hadamard_transform
 from test_layers import layer_reference, random_layer, rope
 
 STORAGE = (np.float32, np.float64, np.float16, np.int8)
@@ -37,6 +40,12 @@ def stored(x, dtype, block=32):
     return x.astype(dtype).astype(np.float64)
 
 
+def as_stored(cache, x, which):
+    """x ("key" or "value" tokens) Hadamard-rotated where the cache rotates them before storing."""
+    rotated = cache.rotate_keys if which == "key" else cache.rotate_values
+    return hadamard_transform(x) if rotated else x
+
+
 def as_float(x):
     """Cache views as float64 (int8 QuantizedTensors dequantised in float64, as the kernels read them)."""
     if isinstance(x, QuantizedTensor):
@@ -55,22 +64,23 @@ def as_float(x):
     window=st.integers(1, 7),
     chunks=st.lists(st.integers(1, 15), min_size=1, max_size=10),
     dtype=st.sampled_from(STORAGE),
+    rotate=st.sampled_from([None, False, "both"]),
     serial=st.booleans(),
     seed=st.integers(0, 2**32 - 1),
 )
-def test_sink_ring_keeps_the_first_n_and_the_last_w(sink_tokens, window, chunks, dtype, serial, seed):
+def test_sink_ring_keeps_the_first_n_and_the_last_w(sink_tokens, window, chunks, dtype, rotate, serial, seed):
     from numba_attn import cache as cache_module
 
     # both append paths: the serial kernels and numpy's fancy-index writes
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(cache_module, "APPEND_SERIAL_ROWS", 10**9 if serial else 0)
-        check_sink_ring(sink_tokens, window, chunks, dtype, seed)
+        check_sink_ring(sink_tokens, window, chunks, dtype, seed, rotate)
 
 
-def check_sink_ring(sink_tokens, window, chunks, dtype, seed):
+def check_sink_ring(sink_tokens, window, chunks, dtype, seed, rotate=None):
     rng = np.random.default_rng(seed)
     dim = 8
-    cache = KVCache(1, 2, dim, capacity=10**6, dtype=dtype, window=window, sink_tokens=sink_tokens)
+    cache = KVCache(1, 2, dim, capacity=10**6, dtype=dtype, window=window, sink_tokens=sink_tokens, rotate=rotate)
     assert cache.slots == sink_tokens + window and cache.sink_tokens == sink_tokens
     shape, nbytes = cache._keys.shape, cache.nbytes
     all_k = np.zeros((1, 2, 0, dim), np.float32)
@@ -78,6 +88,7 @@ def check_sink_ring(sink_tokens, window, chunks, dtype, seed):
     for T in chunks:
         k, v = randn(rng, (1, 2, T, dim), np.float32), randn(rng, (1, 2, T, dim), np.float32)
         cache.append(k, v)
+        k, v = as_stored(cache, k, "key"), as_stored(cache, v, "value")  # (what it stores: rotated or not)
         all_k, all_v = np.concatenate([all_k, k], axis=2), np.concatenate([all_v, v], axis=2)
         n = all_k.shape[2]
         held = np.r_[0 : min(n, sink_tokens), max(sink_tokens, n - window) : n]
@@ -161,6 +172,7 @@ def test_capacity_smaller_than_the_sinks_and_window():
     window=st.integers(1, 8),
     chunks=st.lists(st.integers(1, 6), min_size=1, max_size=8),
     dtype=st.sampled_from(STORAGE),
+    rotate=st.sampled_from([None, False, "values", "both"]),
     qdtype=st.sampled_from([np.float32, np.float16, np.float64]),
     kv_heads=st.integers(1, 2),
     group=st.integers(1, 3),
@@ -170,11 +182,13 @@ def test_capacity_smaller_than_the_sinks_and_window():
     seed=st.integers(0, 2**32 - 1),
 )
 def test_attend_matches_the_reference(
-    sink_tokens, window, chunks, dtype, qdtype, kv_heads, group, batch, block, extra, seed
+    sink_tokens, window, chunks, dtype, rotate, qdtype, kv_heads, group, batch, block, extra, seed
 ):
     rng = np.random.default_rng(seed)
     D, H = 32, kv_heads * group
-    cache = KVCache(batch, kv_heads, D, 10**6, dtype=dtype, window=window, sink_tokens=sink_tokens, block=block)
+    cache = KVCache(
+        batch, kv_heads, D, 10**6, dtype=dtype, window=window, sink_tokens=sink_tokens, block=block, rotate=rotate
+    )
     T = sum(chunks)
     k, v = randn(rng, (batch, kv_heads, T, D)), randn(rng, (batch, kv_heads, T, D))
     q = randn(rng, (batch, H, T, D), qdtype)
@@ -187,7 +201,7 @@ def test_attend_matches_the_reference(
     elif extra == "smaller-window":
         w = max(1, window - 2)
         kw["window"] = w
-    k_all, v_all = stored(k, dtype, block), stored(v, dtype, block)
+    k_all, v_all = stored(as_stored(cache, k, "key"), dtype, block), stored(as_stored(cache, v, "value"), dtype, block)
     t = 0
     for L in chunks:
         cache.append(k[:, :, t : t + L], v[:, :, t : t + L])
@@ -199,46 +213,40 @@ def test_attend_matches_the_reference(
             t += L
             continue
         out = cache.attend(qc, **kw)
-        scale = None
-        q_ref = qc
-        if dtype == np.int8:  # per-row int8 keys score against the query rounded to int8 (README)
-            q_ref, _, _, scale = int8_effective_inputs(qc, *cache.ordered())
-        ref = reference.scaled_dot_product_attention(
-            q_ref.astype(np.float64),
+        # (the query is never rounded, int8 keys included; a rotating cache: the reference's query
+        # rotated like the keys, its output rotated back like the values)
+        ref = cache_reference(
+            cache,
+            qc,
             k_all[:, :, : t + L],
             v_all[:, :, : t + L],
             attn_mask=sees(t + L, sink_tokens, w, start=t),
             enable_gqa=True,
-            scale=scale,
             **ref_kw,
         )
         tol = ATTEND_TOL[np.dtype(out.dtype)]
-        if dtype == np.int8 and np.dtype(qdtype) != np.float64:
-            # a query entry within ~1e-4 of an int8 rounding tie may round either way (one int8 step
-            # of that entry: tests/test_fuzz.py bounds it exactly; a loose bound is enough here)
-            tol = 1e-2
         assert_close(out, ref, rtol=tol)
         # scaled_dot_product_attention on ordered() with the cache's mask gives the same
         mask = cache.attn_mask(L, window=w)
         if "alibi_slopes" not in kw:
             kv = cache.ordered()
-            general = scaled_dot_product_attention(qc, *kv, attn_mask=mask, enable_gqa=True, softcap=kw.get("softcap"))
+            general = cache_sdpa(cache, qc, *kv, attn_mask=mask, enable_gqa=True, softcap=kw.get("softcap"))
             assert_close(general, out.astype(np.float64), rtol=tol)
         t += L
 
 
-@pytest.mark.parametrize("dtype", STORAGE)
-def test_one_query_after_the_wrap_reads_the_storage_as_it_is(dtype):
+@pytest.mark.parametrize("dtype,rotate", [(d, None) for d in STORAGE] + [(np.int8, False), (np.float16, "both")])
+def test_one_query_after_the_wrap_reads_the_storage_as_it_is(dtype, rotate):
     """A decode step sees every held key: cache.keys/values in storage order, no mask, no copy."""
     rng = np.random.default_rng(3)
-    cache = KVCache(1, 2, 64, 10**6, dtype=dtype, window=8, sink_tokens=4)
+    cache = KVCache(1, 2, 64, 10**6, dtype=dtype, window=8, sink_tokens=4, rotate=rotate)
     k, v = randn(rng, (1, 2, 50, 64)), randn(rng, (1, 2, 50, 64))
     q = randn(rng, (1, 4, 50, 64), np.float32)
     for t in range(50):
         cache.append(k[:, :, t : t + 1], v[:, :, t : t + 1])
         if t in (5, 12, 30, 49):  # before the sinks are full, before and after the ring wraps
             out = cache.attend(q[:, :, t : t + 1])
-            plain = scaled_dot_product_attention(q[:, :, t : t + 1], cache.keys, cache.values, enable_gqa=True)
+            plain = cache_sdpa(cache, q[:, :, t : t + 1], cache.keys, cache.values, enable_gqa=True)
             np.testing.assert_allclose(out, plain, rtol=1e-5, atol=1e-5)
             into = np.empty_like(out)
             assert cache.attend(q[:, :, t : t + 1], out=into) is into
@@ -246,19 +254,30 @@ def test_one_query_after_the_wrap_reads_the_storage_as_it_is(dtype):
 
 
 def test_int8_per_token_scales_with_another_value_dim():
-    """int8 with block=None (one scale per token and head) and value_dim != head_dim."""
+    """int8 with block=None (one scale per token and head) and value_dim != head_dim (keys rotated by
+    default, values of 24 entries too with rotate="both": a block-diagonal rotation, blocks of 8)."""
+    for rotate in (None, "both"):
+        check_int8_per_token_scales_with_another_value_dim(rotate)
+
+
+def check_int8_per_token_scales_with_another_value_dim(rotate):
     rng = np.random.default_rng(7)
-    cache = KVCache(2, 1, 32, 10**6, dtype=np.int8, window=5, sink_tokens=2, value_dim=24, block=None)
+    cache = KVCache(2, 1, 32, 10**6, dtype=np.int8, window=5, sink_tokens=2, value_dim=24, block=None, rotate=rotate)
+    assert cache.rotate == ("keys" if rotate is None else rotate)
     T = 30
     k, v = randn(rng, (2, 1, T, 32)), randn(rng, (2, 1, T, 24))
     q = randn(rng, (2, 3, T, 32))  # float64 queries: the keys are dequantised exactly
-    k_all, v_all = stored(k, np.int8, None), stored(v, np.int8, None)
+    k_all, v_all = (
+        stored(as_stored(cache, k, "key"), np.int8, None),
+        stored(as_stored(cache, v, "value"), np.int8, None),
+    )
     t = 0
     for L in [4, 1, 1, 1, 1, 9] + [1] * 13:
         cache.append(k[:, :, t : t + L], v[:, :, t : t + L])
         if L == 1 or not t:  # (the chunk of 9 after the wrap: its first queries' keys are gone, see above)
             out = cache.attend(q[:, :, t : t + L])
-            ref = reference.scaled_dot_product_attention(
+            ref = cache_reference(
+                cache,
                 q[:, :, t : t + L],
                 k_all[:, :, : t + L],
                 v_all[:, :, : t + L],
