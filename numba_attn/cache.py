@@ -541,9 +541,16 @@ class KVCache:
         # shapes and dtypes here; NaN/inf once, after the conversion to the arithmetic's dtype (attend_cache)
         slopes = check_slopes(alibi_slopes, q.shape[1], finite=False)
         sinks = check_sinks(sinks, q.shape[1], finite=False)
-        user_out = None
+        user_out = result = None
         rotated = self.rotate_keys or self.rotate_values
-        if rotated:  # the query in the keys' basis; the result computed apart, then delivered
+        if rotated and q.dtype != np.float16 and self.rotate_keys:
+            # the lean path (a decode step's): the result's dtype is the query's, the kernel writes into
+            # ``out`` unless the values are rotated too (then rotated back in place, into ``out``)
+            q = _rotated(q, self._key_rotation)
+            _ROTATED_QUERIES[id(q)] = q  # (the paths that reorder the keys go through sdpa's guard)
+            if self.rotate_values:
+                user_out, out = out, None
+        elif rotated:  # float16 query (its result may be float16), or only the values rotated
             from ._validate import _dtypes
             from .api import check_attend_out
 
@@ -562,6 +569,17 @@ class KVCache:
             res = attend_cache(self, q, scale, window, slopes, sinks, softcap, out, check_finite)
         if not rotated:
             return res
+        if result is None:  # the lean path
+            if not self.rotate_values:
+                return res
+            if user_out is not None:
+                from .api import check_attend_out
+
+                check_attend_out(user_out, res.shape, res.dtype)
+            target = res if user_out is None else user_out
+            rows = res.reshape(-1, self.value_dim)
+            hadamard_rows(rows, self._value_rotation, target.reshape(rows.shape))
+            return target
         return self._deliver(self.unrotate_output(res), result, user_out)
 
     def _deliver(self, res, result, out):
