@@ -10,10 +10,13 @@ Three families, each case drawn from ``np.random.default_rng(seed + i)`` (reprod
   learned sinks, GQA, custom scale, return_lse, out_dtype, and views (strided, Fortran order,
   transposed, reversed, read-only; quantised tensors strided along the tokens).
 - ``KVCache`` with key and value formats drawn independently (float32, float64, float16, int8,
-  "int4"), with and without a window, filled in random chunks (one-token appends take the serial
-  kernels, big chunks the numpy path) and attended with ``is_causal='lower_right'``.
-- ``MultiHeadAttention`` with and without a cache (its key and value formats drawn like the cache
-  family's), GQA, masks, against a float64 numpy layer.
+  "int4") and ``rotate`` drawn from None (the default: int8/int4 keys and int4 values rotated where
+  their head dim is even), False, "keys", "values", "both" (the last three where the dims are even),
+  with and without a window, filled in random chunks (one-token appends take the serial kernels, big
+  chunks the numpy path) and attended with ``is_causal='lower_right'`` through
+  ``cache.rotate_query``/``cache.unrotate_output``.
+- ``MultiHeadAttention`` with and without a cache (its key and value formats and its rotation drawn
+  like the cache family's), GQA, masks, against a float64 numpy layer.
 
 The expected result is the textbook formula in float64 with the whole L×S score matrix materialised
 (``attention_formula`` below; ``numba_attn.reference`` is not used), applied to the *same rounded
@@ -23,26 +26,24 @@ min in float64 from the packed nibbles and the float16 (step, min) pairs, unpack
 numba_attn). The query is never rounded (the kernels dequantise keys in registers and dot them with
 the float query, per-row int8 keys included).
 
-Tolerance (flash-attention's rule): for every output row, the error of our result against the float64
-formula may be at most twice the error of the same formula computed naively in the arithmetic dtype
-(float32, or float64 when an input is float64: numpy matmul, max-subtracted softmax with numpy's exp)
-on the same inputs, plus a floor ``eps·max|v|·(C_EXP + C_SCORE·M)`` where ``M`` is the row's largest
-score magnitude (|scale·q|·|k| + |ALiBi| + |mask|, + softcap when capping: tanh's error is in ulps of
-the cap) over its visible keys. The floor is needed because a
-row's naive error can be zero or tiny by chance (a single visible key, Ev = 1) while ours is not:
-the kernels' exp is a polynomial with relative error up to 2.3e-7 ≈ 2 eps32 (NUMBA_NOTES) where
-numpy's is within 1 ulp, and an error of k ulps in a weight moves the output by up to
-2·k·eps·max|v| (the output is a convex combination: δout = Σ p_j·δ_j·(v_j − out)); a score error of
-k ulps of M moves the weights by k·eps·M relative, hence the term in M. A float16 result adds
-float16's half-ulp of the output magnitude, 2⁻¹¹·|out| (+ 2⁻²⁵ for subnormals); likewise a float32 result
-of float64 arithmetic (``out_dtype``) adds 2⁻²⁴·|out|. Two more terms apply
-only where they exist: a float64 computation with int8 operands may dequantise exactly instead of in
-float32 (±2⁻²⁴ relative on k and v); and 4-bit operands are dequantised by the kernels in the
-arithmetic's precision, not exactly: code·step + min with one fma (the vector paths) or as a product
-and a sum, or per block as step·Σ q·code + min·Σ q (the scalar paths), each rounding within eps of
-|code·step| + |min| (the dequantised value's size before the minimum cancels part of it). So for
-4-bit keys the score floor also counts ``eps·max|v|·C_SCORE·M4`` with M4 the row's largest
-scale·Σ_d |q_d|·(|code·step| + |min|)_jd, and for 4-bit values ``eps·C_EXP·max(|code·step| + |min|)``.
+Hadamard rotation (a cache's ``rotate``): the test builds its own matrix H (``hadamard_matrix``: blocks of
+the largest power of two b dividing the head dim, each the Sylvester matrix from ``np.kron`` over √b;
+numba_attn.rotation is not used). The library rotates in float32 (float64 for float64 inputs) with a
+butterfly of log2(b) levels, so its rotation of a block x is off from H·x by at most
+ρ(x) = (log2 b + 2)·eps·‖x‖₂ in 2-norm (one rounding per level, each level orthogonal up to a factor √2,
+plus the 1/√b scaling; eps, not eps/2, for slack): every rotation the test can observe is checked against
+H within ρ (``assert_rotation_within``). A rotating cache's content is checked against the test's rounding
+of H·x (within ρ, what ρ moves a block's scale, and one quantisation step where a code sits at a tie:
+``rotated_like_cache``); the formula then takes the stored content (as for every cache), the query as H·q in
+float64, and for rotated values it is compared in the stored basis (H·out, H in float64; the layer family
+folds H into the output projection instead: y = (merged in the stored basis)·(diag(H, …, H)·W_o)). The
+rotation's float32 rounding adds small terms to a row's budget, measured where the test sees it: the
+query's, δq = ``cache.rotate_query(q)`` − H·q, moves each score by scale·δq·k_j, hence the output by at most
+4·max_j |scale·δq·k_j|·max|v| (a score error δ moves the weights by ≤ 2δ relative, each weight's move costs
+≤ 2·max|v|); the output's, in the cache family, is |H·out − raw| for out = ``cache.unrotate_output(raw)``
+(raw: the kernels' result in the stored basis). In the layer family the output is rotated back inside the
+call: its rounding is bounded by ρ ≤ (log2 b + 2)·eps·√hd·max|v| per head (2-norm), moving y_e by at most
+that times ‖W_o[head rows, e]‖₂ (Cauchy–Schwarz), counted twice. All are ~1e-7 … 1e-6 relative in float32.
 """
 
 import math
@@ -56,6 +57,7 @@ from numba_attn import KVCache, MultiHeadAttention, QuantizedTensor, quantize, s
 from numba_attn import cache as cache_module
 
 FLOATS = (np.float16, np.float32, np.float64)
+F32_EPS = float(np.finfo(np.float32).eps)
 CAUSAL = (False, True, "upper_left", "lower_right")
 
 #: the floor's constants (see the module docstring): 4 ulps of exp error on each weight, and 4 ulps of
@@ -341,6 +343,128 @@ def int4_budget(q, k_size, v_size, v, scale, arith):
     if v_size is not None:
         budget = budget + eps * C_EXP * v_size.max(initial=0.0)
     return budget
+
+
+# ------------------------------------------------------------------------------------------------
+# Hadamard rotation, independently of numba_attn.rotation
+# ------------------------------------------------------------------------------------------------
+
+
+def rotation_block(D):
+    """The block of a head dim's rotation: the largest power of two dividing D (KVCache's documented rule)."""
+    return D & -D
+
+
+def hadamard_matrix(D):
+    """diag(S_b, …, S_b)/√b, D × D float64, S_b the Sylvester–Hadamard matrix (S_1 = [1],
+    S_2b = [[S_b, S_b], [S_b, −S_b]], built with np.kron), b = ``rotation_block(D)``. Symmetric and
+    orthogonal: the row form of H·x is ``x @ H``."""
+    b = rotation_block(D)
+    S = np.ones((1, 1))
+    while S.shape[0] < b:
+        S = np.kron(np.array([[1.0, 1.0], [1.0, -1.0]]), S)
+    return np.kron(np.eye(D // b), S / np.sqrt(b))
+
+
+def rotated(x, H):
+    """H·x along the last axis, in float64 from x's exact values."""
+    return np.asarray(x).astype(np.float64) @ H
+
+
+def block_norms(x, b):
+    """‖x_blk‖₂ per block of b entries of the last axis: (..., D/b)."""
+    x = np.asarray(x, np.float64)
+    return np.sqrt((x.reshape(x.shape[:-1] + (x.shape[-1] // b, b)) ** 2).sum(axis=-1))
+
+
+def rotation_rounding(x, eps):
+    """ρ per block (module docstring): the bound on the 2-norm of the library's rounding error when it
+    rotates x in the precision of ``eps`` (..., D/b)."""
+    b = rotation_block(x.shape[-1])
+    return (math.log2(b) + 2) * eps * block_norms(x, b)
+
+
+def rotation_eps(dtype):
+    """The precision a cache rotates an array of ``dtype`` in: float64 for float64, else float32."""
+    return float(np.finfo(np.float64 if np.dtype(dtype) == np.float64 else np.float32).eps)
+
+
+def assert_rotation_within(actual, exact, eps, what):
+    """The library's rotation ``actual`` of some x against the test's ``exact`` = H·x (float64): per block,
+    ‖actual − exact‖₂ ≤ ρ(x) = (log2 b + 2)·eps·‖x‖₂ (‖x_blk‖₂ = ‖(H·x)_blk‖₂: H is orthogonal per block)."""
+    b = rotation_block(exact.shape[-1])
+    err = block_norms(np.asarray(actual, np.float64) - exact, b)
+    bound = (math.log2(b) + 2) * eps * block_norms(exact, b) * (1 + 1e-9) + 1e-300
+    assert (err <= bound).all(), f"{what}: the rotation is off by {err.max():.3g} > ρ {bound[err > bound].min():.3g}"
+
+
+def query_rotation_budget(dq, k, v, scale, vis):
+    """Per row (..., L): what the query rotation's rounding ``dq`` (the library's H·q minus the test's)
+    may move the output: 4·max_j visible |scale·dq·k_j|·max|v| (module docstring). k, v float64 in the
+    stored basis, broadcast like dq (..., L, D)."""
+    if not k.shape[-2]:
+        return np.zeros(dq.shape[:-1])
+    ds = np.abs(scale * np.matmul(dq, np.swapaxes(k, -1, -2)))  # (..., L, S)
+    ds = np.where(vis, ds, 0.0).max(axis=-1, initial=0.0)
+    return 4 * ds * value_magnitude(v, vis)
+
+
+def expected_rotation(rotate, key_fmt, value_fmt, D, Dv):
+    """(keys rotated, values rotated) the cache documents for ``rotate``."""
+    if rotate is None:
+        return (key_fmt == "int4" or key_fmt == np.int8) and D % 2 == 0, value_fmt == "int4" and Dv % 2 == 0
+    if rotate is False:
+        return False, False
+    return rotate in ("keys", "both"), rotate in ("values", "both")
+
+
+def draw_rotate(rng, D, Dv):
+    """None (the default), False, or what the dims allow: "keys" (even D), "values" (even Dv), "both"."""
+    options = [None, False]
+    options += ["keys"] if D % 2 == 0 else []
+    options += ["values"] if Dv % 2 == 0 else []
+    options += ["both"] if D % 2 == 0 and Dv % 2 == 0 else []
+    return _choice(rng, options)
+
+
+def rotated_like_cache(x, fmt, block, eps):
+    """(expected, step, near, tie) per entry for a rotating cache's content of the tokens x (B, H, T, D):
+    the test's rounding of H·x (``rounded_like_cache``), its quantisation step, how far the stored value
+    may be from it without a code tipping, and how far each code position is from a rounding tie
+    (|position − nearest half-integer|, in steps; inf for float formats). ``near``: the rotation's rounding
+    (ρ of the row's blocks, precision ``eps``: the stored value rounds from a rotated value off by that
+    much), plus what that moves the block's scale (int8: its maximum; int4: its min and step, whose
+    float16 rounding may tip by one float16 ulp) or the float rounding (one ulp of the store)."""
+    D = x.shape[-1]
+    expected, step, pos = rounded_like_cache(rotated(x, hadamard_matrix(D)), fmt, block, positions=True)
+    R = rotation_rounding(x, eps).max(axis=-1, keepdims=True, initial=0.0)
+    if fmt == "int4":
+        row_max = np.abs(expected).max(axis=-1, keepdims=True, initial=0.0)
+        near = 3 * R + 15 * (2.0**-10 * step + 2.0**-24) + 2.0**-10 * row_max + 2.0**-24
+    elif fmt == np.int8:
+        near = 2 * R + 4 * F32_EPS * 127 * step
+    else:
+        f = np.finfo(fmt)
+        near = R + float(f.eps) * (np.abs(expected) + R) + float(f.smallest_subnormal)
+    tie = np.full(x.shape, np.inf) if pos is None else np.abs(pos - np.floor(pos) - 0.5)
+    return expected, step, np.broadcast_to(near, x.shape), tie
+
+
+def assert_rotated_within(actual, expected, step, near, tie, fmt):
+    """A rotating cache's content: within ``near`` of the test's rounding, or one quantisation step
+    further where a code tipped, which it may only do at a tie: where the code's position before
+    rounding was within near/step (+ float32 rounding) of a half-integer."""
+    err = np.abs(actual - expected)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        at_tie = tie <= np.where(step > 0, near / step, 0.0) + 1e-5
+    bad = err > near + np.where(at_tie, step * (1 + 1e-6), 0.0)
+    if bad.any():
+        i = tuple(int(j) for j in np.argwhere(bad)[0])
+        raise AssertionError(
+            f"rotated {_format_name(fmt)} content off at {i}: got {actual[i]!r}, expected {expected[i]!r}, "
+            f"|err| {err[i]:.3g} > {near[i]:.3g} (the rotation's rounding) + a step {step[i]:.3g} only at a tie "
+            f"(the code's position is {tie[i]:.3g} steps from one) ({int(bad.sum())} entries)"
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -679,12 +803,13 @@ def test_fuzz_sdpa(sdpa_batch, fuzz_seed):
 # ------------------------------------------------------------------------------------------------
 
 
-def rounded_like_cache(x, fmt, block):
+def rounded_like_cache(x, fmt, block, positions=False):
     """float64 values of x (B, H, T, D) as a cache of format ``fmt`` stores them, and per entry the
     quantisation step (0 for float formats). int8 and "int4" are quantised here, in numpy, the
     documented way. int8: s = max|x|/127 per block, q = clamp(rint(x/s), ±127), value q·s. int4: per
     block step = half((max − min)/15) and min' = half(min) (float16), code = clamp(rint((x − min')/step),
-    0, 15) in float32, value code·step + min' (exact)."""
+    0, 15) in float32, value code·step + min' (exact). ``positions``: also each entry's code before
+    rounding ((x − min')/step, x/s; float64; None for float formats)."""
     x = np.asarray(x)
     if fmt == "int4":
         D = x.shape[-1]
@@ -695,9 +820,12 @@ def rounded_like_cache(x, fmt, block):
         low = lo.astype(np.float16).astype(np.float32)
         with np.errstate(divide="ignore", invalid="ignore"):
             inv = np.where(step > 0, np.float32(1) / step, np.float32(0)).astype(np.float32)
-        codes = np.clip(np.rint((blocks - low) * inv), 0, 15).astype(np.float64)
+        pos = (blocks - low) * inv
+        codes = np.clip(np.rint(pos), 0, 15).astype(np.float64)
         vals = codes * step.astype(np.float64) + low.astype(np.float64)
         per_entry = np.broadcast_to(step, blocks.shape).reshape(x.shape).astype(np.float64)
+        if positions:
+            return vals.reshape(x.shape), per_entry, pos.reshape(x.shape).astype(np.float64)
         return vals.reshape(x.shape), per_entry
     if fmt == np.int8:
         D = x.shape[-1]
@@ -709,10 +837,16 @@ def rounded_like_cache(x, fmt, block):
         s = (np.abs(blocks).max(axis=-1, keepdims=True) / np.float32(127)).astype(np.float32)
         with np.errstate(divide="ignore", invalid="ignore"):
             inv = np.where(s > 0, np.float32(1) / s, np.float32(0)).astype(np.float32)
-        q8 = np.clip(np.rint(blocks * inv), -127, 127)
+        pos = blocks * inv
+        q8 = np.clip(np.rint(pos), -127, 127)
         vals = (q8 * s).astype(np.float32).reshape(x.shape[:-1] + (nb * b,))[..., :D]
         step = np.broadcast_to(s, blocks.shape).reshape(x.shape[:-1] + (nb * b,))[..., :D]
+        if positions:
+            pos = pos.reshape(x.shape[:-1] + (nb * b,))[..., :D].astype(np.float64)
+            return vals.astype(np.float64), step.astype(np.float64), pos
         return vals.astype(np.float64), step.astype(np.float64)
+    if positions:
+        return x.astype(fmt).astype(np.float64), np.zeros(x.shape), None
     return x.astype(fmt).astype(np.float64), np.zeros(x.shape)
 
 
@@ -810,14 +944,30 @@ def run_cache_case(seed, params):
         total=total,
         chunks=[],
     )
+    rotate = draw_rotate(rng, D, Dv)
+    params.update(rotate=rotate)
     if key_fmt == value_fmt and rng.random() < 0.5:
-        cache = KVCache(B, Hkv, D, capacity, dtype=key_fmt, window=window, value_dim=Dv, block=block)
+        cache = KVCache(B, Hkv, D, capacity, dtype=key_fmt, window=window, value_dim=Dv, block=block, rotate=rotate)
     else:
         cache = KVCache(
-            B, Hkv, D, capacity, key_dtype=key_fmt, value_dtype=value_fmt, window=window, value_dim=Dv, block=block
+            B,
+            Hkv,
+            D,
+            capacity,
+            key_dtype=key_fmt,
+            value_dtype=value_fmt,
+            window=window,
+            value_dim=Dv,
+            block=block,
+            rotate=rotate,
         )
     assert cache.key_dtype == key_fmt and cache.value_dtype == value_fmt
     assert cache.dtype == (key_fmt if key_fmt == value_fmt else None), cache.dtype
+    rot_k, rot_v = expected_rotation(rotate, key_fmt, value_fmt, D, Dv)
+    assert (cache.rotate_keys, cache.rotate_values) == (rot_k, rot_v), (cache.rotate, rot_k, rot_v)
+    # a rotated tensor's content: how far it may be from the test's rounding without a tipped code
+    near_k, near_v = np.zeros((B, Hkv, 0, D)), np.zeros((B, Hkv, 0, Dv))
+    tie_k, tie_v = np.zeros((B, Hkv, 0, D)), np.zeros((B, Hkv, 0, Dv))
     hist_k, hist_v = np.zeros((B, Hkv, 0, D)), np.zeros((B, Hkv, 0, Dv))
     step_k, step_v = np.zeros((B, Hkv, 0, D)), np.zeros((B, Hkv, 0, Dv))
     appended = 0
@@ -840,8 +990,20 @@ def run_cache_case(seed, params):
             cache_module.APPEND_SERIAL_ROWS = serial_rows
         snap.assert_unchanged()
         appended += T
-        rk, sk = rounded_like_cache(k_new, key_fmt, block)
-        rv, sv = rounded_like_cache(v_new, value_fmt, block)
+        # (a rotating cache: the test's own H·x, rotated by the cache in its input's precision)
+        nk = nv = tk = tv = np.zeros(())
+        if rot_k:
+            rk, sk, nk, tk = rotated_like_cache(k_new, key_fmt, block, rotation_eps(k_new.dtype))
+        else:
+            rk, sk = rounded_like_cache(k_new, key_fmt, block)
+        if rot_v:
+            rv, sv, nv, tv = rotated_like_cache(v_new, value_fmt, block, rotation_eps(v_new.dtype))
+        else:
+            rv, sv = rounded_like_cache(v_new, value_fmt, block)
+        near_k = np.concatenate([near_k, np.broadcast_to(nk, rk.shape)], 2)
+        near_v = np.concatenate([near_v, np.broadcast_to(nv, rv.shape)], 2)
+        tie_k = np.concatenate([tie_k, np.broadcast_to(tk, rk.shape)], 2)
+        tie_v = np.concatenate([tie_v, np.broadcast_to(tv, rv.shape)], 2)
         hist_k, hist_v = np.concatenate([hist_k, rk], 2), np.concatenate([hist_v, rv], 2)
         step_k, step_v = np.concatenate([step_k, sk], 2), np.concatenate([step_v, sv], 2)
         assert cache.length == appended, (cache.length, appended)
@@ -852,11 +1014,14 @@ def run_cache_case(seed, params):
         assert keys.shape == (B, Hkv, n_valid, D) and values.shape == (B, Hkv, n_valid, Dv)
         # what the cache holds: the last n_valid tokens, rounded to its format (int8 and int4: within one
         # step of the documented scheme, since a reciprocal may differ by an ulp at a tie)
-        for name, got, hist, step, fmt in (
-            ("keys", keys, hist_k, step_k, key_fmt),
-            ("values", values, hist_v, step_v, value_fmt),
+        for name, got, hist, step, fmt, rot, near, tie in (
+            ("keys", keys, hist_k, step_k, key_fmt, rot_k, near_k, tie_k),
+            ("values", values, hist_v, step_v, value_fmt, rot_v, near_v, tie_v),
         ):
-            if _is_quantised(fmt):
+            held = slice(appended - n_valid, appended)
+            if rot:  # stored as H·x: against the test's own rotation and rounding
+                assert_rotated_within(got, hist[:, :, held], step[:, :, held], near[:, :, held], tie[:, :, held], fmt)
+            elif _is_quantised(fmt):
                 assert_within_step(got, hist[:, :, appended - n_valid :], step[:, :, appended - n_valid :])
             else:
                 np.testing.assert_array_equal(got, hist[:, :, appended - n_valid :], err_msg=f"cache {name}")
@@ -876,10 +1041,19 @@ def run_cache_case(seed, params):
                 sinks=rng.uniform(-6, 6, Hkv * group) if rng.random() < 0.3 else None,
             )
             snap = Snapshot(q, ordered_k, ordered_v)
-            res = scaled_dot_product_attention(q, ordered_k, ordered_v, **kw)
+            # a rotating cache: the query rotated like the keys, the output rotated back (no-ops otherwise)
+            q_call = cache.rotate_query(q)
+            if (rot_k or rot_v) and not cache.wrapped:  # (views of the storage: a plain query is refused)
+                try:
+                    scaled_dot_product_attention(q, ordered_k, ordered_v, **kw)
+                    raise AssertionError("an unrotated query on a rotating cache's views was not refused")
+                except ValueError as exc:
+                    assert "rotate" in str(exc), exc
+            res = scaled_dot_product_attention(q_call, ordered_k, ordered_v, **kw)
+            raw, lse = res if kw["return_lse"] else (res, None)
+            out = cache.unrotate_output(raw)
             snap.assert_unchanged()
-            out, lse = res if kw["return_lse"] else (res, None)
-            floats = float_dtypes_of(q, ordered_k, ordered_v)
+            floats = float_dtypes_of(q_call, ordered_k, ordered_v)
             arith = np.float64 if np.dtype(np.float64) in floats else np.float32
             assert out.dtype == np.result_type(*floats), out.dtype
             k_eff, v_eff = (np.repeat(effective(x), group, axis=1) for x in (ordered_k, ordered_v))
@@ -888,11 +1062,20 @@ def run_cache_case(seed, params):
                 for x in (dequantised_size(ordered_k), dequantised_size(ordered_v))
             )
             s = 1.0 / math.sqrt(D) if scale is None else scale
-            q_eff = q.astype(np.float64)
+            q_eff = rotated(q, hadamard_matrix(D)) if rot_k else q.astype(np.float64)
             extra = _add(
                 int4_budget(q_eff, k_size, v_size, v_eff, s, arith),
                 int8_exact_budget(q_eff, k_eff, v_eff, s, arith, (ordered_k, ordered_v)),
             )
+            vis = visible_keys(Lq, k_eff.shape[-2], "lower_right", window, None)
+            if rot_k:  # the library's rotated query: H·q within ρ; its rounding joins the budget
+                assert_rotation_within(q_call, q_eff, rotation_eps(q.dtype), "rotate_query")
+                extra = _add(extra, query_rotation_budget(q_call.astype(np.float64) - q_eff, k_eff, v_eff, s, vis))
+            if rot_v:  # compared in the stored basis: H·out against the formula on the stored values
+                Hv = hadamard_matrix(Dv)
+                assert_rotation_within(out, rotated(raw, Hv), float(np.finfo(arith).eps), "unrotate_output")
+                out = rotated(out, Hv)
+                extra = _add(extra, np.abs(out - raw.astype(np.float64)).max(axis=-1, initial=0.0))
             sinks = None
             if kw["sinks"] is not None:
                 sinks = np.broadcast_to(kw["sinks"].astype(arith).astype(np.float64), (B, Hkv * group))
@@ -930,15 +1113,25 @@ def numpy_layer(
     attn_mask=None,
     is_causal=False,
     window=None,
+    key_rotation=None,
+    value_rotation=None,
 ):
     """The layer in numpy, all in ``dtype``: projections, heads, attention, output projection.
 
     Queries from ``x_new`` (B, L, embed); keys and values from ``x_all`` (B, S, embed; default x_new; a
     cached call's whole history, the new tokens last), or given as ``k_hist``/``v_hist`` (B, H_kv, S, hd)
-    (a float16, int8 or int4 cache's rounded content). ``kpm``: bool (B, S) True = padding, or float added;
-    ``attn_mask``: bool True = not allowed, or float added (torch.nn.MultiheadAttention's conventions)."""
+    (a float16, int8 or int4 cache's rounded content, or a rotating cache's content as stored). ``kpm``:
+    bool (B, S) True = padding, or float added; ``attn_mask``: bool True = not allowed, or float added
+    (torch.nn.MultiheadAttention's conventions). ``key_rotation``/``value_rotation``: the test's H (hd × hd)
+    of a cache storing keys/values rotated: queries rotated (in float64, then ``dtype``); the attention
+    output stays in the values' stored basis and the output projection takes H in: diag(H, …)·W_o (the
+    ``w_o`` returned in the parts, float64)."""
     dt = np.dtype(dtype).type
     W = {n: getattr(layer, n).astype(dt) for n in ("w_q", "w_k", "w_v", "w_o")}
+    w_o = layer.w_o.astype(np.float64)
+    if value_rotation is not None:
+        w_o = np.kron(np.eye(layer.num_heads), value_rotation) @ w_o
+        W["w_o"] = w_o.astype(dt)
     b = {n: (None if getattr(layer, n) is None else getattr(layer, n).astype(dt)) for n in ("b_q", "b_k", "b_v", "b_o")}
     H, Hkv, hd = layer.num_heads, layer.num_kv_heads, layer.head_dim
 
@@ -951,6 +1144,8 @@ def numpy_layer(
 
     B, L, _ = x_new.shape
     q = proj(x_new, "w_q", "b_q", H)
+    if key_rotation is not None:
+        q = rotated(q, key_rotation).astype(dt)
     if k_hist is None:
         src = x_new if x_all is None else x_all
         k, v = proj(src, "w_k", "b_k", Hkv), proj(src, "w_v", "b_v", Hkv)
@@ -977,14 +1172,18 @@ def numpy_layer(
     y = merged @ W["w_o"]
     if b["b_o"] is not None:
         y = y + b["b_o"]
-    return y, dict(q=q, k=k, v=v, mask=mask, vis=vis, merged=merged)
+    return y, dict(q=q, k=k, v=v, mask=mask, vis=vis, merged=merged, w_o=w_o)
 
 
-def check_layer(y, layer, x_new, arith, k_size=None, v_size=None, **kw):
+def check_layer(y, layer, x_new, arith, k_size=None, v_size=None, query_rounding=None, **kw):
     """y against the float64 numpy layer: error ≤ 2× the naive-``arith`` layer's + a floor propagated
     through the output projection (the attention floor per head row, and eps·|merged|·|W_o|).
     ``k_size``/``v_size``: a 4-bit cache's |code·step| + |min| per entry of ``k_hist``/``v_hist`` (the
-    4-bit terms of the module docstring join the attention floor)."""
+    4-bit terms of the module docstring join the attention floor). A rotating cache (``key_rotation``/
+    ``value_rotation`` in kw): ``query_rounding`` (the library's rotated query minus the test's, (B, H, L,
+    hd)) joins the attention floor; rotating the output back rounds each head's output by ≤ ρ ≤
+    (log2 b + 2)·eps·√hd·max|v| in 2-norm, which moves y_e by at most that times ‖W_o[head rows, e]‖₂
+    (Cauchy–Schwarz; counted twice, module docstring)."""
     assert y.dtype == layer.dtype and y.shape == x_new.shape[:2] + (layer.embed_dim,), (y.dtype, y.shape)
     assert not np.isnan(y).any(), "layer output holds NaN"
     exact, parts = numpy_layer(layer, x_new, np.float64, **kw)
@@ -997,13 +1196,20 @@ def check_layer(y, layer, x_new, arith, k_size=None, v_size=None, **kw):
     M = score_magnitude(parts["q"], parts["k"], scale, parts["mask"], None, kw.get("is_causal", False), parts["vis"])
     V = value_magnitude(parts["v"], parts["vis"])
     head_floor = _add(eps * V * (C_EXP + C_SCORE * M), int4_floor)  # (B, H, L)
-    w_o = np.abs(layer.w_o.astype(np.float64))
+    if query_rounding is not None:
+        head_floor = head_floor + query_rotation_budget(query_rounding, parts["k"], parts["v"], scale, parts["vis"])
+    w_o = np.abs(parts["w_o"])
     per_head = w_o.reshape(layer.num_heads, layer.head_dim, -1).sum(axis=1)  # (H, embed)
     floor = np.einsum("bhl,he->ble", head_floor, per_head) + C_EXP * eps * (np.abs(parts["merged"]) @ w_o)
     # the output projection's own sums (hq terms: a γ_n bound, n·eps·Σ|a||b|) and the result's rounding: at
     # tiny magnitudes (head_dim 1, float64) these alone decide (seed 7004458: 7.5e-17 against 6.7e-17)
     n_in = layer.num_heads * layer.head_dim
     floor = floor + eps * (n_in * (np.abs(parts["merged"]) @ w_o) + np.abs(exact))
+    if kw.get("value_rotation") is not None:
+        hd = layer.head_dim
+        rho = 2 * (math.log2(rotation_block(hd)) + 2) * eps * math.sqrt(hd) * V  # (B, H, L)
+        w_norm = np.sqrt((layer.w_o.astype(np.float64).reshape(layer.num_heads, hd, -1) ** 2).sum(axis=1))
+        floor = floor + np.einsum("bhl,he->ble", rho, w_norm)
     naive_err = np.abs(naive - exact).max(axis=-1, keepdims=True)
     err = np.abs(y.astype(np.float64) - exact)
     tol = 2 * naive_err + floor
@@ -1078,19 +1284,40 @@ def run_layer_case(seed, params):
     block = _choice(rng, blocks) if quantised else 32
     window = None if rng.random() < 0.5 else int(rng.integers(1, 40))
     total = int(rng.integers(1, 120))
+    rotate = draw_rotate(rng, hd, hd)
     if key_fmt == value_fmt:
-        cache = layer.new_cache(B, total + 5, window=window, dtype=key_fmt, block=block)
+        cache = layer.new_cache(B, total + 5, window=window, dtype=key_fmt, block=block, rotate=rotate)
+    elif rng.random() < 0.5:
+        cache = layer.new_cache(
+            B, total + 5, window=window, key_dtype=key_fmt, value_dtype=value_fmt, block=block, rotate=rotate
+        )
     else:  # (built directly: a cached layer call takes any KVCache of its shape)
-        cache = KVCache(B, Hkv, hd, total + 5, key_dtype=key_fmt, value_dtype=value_fmt, window=window, block=block)
+        cache = KVCache(
+            B,
+            Hkv,
+            hd,
+            total + 5,
+            key_dtype=key_fmt,
+            value_dtype=value_fmt,
+            window=window,
+            block=block,
+            rotate=rotate,
+        )
     params.update(
         key_dtype=_format_name(key_fmt),
         value_dtype=_format_name(value_fmt),
         block=block,
         window=window,
         total=total,
+        rotate=rotate,
         chunks=[],
     )
-    rounded = any(f in (np.float16, np.int8) or f == "int4" for f in (key_fmt, value_fmt))
+    rot_k, rot_v = expected_rotation(rotate, key_fmt, value_fmt, hd, hd)
+    assert (cache.rotate_keys, cache.rotate_values) == (rot_k, rot_v), (cache.rotate, rot_k, rot_v)
+    rotation = dict(
+        key_rotation=hadamard_matrix(hd) if rot_k else None, value_rotation=hadamard_matrix(hd) if rot_v else None
+    )
+    rounded = rot_k or rot_v or any(f in (np.float16, np.int8) or f == "int4" for f in (key_fmt, value_fmt))
     x_all = np.zeros((B, 0, embed), dtype)
     k_hist, v_hist = np.zeros((B, Hkv, 0, hd)), np.zeros((B, Hkv, 0, hd))
     k_size = None if key_fmt != "int4" else np.zeros((B, Hkv, 0, hd))
@@ -1106,16 +1333,47 @@ def run_layer_case(seed, params):
             # K and V as the layer computes them (float32), rounded as the cache stores them: the same
             # rounded inputs for the float64 formula
             _, k_new, v_new = layer.project_qkv(x)
-            k_hist = np.concatenate([k_hist, rounded_like_cache(k_new, key_fmt, block)[0]], 2)
-            v_hist = np.concatenate([v_hist, rounded_like_cache(v_new, value_fmt, block)[0]], 2)
+            # a rotated tensor: what the cache will store for the new tokens (ordered_with: rotated and
+            # converted as stored; the layer attends over exactly that), checked against the test's own
+            # rotation and rounding (the cache rotates in float32: a code may tip at a tie, so the test's
+            # rounding cannot stand in for it)
+            new_k, new_v = cache.ordered_with(k_new, v_new) if rot_k or rot_v else (None, None)
+            for name, rot, new, raw, fmt in (
+                ("k", rot_k, new_k, k_new, key_fmt),
+                ("v", rot_v, new_v, v_new, value_fmt),
+            ):
+                if rot:
+                    stored = effective(new)[:, :, -T:]
+                    expected, step, near, tie = rotated_like_cache(raw, fmt, block, rotation_eps(raw.dtype))
+                    assert_rotated_within(stored, expected, step, near, tie, fmt)
+                    size = dequantised_size(new)
+                    size = None if size is None else size[:, :, -T:]
+                else:
+                    stored = rounded_like_cache(raw, fmt, block)[0]
+                    size = int4_size_like_cache(raw, block) if fmt == "int4" else None
+                if name == "k":
+                    k_hist = np.concatenate([k_hist, stored], 2)
+                    k_size = None if k_size is None else np.concatenate([k_size, size], 2)
+                else:
+                    v_hist = np.concatenate([v_hist, stored], 2)
+                    v_size = None if v_size is None else np.concatenate([v_size, size], 2)
             hist = dict(k_hist=k_hist, v_hist=v_hist)
-            if k_size is not None:
-                k_size = np.concatenate([k_size, int4_size_like_cache(k_new, block)], 2)
-            if v_size is not None:
-                v_size = np.concatenate([v_size, int4_size_like_cache(v_new, block)], 2)
+        query_rounding = None
+        if rot_k:  # the layer's query, rotated by the cache as the call will (H·q within ρ, its rounding)
+            q_new, _, _ = layer.project_qkv(x)
+            q_exact = rotated(q_new, rotation["key_rotation"])
+            q_lib = cache.rotate_query(q_new)
+            assert_rotation_within(q_lib, q_exact, float(np.finfo(arith).eps), "rotate_query")
+            query_rounding = q_lib.astype(np.float64) - q_exact
         kpm = rng.random((B, done + T)) < 0.2 if rng.random() < 0.3 else None
         y = layer(x, cache=cache, key_padding_mask=kpm)
         assert cache.length == done + T, (cache.length, done + T)
+        if rot_k or rot_v:  # the cache holds what ordered_with said it would (the newest tokens it keeps)
+            kept = min(T, cache.n_valid)
+            for got, want in zip(cache.ordered(), (k_hist, v_hist)):
+                np.testing.assert_array_equal(
+                    effective(got)[:, :, cache.n_valid - kept :], want[:, :, done + T - kept :]
+                )
         check_layer(
             y,
             layer,
@@ -1123,11 +1381,13 @@ def run_layer_case(seed, params):
             arith,
             k_size=k_size,
             v_size=v_size,
+            query_rounding=query_rounding,
             x_all=x_all,
             kpm=kpm,
             is_causal="lower_right",
             window=window,
             **hist,
+            **rotation,
         )
 
 
@@ -1173,3 +1433,47 @@ def test_formula_check_with_4bit_operands_catches_a_small_error():
     wrong = scaled_dot_product_attention(q, kq, swapped)
     with pytest.raises(AssertionError, match="outside the budget"):
         check_against_formula(wrong, None, q.astype(np.float64), k, v, scale, extra_row_budget=extra)
+
+
+def test_rotation_budget_catches_a_missing_or_wrong_rotation():
+    """A rotating int8/int4 cache through the cache family's checks: the documented call passes; a query
+    that skipped the rotation or an output rotated once too often fails the budget, and a query rotation
+    off by a relative 1e-5 fails the rotation check (ρ: ~1e-6 relative here)."""
+    rng = np.random.default_rng(3)
+    B, Hkv, S, D = 1, 2, 300, 64
+    cache = KVCache(B, Hkv, D, S, key_dtype=np.int8, value_dtype="int4", rotate="both")
+    cache.append(rng.standard_normal((B, Hkv, S, D)), rng.standard_normal((B, Hkv, S, D)))
+    q = rng.standard_normal((B, Hkv, 3, D)).astype(np.float32)
+    keys, values = cache.keys, cache.values
+    k, v, s = effective(keys), effective(values), 1 / math.sqrt(D)
+    H = hadamard_matrix(D)
+    q_eff = rotated(q, H)
+    vis = visible_keys(3, S, "lower_right", None, None)
+
+    def check(q_call, raw):
+        """The cache family's check of unrotate_output(sdpa(q_call, ...)) = ``raw`` rotated back."""
+        out = cache.unrotate_output(raw)
+        assert_rotation_within(out, rotated(raw, H), F32_EPS, "unrotate_output")
+        back = rotated(out, H)
+        extra = _add(
+            int4_budget(q_eff, None, dequantised_size(values), v, s, np.float32),
+            query_rotation_budget(q_call.astype(np.float64) - q_eff, k, v, s, vis) + np.abs(back - raw).max(axis=-1),
+        )
+        check_against_formula(back, None, q_eff, k, v, s, None, "lower_right", arith=np.float32, extra_row_budget=extra)
+
+    q_call = cache.rotate_query(q)
+    assert_rotation_within(q_call, q_eff, F32_EPS, "rotate_query")
+    check(q_call, scaled_dot_product_attention(q_call, keys, values, is_causal="lower_right"))
+    # copies of the stored content (not the cache's views: the guard would refuse a plain query on those)
+    kc, vc = (QuantizedTensor(x.data.copy(), x.scales.copy(), x.block, x.bits) for x in (keys, values))
+    for q_wrong, raw in (
+        (q_call, scaled_dot_product_attention(q, kc, vc, is_causal="lower_right")),  # the query not rotated
+        # the output rotated once more (as if unrotate_output were missing)
+        (q_call, cache.unrotate_output(scaled_dot_product_attention(q_call, keys, values, is_causal="lower_right"))),
+    ):
+        with pytest.raises(AssertionError, match="outside the budget"):
+            check(q_wrong, raw)
+    # a query rotation off by a relative 1e-5: the budget takes the measured rounding in, so the rotation
+    # check (within ρ of the test's H, ~1e-6 relative here) is what catches it
+    with pytest.raises(AssertionError, match="rotation is off"):
+        assert_rotation_within((q_eff * (1 + 1e-5)).astype(np.float32), q_eff, F32_EPS, "rotate_query")
