@@ -396,7 +396,18 @@ class KVCache:
         n, ring = self.sink_tokens, self.slots - self.sink_tokens
         start = n + (self._length - n) % ring
         order = np.r_[0:n, start : self.slots, n:start]
-        return (self._view(self._keys, self._key_scales, order), self._view(self._values, self._value_scales, order))
+        return self._mark_rotated(
+            self._view(self._keys, self._key_scales, order), self._view(self._values, self._value_scales, order)
+        )
+
+    def _mark_rotated(self, keys, values):
+        """(keys, values), copies of rotated storage registered as rotated (for sdpa's guard, which
+        recognises views of the storage by their base but cannot see where a copy came from)."""
+        for x, rotated in ((keys, self.rotate_keys), (values, self.rotate_values)):
+            if rotated:
+                data = x.data if isinstance(x, QuantizedTensor) else x
+                _ROTATED[id(data)] = data
+        return keys, values
 
     def ordered_positions(self, appended=0):
         """Absolute positions of the tokens ``ordered()`` returns, shape (n_valid,), increasing: now,
@@ -435,7 +446,7 @@ class KVCache:
         if self.rotate_values:
             value = _rotated(np.asarray(value), self._value_rotation)
         new_k, new_v = self._encode(key, "key"), self._encode(value, "value")
-        return _concat_tokens(old_k, new_k), _concat_tokens(old_v, new_v)
+        return self._mark_rotated(_concat_tokens(old_k, new_k), _concat_tokens(old_v, new_v))
 
     def positions(self, appended=0):
         """Absolute position of the token in each valid slot (storage order, the order of ``keys``;
@@ -670,9 +681,9 @@ class KVCache:
                 + ("" if self.window is not None else "; create it with a larger capacity or a window")
             )
         if self.rotate_keys:  # stored rotated (a copy: the caller's arrays are never modified)
-            key = _rotated(key, self._key_rotation)
+            key = self._rotate_in(key, "key", self._key_rotation)
         if self.rotate_values:
-            value = _rotated(value, self._value_rotation)
+            value = self._rotate_in(value, "value", self._value_rotation)
         # (float64 into float16 goes through numpy: the kernels would round twice, via float32)
         if (
             self.batch * self.num_kv_heads * T <= APPEND_SERIAL_ROWS
@@ -685,6 +696,26 @@ class KVCache:
         else:
             self._append_numpy(key, value, T, check_finite)
         self._length += T
+
+    def _name(self, tensor):
+        """How messages name ``tensor`` ("key"/"value"): said to be rotated when the cache rotates it
+        (a range refusal is then about H·x, not about what the caller passed)."""
+        if (self.rotate_keys if tensor == "key" else self.rotate_values) is False:
+            return tensor
+        return (
+            f"{tensor}, Hadamard-rotated as this cache stores it (rotate={self.rotate!r}; "
+            "rotate=False stores it as given),"
+        )
+
+    def _rotate_in(self, x, name, block):
+        """H·x for storing; a finite x whose rotation overflows (|x| near float32's max) is refused here."""
+        rotated = _rotated(x, block)
+        if x.size and not np.isfinite(max_abs(rotated)) and np.isfinite(max_abs(x)):
+            raise ValueError(
+                f"{name} overflows {rotated.dtype.name} in the Hadamard rotation this cache applies "
+                f"(rotate={self.rotate!r}): scale it down, or use rotate=False"
+            )
+        return rotated
 
     def _writes(self, T):
         """Where T new tokens go: (sink, first, slot0). New tokens 0 … sink-1 fill the sink slots
@@ -701,7 +732,7 @@ class KVCache:
 
     def _append_serial(self, key, value, T, check_finite):
         rows = []
-        for name, x, fmt in (("key", key, self.key_dtype), ("value", value, self.value_dtype)):
+        for name, x, fmt in ((self._name("key"), key, self.key_dtype), (self._name("value"), value, self.value_dtype)):
             x = np.ascontiguousarray(x)
             bits = x.view(np.uint16) if x.dtype == np.float16 else x
             if (fmt == np.float16 or fmt == "int4") and x.dtype != np.float16:
@@ -743,7 +774,7 @@ class KVCache:
                     write_rows(x, data, s0, t0, n)
 
     def _append_numpy(self, key, value, T, check_finite):
-        for name, x, fmt in (("key", key, self.key_dtype), ("value", value, self.value_dtype)):
+        for name, x, fmt in ((self._name("key"), key, self.key_dtype), (self._name("value"), value, self.value_dtype)):
             if not _is_float_store(fmt):  # no code for NaN/inf: refused whatever check_finite says
                 if x.size and not np.isfinite(max_abs(x)):
                     raise ValueError(f"{name} contains NaN or inf; pass finite values")

@@ -524,12 +524,12 @@ def test_rotated_int8_keys_are_more_accurate_on_outlier_channels():
 
 
 # ----------------------------------------------------------------------------------------------
-# library bugs (failing on purpose; see the report)
+# guard and messages on copies and rotated tokens (found by review, fixed)
 # ----------------------------------------------------------------------------------------------
 
 
 def test_plain_query_on_a_wrapped_rings_ordered_keys_is_refused():
-    """BUG: once a ring has wrapped, ``cache.ordered()`` is a gathered copy of the rotated storage, which
+    """Once a ring has wrapped, ``cache.ordered()`` is a gathered copy of the rotated storage, which
     ``is_rotated_view`` does not recognise: an unrotated query against it is accepted and silently scores
     against rotated keys (the KVCache docstring: the stored keys/values "(and ordered())" hold the rotated
     vectors; scaled_dot_product_attention "refuses an unrotated query against rotated keys")."""
@@ -544,8 +544,8 @@ def test_plain_query_on_a_wrapped_rings_ordered_keys_is_refused():
 
 
 def test_plain_query_on_ordered_with_is_refused():
-    """BUG: ``cache.ordered_with(k, v)`` returns the cache's keys/values "rotated as stored" (its
-    docstring), but as new arrays the guard does not know: an unrotated query is accepted."""
+    """``cache.ordered_with(k, v)`` returns the cache's keys/values "rotated as stored" (its
+    docstring), new arrays the guard knows only because they are registered: an unrotated query is refused."""
     rng = np.random.default_rng(12)
     cache = KVCache(1, 1, 8, 100, dtype="int4")
     x = randn(rng, (1, 1, 5, 8), np.float32)
@@ -560,12 +560,12 @@ def test_plain_query_on_ordered_with_is_refused():
     "fmt,value,dtype", [("int4", 3e4, np.float32), (np.int8, 3e38, np.float32)], ids=["int4-3e4", "int8-3e38"]
 )
 def test_range_refusal_of_a_rotated_cache_is_explained(fmt, value, dtype):
-    """BUG (messages): the range checks run on the rotated tokens. A key whose every entry is 3e4 (within
+    """The range checks run on the rotated tokens. A key whose every entry is 3e4 (within
     int4's ±65504) rotates to 3e4·√64 = 2.4e5 and is refused with "key holds values beyond float16's range
     (|x| > 65504)", which the key does not; a finite float32 key of 3e38 (int8) overflows float32 in the
     rotation and is refused with "key contains NaN or inf". The refusals are right (the rotated values
-    cannot be stored), nothing is written, but the messages blame the input: they should say it is the
-    Hadamard rotation's result (rotate=False stores these keys)."""
+    cannot be stored) and nothing is written; the messages must say it is the Hadamard rotation's result
+    (rotate=False stores these keys), not blame the input."""
     cache = KVCache(1, 1, 64, 10, dtype=fmt)
     assert cache.rotate_keys
     key, value_ok = np.full((1, 1, 1, 64), value, dtype), np.ones((1, 1, 1, 64), np.float32)
