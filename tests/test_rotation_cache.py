@@ -324,6 +324,53 @@ def test_attend_into_out(kw, qdtype):
             cache.attend(q, out=bad)
 
 
+@pytest.mark.parametrize(
+    "kw", [dict(dtype=np.int8), dict(dtype="int4"), dict(key_dtype=np.float32, value_dtype="int4")]
+)
+@pytest.mark.parametrize("qdtype", [np.float32, np.float16, np.float64])
+def test_attend_refuses_bad_queries_and_arguments(kw, qdtype):
+    """The rotated paths (the lean one of float32/float64 queries with rotated keys, and the general one)
+    validate like an unrotated cache's attend, and a refused call leaves the query and the cache alone."""
+    cache = KVCache(2, 2, 8, 10, **kw)
+    cache.append(np.ones((2, 2, 3, 8)), np.arange(96.0).reshape(2, 2, 3, 8) / 96)
+    good = np.ones((2, 4, 1, 8), qdtype)
+    for q, exc, match in (
+        (good.astype(np.int32), TypeError, "query"),
+        (np.ones((2, 3, 1, 8), qdtype), ValueError, "query"),
+        (np.ones((1, 4, 1, 8), qdtype), ValueError, "query"),
+        (np.ones((2, 4, 1, 7), qdtype), ValueError, "query"),
+        (np.ones((4, 1, 8), qdtype), ValueError, "query"),
+        (np.ones((2, 4, 4, 8), qdtype), ValueError, "append"),
+    ):
+        with pytest.raises(exc, match=match):
+            cache.attend(q)
+    for options, match in (
+        (dict(window=0), "window"),
+        (dict(softcap=-1.0), "softcap"),
+        (dict(scale=0.0), "scale"),
+        (dict(alibi_slopes=np.ones(3)), "alibi_slopes"),
+        (dict(sinks=np.ones(5)), "sinks"),
+        (dict(out=np.empty((2, 4, 1, 8), np.int32)), "out must be"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            cache.attend(good, **options)
+    for bad_value in (np.nan, np.inf):
+        bad = good.copy()
+        bad[0, 1, 0, 2] = bad_value
+        before = copies(bad)
+        with pytest.raises(ValueError, match="query"):
+            cache.attend(bad)
+        assert_unchanged([bad], before)
+    assert cache.length == 3
+    keys, values = content(cache)
+    out = cache.attend(good)
+    assert_close(
+        out,
+        cache_reference(cache, good, keys, values, is_causal="lower_right", enable_gqa=True),
+        rtol=ATTEND_TOL[out.dtype],
+    )
+
+
 # ----------------------------------------------------------------------------------------------
 # windows, sink tokens, ALiBi / softcap / learned sinks
 # ----------------------------------------------------------------------------------------------
