@@ -681,9 +681,9 @@ class KVCache:
                 + ("" if self.window is not None else "; create it with a larger capacity or a window")
             )
         if self.rotate_keys:  # stored rotated (a copy: the caller's arrays are never modified)
-            key = self._rotate_in(key, "key", self._key_rotation)
+            key = self._rotate_in(key, "key", self._key_rotation, self.key_dtype, check_finite)
         if self.rotate_values:
-            value = self._rotate_in(value, "value", self._value_rotation)
+            value = self._rotate_in(value, "value", self._value_rotation, self.value_dtype, check_finite)
         # (float64 into float16 goes through numpy: the kernels would round twice, via float32)
         if (
             self.batch * self.num_kv_heads * T <= APPEND_SERIAL_ROWS
@@ -707,10 +707,18 @@ class KVCache:
             "rotate=False stores it as given),"
         )
 
-    def _rotate_in(self, x, name, block):
-        """H·x for storing; a finite x whose rotation overflows (|x| near float32's max) is refused here."""
+    def _rotate_in(self, x, name, block, fmt, check_finite):
+        """H·x for storing. NaN/inf in x are refused here as the caller's (the rotation would spread them
+        over the block; float32/float64 stores with check_finite=False take them), and a finite x whose
+        rotation overflows (|x| near float32's max) as the rotation's."""
+        finite = not x.size or np.isfinite(max_abs(x))
+        if not finite and (check_finite or not _is_float_store(fmt)):
+            raise ValueError(
+                f"{name} contains NaN or inf; pass finite values"
+                + (" (or check_finite=False to skip the check)" if _is_float_store(fmt) else "")
+            )
         rotated = _rotated(x, block)
-        if x.size and not np.isfinite(max_abs(rotated)) and np.isfinite(max_abs(x)):
+        if finite and x.size and not np.isfinite(max_abs(rotated)):
             raise ValueError(
                 f"{name} overflows {rotated.dtype.name} in the Hadamard rotation this cache applies "
                 f"(rotate={self.rotate!r}): scale it down, or use rotate=False"
