@@ -85,10 +85,10 @@ def _rotation(rotate, key_fmt, value_fmt, head_dim, value_dim):
     return keys, values
 
 
-def _rotated(x, block):
+def _rotated(x, block, wide=False):
     """H·x along the last axis (block-diagonal, ``block`` wide), a new C-contiguous float32 array
-    (float64 for float64 x)."""
-    out = np.empty(x.shape, np.float64 if x.dtype == np.float64 else np.float32)
+    (float64 for float64 x, or with ``wide``: a float64 cache's arithmetic)."""
+    out = np.empty(x.shape, np.float64 if wide or x.dtype == np.float64 else np.float32)
     if out.size:
         rows = np.ascontiguousarray(x).reshape(-1, x.shape[-1])
         hadamard_rows(rows.view(np.uint16) if rows.dtype == np.float16 else rows, block, out.reshape(rows.shape))
@@ -311,7 +311,7 @@ class KVCache:
         if q.dtype.kind != "f" or q.ndim < 1 or q.shape[-1] != self.head_dim:
             raise ValueError(f"query must be a float array (..., head_dim = {self.head_dim}), got {q.dtype} {q.shape}")
         if self.rotate_keys:
-            rotated = _rotated(q, self._key_rotation)
+            rotated = _rotated(q, self._key_rotation, np.float64 in (self._keys.dtype, self._values.dtype))
         else:
             rotated = np.array(q, np.float64 if q.dtype == np.float64 else np.float32)
         _ROTATED_QUERIES[id(rotated)] = rotated
@@ -557,7 +557,7 @@ class KVCache:
         if rotated and q.dtype != np.float16 and self.rotate_keys:
             # the lean path (a decode step's): the result's dtype is the query's, the kernel writes into
             # ``out`` unless the values are rotated too (then rotated back in place, into ``out``)
-            q = _rotated(q, self._key_rotation)
+            q = _rotated(q, self._key_rotation, np.float64 in (self._keys.dtype, self._values.dtype))
             _ROTATED_QUERIES[id(q)] = q  # (the paths that reorder the keys go through sdpa's guard)
             if self.rotate_values:
                 user_out, out = out, None
