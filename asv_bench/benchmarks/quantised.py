@@ -78,8 +78,8 @@ STORAGES = {
     "int8 block 32": dict(dtype=np.int8, rotate=False),
     "int8 block 32, rotated keys": dict(dtype=np.int8, rotate=True),
     "int8 per row": dict(dtype=np.int8, block=None, rotate=False),
-    "int8 keys, int4 values": dict(key_dtype=np.int8, value_dtype="int4", rotate=True),
-    "int4, rotated keys": dict(dtype="int4", rotate=True),
+    "int8 keys, int4 values, both rotated (default)": dict(key_dtype=np.int8, value_dtype="int4"),
+    "int4, both rotated (default)": dict(dtype="int4"),
 }
 
 
