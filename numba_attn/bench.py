@@ -908,11 +908,19 @@ NEIGHBOUR_LIFETIME = 1800
 BUSY_TARGET = 1.1
 
 _WATCHDOG = """
-import os, sys, threading, time
-_parent, _end = os.getppid(), time.monotonic() + float(sys.argv[1])
+import os, signal, sys, threading, time
+_parent, _end = int(sys.argv[2]), time.monotonic() + float(sys.argv[1])
+try:  # Linux: the kernel kills this process the moment its parent dies, whatever this one is doing
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+except (OSError, AttributeError):
+    pass
+if os.getppid() != _parent:  # the parent died before the line above took effect
+    os._exit(0)
 
 
-def _watch():  # exit once the bench process is gone (killed, crashed) or the lifetime is over
+def _watch():  # and, everywhere: exit once the parent is gone (killed, crashed) or the lifetime is over
     while os.getppid() == _parent and time.monotonic() < _end:
         time.sleep(0.1)
     os._exit(0)
@@ -982,8 +990,10 @@ def neighbours(kind, cores=None, settle=SETTLE_SECONDS, ready_timeout=300.0, lif
     loads the kernel). Each is a ``sys.executable`` subprocess in a session of its own; the block
     starts once every process has said it is ready and ``settle`` seconds more have passed. On the
     way out (normally, on an exception, on KeyboardInterrupt) every process group is killed and
-    reaped; should this process die without that, each neighbour exits within 0.1 s of noticing
-    its parent is gone, and after ``lifetime`` seconds in any case.
+    reaped; should this process die without that, the kernel kills each neighbour with it (Linux's
+    parent-death signal; call this from the thread that will leave the block), a watchdog thread
+    in each neighbour exits within 0.1 s of noticing its parent is gone (every platform), and
+    every neighbour exits after ``lifetime`` seconds in any case.
     """
     cores = cores or available_cores()
     count, extra = _neighbour_processes(kind, cores)
@@ -999,7 +1009,7 @@ def neighbours(kind, cores=None, settle=SETTLE_SECONDS, ready_timeout=300.0, lif
                 procs.append(
                     (
                         subprocess.Popen(
-                            [sys.executable, "-c", code, str(lifetime)],
+                            [sys.executable, "-c", code, str(lifetime), str(os.getpid())],
                             stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE,
                             stderr=err,

@@ -33,11 +33,15 @@ def _importable(name):
 
 
 def _alive(pid):
-    """True while ``pid`` exists and is not a zombie."""
+    """True while ``pid`` is a neighbour (its command line holds the watchdog) that is not a zombie:
+    a pid reused by another process once the neighbour is gone does not count."""
     try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"_watch" not in f.read():
+                return False
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):
         return False
 
 
@@ -96,7 +100,19 @@ def test_neighbours_exit_when_the_bench_process_is_killed():
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     pids = [int(p) for p in proc.stdout.split()]
     assert len(pids) == 2
-    assert not _wait_gone(pids), "neighbours outlived a killed bench process"
+    left = _wait_gone(pids, seconds=60)
+    assert not left, f"neighbours outlived a killed bench process: {_describe(left)}"
+
+
+def _describe(pids):
+    out = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                out.append(f"{pid}: " + " ".join(line.strip() for line in f if line.startswith(("State", "PPid"))))
+        except FileNotFoundError:
+            out.append(f"{pid}: gone")
+    return "; ".join(out)
 
 
 # ----------------------------------------------------------------------------------------------
