@@ -63,6 +63,11 @@ def _butterfly_sums_into(x, x_off, x_stride, out, out_off, width):
     vir.butterfly_sums_into(x, x_off, x_stride, out, out_off, literally(width))
 
 
+@njit
+def _exp_nonpositive_into(x, x_off, out, out_off, width):
+    vir.exp_nonpositive_into(x, x_off, out, out_off, literally(width))
+
+
 def _random(rng, n, dtype, integer_valued=False):
     """n random numbers of dtype: small integers for integer dtypes (and for ``integer_valued``
     floats), standard normal otherwise."""
@@ -300,6 +305,39 @@ def test_element_address_matches_loop(dtype):
         assert address == vir.element_address_loop(x, index) == x.ctypes.data + index * x.itemsize
 
 
+@given(
+    width=st.sampled_from(WIDTHS),
+    x_off=st.integers(0, 9),
+    out_off=st.integers(0, 9),
+    scale=st.sampled_from([1e-3, 1.0, 10.0, 40.0, 200.0]),
+    seed=st.integers(0, 2**32 - 1),
+)
+@EXAMPLES
+def test_exp_nonpositive_into_matches_loop(width, x_off, out_off, scale, seed):
+    """exp(x) for x ≤ 0 in vector IR: within 2 float32 ulps of the twin's (the scalar
+    ``exp_nonpositive``) and of float64 exp, exact 0 below -87.3 and for -inf, 1 at 0."""
+    rng = np.random.default_rng(seed)
+    x = (-np.abs(rng.standard_normal(x_off + width + 3)) * scale).astype(np.float32)
+    x[x_off] = 0.0
+    if width > 4:
+        x[x_off + 1] = -np.inf
+        x[x_off + 2] = np.float32(-87.31)
+    out = rng.standard_normal(out_off + width + 5).astype(np.float32)
+    expected = out.copy()
+    _exp_nonpositive_into(x, x_off, out, out_off, width)
+    vir.exp_nonpositive_into_loop(x, x_off, expected, out_off, width)
+    window = slice(out_off, out_off + width)
+    _same_bits(np.delete(out, np.r_[window]), np.delete(expected, np.r_[window]))
+    exact = np.exp(x[x_off : x_off + width].astype(np.float64))
+    exact[x[x_off : x_off + width] < np.float32(-87.3)] = 0.0
+    ulp = np.spacing(exact.astype(np.float32)).astype(np.float64)
+    assert (np.abs(out[window] - exact) <= 2 * ulp).all()
+    assert (np.abs(out[window].astype(np.float64) - expected[window]) <= 3 * ulp).all()
+    assert out[out_off] == 1.0
+    if width > 4:
+        assert out[out_off + 1] == 0.0 and out[out_off + 2] == 0.0
+
+
 def test_every_wrapper_has_a_twin_and_a_test():
     tested = {
         "splat_into",
@@ -310,6 +348,7 @@ def test_every_wrapper_has_a_twin_and_a_test():
         "fma_tile_into",
         "butterfly_sums_into",
         "element_address",
+        "exp_nonpositive_into",
     }
     assert {wrapper._defn.__name__ for wrapper in vir.TWINS} == tested
     assert all(twin.py_func.__name__ == wrapper._defn.__name__ + "_loop" for wrapper, twin in vir.TWINS.items())

@@ -26,6 +26,7 @@ Arrays must be C-contiguous float32 (checked at typing); offsets and strides are
 The IR is assembled from the helpers in ``_vector_ir`` (shared with ``_decode_tiles``).
 """
 
+from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
@@ -133,3 +134,89 @@ def _tile_values_overload(pt, vn, j0, nk, acct, nr):
         return rows_done
 
     return impl
+
+
+@intrinsic
+def softmax_tile(typingctx, st, nk, m, l, alpha, chk, check):
+    """The streaming-softmax step on one register tile's W query rows (float32), in vector IR.
+
+    st (≥ nk, W) holds the block's scores, keys × rows; m, l, alpha, chk hold (at least) the W rows'
+    running max, running sum, rescale factor and finite check. Per row r, with z_j = st[j, r]:
+
+        m' = max(m, max_j z_j);  shift = m' (0 while m' = -inf);  alpha = exp(m - shift)
+        st[j, r] ← p_j = exp(z_j - shift);  l ← alpha·l + Σ_j p_j;  m ← m'
+        check: chk += Σ_j z_j·0 (0, or NaN once a score is NaN or ±inf)
+
+    The NV vectors of VW rows are the loop's state: two passes over the nk keys (max, then exp and
+    sum) with the maxima and sums in registers, no per-key load or store of m or l; the exp is
+    ``_vector_ir.exp_nonpositive_vector``. What ``prefill.online_softmax_block`` does with plain
+    loops, which LLVM vectorises only for long rows: a 16-row group left its max pass scalar.
+    """
+    arrays = (st, m, l, alpha, chk)
+    if not all(_is_c_f32(x) for x in arrays) or st.ndim != 2 or any(x.ndim != 1 for x in arrays[1:]):
+        return None
+    sig = types.void(st, types.int64, m, l, alpha, chk, types.boolean)
+
+    def codegen(context, builder, signature, args):
+        st_, nk_, *_, check_ = args
+        sp = vir.data_pointer(context, builder, st, st_)
+        mp, lp, ap, cp = (vir.data_pointer(context, builder, t, a) for t, a in zip(arrays[1:], args[2:6]))
+        row = cgutils.unpack_tuple(builder, context.make_array(st)(context, builder, st_).shape, 2)[1]  # = W
+        f32 = vir.zeros(ir.FloatType(), VW).type
+        neg_inf = ir.Constant(f32, [float("-inf")] * VW)
+        zero = vir.zeros(ir.FloatType(), VW)
+
+        def at(j, c):
+            return vir.strided_index(builder, 0, j, row, c * VW)
+
+        maxima = [vir.accumulator(builder, neg_inf) for _ in range(NV)]
+        checks = [vir.accumulator(builder, zero) for _ in range(NV)]
+        with builder.if_else(check_) as (with_check, without_check):
+            for checking in (True, False):
+                with with_check if checking else without_check, cgutils.for_range(builder, nk_) as loop:
+                    for c in range(NV):
+                        z = vir.load_vector(builder, sp, at(loop.index, c), VW)
+                        slot = maxima[c]
+                        builder.store(vir.running_max_vector(builder, builder.load(slot), z), slot)
+                        if checking:
+                            vir.accumulate_fma(builder, checks[c], z, zero)
+        shifts, sums = [], []
+        for c in range(NV):
+            m_old = vir.load_vector(builder, mp, c * VW, VW)
+            m_new = vir.running_max_vector(builder, m_old, builder.load(maxima[c]))
+            shift = builder.select(builder.fcmp_ordered(">", m_new, neg_inf), m_new, zero)
+            a = vir.exp_nonpositive_vector(builder, builder.fsub(m_old, shift))
+            vir.store_vector(builder, a, ap, c * VW)
+            vir.store_vector(builder, m_new, mp, c * VW)
+            shifts.append(shift)
+            sums.append(vir.accumulator(builder, builder.fmul(vir.load_vector(builder, lp, c * VW, VW), a)))
+        with cgutils.for_range(builder, nk_) as loop:
+            for c in range(NV):
+                index = at(loop.index, c)
+                p = vir.exp_nonpositive_vector(
+                    builder, builder.fsub(vir.load_vector(builder, sp, index, VW), shifts[c])
+                )
+                vir.store_vector(builder, p, sp, index)
+                builder.store(builder.fadd(builder.load(sums[c]), p), sums[c])
+        for c in range(NV):
+            vir.store_vector(builder, builder.load(sums[c]), lp, c * VW)
+        with builder.if_then(check_):
+            for c in range(NV):
+                total = builder.fadd(vir.load_vector(builder, cp, c * VW, VW), builder.load(checks[c]))
+                vir.store_vector(builder, total, cp, c * VW)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def tile_rows(out):  # pragma: no cover - numba overload below
+    raise TypeError("tile_rows is a numba kernel helper: call it from @njit code")
+
+
+@overload(tile_rows)
+def _tile_rows_overload(out):
+    """W (query rows of a register tile) when ``out`` is a float32 array, the arithmetic the tiles
+    run; 0 otherwise (float64: no tile). A compile-time constant in the kernel."""
+    if isinstance(out, types.Array) and out.dtype == types.float32:
+        return lambda out: W
+    return lambda out: 0

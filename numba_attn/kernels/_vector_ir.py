@@ -24,6 +24,9 @@ function of an llvmlite ``builder`` (and numba's ``context`` where an array is u
 ``rank1_update``          accs[i][c] += splat(a[i])·b[c] over a register tile (one step of C += A·B)
 ``tile_accumulators``     rows × chunks accumulators loaded from (or zero for) a tile of an array
 ``store_tile``            the accumulators written back to that tile
+``running_max_vector``    ``x if a < x else a`` lane by lane (``fcmp`` + ``select``: a NaN ``x`` is ignored)
+``exp_nonpositive_vector`` exp(x) for float32 lanes x ≤ 0 (and -inf): ``_math.exp_nonpositive``'s range reduction
+                          and polynomial, in vector IR (``llvm.floor``, ``llvm.fma``, an exponent built from bits)
 ``butterfly_sum``         width vectors of width lanes → one vector whose lane j is the sum of vector j's lanes,
                           in 2·(width-1) shuffles and width-1 adds (log2 width levels; see ``butterfly_sum``)
 
@@ -43,6 +46,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from ._load import load
+from ._math import _EXP_LO, _LN2_HI, _LN2_LO, _LOG2E, exp_nonpositive
 
 _I32 = ir.IntType(32)
 _I64 = ir.IntType(64)
@@ -210,6 +214,49 @@ def store_tile(builder, accumulators, base, index_of):
     for i, row in enumerate(accumulators):
         for c, slot in enumerate(row):
             store_vector(builder, builder.load(slot), base, index_of(i, c))
+
+
+def running_max_vector(builder, a, x):
+    """Lane by lane ``x if a < x else a`` (Python's ``max(a, x)``; a NaN lane of ``x`` leaves ``a``)."""
+    return builder.select(builder.fcmp_ordered("<", a, x), x, a)
+
+
+def _intrinsic_call(builder, name, value):
+    value_type = value.type
+    function = cgutils.get_or_insert_function(builder.module, ir.FunctionType(value_type, [value_type]), name)
+    return builder.call(function, [value])
+
+
+def exp_nonpositive_vector(builder, x):
+    """exp(x) on a ``<width x float>`` whose lanes are ≤ 0 or -inf: ``_math.exp_nonpositive`` lane by lane.
+
+    x = n·ln2 + r with n = floor(x·log2 e + 1/2) (``llvm.floor``), r by two FMAs (ln 2 split in a high
+    and a low part), exp(r) by the degree-6 Taylor polynomial in Horner form (FMAs), 2ⁿ from the bits
+    (n + 127) << 23; lanes below -87.3 (-inf included) give exactly 0. ~17 vector instructions, no
+    libm call, no branch. A positive lane gives garbage; a NaN lane gives NaN.
+    """
+    width = x.type.count
+    vector_type = x.type
+
+    def const(value):
+        return ir.Constant(vector_type, [float(value)] * width)
+
+    low = const(_EXP_LO)
+    below = builder.fcmp_ordered("<", x, low)
+    xc = builder.select(below, low, x)
+    n = _intrinsic_call(builder, f"llvm.floor.v{width}f32", fma(builder, xc, const(_LOG2E), const(0.5)))
+    r = fma(builder, n, const(-_LN2_HI), xc)
+    r = fma(builder, n, const(-_LN2_LO), r)
+    p = const(1.0 / 720.0)
+    for coefficient in (1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0):
+        p = fma(builder, p, r, const(np.float32(coefficient)))
+    int_type = ir.VectorType(_I32, width)
+    bits = builder.shl(
+        builder.add(builder.fptosi(n, int_type), ir.Constant(int_type, [127] * width)),
+        ir.Constant(int_type, [23] * width),
+    )
+    y = builder.fmul(p, builder.bitcast(bits, vector_type))
+    return builder.select(below, zeros(_F32, width), y)
 
 
 def butterfly_sum(builder, vectors):
@@ -506,6 +553,31 @@ def element_address_loop(x, index):
     return x.ctypes.data + index * x.itemsize
 
 
+@intrinsic
+def exp_nonpositive_into(typingctx, x, x_off, out, out_off, width):
+    """``out[out_off + l] = exp(x[x_off + l])`` for l < width through ``exp_nonpositive_vector`` (float32)."""
+    lanes = _width(width)
+    if lanes is None or not is_c_array(x, types.float32) or not is_c_array(out, types.float32):
+        return None
+
+    def codegen(context, builder, signature, args):
+        x_, x_off_, out_, out_off_, _ = args
+        vector = load_vector(builder, data_pointer(context, builder, x, x_), x_off_, lanes)
+        store_vector(
+            builder, exp_nonpositive_vector(builder, vector), data_pointer(context, builder, out, out_), out_off_
+        )
+        return context.get_dummy_value()
+
+    return types.void(x, types.int64, out, types.int64, width), codegen
+
+
+@njit
+def exp_nonpositive_into_loop(x, x_off, out, out_off, width):
+    """Twin of ``exp_nonpositive_into``."""
+    for lane in range(width):
+        out[out_off + lane] = exp_nonpositive(x[x_off + lane])
+
+
 #: each @intrinsic wrapper → its plain-numba twin (tests/test_vector_ir.py checks that every pair agrees)
 TWINS = {
     splat_into: splat_into_loop,
@@ -516,4 +588,5 @@ TWINS = {
     fma_tile_into: fma_tile_into_loop,
     butterfly_sums_into: butterfly_sums_into_loop,
     element_address: element_address_loop,
+    exp_nonpositive_into: exp_nonpositive_into_loop,
 }
