@@ -3,6 +3,9 @@
 Run in a fresh process with NUMBA_LOOP_VECTORIZE=0 NUMBA_SLP_VECTORIZE=0: numba then hands over
 optimised but still scalar IR, and LLVM's aarch64 pipeline vectorises it with the aarch64 cost model
 (as numba itself would on a board). Prints one JSON object {probe: {cpu: {mnemonic: count}}}.
+
+``assemble`` takes any LLVM triple (``scripts/mca_model.py`` also compiles for x86-64 CPUs), and
+``LOOP_PROBES`` (the micro-kernels' inner loops, every storage format) are what that script models.
 """
 
 import collections
@@ -14,9 +17,15 @@ import numpy as np
 from numba import njit, types
 
 from numba_attn import config
-from numba_attn.kernels._decode_tiles import key_scores, value_rows_1x4
+from numba_attn.kernels._decode_tiles import (
+    key_scores,
+    key_scores_q4,
+    value_rows_1x4,
+    value_rows_4x4,
+    value_rows_q4_1x2,
+)
 from numba_attn.kernels._load import load
-from numba_attn.kernels._prefill_tiles import VW, tile_add
+from numba_attn.kernels._prefill_tiles import VW, tile_add, tile_set
 from numba_attn.kernels.quantised import int8_dot
 
 TRIPLE = "aarch64-unknown-linux-gnu"
@@ -50,21 +59,64 @@ def prefill_tile(pt, vn, acct, nk):  # the prefill P·V register tile (4 columns
 
 
 @njit(fastmath=config.FASTMATH)
-def decode_scores_f16(q, k, s):  # VW float16 keys' scores (shuffle butterfly)
+def prefill_scores_tile(kn, qt, st, E):  # the prefill Q·Kᵀ register tile (4 keys × W query rows)
+    tile_set(kn, 0, kn.shape[1], 1, qt, 0, qt.shape[1], st, 0, st.shape[1], E)
+
+
+@njit(fastmath=config.FASTMATH)
+def decode_scores(q, k, s):  # VW float32 or float16 keys' scores (shuffle butterfly)
     key_scores(q, 0, k, 0, k.shape[1], q, 0, 0, 0, k.shape[1], s, 0)
 
 
 @njit(fastmath=config.FASTMATH)
-def decode_values_i8(p, v, vs, acc, nk):  # one row × 4 vectors of int8 values, per-32 scales
-    value_rows_1x4(p, 0, p.shape[1], v, 0, v.shape[1], vs, 0, vs.shape[1], 0, 5, acc, 0, acc.shape[1], nk)
+def decode_scores_i8(q, k, ks, shift, s):  # VW int8 keys' scores, one scale per 2^shift entries
+    key_scores(q, 0, k, 0, k.shape[1], ks, 0, ks.shape[1], shift, k.shape[1], s, 0)
+
+
+@njit(fastmath=config.FASTMATH)
+def decode_scores_q4(q, k, ks, block, s):  # VW 4-bit keys' scores, (step, min) float16 per block
+    key_scores_q4(q, 0, k, 0, k.shape[1], ks, 0, ks.shape[1], block, q.shape[0], s, 0)
+
+
+@njit(fastmath=config.FASTMATH)
+def decode_values_1x4(p, v, vs, shift, acc, nk):  # one row × 4 vectors of float32/float16/int8 values
+    value_rows_1x4(p, 0, p.shape[1], v, 0, v.shape[1], vs, 0, vs.shape[1], 0, shift, acc, 0, acc.shape[1], nk)
+
+
+@njit(fastmath=config.FASTMATH)
+def decode_values_4x4(p, v, vs, shift, acc, nk):  # 4 rows (grouped heads) × 4 vectors of values
+    value_rows_4x4(p, 0, p.shape[1], v, 0, v.shape[1], vs, 0, vs.shape[1], 0, shift, acc, 0, acc.shape[1], nk)
+
+
+@njit(fastmath=config.FASTMATH)
+def decode_values_q4(p, v, vs, block, acc, nk):  # one row × 2 byte vectors (4 vectors of columns) of 4-bit values
+    value_rows_q4_1x2(p, 0, p.shape[1], v, 0, v.shape[1], vs, 0, vs.shape[1], 0, block, acc, 0, acc.shape[1], nk)
 
 
 F32_2D, U16_2D, I8_2D = types.float32[:, ::1], types.uint16[:, ::1], types.int8[:, ::1]
+U8_2D, F32_1D, I64 = types.uint8[:, ::1], types.float32[::1], types.int64
 #: the vector-IR micro-kernels (run with NUMBA_ATTN_TILE=4x4, NEON's tile shape)
 TILE_PROBES = {
     "prefill tile": (prefill_tile, (F32_2D, F32_2D, F32_2D, types.int64)),
-    "decode scores float16": (decode_scores_f16, (types.float32[::1], U16_2D, types.float32[::1])),
-    "decode values int8": (decode_values_i8, (F32_2D, I8_2D, F32_2D, F32_2D, types.int64)),
+    "decode scores float16": (decode_scores, (F32_1D, U16_2D, F32_1D)),
+    "decode values int8": (decode_values_1x4, (F32_2D, I8_2D, F32_2D, I64, F32_2D, I64)),  # per-2^shift scales
+}
+
+#: every inner loop of the vector-IR micro-kernels, for ``scripts/mca_model.py`` (one step of each: see its
+#: ``STEPS``); the value tiles take a scale array and shift (unused for float values)
+LOOP_PROBES = {
+    "prefill P·V tile": TILE_PROBES["prefill tile"],
+    "prefill Q·Kᵀ tile": (prefill_scores_tile, (F32_2D, F32_2D, F32_2D, I64)),
+    "decode scores float32": (decode_scores, (F32_1D, F32_2D, F32_1D)),
+    "decode scores float16": TILE_PROBES["decode scores float16"],
+    "decode scores int8": (decode_scores_i8, (F32_1D, I8_2D, F32_2D, I64, F32_1D)),
+    "decode scores int4": (decode_scores_q4, (F32_1D, U8_2D, U16_2D, I64, F32_1D)),
+    "decode values float32": (decode_values_1x4, (F32_2D, F32_2D, F32_2D, I64, F32_2D, I64)),
+    "decode values float16": (decode_values_1x4, (F32_2D, U16_2D, F32_2D, I64, F32_2D, I64)),
+    "decode values int8": TILE_PROBES["decode values int8"],
+    "decode values int4": (decode_values_q4, (F32_2D, U8_2D, U16_2D, I64, F32_2D, I64)),
+    "decode values float32 4 rows": (decode_values_4x4, (F32_2D, F32_2D, F32_2D, I64, F32_2D, I64)),
+    "decode values int8 4 rows": (decode_values_4x4, (F32_2D, I8_2D, F32_2D, I64, F32_2D, I64)),
 }
 
 PROBES = {
@@ -74,7 +126,7 @@ PROBES = {
 }
 
 
-def _portable_ir(ir):
+def _portable_ir(ir, triple=TRIPLE):
     """The module's IR without host specifics: Python wrappers and NRT bodies become declarations."""
     out = []
     for block in re.split(r"(?m)^(?=define )", ir):
@@ -91,15 +143,16 @@ def _portable_ir(ir):
         else:
             out.append(block)
     ir = "".join(out)
-    ir = re.sub(r'target triple = "[^"]*"', f'target triple = "{TRIPLE}"', ir)
+    ir = re.sub(r'target triple = "[^"]*"', f'target triple = "{triple}"', ir)
     ir = re.sub(r'target datalayout = "[^"]*"\n', "", ir)
     return re.sub(r'"target-cpu"="[^"]*"|"target-features"="[^"]*"|"tune-cpu"="[^"]*"', "", ir)
 
 
-def assemble(ir, cpu):
-    mod = llvm.parse_assembly(_portable_ir(ir))
-    tm = llvm.Target.from_triple(TRIPLE).create_target_machine(cpu=cpu, features="", opt=3)
-    mod.triple = TRIPLE
+def assemble(ir, cpu, triple=TRIPLE):
+    """``ir`` (a numba function's LLVM IR) optimised and vectorised at -O3 for ``cpu``, as assembly text."""
+    mod = llvm.parse_assembly(_portable_ir(ir, triple))
+    tm = llvm.Target.from_triple(triple).create_target_machine(cpu=cpu, features="", opt=3)
+    mod.triple = triple
     mod.data_layout = str(tm.target_data)
     pto = llvm.create_pipeline_tuning_options(speed_level=3)
     pto.loop_vectorization = True
