@@ -48,7 +48,9 @@ def _is_c_f32(x):
     return is_c_array(x, types.float32)
 
 
-def _make(accumulate):
+def _make(accumulate, ki, vw, nv):
+    """The @intrinsic C (+)= A·B on one ki × (nv·vw) tile: ki·nv accumulators of ``<vw x float>``."""
+
     def microkernel(typingctx, a, a_off, a_si, a_st, b, b_off, b_st, c, c_off, c_si, T):
         if not (_is_c_f32(a) and _is_c_f32(b) and _is_c_f32(c)):
             return None
@@ -62,32 +64,43 @@ def _make(accumulate):
             cp = vir.data_pointer(context, builder, c, c_)
 
             def c_index(i, m):
-                return vir.strided_index(builder, c_off_, i, c_si_, VW * m)
+                return vir.strided_index(builder, c_off_, i, c_si_, vw * m)
 
-            # KI × NV accumulators, in registers for the whole loop over t
-            accs = vir.tile_accumulators(builder, cp, c_index, KI, NV, VW, zero=not accumulate)
+            # ki × nv accumulators, in registers for the whole loop over t
+            accs = vir.tile_accumulators(builder, cp, c_index, ki, nv, vw, zero=not accumulate)
             with cgutils.for_range(builder, T_) as loop:
                 t = loop.index
                 bvs = [
-                    vir.load_vector(builder, bp, vir.strided_index(builder, b_off_, t, b_st_, VW * m), VW)
-                    for m in range(NV)
+                    vir.load_vector(builder, bp, vir.strided_index(builder, b_off_, t, b_st_, vw * m), vw)
+                    for m in range(nv)
                 ]
                 a_col = vir.strided_index(builder, a_off_, t, a_st_)
-                a_t = [vir.load_element(builder, ap, vir.strided_index(builder, a_col, i, a_si_)) for i in range(KI)]
+                a_t = [vir.load_element(builder, ap, vir.strided_index(builder, a_col, i, a_si_)) for i in range(ki)]
                 vir.rank1_update(builder, accs, a_t, bvs)
             vir.store_tile(builder, accs, cp, c_index)
             return context.get_dummy_value()
 
         return sig, codegen
 
-    microkernel.__name__ = microkernel.__qualname__ = "tile_add" if accumulate else "tile_set"
-    return microkernel
+    microkernel.__name__ = microkernel.__qualname__ = f"tile_{'add' if accumulate else 'set'}_{ki}x{nv}x{vw}"
+    return intrinsic(microkernel)
 
 
-#: C = A·B on one 4 × W tile (scores: overwrite)
-tile_set = intrinsic(_make(False))
-#: C += A·B on one 4 × W tile (P·V: accumulate)
-tile_add = intrinsic(_make(True))
+_TILES = {}
+
+
+def tile_kernel(accumulate, ki, vw, nv):
+    """The micro-kernel of one shape (built once): ki rows of A × nv vectors of vw lanes."""
+    key = (accumulate, ki, vw, nv)
+    if key not in _TILES:
+        _TILES[key] = _make(accumulate, ki, vw, nv)
+    return _TILES[key]
+
+
+#: C = A·B on one KI × W tile (scores: overwrite)
+tile_set = tile_kernel(False, KI, VW, NV)
+#: C += A·B on one KI × W tile (P·V: accumulate)
+tile_add = tile_kernel(True, KI, VW, NV)
 
 
 def tile_scores(qt, kn, j0, nk, st, nr):  # pragma: no cover - numba overload below

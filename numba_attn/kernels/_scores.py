@@ -86,9 +86,8 @@ def mask_score_line(x, count, mask_n, mask_kind, i0, di, j0, dj, mask_li, mask_s
     x[t] (query row i = i0 + di·t, key j = j0 + dj·t, t < count): -inf where a boolean mask is False,
     + M_ij for a float mask, nothing for ``MASK_NONE``."""
     if mask_kind == MASK_BOOL:
-        for t in range(count):
-            if not mask_n[(i0 + di * t) * mask_li, (j0 + dj * t) * mask_sj]:
-                x[t] = -np.inf
+        for t in range(count):  # a select and an unconditional store: no branch per score
+            x[t] = x[t] if mask_n[(i0 + di * t) * mask_li, (j0 + dj * t) * mask_sj] else -np.inf
     elif mask_kind == MASK_ADD:
         for t in range(count):
             x[t] += mask_n[(i0 + di * t) * mask_li, (j0 + dj * t) * mask_sj]

@@ -311,8 +311,9 @@ def adjust_score_block(
         for j in range(nk):
             adjust_score_line(st[j], nr, i0, 1, j0 + j, 0, pos_offset, slope, softcap, window)
     if mask_kind != MASK_NONE:
-        for j in range(nk):
-            mask_score_line(st[j], nr, mask_n, mask_kind, i0, 1, j0 + j, 0, mask_li, mask_sj)
+        # one query row at a time: the mask is read along its rows (contiguous), st down a column
+        for r in range(nr):
+            mask_score_line(st[:, r], nk, mask_n, mask_kind, i0 + r, 0, j0, 1, mask_li, mask_sj)
     if diagonal:
         for j in range(nk):
             row = st[j]
