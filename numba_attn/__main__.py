@@ -1,4 +1,4 @@
-"""``python -m numba_attn info | check | bench | warmup``: what the JIT targets here, a self-test of every
+"""``python -m numba_attn info | check | bench | warmup | tune``: what the JIT targets here, a self-test of every
 kernel against the float64 reference, a side-by-side benchmark against the baselines, and compiling
 every kernel once into the on-disk cache.
 
@@ -7,9 +7,10 @@ Only the command line lives here; the commands are ``info.run_info``, ``check.ru
 """
 
 import argparse
+import subprocess
 import sys
 
-from . import bench, check, info
+from . import bench, check, info, tune
 
 
 def main(argv=None):
@@ -18,7 +19,10 @@ def main(argv=None):
     sub.add_parser("info", help="versions, threading layer, CPU target, compile cache")
     c = sub.add_parser("check", help="run every kernel on random data against the float64 reference")
     c.add_argument("--quick", action="store_true", help="one case per kernel and precision")
-    sub.add_parser("warmup", help="compile every kernel variant once (e.g. at install time) into the cache")
+    w = sub.add_parser("warmup", help="compile every kernel variant once (e.g. at install time) into the cache")
+    w.add_argument("--tune", action="store_true", help="first choose the register tile by measurement (see tune)")
+    t = sub.add_parser("tune", help="time the register-tile shapes on this CPU and keep the fastest (about 30 s)")
+    t.add_argument("--dry-run", action="store_true", help="time and print, store nothing")
     b = sub.add_parser("bench", help="time numba_attn against numpy, torch and onnxruntime (those installed)")
     b.add_argument("--quick", action="store_true", help="fewer, smaller cases and shorter timing")
     b.add_argument("--full", action="store_true", help="also the L = S = 4096 prefills")
@@ -43,6 +47,12 @@ def main(argv=None):
         parser.error("--full and --plot belong to the main table, not to --busy or --layer")
     if args.command == "info":
         return info.run_info()
+    if args.command == "tune":
+        return tune.run_tune(write=not args.dry_run)
+    if args.command == "warmup" and args.tune:
+        status = tune.run_tune()
+        # the kernels of this process were built for the old shape: compile in a fresh one
+        return status or subprocess.call([sys.executable, "-m", "numba_attn", "warmup"])
     if args.command == "warmup":
         return info.run_warmup()
     if args.command == "bench" and args.busy:

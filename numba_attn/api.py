@@ -25,6 +25,7 @@ from ._validate import (
 from .cache import is_kv_cache_view, is_rotated_query, is_rotated_view
 from .kernels import decode, prefill
 from .kernels._load import to_float16
+from .kernels._prefill_tiles import W as ROW_TILE
 from .kernels._scores import MASK_NONE
 
 __all__ = ["scaled_dot_product_attention", "attention_weights"]
@@ -260,11 +261,11 @@ def _to_out_dtype(out, dtype, value_is_half):
 
 def prefill_block_q(N, L):
     """Query rows per prefill work item: the larger block when it still leaves every thread
-    PREFILL_ITEMS_PER_THREAD items (N batch entries × ceil(L / block) items)."""
+    PREFILL_ITEMS_PER_THREAD items (N batch entries × ceil(L / block) items), rounded down to whole
+    register tiles of W rows."""
     big = config.PREFILL_BLOCK_Q_LARGE
-    if N * -(-L // big) >= config.PREFILL_ITEMS_PER_THREAD * get_num_threads():
-        return big
-    return config.PREFILL_BLOCK_Q
+    block = big if N * -(-L // big) >= config.PREFILL_ITEMS_PER_THREAD * get_num_threads() else config.PREFILL_BLOCK_Q
+    return max(ROW_TILE, block // ROW_TILE * ROW_TILE)  # whole register tiles (W = 24 would pad 128 to 144)
 
 
 def decode_splits(n_items, S):

@@ -5,10 +5,10 @@ Environment variables (read at import, and again by ``_reset()``):
 ``NUMBA_ATTN_CACHE``   ``1`` (default) keeps compiled kernels in numba's on-disk cache, ``0`` turns it off.
 ``NUMBA_CACHE_DIR``    numba's own: where the cache goes (default: ``numba_attn/kernels/__pycache__``,
                        else ``~/.cache/numba``).
-``NUMBA_ATTN_TILE``    ``VWxNV``, e.g. ``8x2``: the vector width and vectors per row of the register-tiled
-                       micro-kernels (``kernels/_prefill_tiles.py``); by default 16x4 with AVX-512 on the host,
-                       8x2 with AVX/AVX2 (host, or ``+avx2`` in an explicit ``NUMBA_CPU_FEATURES``),
-                       4x4 on an aarch64 host and 4x2 otherwise.
+``NUMBA_ATTN_TILE``    ``VWxNV`` or ``VWxNVxKI``, e.g. ``8x2`` or ``8x2x4``: the vector width, vectors per row
+                       and rows per tile of the register-tiled micro-kernels (``kernels/_prefill_tiles.py``);
+                       overrides the shape ``python -m numba_attn tune`` stored for this CPU and the
+                       instruction set's default (``tile_shape``).
 
 If no cache location is writable (a read-only install with a read-only HOME), caching is turned
 off instead of failing at import (numba raises "no locator available" there): every process then
@@ -58,43 +58,99 @@ def _cache_location():
     return user_wide if _writable_dir(user_wide) else None
 
 
-#: tile shapes the vector-IR micro-kernels accept: vector width (lanes) and vectors per tile row
+#: tile shapes the vector-IR micro-kernels accept: vector width (lanes), vectors per tile row, rows of A
 TILE_WIDTHS = (4, 8, 16)
-TILE_VECTORS = (1, 2, 4)
+TILE_VECTORS = (1, 2, 3, 4, 5, 6)
+TILE_ROWS = (1, 2, 3, 4, 5, 6, 7, 8)
+#: the file ``python -m numba_attn tune`` writes its winners to, beside the kernel cache
+TUNED_TILES_FILE = "numba_attn_tiles.json"
 
 
-def tile_shape():
-    """(VW, NV) of the register tiles for the CPU numba compiles for (see ``kernels/_prefill_tiles.py``);
-    ``NUMBA_ATTN_TILE=VWxNV`` (e.g. ``4x4``) overrides it, for tests and cross-compilation."""
-    forced = os.environ.get("NUMBA_ATTN_TILE")
-    if forced:
-        try:
-            vw, nv = (int(x) for x in forced.lower().split("x"))
-        except ValueError:
-            vw = nv = 0
-        if vw not in TILE_WIDTHS or nv not in TILE_VECTORS:
-            raise ValueError(f"NUMBA_ATTN_TILE must be VWxNV with VW in 4, 8, 16 and NV in 1, 2, 4, got {forced!r}")
-        return vw, nv
+def _parse_tile(text):
+    """(VW, NV, KI) from ``VWxNV`` (KI = 4) or ``VWxNVxKI``; ValueError naming NUMBA_ATTN_TILE otherwise."""
+    try:
+        parts = [int(x) for x in text.lower().split("x")]
+    except ValueError:
+        parts = []
+    if len(parts) == 2:
+        parts.append(4)
+    if len(parts) != 3 or parts[0] not in TILE_WIDTHS or parts[1] not in TILE_VECTORS or parts[2] not in TILE_ROWS:
+        raise ValueError(
+            "NUMBA_ATTN_TILE must be VWxNV or VWxNVxKI with VW in 4, 8, 16, NV in 1-6 and KI in 1-8 "
+            f"(e.g. 8x2 or 8x2x4), got {text!r}"
+        )
+    return tuple(parts)
+
+
+def target_cpu():
+    """(CPU name, sorted '+feature' string) numba compiles for: the host's, or NUMBA_CPU_NAME/FEATURES."""
     import numba
     from llvmlite import binding as llvm_binding
 
     name = numba.config.CPU_NAME
-    host = not name or name == "host"
-    if host:
+    if not name or name == "host":
         try:
             features = llvm_binding.get_host_cpu_features().flatten()
         except RuntimeError:  # LLVM cannot read them (some emulators, exotic kernels)
             features = ""
-    else:
-        features = numba.config.CPU_FEATURES or ""  # an explicit, portable target: assume little
-    flags = {f[1:] for f in features.split(",") if f.startswith("+")}
+        return llvm_binding.get_host_cpu_name(), ",".join(sorted(f for f in features.split(",") if f.startswith("+")))
+    return name, ",".join(sorted(f for f in (numba.config.CPU_FEATURES or "").split(",") if f.startswith("+")))
+
+
+def tune_key():
+    """The key of this CPU in the tuned-tiles file: numba's CPU name and features, ``name|+f1,+f2,...``."""
+    return "|".join(target_cpu())
+
+
+def tuned_tiles_path():
+    """Where ``tune`` keeps its results: beside the kernel cache (None when no cache directory is writable)."""
+    return os.path.join(CACHE_DIR, TUNED_TILES_FILE) if CACHE_DIR else None
+
+
+def _tuned_tile(path):
+    """The tuned (VW, NV, KI) for this CPU from ``path``, or None (no file, no entry, unreadable)."""
+    import json
+
+    try:
+        with open(path) as f:
+            entry = json.load(f).get(tune_key())
+        shape = (int(entry["VW"]), int(entry["NV"]), int(entry["KI"]))
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
+    return shape if shape[0] in TILE_WIDTHS and shape[1] in TILE_VECTORS and shape[2] in TILE_ROWS else None
+
+
+def tile_shape(tuned_path=None, forced=True):
+    """(VW, NV, KI, where it came from) of the register tiles for the CPU numba compiles for (see
+    ``kernels/_prefill_tiles.py``), in this order: ``NUMBA_ATTN_TILE=VWxNV[xKI]``; the shape
+    ``python -m numba_attn tune`` measured best on this CPU (``tuned_path``, keyed by CPU name and
+    features); else the instruction set's default, each chosen by measurement (``forced=False``
+    ignores NUMBA_ATTN_TILE):
+
+    - AVX-512 host: 16 lanes × 4 vectors × 4 rows (Zen 4 / Sapphire Rapids, earlier sessions);
+    - AVX/AVX2: 8 × 2 × 4 (Zen 3: 93 GFLOP/s per core on the prefill tiles, 4 × 3 × 8 gave 85 and
+      6 × 2 × 8 94 but with remainders; see ``numba_attn/tune.py``);
+    - aarch64 host: 4 × 4 × 4 (NEON, 32 registers: 97-100 % of the modelled FMA peak, ``scripts/mca_model.py``);
+    - anything else (SSE, a portable target): 4 × 2 × 4.
+    """
+    override = os.environ.get("NUMBA_ATTN_TILE") if forced else None
+    if override:
+        return (*_parse_tile(override), "NUMBA_ATTN_TILE")
+    import numba
+
+    name = numba.config.CPU_NAME
+    host = not name or name == "host"
+    tuned = _tuned_tile(tuned_path) if tuned_path else None
+    if tuned:
+        return (*tuned, f"tuned ({tuned_path})")
+    flags = {f[1:] for f in target_cpu()[1].split(",") if f}
     if host and "avx512f" in flags:
-        return 16, 4
+        return 16, 4, 4, "default for AVX-512"
     if "avx2" in flags or "avx" in flags:
-        return 8, 2
+        return 8, 2, 4, "default for AVX/AVX2"
     if host and platform.machine().lower() in ("aarch64", "arm64"):
-        return 4, 4  # NEON: 32 registers of 4 floats
-    return 4, 2
+        return 4, 4, 4, "default for NEON"
+    return 4, 2, 4, "default (SSE or a portable target)"
 
 
 def _cache_wanted():
@@ -106,7 +162,7 @@ def _reset():
     CPU target) into ``CACHE_DIR``, ``CACHE``, ``CACHE_UNAVAILABLE``, ``TILE_VW`` and ``TILE_NV``. For
     tests. Kernels already compiled (or already decorated, for ``cache``) keep what they were built with:
     the cache flag is read when a kernel module is imported, the tile shape when a kernel compiles."""
-    global CACHE_DIR, CACHE, CACHE_UNAVAILABLE, TILE_VW, TILE_NV, OMP_WAIT_POLICY
+    global CACHE_DIR, CACHE, CACHE_UNAVAILABLE, TILE_VW, TILE_NV, TILE_KI, TILE_SOURCE, OMP_WAIT_POLICY
     OMP_WAIT_POLICY = os.environ.get("NUMBA_ATTN_OMP_WAIT_POLICY", "PASSIVE").upper()
     wanted = _cache_wanted()
     CACHE_DIR = _cache_location() if wanted else None
@@ -118,7 +174,7 @@ def _reset():
         if not wanted
         else "no writable cache directory (package dir, NUMBA_CACHE_DIR, ~/.cache/numba)"
     )
-    TILE_VW, TILE_NV = tile_shape()
+    TILE_VW, TILE_NV, TILE_KI, TILE_SOURCE = tile_shape(tuned_tiles_path())
 
 
 #: GNU OpenMP wait policy of numba's thread pool (omp layer), unless the user set OMP_WAIT_POLICY or
@@ -133,8 +189,9 @@ CACHE_DIR = None
 CACHE = False
 #: Why caching is off, when it is.
 CACHE_UNAVAILABLE = None
-#: Register tile of the float32 micro-kernels: VW lanes per vector, NV vectors per tile row (``tile_shape``).
-TILE_VW, TILE_NV = 4, 2
+#: Register tile of the float32 micro-kernels: VW lanes per vector, NV vectors per tile row, KI rows of A
+#: per tile, and where the shape came from (``tile_shape``).
+TILE_VW, TILE_NV, TILE_KI, TILE_SOURCE = 4, 2, 4, "default"
 _reset()
 
 #: Query rows per parallel work item of the prefill kernel (the length of every vector loop) ...

@@ -58,7 +58,10 @@ def run_info(out=None):
             "prefill blocks (query rows x keys)",
             f"{config.PREFILL_BLOCK_Q} (or {config.PREFILL_BLOCK_Q_LARGE}) x {config.PREFILL_BLOCK_K}",
         ),
-        ("register tile (lanes x vectors)", f"{config.TILE_VW} x {config.TILE_NV}"),
+        (
+            "register tile (rows x lanes x vectors)",
+            f"{config.TILE_KI} x {config.TILE_VW} x {config.TILE_NV}: {config.TILE_SOURCE}",
+        ),
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:

@@ -349,27 +349,33 @@ def test_portable_generic_cpu_target(tmp_path):
 
 def test_tile_shape_override(monkeypatch):
     monkeypatch.setenv("NUMBA_ATTN_TILE", "8x2")
-    assert config.tile_shape() == (8, 2)
-    for bad in ("3x2", "8x3", "8", "axb", "8x2x1"):
+    assert config.tile_shape() == (8, 2, 4, "NUMBA_ATTN_TILE")
+    monkeypatch.setenv("NUMBA_ATTN_TILE", "16x3x6")
+    assert config.tile_shape()[:3] == (16, 3, 6)
+    for bad in ("3x2", "8x7", "8", "axb", "8x2x9", "8x2x0", "8x2x4x1"):
         monkeypatch.setenv("NUMBA_ATTN_TILE", bad)
         with pytest.raises(ValueError, match="NUMBA_ATTN_TILE"):
             config.tile_shape()
     monkeypatch.delenv("NUMBA_ATTN_TILE")
-    assert config.tile_shape() in {(vw, nv) for vw in config.TILE_WIDTHS for nv in config.TILE_VECTORS}
+    vw, nv, ki, source = config.tile_shape()
+    assert vw in config.TILE_WIDTHS and nv in config.TILE_VECTORS and ki in config.TILE_ROWS
+    assert source.startswith("default")
 
 
 def test_the_kernels_use_the_configured_tile_shape():
     from numba_attn.kernels import _decode_tiles as _dots
     from numba_attn.kernels import _prefill_tiles as _tile
 
-    assert (_tile.VW, _tile.NV) == (config.TILE_VW, config.TILE_NV) and _tile.W == _tile.VW * _tile.NV
+    assert (_tile.VW, _tile.NV, _tile.KI) == (config.TILE_VW, config.TILE_NV, config.TILE_KI)
+    assert _tile.W == _tile.VW * _tile.NV
     assert _dots.VW == config.TILE_VW
 
 
 @pytest.fixture
 def restore_config():
     """Put config's environment-derived values back after a test that calls ``_reset``."""
-    saved = {name: getattr(config, name) for name in ("CACHE_DIR", "CACHE", "CACHE_UNAVAILABLE", "TILE_VW", "TILE_NV")}
+    names = ("CACHE_DIR", "CACHE", "CACHE_UNAVAILABLE", "TILE_VW", "TILE_NV", "TILE_KI", "TILE_SOURCE")
+    saved = {name: getattr(config, name) for name in names}
     yield
     for name, value in saved.items():
         setattr(config, name, value)
@@ -380,7 +386,7 @@ def test_reset_rereads_the_environment(monkeypatch, tmp_path, restore_config):
     monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "not" / "yet"))
     monkeypatch.delenv("NUMBA_ATTN_CACHE", raising=False)
     config._reset()
-    assert (config.TILE_VW, config.TILE_NV) == (4, 1)
+    assert (config.TILE_VW, config.TILE_NV, config.TILE_KI) == (4, 1, 4)
     assert (config.CACHE, config.CACHE_DIR, config.CACHE_UNAVAILABLE) == (True, str(tmp_path / "not" / "yet"), None)
     assert not (tmp_path / "not").exists()
     monkeypatch.setenv("NUMBA_ATTN_CACHE", "0")

@@ -22,14 +22,18 @@ def _cache_probe():  # pragma: no cover - never called: numba's cache locator re
 
 
 def _fingerprint():
-    """sha256 over the sources of every kernel module and numba's version."""
+    """sha256 over the sources of every kernel module, numba's version and the register tile shape (a
+    kernel compiled for another shape, e.g. before ``tune``, must not be loaded)."""
     import hashlib
     import os
 
     import numba
 
+    from .. import config
+
     here = os.path.dirname(os.path.abspath(__file__))
     digest = hashlib.sha256(numba.__version__.encode())
+    digest.update(repr((config.TILE_VW, config.TILE_NV, config.TILE_KI)).encode())
     for name in sorted(os.listdir(here)):
         if name.endswith(".py"):
             with open(os.path.join(here, name), "rb") as f:

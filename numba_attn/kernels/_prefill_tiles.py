@@ -35,11 +35,9 @@ from .. import config
 from . import _vector_ir as vir
 from ._vector_ir import is_c_array
 
-#: rows of A (keys, or value columns) per tile
-KI = 4
-
-
-VW, NV = config.TILE_VW, config.TILE_NV  # chosen per target in config.tile_shape (NUMBA_ATTN_TILE)
+#: chosen per target in config.tile_shape (a tuned shape, NUMBA_ATTN_TILE, or the instruction set's default):
+#: vector width (lanes), vectors per tile row, rows of A (keys, or value columns) per tile
+VW, NV, KI = config.TILE_VW, config.TILE_NV, config.TILE_KI
 #: query rows per tile
 W = VW * NV
 
@@ -111,20 +109,38 @@ def tile_values(pt, vn, j0, nk, acct, nr):  # pragma: no cover - numba overload 
     raise TypeError("tile_values is a numba kernel helper: call it from @njit code")
 
 
+#: the smaller tiles that cover what is left after the groups of KI (at most KI - 1 rows of A)
+_REST = (4, 2, 1)
+_set4, _set2, _set1 = (tile_kernel(False, ki, VW, NV) for ki in _REST)
+_add4, _add2, _add1 = (tile_kernel(True, ki, VW, NV) for ki in _REST)
+
+
 @overload(tile_scores)
 def _tile_scores_overload(qt, kn, j0, nk, st, nr):
-    """st[j, r] = Σ_d kn[j0 + j, d]·qt[d, r] for the 4-key groups j < nk//4·4 and rows r < nr//W·W;
-    returns nr//W·W (the rows done). Any other dtype or layout: does nothing and returns 0."""
+    """st[j, r] = Σ_d kn[j0 + j, d]·qt[d, r] for every key j < nk and the rows r < nr//W·W: KI keys per
+    tile, the last nk % KI keys by tiles of 4, 2 and 1; returns nr//W·W (the rows done). Any other
+    dtype or layout: does nothing and returns 0."""
     if not (_is_c_f32(qt) and _is_c_f32(kn) and _is_c_f32(st)):
         return lambda qt, kn, j0, nk, st, nr: 0
 
     def impl(qt, kn, j0, nk, st, nr):
         E = qt.shape[0]
         ks = kn.shape[1]  # row stride of the keys (= E)
+        ss = st.shape[1]
         rows_done = nr // W * W
-        for j in range(0, nk // KI * KI, KI):
-            for r0 in range(0, rows_done, W):
-                tile_set(kn, (j0 + j) * ks, ks, 1, qt, r0, qt.shape[1], st, j * st.shape[1] + r0, st.shape[1], E)
+        for r0 in range(0, rows_done, W):
+            j = 0
+            while j + KI <= nk:
+                tile_set(kn, (j0 + j) * ks, ks, 1, qt, r0, qt.shape[1], st, j * ss + r0, ss, E)
+                j += KI
+            if KI > 4 and j + 4 <= nk:
+                _set4(kn, (j0 + j) * ks, ks, 1, qt, r0, qt.shape[1], st, j * ss + r0, ss, E)
+                j += 4
+            if KI > 2 and j + 2 <= nk:
+                _set2(kn, (j0 + j) * ks, ks, 1, qt, r0, qt.shape[1], st, j * ss + r0, ss, E)
+                j += 2
+            if KI > 1 and j < nk:
+                _set1(kn, (j0 + j) * ks, ks, 1, qt, r0, qt.shape[1], st, j * ss + r0, ss, E)
         return rows_done
 
     return impl
@@ -132,18 +148,31 @@ def _tile_scores_overload(qt, kn, j0, nk, st, nr):
 
 @overload(tile_values)
 def _tile_values_overload(pt, vn, j0, nk, acct, nr):
-    """acct[e, r] += Σ_{j < nk} pt[j, r]·vn[j0 + j, e] for the 4-column groups e < Ev//4·4 and rows
-    r < nr//W·W; returns nr//W·W. Any other dtype or layout: does nothing and returns 0."""
+    """acct[e, r] += Σ_{j < nk} pt[j, r]·vn[j0 + j, e] for every column e < Ev and the rows r < nr//W·W:
+    KI columns per tile, the last Ev % KI columns by tiles of 4, 2 and 1; returns nr//W·W. Any other
+    dtype or layout: does nothing and returns 0."""
     if not (_is_c_f32(pt) and _is_c_f32(vn) and _is_c_f32(acct)):
         return lambda pt, vn, j0, nk, acct, nr: 0
 
     def impl(pt, vn, j0, nk, acct, nr):
         Ev = acct.shape[0]
         vs = vn.shape[1]  # row stride of the values (= Ev)
+        cs = acct.shape[1]
+        ps = pt.shape[1]
         rows_done = nr // W * W
-        for e in range(0, Ev // KI * KI, KI):
-            for r0 in range(0, rows_done, W):
-                tile_add(vn, j0 * vs + e, 1, vs, pt, r0, pt.shape[1], acct, e * acct.shape[1] + r0, acct.shape[1], nk)
+        for r0 in range(0, rows_done, W):
+            e = 0
+            while e + KI <= Ev:
+                tile_add(vn, j0 * vs + e, 1, vs, pt, r0, ps, acct, e * cs + r0, cs, nk)
+                e += KI
+            if KI > 4 and e + 4 <= Ev:
+                _add4(vn, j0 * vs + e, 1, vs, pt, r0, ps, acct, e * cs + r0, cs, nk)
+                e += 4
+            if KI > 2 and e + 2 <= Ev:
+                _add2(vn, j0 * vs + e, 1, vs, pt, r0, ps, acct, e * cs + r0, cs, nk)
+                e += 2
+            if KI > 1 and e < Ev:
+                _add1(vn, j0 * vs + e, 1, vs, pt, r0, ps, acct, e * cs + r0, cs, nk)
         return rows_done
 
     return impl

@@ -71,8 +71,8 @@ from ._scores import MASK_NONE, add_sink, adjust_score_line, causal_hidden_span,
 
 @njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
 def _scores_loops(qt, kn, j0, nk, st, nr, r_lo):
-    """st[j, r] = Σ_d kn[j0 + j, d]·qt[d, r] for j < nk, r < nr, except the tiled part (4-key groups ×
-    rows below r_lo) that ``scores_block`` has done. Plain loops, vector over query rows r: 4 keys ×
+    """st[j, r] = Σ_d kn[j0 + j, d]·qt[d, r] for j < nk and r_lo ≤ r < nr (the register tiles did every
+    key of the rows below r_lo). Plain loops, vector over query rows r: 4 keys ×
     4 head-dim entries per step (16 broadcast scalars), each score row read and written once per
     4 FMAs.
     """
@@ -121,12 +121,12 @@ def _scores_loops(qt, kn, j0, nk, st, nr, r_lo):
                 s3[r] += e0 * x0
     for j in range(nk4, nk):
         s0 = st[j]
-        s0[:nr] = 0
+        s0[r_lo:nr] = 0
         ka = kn[j0 + j]
         for d in range(E):
             a0 = load(ka[d])
             qd = qt[d]
-            for r in range(nr):
+            for r in range(r_lo, nr):
                 s0[r] += a0 * qd[r]
 
 
@@ -134,8 +134,8 @@ def _scores_loops(qt, kn, j0, nk, st, nr, r_lo):
 def scores_block(qt, kn, j0, nk, st, nr):
     """st[j, r] = Σ_d kn[j0 + j, d]·qt[d, r] for j < nk, r < nr (vector over query rows r).
 
-    float32: 4 keys × ``_prefill_tiles.W`` rows at a time in registers (``_prefill_tiles.tile_set``); the rows and
-    keys left over, and float64, take the plain loops.
+    float32: KI keys × ``_prefill_tiles.W`` rows at a time in registers (``_prefill_tiles.tile_scores``), the
+    keys left over by smaller tiles; the rows left over, and float64, take the plain loops.
     """
     r_lo = tile_scores(qt, kn, j0, nk, st, nr)
     _scores_loops(qt, kn, j0, nk, st, nr, r_lo)
@@ -143,8 +143,8 @@ def scores_block(qt, kn, j0, nk, st, nr):
 
 @njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
 def _values_loops(pt, vn, j0, nk, acct, nr, r_lo):
-    """acct[e, r] += Σ_j pt[j, r]·vn[j0 + j, e] for e < Ev, r < nr, except the tiled part (4-column
-    groups × rows below r_lo) that ``accumulate_values`` has done. Plain loops, vector over query
+    """acct[e, r] += Σ_j pt[j, r]·vn[j0 + j, e] for e < Ev and r_lo ≤ r < nr (the register tiles did
+    every column of the rows below r_lo). Plain loops, vector over query
     rows r: 4 value columns × 4 keys per step.
     """
     Ev = acct.shape[0]
@@ -192,7 +192,7 @@ def _values_loops(pt, vn, j0, nk, acct, nr, r_lo):
         for j in range(nk):
             p0 = pt[j]
             a0 = load(vn[j0 + j, e])
-            for r in range(nr):
+            for r in range(r_lo, nr):
                 o0[r] += a0 * p0[r]
 
 
@@ -200,8 +200,8 @@ def _values_loops(pt, vn, j0, nk, acct, nr, r_lo):
 def accumulate_values(pt, vn, j0, nk, acct, nr):
     """acct[e, r] += Σ_j pt[j, r]·vn[j0 + j, e] for e < Ev, r < nr (vector over query rows r).
 
-    float32: 4 value columns × ``_prefill_tiles.W`` rows at a time in registers (``_prefill_tiles.tile_add``); the
-    rows and columns left over, and float64, take the plain loops.
+    float32: KI value columns × ``_prefill_tiles.W`` rows at a time in registers (``_prefill_tiles.tile_values``),
+    the columns left over by smaller tiles; the rows left over, and float64, take the plain loops.
     """
     r_lo = tile_values(pt, vn, j0, nk, acct, nr)
     _values_loops(pt, vn, j0, nk, acct, nr, r_lo)
