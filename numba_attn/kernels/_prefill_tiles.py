@@ -1,26 +1,32 @@
-"""Register-tiled float32 micro-kernel for the prefill kernel, written as LLVM vector IR.
+"""Register-tiled float32 micro-kernels for the prefill kernel, written as LLVM vector IR.
 
 The one product both halves of prefill attention need is a rank-T update of a small tile:
 
-    C[i, 0:W] (+)= Σ_{t < T} A[i, t] · B[t, 0:W]         for i < 4
+    C[i, 0:W] (+)= Σ_{t < T} A[i, t] · B[t, 0:W]         for i < KI
 
-- scores:  C = st[j..j+3, r0:r0+W] (4 keys × W query rows), A[i, t] = K[j+i, t], B[t] = qᵀ[t, r0:r0+W], T = E;
-- P·V:     C = accᵀ[e..e+3, r0:r0+W] (4 value columns × W rows), A[i, t] = V[t, e+i], B[t] = pᵀ[t, r0:r0+W], T = keys.
+- scores:  C = st[j..j+KI-1, 0:W] (KI keys × W query rows), A[i, t] = K[j+i, t], B[t] = qᵀ[t, 0:W], T = E;
+- P·V:     C = accᵀ[e..e+KI-1, 0:W] (KI value columns × W rows), A[i, t] = V[t, e+i], B[t] = pᵀ[t, 0:W], T = keys.
 
 Written as plain numba loops, LLVM vectorises only the innermost loop (along the W rows), so the
-accumulators go to memory and back every few FMAs (~75 % of the FMA peak here). Here the 4 × W
+accumulators go to memory and back every few FMAs (~75 % of the FMA peak). Here the KI × W
 accumulators are vector values that live in registers for the whole loop over t: per step, NV
-vector loads of B, 4 scalar loads of A broadcast to vectors, and 4·NV fused multiply-adds; C is
+vector loads of B, KI scalar loads of A broadcast to vectors, and KI·NV fused multiply-adds; C is
 read (for +=) and written once per tile. The IR is generic (``<VW x float>``, ``llvm.fma``), so
-LLVM emits AVX-512, AVX2, SSE or NEON code for whatever CPU numba targets; only the tile width is
-chosen per target, to keep the 4·NV accumulators plus NV operands inside the register file:
+LLVM emits AVX-512, AVX2, SSE or NEON code for whatever CPU numba targets.
 
-    AVX-512 (32 × 512-bit):   VW = 16, NV = 4  →  W = 64 rows, 16 accumulators
-    AVX2 (16 × 256-bit):      VW = 8,  NV = 2  →  W = 16 rows,  8 accumulators
-    NEON / SSE / other:       VW = 4,  NV = 4 (NEON, 32 registers) or 2 (SSE, 16)
+Tile shape (a family, ``tile_kernel(accumulate, ki, vw, nv)``): KI rows of A × NV vectors of VW
+lanes (W = VW·NV query rows), KI·NV accumulators + NV operands + 1 broadcast inside the register
+file (16 vectors with SSE/AVX/AVX2, 32 with AVX-512 and NEON). The kernels use
+``config.tile_shape``'s: a shape ``python -m numba_attn tune`` measured best on this CPU, else
+``NUMBA_ATTN_TILE``, else the instruction set's default (16×4×4 AVX-512, 8×2×4 AVX2, 4×4×4
+NEON, 4×2×4 otherwise; lanes × vectors × rows). Keys or columns left over after the groups of KI
+go through tiles of 4, 2 and 1 rows; ``prefill`` pads a group of query rows to W.
 
-Measured here (Zen 4, 1 thread, E=64, 128 keys × 256 rows): the score and P·V loops at 116
-GFLOP/s, against 84 for the plain-loop micro-kernels they replace.
+Measured (Zen 3 AVX2, one core, B contiguous: ``tune``): 8×2×4 at ~90-93 GFLOP/s on a prefill work
+item's products (the core's peak ~100); llvm-mca (``scripts/mca_model.py``) models the 4×4×4 NEON
+tiles at 97-100 % of the cortex-a72/a76 FMA peak.
+
+``softmax_tile``: the streaming-softmax step of one tile's W rows, in the same vector IR.
 
 Arrays must be C-contiguous float32 (checked at typing); offsets and strides are in elements.
 The IR is assembled from the helpers in ``_vector_ir`` (shared with ``_decode_tiles``).
