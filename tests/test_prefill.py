@@ -87,3 +87,27 @@ def test_row_groups_match_the_formula(dtype, is_causal, L, S):
     expected = reference(*(x.astype(np.float64) for x in (q, k, v)), is_causal=is_causal)
     tol = {np.float16: 4e-3, np.float32: 2e-6, np.float64: 1e-12}[dtype]
     np.testing.assert_allclose(out.astype(np.float64), expected, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64])
+@pytest.mark.parametrize("kind", ["bool", "float"])
+@pytest.mark.parametrize("mask_shape", ["L S", "1 S", "L 1", "B H L S"])
+@pytest.mark.parametrize("L, S", [(20, 24), (W + 3, 2 * W + 5), (3 * W, 130), (37, 300)])
+def test_masks_match_the_formula(dtype, kind, mask_shape, L, S):
+    """Masks applied VW × VW at a time (transposed in registers) where they vary along both axes, by
+    lines elsewhere and for the blocks' edges; rows that a boolean mask hides entirely give zeros."""
+    rng = np.random.default_rng(L * 7 + S)
+    q, k, v = (rng.standard_normal((2, 3, n, 32)).astype(dtype) for n in (L, S, S))
+    shape = {"L S": (L, S), "1 S": (1, S), "L 1": (L, 1), "B H L S": (2, 3, L, S)}[mask_shape]
+    if kind == "bool":
+        mask = rng.random(shape) > 0.3
+        if mask_shape != "1 S":
+            mask[..., 1, :] = False  # a fully hidden row
+    else:
+        mask = (rng.standard_normal(shape) * 3).astype(np.float32 if dtype != np.float64 else dtype)
+    out = scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    exact = reference(
+        *(x.astype(np.float64) for x in (q, k, v)), attn_mask=mask if kind == "bool" else mask.astype(np.float64)
+    )
+    tol = {np.float16: 4e-3, np.float32: 2e-6, np.float64: 1e-12}[dtype]
+    np.testing.assert_allclose(out.astype(np.float64), np.nan_to_num(exact), atol=tol, rtol=tol)

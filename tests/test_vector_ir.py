@@ -68,6 +68,11 @@ def _exp_nonpositive_into(x, x_off, out, out_off, width):
     vir.exp_nonpositive_into(x, x_off, out, out_off, literally(width))
 
 
+@njit
+def _transpose_into(x, x_off, x_stride, out, out_off, out_stride, width):
+    vir.transpose_into(x, x_off, x_stride, out, out_off, out_stride, literally(width))
+
+
 def _random(rng, n, dtype, integer_valued=False):
     """n random numbers of dtype: small integers for integer dtypes (and for ``integer_valued``
     floats), standard normal otherwise."""
@@ -338,6 +343,29 @@ def test_exp_nonpositive_into_matches_loop(width, x_off, out_off, scale, seed):
         assert out[out_off + 1] == 0.0 and out[out_off + 2] == 0.0
 
 
+@given(
+    dtype=st.sampled_from(FLOATS + (np.int8, np.int32)),
+    width=st.sampled_from((2,) + WIDTHS),
+    x_off=st.integers(0, 7),
+    pad=st.integers(0, 5),
+    out_off=st.integers(0, 7),
+    seed=st.integers(0, 2**32 - 1),
+)
+@EXAMPLES
+def test_transpose_into_matches_loop(dtype, width, x_off, pad, out_off, seed):
+    rng = np.random.default_rng(seed)
+    x_stride, out_stride = width + pad, width + 2 * pad + 1
+    x = _random(rng, x_off + width * x_stride + 3, dtype)
+    out = _random(rng, out_off + width * out_stride + 3, dtype)
+    expected = out.copy()
+    _transpose_into(x, x_off, x_stride, out, out_off, out_stride, width)
+    vir.transpose_into_loop(x, x_off, x_stride, expected, out_off, out_stride, width)
+    _same_bits(out, expected)
+    block = np.stack([x[x_off + i * x_stride : x_off + i * x_stride + width] for i in range(width)])
+    got = np.stack([out[out_off + c * out_stride : out_off + c * out_stride + width] for c in range(width)])
+    _same_bits(got, np.ascontiguousarray(block.T))
+
+
 def test_every_wrapper_has_a_twin_and_a_test():
     tested = {
         "splat_into",
@@ -349,6 +377,7 @@ def test_every_wrapper_has_a_twin_and_a_test():
         "butterfly_sums_into",
         "element_address",
         "exp_nonpositive_into",
+        "transpose_into",
     }
     assert {wrapper._defn.__name__ for wrapper in vir.TWINS} == tested
     assert all(twin.py_func.__name__ == wrapper._defn.__name__ + "_loop" for wrapper, twin in vir.TWINS.items())

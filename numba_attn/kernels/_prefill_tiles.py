@@ -257,6 +257,81 @@ def softmax_tile(typingctx, st, nk, m, l, alpha, chk, check):
     return sig, codegen
 
 
+def _mask_kernel(typingctx, st, n_key_chunks, n_row_chunks, mask, i0, j0):
+    """st[j, r] (+)= the mask at (i0 + r, j0 + j) for the first n_key_chunks·VW keys and n_row_chunks·VW
+    rows, VW × VW at a time: VW mask rows (VW keys each, contiguous) loaded, transposed in registers
+    (``_vector_ir.transpose``) into VW key lines of VW rows, added to (float mask) or selected into
+    (boolean mask: -inf where False) the score block's lines. ``mask`` (L', S') C-contiguous, float32
+    or bool; st float32 (keys × rows, C-contiguous)."""
+    if not (_is_c_f32(st) and isinstance(mask, types.Array) and mask.ndim == 2 and mask.layout == "C"):
+        return None
+    if mask.dtype not in (types.float32, types.boolean):
+        return None
+    is_bool = mask.dtype == types.boolean
+    i64 = types.int64
+    sig = types.void(st, i64, i64, mask, i64, i64)
+
+    def codegen(context, builder, signature, args):
+        st_, nkc_, nrc_, mask_, i0_, j0_ = args
+        sp = vir.data_pointer(context, builder, st, st_)
+        mp = vir.data_pointer(context, builder, mask, mask_)
+        row_stride = cgutils.unpack_tuple(builder, context.make_array(st)(context, builder, st_).shape, 2)[1]
+        mask_stride = cgutils.unpack_tuple(builder, context.make_array(mask)(context, builder, mask_).shape, 2)[1]
+        f32 = ir.FloatType()
+        zero, one = vir.zeros(f32, VW), ir.Constant(ir.VectorType(f32, VW), [1.0] * VW)
+        neg_inf = ir.Constant(ir.VectorType(f32, VW), [float("-inf")] * VW)
+        with cgutils.for_range(builder, nrc_) as rows:
+            r0 = builder.mul(rows.index, vir.as_index(VW))
+            with cgutils.for_range(builder, nkc_) as keys:
+                c0 = builder.mul(keys.index, vir.as_index(VW))
+                lines = []
+                for i in range(VW):
+                    row = builder.add(builder.add(i0_, r0), vir.as_index(i))
+                    index = vir.strided_index(builder, builder.add(j0_, c0), row, mask_stride)
+                    x = vir.load_vector(builder, mp, index, VW)
+                    if is_bool:  # bytes 0/1 as floats 0/1: shuffled like floats
+                        x = builder.select(builder.icmp_unsigned("!=", x, vir.zeros(x.type.element, VW)), one, zero)
+                    lines.append(x)
+                for c, m in enumerate(vir.transpose(builder, lines)):
+                    index = vir.strided_index(builder, r0, builder.add(c0, vir.as_index(c)), row_stride)
+                    score = vir.load_vector(builder, sp, index, VW)
+                    if is_bool:
+                        score = builder.select(builder.fcmp_ordered("!=", m, zero), score, neg_inf)
+                    else:
+                        score = builder.fadd(score, m)
+                    vir.store_vector(builder, score, sp, index)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+mask_kernel = intrinsic(_mask_kernel)
+
+
+def mask_block(st, nk, nr, mask, i0, j0):  # pragma: no cover - numba overload below
+    raise TypeError("mask_block is a numba kernel helper: call it from @njit code")
+
+
+@overload(mask_block)
+def _mask_block_overload(st, nk, nr, mask, i0, j0):
+    """Apply ``mask`` (read at [i0 + r, j0 + j], one mask row per query row, keys contiguous) to the
+    score block st[j, r] for the keys j < nk//VW·VW and rows r < nr//VW·VW with ``mask_kernel``; returns
+    (rows done, keys done), (0, 0) where it does not apply (float64, another mask dtype)."""
+    if (
+        _is_c_f32(st)
+        and isinstance(mask, types.Array)
+        and mask.layout == "C"
+        and mask.dtype in (types.float32, types.boolean)
+    ):
+
+        def impl(st, nk, nr, mask, i0, j0):
+            mask_kernel(st, nk // VW, nr // VW, mask, i0, j0)
+            return nr // VW * VW, nk // VW * VW
+
+        return impl
+    return lambda st, nk, nr, mask, i0, j0: (0, 0)
+
+
 def tile_rows(out):  # pragma: no cover - numba overload below
     raise TypeError("tile_rows is a numba kernel helper: call it from @njit code")
 

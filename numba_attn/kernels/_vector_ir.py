@@ -27,6 +27,8 @@ function of an llvmlite ``builder`` (and numba's ``context`` where an array is u
 ``running_max_vector``    ``x if a < x else a`` lane by lane (``fcmp`` + ``select``: a NaN ``x`` is ignored)
 ``exp_nonpositive_vector`` exp(x) for float32 lanes x ≤ 0 (and -inf): ``_math.exp_nonpositive``'s range reduction
                           and polynomial, in vector IR (``llvm.floor``, ``llvm.fma``, an exponent built from bits)
+``transpose``             width vectors of width lanes → their transpose (lane i of result c = lane c of
+                          vector i), in width·log2(width) shuffles
 ``butterfly_sum``         width vectors of width lanes → one vector whose lane j is the sum of vector j's lanes,
                           in 2·(width-1) shuffles and width-1 adds (log2 width levels; see ``butterfly_sum``)
 
@@ -257,6 +259,33 @@ def exp_nonpositive_vector(builder, x):
     )
     y = builder.fmul(p, builder.bitcast(bits, vector_type))
     return builder.select(below, zeros(_F32, width), y)
+
+
+def transpose(builder, vectors):
+    """The transpose of ``width`` vectors of ``width`` lanes (``width`` a power of two): lane i of result c
+    is lane c of ``vectors[i]``. log2(width) levels; at distance d, vectors i and i + d (i's bit d clear)
+    exchange their lanes' d-blocks: the new i holds the even d-blocks of both, the new i + d the odd
+    ones (one shuffle each), which swaps the off-diagonal blocks at every scale."""
+    width = vectors[0].type.count
+    if len(vectors) != width or width & (width - 1):
+        raise ValueError(f"transpose: needs width vectors of width lanes, width a power of two; got {len(vectors)}")
+    mask_type = ir.VectorType(_I32, width)
+    vectors = list(vectors)
+    d = width // 2
+    while d >= 1:
+        lo, hi = [], []
+        for lane in range(width):
+            block, within = lane // (2 * d) * 2 * d, lane % (2 * d)
+            lo.append(block + within if within < d else width + block + within - d)
+            hi.append(block + d + within if within < d else width + block + within)
+        lo, hi = ir.Constant(mask_type, lo), ir.Constant(mask_type, hi)
+        for i in range(width):
+            if i & d:
+                continue
+            a, b = vectors[i], vectors[i + d]
+            vectors[i], vectors[i + d] = builder.shuffle_vector(a, b, lo), builder.shuffle_vector(a, b, hi)
+        d //= 2
+    return vectors
 
 
 def butterfly_sum(builder, vectors):
@@ -578,6 +607,33 @@ def exp_nonpositive_into_loop(x, x_off, out, out_off, width):
         out[out_off + lane] = exp_nonpositive(x[x_off + lane])
 
 
+@intrinsic
+def transpose_into(typingctx, x, x_off, x_stride, out, out_off, out_stride, width):
+    """``out[out_off + c·out_stride + i] = x[x_off + i·x_stride + c]`` for i, c < width through ``transpose``."""
+    lanes = _width(width)
+    if lanes is None or lanes & (lanes - 1) or not is_c_array(x, *_NUMBERS) or not is_c_array(out, x.dtype):
+        return None
+
+    def codegen(context, builder, signature, args):
+        x_, x_off_, x_stride_, out_, out_off_, out_stride_, _ = args
+        xp = data_pointer(context, builder, x, x_)
+        op = data_pointer(context, builder, out, out_)
+        rows = [load_vector(builder, xp, strided_index(builder, x_off_, i, x_stride_), lanes) for i in range(lanes)]
+        for c, vector in enumerate(transpose(builder, rows)):
+            store_vector(builder, vector, op, strided_index(builder, out_off_, c, out_stride_))
+        return context.get_dummy_value()
+
+    return types.void(x, types.int64, types.int64, out, types.int64, types.int64, width), codegen
+
+
+@njit
+def transpose_into_loop(x, x_off, x_stride, out, out_off, out_stride, width):
+    """Twin of ``transpose_into``."""
+    for i in range(width):
+        for c in range(width):
+            out[out_off + c * out_stride + i] = x[x_off + i * x_stride + c]
+
+
 #: each @intrinsic wrapper → its plain-numba twin (tests/test_vector_ir.py checks that every pair agrees)
 TWINS = {
     splat_into: splat_into_loop,
@@ -589,4 +645,5 @@ TWINS = {
     butterfly_sums_into: butterfly_sums_into_loop,
     element_address: element_address_loop,
     exp_nonpositive_into: exp_nonpositive_into_loop,
+    transpose_into: transpose_into_loop,
 }

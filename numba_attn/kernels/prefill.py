@@ -65,7 +65,7 @@ from .. import config
 from . import variant
 from ._load import load, rows_for_compute
 from ._math import exp_nonpositive, running_max
-from ._prefill_tiles import W, softmax_tile, tile_rows, tile_scores, tile_values
+from ._prefill_tiles import W, mask_block, softmax_tile, tile_rows, tile_scores, tile_values
 from ._scores import MASK_NONE, add_sink, adjust_score_line, causal_hidden_span, mask_score_line, visible_key_range
 
 
@@ -311,9 +311,16 @@ def adjust_score_block(
         for j in range(nk):
             adjust_score_line(st[j], nr, i0, 1, j0 + j, 0, pos_offset, slope, softcap, window)
     if mask_kind != MASK_NONE:
-        # one query row at a time: the mask is read along its rows (contiguous), st down a column
-        for r in range(nr):
-            mask_score_line(st[:, r], nk, mask_n, mask_kind, i0 + r, 0, j0, 1, mask_li, mask_sj)
+        if mask_li == 0 or mask_sj == 0:  # one mask row for every query row, or one value per row
+            for j in range(nk):
+                mask_score_line(st[j], nr, mask_n, mask_kind, i0, 1, j0 + j, 0, mask_li, mask_sj)
+        else:
+            # VW × VW blocks transposed in registers (float32), then one query row at a time for the
+            # rest: the mask read along its rows (contiguous), st down a column
+            rows_done, keys_done = mask_block(st, nk, nr, mask_n, i0, j0)
+            for r in range(nr):
+                lo = keys_done if r < rows_done else 0
+                mask_score_line(st[lo:, r], nk - lo, mask_n, mask_kind, i0 + r, 0, j0 + lo, 1, mask_li, mask_sj)
     if diagonal:
         for j in range(nk):
             row = st[j]
