@@ -3,11 +3,10 @@ kernel against the float64 reference, a side-by-side benchmark against the basel
 every kernel once into the on-disk cache.
 
 Only the command line lives here; the commands are ``info.run_info``, ``check.run_check``,
-``bench.run_bench`` and ``info.run_warmup``.
+``bench.run_bench``, ``info.run_warmup`` and ``tune.run_tune``.
 """
 
 import argparse
-import subprocess
 import sys
 
 from . import bench, check, info, tune
@@ -50,9 +49,7 @@ def main(argv=None):
     if args.command == "tune":
         return tune.run_tune(write=not args.dry_run)
     if args.command == "warmup" and args.tune:
-        status = tune.run_tune()
-        # the kernels of this process were built for the old shape: compile in a fresh one
-        return status or subprocess.call([sys.executable, "-m", "numba_attn", "warmup"])
+        return tune.run_tune_then_warmup()
     if args.command == "warmup":
         return info.run_warmup()
     if args.command == "bench" and args.busy:

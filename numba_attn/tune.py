@@ -26,6 +26,7 @@ import datetime
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 
@@ -203,3 +204,10 @@ def run_tune(out=None, write=True, shapes=None, rounds=3, seconds=0.25):
         file=out,
     )
     return 0
+
+
+def run_tune_then_warmup(out=None):
+    """``warmup --tune``: tune, then compile every kernel in a fresh process (this one's kernels were
+    built for the shape in use before tuning). Returns the first non-zero status, else 0."""
+    status = run_tune(out=out)
+    return status or subprocess.call([sys.executable, "-m", "numba_attn", "warmup"])

@@ -14,7 +14,7 @@ import pytest
 
 import numba_attn
 from numba_attn import __main__ as cli
-from numba_attn import bench, check, info
+from numba_attn import bench, check, config, info, tune
 
 try:
     import matplotlib
@@ -79,7 +79,7 @@ def test_check_quick():
     assert f"{n}/{n} cases within tolerance" in proc.stdout
 
 
-@pytest.mark.parametrize("command", ["info", "check", "warmup", "bench"])
+@pytest.mark.parametrize("command", ["info", "check", "warmup", "bench", "tune"])
 def test_subcommand_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main([command, "--help"])
@@ -93,7 +93,7 @@ def test_help_lists_the_commands(capsys):
         cli.main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for command in ("info", "check", "warmup", "bench"):
+    for command in ("info", "check", "warmup", "bench", "tune"):
         assert command in out
 
 
@@ -116,13 +116,28 @@ def test_info_and_check_are_wired(monkeypatch):
 def test_main_is_only_argument_wiring():
     """__main__ holds the parser and the dispatch; the commands' bodies live in check, info and bench."""
     names = {name for name in vars(cli) if not name.startswith("__")}
-    assert names == {"argparse", "sys", "bench", "check", "info", "main"}, names
+    assert names == {"argparse", "sys", "bench", "check", "info", "tune", "main"}, names
 
 
 def test_warmup_is_wired(monkeypatch):
     called = []
     monkeypatch.setattr(info, "run_warmup", lambda out=None: called.append(True) or 0)
     assert cli.main(["warmup"]) == 0 and called == [True]
+
+
+def test_tune_is_wired(monkeypatch):
+    called = []
+    monkeypatch.setattr(tune, "run_tune", lambda out=None, write=True: called.append(("tune", write)) or 0)
+    monkeypatch.setattr(tune, "run_tune_then_warmup", lambda out=None: called.append("tune+warmup") or 0)
+    assert cli.main(["tune"]) == 0 and cli.main(["tune", "--dry-run"]) == 0 and cli.main(["warmup", "--tune"]) == 0
+    assert called == [("tune", True), ("tune", False), "tune+warmup"]
+
+
+def test_info_names_the_tile_shape_and_its_source():
+    out = io.StringIO()
+    assert info.run_info(out=out) == 0
+    line = next(x for x in out.getvalue().splitlines() if x.startswith("register tile"))
+    assert f"{config.TILE_KI} x {config.TILE_VW} x {config.TILE_NV}: {config.TILE_SOURCE}" in line
 
 
 def test_bench_refuses_more_threads_than_the_pool(capsys):
