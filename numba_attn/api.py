@@ -48,8 +48,8 @@ def _kv_groups(plan):
 
 
 def _use_decode(plan):
-    """Few query rows against many keys, or quantised keys/values (dequantised a row at a time there)."""
-    return plan.quantized or (plan.L <= config.DECODE_MAX_QUERY_ROWS and plan.S >= config.DECODE_MIN_KEYS)
+    """Few query rows against many keys (float or quantised keys/values: both kernels read either)."""
+    return plan.L <= config.DECODE_MAX_QUERY_ROWS and plan.S >= config.DECODE_MIN_KEYS
 
 
 def _run(plan, out=None):
@@ -110,7 +110,8 @@ def _run(plan, out=None):
         block_q = prefill_block_q(N, L)
         check = np.empty(N * -(-L // block_q), np.int64)
         args = (
-            (plan.query, plan.key, plan.value, plan.q_idx, plan.k_idx, plan.v_idx)
+            (plan.query, plan.key, plan.k_scales, plan.k_block, plan.value, plan.v_scales, plan.v_block)
+            + (plan.q_idx, plan.k_idx, plan.v_idx)
             + common
             + (block_q, config.PREFILL_BLOCK_K, plan.check_finite, out, lse, check)
         )

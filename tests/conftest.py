@@ -152,6 +152,23 @@ def int8_effective_inputs(query, key, value, scale=None):
     return query, k, v, scale
 
 
+def exact_values(x):
+    """float64 values of a key/value operand as the kernels read them: a ``QuantizedTensor``'s int8
+    data·scale or 4-bit code·step + min (ggml's nibble order) computed exactly in numpy; float arrays as
+    they are."""
+    from numba_attn import QuantizedTensor
+
+    if not isinstance(x, QuantizedTensor):
+        return np.asarray(x).astype(np.float64)
+    if x.bits == 8:
+        per_entry = np.repeat(x.scales.astype(np.float64), x.block, axis=-1)[..., : x.shape[-1]]
+        return x.data.astype(np.float64) * per_entry
+    blocks = x.data.reshape(x.data.shape[:-1] + (-1, x.block // 2))
+    codes = np.concatenate([blocks & 15, blocks >> 4], axis=-1).reshape(x.shape).astype(np.float64)
+    step, low = (np.repeat(x.scales[..., i].astype(np.float64), x.block, axis=-1) for i in (0, 1))
+    return codes * step + low
+
+
 def rotated_for(cache, query):
     """float64 ``query`` in the basis the cache stores its keys in: H·q (``numba_attn.rotation.
     hadamard_transform``, in float64) for a cache that rotates its keys (``cache.rotate_keys``), else q."""

@@ -346,12 +346,14 @@ def test_kernel_choice(monkeypatch, L, S, expected):
     assert_close(out, reference.scaled_dot_product_attention(q, k, v))
 
 
-def test_int8_always_takes_decode(monkeypatch):
+@pytest.mark.parametrize("L,S,expected", [(100, 50, "prefill"), (8, 50, "decode"), (9, 300, "prefill")])
+def test_int8_takes_the_kernel_its_shape_picks(monkeypatch, L, S, expected):
+    """Quantised keys/values follow the float rule: the prefill kernel dequantises a block at a time."""
     rng = np.random.default_rng(5)
-    q = randn(rng, (1, 2, 100, 64), np.float32)
-    kq, vq = quantize(randn(rng, (1, 2, 50, 64), np.float32)), quantize(randn(rng, (1, 2, 50, 64), np.float32))
+    q = randn(rng, (1, 2, L, 64), np.float32)
+    kq, vq = quantize(randn(rng, (1, 2, S, 64), np.float32)), quantize(randn(rng, (1, 2, S, 64), np.float32))
     out, lse, ran = _run_with(monkeypatch, (q, kq, vq), dict(is_causal=True), SERIAL_BELOW_FLOPS=0)
-    assert ran == {"decode_parallel": 1}
+    assert ran == {f"{expected}_parallel": 1}
     ref_out, ref_lse = reference_for("int8", q, kq, vq, is_causal=True)
     assert_close(out, ref_out, rtol=2e-5)
     assert_close(lse, ref_lse, rtol=2e-5)

@@ -499,14 +499,16 @@ def test_query_dtypes(qdtype, kfmt, vfmt, D, block, L, S):
 
 
 def test_serial_and_parallel_kernels_both_run(kernel_spy):
-    """The sizes above reach both builds of the decode kernel (quantised keys/values always decode)."""
+    """The sizes above reach both builds of both kernels: a few query rows against many keys decode,
+    longer queries (or few keys) take the prefill kernel, as for float keys/values."""
     rng = np.random.default_rng(12)
-    for L, S in ((1, 8), (70, 600)):
+    for L, S in ((1, 40), (4, 600), (1, 8), (70, 600)):
         q = randn(rng, (2, 4, L, 64), np.float32)
         kv = make(rng, (2, 4, S, 64), "int4", 32)
-        scaled_dot_product_attention(q, kv, kv)
+        out = scaled_dot_product_attention(q, kv, kv)
+        assert_close(out, reference.scaled_dot_product_attention(q, exact(kv), exact(kv)), rtol=2e-5)
     ran = kernel_spy.ran()
-    assert ran.get("decode_serial") and ran.get("decode_parallel"), ran
+    assert ran == {"decode_serial": 1, "decode_parallel": 1, "prefill_serial": 1, "prefill_parallel": 1}, ran
 
 
 def test_out_dtype_and_float16_results():

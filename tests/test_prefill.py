@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from numba import njit
 
-from numba_attn import scaled_dot_product_attention
+from conftest import exact_values
+from numba_attn import quantize, scaled_dot_product_attention
 from numba_attn.kernels._prefill_tiles import W, softmax_tile
 from numba_attn.kernels.prefill import online_softmax_block
 from numba_attn.reference import scaled_dot_product_attention as reference
@@ -111,3 +112,98 @@ def test_masks_match_the_formula(dtype, kind, mask_shape, L, S):
     )
     tol = {np.float16: 4e-3, np.float32: 2e-6, np.float64: 1e-12}[dtype]
     np.testing.assert_allclose(out.astype(np.float64), np.nan_to_num(exact), atol=tol, rtol=tol)
+
+
+# ----------------------------------------------------------------------------------------------
+# quantised keys/values: each block dequantised once into the float scratch, then the float tiles
+# ----------------------------------------------------------------------------------------------
+
+
+def stored(rng, shape, fmt, offset=0.0):
+    """A key/value operand in format ``fmt``: "int8/B" or "int4/B" (B a block, "row" = one per row), or a
+    float dtype name."""
+    x = (rng.standard_normal(shape) + offset).astype(np.float32)
+    if "/" not in fmt:
+        return x.astype(fmt)
+    bits, block = fmt.split("/")
+    return quantize(x, None if block == "row" else int(block), bits=int(bits[3:]))
+
+
+#: (key format, value format, head dim): int8 per block and per row, 4-bit per block and per row, mixes
+#: with each other and with floats; D = 48 with blocks of 16 and 8 (a partial last int8 block, 4-bit half
+#: blocks narrower than a vector) and D = 40 take the scalar dequantisation loops where the vector one
+#: does not fit
+QUANTISED = [
+    ("int8/32", "int8/32", 64),
+    ("int8/row", "int8/row", 64),
+    ("int4/32", "int4/32", 64),
+    ("int4/row", "int4/16", 64),
+    ("int8/32", "int4/32", 64),
+    ("int4/32", "float16", 64),
+    ("float32", "int8/16", 64),
+    ("int8/32", "int8/8", 48),
+    ("int4/16", "int4/8", 48),
+    ("int8/8", "int4/8", 40),
+]
+
+
+@pytest.mark.parametrize("kfmt,vfmt,D", QUANTISED, ids=["-".join(map(str, c)) for c in QUANTISED])
+@pytest.mark.parametrize("is_causal", [False, True, "lower_right"])
+@pytest.mark.parametrize("L, S", [(W + W // 8 - 1, 50), (3 * W - 5, 200), (300, 129)])
+def test_quantised_kv_take_the_prefill_kernel(kernel_spy, kfmt, vfmt, D, is_causal, L, S):
+    """Grouped-query heads with quantised keys/values against the float64 formula on the exactly
+    dequantised keys/values: row groups with padding rows, causal skipping, a boolean mask with a
+    fully masked row (the prefill kernel, serial or parallel build)."""
+    rng = np.random.default_rng(L * 1000 + S + D)
+    q = rng.standard_normal((2, 4, L, D)).astype(np.float32)
+    k, v = stored(rng, (2, 2, S, D), kfmt, 0.4), stored(rng, (2, 2, S, D), vfmt, -1.0)
+    mask = rng.random((L, S)) < 0.8
+    mask[1] = False
+    out, lse = scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True, return_lse=True
+    )
+    assert set(kernel_spy.ran()) <= {"prefill_serial", "prefill_parallel"}, kernel_spy.ran()
+    assert out.dtype == np.float32  # the float32 query's (quantised operands do not count)
+    kw = dict(attn_mask=mask, is_causal=is_causal, enable_gqa=True, return_lse=True)
+    expected, expected_lse = reference(q.astype(np.float64), exact_values(k), exact_values(v), **kw)
+    np.testing.assert_allclose(out, expected, atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(lse, expected_lse, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("kfmt,vfmt", [("int8/32", "int8/row"), ("int4/32", "int8/16")])
+@pytest.mark.parametrize("is_causal", [False, "lower_right"])
+def test_float64_query_over_quantised_kv(kernel_spy, kfmt, vfmt, is_causal):
+    """A float64 query makes the arithmetic float64, the keys/values dequantised exactly (as decode)."""
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((1, 3, 2 * W + 3, 32))
+    k, v = stored(rng, (1, 3, 90, 32), kfmt), stored(rng, (1, 3, 90, 32), vfmt)
+    out, lse = scaled_dot_product_attention(q, k, v, is_causal=is_causal, return_lse=True)
+    assert set(kernel_spy.ran()) <= {"prefill_serial", "prefill_parallel"}, kernel_spy.ran()
+    assert out.dtype == np.float64
+    expected, expected_lse = reference(q, exact_values(k), exact_values(v), is_causal=is_causal, return_lse=True)
+    np.testing.assert_allclose(out, expected, atol=1e-12, rtol=1e-12)
+    np.testing.assert_allclose(lse, expected_lse, atol=1e-12, rtol=1e-12)
+
+
+@given(
+    L=st.integers(1, 3 * W + 2),
+    S=st.integers(1, 300),
+    heads=st.sampled_from([(2, 2), (4, 1), (6, 2)]),
+    D=st.sampled_from([16, 32, 64]),
+    kfmt=st.sampled_from(["int8/8", "int8/32", "int8/row", "int4/8", "int4/16", "int4/row", "float32"]),
+    vfmt=st.sampled_from(["int8/16", "int8/row", "int4/8", "int4/32", "float16"]),
+    is_causal=st.sampled_from([False, True, "lower_right"]),
+    seed=st.integers(0, 2**32 - 1),
+)
+@settings(max_examples=40, deadline=None)
+def test_quantised_kv_property(L, S, heads, D, kfmt, vfmt, is_causal, seed):
+    """Any size, grouping, block and format mix: the formula on the dequantised keys/values (whichever
+    kernel the shape takes)."""
+    rng = np.random.default_rng(seed)
+    H, Hkv = heads
+    q = rng.standard_normal((H, L, D)).astype(np.float32)
+    k, v = stored(rng, (Hkv, S, D), kfmt, 0.3), stored(rng, (Hkv, S, D), vfmt)
+    out = scaled_dot_product_attention(q, k, v, is_causal=is_causal, enable_gqa=True)
+    expected = reference(q.astype(np.float64), exact_values(k), exact_values(v), is_causal=is_causal, enable_gqa=True)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, expected, atol=2e-5, rtol=2e-5)

@@ -5,9 +5,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from numba import njit
 
-from conftest import assert_close, assert_unchanged, copies, int8_effective_inputs, randn
+from conftest import assert_close, assert_unchanged, copies, exact_values, int8_effective_inputs, randn
 from numba_attn import QuantizedTensor, dequantize, quantize, reference, scaled_dot_product_attention
+from numba_attn.kernels.quantised import dequantised_rows
 
 F32_EPS = float(np.finfo(np.float32).eps)
 
@@ -491,3 +493,44 @@ def test_float16_result_overflow_is_refused():
         scaled_dot_product_attention(q.astype(np.float32), k, v, out_dtype=np.float16)
     out = scaled_dot_product_attention(q, k, v, out_dtype=np.float32)
     np.testing.assert_allclose(out, 1e5, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels/quantised.dequantised_rows: the prefill kernel's conversion of a block of rows
+# ----------------------------------------------------------------------------------------------
+
+
+@njit
+def _dequantised_rows(x, scales, block, j0, n, scratch):
+    rows, offset = dequantised_rows(x, scales, block, j0, n, scratch)
+    return rows[offset : offset + n].copy()
+
+
+@pytest.mark.parametrize(
+    "bits,D,block",
+    [(8, 64, 32), (8, 64, None), (8, 48, 32), (8, 64, 16), (8, 40, 8), (8, 20, None),
+     (4, 64, 32), (4, 64, None), (4, 48, 16), (4, 80, 8), (4, 20, None)],
+)  # fmt: skip
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_dequantised_rows_are_the_kernels_numbers(bits, D, block, dtype):
+    """Rows j0 … j0+n-1 converted into the scratch: float32, each entry the nearest float32 of data·scale
+    (int8) or code·step + min (4-bit) — what the decode kernel's vector tiles compute — whether the
+    vector-IR or the scalar loops run (D and blocks below or not a multiple of the vector width);
+    float64 (a float64 query's arithmetic), exactly."""
+    rng = np.random.default_rng(D + bits)
+    x = (rng.standard_normal((2, 40, D)) * rng.uniform(0.1, 10, (2, 40, 1)) + 0.5).astype(np.float32)
+    qt = quantize(x, block, bits=bits)
+    scales = qt.scales if bits == 8 else qt.scales.view(np.uint16).reshape(2, 40, -1)
+    want = exact_values(qt)[1, 7:30]
+    scratch = np.full((32, D), np.nan, dtype)
+    got = _dequantised_rows(qt.data[1], scales[1], qt.block, 7, 23, scratch)
+    np.testing.assert_array_equal(got, want.astype(dtype))
+    assert np.isnan(scratch[23:]).all()  # rows past n untouched
+
+
+def test_dequantised_rows_of_float_storage_are_the_rows_themselves():
+    x = np.arange(12, dtype=np.float32).reshape(4, 3)
+    scratch = np.zeros((2, 3), np.float32)
+    np.testing.assert_array_equal(_dequantised_rows(x, np.zeros((1, 0), np.float32), 0, 1, 2, scratch), x[1:3])
+    half = x.astype(np.float16).view(np.uint16)
+    np.testing.assert_array_equal(_dequantised_rows(half, np.zeros((1, 0), np.float32), 0, 2, 2, scratch), x[2:4])

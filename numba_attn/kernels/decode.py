@@ -1,7 +1,8 @@
 """Split-K decode attention (flash-decoding): a few query rows against a long run of keys.
 
-Also the kernel for quantised (int8 or 4-bit) keys and values at any length: its inner loops
-dequantise one key or value row at a time in registers (``quantised.block_scores``/``block_values``).
+Keys and values may be quantised (int8 or 4-bit): its inner loops dequantise one key or value row
+at a time in registers (``quantised.block_scores``/``block_values``). Longer queries over quantised
+keys take the prefill kernel, which dequantises each block once (``quantised.dequantised_rows``).
 
 Decode reads every cached key and value once per step and does little arithmetic on each: it is
 bound by memory bandwidth, so the design goals are (1) read K and V once, (2) keep every core

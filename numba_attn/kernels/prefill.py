@@ -50,9 +50,11 @@ softmax's max pass (or in a pass of their own, before masks, for blocks a mask t
 they are written; each adds x·0 into a per-row sum (0 unless x is NaN or ±inf) and ``check[w]``
 counts the rows whose sum is not 0 (see ``api._run``).
 
-Storage: float32, float64, or float16 as uint16 bits; the arithmetic runs in ``out.dtype`` (float32
-for float16 storage). Each float16 key/value block is converted once into a BLOCK_K × D scratch
-(``_load.rows_for_compute``) before the micro-kernels, which reuse every row BLOCK_Q times.
+Storage: float32, float64, float16 as uint16 bits, or quantised (int8, 4-bit); the arithmetic runs in
+``out.dtype`` (float32 for float16 and quantised storage with a float16/float32 query). Each float16
+or quantised key/value block is converted (dequantised) once per work item into a BLOCK_K × D scratch
+(``quantised.dequantised_rows``, ``_load.rows_for_compute``) before the micro-kernels, which reuse
+every row BLOCK_Q times: quantised prefill runs at float speed.
 """
 
 import math
@@ -63,10 +65,11 @@ from numba.extending import overload
 
 from .. import config
 from . import variant
-from ._load import load, rows_for_compute
+from ._load import load
 from ._math import exp_nonpositive, running_max
 from ._prefill_tiles import W, mask_block, softmax_tile, tile_rows, tile_scores, tile_values
 from ._scores import MASK_NONE, add_sink, adjust_score_line, causal_hidden_span, mask_score_line, visible_key_range
+from .quantised import dequantised_rows
 
 
 @njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
@@ -379,7 +382,11 @@ def write_rows(acct, m, l, nr, chk, on, lse_n, i0, has_sink, sink):
 def _prefill_body(
     q,
     k,
+    k_scales,
+    k_block,
     v,
+    v_scales,
+    v_block,
     q_idx,
     k_idx,
     v_idx,
@@ -406,7 +413,9 @@ def _prefill_body(
     """out[n] = softmax(z)·v[v_idx[n]] with z as in ``_scores``; see module doc.
 
     q (Nq, L, E), k (Nk, ≥S, E), v (Nv, ≥S, Ev): C-contiguous, the first kv_len = S rows of k and v
-    are the keys (the rest may be a KV cache's free slots); q_idx/k_idx/v_idx/m_idx (N,) map each
+    are the keys (the rest may be a KV cache's free slots); k and v may be quantised (int8, or uint8
+    4-bit codes (…, E/2)) with ``k_scales``/``k_block``, ``v_scales``/``v_block`` as the decode kernel
+    takes them (ignored for float storage: block 0); q_idx/k_idx/v_idx/m_idx (N,) map each
     output batch entry to its operands; mask (Nm, L or 1, S or 1), read at
     [m_idx[n], i·mask_li, j·mask_sj]; slopes (N,) or (0,) for no
     ALiBi; sinks (N,) learned sink logits or (0,) for none (``_scores.add_sink``); window 0 = none;
@@ -440,6 +449,8 @@ def _prefill_body(
         n_tiles = (nr + tw - 1) // tw
         kn = k[k_idx[n]]
         vn = v[v_idx[n]]
+        ksn = k_scales[k_idx[n] if k_block > 0 else 0]
+        vsn = v_scales[v_idx[n] if v_block > 0 else 0]
         mask_n = mask[m_idx[n]]
         slope = slopes[n] if has_alibi else dt.type(0)
         chk = np.zeros(n_tiles * tw, dt)  # per row: 0 while every checked value is finite
@@ -450,7 +461,7 @@ def _prefill_body(
         alpha = np.empty(n_tiles * tw, dt)
         m_blk = np.empty(n_tiles * tw, dt)
         st = np.empty((block_k, tw), dt)  # one group's scores, then probabilities, keys × rows
-        k_conv = np.empty((block_k, E), dt)  # float16 key/value blocks, converted (unused for floats)
+        k_conv = np.empty((block_k, E), dt)  # float16/quantised key/value blocks, converted (unused for floats)
         v_conv = np.empty((block_k, Ev), dt)
         for t in range(n_tiles):
             r0 = t * tw
@@ -458,8 +469,8 @@ def _prefill_body(
         kv_begin, kv_end = visible_key_range(i0, i1, S, is_causal, pos_offset, window)
         for j0 in range(kv_begin, kv_end, block_k):
             nk = min(block_k, kv_end - j0)
-            k_rows, k_off = rows_for_compute(kn, j0, nk, k_conv)
-            v_rows, v_off = rows_for_compute(vn, j0, nk, v_conv)
+            k_rows, k_off = dequantised_rows(kn, ksn, k_block, j0, nk, k_conv)
+            v_rows, v_off = dequantised_rows(vn, vsn, v_block, j0, nk, v_conv)
             for t in range(n_tiles):
                 r0 = t * tw
                 it0 = i0 + r0

@@ -13,8 +13,9 @@ D/2 bytes + 4·D/block.
 
 Attention reads quantised keys dequantised in registers (code → float, times the block's scale, plus
 the minimum for 4-bit) and dotted with the float query, which is never rounded (``block_scores``);
-values likewise (``block_values``). Blocks are powers of two (entry d is in block d >> log2(block)) or
-the whole row.
+values likewise (``block_values``). That is the decode kernel; the prefill kernel dequantises each
+block of key or value rows once into a float scratch (``dequantised_rows``), the same numbers. Blocks
+are powers of two (entry d is in block d >> log2(block)) or the whole row.
 
 ``int8_dot`` (an int8 × int8 dot product accumulated in int32, ``np.int32(acc + np.int32(a)·np.int32(b))``
 each step: written plainly numba widens to int64 and the loop compiles to ``vpmuldq``; forced to int32
@@ -28,7 +29,9 @@ from numba.extending import overload
 
 from .. import config
 from ._decode_tiles import rows_of_key_scores, rows_of_values
-from ._load import half_bits, load
+from ._load import half_bits, load, rows_for_compute
+from ._prefill_tiles import VW
+from ._vector_ir import is_c_array, load_float32_into, load_nibbles_into
 
 #: smallest normal float32: below it 1/scale overflows, so such (rare) blocks divide instead
 _TINY = np.float32(1.1754944e-38)
@@ -426,3 +429,94 @@ def q4_axpy(p, vb, vs, block, arow):
             byte = np.int32(vb[b * half + w])
             arow[e0 + w] += ps * dt(byte & 15) + pm
             arow[e0 + half + w] += ps * dt(byte >> 4) + pm
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# prefill: a block of quantised key or value rows dequantised once into a float scratch
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def dequantised_rows(x, scales, block, j0, n, scratch):  # pragma: no cover - numba overload below
+    raise TypeError("dequantised_rows is a numba kernel helper: call it from @njit code")
+
+
+@njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
+def _int8_row_loops(src, sc, blk, dst):
+    """dst[d] = data·scale of d's block, in dst's dtype (what ``block_scores``/``block_values`` use)."""
+    D = dst.shape[0]
+    dt = dst.dtype.type
+    for b in range(sc.shape[0]):
+        s = dt(sc[b])
+        for d in range(b * blk, min(D, b * blk + blk)):
+            dst[d] = dt(src[d]) * s
+
+
+@njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
+def _q4_row_loops(src, sc, block, dst):
+    """dst[d] = code·step + min of d's block, in dst's dtype (ggml's nibble order, see above)."""
+    dt = dst.dtype.type
+    half = block // 2
+    for b in range(dst.shape[0] // block):
+        step = dt(load(sc[2 * b]))
+        low = dt(load(sc[2 * b + 1]))
+        for w in range(half):
+            byte = np.int32(src[b * half + w])
+            dst[b * block + w] = dt(byte & 15) * step + low
+            dst[b * block + half + w] = dt(byte >> 4) * step + low
+
+
+@overload(dequantised_rows, fastmath=config.FASTMATH)
+def _dequantised_rows_overload(x, scales, block, j0, n, scratch):
+    """(rows, offset) such that rows[offset + j] is row j0 + j of x in the compute dtype (scratch's).
+
+    int8 rows (``scales`` float32 (rows, blocks)) and 4-bit rows (uint8 codes, ``scales`` (rows, 2·blocks)
+    float16 bits): rows j0 … j0+n-1 dequantised into ``scratch`` once, as the decode loops do in
+    registers (int8: data·scale; 4-bit: code·step + min), so that the prefill micro-kernels, which
+    reuse each row for every query row of a work item, read plain floats. float32 scratch: VW entries
+    at a time in vector IR (``_vector_ir.load_float32_into``/``load_nibbles_into``) when the head dim and
+    the scale blocks (4-bit: half blocks) are multiples of VW, else the loops (float64 arithmetic too).
+    Float storage: ``_load.rows_for_compute`` (float16 bits converted into ``scratch``, floats as they are).
+    """
+    vector = is_c_array(scratch, types.float32) and is_c_array(x, types.int8, types.uint8)
+    vector = vector and is_c_array(scales, types.float32, types.uint16)
+    if isinstance(x, types.Array) and x.dtype == types.uint8:
+
+        def impl_q4(x, scales, block, j0, n, scratch):
+            D = scratch.shape[1]
+            half = block // 2
+            if vector and half % VW == 0:
+                for j in range(n):
+                    src, sc, dst = x[j0 + j], scales[j0 + j], scratch[j]
+                    for b in range(D // block):
+                        step = load(sc[2 * b])
+                        low = load(sc[2 * b + 1])
+                        for w in range(0, half, VW):
+                            load_nibbles_into(src, b * half + w, 0, step, low, dst, b * block + w, VW)
+                            load_nibbles_into(src, b * half + w, 1, step, low, dst, b * block + half + w, VW)
+            else:
+                for j in range(n):
+                    _q4_row_loops(x[j0 + j], scales[j0 + j], block, scratch[j])
+            return scratch, 0
+
+        return impl_q4
+
+    if isinstance(x, types.Array) and x.dtype == types.int8:
+
+        def impl_int8(x, scales, block, j0, n, scratch):
+            D = scratch.shape[1]
+            nb = scales.shape[1]
+            blk = block if nb > 1 else D  # one scale per row: a block of the whole row
+            if vector and D % VW == 0 and blk % VW == 0:
+                for j in range(n):
+                    src, sc, dst = x[j0 + j], scales[j0 + j], scratch[j]
+                    for b in range(nb):
+                        for d in range(b * blk, min(D, b * blk + blk), VW):
+                            load_float32_into(src, d, sc, b, dst, d, VW)
+            else:
+                for j in range(n):
+                    _int8_row_loops(x[j0 + j], scales[j0 + j], blk, scratch[j])
+            return scratch, 0
+
+        return impl_int8
+
+    return lambda x, scales, block, j0, n, scratch: rows_for_compute(x, j0, n, scratch)
