@@ -1,6 +1,6 @@
 """``python -m numba_attn info | check | bench | warmup``: what the JIT targets here, a self-test of every
 kernel against the float64 reference, a side-by-side benchmark against the baselines, and compiling
-every kernel once into the on-disk cache.
+every kernel once into the on-disk cache (``warmup --report``: with each kernel variant's compile time).
 
 Only the command line lives here; the commands are ``info.run_info``, ``check.run_check``,
 ``bench.run_bench`` and ``info.run_warmup``.
@@ -18,7 +18,8 @@ def main(argv=None):
     sub.add_parser("info", help="versions, threading layer, CPU target, compile cache")
     c = sub.add_parser("check", help="run every kernel on random data against the float64 reference")
     c.add_argument("--quick", action="store_true", help="one case per kernel and precision")
-    sub.add_parser("warmup", help="compile every kernel variant once (e.g. at install time) into the cache")
+    w = sub.add_parser("warmup", help="compile every kernel variant once (e.g. at install time) into the cache")
+    w.add_argument("--report", action="store_true", help="then print each kernel variant's compile time")
     b = sub.add_parser("bench", help="time numba_attn against numpy, torch and onnxruntime (those installed)")
     b.add_argument("--quick", action="store_true", help="fewer, smaller cases and shorter timing")
     b.add_argument("--full", action="store_true", help="also the L = S = 4096 prefills")
@@ -44,7 +45,7 @@ def main(argv=None):
     if args.command == "info":
         return info.run_info()
     if args.command == "warmup":
-        return info.run_warmup()
+        return info.run_warmup(report=args.report)
     if args.command == "bench" and args.busy:
         return bench.run_busy(args.quick, args.threads, args.json)
     if args.command == "bench" and args.layer:
