@@ -124,9 +124,10 @@ class CompileLog:
     def kernels(self):
         """[(name, arrays, seconds, helpers)] for each compile of a numba_attn function, in the order they
         started: ``name`` ``module.qualname`` (module relative to ``numba_attn.kernels``), ``arrays`` its
-        argument dtypes (``describe_arrays``), ``seconds`` its own compile plus ``helpers``: the compiles of
-        numba's functions that it set off (overloads, ``np.zeros``, ...). A numba_attn function compiled
-        for another (a shared body) has its own row, so the rows add up to the whole compile time."""
+        argument dtypes (``describe_arrays``), ``seconds`` its own compile plus ``helpers``: the compiles it
+        set off of overload implementations (ours and numba's) and numba's functions (``np.zeros``, ...). A
+        numba_attn function compiled for another (a shared body) has its own row, so the rows add up to
+        the whole compile time."""
         rows = {}
         for i, (_, _, seconds, nested, _) in enumerate(self.compiles):
             owner = i
@@ -155,7 +156,10 @@ class CompileLog:
 
 
 def _ours(dispatcher):
-    return getattr(dispatcher.py_func, "__module__", "").startswith("numba_attn.")
+    """A numba_attn function of its own (kernel, body, jitted helper); an ``@overload``'s implementation
+    (a function local to the overload) counts as a helper of whatever it was compiled for."""
+    f = dispatcher.py_func
+    return getattr(f, "__module__", "").startswith("numba_attn.") and "<locals>" not in f.__qualname__
 
 
 #: short names of the dtypes our kernels see (float16 arrives as its uint16 bits, 4-bit codes as uint8 bytes)
@@ -219,8 +223,8 @@ def print_compile_report(log, loaded, out):
     for r in table:
         print("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))), file=out)
     print(
-        "helpers: numba's own functions compiled for that kernel (overloads, np.empty, ...); a body the kernel "
-        "calls (_link.shared) has its own row",
+        "helpers: the overload implementations (ours and numba's, e.g. np.empty) compiled for that function; "
+        "a body a kernel calls (_link.shared) has its own row",
         file=out,
     )
 

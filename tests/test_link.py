@@ -94,6 +94,30 @@ def test_the_body_has_no_python_entry():
     assert _body.targetoptions["no_cpython_wrapper"] and _body.targetoptions["no_cfunc_wrapper"]
 
 
+def test_the_body_skips_numbas_per_function_pre_optimisation(monkeypatch):
+    """Its LLVM module is optimised once, by the module pipeline (``_link._single_pass_library``)."""
+    from numba.core import codegen
+
+    seen = []
+    real = codegen.CPUCodeLibrary._optimize_functions
+    monkeypatch.setattr(
+        codegen.CPUCodeLibrary, "_optimize_functions", lambda self, mod: seen.append(self.name) or real(self, mod)
+    )
+
+    def _fresh(x):
+        return x + 1.5
+
+    fresh = _link.callee(_fresh)
+    fresh.compile((types.float64,))
+    (sig,) = fresh.signatures
+    library = fresh.overloads[sig].library
+    assert type(library).__name__ == "SinglePassLibrary"
+    assert library.name not in seen  # numba's pre-pass never ran on it (the override does not call it)
+    plain = njit(lambda x: x + 2.5)
+    plain.compile((types.float64,))
+    assert seen  # while an ordinary function's library still gets it
+
+
 MODULE = """
 import numpy as np
 from numba import njit

@@ -29,6 +29,9 @@ import importlib
 from llvmlite import binding as llvm_binding
 from numba import njit, types
 from numba.core import cgutils
+from numba.core.compiler import CompilerBase, DefaultPassBuilder
+from numba.core.compiler_machinery import FunctionPass, register_pass
+from numba.core.typed_passes import NopythonTypeInference
 from numba.extending import intrinsic
 
 from .. import config
@@ -67,11 +70,66 @@ def _reload(module, name, argtypes):
     export(getattr(importlib.import_module(module), name), argtypes)
 
 
+def _single_pass_library(codegen):
+    """numba's code library class for ``codegen``, except that a module added to it skips numba's
+    per-function optimisation (a full function simplification pipeline run on each function before
+    linking) and is only optimised by the module pipeline that runs on the linked module anyway (O3,
+    which starts with the same simplifications). For a kernel body that pre-pass took longer than the
+    module pipeline (prefill, float32: 2.5 s against 1.6 s); the machine code and the kernels' speed were
+    the same (same NRT reference-count operations, loops, FMAs)."""
+    base = codegen._library_class
+    cls = _library_classes.get(base)
+    if cls is None:
+
+        class SinglePassLibrary(base):
+            def _optimize_functions(self, ll_module):
+                ll_module.data_layout = self._codegen._data_layout  # what the skipped pass also did
+
+        cls = _library_classes[base] = SinglePassLibrary
+    return cls
+
+
+_library_classes = {}
+
+
+class _SinglePassLibraryPass(FunctionPass):
+    _name = "numba_attn_single_pass_library"
+
+    def __init__(self):
+        FunctionPass.__init__(self)
+
+    def run_pass(self, state):
+        if state.library is None:  # numba's lowering creates the library only when none is set
+            codegen = state.targetctx.codegen()
+            state.library = _single_pass_library(codegen)(codegen, state.func_id.func_qualname)
+            state.library.enable_object_caching()  # as numba's lowering does, for the on-disk cache
+        return False
+
+
+register_pass(mutates_CFG=False, analysis_only=True)(_SinglePassLibraryPass)
+
+
+class _CalleeCompiler(CompilerBase):
+    """numba's nopython pipeline with ``_SinglePassLibraryPass`` before lowering."""
+
+    def define_pipelines(self):
+        pm = DefaultPassBuilder.define_nopython_pipeline(self.state)
+        pm.add_pass_after(_SinglePassLibraryPass, NopythonTypeInference)
+        pm.finalize()
+        return [pm]
+
+
 def callee(fn):
-    """``fn`` compiled as the kernels are (fastmath, on-disk cache) but without numba's Python and C entry
-    points: it is only called from kernels, through ``shared``, and the Python entry's unboxing of ~30
-    array arguments alone took ~0.25 s to compile."""
-    return njit(fastmath=config.FASTMATH, cache=config.CACHE, no_cpython_wrapper=True, no_cfunc_wrapper=True)(fn)
+    """``fn`` compiled as the kernels are (fastmath, on-disk cache) for calling from kernels only, through
+    ``shared``: no Python or C entry point (the Python entry's unboxing of ~30 array arguments alone took
+    ~0.25 s to compile), and LLVM's optimisation run once over it (``_single_pass_library``)."""
+    return njit(
+        fastmath=config.FASTMATH,
+        cache=config.CACHE,
+        no_cpython_wrapper=True,
+        no_cfunc_wrapper=True,
+        pipeline_class=_CalleeCompiler,
+    )(fn)
 
 
 def shared(dispatcher, name=None):
