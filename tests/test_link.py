@@ -164,3 +164,25 @@ def test_a_cached_caller_finds_its_body_in_a_new_process(tmp_path):
     assert first == "[0.0, 2.0, 4.0]" and (hits, misses, bodies) == ("0", "1", "1")
     second, (hits, misses, bodies) = run()  # the caller from the cache, the body loaded by its reload hook
     assert second == "[0.0, 2.0, 4.0]" and (hits, misses, bodies) == ("1", "0", "1")
+
+
+def test_the_parallel_and_serial_kernels_share_one_body():
+    """A float32 prefill and decode through the API, each with its serial (small) and parallel (large) build:
+    one compiled body each."""
+    import numba_attn
+    from numba_attn.kernels import decode, prefill
+
+    rng = np.random.default_rng(0)
+    for L, S in ((4, 8), (300, 300), (1, 300), (1, 4096)):  # prefill serial, parallel; decode serial, parallel
+        q = rng.standard_normal((1, 8, L, 64), dtype=np.float32)
+        k = rng.standard_normal((1, 8, S, 64), dtype=np.float32)
+        numba_attn.scaled_dot_product_attention(q, k, k)
+    for serial, parallel, body in (
+        (prefill.prefill_serial, prefill.prefill_parallel, prefill._prefill_items),
+        (decode.decode_serial, decode.decode_parallel, decode._decode_items),
+    ):
+        kernels = set(serial.signatures) | set(parallel.signatures)
+        assert set(serial.signatures) & set(parallel.signatures)  # the same argument types reached both builds
+        n = len(next(iter(kernels)))
+        # one body per argument types, not per build: the body takes the kernel's arguments (then its own)
+        assert len(body.signatures) == len(kernels) and {tuple(sig[:n]) for sig in body.signatures} == kernels
