@@ -1,6 +1,6 @@
 """``python -m numba_attn info | check | bench | warmup | tune``: what the JIT targets here, a self-test of every
 kernel against the float64 reference, a side-by-side benchmark against the baselines, and compiling
-every kernel once into the on-disk cache.
+every kernel once into the on-disk cache (``warmup --report``: with each kernel variant's compile time).
 
 Only the command line lives here; the commands are ``info.run_info``, ``check.run_check``,
 ``bench.run_bench``, ``info.run_warmup`` and ``tune.run_tune``.
@@ -19,6 +19,7 @@ def main(argv=None):
     c = sub.add_parser("check", help="run every kernel on random data against the float64 reference")
     c.add_argument("--quick", action="store_true", help="one case per kernel and precision")
     w = sub.add_parser("warmup", help="compile every kernel variant once (e.g. at install time) into the cache")
+    w.add_argument("--report", action="store_true", help="then print each kernel variant's compile time")
     w.add_argument("--tune", action="store_true", help="first choose the register tile by measurement (see tune)")
     t = sub.add_parser("tune", help="time the register-tile shapes on this CPU and keep the fastest (about 30 s)")
     t.add_argument("--dry-run", action="store_true", help="time and print, store nothing")
@@ -51,7 +52,7 @@ def main(argv=None):
     if args.command == "warmup" and args.tune:
         return tune.run_tune_then_warmup()
     if args.command == "warmup":
-        return info.run_warmup()
+        return info.run_warmup(report=args.report)
     if args.command == "bench" and args.busy:
         return bench.run_busy(args.quick, args.threads, args.json)
     if args.command == "bench" and args.layer:

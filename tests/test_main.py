@@ -121,8 +121,9 @@ def test_main_is_only_argument_wiring():
 
 def test_warmup_is_wired(monkeypatch):
     called = []
-    monkeypatch.setattr(info, "run_warmup", lambda out=None: called.append(True) or 0)
-    assert cli.main(["warmup"]) == 0 and called == [True]
+    monkeypatch.setattr(info, "run_warmup", lambda out=None, report=False: called.append(report) or 0)
+    assert cli.main(["warmup"]) == 0 and cli.main(["warmup", "--report"]) == 0
+    assert called == [False, True]
 
 
 def test_tune_is_wired(monkeypatch):

@@ -41,6 +41,7 @@ from numba import njit, prange
 
 from .. import config
 from . import variant
+from ._link import callee, shared
 from ._load import load
 from ._math import exp_nonpositive, fast_exp
 from ._scores import add_sink, adjust_scores_line, visible_key_range
@@ -185,8 +186,15 @@ def _decode_body(
     out,
     lse,
     check,
+    part_acc,
+    part_m,
+    part_l,
+    w_begin,
+    w_end,
 ):
-    """Attention for out[groups[g, t]] (all t share k[k_idx[...]], v[v_idx[...]]); see module doc.
+    """The work items w_begin ≤ w < w_end of the attention for out[groups[g, t]] (all t share
+    k[k_idx[...]], v[v_idx[...]]), each into its slice of the parts ``part_acc``/``part_m``/``part_l``
+    that ``_decode_merge`` combines; see module doc.
 
     Same arguments as the prefill kernel (``sinks`` enter in the merge), plus: ``groups`` (G, g), the
     output batch entries that read the same key/value entry; ``k_scales``/``v_scales`` (N, ≥S, blocks)
@@ -207,21 +215,17 @@ def _decode_body(
     _, L, Ev = out.shape
     E = q.shape[2]
     S = kv_len
-    G, gsize = groups.shape
+    gsize = groups.shape[1]
     R = gsize * L
     dt = out.dtype
     neg_inf = dt.type(-np.inf)
     zero = dt.type(0)
     has_alibi = slopes.shape[0] > 0
-    has_sink = sinks.shape[0] > 0
     n_chunks = (R + row_chunk - 1) // row_chunk
     kv_begin, kv_end = visible_key_range(0, L, S, is_causal, pos_offset, window)
     span = kv_end - kv_begin
     split_len = (span + n_split - 1) // n_split if span > 0 else 0
-    part_acc = np.zeros((G, n_split, R, Ev), dt)
-    part_m = np.full((G, n_split, R), neg_inf, dt)
-    part_l = np.zeros((G, n_split, R), dt)
-    for w in prange(G * n_chunks * n_split):
+    for w in range(w_begin, w_end):
         g = w // (n_chunks * n_split)
         r0 = ((w // n_split) % n_chunks) * row_chunk
         sp = w % n_split
@@ -272,10 +276,29 @@ def _decode_body(
                 )
                 streaming_softmax_row(srow, nk, m, l, r, acc[r])
             block_values(s, vn, vsn, v_block, j0, nk, acc)
-        part_acc[g, sp, r0 : r0 + nr] = acc
-        part_m[g, sp, r0 : r0 + nr] = m
-        part_l[g, sp, r0 : r0 + nr] = l
+        # element by element: a slice assignment compiles numba's shape-mismatch error message (~4 s)
+        for r in range(nr):
+            part_m[g, sp, r0 + r] = m[r]
+            part_l[g, sp, r0 + r] = l[r]
+            prow = part_acc[g, sp, r0 + r]
+            for e in range(Ev):
+                prow[e] = acc[r, e]
         check[w] = n_bad + (0 if q_chk == zero else 1) + (0 if nonfinite_sum(acc) == zero else 1)
+
+
+_decode_items = callee(_decode_body)
+_call_decode_items = shared(_decode_items, "_decode_items")
+
+
+@callee
+def _decode_merge(groups, L, sinks, part_acc, part_m, part_l, out, lse, check):
+    """out and lse of every row from the parts of ``_decode_body`` (see ``merge_parts``); adds to
+    ``check[0]`` how many result rows are not finite."""
+    G, gsize = groups.shape
+    R = gsize * L
+    Ev = out.shape[2]
+    zero = out.dtype.type(0)
+    has_sink = sinks.shape[0] > 0
     # exact merge of the parts, on the calling thread: G·R·n_split·Ev multiply-adds, too few to pay
     # for a second parallel region (a call is one parallel launch), and the result's finite check
     # rides along (0·x is NaN for a NaN or ±inf result) instead of a scan of its own after the kernel
@@ -294,5 +317,97 @@ def _decode_body(
     check[0] += bad_results
 
 
-decode_parallel = njit(parallel=True, fastmath=config.FASTMATH, cache=config.CACHE)(variant(_decode_body, "_parallel"))
-decode_serial = njit(parallel=False, fastmath=config.FASTMATH, cache=config.CACHE)(variant(_decode_body, "_serial"))
+_call_decode_merge = shared(_decode_merge)
+
+
+def _decode_launch(
+    q,
+    k,
+    k_scales,
+    k_block,
+    v,
+    v_scales,
+    v_block,
+    q_idx,
+    k_idx,
+    v_idx,
+    groups,
+    kv_len,
+    mask,
+    m_idx,
+    mask_kind,
+    mask_li,
+    mask_sj,
+    is_causal,
+    pos_offset,
+    window,
+    slopes,
+    sinks,
+    softcap,
+    scale,
+    row_chunk,
+    n_split,
+    block_k,
+    out,
+    lse,
+    check,
+):
+    """The decode kernel: ``_decode_body`` over every work item, one ``prange`` step each, then
+    ``_decode_merge``. Both are compiled once and called, not inlined or linked, by the parallel
+    and the serial build (``_link.shared``): see ``prefill._prefill_launch``. Every work item writes
+    all of its parts' rows, so the parts need no initial values."""
+    _, L, Ev = out.shape
+    G, gsize = groups.shape
+    R = gsize * L
+    n_items = G * ((R + row_chunk - 1) // row_chunk) * n_split
+    part_acc = np.empty((G, n_split, R, Ev), out.dtype)
+    part_m = np.empty((G, n_split, R), out.dtype)
+    part_l = np.empty((G, n_split, R), out.dtype)
+    for w in prange(n_items):
+        item = np.int64(w)  # the parallel build's index is unsigned: one signature for both builds
+        _call_decode_items(
+            (
+                q,
+                k,
+                k_scales,
+                k_block,
+                v,
+                v_scales,
+                v_block,
+                q_idx,
+                k_idx,
+                v_idx,
+                groups,
+                kv_len,
+                mask,
+                m_idx,
+                mask_kind,
+                mask_li,
+                mask_sj,
+                is_causal,
+                pos_offset,
+                window,
+                slopes,
+                sinks,
+                softcap,
+                scale,
+                row_chunk,
+                n_split,
+                block_k,
+                out,
+                lse,
+                check,
+                part_acc,
+                part_m,
+                part_l,
+                item,
+                item + 1,
+            )
+        )
+    _call_decode_merge((groups, L, sinks, part_acc, part_m, part_l, out, lse, check))
+
+
+decode_parallel = njit(parallel=True, fastmath=config.FASTMATH, cache=config.CACHE)(
+    variant(_decode_launch, "_parallel")
+)
+decode_serial = njit(parallel=False, fastmath=config.FASTMATH, cache=config.CACHE)(variant(_decode_launch, "_serial"))

@@ -56,6 +56,7 @@ from numba import njit, prange
 
 from .. import config
 from . import variant
+from ._link import callee, shared
 from ._load import load
 from ._scores import MASK_NONE, visible_key_range
 from .prefill import (
@@ -107,8 +108,10 @@ def _varlen_body(
     out,
     lse,
     check,
+    w_begin,
+    w_end,
 ):
-    """out[cu_q[b] + i, h] = softmax(z)·v for every table entry; see module doc.
+    """out[cu_q[b] + i, h] = softmax(z)·v for the table entries of bins w_begin ≤ w < w_end; see module doc.
 
     q (total_q, H, E), k (total_k, H_kv, E), v (total_k, H_kv, Ev): C-contiguous, float32/float64 or
     float16 bits; cu_q, cu_k (B + 1,) int64 offsets; items (n_items, 3) int64 rows (b, h, i0) with
@@ -127,9 +130,8 @@ def _varlen_body(
     has_alibi = slopes.shape[0] > 0
     has_sink = sinks.shape[0] > 0
     no_mask = np.zeros((1, 1), dt)
-    n_bins = bin_start.shape[0] - 1
     cap = (block_q + row_tile - 1) // row_tile * row_tile  # most rows an item computes
-    for w in prange(n_bins):
+    for w in range(w_begin, w_end):
         # scratch of the largest item, reshaped per item (the micro-kernels want C-contiguous blocks)
         qt_buf = np.empty(E * cap, dt)
         acc_buf = np.empty(Ev * cap, dt)
@@ -210,5 +212,69 @@ def _varlen_body(
             check[t] = n_bad if check_finite else 0
 
 
-varlen_parallel = njit(parallel=True, fastmath=config.FASTMATH, cache=config.CACHE)(variant(_varlen_body, "_parallel"))
-varlen_serial = njit(parallel=False, fastmath=config.FASTMATH, cache=config.CACHE)(variant(_varlen_body, "_serial"))
+# the bins' work, compiled once and called by both builds below (see ``prefill._prefill_launch``)
+_varlen_items = callee(_varlen_body)
+_call_varlen_items = shared(_varlen_items, "_varlen_items")
+
+
+def _varlen_launch(
+    q,
+    k,
+    v,
+    cu_q,
+    cu_k,
+    items,
+    bin_start,
+    group,
+    is_causal,
+    upper_left,
+    window,
+    slopes,
+    sinks,
+    softcap,
+    scale,
+    block_q,
+    block_k,
+    row_tile,
+    check_finite,
+    out,
+    lse,
+    check,
+):
+    """The varlen kernel: ``_varlen_body`` for each bin, one ``prange`` step each (see ``prefill._prefill_launch``)."""
+    for w in prange(bin_start.shape[0] - 1):
+        b = np.int64(w)  # the parallel build's index is unsigned: one signature for both builds
+        _call_varlen_items(
+            (
+                q,
+                k,
+                v,
+                cu_q,
+                cu_k,
+                items,
+                bin_start,
+                group,
+                is_causal,
+                upper_left,
+                window,
+                slopes,
+                sinks,
+                softcap,
+                scale,
+                block_q,
+                block_k,
+                row_tile,
+                check_finite,
+                out,
+                lse,
+                check,
+                b,
+                b + 1,
+            )
+        )
+
+
+varlen_parallel = njit(parallel=True, fastmath=config.FASTMATH, cache=config.CACHE)(
+    variant(_varlen_launch, "_parallel")
+)
+varlen_serial = njit(parallel=False, fastmath=config.FASTMATH, cache=config.CACHE)(variant(_varlen_launch, "_serial"))
