@@ -530,7 +530,11 @@ _call_prefill_items = shared(_prefill_items, "_prefill_items")
 def _prefill_launch(
     q,
     k,
+    k_scales,
+    k_block,
     v,
+    v_scales,
+    v_block,
     q_idx,
     k_idx,
     v_idx,
@@ -570,7 +574,11 @@ def _prefill_launch(
             (
                 q,
                 k,
+                k_scales,
+                k_block,
                 v,
+                v_scales,
+                v_block,
                 q_idx,
                 k_idx,
                 v_idx,
