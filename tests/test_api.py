@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from conftest import DTYPES, assert_close, assert_unchanged, copies, randn, random_bool_mask, random_float_mask
 from numba_attn import api, attention_weights, config, reference, scaled_dot_product_attention
+from numba_attn.api import ROW_TILE
 
 try:
     import torch
@@ -405,7 +406,8 @@ def test_large_shapes_both_paths(monkeypatch, kernel_spy, path, dtype, mask_kind
 @pytest.mark.parametrize("mask_kind,causal", [(None, False), ("bool", "lower_right"), (None, True)])
 def test_prefill_block_sizes(monkeypatch, block_q, block_k, mask_kind, causal):
     """The result does not depend on the prefill tiles (query rows × keys per block), including
-    the larger query block the API picks for big problems and sizes that do not divide L or S."""
+    the larger query block the API picks for big problems (rounded down to whole register tiles) and
+    sizes that do not divide L or S."""
     monkeypatch.setattr(config, "SERIAL_BELOW_FLOPS", 0)
     monkeypatch.setattr(config, "PREFILL_BLOCK_Q_LARGE", block_q)
     monkeypatch.setattr(config, "PREFILL_ITEMS_PER_THREAD", 0)  # always the "large" block
@@ -414,7 +416,7 @@ def test_prefill_block_sizes(monkeypatch, block_q, block_k, mask_kind, causal):
     L, S, E, Ev = 300, 517, 64, 32
     q, k, v = randn(rng, (2, L, E), np.float32), randn(rng, (2, S, E), np.float32), randn(rng, (2, S, Ev), np.float32)
     mask = random_bool_mask(rng, (2, L, S), 0.8, masked_rows=5) if mask_kind == "bool" else None
-    assert api.prefill_block_q(2, L) == block_q
+    assert api.prefill_block_q(2, L) == max(ROW_TILE, block_q // ROW_TILE * ROW_TILE)  # whole register tiles
     out, lse = scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, return_lse=True)
     ref_out, ref_lse = reference_sdpa(q, k, v, attn_mask=mask, is_causal=causal)
     assert_close(out, ref_out, np.float32)
