@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from numba import njit
 
-from conftest import exact_values
-from numba_attn import quantize, scaled_dot_product_attention
+from conftest import cache_reference, exact_values
+from numba_attn import KVCache, quantize, scaled_dot_product_attention
 from numba_attn.kernels._prefill_tiles import W, softmax_tile
 from numba_attn.kernels.prefill import online_softmax_block
 from numba_attn.reference import scaled_dot_product_attention as reference
@@ -206,4 +206,22 @@ def test_quantised_kv_property(L, S, heads, D, kfmt, vfmt, is_causal, seed):
     out = scaled_dot_product_attention(q, k, v, is_causal=is_causal, enable_gqa=True)
     expected = reference(q.astype(np.float64), exact_values(k), exact_values(v), is_causal=is_causal, enable_gqa=True)
     assert out.dtype == np.float32
+    np.testing.assert_allclose(out, expected, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("kfmt,vfmt", [(np.int8, "int4"), ("int4", "int4"), (np.int8, np.int8)])
+@pytest.mark.parametrize("window", [None, 50])
+def test_quantised_cache_prefill_chunk(kernel_spy, kfmt, vfmt, window):
+    """A prompt-sized chunk attended over a quantised cache (keys and values Hadamard-rotated the
+    default way: the query is rotated by ``attend``, the kernel does not care), with and without a
+    window, takes the prefill kernel and matches the formula on the stored content."""
+    rng = np.random.default_rng(9)
+    cache = KVCache(1, 2, 64, 256, key_dtype=kfmt, value_dtype=vfmt)
+    cache.append(rng.standard_normal((1, 2, 60, 64)), rng.standard_normal((1, 2, 60, 64)))
+    cache.append(rng.standard_normal((1, 2, 40, 64)), rng.standard_normal((1, 2, 40, 64)))
+    q = rng.standard_normal((1, 4, 40, 64)).astype(np.float32)
+    out = cache.attend(q, window=window)
+    assert set(kernel_spy.ran()) == {"prefill_parallel"}, kernel_spy.ran()
+    keys, values = (exact_values(x) for x in cache.ordered())
+    expected = cache_reference(cache, q, keys, values, is_causal="lower_right", enable_gqa=True, window=window)
     np.testing.assert_allclose(out, expected, atol=2e-5, rtol=2e-5)
