@@ -94,12 +94,17 @@ def step_of(probe, vw, nv):
     if probe.startswith("decode scores"):
         if probe.endswith("int4"):  # VW bytes = 2·VW entries of VW keys: dot and dequantisation FMAs
             return 4 * vw, vw, 2 * vw
+        if probe.endswith("int8"):  # a block's sums, INT8_KEYS_PER_PASS keys at a time (scaled once per block)
+            keys = min(vw, 4 if vw <= 8 else 8)
+            return keys, keys, vw
         return vw, vw, vw
     if probe.startswith("decode values"):
-        rows = 4 if probe.endswith("4 rows") else 1
+        if probe.endswith("4 rows"):  # 4 rows × FOUR_ROW_VECTORS (NV rounded down to 4, 2 or 1) vectors
+            vectors = 4 if nv >= 4 else (2 if nv >= 2 else 1)
+            return 4 * vectors, 1, vectors * vw
         if probe.endswith("int4"):  # 2 byte vectors = 4 vectors of columns, each dequantised by an FMA
-            return 4 * rows + 4, 1, 4 * vw
-        return 4 * rows, 1, 4 * vw
+            return 4 + 4, 1, 4 * vw
+        return 4, 1, 4 * vw
     raise KeyError(probe)
 
 

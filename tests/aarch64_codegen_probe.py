@@ -18,15 +18,21 @@ from numba import njit, types
 
 from numba_attn import config
 from numba_attn.kernels._decode_tiles import (
+    FOUR_ROW_VECTORS,
     key_scores,
     key_scores_q4,
     value_rows_1x4,
+    value_rows_4x1,
+    value_rows_4x2,
     value_rows_4x4,
     value_rows_q4_1x2,
 )
 from numba_attn.kernels._load import load
 from numba_attn.kernels._prefill_tiles import VW, tile_add, tile_set
 from numba_attn.kernels.quantised import int8_dot
+
+#: the four-row value tile the decode kernel uses on this target (4 × FOUR_ROW_VECTORS vectors)
+value_rows_four = {4: value_rows_4x4, 2: value_rows_4x2, 1: value_rows_4x1}[FOUR_ROW_VECTORS]
 
 TRIPLE = "aarch64-unknown-linux-gnu"
 CPUS = ("cortex-a76", "cortex-a72")  # Raspberry Pi 5 / Jetson Orin class, and Raspberry Pi 4
@@ -84,8 +90,8 @@ def decode_values_1x4(p, v, vs, shift, acc, nk):  # one row × 4 vectors of floa
 
 
 @njit(fastmath=config.FASTMATH)
-def decode_values_4x4(p, v, vs, shift, acc, nk):  # 4 rows (grouped heads) × 4 vectors of values
-    value_rows_4x4(p, 0, p.shape[1], v, 0, v.shape[1], vs, 0, vs.shape[1], 0, shift, acc, 0, acc.shape[1], nk)
+def decode_values_4x4(p, v, vs, shift, acc, nk):  # 4 rows (grouped heads) × FOUR_ROW_VECTORS vectors of values
+    value_rows_four(p, 0, p.shape[1], v, 0, v.shape[1], vs, 0, vs.shape[1], 0, shift, acc, 0, acc.shape[1], nk)
 
 
 @njit(fastmath=config.FASTMATH)

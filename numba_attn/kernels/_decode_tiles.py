@@ -26,7 +26,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from . import _vector_ir as vir
-from ._prefill_tiles import VW
+from ._prefill_tiles import NV, VW
 from ._vector_ir import is_c_array
 
 
@@ -52,22 +52,57 @@ def key_scores(typingctx, q, q_off, k, k_off, k_stride, ks, ks_off, ks_stride, s
         ksp = vir.data_pointer(context, builder, ks, ks_)
         sp = vir.data_pointer(context, builder, s, s_)
         accs = [vir.accumulator(builder, vir.zeros(ir.FloatType(), VW)) for _ in range(VW)]
-        n_chunks = builder.udiv(E_, vir.as_index(VW))
-        with cgutils.for_range(builder, n_chunks) as loop:
-            d0 = builder.mul(loop.index, vir.as_index(VW))
-            qv = vir.load_vector(builder, qp, builder.add(q_off_, d0), VW)
-            for j in range(VW):
-                scale = None
-                if kind == types.int8:
-                    scale_index = vir.strided_index(builder, ks_off_, j, ks_stride_, builder.lshr(d0, shift_))
-                    scale = vir.load_element(builder, ksp, scale_index)
-                key_index = vir.strided_index(builder, k_off_, j, k_stride_, d0)
-                vir.accumulate_fma(builder, accs[j], qv, vir.load_float32_vector(builder, kp, key_index, VW, scale))
+        if kind == types.int8:
+            _int8_key_sums(builder, qp, q_off_, kp, k_off_, k_stride_, ksp, ks_off_, ks_stride_, shift_, E_, accs)
+        else:
+            n_chunks = builder.udiv(E_, vir.as_index(VW))
+            with cgutils.for_range(builder, n_chunks) as loop:
+                d0 = builder.mul(loop.index, vir.as_index(VW))
+                qv = vir.load_vector(builder, qp, builder.add(q_off_, d0), VW)
+                for j in range(VW):
+                    key_index = vir.strided_index(builder, k_off_, j, k_stride_, d0)
+                    vir.accumulate_fma(builder, accs[j], qv, vir.load_float32_vector(builder, kp, key_index, VW))
         total = vir.butterfly_sum(builder, [builder.load(acc) for acc in accs])
         vir.store_vector(builder, total, sp, s_off_)
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+#: int8 keys scored per pass of ``_int8_key_sums``: each needs a block sum and an accumulator in registers,
+#: so 4 where there are 16 vector registers (AVX2, SSE: VW ≤ 8), 8 with 32 (AVX-512; NEON has VW = 4)
+INT8_KEYS_PER_PASS = min(VW, 4 if VW <= 8 else 8)
+
+
+def _int8_key_sums(builder, qp, q_off, kp, k_off, k_stride, ksp, ks_off, ks_stride, shift, E, accs):
+    """accs[j] += Σ_b scale_{j,b}·Σ_{d in block b} q[q_off + d]·k8_j[d] (lane by lane, lanes summed later) for
+    the VW int8 keys j, blocks of 2^shift entries (the last one may be short; a shift with 2^shift ≥ E
+    is one block, one scale per row).
+
+    Per block the products of the raw int8 codes (``sitofp``, exact) are summed in a float32 vector, which
+    is then scaled once (one ``fma`` per key and block, not one multiply per key and vector); keys go
+    INT8_KEYS_PER_PASS at a time, so the block sums and the accumulators stay in registers."""
+    size = builder.shl(vir.as_index(1), shift)
+    n_blocks = builder.lshr(builder.add(E, builder.sub(size, vir.as_index(1))), shift)
+    for first in range(0, VW, INT8_KEYS_PER_PASS):
+        keys = range(first, first + INT8_KEYS_PER_PASS)
+        sums = [vir.accumulator(builder, vir.zeros(ir.FloatType(), VW)) for _ in keys]
+        with cgutils.for_range(builder, n_blocks) as blocks:
+            b = blocks.index
+            e0 = builder.shl(b, shift)
+            left = builder.sub(E, e0)
+            width = builder.select(builder.icmp_unsigned("<", left, size), left, size)
+            for slot in sums:
+                builder.store(vir.zeros(ir.FloatType(), VW), slot)
+            with cgutils.for_range(builder, builder.udiv(width, vir.as_index(VW))) as chunks:
+                d0 = builder.add(e0, builder.mul(chunks.index, vir.as_index(VW)))
+                qv = vir.load_vector(builder, qp, builder.add(q_off, d0), VW)
+                for slot, j in zip(sums, keys):
+                    key_index = vir.strided_index(builder, k_off, j, k_stride, d0)
+                    vir.accumulate_fma(builder, slot, qv, vir.load_float32_vector(builder, kp, key_index, VW))
+            for slot, j in zip(sums, keys):
+                scale = vir.load_element(builder, ksp, vir.strided_index(builder, ks_off, j, ks_stride, b))
+                vir.accumulate_fma(builder, accs[j], builder.load(slot), vir.splat(builder, scale, VW))
 
 
 @intrinsic
@@ -219,7 +254,9 @@ def _make_value_rows(rows, chunks):
     """acc[i] += Σ_j p[i, j]·v_j over a rows × (chunks·VW columns) tile held in registers.
 
     Value row j's columns col0 … col0 + chunks·VW - 1 are at v[v_off + j·v_stride + c·VW …] (float or
-    int8 values; int8 times the scale vs[vs_off + j·vs_stride + (column >> shift)])."""
+    int8 values; int8 times the scale vs[vs_off + j·vs_stride + (col0 >> shift)]: the tile's columns lie in
+    one scale block, so one scale per key multiplies the rows' weights p[i, j] where there are fewer rows
+    than vectors, else the vectors)."""
 
     def value_rows(
         typingctx,
@@ -279,18 +316,22 @@ def _make_value_rows(rows, chunks):
             accs = vir.tile_accumulators(builder, ap, acc_index, rows, chunks, VW)
             with cgutils.for_range(builder, nk_) as loop:
                 j = loop.index
-                vals = []
-                for c in range(chunks):
-                    scale = None
-                    if kind == types.int8:
-                        block = builder.lshr(builder.add(col0_, vir.as_index(c * VW)), shift_)
-                        scale_index = vir.strided_index(builder, vs_off_, j, vs_stride_, block)
-                        scale = vir.load_element(builder, vsp, scale_index)
-                    value_index = vir.strided_index(builder, v_off_, j, v_stride_, c * VW)
-                    vals.append(vir.load_float32_vector(builder, vp, value_index, VW, scale))
                 weights = [
                     vir.load_element(builder, pp, vir.strided_index(builder, p_off_, i, p_stride_, j))
                     for i in range(rows)
+                ]
+                scale = None
+                if kind == types.int8:  # one scale for the tile's columns
+                    scale_index = vir.strided_index(builder, vs_off_, j, vs_stride_, builder.lshr(col0_, shift_))
+                    scale = vir.load_element(builder, vsp, scale_index)
+                    if rows < chunks:  # fewer weights than vectors: scale the weights (scalar multiplies)
+                        weights = [builder.fmul(weight, scale) for weight in weights]
+                        scale = None
+                vals = [
+                    vir.load_float32_vector(
+                        builder, vp, vir.strided_index(builder, v_off_, j, v_stride_, c * VW), VW, scale
+                    )
+                    for c in range(chunks)
                 ]
                 vir.rank1_update(builder, accs, weights, vals)
             vir.store_tile(builder, accs, ap, acc_index)
@@ -308,6 +349,11 @@ value_rows_4x1 = _make_value_rows(4, 1)
 value_rows_1x4 = _make_value_rows(1, 4)
 value_rows_1x2 = _make_value_rows(1, 2)
 value_rows_1x1 = _make_value_rows(1, 1)
+
+#: vectors of columns in a four-row value tile: NV (the prefill tile's vectors per row, 2 where there are 16
+#: vector registers, 4 with 32) rounded down to 4, 2 or 1, so its 4·NV accumulators leave registers for the
+#: value vectors and weights (4 × 4 on AVX2 spilled accumulators in every step)
+FOUR_ROW_VECTORS = 4 if NV >= 4 else (2 if NV >= 2 else 1)
 
 
 def _make_value_rows_q4(rows, pairs):
@@ -430,7 +476,9 @@ def _rows_of_values_overload(s, vn, v_scales, v_block, j0, nk, acc):
             shift = 0
             while (1 << shift) < (v_block if nb > 1 else Ev):  # one scale per row: every column → 0
                 shift += 1
-            _value_tiles(s, vn, v_scales, nb, shift, j0, nk, acc)
+            # tiles no wider than a scale block (blocks are powers of two ≥ VW, so a tile never straddles two)
+            cap = 4 * VW if nb == 1 else min(4 * VW, 1 << shift)
+            _value_tiles(s, vn, v_scales, nb, shift, cap, j0, nk, acc)
             return True
 
         return impl_int8
@@ -438,22 +486,23 @@ def _rows_of_values_overload(s, vn, v_scales, v_block, j0, nk, acc):
     def impl_float(s, vn, v_scales, v_block, j0, nk, acc):
         if vn.shape[1] % VW != 0:
             return False
-        _value_tiles(s, vn, s, 0, 0, j0, nk, acc)  # float values have no scales: s stands in
+        _value_tiles(s, vn, s, 0, 0, 4 * VW, j0, nk, acc)  # float values have no scales: s stands in
         return True
 
     return impl_float
 
 
 @njit(inline="always")
-def _value_tiles(s, vn, scales, nb, shift, j0, nk, acc):
-    """Cover acc (R, Ev) with tiles: 4 rows at a time, then single rows; 4, 2 or 1 vectors of columns."""
+def _value_tiles(s, vn, scales, nb, shift, cap, j0, nk, acc):
+    """Cover acc (R, Ev) with tiles: 4 rows at a time, then single rows; 4, 2 or 1 vectors of columns, at
+    most ``cap`` columns (a power of two times VW)."""
     R = acc.shape[0]
     for r in range(0, R, 4):
         if r + 4 <= R:
-            _row_tiles(True, r, s, vn, scales, nb, shift, j0, nk, acc)
+            _row_tiles(True, r, s, vn, scales, nb, shift, cap, j0, nk, acc)
         else:
             for rr in range(r, R):
-                _row_tiles(False, rr, s, vn, scales, nb, shift, j0, nk, acc)
+                _row_tiles(False, rr, s, vn, scales, nb, shift, cap, j0, nk, acc)
 
 
 @njit(inline="always")
@@ -482,13 +531,14 @@ def _q4_row_tiles(four, r, s, vn, scales, block, j0, nk, acc):
 
 
 @njit(inline="always")
-def _row_tiles(four, r, s, vn, scales, nb, shift, j0, nk, acc):
-    """Rows r … r+3 (``four``) or row r of acc, across all Ev columns in tiles of 4, 2 or 1 vectors."""
+def _row_tiles(four, r, s, vn, scales, nb, shift, cap, j0, nk, acc):
+    """Rows r … r+3 (``four``) or row r of acc, across all Ev columns in tiles of 4, 2 or 1 vectors (at most
+    ``cap`` columns: each tile starts at a multiple of its width, so none straddles a block of ``cap``)."""
     Ev = vn.shape[1]
     ps = s.shape[1]
     e = 0
     while e < Ev:
-        left = Ev - e
+        left = min(Ev - e, cap, FOUR_ROW_VECTORS * VW if four else 4 * VW)
         width = 4 * VW if left >= 4 * VW else (2 * VW if left >= 2 * VW else VW)
         a = (s, r * ps, ps, vn, j0 * Ev + e, Ev, scales, j0 * nb, nb, e, shift, acc, r * Ev + e, Ev, nk)
         if four:
