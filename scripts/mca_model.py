@@ -92,10 +92,10 @@ def step_of(probe, vw, nv):
     if probe.startswith("prefill"):
         return 4 * nv, None, None  # 4 rows of A × NV vectors of B
     if probe.startswith("decode scores"):
-        if probe.endswith("int4"):  # VW bytes = 2·VW entries of VW keys: dot and dequantisation FMAs
-            return 4 * vw, vw, 2 * vw
-        if probe.endswith("int8"):  # a block's sums, INT8_KEYS_PER_PASS keys at a time (scaled once per block)
-            keys = min(vw, 4 if vw <= 8 else 8)
+        keys = min(vw, 4 if vw <= 8 else 8)  # quantised keys: a block's sums, KEYS_PER_PASS keys at a time
+        if probe.endswith("int4"):  # VW bytes = 2·VW entries (low and high codes) of each key
+            return 2 * keys, keys, 2 * vw
+        if probe.endswith("int8"):
             return keys, keys, vw
         return vw, vw, vw
     if probe.startswith("decode values"):

@@ -69,9 +69,10 @@ def key_scores(typingctx, q, q_off, k, k_off, k_stride, ks, ks_off, ks_stride, s
     return sig, codegen
 
 
-#: int8 keys scored per pass of ``_int8_key_sums``: each needs a block sum and an accumulator in registers,
-#: so 4 where there are 16 vector registers (AVX2, SSE: VW ≤ 8), 8 with 32 (AVX-512; NEON has VW = 4)
-INT8_KEYS_PER_PASS = min(VW, 4 if VW <= 8 else 8)
+#: quantised keys scored per pass (``_int8_key_sums``, ``key_scores_q4``): each needs a block sum and an
+#: accumulator in registers, so 4 where there are 16 vector registers (AVX2, SSE: VW ≤ 8), 8 with 32
+#: (AVX-512; NEON has VW = 4)
+KEYS_PER_PASS = min(VW, 4 if VW <= 8 else 8)
 
 
 def _int8_key_sums(builder, qp, q_off, kp, k_off, k_stride, ksp, ks_off, ks_stride, shift, E, accs):
@@ -81,11 +82,11 @@ def _int8_key_sums(builder, qp, q_off, kp, k_off, k_stride, ksp, ks_off, ks_stri
 
     Per block the products of the raw int8 codes (``sitofp``, exact) are summed in a float32 vector, which
     is then scaled once (one ``fma`` per key and block, not one multiply per key and vector); keys go
-    INT8_KEYS_PER_PASS at a time, so the block sums and the accumulators stay in registers."""
+    KEYS_PER_PASS at a time, so the block sums and the accumulators stay in registers."""
     size = builder.shl(vir.as_index(1), shift)
     n_blocks = builder.lshr(builder.add(E, builder.sub(size, vir.as_index(1))), shift)
-    for first in range(0, VW, INT8_KEYS_PER_PASS):
-        keys = range(first, first + INT8_KEYS_PER_PASS)
+    for first in range(0, VW, KEYS_PER_PASS):
+        keys = range(first, first + KEYS_PER_PASS)
         sums = [vir.accumulator(builder, vir.zeros(ir.FloatType(), VW)) for _ in keys]
         with cgutils.for_range(builder, n_blocks) as blocks:
             b = blocks.index
@@ -111,8 +112,10 @@ def key_scores_q4(typingctx, q, q_off, k, k_off, k_stride, ks, ks_off, ks_stride
     row is the E/2 bytes k[k_off + j·k_stride …] (two codes per byte, blocks of ``block`` entries: entry w of
     a block is the low nibble of its byte w, entry w + block/2 the high nibble; ``quantised``'s packing)
     and key_j[d] = code·step + min with the block's (step, min) float16 bits at ks[ks_off + j·ks_stride + 2b].
-    Loops over the row's bytes VW at a time (block/2 a multiple of VW): each byte vector gives the low
-    and the high halves' codes, dotted with the two matching query vectors."""
+    Per block b, step·Σ_d q[d]·code_j[d] + min·Σ_d q[d] (as ``quantised.q4_dot``): the row's bytes VW at a
+    time (block/2 a multiple of VW), each byte vector giving the codes of the low and the high half, dotted
+    (raw, ``uitofp``) with the two matching query vectors; the block's sums are scaled once per key
+    (two FMAs), keys KEYS_PER_PASS at a time so that the sums and accumulators stay in registers."""
     if not (
         is_c_array(q, types.float32)
         and is_c_array(s, types.float32)
@@ -129,27 +132,40 @@ def key_scores_q4(typingctx, q, q_off, k, k_off, k_stride, ks, ks_off, ks_stride
         kp = vir.data_pointer(context, builder, k, k_)
         ksp = vir.data_pointer(context, builder, ks, ks_)
         sp = vir.data_pointer(context, builder, s, s_)
-        accs = [vir.accumulator(builder, vir.zeros(ir.FloatType(), VW)) for _ in range(VW)]
-        half = builder.lshr(block_, vir.as_index(1))
-        n_chunks = builder.udiv(builder.lshr(E_, vir.as_index(1)), vir.as_index(VW))
-        with cgutils.for_range(builder, n_chunks) as loop:
-            y = builder.mul(loop.index, vir.as_index(VW))  # byte offset in the row
-            b = builder.udiv(y, half)  # its block
-            low_entry = builder.add(y, builder.mul(b, half))  # entry of the low nibble of byte y
-            q_low = vir.load_vector(builder, qp, builder.add(q_off_, low_entry), VW)
-            q_high = vir.load_vector(builder, qp, builder.add(builder.add(q_off_, low_entry), half), VW)
-            pair = builder.mul(b, vir.as_index(2))
-            for j in range(VW):
-                scale_index = vir.strided_index(builder, ks_off_, j, ks_stride_, pair)
-                step = vir.load_half(builder, ksp, scale_index)
-                low = vir.load_half(builder, ksp, builder.add(scale_index, vir.as_index(1)))
-                byte_index = vir.strided_index(builder, k_off_, j, k_stride_, y)
-                vir.accumulate_fma(
-                    builder, accs[j], q_low, vir.load_nibbles_vector(builder, kp, byte_index, VW, False, step, low)
-                )
-                vir.accumulate_fma(
-                    builder, accs[j], q_high, vir.load_nibbles_vector(builder, kp, byte_index, VW, True, step, low)
-                )
+        f32 = ir.FloatType()
+        accs = [vir.accumulator(builder, vir.zeros(f32, VW)) for _ in range(VW)]
+        half = builder.lshr(block_, vir.as_index(1))  # bytes per block
+        n_blocks = builder.udiv(builder.lshr(E_, vir.as_index(1)), half)
+        for first in range(0, VW, KEYS_PER_PASS):
+            keys = range(first, first + KEYS_PER_PASS)
+            sums = [vir.accumulator(builder, vir.zeros(f32, VW)) for _ in keys]
+            q_sum = vir.accumulator(builder, vir.zeros(f32, VW))
+            with cgutils.for_range(builder, n_blocks) as blocks:
+                b = blocks.index
+                y0 = builder.mul(b, half)  # the block's first byte
+                for slot in (*sums, q_sum):
+                    builder.store(vir.zeros(f32, VW), slot)
+                with cgutils.for_range(builder, builder.udiv(half, vir.as_index(VW))) as chunks:
+                    y = builder.add(y0, builder.mul(chunks.index, vir.as_index(VW)))  # byte offset in the row
+                    low_entry = builder.add(q_off_, builder.add(y, y0))  # entry of the low nibble of byte y
+                    q_low = vir.load_vector(builder, qp, low_entry, VW)
+                    q_high = vir.load_vector(builder, qp, builder.add(low_entry, half), VW)
+                    builder.store(builder.fadd(builder.load(q_sum), builder.fadd(q_low, q_high)), q_sum)
+                    for slot, j in zip(sums, keys):
+                        byte_index = vir.strided_index(builder, k_off_, j, k_stride_, y)
+                        vir.accumulate_fma(
+                            builder, slot, q_low, vir.load_nibble_codes(builder, kp, byte_index, VW, False)
+                        )
+                        vir.accumulate_fma(
+                            builder, slot, q_high, vir.load_nibble_codes(builder, kp, byte_index, VW, True)
+                        )
+                pair = builder.mul(b, vir.as_index(2))
+                for slot, j in zip(sums, keys):
+                    scale_index = vir.strided_index(builder, ks_off_, j, ks_stride_, pair)
+                    step = vir.load_half(builder, ksp, scale_index)
+                    low = vir.load_half(builder, ksp, builder.add(scale_index, vir.as_index(1)))
+                    vir.accumulate_fma(builder, accs[j], builder.load(slot), vir.splat(builder, step, VW))
+                    vir.accumulate_fma(builder, accs[j], builder.load(q_sum), vir.splat(builder, low, VW))
         total = vir.butterfly_sum(builder, [builder.load(acc) for acc in accs])
         vir.store_vector(builder, total, sp, s_off_)
         return context.get_dummy_value()

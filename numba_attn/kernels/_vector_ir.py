@@ -13,8 +13,8 @@ function of an llvmlite ``builder`` (and numba's ``context`` where an array is u
 ``store_vector``          the same, stored
 ``load_float32_vector``   ``load_vector`` widened to float32: float32 as is, uint16 as float16 bits (``fpext``),
                           int8 (``sitofp``), optionally times a scalar scale (dequantisation)
-``load_nibbles_vector``   ``width`` 4-bit codes (the low or the high halves of ``width`` bytes) as
-                          ``<width x float>``, times a scale plus an offset (int4 dequantisation)
+``load_nibble_codes``     ``width`` 4-bit codes (the low or the high halves of ``width`` bytes) as ``<width x float>``
+``load_nibbles_vector``   the same, times a scale plus an offset (int4 dequantisation)
 ``load_half``             one float16 bit pattern (i16) as a float32 scalar (``fpext``)
 ``splat``                 a scalar broadcast to every lane (``insertelement`` + ``shufflevector``)
 ``fma``                   ``llvm.fma`` on float/double vectors or scalars: a·b + c with one rounding
@@ -159,13 +159,11 @@ def load_half(builder, base, index):
     return builder.fpext(builder.bitcast(load_element(builder, base, index), ir.HalfType()), _F32)
 
 
-def load_nibbles_vector(builder, base, index, width, high, scale, offset):
-    """``width`` 4-bit codes as ``<width x float>``, dequantised: code·scale + offset (one ``fma``).
-
-    The codes are the low nibbles (``high`` false) or the high nibbles (``high`` true) of the bytes
-    ``base[index : index + width]`` (an i8 array); ``high`` is a Python bool or an i1 IR value
-    (then the shift, 0 or 4, is chosen at run time: one vector shift and one ``and`` either way).
-    ``scale`` and ``offset`` are float32 scalars."""
+def load_nibble_codes(builder, base, index, width, high):
+    """``width`` 4-bit codes (0 … 15) as ``<width x float>`` (``uitofp``, exact): the low nibbles (``high``
+    false) or the high nibbles (``high`` true) of the bytes ``base[index : index + width]`` (an i8 array);
+    ``high`` is a Python bool or an i1 IR value (then the shift, 0 or 4, is chosen at run time: one vector
+    shift and one ``and`` either way)."""
     raw = load_vector(builder, base, index, width)
     byte_vector = raw.type
     if isinstance(high, bool):
@@ -174,8 +172,14 @@ def load_nibbles_vector(builder, base, index, width, high, scale, offset):
         shift = builder.select(high, ir.Constant(ir.IntType(8), 4), ir.Constant(ir.IntType(8), 0))
     shifted = builder.lshr(raw, splat(builder, shift, width)) if not isinstance(high, bool) or high else raw
     codes = builder.and_(shifted, ir.Constant(byte_vector, [15] * width))
-    vector_type = ir.VectorType(_F32, width)
-    return fma(builder, builder.uitofp(codes, vector_type), splat(builder, scale, width), splat(builder, offset, width))
+    return builder.uitofp(codes, ir.VectorType(_F32, width))
+
+
+def load_nibbles_vector(builder, base, index, width, high, scale, offset):
+    """``load_nibble_codes`` dequantised: code·scale + offset (one ``fma``); ``scale`` and ``offset`` are
+    float32 scalars."""
+    codes = load_nibble_codes(builder, base, index, width, high)
+    return fma(builder, codes, splat(builder, scale, width), splat(builder, offset, width))
 
 
 def accumulator(builder, initial):
