@@ -320,7 +320,9 @@ def test_element_address_matches_loop(dtype):
 @EXAMPLES
 def test_exp_nonpositive_into_matches_loop(width, x_off, out_off, scale, seed):
     """exp(x) for x ≤ 0 in vector IR: within 2 float32 ulps of the twin's (the scalar
-    ``exp_nonpositive``) and of float64 exp, exact 0 below -87.3 and for -inf, 1 at 0."""
+    ``exp_nonpositive``), within the approximation's documented error of float64 exp (relative 1e-6, the
+    bound ``tests/test_math.py`` holds the scalar one to: its worst case is a little over 2 ulps, e.g.
+    2.03 at x = -0.3425 in both), exact 0 below -87.3 and for -inf, 1 at 0."""
     rng = np.random.default_rng(seed)
     x = (-np.abs(rng.standard_normal(x_off + width + 3)) * scale).astype(np.float32)
     x[x_off] = 0.0
@@ -336,8 +338,8 @@ def test_exp_nonpositive_into_matches_loop(width, x_off, out_off, scale, seed):
     exact = np.exp(x[x_off : x_off + width].astype(np.float64))
     exact[x[x_off : x_off + width] < np.float32(-87.3)] = 0.0
     ulp = np.spacing(exact.astype(np.float32)).astype(np.float64)
-    assert (np.abs(out[window] - exact) <= 2 * ulp).all()
-    assert (np.abs(out[window].astype(np.float64) - expected[window]) <= 3 * ulp).all()
+    assert (np.abs(out[window] - exact) <= 1e-6 * exact).all()
+    assert (np.abs(out[window].astype(np.float64) - expected[window]) <= 2 * ulp).all()
     assert out[out_off] == 1.0
     if width > 4:
         assert out[out_off + 1] == 0.0 and out[out_off + 2] == 0.0
