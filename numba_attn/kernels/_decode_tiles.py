@@ -13,8 +13,9 @@ That is 2·(VW-1) shuffles and VW-1 adds for VW keys (about 3 operations per key
 against ~8 for a horizontal sum), and the VW accumulators stay in registers.
 
 Key storage: float32, float16 bits (uint16, converted with ``fpext``) or int8 (``sitofp``) with
-one float32 scale per block of 2^shift entries (``scale_shift``; blocks a multiple of VW, so one
-scale per vector). Scores are written to s[s_off : s_off + VW].
+one float32 scale per block of 2^shift entries (``scale_shift``; blocks a multiple of VW): int8 and 4-bit
+keys are summed per block from their raw codes and scaled once per key and block, KEYS_PER_PASS keys
+at a time (see ``_int8_key_sums``, ``key_scores_q4``). Scores are written to s[s_off : s_off + VW].
 
 Vector width as in ``_prefill_tiles``: VW = 16 (AVX-512), 8 (AVX/AVX2), 4 (other). E must be a multiple of VW.
 The IR is assembled from the helpers in ``_vector_ir`` (shared with ``_prefill_tiles``).
