@@ -86,21 +86,23 @@ def find_llvm_mca():
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def step_of(probe, vw, nv):
+def step_of(probe, shape):
     """(vector FMAs in one step as the IR writes them, keys per step, entries of each key per step) of a
-    probe's loop; keys is None for the prefill tiles (no per-key figure)."""
+    probe's loop; keys is None for the prefill tiles (no per-key figure). ``shape``: the worker's VW, NV and
+    (for the decode probes) ``_decode_tiles``' KEYS_PER_PASS and FOUR_ROW_VECTORS."""
+    vw, nv = shape["VW"], shape["NV"]
     if probe.startswith("prefill"):
         return 4 * nv, None, None  # 4 rows of A × NV vectors of B
     if probe.startswith("decode scores"):
-        keys = min(vw, 4 if vw <= 8 else 8)  # quantised keys: a block's sums, KEYS_PER_PASS keys at a time
+        keys = shape["KEYS_PER_PASS"]  # quantised keys: a block's sums, KEYS_PER_PASS keys at a time
         if probe.endswith("int4"):  # VW bytes = 2·VW entries (low and high codes) of each key
             return 2 * keys, keys, 2 * vw
         if probe.endswith("int8"):
             return keys, keys, vw
         return vw, vw, vw
     if probe.startswith("decode values"):
-        if probe.endswith("4 rows"):  # 4 rows × FOUR_ROW_VECTORS (NV rounded down to 4, 2 or 1) vectors
-            vectors = 4 if nv >= 4 else (2 if nv >= 2 else 1)
+        if probe.endswith("4 rows"):  # 4 rows × FOUR_ROW_VECTORS vectors
+            vectors = shape["FOUR_ROW_VECTORS"]
             return 4 * vectors, 1, vectors * vw
         if probe.endswith("int4"):  # 2 byte vectors = 4 vectors of columns, each dequantised by an FMA
             return 4 + 4, 1, 4 * vw
@@ -246,8 +248,9 @@ def fma_peak(mca, triple, cpu, vw):
     return len(code) / run_mca(mca, triple, cpu, "\n".join(code))["cycles"]
 
 
-def model_loop(mca, probe, triple, cpu, vw, nv, asm, head_dim, peaks):
-    """One row of the table: the hot loop of ``asm`` modelled on ``cpu``."""
+def model_loop(mca, probe, triple, cpu, shape, asm, head_dim, peaks):
+    """One row of the table: the hot loop of ``asm`` modelled on ``cpu`` (``shape``: see ``step_of``)."""
+    vw, nv = shape["VW"], shape["NV"]
     isa = _isa(triple)
     row = {"probe": probe, "triple": triple, "cpu": cpu, "tile": f"{vw}x{nv}"}
     loop = hot_loop(asm, triple, lambda line: is_vector_fma(line, isa, vw))
@@ -256,7 +259,7 @@ def model_loop(mca, probe, triple, cpu, vw, nv, asm, head_dim, peaks):
         return row
     body = loop[1:]
     fmas = sum(is_vector_fma(line, isa, vw) for line in body)
-    step_fmas, keys, entries = step_of(probe, vw, nv)
+    step_fmas, keys, entries = step_of(probe, shape)
     unroll = fmas / step_fmas
     if unroll != int(unroll):
         row["error"] = f"{fmas} vector FMAs in the loop: not a whole number of steps of {step_fmas}"
@@ -298,10 +301,12 @@ def _import_probe():
 
 
 def emit_worker(triple, cpus):
-    """Print {VW, NV, asm: {probe: {cpu: assembly}}} for LOOP_PROBES compiled for ``triple``/``cpus``."""
+    """Print {VW, NV, KEYS_PER_PASS, FOUR_ROW_VECTORS, asm: {probe: {cpu: assembly}}} for LOOP_PROBES compiled
+    for ``triple``/``cpus``."""
     import llvmlite.binding as llvm
 
     from numba_attn import config
+    from numba_attn.kernels import _decode_tiles
 
     probe = _import_probe()
     llvm.initialize_all_targets()
@@ -311,7 +316,13 @@ def emit_worker(triple, cpus):
         fn.compile(sig)
         ir = fn.inspect_llvm(sig)
         asm[name] = {cpu: probe.assemble(ir, cpu, triple) for cpu in cpus}
-    print(json.dumps({"VW": config.TILE_VW, "NV": config.TILE_NV, "asm": asm}))
+    shape = {
+        "VW": config.TILE_VW,
+        "NV": config.TILE_NV,
+        "KEYS_PER_PASS": _decode_tiles.KEYS_PER_PASS,
+        "FOUR_ROW_VECTORS": _decode_tiles.FOUR_ROW_VECTORS,
+    }
+    print(json.dumps({**shape, "asm": asm}))
 
 
 def _worker(args, extra_env):
@@ -329,10 +340,9 @@ def model(mca, head_dim):
     rows, peaks = [], {}
     for _, triple, tile, cpus in TARGETS:
         compiled = _worker(["--emit-worker", triple, ",".join(cpus)], {**PROBE_ENV, "NUMBA_ATTN_TILE": tile})
-        vw, nv = compiled["VW"], compiled["NV"]
         for cpu in cpus:
             for probe, by_cpu in compiled["asm"].items():
-                rows.append(model_loop(mca, probe, triple, cpu, vw, nv, by_cpu[cpu], head_dim, peaks))
+                rows.append(model_loop(mca, probe, triple, cpu, compiled, by_cpu[cpu], head_dim, peaks))
     return rows
 
 
@@ -416,7 +426,7 @@ def measure(mca, rows):
     adds = sum(bool(is_add(line)) for line in chain_loop[1:])
     chain_cycles_per_add = run_mca(mca, triple, cpu, "\n".join(chain_loop))["cycles"] / adds
     hz = chain_cycles_per_add * m["chain_adds"] / m["chain_seconds"]
-    modelled = model_loop(mca, "prefill P·V tile", triple, cpu, vw, nv, m["tile_asm"], 0, {})
+    modelled = model_loop(mca, "prefill P·V tile", triple, cpu, m, m["tile_asm"], 0, {})
     T = m["T"]
     per_call = {int(t): s for t, s in m["seconds_per_call"].items()}
     result = {
