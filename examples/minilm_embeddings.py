@@ -422,7 +422,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    # numba's OpenMP workers otherwise busy-wait after every parallel kernel and take the cores
-    # from numpy's BLAS threads, which run next (10x slower forwards seen on a busy 2-core box)
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     main()

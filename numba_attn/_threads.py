@@ -70,15 +70,18 @@ def num_threads(n):
 
 
 def start_pool():
-    """Start numba's thread pool now, with GNU OpenMP's wait policy set to ``config.OMP_WAIT_POLICY``.
+    """Start numba's thread pool now, its libgomp spinning ``config.GOMP_SPINCOUNT`` after each region.
 
-    libgomp spins its idle threads by default (~0.1-0.3 ms before sleeping): on a board where other
-    work shares the cores, a parallel region then waits for threads that spin or are descheduled, and
-    a decode step measured 7x slower than with passive waiting (``config.OMP_WAIT_POLICY``). libgomp
-    reads the variable once, when numba's omp layer loads it; it is set just for that moment and
-    restored after, so other libraries' OpenMP runtimes loaded later (torch ships its own libgomp)
-    keep their defaults. A user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins; a pool numba already
-    started (the process ran a parallel numba function before numba_attn's first) is left alone.
+    libgomp spins its idle threads ~3 ms by default before they sleep: on a board where other work
+    shares the cores, a parallel region then waits for threads that spin or are descheduled (a decode
+    step measured 7x slower than passive). Passive threads (no spin) make every region pay their
+    wake-up instead (~100-150 µs on a 2-core Zen 3 VM). A short spin (``config.GOMP_SPINCOUNT``, or
+    ``config.OMP_WAIT_POLICY`` when set) covers the gaps between a decode step's kernels and hands
+    the cores back soon after. libgomp reads the variable once, when numba's omp layer loads it; it is
+    set just for that moment and restored after, so other libraries' OpenMP runtimes loaded later
+    (torch ships its own libgomp) keep their defaults. A user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT
+    wins; a pool numba already started (the process ran a parallel numba function before numba_attn's
+    first) is left alone.
 
     Called before numba_attn's first parallel kernel or thread query, not at import: once libgomp's
     threads run, a ``fork()`` (multiprocessing's default start method on Linux, asv) terminates the
@@ -89,13 +92,16 @@ def start_pool():
         return
     _pool_started = True
     user_set = "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ
+    ours = {}
     if not user_set:
-        os.environ["OMP_WAIT_POLICY"] = config.OMP_WAIT_POLICY
+        ours = {"OMP_WAIT_POLICY": config.OMP_WAIT_POLICY} if config.OMP_WAIT_POLICY else {}
+        ours = ours or {"GOMP_SPINCOUNT": config.GOMP_SPINCOUNT}
+        os.environ.update(ours)
     try:
         numba.get_num_threads()  # loads the threading layer and starts its threads
     finally:
-        if not user_set:
-            del os.environ["OMP_WAIT_POLICY"]
+        for name in ours:
+            del os.environ[name]
 
 
 _pool_started = False

@@ -9,6 +9,8 @@ Environment variables (read at import, and again by ``_reset()``):
                        and rows per tile of the register-tiled micro-kernels (``kernels/_prefill_tiles.py``);
                        overrides the shape ``python -m numba_attn tune`` stored for this CPU and the
                        instruction set's default (``tile_shape``).
+``NUMBA_ATTN_GOMP_SPINCOUNT``  how long numba's OpenMP workers spin before sleeping (``GOMP_SPINCOUNT``).
+``NUMBA_ATTN_OMP_WAIT_POLICY`` ``PASSIVE`` or ``ACTIVE`` for numba's OpenMP pool instead of the spin count.
 
 If no cache location is writable (a read-only install with a read-only HOME), caching is turned
 off instead of failing at import (numba raises "no locator available" there): every process then
@@ -162,8 +164,10 @@ def _reset():
     CPU target) into ``CACHE_DIR``, ``CACHE``, ``CACHE_UNAVAILABLE``, ``TILE_VW`` and ``TILE_NV``. For
     tests. Kernels already compiled (or already decorated, for ``cache``) keep what they were built with:
     the cache flag is read when a kernel module is imported, the tile shape when a kernel compiles."""
-    global CACHE_DIR, CACHE, CACHE_UNAVAILABLE, TILE_VW, TILE_NV, TILE_KI, TILE_SOURCE, OMP_WAIT_POLICY
-    OMP_WAIT_POLICY = os.environ.get("NUMBA_ATTN_OMP_WAIT_POLICY", "PASSIVE").upper()
+    global CACHE_DIR, CACHE, CACHE_UNAVAILABLE, TILE_VW, TILE_NV, TILE_KI, TILE_SOURCE
+    global OMP_WAIT_POLICY, GOMP_SPINCOUNT
+    OMP_WAIT_POLICY = os.environ.get("NUMBA_ATTN_OMP_WAIT_POLICY", "").upper() or None
+    GOMP_SPINCOUNT = os.environ.get("NUMBA_ATTN_GOMP_SPINCOUNT", "").strip() or str(_DEFAULT_SPINCOUNT)
     wanted = _cache_wanted()
     CACHE_DIR = _cache_location() if wanted else None
     CACHE = CACHE_DIR is not None
@@ -177,12 +181,20 @@ def _reset():
     TILE_VW, TILE_NV, TILE_KI, TILE_SOURCE = tile_shape(tuned_tiles_path())
 
 
-#: GNU OpenMP wait policy of numba's thread pool (omp layer), unless the user set OMP_WAIT_POLICY or
-#: GOMP_SPINCOUNT: PASSIVE (default; ``NUMBA_ATTN_OMP_WAIT_POLICY=ACTIVE`` restores libgomp's spinning).
-#: Measured on a 2-core VM beside two busy processes: decode B1 H32 S4096 median 32 ms spinning, 4.5 ms
-#: passive (1 thread: 6.4 ms); idle, a sub-millisecond parallel kernel pays ~5 % for the wake-up.
-#: See ``_threads.start_pool``.
-OMP_WAIT_POLICY = "PASSIVE"
+#: How long numba's OpenMP workers (omp layer) spin after a parallel region before they sleep, in
+#: libgomp's GOMP_SPINCOUNT units (~100 000 per ms; libgomp's own default is 300 000, ~3 ms, and
+#: 0 with OMP_WAIT_POLICY=PASSIVE), unless the user set OMP_WAIT_POLICY or GOMP_SPINCOUNT.
+#: ``NUMBA_ATTN_GOMP_SPINCOUNT=N`` sets it; ``NUMBA_ATTN_OMP_WAIT_POLICY=PASSIVE|ACTIVE`` sets the
+#: policy instead. Measured (README, "Threads"): never sleeping collapses beside other work (decode
+#: B1 H32 S4096 32 ms against 4.5 ms), never spinning makes every parallel region pay the workers'
+#: wake-up (~100-150 µs on a 2-core Zen 3 VM: a 576 × 576 int8 GEMV 154 µs against 31 µs, the SmolLM2
+#: example 18 against 38-41 tokens/s). A short spin covers the gaps between a decode step's regions
+#: and gives the cores back soon after. See ``_threads.start_pool``.
+_DEFAULT_SPINCOUNT = 10_000
+GOMP_SPINCOUNT = str(_DEFAULT_SPINCOUNT)
+#: GNU OpenMP wait policy for numba's pool when ``NUMBA_ATTN_OMP_WAIT_POLICY`` is set (else None:
+#: ``GOMP_SPINCOUNT`` above decides).
+OMP_WAIT_POLICY = None
 #: Where compiled kernels are cached (None: caching is off).
 CACHE_DIR = None
 #: On-disk compile cache (numba ``cache=True``).

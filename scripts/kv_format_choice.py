@@ -51,7 +51,6 @@ two formats are within that noise.
 
 import argparse
 import importlib.util
-import os
 import sys
 import time
 from pathlib import Path
@@ -221,5 +220,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     main()

@@ -232,3 +232,45 @@ def test_import_starts_no_threads_and_fork_stays_safe():
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     proc = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    "env, seen",
+    [
+        ({}, ("config", None)),
+        ({"NUMBA_ATTN_OMP_WAIT_POLICY": "passive"}, (None, "PASSIVE")),
+        ({"NUMBA_ATTN_GOMP_SPINCOUNT": "1234"}, ("1234", None)),
+        ({"GOMP_SPINCOUNT": "77"}, ("77", None)),
+        ({"OMP_WAIT_POLICY": "ACTIVE"}, (None, "ACTIVE")),
+    ],
+)
+def test_pool_starts_with_a_short_spin_set_only_while_libgomp_loads(env, seen):
+    """numba's pool starts with GOMP_SPINCOUNT = config.GOMP_SPINCOUNT (or the policy asked for), set
+    in the environment only while the threading layer loads; a user's own variables win and stay."""
+    child = (
+        "import os, numba\n"
+        "import numba_attn\n"
+        "from numba_attn import _threads, config\n"
+        "seen = []\n"
+        "real = numba.get_num_threads\n"
+        "def spy():\n"
+        "    seen.append((os.environ.get('GOMP_SPINCOUNT'), os.environ.get('OMP_WAIT_POLICY')))\n"
+        "    return real()\n"
+        "numba.get_num_threads = spy\n"
+        "before = {k: os.environ.get(k) for k in ('GOMP_SPINCOUNT', 'OMP_WAIT_POLICY')}\n"
+        "_threads.start_pool()\n"
+        "after = {k: os.environ.get(k) for k in ('GOMP_SPINCOUNT', 'OMP_WAIT_POLICY')}\n"
+        "assert before == after, (before, after)\n"
+        "print(repr((seen[0], config.GOMP_SPINCOUNT)))\n"
+    )
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "NUMBA_ATTN_OMP_WAIT_POLICY", "NUMBA_ATTN_GOMP_SPINCOUNT")
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", child], env={**base, **env}, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (spin, policy), configured = eval(proc.stdout.strip().splitlines()[-1])
+    assert (spin, policy) == ((configured if seen[0] == "config" else seen[0]), seen[1])
