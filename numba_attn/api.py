@@ -11,6 +11,7 @@ from . import config
 from ._threads import get_num_threads, launch
 from ._validate import (
     _NO_MASK,
+    _NO_SLOPES,
     FLOAT16_MAX,
     Plan,
     _dtypes,
@@ -58,9 +59,8 @@ def _run(plan, out=None):
     N, L, Ev = plan.n_batch, plan.L, plan.Ev
     if out is None:
         out = np.empty((N, L, Ev), plan.dtype)
-    lse = np.empty((N, L), plan.dtype)
     if N == 0 or L == 0:
-        return out, lse
+        return out, np.empty((N, L), plan.dtype)
     dt = plan.dtype.type
     common = (
         plan.S,
@@ -77,54 +77,56 @@ def _run(plan, out=None):
         dt(plan.softcap),
         dt(plan.scale),
     )
-    work = N * L * plan.S * (plan.E + Ev)
-    serial = work < config.SERIAL_BELOW_FLOPS
-    decode_path = _use_decode(plan)
-    if decode_path:
+    if _use_decode(plan):
         groups = _kv_groups(plan) if plan.groups is None else plan.groups
         if groups is None:
             groups = np.arange(N, dtype=np.int64).reshape(N, 1)
-        rows = groups.shape[1] * L
-        n_chunks = -(-rows // config.DECODE_MAX_ROWS)
-        n_split = 1 if serial else decode_splits(groups.shape[0] * n_chunks, plan.S)
-        check = np.empty(groups.shape[0] * n_chunks * n_split, np.int64)
-        args = (
-            (
-                plan.query,
-                plan.key,
-                plan.k_scales,
-                plan.k_block,
-                plan.value,
-                plan.v_scales,
-                plan.v_block,
-                plan.q_idx,
-                plan.k_idx,
-                plan.v_idx,
-                groups,
-            )
-            + common
-            + (config.DECODE_MAX_ROWS, n_split, config.DECODE_BLOCK_K, out, lse, check)
-        )
-        kernel = decode.decode_serial if serial else decode.decode_parallel
+        operands = (plan.query, plan.key, plan.k_scales, plan.k_block, plan.value, plan.v_scales, plan.v_block)
+        operands += (plan.q_idx, plan.k_idx, plan.v_idx, groups)
+        lse = _decode_call(operands, common, plan.E, plan.check_finite, out)
+        return out, lse
+    lse = np.empty((N, L), plan.dtype)
+    block_q = prefill_block_q(N, L)
+    check = np.empty(N * -(-L // block_q), np.int64)
+    args = (
+        (plan.query, plan.key, plan.k_scales, plan.k_block, plan.value, plan.v_scales, plan.v_block)
+        + (plan.q_idx, plan.k_idx, plan.v_idx)
+        + common
+        + (block_q, config.PREFILL_BLOCK_K, plan.check_finite, out, lse, check)
+    )
+    if N * L * plan.S * (plan.E + Ev) < config.SERIAL_BELOW_FLOPS:
+        prefill.prefill_serial(*args)
     else:
-        block_q = prefill_block_q(N, L)
-        check = np.empty(N * -(-L // block_q), np.int64)
-        args = (
-            (plan.query, plan.key, plan.k_scales, plan.k_block, plan.value, plan.v_scales, plan.v_block)
-            + (plan.q_idx, plan.k_idx, plan.v_idx)
-            + common
-            + (block_q, config.PREFILL_BLOCK_K, plan.check_finite, out, lse, check)
-        )
-        kernel = prefill.prefill_serial if serial else prefill.prefill_parallel
-    if serial:
-        kernel(*args)
-    else:
-        launch(kernel, *args)
+        launch(prefill.prefill_parallel, *args)
     # every kernel counts non-finite query values, raw scores, accumulators and result rows into
     # ``check`` in loops that read them anyway: one parallel region per call, no scan afterwards
     if plan.check_finite and check.any():
-        _raise_nonfinite(plan)
+        _raise_nonfinite(plan.query, plan.key, plan.value, L, plan.S, plan.dtype)
     return out, lse
+
+
+def _decode_call(operands, common, E, check_finite, out):
+    """The decode kernel on ``operands`` (query, key, key scales, key block, value, value scales,
+    value block, q_idx, k_idx, v_idx, groups) and ``common`` (S … scale, as ``_run`` passes them to
+    every kernel), into ``out`` (N, L, Ev); returns lse (N, L). Serial below
+    ``config.SERIAL_BELOW_FLOPS``, else split over the key range for every thread. Raises on a
+    non-finite query, score or result when ``check_finite``."""
+    query, groups = operands[0], operands[10]
+    N, L, Ev = out.shape
+    S = common[0]
+    lse = np.empty((N, L), out.dtype)
+    serial = N * L * S * (E + Ev) < config.SERIAL_BELOW_FLOPS
+    n_chunks = -(-(groups.shape[1] * L) // config.DECODE_MAX_ROWS)
+    n_split = 1 if serial else decode_splits(groups.shape[0] * n_chunks, S)
+    check = np.empty(groups.shape[0] * n_chunks * n_split, np.int64)
+    args = operands + common + (config.DECODE_MAX_ROWS, n_split, config.DECODE_BLOCK_K, out, lse, check)
+    if serial:
+        decode.decode_serial(*args)
+    else:
+        launch(decode.decode_parallel, *args)
+    if check_finite and check.any():
+        _raise_nonfinite(query, operands[1], operands[4], L, S, out.dtype)
+    return lse
 
 
 def check_attend_out(out, shape, result):
@@ -151,22 +153,46 @@ def into_out(res, out):
     return out
 
 
-def attend_cache(cache, q, scale, window, slopes, sinks, softcap, out, check_finite):
-    """``KVCache.attend`` after its checks: one kernel on the cache's storage (see there)."""
-    B, H, L, E = q.shape
-    Hkv, Ev = cache.num_kv_heads, cache.value_dim
-    scale = check_scale(scale, E)
-    dtype, result = _dtypes(q, cache._keys, cache._values, None)  # the rule of every call
-    check_attend_out(out, (B, H, L, Ev), result)
-    n_valid = cache.n_valid
-    # a window whose ring has wrapped keeps storage order != position order: fine for one query
-    # that sees every held key, otherwise the keys go in position order (a copy)
-    reorder = cache.wrapped and (L > 1 or slopes is not None or (window is not None and window < n_valid))
+def _cache_fixed(cache, query_dtype, B, H):
+    """What every ``attend`` call of one query dtype and head count on ``cache`` shares, worked out
+    once and kept on the cache: (compute dtype, result dtype, whether the kernels read the storage in
+    place, the kernels' storage operands and batch indices (q_idx, k_idx, v_idx, groups) and m_idx)."""
+    Hkv = cache.num_kv_heads
+    q_proxy = np.empty(0, query_dtype)
+    dtype, result = _dtypes(q_proxy, cache._keys, cache._values, None)  # the rule of every call
     # the kernels read quantised stores, and float ones whose width fits the arithmetic (float16 as
     # bits in float32 arithmetic), in place; a float64 query over a float32 cache converts (a copy)
     native = all(
         x.dtype.kind != "f" or (x.dtype == np.float64) == (dtype == np.float64) for x in (cache._keys, cache._values)
     )
+    q_idx = np.arange(B * H, dtype=np.int64)
+    k_idx = np.repeat(np.arange(B * Hkv, dtype=np.int64), H // Hkv)
+    index = (q_idx, k_idx, k_idx, q_idx.reshape(B * Hkv, H // Hkv))
+    return dtype, result, native, cache._kernel_operands() + index, np.zeros(B * H, np.int64)
+
+
+def attend_cache(cache, q, scale, window, slopes, sinks, softcap, out, check_finite):
+    """``KVCache.attend`` after its checks: one kernel on the cache's storage (see there).
+
+    What depends only on the cache and the query's dtype and heads (dtypes, storage views, batch
+    indices) is worked out on the first call and kept (``_cache_fixed``); a call then checks ``out``,
+    views the query and runs the decode kernel (or, for more than ``DECODE_MAX_QUERY_ROWS`` rows or
+    few keys, the prefill kernel through ``_run``)."""
+    B, H, L, E = q.shape
+    Ev = cache.value_dim
+    scale = check_scale(scale, E)
+    memo_key = (q.dtype, H)
+    fixed = cache._index_cache.get(memo_key)
+    if fixed is None:
+        fixed = cache._index_cache[memo_key] = _cache_fixed(cache, q.dtype, B, H)
+    dtype, result, native, operands, m_idx = fixed
+    if out is not None:
+        check_attend_out(out, (B, H, L, Ev), result)
+    n_valid = min(cache._length, cache.slots)
+    wrapped = cache._length > n_valid
+    # a window whose ring has wrapped keeps storage order != position order: fine for one query
+    # that sees every held key, otherwise the keys go in position order (a copy)
+    reorder = wrapped and (L > 1 or slopes is not None or (window is not None and window < n_valid))
     if reorder or not native:
         keys, values = cache.ordered()
         res = scaled_dot_product_attention(
@@ -183,68 +209,74 @@ def attend_cache(cache, q, scale, window, slopes, sinks, softcap, out, check_fin
             check_finite=check_finite,
         )
         return into_out(res, out)
-    k3, k_scales, k_block, v3, v_scales, v_block = cache._kernel_operands()
-    index = cache._index_cache.get(H)
-    if index is None:
-        q_idx = np.arange(B * H, dtype=np.int64)
-        k_idx = np.repeat(np.arange(B * Hkv, dtype=np.int64), H // Hkv)
-        index = cache._index_cache[H] = (q_idx, k_idx, q_idx.reshape(B * Hkv, H // Hkv), np.zeros(B * H, np.int64))
-    q_idx, k_idx, groups, m_idx = index
     # (B·H, L, E) C-contiguous read-only, float16 as its bits: _validate._storage's result, without its
     # KV-cache-view widening (a query never needs it) which costs ~2.5 µs of a ~25 µs decode call
     q3 = q.view(np.uint16) if q.dtype == np.float16 and dtype == np.float32 else q.astype(dtype, copy=False)
     q3 = np.ascontiguousarray(q3.reshape(B * H, L, E)).view()
     q3.flags.writeable = False  # one numba type whatever the caller passed
-    in_order = not cache.wrapped
-    plan = Plan(
-        query=q3,
-        key=k3,
-        value=v3,
-        k_scales=k_scales,
-        v_scales=v_scales,
-        k_block=k_block,
-        v_block=v_block,
-        q_idx=q_idx,
-        k_idx=k_idx,
-        v_idx=k_idx,
-        mask=_NO_MASK[dtype],
-        m_idx=m_idx,
-        mask_kind=MASK_NONE,
-        mask_row_step=0,
-        mask_col_step=0,
-        is_causal=in_order,
-        pos_offset=n_valid - L,
-        window=(window or 0) if in_order else 0,
-        slopes=prepare_per_head(slopes, check_slopes, "alibi_slopes", (B, H), dtype),
-        sinks=prepare_per_head(sinks, check_sinks, "sinks", (B, H), dtype),
-        softcap=softcap,
-        scale=scale,
-        dtype=dtype,
-        out_dtype=result,
-        batch_shape=(B, H),
-        L=L,
-        S=n_valid,
-        E=E,
-        Ev=Ev,
-        check_finite=bool(check_finite),
-        groups=groups,
-    )
+    in_order = not wrapped
+    no_mask = _NO_MASK[dtype]
+    none = _NO_SLOPES[dtype]
+    slopes = none if slopes is None else prepare_per_head(slopes, check_slopes, "alibi_slopes", (B, H), dtype)
+    sinks = none if sinks is None else prepare_per_head(sinks, check_sinks, "sinks", (B, H), dtype)
+    dt = dtype.type
     direct = out is not None and result == dtype
-    res, _ = _run(plan, out.reshape(B * H, L, Ev) if direct else None)
+    res = out.reshape(B * H, L, Ev) if direct else np.empty((B * H, L, Ev), dtype)
+    common = (n_valid, no_mask, m_idx, MASK_NONE, 0, 0, in_order, n_valid - L)
+    common += ((window or 0) if in_order else 0, slopes, sinks, dt(softcap), dt(scale))
+    if L <= config.DECODE_MAX_QUERY_ROWS and n_valid >= config.DECODE_MIN_KEYS:
+        _decode_call((q3,) + operands, common, E, bool(check_finite), res)
+    else:
+        k3, k_scales, k_block, v3, v_scales, v_block, q_idx, k_idx, _, groups = operands
+        plan = Plan(
+            query=q3,
+            key=k3,
+            value=v3,
+            k_scales=k_scales,
+            v_scales=v_scales,
+            k_block=k_block,
+            v_block=v_block,
+            q_idx=q_idx,
+            k_idx=k_idx,
+            v_idx=k_idx,
+            mask=no_mask,
+            m_idx=m_idx,
+            mask_kind=MASK_NONE,
+            mask_row_step=0,
+            mask_col_step=0,
+            is_causal=in_order,
+            pos_offset=n_valid - L,
+            window=common[8],
+            slopes=slopes,
+            sinks=sinks,
+            softcap=softcap,
+            scale=scale,
+            dtype=dtype,
+            out_dtype=result,
+            batch_shape=(B, H),
+            L=L,
+            S=n_valid,
+            E=E,
+            Ev=Ev,
+            check_finite=bool(check_finite),
+            groups=groups,
+        )
+        _run(plan, res)
     if direct:
         return out
     res = _to_out_dtype(res, result, cache.value_dtype == np.float16).reshape(B, H, L, Ev)
     return into_out(res, out)
 
 
-def _raise_nonfinite(plan):
+def _raise_nonfinite(query, key, value, L, S, dtype):
     """A kernel saw a NaN/inf query value or score, or produced a non-finite result: name the culprit."""
-    for name, x, rows in (("query", plan.query, plan.L), ("key", plan.key, plan.S), ("value", plan.value, plan.S)):
+    dtype = np.dtype(dtype)
+    for name, x, rows in (("query", query, L), ("key", key, S), ("value", value, S)):
         if x.dtype.kind == "f" or x.dtype == np.uint16:  # quantised codes cannot hold NaN/inf
             check_finite_array(x, name, rows)
     raise ValueError(
-        f"the attention overflowed {plan.dtype.name} although query, key and value are finite: "
-        f"|scale·query·key|, or the weighted sum of value rows, exceeds {np.finfo(plan.dtype).max:.3g}; "
+        f"the attention overflowed {dtype.name} although query, key and value are finite: "
+        f"|scale·query·key|, or the weighted sum of value rows, exceeds {np.finfo(dtype).max:.3g}; "
         "scale the inputs down"
     )
 

@@ -1352,16 +1352,14 @@ def layer_results(threads, quick=False, tokens=LAYER_TOKENS, formats=FORMATS, pr
 
 
 def _captured_kernel_call(call):
-    """(api._run's plan, the numba kernel, its arguments) of the attention kernel ``call()`` runs,
-    captured by running it once with recording wrappers around ``api._run`` and the four kernels."""
-    from . import api
+    """(the numba kernel, its arguments) of the attention kernel ``call()`` runs, captured by running
+    it once with recording wrappers around the four kernels."""
     from .kernels import decode, prefill
 
     seen = {}
-    real_run = api._run
     kernels = ((decode, "decode_serial"), (decode, "decode_parallel"), (prefill, "prefill_serial"))
     kernels += ((prefill, "prefill_parallel"),)
-    patched = [(api, "_run", real_run)] + [(module, name, getattr(module, name)) for module, name in kernels]
+    patched = [(module, name, getattr(module, name)) for module, name in kernels]
 
     def recording(kernel):
         def run_kernel(*args):
@@ -1370,38 +1368,31 @@ def _captured_kernel_call(call):
 
         return run_kernel
 
-    def run(plan, out=None):
-        seen["plan"] = plan
-        return real_run(plan, out)
-
     try:
-        for module, name, real in patched[1:]:
+        for module, name, real in patched:
             setattr(module, name, recording(real))
-        api._run = run
         call()
     finally:
         for module, name, real in patched:
             setattr(module, name, real)
-    return seen["plan"], seen["kernel"], seen["args"]
+    return seen["kernel"], seen["args"]
 
 
 def call_overhead(tokens=64, threads=None, inner=200, repeats=7):
     """Seconds per call of a 1-token grouped-query decode call (SmolLM2's 9 query / 3 K/V heads, D64)
-    at ``tokens`` cached tokens (float32): {"attend": ``cache.attend(q)``, "run": ``api._run`` on
-    the plan that call builds (buffers, work split, kernel), "kernel": the numba kernel alone on the
-    arguments ``_run`` passes it (numba's dispatch included), "beyond_kernel": attend − kernel}."""
-    from . import api
+    at ``tokens`` cached tokens (float32): {"attend": ``cache.attend(q)``, "kernel": the numba kernel
+    alone on the arguments that call passes it (numba's dispatch included), "beyond_kernel": attend −
+    kernel}."""
     from ._threads import set_num_threads
 
     if threads:
         set_num_threads(threads)
     cache = smollm2_cache(tokens, "float32")
     q = smollm2_query()
-    plan, kernel, args = _captured_kernel_call(lambda: cache.attend(q))
+    kernel, args = _captured_kernel_call(lambda: cache.attend(q))
     attend = per_call_seconds(lambda: cache.attend(q), inner, repeats)
-    run = per_call_seconds(lambda: api._run(plan), inner, repeats)
     alone = per_call_seconds(lambda: kernel(*args), inner, repeats)
-    return {"attend": attend, "run": run, "kernel": alone, "beyond_kernel": attend - alone}
+    return {"attend": attend, "kernel": alone, "beyond_kernel": attend - alone}
 
 
 def append_seconds(dtype, inner=200, repeats=7):
@@ -1464,7 +1455,7 @@ def print_layer(records, overhead, appends, threads, out):
     print(
         f"1-token GQA decode call at {overhead['tokens']} cached tokens (H9/3 D64, float32, back to back): "
         f"cache.attend {overhead['attend'] * 1e6:.1f} µs (target ≤ {CALL_TARGET * 1e6:.0f}), "
-        f"api._run {overhead['run'] * 1e6:.1f} µs, the numba kernel alone {overhead['kernel'] * 1e6:.1f} µs, "
+        f"the numba kernel alone {overhead['kernel'] * 1e6:.1f} µs, "
         f"beyond the kernel {overhead['beyond_kernel'] * 1e6:.1f} µs (target ≤ {BEYOND_KERNEL_TARGET * 1e6:.0f})",
         file=out,
     )

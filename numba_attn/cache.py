@@ -14,7 +14,7 @@ import weakref
 
 import numpy as np
 
-from ._validate import FLOAT16_MAX, check_finite_array
+from ._validate import FLOAT16_MAX, check_finite_array, check_sinks, check_slopes, check_softcap, per_head_in
 from .kernels.cache_append import scan_rows, write_rows, write_rows_int4, write_rows_int8
 from .kernels.finite import max_abs
 from .kernels.hadamard import hadamard_rows
@@ -285,7 +285,7 @@ class KVCache:
         self._value_rotation = hadamard_block(self.value_dim) if self.rotate_values else 0
         self._length = 0
         self._operands = None  # kernel views of the storage, made on first use
-        self._index_cache = {}  # per query-head count: the kernels' batch index arrays
+        self._index_cache = {}  # per (query dtype, head count): what attend's kernel calls share (api._cache_fixed)
         _STORAGE[id(self._keys)] = self._keys
         _STORAGE[id(self._values)] = self._values
         for data, rotated in ((self._keys, self.rotate_keys), (self._values, self.rotate_values)):
@@ -509,9 +509,6 @@ class KVCache:
         ``sink_tokens``, anything but one query without ALiBi takes that path with a mask).
         Returns ``(batch, H, L, value_dim)``.
         """
-        from ._validate import check_sinks, check_slopes, check_softcap, per_head_in
-        from .api import attend_cache
-
         q = query if isinstance(query, np.ndarray) else np.asarray(query)
         if q.dtype not in _QUERY_DTYPES:
             raise TypeError(f"query must be float16, float32 or float64, got dtype {q.dtype}")
@@ -548,10 +545,10 @@ class KVCache:
                 f"queries sees (window {window}): attend to a chunk this long before appending it "
                 "(MultiHeadAttention does), or append and attend one token at a time"
             )
-        softcap = check_softcap(softcap)
+        softcap = 0.0 if softcap is None else check_softcap(softcap)
         # shapes and dtypes here; NaN/inf once, after the conversion to the arithmetic's dtype (attend_cache)
-        slopes = check_slopes(alibi_slopes, q.shape[1], finite=False)
-        sinks = check_sinks(sinks, q.shape[1], finite=False)
+        slopes = None if alibi_slopes is None else check_slopes(alibi_slopes, q.shape[1], finite=False)
+        sinks = None if sinks is None else check_sinks(sinks, q.shape[1], finite=False)
         user_out = result = None
         rotated = self.rotate_keys or self.rotate_values
         if rotated and q.dtype != np.float16 and self.rotate_keys:
@@ -577,7 +574,7 @@ class KVCache:
         else:
             # (a sink cache's newest query sees every key held: no window for the kernel, which would hide the sinks)
             window = None if self.sink_tokens else window
-            res = attend_cache(self, q, scale, window, slopes, sinks, softcap, out, check_finite)
+            res = _api.attend_cache(self, q, scale, window, slopes, sinks, softcap, out, check_finite)
         if not rotated:
             return res
         if result is None:  # the lean path
@@ -845,3 +842,7 @@ def _concat_tokens(a, b):
             np.concatenate([a.data, b.data], axis=2), np.concatenate([a.scales, b.scales], axis=2), a.block, a.bits
         )
     return np.concatenate([a, b], axis=2)
+
+
+# (at the end: api imports this module; attend reaches api through the module, not a per-call import)
+from . import api as _api  # noqa: E402

@@ -9,11 +9,11 @@ from .common import bench
 class CallOverhead:
     """A 1-token decode call, SmolLM2's 9 query heads over 3 K/V heads (D64), 64 cached tokens, float32:
     ``attend`` = ``cache.attend(q)`` in all (issue 13's target: ≤ 25 µs); ``kernel`` = the numba decode
-    kernel alone, called with the arguments ``api._run`` gives it (captured from one call; numba's
+    kernel alone, called with the arguments ``cache.attend`` gives it (captured from one call; numba's
     dispatch of those arguments included); ``beyond_kernel`` = attend − kernel, what the Python side
-    costs (target: ≤ 15 µs); ``run`` = ``api._run`` on the call's plan (buffers, work split, kernel)."""
+    costs (target: ≤ 15 µs)."""
 
-    params = [["attend", "beyond_kernel", "kernel", "run"]]
+    params = [["attend", "beyond_kernel", "kernel"]]
     param_names = ["part"]
     unit = "µs"
 
