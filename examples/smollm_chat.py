@@ -22,7 +22,7 @@ through the model's chat template; decoding is greedy.
     python examples/smollm_chat.py --streaming --window 64 --sink-tokens 4      # sinks vs none vs full, measured
 
 ``--weights float16|int8`` stores the feed-forward (gate+up, down) and output (lm_head) weights as
-``numba_attn.linear.LinearWeight`` (float16, or int8 in q8_0-like blocks of 32), multiplied by numba
+``numba_attn.linear.LinearWeight`` (float16, or int8 in affine blocks of 32), multiplied by numba
 kernels that read them at that width, and converts the attention projections too where
 ``MultiHeadAttention.quantize_weights`` exists.
 

@@ -163,11 +163,11 @@ class MultiHeadAttention:
         return self
 
     def quantize_weights(self, dtype):
-        """Store the four projections as ``dtype`` for the products: "float16", "int8" (q8_0-like: int8
-        with one float32 scale per 32 inputs and output) or "float32" (numpy's BLAS on the float
+        """Store the four projections as ``dtype`` for the products: "float16", "int8" (affine blocks:
+        int8 with a float32 scale and offset per 32 inputs and output) or "float32" (numpy's BLAS on the float
         weights, the default). float16/int8 go through :class:`~numba_attn.linear.LinearWeight`,
         whose kernels read the weights at their width (a decode step reads every weight once:
-        int8 reads ~0.28× the bytes of float32). The float weights ``w_q`` … stay as they are (the
+        int8 reads ~0.31× the bytes of float32). The float weights ``w_q`` … stay as they are (the
         layer's source of truth: ``load`` repacks); products compute in float32. Returns self.
         """
         from .linear import LinearWeight, _storage_dtype

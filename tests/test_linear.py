@@ -35,16 +35,21 @@ def assert_matches_reference(y, x, w, bias):
 
 
 def expected_int8(W):
-    """The documented scheme in numpy: per output n and block j of 32 inputs, s = max|W| / 127,
-    q = clip(rint(W / s), ±127); returns the dequantised weight s·q (float32)."""
+    """The documented scheme in numpy: per output n and block j of 32 inputs (zero rows pad the last
+    block), lo/hi = the block's min/max, s = (hi − lo) / 255, q = clip(rint((W − lo) / s), 0, 255) − 128,
+    m = lo + 128·s; returns the dequantised weight s·q + m (float32)."""
     w32 = np.asarray(W, np.float32)
-    out = np.zeros_like(w32)
-    for k0 in range(0, w32.shape[0], 32):
-        part = w32[k0 : k0 + 32]
-        s = np.abs(part).max(axis=0) / np.float32(127)
-        q = np.clip(np.rint(np.divide(part, s, out=np.zeros_like(part), where=s > 0)), -127, 127)
-        out[k0 : k0 + 32] = q.astype(np.float32) * s
-    return out
+    K = w32.shape[0]
+    padded = np.zeros((-(-K // 32) * 32, w32.shape[1]), np.float32)
+    padded[:K] = w32
+    out = np.zeros_like(padded)
+    for k0 in range(0, padded.shape[0], 32):
+        part = padded[k0 : k0 + 32]
+        lo, hi = part.min(axis=0), part.max(axis=0)
+        s = (hi - lo) / np.float32(255)
+        q = np.clip(np.rint(np.divide(part - lo, s, out=np.zeros_like(part), where=s > 0)), 0, 255) - 128
+        out[k0 : k0 + 32] = q.astype(np.float32) * s + (lo + np.float32(128) * s)
+    return out[:K]
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -107,18 +112,40 @@ def test_serial_and_parallel_builds_agree(kind):
 def test_int8_scheme_and_error_bound():
     rng = np.random.default_rng(1)
     W = randn(rng, (77, 130))
-    W[:, 5] = 0.0  # an all-zero column: scale 0, q 0
+    W[:, 5] = 0.0  # an all-zero column: scale 0, q -128, offset 0
+    W[:, 6] = 0.75  # a constant column: scale 0, offset 0.75 (exact)
     W[3, 7] = 40.0  # an outlier widens only its own block's scale
     w = LinearWeight(W, dtype=np.int8)
     eff = w.dequantize()
-    np.testing.assert_allclose(eff, expected_int8(W), rtol=2 * F32_EPS, atol=0)
+    big = np.abs(W.astype(np.float32)).max(axis=0)  # the offset's float32 rounding scales with the block's values
+    np.testing.assert_allclose(eff, expected_int8(W), rtol=0, atol=4 * F32_EPS * float(big.max()))
     assert np.all(eff[:, 5] == 0)
-    # |W − s·q| ≤ s / 2 (+ float32 rounding), s = the block's max / 127
+    assert np.all(eff[:64, 6] == np.float32(0.75))  # (the last block's zero padding widens its range)
+    # |W − (s·q + m)| ≤ s / 2 (+ float32 rounding), s = the block's (max − min) / 255 (padding rows count)
     for k0 in range(0, 77, 32):
-        s = np.abs(W[k0 : k0 + 32].astype(np.float32)).max(axis=0) / 127
+        block = np.zeros((32, 130), np.float32)
+        block[: min(32, 77 - k0)] = W[k0 : k0 + 32]
+        s = (block.max(axis=0) - block.min(axis=0)) / 255
         err = np.abs(eff[k0 : k0 + 32] - W[k0 : k0 + 32])
-        assert np.all(err <= s / 2 * (1 + 1e-5) + 1e-6 * np.abs(W[k0 : k0 + 32]))
+        assert np.all(err <= s / 2 * (1 + 1e-5) + 4 * F32_EPS * np.abs(block).max(axis=0))
     assert w.dtype == np.int8 and w.shape == (77, 130)
+
+
+def test_int8_keeps_a_16_level_block_exactly():
+    """A block of 4-bit levels lo + d·k (k = 0 … 15: a GGUF Q4_1 block dequantised) is kept up to float32
+    rounding, where a symmetric max/127 scale would round most of them."""
+    rng = np.random.default_rng(5)
+    K, N = 96, 70
+    d = rng.uniform(0.001, 0.05, (K // 32, N)).astype(np.float32)
+    lo = rng.uniform(-0.5, 0.1, (K // 32, N)).astype(np.float32)
+    levels = rng.integers(0, 16, (K, N))
+    levels[0], levels[1] = 0, 15  # every block spans its full range
+    levels[32], levels[33], levels[64], levels[65] = 0, 15, 0, 15
+    W = (np.repeat(lo, 32, axis=0) + np.repeat(d, 32, axis=0) * levels).astype(np.float32)
+    eff = LinearWeight(W, dtype="int8").dequantize()
+    np.testing.assert_allclose(eff, W, rtol=0, atol=8 * F32_EPS * np.abs(W).max())
+    symmetric = np.abs(W).max() / 127
+    assert np.abs(eff - W).max() < symmetric / 100
 
 
 def test_float_storage_is_exact_rounding():
@@ -165,7 +192,7 @@ def test_nbytes():
     sizes = {s: LinearWeight(W, dtype=s).nbytes - 960 * 4 for s in STORAGE}  # minus the bias
     assert sizes["float32"] == W.nbytes
     assert sizes["float16"] == W.nbytes // 2
-    assert sizes["int8"] == W.size + W.size // 32 * 4  # 1.125 bytes / weight
+    assert sizes["int8"] == W.size + W.size // 32 * 8  # 1.25 bytes / weight: a scale and an offset per 32
 
 
 @pytest.mark.parametrize(

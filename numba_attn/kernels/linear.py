@@ -1,20 +1,23 @@
 """y = x · W + b with W stored as float32, float16 (uint16 bits) or int8 blocks, read at its width.
 
 Maths. For x (M, K) and W (K, N) (the repo's ``x @ W`` layout), y[m, n] = b[n] + Σ_k x[m, k] · W[k, n].
-int8 weights are q8_0-like blocks along the input axis: for block j (inputs 32j … 32j+31) and
-output n, W[k, n] ≈ s[j, n] · q[k, n] with q ∈ [-127, 127] int8 and one float32 scale s[j, n], so
+int8 weights are affine blocks along the input axis (like q8_1, or ONNX Runtime's uint8 with a zero
+point): for block j (inputs 32j … 32j+31) and output n, W[k, n] ≈ s[j, n] · q[k, n] + m[j, n] with
+q ∈ [-128, 127] int8 and a float32 scale s and offset m per block and output, so
 
-    y[m, n] = b[n] + Σ_j s[j, n] · (Σ_{k ∈ block j} x[m, k] · q[k, n])
+    y[m', n] = b[n] + Σ_j s[j, n] · (Σ_{k ∈ block j} x[m', k] · q[k, n]) + m[j, n] · X[m', j],
+    X[m', j] = Σ_{k ∈ block j} x[m', k]   (one sum per block, shared by every output)
 
 The inner sum is taken in float32 with the int8 weights converted in registers (``vpmovsxbd`` +
-``vcvtdq2ps``), and the scale is applied once per block and output. float16 weights are converted
+``vcvtdq2ps``); scale and offset are applied once per block and output (gemm: the block is converted
+to float32 as s·q + m once and reused by its rows). float16 weights are converted
 with ``load`` (``vcvtph2ps``). Everything accumulates in float32.
 
 Memory layout ("panels", written by ``numba_attn.linear``): the N outputs are cut into panels of
 ``PANEL`` = 64 consecutive outputs, and each panel is stored contiguously as (K_pad, PANEL):
 
     weights (P, K_pad, PANEL)  float32 / uint16 / int8,   P = ceil(N / 64),  K_pad = 32 · ceil(K / 32)
-    scales  (P, K_pad / 32, PANEL) float32                (int8 only)
+    scales  (P, K_pad / 32, 2, PANEL) float32: [..., 0, :] scales s, [..., 1, :] offsets m (int8 only)
 
 Rows past K and outputs past N are zero padding, so every inner loop has the fixed trip counts
 BLOCK = 32 (inputs) and PANEL = 64 (outputs, 4 AVX-512 / 8 AVX2 vectors) and reads memory in one
@@ -34,7 +37,7 @@ Each kernel has a parallel (``prange``) and a serial build (``variant``); the ca
 serial one below ``SERIAL_BELOW_MACS`` multiply-adds (a parallel launch costs ~2 µs idle, far more
 on a busy machine). Activations arrive as float32 (M, K_pad), zero-padded by the caller when K is
 not a multiple of 32. Memory: no allocation beyond the output and per-work-item scratch (64 floats
-for gemv; 32 × 64 + ROWS × 64 floats for gemm).
+for gemv, plus the K_pad / 32 block sums of x; 32 × 64 + ROWS × 64 floats for gemm).
 """
 
 import numpy as np
@@ -46,7 +49,7 @@ from ._load import load
 
 #: outputs per panel (the vector loop's fixed length: 4 × 16 float32 lanes)
 PANEL = 64
-#: inputs per int8 scale (q8_0)
+#: inputs per int8 scale and offset
 BLOCK = 32
 #: activation rows per gemm work item
 ROWS = 16
@@ -57,10 +60,17 @@ SERIAL_BELOW_MACS = 60_000
 
 
 def _gemv_int8_body(x, q, scales, bias, y):
-    """y (N,) = bias + x (K_pad,) · W, W as int8 panels q (P, K_pad, 64) with scales (P, K_pad/32, 64)."""
+    """y (N,) = bias + x (K_pad,) · W, W as int8 panels q (P, K_pad, 64) with scales and offsets
+    (P, K_pad/32, 2, 64)."""
     P = q.shape[0]
     nb = scales.shape[1]
     N = y.shape[0]
+    x_sums = np.empty(nb, np.float32)
+    for b in range(nb):
+        total = np.float32(0)
+        for k in range(b * BLOCK, (b + 1) * BLOCK):
+            total += x[k]
+        x_sums[b] = total
     for p in prange(P):
         acc = np.zeros(PANEL, np.float32)
         part = np.empty(PANEL, np.float32)
@@ -79,9 +89,11 @@ def _gemv_int8_body(x, q, scales, bias, y):
                         + x2 * np.float32(w2[t])
                         + x3 * np.float32(w3[t])
                     )
-            sb = sp[b]
+            sb = sp[b, 0]
+            mb = sp[b, 1]
+            xb = x_sums[b]
             for t in range(PANEL):
-                acc[t] += part[t] * sb[t]
+                acc[t] += part[t] * sb[t] + xb * mb[t]
         o0 = p * PANEL
         for t in range(min(PANEL, N - o0)):
             y[o0 + t] = acc[t] + bias[o0 + t]
@@ -132,7 +144,8 @@ def _store_rows(acc, bias, r0, r1, o0, y):
 
 
 def _gemm_int8_body(x, q, scales, bias, y):
-    """y (M, N) = bias + x (M, K_pad) · W for int8 panels q (P, K_pad, 64), scales (P, K_pad/32, 64)."""
+    """y (M, N) = bias + x (M, K_pad) · W for int8 panels q (P, K_pad, 64), scales and offsets
+    (P, K_pad/32, 2, 64)."""
     M = x.shape[0]
     P, K = q.shape[0], q.shape[1]
     groups = (M + ROWS - 1) // ROWS
@@ -145,11 +158,12 @@ def _gemm_int8_body(x, q, scales, bias, y):
         qp = q[p]
         for b in range(K // BLOCK):
             k0 = b * BLOCK
-            sb = scales[p, b]
+            sb = scales[p, b, 0]
+            mb = scales[p, b, 1]
             for k in range(BLOCK):
                 qk = qp[k0 + k]
                 for t in range(PANEL):
-                    wf[k, t] = np.float32(qk[t]) * sb[t]
+                    wf[k, t] = np.float32(qk[t]) * sb[t] + mb[t]
             _rows_times_block(x, r0, r1, k0, wf, acc)
         _store_rows(acc, bias, r0, r1, p * PANEL, y)
 
