@@ -304,9 +304,21 @@ def test_smollm_quantised_weights_follow_float32(smollm_module, smollm, weights)
     finally:
         smollm.set_weights("float32")  # the fixture is shared: back to float32
     print(f"{weights} weights: {q}")
-    # float16 agrees everywhere; int8 (q8_0-like, every projection) flips near-ties: 97.3 % top-1 over the
-    # whole 409-token text (mean KLD 1.2e-3), 1 of these 39 positions here
-    assert q["tokens"] == 39 and q["top1"] >= (1.0 if weights == "float16" else 0.95) and q["mean_kld"] < 5e-3
+    # float16 agrees everywhere; int8 (affine blocks) keeps the GGUF's Q4_1 layer weights exactly and
+    # rounds the Q8_0 tied lm_head: see the whole-text test below
+    assert q["tokens"] == 39 and q["top1"] >= (1.0 if weights == "float16" else 0.97) and q["mean_kld"] < 1e-3
+
+
+def test_smollm_int8_weights_keep_top1_over_the_whole_text(smollm_module, smollm):
+    """Issue 13's accuracy target, teacher-forced on the example's whole text (409 positions): int8
+    projection, feed-forward and output weights pick float32's most likely token at ≥ 99 % of them
+    (measured 99.5 %, mean KLD 2.0e-4; symmetric q8_0-like blocks gave 97.3 %, 1.2e-3)."""
+    try:
+        q = smollm_module.weight_quality(smollm, "int8")
+    finally:
+        smollm.set_weights("float32")
+    print(f"int8 weights, whole text: {q}")
+    assert q["tokens"] == 409 and q["top1"] >= 0.99 and q["mean_kld"] < 5e-4
 
 
 if HAVE_TRANSFORMERS_GGUF:
