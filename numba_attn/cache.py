@@ -9,6 +9,7 @@ it is ``n + W``: slots 0 … n-1 keep the first n tokens forever, and position p
 The attention kernels read the valid slots straight from this storage: no copy per step.
 """
 
+import math
 import numbers
 import weakref
 
@@ -708,14 +709,18 @@ class KVCache:
         """H·x for storing. NaN/inf in x are refused here as the caller's (the rotation would spread them
         over the block; float32/float64 stores with check_finite=False take them), and a finite x whose
         rotation overflows (|x| near float32's max) as the rotation's."""
-        finite = not x.size or np.isfinite(max_abs(x))
+        top = max_abs(x) if x.size else 0.0
+        finite = bool(np.isfinite(top))
         if not finite and (check_finite or not _is_float_store(fmt)):
             raise ValueError(
                 f"{name} contains NaN or inf; pass finite values"
                 + (" (or check_finite=False to skip the check)" if _is_float_store(fmt) else "")
             )
         rotated = _rotated(x, block)
-        if finite and x.size and not np.isfinite(max_abs(rotated)):
+        # |H·x| ≤ √block · max|x| (H orthonormal): only a top near the type's max needs the second scan
+        limit = _FLOAT32_MAX if rotated.dtype == np.float32 else np.finfo(np.float64).max
+        near = finite and x.size and top * math.sqrt(block) * 1.001 >= limit
+        if near and not np.isfinite(max_abs(rotated)):
             raise ValueError(
                 f"{name} overflows {rotated.dtype.name} in the Hadamard rotation this cache applies "
                 f"(rotate={self.rotate!r}): scale it down, or use rotate=False"
@@ -737,7 +742,7 @@ class KVCache:
 
     def _append_serial(self, key, value, T, check_finite):
         rows = []
-        for name, x, fmt in ((self._name("key"), key, self.key_dtype), (self._name("value"), value, self.value_dtype)):
+        for tensor, x, fmt in (("key", key, self.key_dtype), ("value", value, self.value_dtype)):
             x = np.ascontiguousarray(x)
             bits = x.view(np.uint16) if x.dtype == np.float16 else x
             if (fmt == np.float16 or fmt == "int4") and x.dtype != np.float16:
@@ -747,14 +752,16 @@ class KVCache:
             else:
                 limit = np.inf
             code = scan_rows(bits, limit) if x.size else 0
-            no_code = not _is_float_store(fmt)  # no code for NaN/inf: refused whatever check_finite says
-            if code == 1 and (check_finite or no_code):
-                raise ValueError(
-                    f"{name} contains NaN or inf; pass finite values"
-                    + ("" if no_code else " (or check_finite=False to skip the check)")
-                )
-            if code == 2:
-                raise ValueError(_range_message(name, fmt))
+            if code:
+                name = self._name(tensor)
+                no_code = not _is_float_store(fmt)  # no code for NaN/inf: refused whatever check_finite says
+                if code == 1 and (check_finite or no_code):
+                    raise ValueError(
+                        f"{name} contains NaN or inf; pass finite values"
+                        + ("" if no_code else " (or check_finite=False to skip the check)")
+                    )
+                if code == 2:
+                    raise ValueError(_range_message(name, fmt))
             rows.append(bits)
         sink, first, slot0 = self._writes(T)
         # the sink slots take new tokens 0 … sink-1 (once per cache: a copy of those rows is fine)
