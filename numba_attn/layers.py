@@ -562,12 +562,16 @@ class MultiHeadAttention:
             if kw[name] is not None:
                 per_head_in(check(kw[name], self.num_heads), name, q.dtype)
         direct = window is None or (L == 1 and kw["alibi_slopes"] is None)
-        if direct:
+        if direct and key_padding_mask is None and attn_mask is None:
+            # the decode fast path (below) needs no positions and no mask
+            positions = mask = None
+        elif direct:
             # every cached token (after appending) is visible to the new ones: attend in storage order
             positions = cache.positions(appended=L)
         else:
             positions = np.r_[cache.ordered_positions(), cache.length + np.arange(L)]
-        mask = self._combined_mask(key_padding_mask, attn_mask, B, L, positions.size, positions)
+        if positions is not None:
+            mask = self._combined_mask(key_padding_mask, attn_mask, B, L, positions.size, positions)
         if cache.sink_tokens and not direct:
             # a sink cache's chunk (or ALiBi): the window rule cannot see the sinks, a mask on positions can
             keys, values = cache.ordered_with(k, v)

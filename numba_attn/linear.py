@@ -171,7 +171,25 @@ class LinearWeight:
         """x (..., in_features) float16/32/64 → x @ W + b (..., out_features): float64 for a float64 x
         (computed in float32), else float32. A 1-row x (a decode step) runs the GEMV kernel, more rows
         the GEMM kernel; both serial below ``kernels.linear.SERIAL_BELOW_MACS`` multiply-adds."""
-        x = np.asarray(x)
+        x = x if isinstance(x, np.ndarray) else np.asarray(x)
+        if (
+            x.dtype == np.float32
+            and x.ndim
+            and x.size == x.shape[-1] == self._weights.shape[1] == self.in_features
+            and x.flags.c_contiguous
+        ):
+            # one float32 row that needs no padding (a decode step): straight to the GEMV kernel
+            N = self.out_features
+            y = np.empty(x.shape[:-1] + (N,), np.float32)
+            row, out = x.reshape(-1), y.reshape(-1)
+            parallel = self.in_features * N >= _k.SERIAL_BELOW_MACS
+            if self._scales is not None:
+                kernel = _k.gemv_int8_parallel if parallel else _k.gemv_int8_serial
+                launch(kernel, row, self._weights, self._scales, self._bias, out)
+            else:
+                kernel = _k.gemv_float_parallel if parallel else _k.gemv_float_serial
+                launch(kernel, row, self._weights, self._bias, out)
+            return y
         if x.dtype not in (np.float16, np.float32, np.float64):
             raise TypeError(
                 f"x must be a float16/float32/float64 array of shape (..., {self.in_features}), got dtype {x.dtype}"
