@@ -2,7 +2,8 @@
 against numpy's float32 matmul, on SmolLM2-135M's shapes.
 
 A decode step (one row) is bound by the bytes of weight read, so float16 should approach 2× and int8
-(1.25 bytes per weight: a scale and an offset per 32) up to ~3.2× numpy's float32 GEMV where memory, not arithmetic, is the limit.
+(1.25 bytes per weight: a scale and an offset per 32) up to ~3.2× numpy's float32 GEMV where memory,
+not arithmetic, is the limit.
 ``threads`` sets numba's threads and, through threadpoolctl when installed, numpy's BLAS threads.
 """
 
