@@ -48,6 +48,7 @@ an interleaved RoPE, pairs (0,1), (2,3), …); Hugging Face's Llama pairs dims i
 
 import argparse
 import importlib.util
+import math
 import os
 import time
 from pathlib import Path
@@ -230,11 +231,17 @@ class Rope:
         return x * cos + rot * sin
 
     def __call__(self, q, k, positions):
-        """The ``rotary=`` callable of MultiHeadAttention: q (B, H, T, D), k (B, H_kv, T, D)."""
-        return self.rotate(q, positions), self.rotate(k, positions)
+        """The ``rotary=`` callable of MultiHeadAttention: q (B, H, T, D), k (B, H_kv, T, D), rotated
+        together (one set of numpy operations for both: a decode step's arrays are tiny, and each
+        operation's fixed cost is most of its time)."""
+        both = self.rotate(np.concatenate([q, k], axis=1), positions)
+        return both[:, : q.shape[1]], both[:, q.shape[1] :]
 
 
 def rms_norm(x, weight, eps):
+    if x.size == x.shape[-1]:  # one row (a decode step): the scale as a Python float, fewer numpy calls
+        flat = x.reshape(-1)
+        return x * (weight * np.float32(1.0 / math.sqrt(float(flat @ flat) / flat.size + eps)))
     var = np.einsum("...i,...i->...", x, x)[..., None] / x.shape[-1]
     return x * (1.0 / np.sqrt(var + eps)) * weight
 
