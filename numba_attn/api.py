@@ -11,9 +11,7 @@ from . import config
 from ._threads import get_num_threads, launch
 from ._validate import (
     _NO_MASK,
-    _NO_SLOPES,
     FLOAT16_MAX,
-    Plan,
     _dtypes,
     check_finite_array,
     check_float_operand,
@@ -48,9 +46,9 @@ def _kv_groups(plan):
     return np.ascontiguousarray(order.reshape(counts.size, counts[0]))
 
 
-def _use_decode(plan):
-    """Few query rows against many keys (float or quantised keys/values: both kernels read either)."""
-    return plan.L <= config.DECODE_MAX_QUERY_ROWS and plan.S >= config.DECODE_MIN_KEYS
+def _use_decode(L, S):
+    """Few query rows (L) against many keys (S) (float or quantised keys/values: both kernels read either)."""
+    return L <= config.DECODE_MAX_QUERY_ROWS and S >= config.DECODE_MIN_KEYS
 
 
 def _run(plan, out=None):
@@ -77,32 +75,14 @@ def _run(plan, out=None):
         dt(plan.softcap),
         dt(plan.scale),
     )
-    if _use_decode(plan):
-        groups = _kv_groups(plan) if plan.groups is None else plan.groups
-        if groups is None:
-            groups = np.arange(N, dtype=np.int64).reshape(N, 1)
-        operands = (plan.query, plan.key, plan.k_scales, plan.k_block, plan.value, plan.v_scales, plan.v_block)
-        operands += (plan.q_idx, plan.k_idx, plan.v_idx, groups)
-        lse = _decode_call(operands, common, plan.E, plan.check_finite, out)
-        return out, lse
-    lse = np.empty((N, L), plan.dtype)
-    block_q = prefill_block_q(N, L)
-    check = np.empty(N * -(-L // block_q), np.int64)
-    args = (
-        (plan.query, plan.key, plan.k_scales, plan.k_block, plan.value, plan.v_scales, plan.v_block)
-        + (plan.q_idx, plan.k_idx, plan.v_idx)
-        + common
-        + (block_q, config.PREFILL_BLOCK_K, plan.check_finite, out, lse, check)
-    )
-    if N * L * plan.S * (plan.E + Ev) < config.SERIAL_BELOW_FLOPS:
-        prefill.prefill_serial(*args)
-    else:
-        launch(prefill.prefill_parallel, *args)
-    # every kernel counts non-finite query values, raw scores, accumulators and result rows into
-    # ``check`` in loops that read them anyway: one parallel region per call, no scan afterwards
-    if plan.check_finite and check.any():
-        _raise_nonfinite(plan.query, plan.key, plan.value, L, plan.S, plan.dtype)
-    return out, lse
+    operands = (plan.query, plan.key, plan.k_scales, plan.k_block, plan.value, plan.v_scales, plan.v_block)
+    operands += (plan.q_idx, plan.k_idx, plan.v_idx)
+    if not _use_decode(L, plan.S):
+        return out, _prefill_call(operands, common, plan.E, plan.check_finite, out)
+    groups = _kv_groups(plan) if plan.groups is None else plan.groups
+    if groups is None:
+        groups = np.arange(N, dtype=np.int64).reshape(N, 1)
+    return out, _decode_call(operands + (groups,), common, plan.E, plan.check_finite, out)
 
 
 def _decode_call(operands, common, E, check_finite, out):
@@ -111,22 +91,46 @@ def _decode_call(operands, common, E, check_finite, out):
     every kernel), into ``out`` (N, L, Ev); returns lse (N, L). Serial below
     ``config.SERIAL_BELOW_FLOPS``, else split over the key range for every thread. Raises on a
     non-finite query, score or result when ``check_finite``."""
-    query, groups = operands[0], operands[10]
+    groups = operands[10]
     N, L, Ev = out.shape
-    S = common[0]
     lse = np.empty((N, L), out.dtype)
-    serial = N * L * S * (E + Ev) < config.SERIAL_BELOW_FLOPS
+    serial = N * L * common[0] * (E + Ev) < config.SERIAL_BELOW_FLOPS
     n_chunks = -(-(groups.shape[1] * L) // config.DECODE_MAX_ROWS)
-    n_split = 1 if serial else decode_splits(groups.shape[0] * n_chunks, S)
+    n_split = 1 if serial else decode_splits(groups.shape[0] * n_chunks, common[0])
     check = np.empty(groups.shape[0] * n_chunks * n_split, np.int64)
     args = operands + common + (config.DECODE_MAX_ROWS, n_split, config.DECODE_BLOCK_K, out, lse, check)
-    if serial:
-        decode.decode_serial(*args)
-    else:
-        launch(decode.decode_parallel, *args)
-    if check_finite and check.any():
-        _raise_nonfinite(query, operands[1], operands[4], L, S, out.dtype)
+    kernel = decode.decode_serial if serial else decode.decode_parallel
+    _launch_checked(kernel, serial, args, check, check_finite, common[0])
     return lse
+
+
+def _prefill_call(operands, common, E, check_finite, out):
+    """The prefill kernel on ``operands`` (query, key, key scales, key block, value, value scales,
+    value block, q_idx, k_idx, v_idx) and ``common`` (as ``_decode_call``), into ``out`` (N, L, Ev);
+    returns lse (N, L). Serial below ``config.SERIAL_BELOW_FLOPS``."""
+    N, L, Ev = out.shape
+    lse = np.empty((N, L), out.dtype)
+    serial = N * L * common[0] * (E + Ev) < config.SERIAL_BELOW_FLOPS
+    block_q = prefill_block_q(N, L)
+    check = np.empty(N * -(-L // block_q), np.int64)
+    args = operands + common + (block_q, config.PREFILL_BLOCK_K, bool(check_finite), out, lse, check)
+    kernel = prefill.prefill_serial if serial else prefill.prefill_parallel
+    _launch_checked(kernel, serial, args, check, check_finite, common[0])
+    return lse
+
+
+def _launch_checked(kernel, serial, args, check, check_finite, S):
+    """Run an attention kernel on ``args`` (query, key, key scales, key block, value, …, out, lse,
+    check) and name the culprit if it counted a non-finite value (``S`` keys). Every kernel counts
+    non-finite query values, raw scores, accumulators and result rows into ``check`` in loops that
+    read them anyway: one parallel region per call, no scan afterwards."""
+    if serial:
+        kernel(*args)
+    else:
+        launch(kernel, *args)
+    if check_finite and check.any():
+        out = args[-3]
+        _raise_nonfinite(args[0], args[1], args[4], out.shape[1], S, out.dtype)
 
 
 def check_attend_out(out, shape, result):
@@ -177,14 +181,13 @@ def attend_cache(cache, q, scale, window, slopes, sinks, softcap, out, check_fin
     What depends only on the cache and the query's dtype and heads (dtypes, storage views, batch
     indices) is worked out on the first call and kept (``_cache_fixed``); a call then checks ``out``,
     views the query and runs the decode kernel (or, for more than ``DECODE_MAX_QUERY_ROWS`` rows or
-    few keys, the prefill kernel through ``_run``)."""
+    few keys, the prefill kernel)."""
     B, H, L, E = q.shape
     Ev = cache.value_dim
     scale = check_scale(scale, E)
-    memo_key = (q.dtype, H)
-    fixed = cache._index_cache.get(memo_key)
+    fixed = cache._attend_fixed.get((q.dtype, H))
     if fixed is None:
-        fixed = cache._index_cache[memo_key] = _cache_fixed(cache, q.dtype, B, H)
+        fixed = cache._attend_fixed[(q.dtype, H)] = _cache_fixed(cache, q.dtype, B, H)
     dtype, result, native, operands, m_idx = fixed
     if out is not None:
         check_attend_out(out, (B, H, L, Ev), result)
@@ -216,52 +219,17 @@ def attend_cache(cache, q, scale, window, slopes, sinks, softcap, out, check_fin
     q3.flags.writeable = False  # one numba type whatever the caller passed
     in_order = not wrapped
     no_mask = _NO_MASK[dtype]
-    none = _NO_SLOPES[dtype]
-    slopes = none if slopes is None else prepare_per_head(slopes, check_slopes, "alibi_slopes", (B, H), dtype)
-    sinks = none if sinks is None else prepare_per_head(sinks, check_sinks, "sinks", (B, H), dtype)
+    slopes = prepare_per_head(slopes, check_slopes, "alibi_slopes", (B, H), dtype)
+    sinks = prepare_per_head(sinks, check_sinks, "sinks", (B, H), dtype)
     dt = dtype.type
     direct = out is not None and result == dtype
     res = out.reshape(B * H, L, Ev) if direct else np.empty((B * H, L, Ev), dtype)
     common = (n_valid, no_mask, m_idx, MASK_NONE, 0, 0, in_order, n_valid - L)
     common += ((window or 0) if in_order else 0, slopes, sinks, dt(softcap), dt(scale))
-    if L <= config.DECODE_MAX_QUERY_ROWS and n_valid >= config.DECODE_MIN_KEYS:
-        _decode_call((q3,) + operands, common, E, bool(check_finite), res)
-    else:
-        k3, k_scales, k_block, v3, v_scales, v_block, q_idx, k_idx, _, groups = operands
-        plan = Plan(
-            query=q3,
-            key=k3,
-            value=v3,
-            k_scales=k_scales,
-            v_scales=v_scales,
-            k_block=k_block,
-            v_block=v_block,
-            q_idx=q_idx,
-            k_idx=k_idx,
-            v_idx=k_idx,
-            mask=no_mask,
-            m_idx=m_idx,
-            mask_kind=MASK_NONE,
-            mask_row_step=0,
-            mask_col_step=0,
-            is_causal=in_order,
-            pos_offset=n_valid - L,
-            window=common[8],
-            slopes=slopes,
-            sinks=sinks,
-            softcap=softcap,
-            scale=scale,
-            dtype=dtype,
-            out_dtype=result,
-            batch_shape=(B, H),
-            L=L,
-            S=n_valid,
-            E=E,
-            Ev=Ev,
-            check_finite=bool(check_finite),
-            groups=groups,
-        )
-        _run(plan, res)
+    if _use_decode(L, n_valid):
+        _decode_call((q3,) + operands, common, E, check_finite, res)
+    else:  # (operands end with the decode kernel's groups)
+        _prefill_call((q3,) + operands[:-1], common, E, check_finite, res)
     if direct:
         return out
     res = _to_out_dtype(res, result, cache.value_dtype == np.float16).reshape(B, H, L, Ev)

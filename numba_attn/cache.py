@@ -286,7 +286,7 @@ class KVCache:
         self._value_rotation = hadamard_block(self.value_dim) if self.rotate_values else 0
         self._length = 0
         self._operands = None  # kernel views of the storage, made on first use
-        self._index_cache = {}  # per (query dtype, head count): what attend's kernel calls share (api._cache_fixed)
+        self._attend_fixed = {}  # per (query dtype, head count): what attend's kernel calls share (api._cache_fixed)
         _STORAGE[id(self._keys)] = self._keys
         _STORAGE[id(self._values)] = self._values
         for data, rotated in ((self._keys, self.rotate_keys), (self._values, self.rotate_values)):
@@ -546,10 +546,10 @@ class KVCache:
                 f"queries sees (window {window}): attend to a chunk this long before appending it "
                 "(MultiHeadAttention does), or append and attend one token at a time"
             )
-        softcap = 0.0 if softcap is None else check_softcap(softcap)
+        softcap = check_softcap(softcap)
         # shapes and dtypes here; NaN/inf once, after the conversion to the arithmetic's dtype (attend_cache)
-        slopes = None if alibi_slopes is None else check_slopes(alibi_slopes, q.shape[1], finite=False)
-        sinks = None if sinks is None else check_sinks(sinks, q.shape[1], finite=False)
+        slopes = check_slopes(alibi_slopes, q.shape[1], finite=False)
+        sinks = check_sinks(sinks, q.shape[1], finite=False)
         user_out = result = None
         rotated = self.rotate_keys or self.rotate_values
         if rotated and q.dtype != np.float16 and self.rotate_keys:
