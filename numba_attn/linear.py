@@ -18,7 +18,10 @@ q8_0) the step s is never larger and is half as large for a block of one sign; a
 float32 rounding.
 ``dequantize()`` returns that effective weight (float32), the exact operand of the product.
 
-Results: float32 computed (activations rounded to float32, float32 accumulation). A float64 ``x``
+Results: float32 computed (activations rounded to float32, float32 accumulation), except that the int8
+GEMV (one row of x: a decode step) also rounds the row to int16 per block of 32 inputs, x ≈ σ·c with
+σ = max |x_block| / 32767, |x − σ·c| ≤ σ / 2, and sums c·q exactly in int32 (``vpmaddwd``; see
+``numba_attn.kernels.linear``). A float64 ``x``
 gives a float64 result (the float32 values widened: numpy's ``float64 @ float32`` promotion), a
 float16 or float32 ``x`` a float32 result. NaN/inf in ``x`` propagate as in numpy (no check); NaN/inf
 weights or biases are refused at construction.
@@ -75,8 +78,9 @@ def _panels(w, K_pad, P):
 
 
 def _quantize_panels(w32, K_pad, P):
-    """float32 (K, N) → int8 panels (P, K_pad, 64) and float32 (scale, offset) pairs (P, K_pad/32, 2, 64):
-    per block, s = (max − min) / 255, q = clip(rint((W − min) / s), 0, 255) − 128, m = min + 128·s."""
+    """float32 (K, N) → int8 panels of input pairs (P, K_pad/2, 64, 2) (q[2j, n], q[2j+1, n] side by side:
+    the operand order of ``vpmaddwd``) and float32 (scale, offset) pairs (P, K_pad/32, 2, 64): per block,
+    s = (max − min) / 255, q = clip(rint((W − min) / s), 0, 255) − 128, m = min + 128·s."""
     blocks = _panels(w32, K_pad, P).reshape(P, K_pad // _k.BLOCK, _k.BLOCK, _k.PANEL)
     lo, hi = blocks.min(axis=2), blocks.max(axis=2)  # (P, nb, 64)
     scales = ((hi - lo) / np.float32(255)).astype(np.float32)
@@ -84,7 +88,8 @@ def _quantize_panels(w32, K_pad, P):
     ratio = np.divide(blocks - lo[:, :, None, :], s4, out=np.zeros_like(blocks), where=s4 > 0)
     q = (np.clip(np.rint(ratio), 0, 255) - 128).astype(np.int8)
     pairs = np.stack([scales, lo + np.float32(128) * scales], axis=2).astype(np.float32)
-    return np.ascontiguousarray(q.reshape(P, K_pad, _k.PANEL)), np.ascontiguousarray(pairs)
+    paired = q.reshape(P, K_pad // 2, 2, _k.PANEL).transpose(0, 1, 3, 2)
+    return np.ascontiguousarray(paired), np.ascontiguousarray(pairs)
 
 
 class LinearWeight:
@@ -99,7 +104,7 @@ class LinearWeight:
     (the storage dtype), ``nbytes`` (weight storage incl. padding and scales, plus the bias).
     """
 
-    __slots__ = ("_bias", "_has_bias", "_scales", "_weights", "dtype", "in_features", "out_features")
+    __slots__ = ("_bias", "_has_bias", "_k_pad", "_scales", "_weights", "dtype", "in_features", "out_features")
     #: numpy operators return NotImplemented for this type, so ``x @ w`` reaches ``__rmatmul__``
     __array_ufunc__ = None
 
@@ -132,6 +137,7 @@ class LinearWeight:
             data, scales = _panels(w32, K_pad, P), None
         self.in_features, self.out_features, self.dtype = K, N, _DTYPES[name]
         self._weights, self._scales, self._bias, self._has_bias = data, scales, b, bias is not None
+        self._k_pad = K_pad
 
     @classmethod
     def from_linear(cls, weight, bias=None, dtype="float32"):
@@ -154,12 +160,17 @@ class LinearWeight:
     def nbytes(self):
         return self._weights.nbytes + (self._scales.nbytes if self._scales is not None else 0) + self._bias.nbytes
 
+    def _codes(self):
+        """int8 storage: the codes q as (P, K_pad, 64) panels (the pairs of inputs taken apart)."""
+        P, half, T, _ = self._weights.shape
+        return self._weights.transpose(0, 1, 3, 2).reshape(P, 2 * half, T)
+
     def dequantize(self):
         """The effective weight (in_features, out_features) float32 the kernels multiply by."""
         K, N = self.shape
-        P, K_pad, T = self._weights.shape
+        P, K_pad, T = self._weights.shape[0], self._k_pad, _k.PANEL
         if self.dtype == np.int8:
-            blocks = self._weights.reshape(P, K_pad // _k.BLOCK, _k.BLOCK, T).astype(np.float32)
+            blocks = self._codes().reshape(P, K_pad // _k.BLOCK, _k.BLOCK, T).astype(np.float32)
             w = (blocks * self._scales[:, :, None, 0, :] + self._scales[:, :, None, 1, :]).reshape(P, K_pad, T)
         elif self.dtype == np.float16:
             w = self._weights.view(np.float16).astype(np.float32)
@@ -175,7 +186,7 @@ class LinearWeight:
         if (
             x.dtype == np.float32
             and x.ndim
-            and x.size == x.shape[-1] == self._weights.shape[1] == self.in_features
+            and x.size == x.shape[-1] == self._k_pad == self.in_features
             and x.flags.c_contiguous
         ):
             # one float32 row that needs no padding (a decode step): straight to the GEMV kernel
@@ -202,7 +213,7 @@ class LinearWeight:
         out_dtype = np.float64 if x.dtype == np.float64 else np.float32
         if M == 0:
             return np.zeros(lead + (N,), out_dtype)
-        K_pad = self._weights.shape[1]
+        K_pad = self._k_pad
         rows = x.reshape(M, K)
         if K_pad == K and rows.dtype == np.float32 and rows.flags.c_contiguous:
             xs = rows

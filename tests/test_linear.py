@@ -28,22 +28,42 @@ def magnitudes(w):
     s·|q| + |m| (the kernels take s·Σ x·q and m·Σ x apart, which can cancel where s·q + m is small)."""
     if w.dtype != np.int8:
         return np.abs(w.dequantize().astype(np.float64))
-    P, K_pad, T = w._weights.shape
-    q = np.abs(w._weights.astype(np.float64)).reshape(P, K_pad // 32, 32, T)
+    codes = w._codes()
+    P, K_pad, T = codes.shape
+    q = np.abs(codes.astype(np.float64)).reshape(P, K_pad // 32, 32, T)
     s = w._scales[:, :, None, 0, :].astype(np.float64)
     m = np.abs(w._scales[:, :, None, 1, :].astype(np.float64))
     mag = (q * s + m).reshape(P, K_pad, T).transpose(1, 0, 2).reshape(K_pad, P * T)
     return mag[: w.in_features, : w.out_features]
 
 
+def activation_rounding(x, w):
+    """The int8 GEMV (one row of x) rounds x to int16 per block of 32 inputs, x ≈ (max|x_b| / 32767)·code:
+    bound Σ_b s_b·(max|x_b| / 65534)·Σ_{k∈b} |q_k| on what that changes (s the weight scales, q the
+    codes), per row of x; 0 for the float storages and for x of more than one row (the GEMM is float32)."""
+    rows = np.asarray(x).astype(np.float32).astype(np.float64).reshape(-1, w.in_features)
+    if w.dtype != np.int8 or rows.shape[0] != 1:
+        return 0.0
+    codes = w._codes()
+    P, K_pad, T = codes.shape
+    padded = np.zeros(K_pad)
+    padded[: w.in_features] = np.abs(rows[0])
+    half_step = padded.reshape(-1, 32).max(axis=1) / (2 * 32767)  # (nb,)
+    q_sums = np.abs(codes.astype(np.float64)).reshape(P, K_pad // 32, 32, T).sum(axis=2)  # (P, nb, T)
+    s = w._scales[:, :, 0, :].astype(np.float64)  # (P, nb, T)
+    per_output = (s * q_sums * half_step[None, :, None]).sum(axis=1).reshape(P * T)[: w.out_features]
+    return per_output * (1 + 1e-6)
+
+
 def assert_matches_reference(y, x, w, bias):
-    """|y − ref| ≤ n·eps32·(|x| @ magnitudes(w) + |b|), n = K + 2·(K/32 blocks) + 4 roundings: the
-    worst-case float32 accumulation bound (per block: the scale's product, the offset's, the sum)."""
+    """|y − ref| ≤ n·eps32·(|x| @ magnitudes(w) + |b|) + activation_rounding(x, w), n = K + 2·(K/32
+    blocks) + 4 roundings: the worst-case float32 accumulation bound (per block: the scale's product,
+    the offset's, the sum), plus the int8 GEMV's documented rounding of x to int16."""
     ref = reference(x, w, bias)
     x64 = np.abs(np.asarray(x).astype(np.float32).astype(np.float64))
     b = 0.0 if bias is None else np.abs(np.asarray(bias).astype(np.float64))
     n = w.in_features + 2 * -(-w.in_features // 32) + 4
-    bound = n * F32_EPS * (x64 @ magnitudes(w) + b) + 1e-30
+    bound = n * F32_EPS * (x64 @ magnitudes(w) + b) + activation_rounding(x, w) + 1e-30
     assert y.shape == ref.shape
     excess = np.abs(y.astype(np.float64) - ref) - bound
     assert excess.max(initial=-1) <= 0, f"worst excess {excess.max()} over the float32 bound"
@@ -209,6 +229,37 @@ def test_nbytes():
     assert sizes["float16"] == W.nbytes // 2
     assert sizes["int8"] == W.size + W.size // 32 * 8  # 1.25 bytes / weight: a scale and an offset per 32
 
+
+
+@pytest.mark.parametrize("K", [64, 100])
+@pytest.mark.parametrize("special", ["nan", "inf", "-inf", "tiny", "zero block", "huge"])
+def test_int8_gemv_special_activations(K, special):
+    """The int8 GEMV rounds x to int16 per block; x with NaN or inf, or a block whose largest |x| is
+    below 2⁻¹⁰⁰, takes the float path: NaN and inf propagate as in numpy's x @ W_eff, tiny values
+    are not flushed. A zero block and values near float32's limit stay on the int16 path."""
+    rng = np.random.default_rng(K)
+    N = 130
+    W = randn(rng, (K, N), np.float32)
+    w = LinearWeight(W, randn(rng, N, np.float32), dtype="int8")
+    x = randn(rng, K, np.float32)
+    if special in ("nan", "inf", "-inf"):
+        x[37] = np.float32(special)
+    elif special == "tiny":
+        x[32:64] *= np.float32(2.0**-110)  # the second block only
+    elif special == "zero block":
+        x[:32] = 0
+    else:
+        x *= np.float32(1e30)
+    ref = x.astype(np.float64) @ w.dequantize().astype(np.float64) + w.bias.astype(np.float64)
+    with np.errstate(all="ignore"):
+        y = w(x)
+    assert y.shape == (N,)
+    if special in ("nan", "inf", "-inf"):
+        np.testing.assert_array_equal(np.isnan(y), np.isnan(ref))
+        np.testing.assert_array_equal(y[np.isinf(ref)], ref[np.isinf(ref)])
+        assert not np.isfinite(y).any()
+    else:
+        assert_matches_reference(y, x, w, w.bias)
 
 @pytest.mark.parametrize(
     "make, error, words",

@@ -368,6 +368,72 @@ def test_transpose_into_matches_loop(dtype, width, x_off, pad, out_off, seed):
     _same_bits(got, np.ascontiguousarray(block.T))
 
 
+
+def _madd_driver():
+    """A fresh @njit driver of madd_pairs_into: compiled (so ``vir.MADD_KIND`` read) at its first call."""
+
+    @njit
+    def driver(q, q_off, q_step, x, x_off, steps, out, out_off, width):
+        vir.madd_pairs_into(q, q_off, q_step, x, x_off, steps, out, out_off, literally(width))
+
+    return driver
+
+
+def _madd_kinds():
+    kinds = ["generic"]
+    if vir.MADD_KIND in ("avx2", "sse2"):
+        kinds += ["sse2"] + (["avx2"] if vir.MADD_KIND == "avx2" else [])
+    return kinds
+
+
+@pytest.mark.parametrize("kind", _madd_kinds())
+@pytest.mark.parametrize("q_dtype", [np.int8, np.int16])
+@given(
+    width=st.sampled_from([8, 16, 64]),
+    steps=st.integers(0, 20),
+    q_off=st.integers(0, 9),
+    x_half=st.integers(0, 4),
+    out_off=st.integers(0, 5),
+    pad=st.integers(0, 3),
+    extreme=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+@EXAMPLES
+def test_madd_pairs_into_matches_loop(kind, q_dtype, width, steps, q_off, x_half, out_off, pad, extreme, seed):
+    """Pairs of int8/int16 codes times int16 pairs, summed into int32 lanes: exact integers, equal to the
+    twin bit for bit, for each way ``multiply_add_pairs`` can be emitted here (x86's AVX2 and SSE2
+    ``pmaddwd``, the generic IR NEON gets). ``extreme``: codes at their limits (±127/−128, ±32767)."""
+    rng = np.random.default_rng(seed)
+    q_step = 2 * width + pad
+    info = np.iinfo(q_dtype)
+    q_hi = 127 if q_dtype == np.int8 else 32767
+    n_q = q_off + steps * q_step + 2 * width + pad
+    if extreme:
+        q = rng.choice(np.array([-128 if q_dtype == np.int8 else -q_hi, q_hi, 0, 1, -1]), n_q).astype(q_dtype)
+        x = rng.choice(np.array([-32767, 32767, 0, 1]), 2 * (x_half + steps) + pad).astype(np.int16)
+    else:
+        q = rng.integers(-q_hi, q_hi + 1, n_q).astype(q_dtype)
+        x = rng.integers(-32767, 32768, 2 * (x_half + steps) + pad).astype(np.int16)
+    if q_dtype == np.int16:
+        steps = min(steps, 1)  # one pair of int16 products is already up to 2·32767²: |Σ| stays below 2³¹
+    out = rng.integers(-1000, 1000, out_off + width + pad).astype(np.int32)
+    before = out.copy()
+    expected = out.copy()
+    vir.madd_pairs_into_loop(q, q_off, q_step, x, 2 * x_half, steps, expected, out_off, width)
+    saved = vir.MADD_KIND
+    try:
+        vir.MADD_KIND = kind
+        _madd_driver()(q, q_off, q_step, x, 2 * x_half, steps, out, out_off, width)
+    finally:
+        vir.MADD_KIND = saved
+    _same_bits(out, expected)
+    for lane in range(width):  # and the twin against numpy in int64 (no wrapping at these sizes)
+        first = q[q_off + 2 * lane :: q_step][:steps].astype(np.int64)
+        second = q[q_off + 2 * lane + 1 :: q_step][:steps].astype(np.int64)
+        xs = x[2 * x_half : 2 * x_half + 2 * steps].astype(np.int64)
+        total = int(before[out_off + lane]) + int(first @ xs[0::2] + second @ xs[1::2])
+        assert int(expected[out_off + lane]) == total
+
 def test_every_wrapper_has_a_twin_and_a_test():
     tested = {
         "splat_into",
@@ -380,6 +446,7 @@ def test_every_wrapper_has_a_twin_and_a_test():
         "element_address",
         "exp_nonpositive_into",
         "transpose_into",
+        "madd_pairs_into",
     }
     assert {wrapper._defn.__name__ for wrapper in vir.TWINS} == tested
     assert all(twin.py_func.__name__ == wrapper._defn.__name__ + "_loop" for wrapper, twin in vir.TWINS.items())

@@ -330,6 +330,60 @@ def butterfly_sum(builder, vectors):
     return vectors[0]
 
 
+def _madd_kind():
+    """"avx2" on an x86 target with AVX2, "sse2" on other x86, else "generic" (see ``MADD_KIND``)."""
+    import platform
+
+    from .. import config
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "i386", "x86"):
+        return "generic"
+    name, features = config.target_cpu()
+    flags = {f[1:] for f in features.split(",") if f}
+    return "avx2" if "avx2" in flags else "sse2"
+
+
+#: how ``multiply_add_pairs`` is emitted: "avx2" (``llvm.x86.avx2.pmadd.wd``, 8 lanes a call), "sse2"
+#: (``llvm.x86.sse2.pmadd.wd``, 4 lanes: any x86-64) or "generic" (sext, multiply, even + odd lanes: NEON
+#: and anything else). Chosen once from the CPU numba compiles for (part of numba's cache key);
+#: ``tests/aarch64_codegen_probe.py`` sets "generic" before it cross-compiles.
+MADD_KIND = _madd_kind()
+
+
+def multiply_add_pairs(builder, a, b):
+    """``<2n x i8|i16>`` a, ``<2n x i16>`` b → ``<n x i32>``, lane i = a[2i]·b[2i] + a[2i+1]·b[2i+1]
+    (exact: |a|, |b| ≤ 2¹⁵ and not both pairs −2¹⁵·−2¹⁵). x86's ``pmaddwd`` (16 products in one
+    instruction on AVX2, each pair summed): written as plain IR LLVM's instcombine turns the even/odd
+    sums back into ``vpmulld`` + adds, so on x86 the target intrinsic is called (``MADD_KIND``); the
+    generic form (sext, mul, shuffle, add) is left to LLVM elsewhere (NEON: ``smull``/``smull2`` +
+    ``addp``-class pairwise adds). ``n`` a multiple of 4."""
+    count = a.type.count
+    v16 = ir.VectorType(ir.IntType(16), count)
+    a16 = builder.sext(a, v16) if a.type.element.width < 16 else a
+    lanes = 8 if MADD_KIND == "avx2" and count % 16 == 0 else 4
+    if MADD_KIND in ("avx2", "sse2"):
+        name = "llvm.x86.avx2.pmadd.wd" if lanes == 8 else "llvm.x86.sse2.pmadd.wd"
+        piece16, piece32 = ir.VectorType(ir.IntType(16), 2 * lanes), ir.VectorType(_I32, lanes)
+        function = cgutils.get_or_insert_function(builder.module, ir.FunctionType(piece32, [piece16] * 2), name)
+        parts = []
+        for start in range(0, count, 2 * lanes):
+            mask = ir.Constant(ir.VectorType(_I32, 2 * lanes), list(range(start, start + 2 * lanes)))
+            pa, pb = (builder.shuffle_vector(v, v, mask) if count > 2 * lanes else v for v in (a16, b))
+            parts.append(builder.call(function, [pa, pb]))
+        while len(parts) > 1:  # concatenate the pieces
+            n = parts[0].type.count
+            mask = ir.Constant(ir.VectorType(_I32, 2 * n), list(range(2 * n)))
+            parts = [builder.shuffle_vector(parts[i], parts[i + 1], mask) for i in range(0, len(parts), 2)]
+        return parts[0]
+    wide = ir.VectorType(_I32, count)
+    products = builder.mul(builder.sext(a16, wide), builder.sext(b, wide))
+    even = ir.Constant(ir.VectorType(_I32, count // 2), list(range(0, count, 2)))
+    odd = ir.Constant(ir.VectorType(_I32, count // 2), list(range(1, count, 2)))
+    return builder.add(
+        builder.shuffle_vector(products, products, even), builder.shuffle_vector(products, products, odd)
+    )
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # @intrinsic wrappers of the helpers, and their plain-numba twins
 # ---------------------------------------------------------------------------------------------------------------------
@@ -638,6 +692,58 @@ def transpose_into_loop(x, x_off, x_stride, out, out_off, out_stride, width):
             out[out_off + c * out_stride + i] = x[x_off + i * x_stride + c]
 
 
+@intrinsic
+def madd_pairs_into(typingctx, q, q_off, q_step, x, x_off, steps, out, out_off, width):
+    """``out[out_off + l] += Σ_{t<steps} Σ_{h<2} q[q_off + t·q_step + 2l + h] · x[x_off + 2t + h]`` for
+    l < width (int32, wrapping like int32): ``q`` int8 or int16 (pairs of inputs interleaved per output),
+    ``x`` int16 pairs (x_off even), ``out`` int32; ``width`` a multiple of 8, ≤ 64. The width/8
+    accumulators stay in registers over the runtime loop; one step is one ``multiply_add_pairs``
+    (``vpmaddwd``) per 8 lanes and an add, the pair of x broadcast as one 32-bit value."""
+    lanes = _width(width)
+    if (
+        lanes is None
+        or lanes % 8
+        or not is_c_array(q, types.int8, types.int16)
+        or not is_c_array(x, types.int16)
+        or not is_c_array(out, types.int32)
+    ):
+        return None
+
+    def codegen(context, builder, signature, args):
+        q_, q_off_, q_step_, x_, x_off_, steps_, out_, out_off_, _ = args
+        qp, xp, op = (data_pointer(context, builder, ty, v) for ty, v in ((q, q_), (x, x_), (out, out_)))
+        pair_pointer = builder.bitcast(xp, _I32.as_pointer())
+
+        def out_index(i, c):
+            return builder.add(out_off_, as_index(8 * c))
+
+        accs = tile_accumulators(builder, op, out_index, 1, lanes // 8, 8)[0]
+        with cgutils.for_range(builder, steps_) as loop:
+            pair_index = builder.add(builder.ashr(x_off_, as_index(1)), loop.index)
+            pair = builder.load(element_pointer(builder, pair_pointer, pair_index), align=2)
+            xv = builder.bitcast(splat(builder, pair, 8), ir.VectorType(ir.IntType(16), 16))
+            row = strided_index(builder, q_off_, loop.index, q_step_)
+            for c, slot in enumerate(accs):
+                qv = load_vector(builder, qp, builder.add(row, as_index(16 * c)), 16)
+                builder.store(builder.add(builder.load(slot), multiply_add_pairs(builder, qv, xv)), slot)
+        store_tile(builder, [accs], op, out_index)
+        return context.get_dummy_value()
+
+    i64 = types.int64
+    return types.void(q, i64, i64, x, i64, i64, out, i64, width), codegen
+
+
+@njit
+def madd_pairs_into_loop(q, q_off, q_step, x, x_off, steps, out, out_off, width):
+    """Twin of ``madd_pairs_into``."""
+    for lane in range(width):
+        total = np.int64(out[out_off + lane])
+        for t in range(steps):
+            for h in range(2):
+                total += np.int64(q[q_off + t * q_step + 2 * lane + h]) * np.int64(x[x_off + 2 * t + h])
+        out[out_off + lane] = np.int32(total)
+
+
 #: each @intrinsic wrapper → its plain-numba twin (tests/test_vector_ir.py checks that every pair agrees)
 TWINS = {
     splat_into: splat_into_loop,
@@ -650,4 +756,5 @@ TWINS = {
     element_address: element_address_loop,
     exp_nonpositive_into: exp_nonpositive_into_loop,
     transpose_into: transpose_into_loop,
+    madd_pairs_into: madd_pairs_into_loop,
 }

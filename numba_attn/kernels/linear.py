@@ -8,15 +8,22 @@ q ∈ [-128, 127] int8 and a float32 scale s and offset m per block and output, 
     y[m', n] = b[n] + Σ_j s[j, n] · (Σ_{k ∈ block j} x[m', k] · q[k, n]) + m[j, n] · X[m', j],
     X[m', j] = Σ_{k ∈ block j} x[m', k]   (one sum per block, shared by every output)
 
-The inner sum is taken in float32 with the int8 weights converted in registers (``vpmovsxbd`` +
-``vcvtdq2ps``); scale and offset are applied once per block and output (gemm: the block is converted
-to float32 as s·q + m once and reused by its rows). float16 weights are converted
-with ``load`` (``vcvtph2ps``). Everything accumulates in float32.
+gemv (one row): the row is first rounded to int16 codes per block, x[k] ≈ σ_j · c[k] with
+σ_j = max_{k∈j} |x[k]| / 32767 and c = rint(x / σ_j) (|x − σ_j·c| ≤ σ_j / 2), so the inner sum is an
+exact integer, Σ_{k∈j} c[k]·q[k, n] (|·| < 32 · 128 · 32767 < 2³¹), taken two products at a time with
+``madd_pairs_into`` (``vpmaddwd``: 16 int16 products summed in pairs into 8 int32 lanes per instruction,
+where converting each weight to float32 costs a ``vpmovsxbd``, a ``vcvtdq2ps`` and an FMA per 8), and
+scaled once per block and output: y[n] += (s[j, n]·σ_j)·Σ c·q + m[j, n]·X[j] (X in float32 from x
+itself). x with NaN or inf, or a block whose max |x| is below 2⁻¹⁰⁰, takes a float32 path instead
+(``_gemv_int8_float``, serial). gemm (several rows) converts each block to float32 as s·q + m once
+and reuses it for its rows. float16 weights are converted with ``load`` (``vcvtph2ps``). Apart from
+gemv's integer block sums, everything accumulates in float32.
 
 Memory layout ("panels", written by ``numba_attn.linear``): the N outputs are cut into panels of
 ``PANEL`` = 64 consecutive outputs, and each panel is stored contiguously as (K_pad, PANEL):
 
-    weights (P, K_pad, PANEL)  float32 / uint16 / int8,   P = ceil(N / 64),  K_pad = 32 · ceil(K / 32)
+    weights (P, K_pad, PANEL)  float32 / uint16,          P = ceil(N / 64),  K_pad = 32 · ceil(K / 32)
+            (P, K_pad / 2, PANEL, 2) int8: inputs 2i and 2i+1 of an output side by side (vpmaddwd's pairs)
     scales  (P, K_pad / 32, 2, PANEL) float32: [..., 0, :] scales s, [..., 1, :] offsets m (int8 only)
 
 Rows past K and outputs past N are zero padding, so every inner loop has the fixed trip counts
@@ -27,7 +34,9 @@ to a block partial sum (4 FMAs per output, 1 load + 1 store of the partial sum).
 
 Kernels:
 
-- ``gemv`` (M = 1, the decode step): parallel over panels (one work item = 64 outputs × all K).
+- ``gemv`` (M = 1, the decode step): parallel over panels (one work item = 64 outputs × all K);
+  int8: the row's int16 codes first (serial, K_pad entries), then per block 16 steps of 8 ``vpmaddwd``
+  (AVX2) into 8 int32 accumulators held in registers.
 - ``gemm`` (M > 1, prefill): parallel over (panel, group of ``ROWS`` rows) work items; for each
   block of 32 inputs the block of the panel (32 × 64) is first converted to float32 with its scales
   applied (8 KiB, L1-resident), then reused by every row of the group, so the int8 / float16
@@ -37,7 +46,8 @@ Each kernel has a parallel (``prange``) and a serial build (``variant``); the ca
 serial one below ``SERIAL_BELOW_MACS`` multiply-adds (a parallel launch costs ~2 µs idle, far more
 on a busy machine). Activations arrive as float32 (M, K_pad), zero-padded by the caller when K is
 not a multiple of 32. Memory: no allocation beyond the output and per-work-item scratch (64 floats
-for gemv, plus the K_pad / 32 block sums of x; 32 × 64 + ROWS × 64 floats for gemm).
+for gemv, plus the K_pad / 32 block sums of x, and for int8 the K_pad int16 codes, 64 int32 block sums
+and K_pad / 32 activation scales; 32 × 64 + ROWS × 64 floats for gemm).
 """
 
 import numpy as np
@@ -46,6 +56,7 @@ from numba import njit, prange
 from .. import config
 from . import variant
 from ._load import load
+from ._vector_ir import madd_pairs_into
 
 #: outputs per panel (the vector loop's fixed length: 4 × 16 float32 lanes)
 PANEL = 64
@@ -59,41 +70,87 @@ ROWS = 16
 SERIAL_BELOW_MACS = 60_000
 
 
-def _gemv_int8_body(x, q, scales, bias, y):
-    """y (N,) = bias + x (K_pad,) · W, W as int8 panels q (P, K_pad, 64) with scales and offsets
-    (P, K_pad/32, 2, 64)."""
+#: int16 activation codes span ±ACT_LEVELS (per block of 32 inputs: x ≈ x_scale · code)
+ACT_LEVELS = 32767
+#: a block whose largest |x| is below this (and not 0) is not rounded to int16 (its scale would be
+#: subnormal): the whole call then takes the float path, as it does for NaN or inf
+_ACT_TINY = np.float32(2.0**-100)
+
+
+@njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
+def _activation_codes(x, codes, x_scales, x_sums):
+    """x (K_pad,) float32 → int16 ``codes`` (K_pad,), per block b of 32: x_scales[b] = max|x| / 32767,
+    codes = rint(x / x_scales[b]) (so |x − x_scales[b]·code| ≤ x_scales[b] / 2), and the float32 sums
+    x_sums[b] = Σ x. False (nothing usable) when a block holds NaN or inf or a largest |x| below 2⁻¹⁰⁰."""
+    for b in range(x_scales.shape[0]):
+        k0 = b * BLOCK
+        top = np.float32(0)
+        total = np.float32(0)
+        for k in range(k0, k0 + BLOCK):
+            top = max(top, abs(x[k]))
+            total += x[k]
+        if not (top <= np.float32(3.4028235e38)) or (top > 0 and top < _ACT_TINY):
+            return False
+        x_sums[b] = total
+        x_scales[b] = top / np.float32(ACT_LEVELS)
+        inverse = np.float32(ACT_LEVELS) / top if top > 0 else np.float32(0)
+        for k in range(k0, k0 + BLOCK):
+            c = np.rint(x[k] * inverse)
+            codes[k] = np.int16(min(np.float32(ACT_LEVELS), max(np.float32(-ACT_LEVELS), c)))
+    return True
+
+
+@njit(fastmath=config.FASTMATH, cache=config.CACHE)
+def _gemv_int8_float(x, q, scales, bias, y):
+    """The float path of the int8 GEMV (x with NaN, inf or tiny blocks): y = bias + Σ_k x[k]·(s·q + m)
+    in float32, serial, so NaN and inf propagate as in numpy's x @ W_eff."""
     P = q.shape[0]
     nb = scales.shape[1]
     N = y.shape[0]
+    for p in range(P):
+        acc = np.zeros(PANEL, np.float32)
+        for b in range(nb):
+            sb = scales[p, b, 0]
+            mb = scales[p, b, 1]
+            for k in range(b * BLOCK, (b + 1) * BLOCK):
+                xk = x[k]
+                codes = q[p, k // 2]
+                h = k % 2
+                for t in range(PANEL):
+                    acc[t] += xk * (np.float32(codes[t, h]) * sb[t] + mb[t])
+        o0 = p * PANEL
+        for t in range(min(PANEL, N - o0)):
+            y[o0 + t] = acc[t] + bias[o0 + t]
+
+
+def _gemv_int8_body(x, q, scales, bias, y):
+    """y (N,) = bias + x (K_pad,) · W, W as int8 panels of input pairs q (P, K_pad/2, 64, 2) with scales
+    and offsets (P, K_pad/32, 2, 64); x rounded to int16 per block (``_activation_codes``), each block's
+    Σ code·q in int32 by ``madd_pairs_into`` (``vpmaddwd``), then scaled in float32."""
+    P = q.shape[0]
+    nb = scales.shape[1]
+    N = y.shape[0]
+    codes = np.empty(nb * BLOCK, np.int16)
+    x_scales = np.empty(nb, np.float32)
     x_sums = np.empty(nb, np.float32)
-    for b in range(nb):
-        total = np.float32(0)
-        for k in range(b * BLOCK, (b + 1) * BLOCK):
-            total += x[k]
-        x_sums[b] = total
+    if not _activation_codes(x, codes, x_scales, x_sums):
+        _gemv_int8_float(x, q, scales, bias, y)
+        return
     for p in prange(P):
         acc = np.zeros(PANEL, np.float32)
-        part = np.empty(PANEL, np.float32)
+        dots = np.empty(PANEL, np.int32)
         qp = q[p]
         sp = scales[p]
         for b in range(nb):
             for t in range(PANEL):
-                part[t] = np.float32(0)
-            for k in range(b * BLOCK, (b + 1) * BLOCK, 4):
-                x0, x1, x2, x3 = x[k], x[k + 1], x[k + 2], x[k + 3]
-                w0, w1, w2, w3 = qp[k], qp[k + 1], qp[k + 2], qp[k + 3]
-                for t in range(PANEL):
-                    part[t] += (
-                        x0 * np.float32(w0[t])
-                        + x1 * np.float32(w1[t])
-                        + x2 * np.float32(w2[t])
-                        + x3 * np.float32(w3[t])
-                    )
+                dots[t] = 0
+            madd_pairs_into(qp, b * BLOCK * PANEL, 2 * PANEL, codes, b * BLOCK, BLOCK // 2, dots, 0, PANEL)
+            sx = x_scales[b]
+            xb = x_sums[b]
             sb = sp[b, 0]
             mb = sp[b, 1]
-            xb = x_sums[b]
             for t in range(PANEL):
-                acc[t] += part[t] * sb[t] + xb * mb[t]
+                acc[t] += np.float32(dots[t]) * (sb[t] * sx) + xb * mb[t]
         o0 = p * PANEL
         for t in range(min(PANEL, N - o0)):
             y[o0 + t] = acc[t] + bias[o0 + t]
@@ -144,10 +201,10 @@ def _store_rows(acc, bias, r0, r1, o0, y):
 
 
 def _gemm_int8_body(x, q, scales, bias, y):
-    """y (M, N) = bias + x (M, K_pad) · W for int8 panels q (P, K_pad, 64), scales and offsets
-    (P, K_pad/32, 2, 64)."""
+    """y (M, N) = bias + x (M, K_pad) · W for int8 panels of input pairs q (P, K_pad/2, 64, 2), scales
+    and offsets (P, K_pad/32, 2, 64)."""
     M = x.shape[0]
-    P, K = q.shape[0], q.shape[1]
+    P, K = q.shape[0], 2 * q.shape[1]
     groups = (M + ROWS - 1) // ROWS
     for item in prange(P * groups):
         p = item // groups
@@ -160,10 +217,13 @@ def _gemm_int8_body(x, q, scales, bias, y):
             k0 = b * BLOCK
             sb = scales[p, b, 0]
             mb = scales[p, b, 1]
-            for k in range(BLOCK):
-                qk = qp[k0 + k]
+            for j in range(BLOCK // 2):
+                pair = qp[k0 // 2 + j]
+                w0 = wf[2 * j]
+                w1 = wf[2 * j + 1]
                 for t in range(PANEL):
-                    wf[k, t] = np.float32(qk[t]) * sb[t] + mb[t]
+                    w0[t] = np.float32(pair[t, 0]) * sb[t] + mb[t]
+                    w1[t] = np.float32(pair[t, 1]) * sb[t] + mb[t]
             _rows_times_block(x, r0, r1, k0, wf, acc)
         _store_rows(acc, bias, r0, r1, p * PANEL, y)
 
