@@ -230,7 +230,6 @@ def test_nbytes():
     assert sizes["int8"] == W.size + W.size // 32 * 8  # 1.25 bytes / weight: a scale and an offset per 32
 
 
-
 @pytest.mark.parametrize("K", [64, 100])
 @pytest.mark.parametrize("special", ["nan", "inf", "-inf", "tiny", "zero block", "huge"])
 def test_int8_gemv_special_activations(K, special):
@@ -260,6 +259,7 @@ def test_int8_gemv_special_activations(K, special):
         assert not np.isfinite(y).any()
     else:
         assert_matches_reference(y, x, w, w.bias)
+
 
 @pytest.mark.parametrize(
     "make, error, words",

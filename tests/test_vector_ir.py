@@ -368,7 +368,6 @@ def test_transpose_into_matches_loop(dtype, width, x_off, pad, out_off, seed):
     _same_bits(got, np.ascontiguousarray(block.T))
 
 
-
 def _madd_driver():
     """A fresh @njit driver of madd_pairs_into: compiled (so ``vir.MADD_KIND`` read) at its first call."""
 
@@ -405,7 +404,6 @@ def test_madd_pairs_into_matches_loop(kind, q_dtype, width, steps, q_off, x_half
     ``pmaddwd``, the generic IR NEON gets). ``extreme``: codes at their limits (±127/−128, ±32767)."""
     rng = np.random.default_rng(seed)
     q_step = 2 * width + pad
-    info = np.iinfo(q_dtype)
     q_hi = 127 if q_dtype == np.int8 else 32767
     n_q = q_off + steps * q_step + 2 * width + pad
     if extreme:
@@ -433,6 +431,7 @@ def test_madd_pairs_into_matches_loop(kind, q_dtype, width, steps, q_off, x_half
         xs = x[2 * x_half : 2 * x_half + 2 * steps].astype(np.int64)
         total = int(before[out_off + lane]) + int(first @ xs[0::2] + second @ xs[1::2])
         assert int(expected[out_off + lane]) == total
+
 
 def test_every_wrapper_has_a_twin_and_a_test():
     tested = {

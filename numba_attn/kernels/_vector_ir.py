@@ -331,14 +331,14 @@ def butterfly_sum(builder, vectors):
 
 
 def _madd_kind():
-    """"avx2" on an x86 target with AVX2, "sse2" on other x86, else "generic" (see ``MADD_KIND``)."""
+    """Return "avx2" on an x86 target with AVX2, "sse2" on other x86, else "generic" (see ``MADD_KIND``)."""
     import platform
 
     from .. import config
 
     if platform.machine().lower() not in ("x86_64", "amd64", "i686", "i386", "x86"):
         return "generic"
-    name, features = config.target_cpu()
+    features = config.target_cpu()[1]
     flags = {f[1:] for f in features.split(",") if f}
     return "avx2" if "avx2" in flags else "sse2"
 
