@@ -17,6 +17,7 @@ import numpy as np
 from numba import njit, types
 
 from numba_attn import config
+from numba_attn.kernels import _vector_ir
 from numba_attn.kernels._decode_tiles import (
     FOUR_ROW_VECTORS,
     key_scores,
@@ -30,6 +31,10 @@ from numba_attn.kernels._decode_tiles import (
 from numba_attn.kernels._load import load
 from numba_attn.kernels._prefill_tiles import VW, tile_add, tile_set
 from numba_attn.kernels.quantised import int8_dot
+
+# the int8 GEMV's pair products as an aarch64 build emits them (on an x86 host the x86 intrinsics would be
+# chosen): set before anything here compiles
+_vector_ir.MADD_KIND = "generic"
 
 #: the four-row value tile the decode kernel uses on this target (4 × FOUR_ROW_VECTORS vectors)
 value_rows_four = {4: value_rows_4x4, 2: value_rows_4x2, 1: value_rows_4x1}[FOUR_ROW_VECTORS]
@@ -99,6 +104,11 @@ def decode_values_q4(p, v, vs, block, acc, nk):  # one row × 2 byte vectors (4 
     value_rows_q4_1x2(p, 0, p.shape[1], v, 0, v.shape[1], vs, 0, vs.shape[1], 0, block, acc, 0, acc.shape[1], nk)
 
 
+@njit
+def gemv_int8_block(q, x, out, steps):  # one int8 GEMV panel: 64 outputs += Σ pairs of int8 codes × int16 pairs
+    _vector_ir.madd_pairs_into(q, 0, 128, x, 0, steps, out, 0, 64)
+
+
 F32_2D, U16_2D, I8_2D = types.float32[:, ::1], types.uint16[:, ::1], types.int8[:, ::1]
 U8_2D, F32_1D, I64 = types.uint8[:, ::1], types.float32[::1], types.int64
 #: the vector-IR micro-kernels (run with NUMBA_ATTN_TILE=4x4, NEON's tile shape)
@@ -129,6 +139,7 @@ PROBES = {
     "float32 dot": (f32_dot, (types.float32[::1], types.float32[::1])),
     "float16 load + dot": (f16_dot, (types.float32[::1], types.uint16[::1])),
     "int8 dot": (i8_dot, (types.int8[::1], types.int8[::1])),
+    "int8 gemv pairs": (gemv_int8_block, (types.int8[::1], types.int16[::1], types.int32[::1], types.int64)),
 }
 
 

@@ -46,6 +46,17 @@ def test_int8_dot_uses_widening_multiplies_on_cortex_a72(asm_counts):
     assert ops.get("smull", 0) + ops.get("smull2", 0) + ops.get("smlal", 0) + ops.get("smlal2", 0) > 0
 
 
+@pytest.mark.parametrize("cpu", ["cortex-a76", "cortex-a72"])
+def test_int8_gemv_pairs_accumulate_with_smlal(asm_counts, cpu):
+    """The int8 GEMV's int8 × int16 products (``madd_pairs_into``, generic IR on aarch64) are widening
+    multiply-accumulates (smlal/smlal2) into registers, the pairs summed once per block (addp), nothing
+    spilled and no float conversion per weight."""
+    ops = asm_counts["int8 gemv pairs"][cpu]
+    assert ops.get("smlal", 0) + ops.get("smlal2", 0) >= 16, ops
+    assert ops.get("addp", 0) > 0 and ops["vector spills"] == 0, ops
+    assert "scvtf" not in ops and "fmla" not in ops, ops
+
+
 @pytest.mark.parametrize("probe", ["prefill tile", "decode scores float16", "decode values int8"])
 @pytest.mark.parametrize("cpu", ["cortex-a76", "cortex-a72"])
 def test_vector_ir_micro_kernels_stay_in_neon_registers(asm_counts, probe, cpu):

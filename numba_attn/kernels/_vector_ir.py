@@ -717,16 +717,43 @@ def madd_pairs_into(typingctx, q, q_off, q_step, x, x_off, steps, out, out_off, 
         def out_index(i, c):
             return builder.add(out_off_, as_index(8 * c))
 
-        accs = tile_accumulators(builder, op, out_index, 1, lanes // 8, 8)[0]
-        with cgutils.for_range(builder, steps_) as loop:
-            pair_index = builder.add(builder.ashr(x_off_, as_index(1)), loop.index)
+        def x_pair(step):  # the step's two int16 of x, repeated over 16 lanes
+            pair_index = builder.add(builder.ashr(x_off_, as_index(1)), step)
             pair = builder.load(element_pointer(builder, pair_pointer, pair_index), align=2)
-            xv = builder.bitcast(splat(builder, pair, 8), ir.VectorType(ir.IntType(16), 16))
-            row = strided_index(builder, q_off_, loop.index, q_step_)
-            for c, slot in enumerate(accs):
-                qv = load_vector(builder, qp, builder.add(row, as_index(16 * c)), 16)
-                builder.store(builder.add(builder.load(slot), multiply_add_pairs(builder, qv, xv)), slot)
-        store_tile(builder, [accs], op, out_index)
+            return builder.bitcast(splat(builder, pair, 8), ir.VectorType(ir.IntType(16), 16))
+
+        if MADD_KIND != "generic":
+            accs = tile_accumulators(builder, op, out_index, 1, lanes // 8, 8)[0]
+            with cgutils.for_range(builder, steps_) as loop:
+                xv = x_pair(loop.index)
+                row = strided_index(builder, q_off_, loop.index, q_step_)
+                for c, slot in enumerate(accs):
+                    qv = load_vector(builder, qp, builder.add(row, as_index(16 * c)), 16)
+                    builder.store(builder.add(builder.load(slot), multiply_add_pairs(builder, qv, xv)), slot)
+            store_tile(builder, [accs], op, out_index)
+            return context.get_dummy_value()
+        # generic (NEON): no pair-summing multiply, so each product keeps its own int32 lane over the loop
+        # (sext + mul + add: smlal/smlal2) and the pairs are summed once at the end; 32 outputs at a time
+        # (64 int32 lanes: 16 NEON registers of accumulators)
+        wide = ir.VectorType(_I32, 16)
+        even = ir.Constant(ir.VectorType(_I32, 8), list(range(0, 16, 2)))
+        odd = ir.Constant(ir.VectorType(_I32, 8), list(range(1, 16, 2)))
+        for group in range(0, lanes, 32):
+            chunks = range(group // 8, min(lanes, group + 32) // 8)
+            accs = [accumulator(builder, zeros(_I32, 16)) for _ in chunks]
+            with cgutils.for_range(builder, steps_) as loop:
+                xw = builder.sext(x_pair(loop.index), wide)
+                row = strided_index(builder, q_off_, loop.index, q_step_)
+                for c, slot in zip(chunks, accs, strict=True):
+                    qv = builder.sext(load_vector(builder, qp, builder.add(row, as_index(16 * c)), 16), wide)
+                    builder.store(builder.add(builder.load(slot), builder.mul(qv, xw)), slot)
+            for c, slot in zip(chunks, accs, strict=True):
+                products = builder.load(slot)
+                sums = builder.add(
+                    builder.shuffle_vector(products, products, even), builder.shuffle_vector(products, products, odd)
+                )
+                index = out_index(0, c)
+                store_vector(builder, builder.add(load_vector(builder, op, index, 8), sums), op, index)
         return context.get_dummy_value()
 
     i64 = types.int64
