@@ -32,11 +32,16 @@ sys.path.insert(0, ROOT)  # this checkout's numba_attn, whatever is installed
 from numba_attn import bench  # noqa: E402
 
 
+#: a prompt the model answers at length: the default question's 8-token answer times the first steps only
+PROMPT = "Tell me a long story about a dragon."
+
+
 def example_tokens_per_second(cache_dtype, weights, threads):
     """(tokens/s, None) from the SmolLM2 example's 'decode N tokens/s' line, or (None, why not)."""
     cmd = [
         sys.executable,
         os.path.join(ROOT, "examples", "smollm_chat.py"),
+        PROMPT,
         "--cache-dtype",
         cache_dtype,
         "--weights",
