@@ -18,10 +18,10 @@ q8_0) the step s is never larger and is half as large for a block of one sign; a
 float32 rounding.
 ``dequantize()`` returns that effective weight (float32), the exact operand of the product.
 
-Results: float32 computed (activations rounded to float32, float32 accumulation), except that the int8
-GEMV (one row of x: a decode step) also rounds the row to int16 per block of 32 inputs, x ≈ σ·c with
-σ = max |x_block| / 32767, |x − σ·c| ≤ σ / 2, and sums c·q exactly in int32 (``vpmaddwd``; see
-``numba_attn.kernels.linear``). A float64 ``x``
+Results: float32 computed (activations rounded to float32, float32 accumulation), except that int8
+weights multiply each row of x rounded to int16 per block of 32 inputs, x ≈ σ·c with σ = max |x_block|
+/ 32767, |x − σ·c| ≤ σ / 2 (~100× below the weights' own rounding), summing c·q exactly in int32
+(``vpmaddwd``; see ``numba_attn.kernels.linear``). A float64 ``x``
 gives a float64 result (the float32 values widened: numpy's ``float64 @ float32`` promotion), a
 float16 or float32 ``x`` a float32 result. NaN/inf in ``x`` propagate as in numpy (no check); NaN/inf
 weights or biases are refused at construction.

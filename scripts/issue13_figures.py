@@ -31,7 +31,6 @@ sys.path.insert(0, ROOT)  # this checkout's numba_attn, whatever is installed
 
 from numba_attn import bench  # noqa: E402
 
-
 #: a prompt the model answers at length: the default question's 8-token answer times the first steps only
 PROMPT = "Tell me a long story about a dragon."
 

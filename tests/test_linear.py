@@ -38,21 +38,23 @@ def magnitudes(w):
 
 
 def activation_rounding(x, w):
-    """The int8 GEMV (one row of x) rounds x to int16 per block of 32 inputs, x ≈ (max|x_b| / 32767)·code:
-    bound Σ_b s_b·(max|x_b| / 65534)·Σ_{k∈b} |q_k| on what that changes (s the weight scales, q the
-    codes), per row of x; 0 for the float storages and for x of more than one row (the GEMM is float32)."""
-    rows = np.asarray(x).astype(np.float32).astype(np.float64).reshape(-1, w.in_features)
-    if w.dtype != np.int8 or rows.shape[0] != 1:
+    """The int8 kernels round each row of x to int16 per block of 32 inputs, x ≈ (max|x_b| / 32767)·code,
+    and multiply that by W_eff = s·q + m: bound Σ_b (max|x_b| / 65534)·Σ_{k∈b} (s_b·|q_k| + |m_b|) on what
+    the rounding changes, (rows, out_features) in the shape of x @ W; 0 for the float storages."""
+    if w.dtype != np.int8:
         return 0.0
+    x64 = np.asarray(x).astype(np.float32).astype(np.float64)
+    rows = x64.reshape(-1, w.in_features)
     codes = w._codes()
     P, K_pad, T = codes.shape
-    padded = np.zeros(K_pad)
-    padded[: w.in_features] = np.abs(rows[0])
-    half_step = padded.reshape(-1, 32).max(axis=1) / (2 * 32767)  # (nb,)
+    padded = np.zeros((rows.shape[0], K_pad))
+    padded[:, : w.in_features] = np.abs(rows)
+    half_step = padded.reshape(rows.shape[0], -1, 32).max(axis=2) / (2 * 32767)  # (rows, nb)
     q_sums = np.abs(codes.astype(np.float64)).reshape(P, K_pad // 32, 32, T).sum(axis=2)  # (P, nb, T)
     s = w._scales[:, :, 0, :].astype(np.float64)  # (P, nb, T)
-    per_output = (s * q_sums * half_step[None, :, None]).sum(axis=1).reshape(P * T)[: w.out_features]
-    return per_output * (1 + 1e-6)
+    m = np.abs(w._scales[:, :, 1, :].astype(np.float64))
+    per_block = (s * q_sums + 32 * m).transpose(1, 0, 2).reshape(K_pad // 32, P * T)[:, : w.out_features]
+    return (half_step @ per_block).reshape(x64.shape[:-1] + (w.out_features,)) * (1 + 1e-6)
 
 
 def assert_matches_reference(y, x, w, bias):
@@ -230,33 +232,38 @@ def test_nbytes():
     assert sizes["int8"] == W.size + W.size // 32 * 8  # 1.25 bytes / weight: a scale and an offset per 32
 
 
+@pytest.mark.parametrize("M", [1, 5])
 @pytest.mark.parametrize("K", [64, 100])
 @pytest.mark.parametrize("special", ["nan", "inf", "-inf", "tiny", "zero block", "huge"])
-def test_int8_gemv_special_activations(K, special):
-    """The int8 GEMV rounds x to int16 per block; x with NaN or inf, or a block whose largest |x| is
-    below 2⁻¹⁰⁰, takes the float path: NaN and inf propagate as in numpy's x @ W_eff, tiny values
-    are not flushed. A zero block and values near float32's limit stay on the int16 path."""
-    rng = np.random.default_rng(K)
+def test_int8_special_activations(M, K, special):
+    """The int8 GEMV (M = 1) and GEMM round x to int16 per row and block; x with NaN or inf, or a block
+    whose largest |x| is below 2⁻¹⁰⁰, takes the float path: NaN and inf propagate as in numpy's
+    x @ W_eff, tiny values are not flushed. A zero block and values near float32's limit stay on the
+    int16 path."""
+    rng = np.random.default_rng(K + M)
     N = 130
     W = randn(rng, (K, N), np.float32)
     w = LinearWeight(W, randn(rng, N, np.float32), dtype="int8")
-    x = randn(rng, K, np.float32)
+    x = randn(rng, (M, K), np.float32)
     if special in ("nan", "inf", "-inf"):
-        x[37] = np.float32(special)
+        x[M // 2, 37] = np.float32(special)
     elif special == "tiny":
-        x[32:64] *= np.float32(2.0**-110)  # the second block only
+        x[M // 2, 32:64] *= np.float32(2.0**-110)  # the second block only
     elif special == "zero block":
-        x[:32] = 0
+        x[:, :32] = 0
     else:
         x *= np.float32(1e30)
     ref = x.astype(np.float64) @ w.dequantize().astype(np.float64) + w.bias.astype(np.float64)
     with np.errstate(all="ignore"):
         y = w(x)
-    assert y.shape == (N,)
+    assert y.shape == (M, N)
     if special in ("nan", "inf", "-inf"):
         np.testing.assert_array_equal(np.isnan(y), np.isnan(ref))
         np.testing.assert_array_equal(y[np.isinf(ref)], ref[np.isinf(ref)])
-        assert not np.isfinite(y).any()
+        assert not np.isfinite(y[M // 2]).any()
+        if M > 1:  # the other rows: finite, and as accurate as ever
+            others = np.arange(M) != M // 2
+            assert_matches_reference(y[others], x[others], w, w.bias)
     else:
         assert_matches_reference(y, x, w, w.bias)
 

@@ -8,16 +8,17 @@ q ∈ [-128, 127] int8 and a float32 scale s and offset m per block and output, 
     y[m', n] = b[n] + Σ_j s[j, n] · (Σ_{k ∈ block j} x[m', k] · q[k, n]) + m[j, n] · X[m', j],
     X[m', j] = Σ_{k ∈ block j} x[m', k]   (one sum per block, shared by every output)
 
-gemv (one row): the row is first rounded to int16 codes per block, x[k] ≈ σ_j · c[k] with
+int8 (gemv and gemm): each row of x is first rounded to int16 codes per block, x[k] ≈ σ_j · c[k] with
 σ_j = max_{k∈j} |x[k]| / 32767 and c = rint(x / σ_j) (|x − σ_j·c| ≤ σ_j / 2), so the inner sum is an
 exact integer, Σ_{k∈j} c[k]·q[k, n] (|·| < 32 · 128 · 32767 < 2³¹), taken two products at a time with
 ``madd_pairs_into`` (``vpmaddwd``: 16 int16 products summed in pairs into 8 int32 lanes per instruction,
 where converting each weight to float32 costs a ``vpmovsxbd``, a ``vcvtdq2ps`` and an FMA per 8), and
-scaled once per block and output: y[n] += (s[j, n]·σ_j)·Σ c·q + m[j, n]·X[j] (X in float32 from x
-itself). x with NaN or inf, or a block whose max |x| is below 2⁻¹⁰⁰, takes a float32 path instead
-(``_gemv_int8_float``, serial). gemm (several rows) converts each block to float32 as s·q + m once
-and reuses it for its rows. float16 weights are converted with ``load`` (``vcvtph2ps``). Apart from
-gemv's integer block sums, everything accumulates in float32.
+scaled once per block and output: y[n] += (s[j, n]·σ_j)·Σ c·q + m[j, n]·X[j] with X[j] = σ_j·Σ c (an
+exact integer sum), i.e. the product of the rounded row with W_eff. A row with NaN or inf, or a block
+whose max |x| is below 2⁻¹⁰⁰, sends the call to a float32 path (``_gemv_int8_float``,
+``_gemm_int8_float``: each weight s·q + m in float32; serial, it is rare) so that NaN and inf propagate
+as in numpy. float16 weights are converted with ``load`` (``vcvtph2ps``). Apart from the int8 kernels'
+integer block sums, everything accumulates in float32.
 
 Memory layout ("panels", written by ``numba_attn.linear``): the N outputs are cut into panels of
 ``PANEL`` = 64 consecutive outputs, and each panel is stored contiguously as (K_pad, PANEL):
@@ -38,16 +39,18 @@ Kernels:
   int8: the row's int16 codes first (serial, K_pad entries), then per block 16 steps of 8 ``vpmaddwd``
   (AVX2) into 8 int32 accumulators held in registers.
 - ``gemm`` (M > 1, prefill): parallel over (panel, group of ``ROWS`` rows) work items; for each
-  block of 32 inputs the block of the panel (32 × 64) is first converted to float32 with its scales
-  applied (8 KiB, L1-resident), then reused by every row of the group, so the int8 / float16
-  conversion costs once per weight and row group, not once per row.
+  block of 32 inputs the block of the panel (32 × 64) is first converted once per row group, not once
+  per row: float16 to float32 (8 KiB, L1-resident, then a float32 register loop per row), int8 codes
+  widened to int16 (4 KiB; each row then runs ``madd_pairs_into`` on it, ``vpmaddwd`` reading the
+  weights from L1). int8 first rounds every row of x to int16 (a ``prange`` of its own).
 
 Each kernel has a parallel (``prange``) and a serial build (``variant``); the caller picks the
 serial one below ``SERIAL_BELOW_MACS`` multiply-adds (a parallel launch costs ~2 µs idle, far more
 on a busy machine). Activations arrive as float32 (M, K_pad), zero-padded by the caller when K is
 not a multiple of 32. Memory: no allocation beyond the output and per-work-item scratch (64 floats
 for gemv, plus the K_pad / 32 block sums of x, and for int8 the K_pad int16 codes, 64 int32 block sums
-and K_pad / 32 activation scales; 32 × 64 + ROWS × 64 floats for gemm).
+and K_pad / 32 activation scales; 32 × 64 + ROWS × 64 floats for gemm, and for int8 the (M, K_pad)
+int16 codes with their (M, K_pad / 32) scales and sums).
 """
 
 import numpy as np
@@ -80,24 +83,38 @@ _ACT_TINY = np.float32(2.0**-100)
 @njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
 def _activation_codes(x, codes, x_scales, x_sums):
     """x (K_pad,) float32 → int16 ``codes`` (K_pad,), per block b of 32: x_scales[b] = max|x| / 32767,
-    codes = rint(x / x_scales[b]) (so |x − x_scales[b]·code| ≤ x_scales[b] / 2), and the float32 sums
-    x_sums[b] = Σ x. False (nothing usable) when a block holds NaN or inf or a largest |x| below 2⁻¹⁰⁰."""
+    codes = rint(x / x_scales[b]) (so |x − x_scales[b]·code| ≤ x_scales[b] / 2), and x_sums[b] =
+    x_scales[b]·Σ codes, the block sum of the rounded x (an exact integer sum: the same in every build
+    and order). False (nothing usable) when a block holds NaN or inf or a largest |x| below 2⁻¹⁰⁰."""
     for b in range(x_scales.shape[0]):
         k0 = b * BLOCK
         top = np.float32(0)
-        total = np.float32(0)
+        finite = np.float32(0)
         for k in range(k0, k0 + BLOCK):
             top = max(top, abs(x[k]))
-            total += x[k]
-        if not (top <= np.float32(3.4028235e38)) or (top > 0 and top < _ACT_TINY):
+            finite += x[k] * np.float32(0)  # 0, or NaN once a NaN or ±inf is seen (max would skip a NaN)
+        if finite != 0 or not (top <= np.float32(3.4028235e38)) or (top > 0 and top < _ACT_TINY):
             return False
-        x_sums[b] = total
         x_scales[b] = top / np.float32(ACT_LEVELS)
         inverse = np.float32(ACT_LEVELS) / top if top > 0 else np.float32(0)
+        total = np.int32(0)
         for k in range(k0, k0 + BLOCK):
-            c = np.rint(x[k] * inverse)
-            codes[k] = np.int16(min(np.float32(ACT_LEVELS), max(np.float32(-ACT_LEVELS), c)))
+            c = np.int16(min(np.float32(ACT_LEVELS), max(np.float32(-ACT_LEVELS), np.rint(x[k] * inverse))))
+            codes[k] = c
+            total = np.int32(total + np.int32(c))
+        x_sums[b] = np.float32(total) * x_scales[b]
     return True
+
+
+@njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
+def _add_block_sums(acc, dots, sb, mb, sx, xb, scaled):
+    """acc[t] += dots[t]·(sb[t]·sx) + xb·mb[t] for the PANEL outputs: one block's integer sums scaled
+    (weights' scale × activations' scale) plus the offsets times the block's sum of x. The products
+    sb·sx go through ``scaled`` (memory), so every build rounds the same products in the same order."""
+    for t in range(PANEL):
+        scaled[t] = sb[t] * sx
+    for t in range(PANEL):
+        acc[t] += np.float32(dots[t]) * scaled[t] + xb * mb[t]
 
 
 @njit(fastmath=config.FASTMATH, cache=config.CACHE)
@@ -139,18 +156,14 @@ def _gemv_int8_body(x, q, scales, bias, y):
     for p in prange(P):
         acc = np.zeros(PANEL, np.float32)
         dots = np.empty(PANEL, np.int32)
+        scaled = np.empty(PANEL, np.float32)
         qp = q[p]
         sp = scales[p]
         for b in range(nb):
             for t in range(PANEL):
                 dots[t] = 0
             madd_pairs_into(qp, b * BLOCK * PANEL, 2 * PANEL, codes, b * BLOCK, BLOCK // 2, dots, 0, PANEL)
-            sx = x_scales[b]
-            xb = x_sums[b]
-            sb = sp[b, 0]
-            mb = sp[b, 1]
-            for t in range(PANEL):
-                acc[t] += np.float32(dots[t]) * (sb[t] * sx) + xb * mb[t]
+            _add_block_sums(acc, dots, sp[b, 0], sp[b, 1], x_scales[b], x_sums[b], scaled)
         o0 = p * PANEL
         for t in range(min(PANEL, N - o0)):
             y[o0 + t] = acc[t] + bias[o0 + t]
@@ -200,9 +213,9 @@ def _store_rows(acc, bias, r0, r1, o0, y):
             y[r, o0 + t] = acc[r - r0, t] + bias[o0 + t]
 
 
-def _gemm_int8_body(x, q, scales, bias, y):
-    """y (M, N) = bias + x (M, K_pad) · W for int8 panels of input pairs q (P, K_pad/2, 64, 2), scales
-    and offsets (P, K_pad/32, 2, 64)."""
+def _gemm_int8_float_body(x, q, scales, bias, y):
+    """The float path of the int8 GEMM (rows with NaN, inf or tiny blocks): y (M, N) = bias + x · (s·q + m),
+    each block of the panel converted to float32 once and reused by the group's rows."""
     M = x.shape[0]
     P, K = q.shape[0], 2 * q.shape[1]
     groups = (M + ROWS - 1) // ROWS
@@ -225,6 +238,49 @@ def _gemm_int8_body(x, q, scales, bias, y):
                     w0[t] = np.float32(pair[t, 0]) * sb[t] + mb[t]
                     w1[t] = np.float32(pair[t, 1]) * sb[t] + mb[t]
             _rows_times_block(x, r0, r1, k0, wf, acc)
+        _store_rows(acc, bias, r0, r1, p * PANEL, y)
+
+
+def _gemm_int8_body(x, q, scales, bias, y):
+    """y (M, N) = bias + x (M, K_pad) · W for int8 panels of input pairs q (P, K_pad/2, 64, 2), scales
+    and offsets (P, K_pad/32, 2, 64): each row of x rounded to int16 per block (``_activation_codes``, a
+    parallel pass), then per work item (panel, group of ``ROWS`` rows) and block the panel's codes
+    widened to int16 once (4 KiB, L1) and, for each row, Σ code·q by ``madd_pairs_into`` (``vpmaddwd``
+    with the weights as its memory operand), scaled in float32 as in the GEMV."""
+    M = x.shape[0]
+    P = q.shape[0]
+    nb = scales.shape[1]
+    K = nb * BLOCK
+    codes = np.empty((M, K), np.int16)
+    x_scales = np.empty((M, nb), np.float32)
+    x_sums = np.empty((M, nb), np.float32)
+    usable = np.empty(M, np.bool_)
+    for r in prange(M):
+        usable[r] = _activation_codes(x[r], codes[r], x_scales[r], x_sums[r])
+    if not usable.all():
+        _gemm_int8_float(x, q, scales, bias, y)
+        return
+    groups = (M + ROWS - 1) // ROWS
+    for item in prange(P * groups):
+        p = item // groups
+        r0 = (item % groups) * ROWS
+        r1 = min(M, r0 + ROWS)
+        acc = np.zeros((ROWS, PANEL), np.float32)
+        wide = np.empty(BLOCK * PANEL, np.int16)
+        dots = np.empty(PANEL, np.int32)
+        scaled = np.empty(PANEL, np.float32)
+        qp = q[p].reshape(K * PANEL)
+        for b in range(nb):
+            base = b * BLOCK * PANEL
+            for i in range(BLOCK * PANEL):
+                wide[i] = qp[base + i]
+            sb = scales[p, b, 0]
+            mb = scales[p, b, 1]
+            for r in range(r0, r1):
+                for t in range(PANEL):
+                    dots[t] = 0
+                madd_pairs_into(wide, 0, 2 * PANEL, codes[r], b * BLOCK, BLOCK // 2, dots, 0, PANEL)
+                _add_block_sums(acc[r - r0], dots, sb, mb, x_scales[r, b], x_sums[r, b], scaled)
         _store_rows(acc, bias, r0, r1, p * PANEL, y)
 
 
@@ -255,6 +311,7 @@ gemv_int8_parallel = njit(parallel=True, **_FLAGS)(variant(_gemv_int8_body, "_pa
 gemv_int8_serial = njit(parallel=False, **_FLAGS)(variant(_gemv_int8_body, "_serial"))
 gemv_float_parallel = njit(parallel=True, **_FLAGS)(variant(_gemv_float_body, "_parallel"))
 gemv_float_serial = njit(parallel=False, **_FLAGS)(variant(_gemv_float_body, "_serial"))
+_gemm_int8_float = njit(parallel=False, **_FLAGS)(_gemm_int8_float_body)  # rare: serial
 gemm_int8_parallel = njit(parallel=True, **_FLAGS)(variant(_gemm_int8_body, "_parallel"))
 gemm_int8_serial = njit(parallel=False, **_FLAGS)(variant(_gemm_int8_body, "_serial"))
 gemm_float_parallel = njit(parallel=True, **_FLAGS)(variant(_gemm_float_body, "_parallel"))
