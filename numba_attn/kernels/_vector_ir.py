@@ -31,9 +31,12 @@ function of an llvmlite ``builder`` (and numba's ``context`` where an array is u
                           vector i), in width·log2(width) shuffles
 ``butterfly_sum``         width vectors of width lanes → one vector whose lane j is the sum of vector j's lanes,
                           in 2·(width-1) shuffles and width-1 adds (log2 width levels; see ``butterfly_sum``)
+``multiply_add_pairs``    int8/int16 × int16 lanes → int32 lanes, each the sum of a pair of products (x86's
+                          ``pmaddwd`` called directly, ``MADD_KIND``; generic IR elsewhere)
 
 The IR is generic (``<W x float>``, ``llvm.fma``): LLVM emits AVX-512, AVX2, SSE or NEON code for the
-CPU numba targets. Nothing here allocates memory; offsets, indices and strides are int64 element counts.
+CPU numba targets; the one exception is ``multiply_add_pairs`` on x86 (see there). Nothing here
+allocates memory; offsets, indices and strides are int64 element counts.
 
 Each IR helper also has a small ``@intrinsic`` wrapper callable from @njit code and a plain-numba
 twin (the same operation as an ordinary loop); ``TWINS`` maps one to the other and
