@@ -16,9 +16,9 @@ import weakref
 import numpy as np
 
 from ._validate import FLOAT16_MAX, check_finite_array, check_sinks, check_slopes, check_softcap, per_head_in
-from .kernels.cache_append import scan_rows, write_rows, write_rows_int4, write_rows_int8
+from .kernels.cache_append import append_rows, scan_rows, write_rows, write_rows_int4, write_rows_int8
 from .kernels.finite import max_abs
-from .kernels.hadamard import hadamard_rows
+from .kernels.hadamard import hadamard_rows, hadamard_rows_max
 from .quant import DEFAULT_BLOCK, QuantizedTensor, _check_block, quantize
 from .rotation import hadamard_block
 
@@ -27,6 +27,8 @@ __all__ = ["KVCache"]
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16), np.dtype(np.int8))
 _QUERY_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 _NO_SCALES = np.broadcast_to(np.zeros((1, 1, 0), np.float32), (1, 1, 0))
+#: the scales argument of the append kernels for a float store (never read)
+_NO_WRITE_SCALES = np.zeros((1, 1, 1, 1), np.float32)
 #: every cache's key/value storage by id, to recognise views of it (``is_kv_cache_view``)
 _STORAGE = weakref.WeakValueDictionary()
 #: the key/value storage of caches that rotate them, and the queries ``rotate_query`` made
@@ -94,6 +96,16 @@ def _rotated(x, block, wide=False):
         rows = np.ascontiguousarray(x).reshape(-1, x.shape[-1])
         hadamard_rows(rows.view(np.uint16) if rows.dtype == np.float16 else rows, block, out.reshape(rows.shape))
     return out
+
+
+def _rotated_and_max(x, block):
+    """(``_rotated(x, block)``, max |x|: inf if x holds NaN or ±inf) in one kernel call."""
+    out = np.empty(x.shape, np.float64 if x.dtype == np.float64 else np.float32)
+    if not out.size:
+        return out, 0.0
+    rows = np.ascontiguousarray(x).reshape(-1, x.shape[-1])
+    top = hadamard_rows_max(rows.view(np.uint16) if rows.dtype == np.float16 else rows, block, out.reshape(rows.shape))
+    return out, top
 
 
 def is_rotated_view(x):
@@ -286,6 +298,9 @@ class KVCache:
         self._value_rotation = hadamard_block(self.value_dim) if self.rotate_values else 0
         self._length = 0
         self._operands = None  # kernel views of the storage, made on first use
+        self._writing = None  # the append kernels' views of the storage (``_write_operands``)
+        self._limits = {}  # (store format, input dtype) → scan limit (``_append_limit``)
+        self._float_stores = (_is_float_store(key_fmt), _is_float_store(value_fmt))
         self._attend_fixed = {}  # per (query dtype, head count): what attend's kernel calls share (api._cache_fixed)
         _STORAGE[id(self._keys)] = self._keys
         _STORAGE[id(self._values)] = self._values
@@ -709,14 +724,13 @@ class KVCache:
         """H·x for storing. NaN/inf in x are refused here as the caller's (the rotation would spread them
         over the block; float32/float64 stores with check_finite=False take them), and a finite x whose
         rotation overflows (|x| near float32's max) as the rotation's."""
-        top = max_abs(x) if x.size else 0.0
-        finite = bool(np.isfinite(top))
+        rotated, top = _rotated_and_max(x, block)  # a new array: nothing is stored before the checks
+        finite = math.isfinite(top)
         if not finite and (check_finite or not _is_float_store(fmt)):
             raise ValueError(
                 f"{name} contains NaN or inf; pass finite values"
                 + (" (or check_finite=False to skip the check)" if _is_float_store(fmt) else "")
             )
-        rotated = _rotated(x, block)
         # |H·x| ≤ √block · max|x| (H orthonormal): only a top near the type's max needs the second scan
         limit = _FLOAT32_MAX if rotated.dtype == np.float32 else np.finfo(np.float64).max
         near = finite and x.size and top * math.sqrt(block) * 1.001 >= limit
@@ -741,49 +755,90 @@ class KVCache:
         return sink, first, n + (self._length + first - n) % ring
 
     def _append_serial(self, key, value, T, check_finite):
-        rows = []
-        for tensor, x, fmt in (("key", key, self.key_dtype), ("value", value, self.value_dtype)):
+        checked = []  # (name, store format, rows as the kernels read them, limit, NaN/inf allowed)
+        for tensor, x, fmt, float_store in (
+            ("key", key, self.key_dtype, self._float_stores[0]),
+            ("value", value, self.value_dtype, self._float_stores[1]),
+        ):
             x = np.ascontiguousarray(x)
-            bits = x.view(np.uint16) if x.dtype == np.float16 else x
-            if (fmt == np.float16 or fmt == "int4") and x.dtype != np.float16:
+            half = x.dtype == np.float16
+            limit = self._append_limit(fmt, x.dtype)
+            # no code for NaN/inf in a float16/int8/int4 store: refused whatever check_finite says
+            checked.append((tensor, fmt, x.view(np.uint16) if half else x, limit, float_store and not check_finite))
+        sink, first, slot0 = self._writes(T)
+        if not sink:  # every append but a sink cache's first few tokens: check and write in one call
+            (_, _, key_bits, key_limit, key_ok), (_, _, value_bits, value_limit, value_ok) = checked
+            key_data, key_scales, key_block, value_data, value_scales, value_block = self._write_operands()
+            codes = append_rows(
+                key_bits, key_limit, key_ok, key_data, key_scales, key_block,
+                value_bits, value_limit, value_ok, value_data, value_scales, value_block,
+                slot0, first, self.sink_tokens,
+            )  # fmt: skip
+            if codes:
+                self._refuse(checked, divmod(codes, 3))
+            return
+        self._refuse(checked, [scan_rows(bits, limit) if bits.size else 0 for _, _, bits, limit, _ in checked])
+        rows = [bits for _, _, bits, _, _ in checked]
+        # the sink slots take new tokens 0 … sink-1 (once per cache: a copy of those rows is fine)
+        parts = [([np.ascontiguousarray(r[:, :, :sink]) for r in rows], self._length, 0), (rows, slot0, first)]
+        n = self.sink_tokens
+        key_data, key_scales, key_block, value_data, value_scales, value_block = self._write_operands()
+        for tensor_rows, s0, t0 in parts:
+            for x, data, scales, block in zip(
+                tensor_rows, (key_data, value_data), (key_scales, value_scales), (key_block, value_block)
+            ):
+                if data.dtype == np.uint8:
+                    write_rows_int4(x, data, scales, block, s0, t0, n)
+                elif data.dtype == np.int8:
+                    write_rows_int8(x, data, scales, block, s0, t0, n, np.empty(data.shape[3], np.float32))
+                else:
+                    write_rows(x, data, s0, t0, n)
+
+    def _append_limit(self, fmt, input_dtype):
+        """The largest |x| a store of ``fmt`` takes from ``input_dtype`` (``scan_rows``' limit): float16's
+        max for float16 and 4-bit stores (unless x is float16 already), float32's for int8 from
+        float64, else none (memoised: this runs on every decode step)."""
+        key = (fmt, input_dtype)
+        limit = self._limits.get(key)
+        if limit is None:
+            if (fmt == np.float16 or fmt == "int4") and input_dtype != np.float16:
                 limit = FLOAT16_MAX
-            elif fmt == np.int8 and x.dtype == np.float64:
+            elif fmt == np.int8 and input_dtype == np.float64:
                 limit = _FLOAT32_MAX
             else:
                 limit = np.inf
-            code = scan_rows(bits, limit) if x.size else 0
-            if code:
-                name = self._name(tensor)
-                no_code = not _is_float_store(fmt)  # no code for NaN/inf: refused whatever check_finite says
-                if code == 1 and (check_finite or no_code):
-                    raise ValueError(
-                        f"{name} contains NaN or inf; pass finite values"
-                        + ("" if no_code else " (or check_finite=False to skip the check)")
-                    )
-                if code == 2:
-                    raise ValueError(_range_message(name, fmt))
-            rows.append(bits)
-        sink, first, slot0 = self._writes(T)
-        # the sink slots take new tokens 0 … sink-1 (once per cache: a copy of those rows is fine)
-        parts = [([np.ascontiguousarray(r[:, :, :sink]) for r in rows], self._length, 0)] if sink else []
-        parts.append((rows, slot0, first))
-        n = self.sink_tokens
-        for tensor_rows, s0, t0 in parts:
-            for x, data, scales, block in zip(
-                tensor_rows,
-                (self._keys, self._values),
-                (self._key_scales, self._value_scales),
-                (self.block, self._value_block),
+            self._limits[key] = limit
+        return limit
+
+    def _refuse(self, checked, codes):
+        """Raise for the first refused tensor of ``checked`` (``_append_serial``) by its scan code."""
+        for (tensor, fmt, _, _, nan_ok), code in zip(checked, codes):
+            if code == 1 and not nan_ok:
+                no_code = not _is_float_store(fmt)
+                raise ValueError(
+                    f"{self._name(tensor)} contains NaN or inf; pass finite values"
+                    + ("" if no_code else " (or check_finite=False to skip the check)")
+                )
+            if code == 2:
+                raise ValueError(_range_message(self._name(tensor), fmt))
+
+    def _write_operands(self):
+        """(data, scales, block) of the keys, then of the values, as the append kernels take them: a
+        float16 store as its uint16 bits, a 4-bit store's (step, min) as float16 bits (B, H, slots,
+        2·blocks), a float store with placeholder scales; made once."""
+        if self._writing is None:
+            parts = []
+            for data, scales, block in (
+                (self._keys, self._key_scales, self.block),
+                (self._values, self._value_scales, self._value_block),
             ):
-                if data.dtype == np.uint8:  # int4: (step, min) pairs as float16 bits, (B, H, slots, 2·blocks)
-                    pairs = scales.view(np.uint16).reshape(scales.shape[:3] + (-1,))
-                    write_rows_int4(x, data, pairs, block, s0, t0, n)
-                elif data.dtype == np.int8:
-                    write_rows_int8(x, data, scales, block, s0, t0, n, np.empty(data.shape[3], np.float32))
+                if data.dtype == np.uint8:
+                    scales = scales.view(np.uint16).reshape(scales.shape[:3] + (-1,))
                 elif data.dtype == np.float16:
-                    write_rows(x, data.view(np.uint16), s0, t0, n)
-                else:
-                    write_rows(x, data, s0, t0, n)
+                    data = data.view(np.uint16)
+                parts += [data, _NO_WRITE_SCALES if scales is None else scales, block]
+            self._writing = tuple(parts)
+        return self._writing
 
     def _append_numpy(self, key, value, T, check_finite):
         for name, x, fmt in ((self._name("key"), key, self.key_dtype), (self._name("value"), value, self.value_dtype)):

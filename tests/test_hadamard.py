@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from numba_attn import rotation
 from numba_attn._threads import launch
-from numba_attn.kernels.hadamard import hadamard_rows, hadamard_rows_parallel
+from numba_attn.kernels.hadamard import hadamard_rows, hadamard_rows_max, hadamard_rows_parallel
 from numba_attn.rotation import hadamard_block, hadamard_transform
 
 DIMS = (2, 4, 8, 16, 64, 80, 96, 128, 256)
@@ -261,3 +261,21 @@ def test_hadamard_block_refuses_odd_or_nonpositive(D):
 def test_hadamard_block_refuses_non_int(D):
     with pytest.raises(TypeError, match="head_dim must be an int"):
         hadamard_block(D)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("special", [None, "nan", "inf", "-inf"])
+def test_hadamard_rows_max_is_the_rotation_and_max_abs(dtype, special):
+    """hadamard_rows_max (a cache append's rotation and check in one call): the same bits as hadamard_rows,
+    and max |x| exactly, or inf when x holds a NaN or ±inf."""
+    rng = np.random.default_rng(9)
+    x = (rng.standard_normal((5, 64)) * 3).astype(dtype)
+    if special:
+        x[3, 17] = float(special)
+    rows = x.view(np.uint16) if dtype == np.float16 else x
+    out_dtype = np.float64 if dtype == np.float64 else np.float32
+    expected, got = np.empty(x.shape, out_dtype), np.empty(x.shape, out_dtype)
+    hadamard_rows(rows, 32, expected)
+    top = hadamard_rows_max(rows, 32, got)
+    np.testing.assert_array_equal(got, expected)
+    assert top == (np.inf if special else float(np.abs(x.astype(np.float64)).max()))

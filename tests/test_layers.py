@@ -810,12 +810,15 @@ def test_quantized_weights_compute_with_the_effective_weights(weight_dtype, num_
     assert layer.quantize_weights(weight_dtype) is layer and layer.weight_dtype == np.dtype(weight_dtype)
     out = layer(x, ctx)
     assert out.dtype == np.float32
-    assert_close(out, effective(x, ctx).astype(np.float64), rtol=2e-5)
+    # int8 projections also round their input rows to int16 per block of 32 (|δx| ≤ max|x_block| / 65534,
+    # numba_attn.linear): through two projections that moves these outputs by up to ~1e-4 of their scale
+    rtol = 2e-4 if weight_dtype == "int8" else 2e-5
+    assert_close(out, effective(x, ctx).astype(np.float64), rtol=rtol)
     if not cross:
         cache, ref_cache = layer.new_cache(2, 16), effective.new_cache(2, 16)
         for T in (5, 1, 1):
             xt = randn(rng, (2, T, 32), np.float32)
-            assert_close(layer(xt, cache=cache), effective(xt, cache=ref_cache).astype(np.float64), rtol=2e-5)
+            assert_close(layer(xt, cache=cache), effective(xt, cache=ref_cache).astype(np.float64), rtol=rtol)
     layer.quantize_weights("float32")
     np.testing.assert_array_equal(layer(x, ctx), before)
 

@@ -20,6 +20,10 @@ can stall for milliseconds when the machine is busy. Here each step is one seria
   (B, H, slots, D/2) uint8, (step, min) float16 bits (B, H, slots, 2·blocks)), ``quantize``'s 4-bit
   scheme (``quantised.quantize_row_q4_into``) read straight from x.
 
+- ``append_rows(key, …, value, …, slot0, t0, ring0)``: all of the above for a key and a value in one
+  call (a decode step's append: one numba dispatch instead of four): both scanned, then both written
+  unless one is refused.
+
 x may be float32, float64 or float16 bits (uint16); memory: nothing beyond the scratch row.
 """
 
@@ -123,3 +127,49 @@ def write_rows_int4(x, data, scales, block, slot0, t0, ring0):
             for t in range(t0, T):
                 s = _fold(slot0 + t - t0, slots, ring0)
                 quantize_row_q4_into(x[b, h, t], block, data[b, h, s], scales[b, h, s])
+
+
+def _write_tensor(x, data, scales, block, slot0, t0, ring0):  # pragma: no cover - numba overload below
+    raise TypeError("_write_tensor is a numba kernel helper: call it from @njit code")
+
+
+@overload(_write_tensor)
+def _write_tensor_overload(x, data, scales, block, slot0, t0, ring0):
+    """``write_rows``, ``write_rows_int8`` or ``write_rows_int4``, by the store's element type (int8, uint8
+    4-bit codes, or a float / float16 bits); ``scales`` is ignored by the float stores."""
+    if data.dtype == types.int8:
+
+        def impl_int8(x, data, scales, block, slot0, t0, ring0):
+            write_rows_int8(x, data, scales, block, slot0, t0, ring0, np.empty(data.shape[3], np.float32))
+
+        return impl_int8
+    if data.dtype == types.uint8:
+
+        def impl_int4(x, data, scales, block, slot0, t0, ring0):
+            write_rows_int4(x, data, scales, block, slot0, t0, ring0)
+
+        return impl_int4
+
+    def impl_float(x, data, scales, block, slot0, t0, ring0):
+        write_rows(x, data, slot0, t0, ring0)
+
+    return impl_float
+
+
+@njit(cache=config.CACHE)
+def append_rows(
+    key, key_limit, key_nan_ok, key_data, key_scales, key_block,
+    value, value_limit, value_nan_ok, value_data, value_scales, value_block,
+    slot0, t0, ring0,
+):  # fmt: skip
+    """A decode step's append in one call: ``scan_rows`` of the key and of the value, then, unless one
+    is refused (code 2, or code 1 without ``*_nan_ok``), both written from token ``t0`` on at ``slot0``
+    (``_write_tensor``). Returns 3·key_code + value_code; nothing is written when either is refused."""
+    key_code = scan_rows(key, key_limit) if key.size else 0
+    value_code = scan_rows(value, value_limit) if value.size else 0
+    refused = key_code == 2 or (key_code == 1 and not key_nan_ok)
+    refused = refused or value_code == 2 or (value_code == 1 and not value_nan_ok)
+    if not refused:
+        _write_tensor(key, key_data, key_scales, key_block, slot0, t0, ring0)
+        _write_tensor(value, value_data, value_scales, value_block, slot0, t0, ring0)
+    return 3 * key_code + value_code

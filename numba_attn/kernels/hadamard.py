@@ -302,6 +302,23 @@ def hadamard_rows(x, block, out):
         _row(x, out, i, block, s)
 
 
+@njit(cache=config.CACHE, fastmath=config.FASTMATH)
+def hadamard_rows_max(x, block, out):
+    """``hadamard_rows``, and returns max |x| over every input (inf if one is NaN or ±inf), read in
+    the same call: what a cache's append checks before it stores the rotation (x may not be out)."""
+    _check(x, block, out)
+    s = _scale_for(out, block)
+    top = 0.0
+    bad = 0.0
+    for i in range(x.shape[0]):
+        for c in range(x.shape[1]):
+            v = np.float64(load(x[i, c]))
+            top = max(top, abs(v))
+            bad += v * 0.0  # 0, or NaN once a NaN or ±inf is seen (max would skip a NaN)
+        _row(x, out, i, block, s)
+    return top if bad == 0.0 else np.inf
+
+
 def _rows_parallel(x, block, out):
     """The same as ``hadamard_rows``, rows spread over numba's threads."""
     _check(x, block, out)
