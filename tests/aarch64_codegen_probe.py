@@ -32,10 +32,6 @@ from numba_attn.kernels._load import load
 from numba_attn.kernels._prefill_tiles import VW, tile_add, tile_set
 from numba_attn.kernels.quantised import int8_dot
 
-# the int8 GEMV's pair products as an aarch64 build emits them (on an x86 host the x86 intrinsics would be
-# chosen): set before anything here compiles
-_vector_ir.MADD_KIND = "generic"
-
 #: the four-row value tile the decode kernel uses on this target (4 × FOUR_ROW_VECTORS vectors)
 value_rows_four = {4: value_rows_4x4, 2: value_rows_4x2, 1: value_rows_4x1}[FOUR_ROW_VECTORS]
 
@@ -179,7 +175,16 @@ def assemble(ir, cpu, triple=TRIPLE):
     return tm.emit_assembly(mod)
 
 
+def aarch64_codegen():
+    """Emit the int8 GEMV's pair products as an aarch64 build does (on an x86 host the x86 intrinsics would
+    be chosen). Only in a process that compiles for the cross-compiler with numba_attn's cache off
+    (``main``, ``scripts/mca_*.py`` workers): not at import, which pytest's doctest collection does in
+    its own workers, where a cached kernel compiled with it would then be the slow generic build."""
+    _vector_ir.MADD_KIND = "generic"
+
+
 def main():
+    aarch64_codegen()
     llvm.initialize_all_targets()
     llvm.initialize_all_asmprinters()
     result = {"VW": VW}

@@ -68,3 +68,17 @@ def test_vector_ir_micro_kernels_stay_in_neon_registers(asm_counts, probe, cpu):
     assert ops["vector spills"] == 0, ops
     if probe == "decode scores float16":
         assert ops.get("fcvtl", 0) + ops.get("fcvtl2", 0) > 0
+
+
+def test_importing_the_probe_leaves_this_process_codegen_alone():
+    """pytest's doctest collection imports the probe module in its workers: importing it must not switch
+    ``multiply_add_pairs`` to the generic (aarch64) IR there, or every int8 LinearWeight kernel compiled
+    afterwards in that worker, and written to the on-disk cache, would be the slow x86 build of it."""
+    import importlib.util
+
+    from numba_attn.kernels import _vector_ir as vir
+
+    spec = importlib.util.spec_from_file_location("probe_import_check", PROBE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert vir.MADD_KIND == vir._madd_kind()
