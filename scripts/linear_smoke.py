@@ -3,7 +3,7 @@ float64 numpy, within the documented bound: float32 accumulation, plus for int8 
 of x to int16 per block of 32 inputs. Exits 1 on a miss. Used by scripts/test-aarch64.sh, where the int8
 kernels' pair products run as generic IR (NEON), not as x86's vpmaddwd.
 
-    python scripts/linear_smoke.py
+    python scripts/linear_smoke.py [float32 float16 int8]    (default: all three storages)
 """
 
 import sys
@@ -33,13 +33,14 @@ def bound(x, w):
     return n * eps * (padded @ mag) + half_step @ mag * (1 + 1e-6)
 
 
-def main():
+def main(argv=None):
+    storages = (sys.argv[1:] if argv is None else argv) or ["float32", "float16", "int8"]
     rng = np.random.default_rng(0)
     failures = 0
     for K, N in ((100, 130), (576, 192)):
         W = rng.standard_normal((K, N)).astype(np.float32) * 0.05
         b = rng.standard_normal(N).astype(np.float32)
-        for storage in ("float32", "float16", "int8"):
+        for storage in storages:
             w = LinearWeight(W, b, dtype=storage)
             for M in (1, 5):
                 x = rng.standard_normal((M, K)).astype(np.float32)

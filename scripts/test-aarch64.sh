@@ -78,6 +78,6 @@ if [ "${AARCH64_TESTS:-subset}" = full ]; then
     # pytest and hypothesis only: tests of the examples need the test extra and fail without it
     run_in /usr/bin/env HOME=/root /bin/sh -c "cd /opt/src && /opt/venv/bin/python -m pytest -q -x"
 else
-    run_in /usr/bin/env HOME=/root /bin/sh -c "cd /tmp && /opt/venv/bin/python -m numba_attn info && /opt/venv/bin/python -m numba_attn check --quick && /opt/venv/bin/python /opt/src/scripts/threads_smoke.py && /opt/venv/bin/python /opt/src/scripts/linear_smoke.py"
+    run_in /usr/bin/env HOME=/root /bin/sh -c "cd /tmp && /opt/venv/bin/python -m numba_attn info && /opt/venv/bin/python -m numba_attn check --quick && /opt/venv/bin/python /opt/src/scripts/threads_smoke.py && /opt/venv/bin/python /opt/src/scripts/linear_smoke.py int8"
 fi
 log "done"
