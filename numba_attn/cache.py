@@ -16,7 +16,7 @@ import weakref
 import numpy as np
 
 from ._validate import FLOAT16_MAX, check_finite_array, check_sinks, check_slopes, check_softcap, per_head_in
-from .kernels.cache_append import append_rows, scan_rows, write_rows, write_rows_int4, write_rows_int8
+from .kernels.cache_append import append_rows, scan_rows
 from .kernels.finite import max_abs
 from .kernels.hadamard import hadamard_rows, hadamard_rows_max
 from .quant import DEFAULT_BLOCK, QuantizedTensor, _check_block, quantize
@@ -766,33 +766,26 @@ class KVCache:
             # no code for NaN/inf in a float16/int8/int4 store: refused whatever check_finite says
             checked.append((tensor, fmt, x.view(np.uint16) if half else x, limit, float_store and not check_finite))
         sink, first, slot0 = self._writes(T)
-        if not sink:  # every append but a sink cache's first few tokens: check and write in one call
-            (_, _, key_bits, key_limit, key_ok), (_, _, value_bits, value_limit, value_ok) = checked
-            key_data, key_scales, key_block, value_data, value_scales, value_block = self._write_operands()
-            codes = append_rows(
-                key_bits, key_limit, key_ok, key_data, key_scales, key_block,
-                value_bits, value_limit, value_ok, value_data, value_scales, value_block,
-                slot0, first, self.sink_tokens,
-            )  # fmt: skip
-            if codes:
-                self._refuse(checked, divmod(codes, 3))
-            return
-        self._refuse(checked, [scan_rows(bits, limit) if bits.size else 0 for _, _, bits, limit, _ in checked])
         rows = [bits for _, _, bits, _, _ in checked]
-        # the sink slots take new tokens 0 … sink-1 (once per cache: a copy of those rows is fine)
-        parts = [([np.ascontiguousarray(r[:, :, :sink]) for r in rows], self._length, 0), (rows, slot0, first)]
-        n = self.sink_tokens
+        if sink:  # a sink cache's first wrap: every token checked first, then written in two parts
+            self._refuse(checked, [scan_rows(bits, limit) if bits.size else 0 for _, _, bits, limit, _ in checked])
+            # the sink slots take new tokens 0 … sink-1 (once per cache: a copy of those rows is fine)
+            self._write_rows(checked, [np.ascontiguousarray(r[:, :, :sink]) for r in rows], self._length, 0)
+        # every other append is checked and written in this one call
+        codes = self._write_rows(checked, rows, slot0, first)
+        if codes:
+            self._refuse(checked, divmod(codes, 3))
+
+    def _write_rows(self, checked, rows, slot0, t0):
+        """``append_rows`` on (key rows, value rows) with ``checked``'s limits (``_append_serial``): token
+        t ≥ t0 to slot slot0 + t − t0 (folded onto the ring) unless one is refused; 3·key_code + value_code."""
+        (_, _, _, key_limit, key_ok), (_, _, _, value_limit, value_ok) = checked
         key_data, key_scales, key_block, value_data, value_scales, value_block = self._write_operands()
-        for tensor_rows, s0, t0 in parts:
-            for x, data, scales, block in zip(
-                tensor_rows, (key_data, value_data), (key_scales, value_scales), (key_block, value_block)
-            ):
-                if data.dtype == np.uint8:
-                    write_rows_int4(x, data, scales, block, s0, t0, n)
-                elif data.dtype == np.int8:
-                    write_rows_int8(x, data, scales, block, s0, t0, n, np.empty(data.shape[3], np.float32))
-                else:
-                    write_rows(x, data, s0, t0, n)
+        return append_rows(
+            rows[0], key_limit, key_ok, key_data, key_scales, key_block,
+            rows[1], value_limit, value_ok, value_data, value_scales, value_block,
+            slot0, t0, self.sink_tokens,
+        )  # fmt: skip
 
     def _append_limit(self, fmt, input_dtype):
         """The largest |x| a store of ``fmt`` takes from ``input_dtype`` (``scan_rows``' limit): float16's

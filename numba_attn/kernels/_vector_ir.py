@@ -379,12 +379,15 @@ def multiply_add_pairs(builder, a, b):
             parts = [builder.shuffle_vector(parts[i], parts[i + 1], mask) for i in range(0, len(parts), 2)]
         return parts[0]
     wide = ir.VectorType(_I32, count)
-    products = builder.mul(builder.sext(a16, wide), builder.sext(b, wide))
+    return sum_pairs(builder, builder.mul(builder.sext(a16, wide), builder.sext(b, wide)))
+
+
+def sum_pairs(builder, v):
+    """``<2n x iN>`` → ``<n x iN>``, lane i = v[2i] + v[2i+1] (even lanes plus odd lanes)."""
+    count = v.type.count
     even = ir.Constant(ir.VectorType(_I32, count // 2), list(range(0, count, 2)))
     odd = ir.Constant(ir.VectorType(_I32, count // 2), list(range(1, count, 2)))
-    return builder.add(
-        builder.shuffle_vector(products, products, even), builder.shuffle_vector(products, products, odd)
-    )
+    return builder.add(builder.shuffle_vector(v, v, even), builder.shuffle_vector(v, v, odd))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -739,8 +742,6 @@ def madd_pairs_into(typingctx, q, q_off, q_step, x, x_off, steps, out, out_off, 
         # (sext + mul + add: smlal/smlal2) and the pairs are summed once at the end; 32 outputs at a time
         # (64 int32 lanes: 16 NEON registers of accumulators)
         wide = ir.VectorType(_I32, 16)
-        even = ir.Constant(ir.VectorType(_I32, 8), list(range(0, 16, 2)))
-        odd = ir.Constant(ir.VectorType(_I32, 8), list(range(1, 16, 2)))
         for group in range(0, lanes, 32):
             chunks = range(group // 8, min(lanes, group + 32) // 8)
             accs = [accumulator(builder, zeros(_I32, 16)) for _ in chunks]
@@ -751,10 +752,7 @@ def madd_pairs_into(typingctx, q, q_off, q_step, x, x_off, steps, out, out_off, 
                     qv = builder.sext(load_vector(builder, qp, builder.add(row, as_index(16 * c)), 16), wide)
                     builder.store(builder.add(builder.load(slot), builder.mul(qv, xw)), slot)
             for c, slot in zip(chunks, accs, strict=True):
-                products = builder.load(slot)
-                sums = builder.add(
-                    builder.shuffle_vector(products, products, even), builder.shuffle_vector(products, products, odd)
-                )
+                sums = sum_pairs(builder, builder.load(slot))
                 index = out_index(0, c)
                 store_vector(builder, builder.add(load_vector(builder, op, index, 8), sums), op, index)
         return context.get_dummy_value()

@@ -15,8 +15,8 @@ exact integer, Σ_{k∈j} c[k]·q[k, n] (|·| < 32 · 128 · 32767 < 2³¹), tak
 where converting each weight to float32 costs a ``vpmovsxbd``, a ``vcvtdq2ps`` and an FMA per 8), and
 scaled once per block and output: y[n] += (s[j, n]·σ_j)·Σ c·q + m[j, n]·X[j] with X[j] = σ_j·Σ c (an
 exact integer sum), i.e. the product of the rounded row with W_eff. A row with NaN or inf, or a block
-whose max |x| is below 2⁻¹⁰⁰, sends the call to a float32 path (``_gemv_int8_float``,
-``_gemm_int8_float``: each weight s·q + m in float32; serial, it is rare) so that NaN and inf propagate
+whose max |x| is below 2⁻¹⁰⁰, sends the call to a float32 path (``_gemm_int8_float``, the GEMV's
+row as a 1-row matrix: each weight s·q + m in float32; serial, it is rare) so that NaN and inf propagate
 as in numpy. float16 weights are converted with ``load`` (``vcvtph2ps``). Apart from the int8 kernels'
 integer block sums, everything accumulates in float32.
 
@@ -117,29 +117,6 @@ def _add_block_sums(acc, dots, sb, mb, sx, xb, scaled):
         acc[t] += np.float32(dots[t]) * scaled[t] + xb * mb[t]
 
 
-@njit(fastmath=config.FASTMATH, cache=config.CACHE)
-def _gemv_int8_float(x, q, scales, bias, y):
-    """The float path of the int8 GEMV (x with NaN, inf or tiny blocks): y = bias + Σ_k x[k]·(s·q + m)
-    in float32, serial, so NaN and inf propagate as in numpy's x @ W_eff."""
-    P = q.shape[0]
-    nb = scales.shape[1]
-    N = y.shape[0]
-    for p in range(P):
-        acc = np.zeros(PANEL, np.float32)
-        for b in range(nb):
-            sb = scales[p, b, 0]
-            mb = scales[p, b, 1]
-            for k in range(b * BLOCK, (b + 1) * BLOCK):
-                xk = x[k]
-                codes = q[p, k // 2]
-                h = k % 2
-                for t in range(PANEL):
-                    acc[t] += xk * (np.float32(codes[t, h]) * sb[t] + mb[t])
-        o0 = p * PANEL
-        for t in range(min(PANEL, N - o0)):
-            y[o0 + t] = acc[t] + bias[o0 + t]
-
-
 def _gemv_int8_body(x, q, scales, bias, y):
     """y (N,) = bias + x (K_pad,) · W, W as int8 panels of input pairs q (P, K_pad/2, 64, 2) with scales
     and offsets (P, K_pad/32, 2, 64); x rounded to int16 per block (``_activation_codes``), each block's
@@ -151,7 +128,7 @@ def _gemv_int8_body(x, q, scales, bias, y):
     x_scales = np.empty(nb, np.float32)
     x_sums = np.empty(nb, np.float32)
     if not _activation_codes(x, codes, x_scales, x_sums):
-        _gemv_int8_float(x, q, scales, bias, y)
+        _gemm_int8_float(x.reshape(1, x.shape[0]), q, scales, bias, y.reshape(1, N))
         return
     for p in prange(P):
         acc = np.zeros(PANEL, np.float32)
@@ -204,6 +181,13 @@ def _rows_times_block(x, r0, r1, k0, wf, acc):
                 ar[t] += x0 * f0[t] + x1 * f1[t] + x2 * f2[t] + x3 * f3[t]
 
 
+@njit(cache=config.CACHE, inline="always")
+def _work_item(item, groups, M):
+    """(panel, first row, end row) of gemm work item ``item``: ``groups`` groups of ROWS rows per panel."""
+    r0 = (item % groups) * ROWS
+    return item // groups, r0, min(M, r0 + ROWS)
+
+
 @njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
 def _store_rows(acc, bias, r0, r1, o0, y):
     """y[r, o0:o0+64] = acc[r - r0] + bias (the last panel: only the outputs that exist)."""
@@ -220,9 +204,7 @@ def _gemm_int8_float_body(x, q, scales, bias, y):
     P, K = q.shape[0], 2 * q.shape[1]
     groups = (M + ROWS - 1) // ROWS
     for item in prange(P * groups):
-        p = item // groups
-        r0 = (item % groups) * ROWS
-        r1 = min(M, r0 + ROWS)
+        p, r0, r1 = _work_item(item, groups, M)
         acc = np.zeros((ROWS, PANEL), np.float32)
         wf = np.empty((BLOCK, PANEL), np.float32)
         qp = q[p]
@@ -262,9 +244,7 @@ def _gemm_int8_body(x, q, scales, bias, y):
         return
     groups = (M + ROWS - 1) // ROWS
     for item in prange(P * groups):
-        p = item // groups
-        r0 = (item % groups) * ROWS
-        r1 = min(M, r0 + ROWS)
+        p, r0, r1 = _work_item(item, groups, M)
         acc = np.zeros((ROWS, PANEL), np.float32)
         wide = np.empty(BLOCK * PANEL, np.int16)
         dots = np.empty(PANEL, np.int32)
@@ -290,9 +270,7 @@ def _gemm_float_body(x, w, bias, y):
     P, K = w.shape[0], w.shape[1]
     groups = (M + ROWS - 1) // ROWS
     for item in prange(P * groups):
-        p = item // groups
-        r0 = (item % groups) * ROWS
-        r1 = min(M, r0 + ROWS)
+        p, r0, r1 = _work_item(item, groups, M)
         acc = np.zeros((ROWS, PANEL), np.float32)
         wf = np.empty((BLOCK, PANEL), np.float32)
         wp = w[p]
