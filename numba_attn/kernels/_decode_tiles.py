@@ -363,6 +363,12 @@ def _make_value_rows(rows, chunks):
 value_rows_4x4 = _make_value_rows(4, 4)
 value_rows_4x2 = _make_value_rows(4, 2)
 value_rows_4x1 = _make_value_rows(4, 1)
+value_rows_3x4 = _make_value_rows(3, 4)
+value_rows_3x2 = _make_value_rows(3, 2)
+value_rows_3x1 = _make_value_rows(3, 1)
+value_rows_2x4 = _make_value_rows(2, 4)
+value_rows_2x2 = _make_value_rows(2, 2)
+value_rows_2x1 = _make_value_rows(2, 1)
 value_rows_1x4 = _make_value_rows(1, 4)
 value_rows_1x2 = _make_value_rows(1, 2)
 value_rows_1x1 = _make_value_rows(1, 1)
@@ -511,15 +517,21 @@ def _rows_of_values_overload(s, vn, v_scales, v_block, j0, nk, acc):
 
 @njit(inline="always")
 def _value_tiles(s, vn, scales, nb, shift, cap, j0, nk, acc):
-    """Cover acc (R, Ev) with tiles: 4 rows at a time, then single rows; 4, 2 or 1 vectors of columns, at
-    most ``cap`` columns (a power of two times VW)."""
+    """Cover acc (R, Ev) with tiles: 4 rows at a time, the 3 or 2 rows left over as one tile (each value
+    row is then read once per group of rows: the rows of a grouped-query head one at a time read it 3
+    times from L2, the decode kernel's bound at a few hundred cached keys), a last single row alone;
+    4, 2 or 1 vectors of columns, at most ``cap`` columns (a power of two times VW)."""
     R = acc.shape[0]
-    for r in range(0, R, 4):
-        if r + 4 <= R:
-            _row_tiles(True, r, s, vn, scales, nb, shift, cap, j0, nk, acc)
-        else:
-            for rr in range(r, R):
-                _row_tiles(False, rr, s, vn, scales, nb, shift, cap, j0, nk, acc)
+    r = 0
+    while r + 4 <= R:
+        _row_tiles(4, r, s, vn, scales, nb, shift, cap, j0, nk, acc)
+        r += 4
+    if R - r == 3:
+        _row_tiles(3, r, s, vn, scales, nb, shift, cap, j0, nk, acc)
+    elif R - r == 2:
+        _row_tiles(2, r, s, vn, scales, nb, shift, cap, j0, nk, acc)
+    elif R - r == 1:
+        _row_tiles(1, r, s, vn, scales, nb, shift, cap, j0, nk, acc)
 
 
 @njit(inline="always")
@@ -548,23 +560,38 @@ def _q4_row_tiles(four, r, s, vn, scales, block, j0, nk, acc):
 
 
 @njit(inline="always")
-def _row_tiles(four, r, s, vn, scales, nb, shift, cap, j0, nk, acc):
-    """Rows r … r+3 (``four``) or row r of acc, across all Ev columns in tiles of 4, 2 or 1 vectors (at most
-    ``cap`` columns: each tile starts at a multiple of its width, so none straddles a block of ``cap``)."""
+def _row_tiles(rows, r, s, vn, scales, nb, shift, cap, j0, nk, acc):
+    """Rows r … r + rows - 1 of acc (rows = 1 … 4), across all Ev columns in tiles of 4, 2 or 1 vectors (at
+    most ``cap`` columns; several rows at most FOUR_ROW_VECTORS vectors: each tile starts at a multiple of
+    its width, so none straddles a block of ``cap``)."""
     Ev = vn.shape[1]
     ps = s.shape[1]
     e = 0
     while e < Ev:
-        left = min(Ev - e, cap, FOUR_ROW_VECTORS * VW if four else 4 * VW)
+        left = min(Ev - e, cap, FOUR_ROW_VECTORS * VW if rows > 1 else 4 * VW)
         width = 4 * VW if left >= 4 * VW else (2 * VW if left >= 2 * VW else VW)
         a = (s, r * ps, ps, vn, j0 * Ev + e, Ev, scales, j0 * nb, nb, e, shift, acc, r * Ev + e, Ev, nk)
-        if four:
+        if rows == 4:
             if width == 4 * VW:
                 value_rows_4x4(*a)
             elif width == 2 * VW:
                 value_rows_4x2(*a)
             else:
                 value_rows_4x1(*a)
+        elif rows == 3:
+            if width == 4 * VW:
+                value_rows_3x4(*a)
+            elif width == 2 * VW:
+                value_rows_3x2(*a)
+            else:
+                value_rows_3x1(*a)
+        elif rows == 2:
+            if width == 4 * VW:
+                value_rows_2x4(*a)
+            elif width == 2 * VW:
+                value_rows_2x2(*a)
+            else:
+                value_rows_2x1(*a)
         elif width == 4 * VW:
             value_rows_1x4(*a)
         elif width == 2 * VW:
