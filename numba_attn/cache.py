@@ -540,7 +540,9 @@ class KVCache:
                 f"with H a multiple of num_kv_heads = {self.num_kv_heads}, got {q.shape}"
             )
         L = q.shape[2]
-        if L > self.n_valid:
+        slots = self._keys.shape[2]
+        n_valid = self._length if self._length < slots else slots
+        if L > n_valid:
             raise ValueError(
                 f"query holds {L} tokens but the cache holds {self.n_valid}: append the new tokens' "
                 "keys and values first (query i is the token at position length - L + i)"
@@ -554,24 +556,25 @@ class KVCache:
         # a ring that has dropped keys the chunk's first queries still see cannot answer exactly
         # (the dropped ones are positions sink_tokens … sink_tokens + dropped - 1)
         first_needed = 0 if window is None else max(0, self._length - L - window + 1)
-        dropped = self._length - self.n_valid
+        dropped = self._length - n_valid
         if dropped and max(first_needed, self.sink_tokens) < self.sink_tokens + dropped:
             raise ValueError(
                 f"the cache's ring ({self.slots} slots) no longer holds the keys the first of these {L} "
                 f"queries sees (window {window}): attend to a chunk this long before appending it "
                 "(MultiHeadAttention does), or append and attend one token at a time"
             )
-        softcap = check_softcap(softcap)
+        softcap = 0.0 if softcap is None else check_softcap(softcap)
         # shapes and dtypes here; NaN/inf once, after the conversion to the arithmetic's dtype (attend_cache)
-        slopes = check_slopes(alibi_slopes, q.shape[1], finite=False)
-        sinks = check_sinks(sinks, q.shape[1], finite=False)
+        slopes = None if alibi_slopes is None else check_slopes(alibi_slopes, q.shape[1], finite=False)
+        sinks = None if sinks is None else check_sinks(sinks, q.shape[1], finite=False)
         user_out = result = None
         rotated = self.rotate_keys or self.rotate_values
         if rotated and q.dtype != np.float16 and self.rotate_keys:
             # the lean path (a decode step's): the result's dtype is the query's, the kernel writes into
             # ``out`` unless the values are rotated too (then rotated back in place, into ``out``)
             q = _rotated(q, self._key_rotation, np.float64 in (self._keys.dtype, self._values.dtype))
-            _ROTATED_QUERIES[id(q)] = q  # (the paths that reorder the keys go through sdpa's guard)
+            # (a query attend_cache or the sink path hands to sdpa, over views in position order, is
+            # registered there: sdpa's guard asks for it; the decode kernel on the storage does not)
             if self.rotate_values:
                 user_out, out = out, None
         elif rotated:  # float16 query (its result may be float16), or only the values rotated
@@ -586,6 +589,8 @@ class KVCache:
             # (made into a mask there: checked for NaN/inf, and for the arithmetic's range, first)
             arith = np.float64 if np.float64 in (q.dtype, self._keys.dtype, self._values.dtype) else np.float32
             slopes = None if slopes is None else per_head_in(slopes, "alibi_slopes", arith, finite=True)
+            if rotated:
+                _ROTATED_QUERIES[id(q)] = q
             res = self._attend_streaming(q, scale, window, slopes, sinks, softcap, out, check_finite)
         else:
             # (a sink cache's newest query sees every key held: no window for the kernel, which would hide the sinks)
