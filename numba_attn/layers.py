@@ -539,16 +539,8 @@ class MultiHeadAttention:
                 f"cache holds (batch={cache.batch}, num_kv_heads={cache.num_kv_heads}, "
                 f"head_dim={cache.head_dim}); this call needs ({B}, {self.num_kv_heads}, {self.head_dim})"
             )
-        allowed = (
-            (q.dtype,) if q.dtype == np.float64 else (np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.int8))
-        )
-        for name, fmt in (("key_dtype", cache.key_dtype), ("value_dtype", cache.value_dtype)):
-            if not (fmt == "int4" and q.dtype != np.float64) and (fmt == "int4" or fmt not in allowed):
-                raise TypeError(
-                    f"cache {name} {fmt if fmt == 'int4' else fmt.name} does not fit the layer's dtype {q.dtype}: use "
-                    + " or ".join(d.name for d in allowed)
-                    + ("" if q.dtype == np.float64 else ' or "int4"')
-                )
+        if (q.dtype, cache.key_dtype, cache.value_dtype) not in _FITTING_CACHES:
+            _check_cache_formats(q.dtype, cache)
         if window is not None and window != cache.window:
             raise ValueError(f"window={window} differs from the cache's window ({cache.window})")
         if cache.length + L > cache.capacity:
@@ -679,6 +671,26 @@ class MultiHeadAttention:
             f"MultiHeadAttention(embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
             f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, dtype={self.dtype.name})"
         )
+
+
+#: (layer dtype, key format, value format) seen to fit (``_check_cache_formats``): a decode step checks
+#: them once per layer dtype and cache format, not on every call
+_FITTING_CACHES = set()
+
+
+def _check_cache_formats(dtype, cache):
+    """Raise ``TypeError`` unless the cache's key and value formats fit a layer of ``dtype`` (float64: float64
+    only; otherwise float32, float16, int8 or "int4"); remember the combination when they do."""
+    allowed = (dtype,) if dtype == np.float64 else (np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.int8))
+    for name, fmt in (("key_dtype", cache.key_dtype), ("value_dtype", cache.value_dtype)):
+        is_int4 = isinstance(fmt, str) and fmt == "int4"
+        if not (is_int4 and dtype != np.float64) and (is_int4 or fmt not in allowed):
+            raise TypeError(
+                f"cache {name} {fmt if is_int4 else fmt.name} does not fit the layer's dtype {dtype}: use "
+                + " or ".join(d.name for d in allowed)
+                + ("" if dtype == np.float64 else ' or "int4"')
+            )
+    _FITTING_CACHES.add((dtype, cache.key_dtype, cache.value_dtype))
 
 
 def _with_streaming_mask(mask, q_pos, k_pos, sink_tokens, window, kw, dtype):
