@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from numba_attn import config
-from numba_attn.kernels.finite import all_finite, max_abs
+from numba_attn.kernels.finite import all_finite, check_finite_array, max_abs
 
 DTYPES = (np.float16, np.float32, np.float64)
 SPECIALS = (np.nan, np.inf, -np.inf)
@@ -80,3 +80,22 @@ def test_max_abs_reads_float16_bits_and_refuses_other_dtypes():
     assert max_abs(x.view(np.uint16)) == 65504.0
     with pytest.raises(TypeError, match="float16/32/64"):
         max_abs(np.ones(3, np.int32))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1,), (1, 1, 576), (2, 3, 7), (1, 1, 64, 1)])
+def test_check_finite_array_on_a_few_values(dtype, shape):
+    """check_finite_array's short path for a few contiguous values (a decode step's token: the bits'
+    integer max against inf's bits): passes finite values up to the dtype's largest and subnormals,
+    and names NaN, +inf and -inf wherever they are."""
+    info = np.finfo(dtype)
+    x = np.ones(shape, dtype)
+    x.reshape(-1)[0] = info.max
+    x.reshape(-1)[-1] = -info.smallest_subnormal
+    check_finite_array(x, "x")
+    for bad, word in ((np.nan, "NaN"), (np.inf, "inf"), (-np.inf, "inf")):
+        for i in sorted({0, x.size // 2, x.size - 1}):
+            y = x.copy()
+            y.reshape(-1)[i] = bad
+            with pytest.raises(ValueError, match=f"x contains {word}"):
+                check_finite_array(y, "x")
