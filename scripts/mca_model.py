@@ -101,9 +101,9 @@ def step_of(probe, shape):
             return keys, keys, vw
         return vw, vw, vw
     if probe.startswith("decode values"):
-        if probe.endswith("4 rows"):  # 4 rows × FOUR_ROW_VECTORS vectors
-            vectors = shape["FOUR_ROW_VECTORS"]
-            return 4 * vectors, 1, vectors * vw
+        if probe.endswith(" rows"):  # 4 (or 3) rows × FOUR_ROW_VECTORS vectors
+            rows, vectors = int(probe.split()[-2]), shape["FOUR_ROW_VECTORS"]
+            return rows * vectors, 1, vectors * vw
         if probe.endswith("int4"):  # 2 byte vectors = 4 vectors of columns, each dequantised by an FMA
             return 4 + 4, 1, 4 * vw
         return 4, 1, 4 * vw

@@ -23,6 +23,9 @@ from numba_attn.kernels._decode_tiles import (
     key_scores,
     key_scores_q4,
     value_rows_1x4,
+    value_rows_3x1,
+    value_rows_3x2,
+    value_rows_3x4,
     value_rows_4x1,
     value_rows_4x2,
     value_rows_4x4,
@@ -34,6 +37,8 @@ from numba_attn.kernels.quantised import int8_dot
 
 #: the four-row value tile the decode kernel uses on this target (4 × FOUR_ROW_VECTORS vectors)
 value_rows_four = {4: value_rows_4x4, 2: value_rows_4x2, 1: value_rows_4x1}[FOUR_ROW_VECTORS]
+#: the three-row tile (a group of 3 query heads per K/V head, or the 3 left over after fours)
+value_rows_three = {4: value_rows_3x4, 2: value_rows_3x2, 1: value_rows_3x1}[FOUR_ROW_VECTORS]
 
 TRIPLE = "aarch64-unknown-linux-gnu"
 CPUS = ("cortex-a76", "cortex-a72")  # Raspberry Pi 5 / Jetson Orin class, and Raspberry Pi 4
@@ -96,6 +101,11 @@ def decode_values_4x4(p, v, vs, shift, acc, nk):  # 4 rows (grouped heads) × FO
 
 
 @njit(fastmath=config.FASTMATH)
+def decode_values_3x4(p, v, vs, shift, acc, nk):  # 3 rows × FOUR_ROW_VECTORS vectors of values
+    value_rows_three(p, 0, p.shape[1], v, 0, v.shape[1], vs, 0, vs.shape[1], 0, shift, acc, 0, acc.shape[1], nk)
+
+
+@njit(fastmath=config.FASTMATH)
 def decode_values_q4(p, v, vs, block, acc, nk):  # one row × 2 byte vectors (4 vectors of columns) of 4-bit values
     value_rows_q4_1x2(p, 0, p.shape[1], v, 0, v.shape[1], vs, 0, vs.shape[1], 0, block, acc, 0, acc.shape[1], nk)
 
@@ -129,6 +139,8 @@ LOOP_PROBES = {
     "decode values int4": (decode_values_q4, (F32_2D, U8_2D, U16_2D, I64, F32_2D, I64)),
     "decode values float32 4 rows": (decode_values_4x4, (F32_2D, F32_2D, F32_2D, I64, F32_2D, I64)),
     "decode values int8 4 rows": (decode_values_4x4, (F32_2D, I8_2D, F32_2D, I64, F32_2D, I64)),
+    "decode values float32 3 rows": (decode_values_3x4, (F32_2D, F32_2D, F32_2D, I64, F32_2D, I64)),
+    "decode values int8 3 rows": (decode_values_3x4, (F32_2D, I8_2D, F32_2D, I64, F32_2D, I64)),
 }
 
 PROBES = {
