@@ -300,6 +300,7 @@ class KVCache:
         self._operands = None  # kernel views of the storage, made on first use
         self._writing = None  # the append kernels' views of the storage (``_write_operands``)
         self._limits = {}  # (store format, input dtype) → scan limit (``_append_limit``)
+        self._serial_plans = {}  # (key dtype, value dtype, check_finite) → ``_serial_plan``
         self._float_stores = (_is_float_store(key_fmt), _is_float_store(value_fmt))
         self._attend_fixed = {}  # per (query dtype, head count): what attend's kernel calls share (api._cache_fixed)
         _STORAGE[id(self._keys)] = self._keys
@@ -760,6 +761,36 @@ class KVCache:
         return sink, first, n + (self._length + first - n) % ring
 
     def _append_serial(self, key, value, T, check_finite):
+        if not self.sink_tokens and (self.window is None or self._length + T <= self._keys.shape[2]):
+            # the common case (no sink slots to fill, nothing folded: ``_writes`` gives (0, 0, length)): the
+            # limits memoised per input dtypes, one kernel call; the names and formats only for a refusal
+            plan = self._serial_plans.get((key.dtype, value.dtype, check_finite))
+            if plan is None:
+                plan = self._serial_plans[(key.dtype, value.dtype, check_finite)] = self._serial_plan(
+                    key.dtype, value.dtype, check_finite
+                )
+            key_limit, key_ok, value_limit, value_ok = plan
+            key_rows = np.ascontiguousarray(key)
+            value_rows = np.ascontiguousarray(value)
+            key_rows = key_rows.view(np.uint16) if key_rows.dtype == np.float16 else key_rows
+            value_rows = value_rows.view(np.uint16) if value_rows.dtype == np.float16 else value_rows
+            key_data, key_scales, key_block, value_data, value_scales, value_block = self._write_operands()
+            codes = append_rows(
+                key_rows, key_limit, key_ok, key_data, key_scales, key_block,
+                value_rows, value_limit, value_ok, value_data, value_scales, value_block,
+                self._length, 0, 0,
+            )  # fmt: skip
+            if codes:
+                checked = [
+                    ("key", self.key_dtype, key_rows, key_limit, key_ok),
+                    ("value", self.value_dtype, value_rows, value_limit, value_ok),
+                ]
+                self._refuse(checked, divmod(codes, 3))
+            return
+        self._append_serial_general(key, value, T, check_finite)
+
+    def _append_serial_general(self, key, value, T, check_finite):
+        """``_append_serial`` for any ring position (a sink cache's first wrap: two writes, after a full scan)."""
         checked = []  # (name, store format, rows as the kernels read them, limit, NaN/inf allowed)
         for tensor, x, fmt, float_store in (
             ("key", key, self.key_dtype, self._float_stores[0]),
@@ -791,6 +822,16 @@ class KVCache:
             rows[1], value_limit, value_ok, value_data, value_scales, value_block,
             slot0, t0, self.sink_tokens,
         )  # fmt: skip
+
+    def _serial_plan(self, key_dtype, value_dtype, check_finite):
+        """(key limit, key NaN/inf allowed, value limit, value NaN/inf allowed) of ``_append_serial``'s
+        common case for these input dtypes (as its general path works them out)."""
+        return (
+            self._append_limit(self.key_dtype, key_dtype),
+            self._float_stores[0] and not check_finite,
+            self._append_limit(self.value_dtype, value_dtype),
+            self._float_stores[1] and not check_finite,
+        )
 
     def _append_limit(self, fmt, input_dtype):
         """The largest |x| a store of ``fmt`` takes from ``input_dtype`` (``scan_rows``' limit): float16's
