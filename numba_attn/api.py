@@ -248,7 +248,7 @@ def attend_cache(cache, q, scale, window, slopes, sinks, softcap, out, check_fin
     common = (n_valid, _NO_MASK[dtype], m_idx, MASK_NONE, 0, 0, in_order, n_valid - L)
     common += ((window or 0) if in_order else 0, slopes, sinks)
     common += (_ZERO[dtype] if softcap == 0 else dt(softcap), default_scale_dt if scale is default_scale else dt(scale))
-    if L <= config.DECODE_MAX_QUERY_ROWS and n_valid >= config.DECODE_MIN_KEYS:  # (_use_decode)
+    if _use_decode(L, n_valid):
         _decode_call((q3,) + operands, common, E, check_finite, res)
     else:  # (operands end with the decode kernel's groups)
         _prefill_call((q3,) + operands[:-1], common, E, check_finite, res)

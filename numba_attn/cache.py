@@ -125,6 +125,22 @@ def is_rotated_query(x):
     return isinstance(x, np.ndarray) and _ROTATED_QUERIES.get(id(x)) is x
 
 
+def _kernel_rows(x):
+    """x as the append kernels read it: C-contiguous, float16 as its uint16 bits."""
+    x = np.ascontiguousarray(x)
+    return x.view(np.uint16) if x.dtype == np.float16 else x
+
+
+def _append_limit(fmt, input_dtype):
+    """The largest |x| a store of ``fmt`` takes from ``input_dtype`` (``scan_rows``' limit): float16's max for
+    float16 and 4-bit stores (unless x is float16 already), float32's for int8 from float64, else none."""
+    if (fmt == np.float16 or fmt == "int4") and input_dtype != np.float16:
+        return FLOAT16_MAX
+    if fmt == np.int8 and input_dtype == np.float64:
+        return _FLOAT32_MAX
+    return np.inf
+
+
 def _is_float_store(fmt):
     """float32/float64 stores can hold NaN/inf (``check_finite=False`` lets them in); the others cannot."""
     return fmt != "int4" and fmt in (np.dtype(np.float32), np.dtype(np.float64))
@@ -299,7 +315,6 @@ class KVCache:
         self._length = 0
         self._operands = None  # kernel views of the storage, made on first use
         self._writing = None  # the append kernels' views of the storage (``_write_operands``)
-        self._limits = {}  # (store format, input dtype) → scan limit (``_append_limit``)
         self._serial_plans = {}  # (key dtype, value dtype, check_finite) → ``_serial_plan``
         self._float_stores = (_is_float_store(key_fmt), _is_float_store(value_fmt))
         self._attend_fixed = {}  # per (query dtype, head count): what attend's kernel calls share (api._cache_fixed)
@@ -752,7 +767,7 @@ class KVCache:
         ``length`` … (sink tokens, kept forever); tokens t ≥ first go to slots ``fold(slot0 + t - first)``
         (``fold`` wraps past the last slot back to ``sink_tokens``, the ring's first slot); the ones
         in between would be overwritten within this append and are skipped."""
-        slots, n = self.slots, self.sink_tokens
+        slots, n = self._keys.shape[2], self.sink_tokens
         if self.window is None or self._length + T <= slots:
             return 0, 0, self._length
         sink = max(0, min(T, n - self._length))
@@ -761,61 +776,27 @@ class KVCache:
         return sink, first, n + (self._length + first - n) % ring
 
     def _append_serial(self, key, value, T, check_finite):
-        if not self.sink_tokens and (self.window is None or self._length + T <= self._keys.shape[2]):
-            # the common case (no sink slots to fill, nothing folded: ``_writes`` gives (0, 0, length)): the
-            # limits memoised per input dtypes, one kernel call; the names and formats only for a refusal
-            plan = self._serial_plans.get((key.dtype, value.dtype, check_finite))
-            if plan is None:
-                plan = self._serial_plans[(key.dtype, value.dtype, check_finite)] = self._serial_plan(
-                    key.dtype, value.dtype, check_finite
-                )
-            key_limit, key_ok, value_limit, value_ok = plan
-            key_rows = np.ascontiguousarray(key)
-            value_rows = np.ascontiguousarray(value)
-            key_rows = key_rows.view(np.uint16) if key_rows.dtype == np.float16 else key_rows
-            value_rows = value_rows.view(np.uint16) if value_rows.dtype == np.float16 else value_rows
-            key_data, key_scales, key_block, value_data, value_scales, value_block = self._write_operands()
-            codes = append_rows(
-                key_rows, key_limit, key_ok, key_data, key_scales, key_block,
-                value_rows, value_limit, value_ok, value_data, value_scales, value_block,
-                self._length, 0, 0,
-            )  # fmt: skip
-            if codes:
-                checked = [
-                    ("key", self.key_dtype, key_rows, key_limit, key_ok),
-                    ("value", self.value_dtype, value_rows, value_limit, value_ok),
-                ]
-                self._refuse(checked, divmod(codes, 3))
-            return
-        self._append_serial_general(key, value, T, check_finite)
-
-    def _append_serial_general(self, key, value, T, check_finite):
-        """``_append_serial`` for any ring position (a sink cache's first wrap: two writes, after a full scan)."""
-        checked = []  # (name, store format, rows as the kernels read them, limit, NaN/inf allowed)
-        for tensor, x, fmt, float_store in (
-            ("key", key, self.key_dtype, self._float_stores[0]),
-            ("value", value, self.value_dtype, self._float_stores[1]),
-        ):
-            x = np.ascontiguousarray(x)
-            half = x.dtype == np.float16
-            limit = self._append_limit(fmt, x.dtype)
-            # no code for NaN/inf in a float16/int8/int4 store: refused whatever check_finite says
-            checked.append((tensor, fmt, x.view(np.uint16) if half else x, limit, float_store and not check_finite))
+        # the scan limits and NaN/inf flags of these input dtypes, worked out once (``_serial_plan``)
+        plan = self._serial_plans.get((key.dtype, value.dtype, check_finite))
+        if plan is None:
+            plan = self._serial_plans[(key.dtype, value.dtype, check_finite)] = self._serial_plan(
+                key.dtype, value.dtype, check_finite
+            )
+        rows = (_kernel_rows(key), _kernel_rows(value))
         sink, first, slot0 = self._writes(T)
-        rows = [bits for _, _, bits, _, _ in checked]
         if sink:  # a sink cache's first wrap: every token checked first, then written in two parts
-            self._refuse(checked, [scan_rows(bits, limit) if bits.size else 0 for _, _, bits, limit, _ in checked])
+            self._refuse(plan, [scan_rows(r, limit) if r.size else 0 for r, limit in zip(rows, plan[::2])])
             # the sink slots take new tokens 0 … sink-1 (once per cache: a copy of those rows is fine)
-            self._write_rows(checked, [np.ascontiguousarray(r[:, :, :sink]) for r in rows], self._length, 0)
+            self._write_rows(plan, [np.ascontiguousarray(r[:, :, :sink]) for r in rows], self._length, 0)
         # every other append is checked and written in this one call
-        codes = self._write_rows(checked, rows, slot0, first)
+        codes = self._write_rows(plan, rows, slot0, first)
         if codes:
-            self._refuse(checked, divmod(codes, 3))
+            self._refuse(plan, divmod(codes, 3))
 
-    def _write_rows(self, checked, rows, slot0, t0):
-        """``append_rows`` on (key rows, value rows) with ``checked``'s limits (``_append_serial``): token
-        t ≥ t0 to slot slot0 + t − t0 (folded onto the ring) unless one is refused; 3·key_code + value_code."""
-        (_, _, _, key_limit, key_ok), (_, _, _, value_limit, value_ok) = checked
+    def _write_rows(self, plan, rows, slot0, t0):
+        """``append_rows`` on (key rows, value rows) with ``plan``'s limits (``_serial_plan``): token t ≥ t0 to
+        slot slot0 + t − t0 (folded onto the ring) unless one is refused; 3·key_code + value_code."""
+        key_limit, key_ok, value_limit, value_ok = plan
         key_data, key_scales, key_block, value_data, value_scales, value_block = self._write_operands()
         return append_rows(
             rows[0], key_limit, key_ok, key_data, key_scales, key_block,
@@ -824,34 +805,22 @@ class KVCache:
         )  # fmt: skip
 
     def _serial_plan(self, key_dtype, value_dtype, check_finite):
-        """(key limit, key NaN/inf allowed, value limit, value NaN/inf allowed) of ``_append_serial``'s
-        common case for these input dtypes (as its general path works them out)."""
+        """(key limit, key NaN/inf allowed, value limit, value NaN/inf allowed) of ``_append_serial`` for
+        these input dtypes. No code for NaN/inf in a float16/int8/int4 store: refused whatever
+        ``check_finite`` says."""
         return (
-            self._append_limit(self.key_dtype, key_dtype),
+            _append_limit(self.key_dtype, key_dtype),
             self._float_stores[0] and not check_finite,
-            self._append_limit(self.value_dtype, value_dtype),
+            _append_limit(self.value_dtype, value_dtype),
             self._float_stores[1] and not check_finite,
         )
 
-    def _append_limit(self, fmt, input_dtype):
-        """The largest |x| a store of ``fmt`` takes from ``input_dtype`` (``scan_rows``' limit): float16's
-        max for float16 and 4-bit stores (unless x is float16 already), float32's for int8 from
-        float64, else none (memoised: this runs on every decode step)."""
-        key = (fmt, input_dtype)
-        limit = self._limits.get(key)
-        if limit is None:
-            if (fmt == np.float16 or fmt == "int4") and input_dtype != np.float16:
-                limit = FLOAT16_MAX
-            elif fmt == np.int8 and input_dtype == np.float64:
-                limit = _FLOAT32_MAX
-            else:
-                limit = np.inf
-            self._limits[key] = limit
-        return limit
-
-    def _refuse(self, checked, codes):
-        """Raise for the first refused tensor of ``checked`` (``_append_serial``) by its scan code."""
-        for (tensor, fmt, _, _, nan_ok), code in zip(checked, codes):
+    def _refuse(self, plan, codes):
+        """Raise for the first refused tensor (key, then value) by its scan code, with ``plan``'s NaN/inf flags."""
+        for tensor, fmt, nan_ok, code in (
+            ("key", self.key_dtype, plan[1], codes[0]),
+            ("value", self.value_dtype, plan[3], codes[1]),
+        ):
             if code == 1 and not nan_ok:
                 no_code = not _is_float_store(fmt)
                 raise ValueError(
