@@ -254,9 +254,6 @@ def attend_cache(cache, q, scale, window, slopes, sinks, softcap, out, check_fin
         _prefill_call((q3,) + operands[:-1], common, E, check_finite, res)
     if direct:
         return out
-    if result == dtype:
-        res = res.reshape(B, H, L, Ev)
-        return res if out is None else into_out(res, out)
     res = _to_out_dtype(res, result, cache.value_dtype == np.float16).reshape(B, H, L, Ev)
     return into_out(res, out)
 

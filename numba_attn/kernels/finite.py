@@ -67,6 +67,16 @@ def _scan(bits, rows, magnitude):
     return launch(_max_parallel, bits, rows, magnitude)
 
 
+def _few_values_bits(x):
+    """The bits of max |x| (an integer, as ``_max_magnitude_bits`` gives them) for a few C-contiguous float
+    values (a decode step's token: one serial scan, none of ``max_abs``' bookkeeping), or None where the
+    general scan applies (more values, a view, ``x`` not float16/32/64)."""
+    if x.dtype not in _BITS or x.size >= config.FINITE_SERIAL_BELOW or not x.flags.c_contiguous:
+        return None
+    width, magnitude = _BITS[x.dtype]
+    return _max_serial(x.reshape(1, 1, -1).view(width), 1, magnitude) if x.size else 0
+
+
 def max_abs(x, rows=None):
     """max |x| over x (float16/32/64, any shape; uint16 is read as float16 bits): inf or NaN if x
     holds any (NaN wins), 0.0 for an empty array. For a C-contiguous (N, slots, C) array with
@@ -78,9 +88,8 @@ def max_abs(x, rows=None):
     if x.dtype not in _BITS:
         raise TypeError(f"max_abs takes float16/32/64 arrays, got {x.dtype}")
     width, magnitude = _BITS[x.dtype]
-    if rows is None and x.size < config.FINITE_SERIAL_BELOW and x.flags.c_contiguous:
-        # a few values (a decode step's token): one serial scan, none of the bookkeeping below
-        top = _max_serial(x.reshape(1, 1, -1).view(width), 1, magnitude)
+    top = None if rows is not None else _few_values_bits(x)
+    if top is not None:
         return float(width(top).view(x.dtype))
     if rows is not None and x.ndim == 3 and x.flags.c_contiguous:
         top = _scan(x.view(width), rows, magnitude)
@@ -105,11 +114,10 @@ def check_finite_array(x, name, rows=None):
     dtypes (integers, longdouble) through ``np.isfinite``. ``rows``: for a (N, slots, C) kernel
     operand, scan only x[:, :rows] (a KV cache's valid tokens).
     """
-    inf_bits = _INF_BITS.get(x.dtype)
-    if inf_bits is not None and rows is None and x.size < config.FINITE_SERIAL_BELOW and x.flags.c_contiguous:
-        # a few values (a decode step's token): the bits' max compared as an integer, no float made of it
-        width, magnitude = _BITS[x.dtype]
-        if not x.size or _max_serial(x.reshape(1, 1, -1).view(width), 1, magnitude) < inf_bits:
+    bits = None if rows is not None else _few_values_bits(x)
+    if bits is not None:
+        # a few values: the bits' max compared with inf's as an integer, no float made of it
+        if bits < _INF_BITS[x.dtype]:
             return
         top = max_abs(x)
     elif x.dtype in (np.float16, np.float32, np.float64, np.uint16):
