@@ -48,7 +48,7 @@ VW, NV, KI = config.TILE_VW, config.TILE_NV, config.TILE_KI
 W = VW * NV
 
 
-def _is_c_f32(x):
+def is_c_f32(x):
     return is_c_array(x, types.float32)
 
 
@@ -56,7 +56,7 @@ def _make(accumulate, ki, vw, nv):
     """The @intrinsic C (+)= A·B on one ki × (nv·vw) tile: ki·nv accumulators of ``<vw x float>``."""
 
     def microkernel(typingctx, a, a_off, a_si, a_st, b, b_off, b_st, c, c_off, c_si, T):
-        if not (_is_c_f32(a) and _is_c_f32(b) and _is_c_f32(c)):
+        if not (is_c_f32(a) and is_c_f32(b) and is_c_f32(c)):
             return None
         i64 = types.int64
         sig = types.void(a, i64, i64, i64, b, i64, i64, c, i64, i64, i64)
@@ -126,7 +126,7 @@ def _tile_scores_overload(qt, kn, j0, nk, st, nr):
     """st[j, r] = Σ_d kn[j0 + j, d]·qt[d, r] for every key j < nk and the rows r < nr//W·W: KI keys per
     tile, the last nk % KI keys by tiles of 4, 2 and 1; returns nr//W·W (the rows done). Any other
     dtype or layout: does nothing and returns 0."""
-    if not (_is_c_f32(qt) and _is_c_f32(kn) and _is_c_f32(st)):
+    if not (is_c_f32(qt) and is_c_f32(kn) and is_c_f32(st)):
         return lambda qt, kn, j0, nk, st, nr: 0
 
     def impl(qt, kn, j0, nk, st, nr):
@@ -157,7 +157,7 @@ def _tile_values_overload(pt, vn, j0, nk, acct, nr):
     """acct[e, r] += Σ_{j < nk} pt[j, r]·vn[j0 + j, e] for every column e < Ev and the rows r < nr//W·W:
     KI columns per tile, the last Ev % KI columns by tiles of 4, 2 and 1; returns nr//W·W. Any other
     dtype or layout: does nothing and returns 0."""
-    if not (_is_c_f32(pt) and _is_c_f32(vn) and _is_c_f32(acct)):
+    if not (is_c_f32(pt) and is_c_f32(vn) and is_c_f32(acct)):
         return lambda pt, vn, j0, nk, acct, nr: 0
 
     def impl(pt, vn, j0, nk, acct, nr):
@@ -201,7 +201,7 @@ def softmax_tile(typingctx, st, nk, m, l, alpha, chk, check):
     loops, which LLVM vectorises only for long rows: a 16-row group left its max pass scalar.
     """
     arrays = (st, m, l, alpha, chk)
-    if not all(_is_c_f32(x) for x in arrays) or st.ndim != 2 or any(x.ndim != 1 for x in arrays[1:]):
+    if not all(is_c_f32(x) for x in arrays) or st.ndim != 2 or any(x.ndim != 1 for x in arrays[1:]):
         return None
     sig = types.void(st, types.int64, m, l, alpha, chk, types.boolean)
 
@@ -263,7 +263,7 @@ def _mask_kernel(typingctx, st, n_key_chunks, n_row_chunks, mask, i0, j0):
     (``_vector_ir.transpose``) into VW key lines of VW rows, added to (float mask) or selected into
     (boolean mask: -inf where False) the score block's lines. ``mask`` (L', S') C-contiguous, float32
     or bool; st float32 (keys × rows, C-contiguous)."""
-    if not (_is_c_f32(st) and isinstance(mask, types.Array) and mask.ndim == 2 and mask.layout == "C"):
+    if not (is_c_f32(st) and isinstance(mask, types.Array) and mask.ndim == 2 and mask.layout == "C"):
         return None
     if mask.dtype not in (types.float32, types.boolean):
         return None
@@ -318,7 +318,7 @@ def _mask_block_overload(st, nk, nr, mask, i0, j0):
     score block st[j, r] for the keys j < nk//VW·VW and rows r < nr//VW·VW with ``mask_kernel``; returns
     (rows done, keys done), (0, 0) where it does not apply (float64, another mask dtype)."""
     if (
-        _is_c_f32(st)
+        is_c_f32(st)
         and isinstance(mask, types.Array)
         and mask.layout == "C"
         and mask.dtype in (types.float32, types.boolean)

@@ -23,8 +23,9 @@ with AVX-512, 16 with AVX2 or NEON, 8 otherwise; float64: one group of all the r
 its own query block, accumulator and score block, each a contiguous array of W-row lines, so the
 micro-kernels read and write them with unit stride (on a Zen 3 the P·V tile went from 47 to 85
 GFLOP/s per core when its probabilities stopped being 512 bytes apart). The last group is padded
-with zero query rows to a whole tile when it holds at least W/8 rows (those rows are computed and
-never written), else computed alone with plain loops. For each key block (converted once if float16),
+with zero query rows to a whole tile (those rows are computed and never written; a group of a few rows
+costs about what plain loops on its rows would, and plain float32 loops beside the tiles cost ~1.5 s
+of a cold start). For each key block (converted once if float16),
 each group in turn: scores, (check and) adjust, softmax step, rescale, P·V. Causal: a group visits
 only the keys its own rows can see, so blocks on the diagonal cost about half.
 
@@ -41,7 +42,7 @@ query rows with no horizontal reductions:
   ``llvm.fma``;
 - softmax, float32 on a whole tile: ``_prefill_tiles.softmax_tile`` (vector IR: the W rows' maxima and
   sums in registers, ``_vector_ir.exp_nonpositive_vector``);
-- the keys a tile does not cover, unpadded groups, and float64: plain loops, 4 keys × 4 head-dim
+- float64 (and the varlen kernel's unpadded rows): plain loops, 4 keys × 4 head-dim
   entries (or 4 columns × 4 keys) per step, vectorised by LLVM along r; softmax with running max,
   exp (``exp_nonpositive``) and sums elementwise along r.
 
@@ -68,7 +69,7 @@ from . import variant
 from ._link import callee, shared
 from ._load import load
 from ._math import exp_nonpositive, running_max
-from ._prefill_tiles import W, mask_block, softmax_tile, tile_rows, tile_scores, tile_values
+from ._prefill_tiles import W, is_c_f32, mask_block, softmax_tile, tile_rows, tile_scores, tile_values
 from ._scores import MASK_NONE, add_sink, adjust_score_line, causal_hidden_span, mask_score_line, visible_key_range
 from .quantised import dequantised_rows
 
@@ -211,6 +212,43 @@ def accumulate_values(pt, vn, j0, nk, acct, nr):
     _values_loops(pt, vn, j0, nk, acct, nr, r_lo)
 
 
+def group_scores(qt, kn, j0, nk, st, nr):  # pragma: no cover - numba overload below
+    raise TypeError("group_scores is a numba kernel helper: call it from @njit code")
+
+
+@overload(group_scores)
+def _group_scores_overload(qt, kn, j0, nk, st, nr):
+    """``scores_block`` on one row group of the prefill kernel. float32 (C arrays): the groups are whole
+    register tiles (nr = W), so the tiles alone: the kernel then compiles no plain loops for float32,
+    seconds less of a cold start. Anything else: ``scores_block``."""
+    if is_c_f32(qt) and is_c_f32(kn) and is_c_f32(st):
+
+        def impl_tiles(qt, kn, j0, nk, st, nr):
+            if tile_scores(qt, kn, j0, nk, st, nr) != nr:
+                raise AssertionError("prefill: a float32 row group that is not a whole register tile")
+
+        return impl_tiles
+    return lambda qt, kn, j0, nk, st, nr: scores_block(qt, kn, j0, nk, st, nr)
+
+
+def group_values(pt, vn, j0, nk, acct, nr):  # pragma: no cover - numba overload below
+    raise TypeError("group_values is a numba kernel helper: call it from @njit code")
+
+
+@overload(group_values)
+def _group_values_overload(pt, vn, j0, nk, acct, nr):
+    """``accumulate_values`` on one row group of the prefill kernel; float32 (C arrays): the tiles alone
+    (see ``group_scores``)."""
+    if is_c_f32(pt) and is_c_f32(vn) and is_c_f32(acct):
+
+        def impl_tiles(pt, vn, j0, nk, acct, nr):
+            if tile_values(pt, vn, j0, nk, acct, nr) != nr:
+                raise AssertionError("prefill: a float32 row group that is not a whole register tile")
+
+        return impl_tiles
+    return lambda pt, vn, j0, nk, acct, nr: accumulate_values(pt, vn, j0, nk, acct, nr)
+
+
 @njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
 def online_softmax_block(st, nk, nr, m, l, alpha, m_blk, chk, check_raw):
     """Streaming-softmax step for a block of scores ``st[j, r]`` (keys × query rows), in place.
@@ -256,15 +294,14 @@ def softmax_step(st, nk, nr, m, l, alpha, m_blk, chk, check_raw):  # pragma: no 
 
 @overload(softmax_step)
 def _softmax_step_overload(st, nk, nr, m, l, alpha, m_blk, chk, check_raw):
-    """``online_softmax_block``; in float32 on exactly one register tile's rows (nr = W, st of W
-    columns) the vector-IR ``_prefill_tiles.softmax_tile`` instead."""
+    """``online_softmax_block``; in float32, where the prefill kernel's row groups are whole register
+    tiles (nr = W, st of W columns), the vector-IR ``_prefill_tiles.softmax_tile`` alone."""
     if st.dtype == types.float32:
 
         def impl_f32(st, nk, nr, m, l, alpha, m_blk, chk, check_raw):
-            if nr == W and st.shape[1] == W:
-                softmax_tile(st, nk, m, l, alpha, chk, check_raw)
-            else:
-                online_softmax_block(st, nk, nr, m, l, alpha, m_blk, chk, check_raw)
+            if nr != W or st.shape[1] != W:
+                raise AssertionError("prefill: a float32 row group that is not a whole register tile")
+            softmax_tile(st, nk, m, l, alpha, chk, check_raw)
 
         return impl_f32
 
@@ -479,15 +516,15 @@ def _prefill_body(
                 r0 = t * tw
                 it0 = i0 + r0
                 nr_t = min(tw, nr - r0)  # the group's rows of the output
-                # rows computed: the whole tile when the group is full or at least 1/8 full (the
-                # padding rows hold zero queries and are never written), else only the group's rows
-                nc = tw if 8 * nr_t >= tw else nr_t
+                # rows computed: the whole group (the padding rows hold zero queries and are never
+                # written); float64 has one group of all the rows
+                nc = tw
                 # the keys of this block that the group's rows can see (causal: fewer near the diagonal)
                 vis_begin, vis_end = visible_key_range(it0, it0 + nr_t, S, is_causal, pos_offset, window)
                 nk_t = min(nk, vis_end - j0)
                 if nk_t <= 0 or j0 + nk_t <= vis_begin:
                     continue
-                scores_block(qt[t], k_rows, k_off, nk_t, st, nc)
+                group_scores(qt[t], k_rows, k_off, nk_t, st, nc)
                 diagonal = is_causal and j0 + nk_t - 1 > it0 + pos_offset
                 raw = not (has_alibi or softcap > 0 or window > 0 or diagonal or mask_kind != MASK_NONE)
                 if not raw:
@@ -512,7 +549,7 @@ def _prefill_body(
                     )
                 softmax_step(st, nk_t, nc, m[r0:], l[r0:], alpha[r0:], m_blk[r0:], chk[r0:], check_finite and raw)
                 rescale_accumulator(acct[t], alpha[r0:], nc)
-                accumulate_values(st, v_rows, v_off, nk_t, acct[t], nc)
+                group_values(st, v_rows, v_off, nk_t, acct[t], nc)
         sink = sinks[n] if has_sink else dt.type(0)
         n_bad = 0
         for t in range(n_tiles):
