@@ -124,7 +124,11 @@ def _prefill_call(operands, common, E, check_finite, out):
     serial = N * L * common[0] * (E + Ev) < config.SERIAL_BELOW_FLOPS
     block_q = prefill_block_q(N, L)
     check = np.empty(N * -(-L // block_q), np.int64)
-    args = operands + common + (block_q, config.PREFILL_BLOCK_K, bool(check_finite), out, lse, check)
+    # None: no mask, ALiBi, soft-cap or window, and a build of the kernel compiled without them
+    _, _, _, mask_kind, _, _, _, _, window, slopes, _, softcap, _ = common
+    plain = mask_kind == MASK_NONE and slopes.shape[0] == 0 and softcap == 0 and window == 0
+    features = None if plain else True
+    args = operands + common + (block_q, config.PREFILL_BLOCK_K, bool(check_finite), features, out, lse, check)
     kernel = prefill.prefill_serial if serial else prefill.prefill_parallel
     _launch_checked(kernel, serial, args, check, check_finite, common[0])
     return lse

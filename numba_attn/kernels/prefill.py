@@ -363,11 +363,18 @@ def adjust_score_block(
                 lo = keys_done if r < rows_done else 0
                 mask_score_line(st[lo:, r], nk - lo, mask_n, mask_kind, i0 + r, 0, j0 + lo, 1, mask_li, mask_sj)
     if diagonal:
-        for j in range(nk):
-            row = st[j]
-            lo, hi = causal_hidden_span(nr, i0, 1, j0 + j, 0, pos_offset)
-            for r in range(lo, hi):
-                row[r] = -np.inf
+        hide_above_diagonal(st, nk, nr, i0, j0, pos_offset)
+
+
+@njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
+def hide_above_diagonal(st, nk, nr, i0, j0, pos_offset):
+    """st[j, r] = -inf where key j0 + j lies after query row i0 + r's position (i0 + r + pos_offset): the
+    causal rule on a block that straddles the diagonal."""
+    for j in range(nk):
+        row = st[j]
+        lo, hi = causal_hidden_span(nr, i0, 1, j0 + j, 0, pos_offset)
+        for r in range(lo, hi):
+            row[r] = -np.inf
 
 
 @njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
@@ -444,6 +451,7 @@ def _prefill_body(
     block_q,
     block_k,
     check_finite,
+    score_features,
     out,
     lse,
     check,
@@ -460,7 +468,10 @@ def _prefill_body(
     output batch entry to its operands; mask (Nm, L or 1, S or 1), read at
     [m_idx[n], i·mask_li, j·mask_sj]; slopes (N,) or (0,) for no
     ALiBi; sinks (N,) learned sink logits or (0,) for none (``_scores.add_sink``); window 0 = none;
-    softcap 0 = none; query i sits at key position i + pos_offset.
+    softcap 0 = none; query i sits at key position i + pos_offset. ``score_features``: None when there is
+    no mask, ALiBi, soft-cap or window (the causal rule may apply), True otherwise: numba compiles the
+    None build without the code of those features (its branch is pruned from the argument's type: ~2 s
+    less of the first prefill's compile); the None build raises if it meets one of them.
     ``check_finite``: ``check[w]`` (one int64 per work item) counts the query rows whose query,
     raw scores (before masks: NaN or ±inf from a non-finite query or key, or an overflow) or
     result are not all finite; each check adds x·0 (0, or NaN for NaN and ±inf) into a per-row sum
@@ -478,6 +489,8 @@ def _prefill_body(
     has_alibi = slopes.shape[0] > 0
     has_sink = sinks.shape[0] > 0
     row_tile = tile_rows(out)  # W for float32 arithmetic, 0 where no register tile applies
+    if score_features is None and (has_alibi or softcap > 0 or window > 0 or mask_kind != MASK_NONE):
+        raise ValueError("prefill kernel: score_features=None with a mask, ALiBi, soft-cap or window")
     for w in range(w_begin, w_end):
         n = w // nqb
         i0 = (w % nqb) * block_q
@@ -530,23 +543,26 @@ def _prefill_body(
                 if not raw:
                     if check_finite:  # check before masks write their -inf
                         check_score_block(st, nk_t, nr_t, chk[r0:])
-                    adjust_score_block(
-                        st,
-                        nk_t,
-                        nr_t,
-                        it0,
-                        j0,
-                        pos_offset,
-                        diagonal,
-                        has_alibi,
-                        slope,
-                        softcap,
-                        window,
-                        mask_n,
-                        mask_kind,
-                        mask_li,
-                        mask_sj,
-                    )
+                    if score_features is not None:  # None: compiled without them (see above)
+                        adjust_score_block(
+                            st,
+                            nk_t,
+                            nr_t,
+                            it0,
+                            j0,
+                            pos_offset,
+                            diagonal,
+                            has_alibi,
+                            slope,
+                            softcap,
+                            window,
+                            mask_n,
+                            mask_kind,
+                            mask_li,
+                            mask_sj,
+                        )
+                    elif diagonal:
+                        hide_above_diagonal(st, nk_t, nr_t, it0, j0, pos_offset)
                 softmax_step(st, nk_t, nc, m[r0:], l[r0:], alpha[r0:], m_blk[r0:], chk[r0:], check_finite and raw)
                 rescale_accumulator(acct[t], alpha[r0:], nc)
                 group_values(st, v_rows, v_off, nk_t, acct[t], nc)
@@ -591,6 +607,7 @@ def _prefill_launch(
     block_q,
     block_k,
     check_finite,
+    score_features,
     out,
     lse,
     check,
@@ -635,6 +652,7 @@ def _prefill_launch(
                 block_q,
                 block_k,
                 check_finite,
+                score_features,
                 out,
                 lse,
                 check,
