@@ -96,6 +96,13 @@ def _run(plan, out=None):
     return out, _decode_call(operands + (groups,), common, plan.E, plan.check_finite, out)
 
 
+def _score_features(common):
+    """The kernels' ``score_features``: None when ``common`` has no mask, ALiBi, soft-cap or window (a build
+    compiled without their code: the first plain call compiles seconds faster), else True."""
+    _, _, _, mask_kind, _, _, _, _, window, slopes, _, softcap, _ = common
+    return None if mask_kind == MASK_NONE and slopes.shape[0] == 0 and softcap == 0 and window == 0 else True
+
+
 def _decode_call(operands, common, E, check_finite, out):
     """The decode kernel on ``operands`` (query, key, key scales, key block, value, value scales,
     value block, q_idx, k_idx, v_idx, groups) and ``common`` (S … scale, as ``_run`` passes them to
@@ -109,7 +116,8 @@ def _decode_call(operands, common, E, check_finite, out):
     n_chunks = -(-(groups.shape[1] * L) // config.DECODE_MAX_ROWS)
     n_split = 1 if serial else decode_splits(groups.shape[0] * n_chunks, common[0])
     check = np.empty(groups.shape[0] * n_chunks * n_split, np.int64)
-    args = operands + common + (config.DECODE_MAX_ROWS, n_split, config.DECODE_BLOCK_K, out, lse, check)
+    features = _score_features(common)
+    args = operands + common + (config.DECODE_MAX_ROWS, n_split, config.DECODE_BLOCK_K, features, out, lse, check)
     kernel = decode.decode_serial if serial else decode.decode_parallel
     _launch_checked(kernel, serial, args, check, check_finite, common[0])
     return lse
@@ -124,10 +132,7 @@ def _prefill_call(operands, common, E, check_finite, out):
     serial = N * L * common[0] * (E + Ev) < config.SERIAL_BELOW_FLOPS
     block_q = prefill_block_q(N, L)
     check = np.empty(N * -(-L // block_q), np.int64)
-    # None: no mask, ALiBi, soft-cap or window, and a build of the kernel compiled without them
-    _, _, _, mask_kind, _, _, _, _, window, slopes, _, softcap, _ = common
-    plain = mask_kind == MASK_NONE and slopes.shape[0] == 0 and softcap == 0 and window == 0
-    features = None if plain else True
+    features = _score_features(common)
     args = operands + common + (block_q, config.PREFILL_BLOCK_K, bool(check_finite), features, out, lse, check)
     kernel = prefill.prefill_serial if serial else prefill.prefill_parallel
     _launch_checked(kernel, serial, args, check, check_finite, common[0])

@@ -118,6 +118,12 @@ def adjust_scores_line(
         adjust_score_line(x, count, i0, di, j0, dj, pos_offset, slope, softcap, window)
     mask_score_line(x, count, mask_n, mask_kind, i0, di, j0, dj, mask_li, mask_sj)
     if causal:
-        lo, hi = causal_hidden_span(count, i0, di, j0, dj, pos_offset)
-        for t in range(lo, hi):
-            x[t] = -np.inf
+        hide_causal_line(x, count, i0, di, j0, dj, pos_offset)
+
+
+@njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
+def hide_causal_line(x, count, i0, di, j0, dj, pos_offset):
+    """x[t] = -inf where the causal rule hides key j0 + dj·t from query row i0 + di·t (``causal_hidden_span``)."""
+    lo, hi = causal_hidden_span(count, i0, di, j0, dj, pos_offset)
+    for t in range(lo, hi):
+        x[t] = -np.inf

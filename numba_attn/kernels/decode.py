@@ -44,7 +44,7 @@ from . import variant
 from ._link import callee, shared
 from ._load import load
 from ._math import exp_nonpositive, fast_exp
-from ._scores import add_sink, adjust_scores_line, visible_key_range
+from ._scores import MASK_NONE, add_sink, adjust_scores_line, hide_causal_line, visible_key_range
 from .quantised import block_scores, block_values
 
 
@@ -183,6 +183,7 @@ def _decode_body(
     row_chunk,
     n_split,
     block_k,
+    score_features,
     out,
     lse,
     check,
@@ -200,7 +201,9 @@ def _decode_body(
     output batch entries that read the same key/value entry; ``k_scales``/``v_scales`` (N, ≥S, blocks)
     float32 for int8 keys/values, (N, ≥S, 2·blocks) float16 bits (step, min) for 4-bit ones (uint8, two
     codes per byte), and ``k_block``/``v_block`` (ignored for float ones); ``row_chunk``: query rows per
-    work item; ``n_split``: parts of the key range. Storage may be float32/float64, uint16 (float16
+    work item; ``n_split``: parts of the key range; ``score_features``: None when there is no mask, ALiBi,
+    soft-cap or window (as the prefill kernel's: that build is compiled without their code and raises
+    if it meets one), True otherwise. Storage may be float32/float64, uint16 (float16
     bits), int8 or uint8 (4-bit codes); the arithmetic runs in ``out.dtype``. ``check``
     (G·n_chunks·n_split,) int64: per work item, how many of its raw scores (before masks) are NaN or
     ±inf (a key or the query held NaN/inf, or a score overflowed), whether its query rows or
@@ -222,6 +225,8 @@ def _decode_body(
     zero = dt.type(0)
     has_alibi = slopes.shape[0] > 0
     n_chunks = (R + row_chunk - 1) // row_chunk
+    if score_features is None and (has_alibi or softcap > 0 or window > 0 or mask_kind != MASK_NONE):
+        raise ValueError("decode kernel: score_features=None with a mask, ALiBi, soft-cap or window")
     kv_begin, kv_end = visible_key_range(0, L, S, is_causal, pos_offset, window)
     span = kv_end - kv_begin
     split_len = (span + n_split - 1) // n_split if span > 0 else 0
@@ -256,24 +261,27 @@ def _decode_body(
                 n = groups[g, (r0 + r) // L]
                 srow = s[r]
                 n_bad += count_nonfinite(srow, nk)
-                adjust_scores_line(
-                    srow,
-                    nk,
-                    (r0 + r) % L,
-                    0,
-                    j0,
-                    1,
-                    pos_offset,
-                    is_causal,
-                    has_alibi,
-                    slopes[n] if has_alibi else zero,
-                    softcap,
-                    window,
-                    mask[m_idx[n]],
-                    mask_kind,
-                    mask_li,
-                    mask_sj,
-                )
+                if score_features is not None:  # None: compiled without them (see above)
+                    adjust_scores_line(
+                        srow,
+                        nk,
+                        (r0 + r) % L,
+                        0,
+                        j0,
+                        1,
+                        pos_offset,
+                        is_causal,
+                        has_alibi,
+                        slopes[n] if has_alibi else zero,
+                        softcap,
+                        window,
+                        mask[m_idx[n]],
+                        mask_kind,
+                        mask_li,
+                        mask_sj,
+                    )
+                elif is_causal:
+                    hide_causal_line(srow, nk, (r0 + r) % L, 0, j0, 1, pos_offset)
                 streaming_softmax_row(srow, nk, m, l, r, acc[r])
             block_values(s, vn, vsn, v_block, j0, nk, acc)
         # element by element: a slice assignment compiles numba's shape-mismatch error message (~4 s)
@@ -348,6 +356,7 @@ def _decode_launch(
     row_chunk,
     n_split,
     block_k,
+    score_features,
     out,
     lse,
     check,
@@ -394,6 +403,7 @@ def _decode_launch(
                 row_chunk,
                 n_split,
                 block_k,
+                score_features,
                 out,
                 lse,
                 check,
