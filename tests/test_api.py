@@ -1026,3 +1026,31 @@ def test_broadcasting_does_not_multiply_compilations(monkeypatch):
         i: [f"arg {a}: {t0} -> {t}" for a, (t, t0) in enumerate(zip(seen[i], seen[0])) if t != t0] for i in differ
     }
     assert not differ, f"variants {differ} call the kernel with other argument types: {detail}"
+
+
+@pytest.mark.parametrize("kernel_kind", ["prefill", "decode"])
+@pytest.mark.parametrize("feature", ["window", "softcap", "alibi", "mask"])
+def test_the_plain_kernel_build_is_chosen_only_without_score_features(kernel_kind, feature):
+    """``api._score_features``: a call with no mask, ALiBi, soft-cap or window runs the kernels' plain
+    build (score_features None: compiled without that code); a call with one of them the full build
+    (True); and the plain build, handed one of them, raises instead of ignoring it."""
+    from numba_attn import bench
+
+    rng = np.random.default_rng(3)
+    L, S = (40, 40) if kernel_kind == "prefill" else (1, 300)
+    q = rng.standard_normal((1, 2, L, 16), dtype=np.float32)
+    k = rng.standard_normal((1, 2, S, 16), dtype=np.float32)
+    options = {
+        "window": dict(is_causal="lower_right", window=8),
+        "softcap": dict(softcap=30.0),
+        "alibi": dict(alibi_slopes=np.array([0.5, 0.25])),
+        "mask": dict(attn_mask=rng.standard_normal((L, S)).astype(np.float32)),
+    }[feature]
+    plain_kernel, plain = bench._captured_kernel_call(
+        lambda: scaled_dot_product_attention(q, k, k, is_causal="lower_right")
+    )
+    kernel, args = bench._captured_kernel_call(lambda: scaled_dot_product_attention(q, k, k, **options))
+    assert kernel_kind in plain_kernel.py_func.__name__ and kernel_kind in kernel.py_func.__name__
+    assert plain[-4] is None and args[-4] is True
+    with pytest.raises(ValueError, match="score_features=None with a mask, ALiBi, soft-cap or window"):
+        kernel(*args[:-4], None, *args[-3:])
