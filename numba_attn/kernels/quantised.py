@@ -195,9 +195,10 @@ def _block_values_overload(s, vn, v_scales, v_block, j0, nk, acc):
 
     float32 probabilities and a value dim that is a multiple of VW: register tiles in LLVM vector
     IR (``_decode_tiles.rows_of_values``: 4 rows × up to 4 vectors of columns, accumulated over all
-    nk keys without touching memory). Otherwise the loops here: four keys per pass over an accumulator
-    row, so each accumulator entry is read and written once per four keys (one at a time, the loop
-    waits on its own stores).
+    nk keys without touching memory). Otherwise the loops here: float32 (a value dim that is not a
+    multiple of VW) one key at a time; float64 four keys per pass over an accumulator row, so each
+    accumulator entry is read and written once per four keys (one at a time, the loop waits on its
+    own stores).
     """
     if isinstance(vn, types.Array) and vn.dtype == types.uint8:
 
@@ -223,6 +224,23 @@ def _block_values_overload(s, vn, v_scales, v_block, j0, nk, acc):
                 _values_int8(s, vn, v_scales, block_shift(v_block), j0, nk, acc)
 
         return impl_int8
+
+    if s.dtype == types.float32 and acc.dtype == types.float32:
+
+        def impl_float32(s, vn, v_scales, v_block, j0, nk, acc):
+            if rows_of_values(s, vn, v_scales, v_block, j0, nk, acc):  # register tiles, see _decode_tiles
+                return
+            # a value dim that is not a multiple of VW (rare): one key at a time, the loop over e
+            # vectorised by LLVM (the four-key form below compiled ~1 s longer, for shapes few models have)
+            for j in range(nk):
+                vj = vn[j0 + j]
+                for r in range(acc.shape[0]):
+                    arow = acc[r]
+                    pj = s[r, j]
+                    for e in range(vj.shape[0]):
+                        arow[e] += pj * load(vj[e])
+
+        return impl_float32
 
     def impl_float(s, vn, v_scales, v_block, j0, nk, acc):
         if rows_of_values(s, vn, v_scales, v_block, j0, nk, acc):  # register tiles, see _decode_tiles
