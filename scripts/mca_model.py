@@ -104,6 +104,8 @@ def step_of(probe, shape):
         if probe.endswith(" rows"):  # 4 (or 3) rows × FOUR_ROW_VECTORS vectors
             rows, vectors = int(probe.split()[-2]), shape["FOUR_ROW_VECTORS"]
             return rows * vectors, 1, vectors * vw
+        if probe.endswith(" 8 vectors"):  # one row × 8 vectors (float32 values, a head of its own)
+            return 8, 1, 8 * vw
         if probe.endswith("int4"):  # 2 byte vectors = 4 vectors of columns, each dequantised by an FMA
             return 4 + 4, 1, 4 * vw
         return 4, 1, 4 * vw

@@ -23,6 +23,7 @@ from numba_attn.kernels._decode_tiles import (
     key_scores,
     key_scores_q4,
     value_rows_1x4,
+    value_rows_1x8,
     value_rows_3x1,
     value_rows_3x2,
     value_rows_3x4,
@@ -96,6 +97,11 @@ def decode_values_1x4(p, v, vs, shift, acc, nk):  # one row × 4 vectors of floa
 
 
 @njit(fastmath=config.FASTMATH)
+def decode_values_1x8(p, v, vs, shift, acc, nk):  # one row × 8 vectors of float32 values (a head of its own)
+    value_rows_1x8(p, 0, p.shape[1], v, 0, v.shape[1], vs, 0, vs.shape[1], 0, shift, acc, 0, acc.shape[1], nk)
+
+
+@njit(fastmath=config.FASTMATH)
 def decode_values_4x4(p, v, vs, shift, acc, nk):  # 4 rows (grouped heads) × FOUR_ROW_VECTORS vectors of values
     value_rows_four(p, 0, p.shape[1], v, 0, v.shape[1], vs, 0, vs.shape[1], 0, shift, acc, 0, acc.shape[1], nk)
 
@@ -137,6 +143,7 @@ LOOP_PROBES = {
     "decode values float16": (decode_values_1x4, (F32_2D, U16_2D, F32_2D, I64, F32_2D, I64)),
     "decode values int8": TILE_PROBES["decode values int8"],
     "decode values int4": (decode_values_q4, (F32_2D, U8_2D, U16_2D, I64, F32_2D, I64)),
+    "decode values float32 8 vectors": (decode_values_1x8, (F32_2D, F32_2D, F32_2D, I64, F32_2D, I64)),
     "decode values float32 4 rows": (decode_values_4x4, (F32_2D, F32_2D, F32_2D, I64, F32_2D, I64)),
     "decode values int8 4 rows": (decode_values_4x4, (F32_2D, I8_2D, F32_2D, I64, F32_2D, I64)),
     "decode values float32 3 rows": (decode_values_3x4, (F32_2D, F32_2D, F32_2D, I64, F32_2D, I64)),

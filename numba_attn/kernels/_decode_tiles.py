@@ -369,6 +369,7 @@ value_rows_3x1 = _make_value_rows(3, 1)
 value_rows_2x4 = _make_value_rows(2, 4)
 value_rows_2x2 = _make_value_rows(2, 2)
 value_rows_2x1 = _make_value_rows(2, 1)
+value_rows_1x8 = _make_value_rows(1, 8)
 value_rows_1x4 = _make_value_rows(1, 4)
 value_rows_1x2 = _make_value_rows(1, 2)
 value_rows_1x1 = _make_value_rows(1, 1)
@@ -506,10 +507,15 @@ def _rows_of_values_overload(s, vn, v_scales, v_block, j0, nk, acc):
 
         return impl_int8
 
+    # one row (a head of its own) of float32 values: tiles of 8 vectors, each value row read in one pass
+    # (its loads fold into the FMAs: 8 accumulators fit in 16 registers); values that need converting
+    # (float16, int8) keep 4: their converted vectors would not fit beside 8 accumulators on AVX2
+    cap = 8 * VW if vn.dtype == types.float32 else 4 * VW
+
     def impl_float(s, vn, v_scales, v_block, j0, nk, acc):
         if vn.shape[1] % VW != 0:
             return False
-        _value_tiles(s, vn, s, 0, 0, 4 * VW, j0, nk, acc)  # float values have no scales: s stands in
+        _value_tiles(s, vn, s, 0, 0, cap, j0, nk, acc)  # float values have no scales: s stands in
         return True
 
     return impl_float
@@ -565,8 +571,8 @@ def _row_tiles(rows, r, s, vn, scales, nb, shift, cap, j0, nk, acc):
     ps = s.shape[1]
     e = 0
     while e < Ev:
-        left = min(Ev - e, cap, FOUR_ROW_VECTORS * VW if rows > 1 else 4 * VW)
-        width = 4 * VW if left >= 4 * VW else (2 * VW if left >= 2 * VW else VW)
+        left = min(Ev - e, cap, FOUR_ROW_VECTORS * VW if rows > 1 else 8 * VW)
+        width = 8 * VW if left >= 8 * VW else (4 * VW if left >= 4 * VW else (2 * VW if left >= 2 * VW else VW))
         a = (s, r * ps, ps, vn, j0 * Ev + e, Ev, scales, j0 * nb, nb, e, shift, acc, r * Ev + e, Ev, nk)
         if rows == 4:
             if width == 4 * VW:
@@ -589,6 +595,8 @@ def _row_tiles(rows, r, s, vn, scales, nb, shift, cap, j0, nk, acc):
                 value_rows_2x2(*a)
             else:
                 value_rows_2x1(*a)
+        elif width == 8 * VW:  # one row (a head of its own): 8 accumulators, one pass over each value row
+            value_rows_1x8(*a)
         elif width == 4 * VW:
             value_rows_1x4(*a)
         elif width == 2 * VW:
