@@ -459,8 +459,9 @@ def rows_of_values(s, vn, v_scales, v_block, j0, nk, acc):  # pragma: no cover -
 
 @overload(rows_of_values)
 def _rows_of_values_overload(s, vn, v_scales, v_block, j0, nk, acc):
-    """acc[r, :] += Σ_{j<nk} s[r, j]·v_{j0+j} for every row and column, in register tiles of 4 (or 1)
-    rows × 4, 2 or 1 vectors of columns (``value_rows_*``); returns True, or False without doing
+    """acc[r, :] += Σ_{j<nk} s[r, j]·v_{j0+j} for every row and column, in register tiles of 4, 3, 2 or 1
+    rows × 4, 2 or 1 vectors of columns, 8 for a single row of float32 values (``value_rows_*``; see
+    ``_value_tiles``, ``_row_tiles``); returns True, or False without doing
     anything where it does not apply (float64, a value dim that is not a multiple of VW, int8
     scale blocks narrower than VW, 4-bit half blocks that are not a multiple of VW)."""
     if is_c_array(s, types.float32) and is_c_array(acc, types.float32) and is_c_array(vn, types.uint8):
