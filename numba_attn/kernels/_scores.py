@@ -127,3 +127,11 @@ def hide_causal_line(x, count, i0, di, j0, dj, pos_offset):
     lo, hi = causal_hidden_span(count, i0, di, j0, dj, pos_offset)
     for t in range(lo, hi):
         x[t] = -np.inf
+
+
+@njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
+def refuse_unbuilt_features(score_features, has_alibi, softcap, window, mask_kind):
+    """Raise where a kernel build compiled without the score adjustments (``score_features`` None, the
+    prefill and decode kernels' plain build) is handed a call that has one: ALiBi, soft-cap, window or mask."""
+    if score_features is None and (has_alibi or softcap > 0 or window > 0 or mask_kind != MASK_NONE):
+        raise ValueError("attention kernel: score_features=None with a mask, ALiBi, soft-cap or window")

@@ -44,7 +44,7 @@ from . import variant
 from ._link import callee, shared
 from ._load import load
 from ._math import exp_nonpositive, fast_exp
-from ._scores import MASK_NONE, add_sink, adjust_scores_line, hide_causal_line, visible_key_range
+from ._scores import add_sink, adjust_scores_line, hide_causal_line, refuse_unbuilt_features, visible_key_range
 from .quantised import block_scores, block_values
 
 
@@ -225,8 +225,7 @@ def _decode_body(
     zero = dt.type(0)
     has_alibi = slopes.shape[0] > 0
     n_chunks = (R + row_chunk - 1) // row_chunk
-    if score_features is None and (has_alibi or softcap > 0 or window > 0 or mask_kind != MASK_NONE):
-        raise ValueError("decode kernel: score_features=None with a mask, ALiBi, soft-cap or window")
+    refuse_unbuilt_features(score_features, has_alibi, softcap, window, mask_kind)
     kv_begin, kv_end = visible_key_range(0, L, S, is_causal, pos_offset, window)
     span = kv_end - kv_begin
     split_len = (span + n_split - 1) // n_split if span > 0 else 0

@@ -70,7 +70,15 @@ from ._link import callee, shared
 from ._load import load
 from ._math import exp_nonpositive, running_max
 from ._prefill_tiles import W, is_c_f32, mask_block, softmax_tile, tile_rows, tile_scores, tile_values
-from ._scores import MASK_NONE, add_sink, adjust_score_line, causal_hidden_span, mask_score_line, visible_key_range
+from ._scores import (
+    MASK_NONE,
+    add_sink,
+    adjust_score_line,
+    hide_causal_line,
+    mask_score_line,
+    refuse_unbuilt_features,
+    visible_key_range,
+)
 from .quantised import dequantised_rows
 
 
@@ -216,37 +224,32 @@ def group_scores(qt, kn, j0, nk, st, nr):  # pragma: no cover - numba overload b
     raise TypeError("group_scores is a numba kernel helper: call it from @njit code")
 
 
-@overload(group_scores)
-def _group_scores_overload(qt, kn, j0, nk, st, nr):
-    """``scores_block`` on one row group of the prefill kernel. float32 (C arrays): the groups are whole
-    register tiles (nr = W), so the tiles alone: the kernel then compiles no plain loops for float32,
-    seconds less of a cold start. Anything else: ``scores_block``."""
-    if is_c_f32(qt) and is_c_f32(kn) and is_c_f32(st):
-
-        def impl_tiles(qt, kn, j0, nk, st, nr):
-            if tile_scores(qt, kn, j0, nk, st, nr) != nr:
-                raise AssertionError("prefill: a float32 row group that is not a whole register tile")
-
-        return impl_tiles
-    return lambda qt, kn, j0, nk, st, nr: scores_block(qt, kn, j0, nk, st, nr)
-
-
 def group_values(pt, vn, j0, nk, acct, nr):  # pragma: no cover - numba overload below
     raise TypeError("group_values is a numba kernel helper: call it from @njit code")
 
 
-@overload(group_values)
-def _group_values_overload(pt, vn, j0, nk, acct, nr):
-    """``accumulate_values`` on one row group of the prefill kernel; float32 (C arrays): the tiles alone
-    (see ``group_scores``)."""
-    if is_c_f32(pt) and is_c_f32(vn) and is_c_f32(acct):
+def _one_row_group(tiles, loops):
+    """The overload of ``group_scores`` (``tiles`` = ``tile_scores``, ``loops`` = ``scores_block``) or
+    ``group_values`` (``tile_values``, ``accumulate_values``) on one row group of the prefill kernel.
+    float32 (C arrays): the groups are whole register tiles (nr = W), so the tiles alone, raising if a
+    group is not one: the kernel then compiles no plain loops for float32, seconds less of a cold start.
+    Anything else: ``loops`` (the tiles where they apply, plain loops for the rest)."""
 
-        def impl_tiles(pt, vn, j0, nk, acct, nr):
-            if tile_values(pt, vn, j0, nk, acct, nr) != nr:
-                raise AssertionError("prefill: a float32 row group that is not a whole register tile")
+    def group_overload(a, b, j0, nk, c, nr):
+        if is_c_f32(a) and is_c_f32(b) and is_c_f32(c):
 
-        return impl_tiles
-    return lambda pt, vn, j0, nk, acct, nr: accumulate_values(pt, vn, j0, nk, acct, nr)
+            def impl_tiles(a, b, j0, nk, c, nr):
+                if tiles(a, b, j0, nk, c, nr) != nr:
+                    raise AssertionError("prefill: a float32 row group that is not a whole register tile")
+
+            return impl_tiles
+        return lambda a, b, j0, nk, c, nr: loops(a, b, j0, nk, c, nr)
+
+    return group_overload
+
+
+overload(group_scores)(_one_row_group(tile_scores, scores_block))
+overload(group_values)(_one_row_group(tile_values, accumulate_values))
 
 
 @njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
@@ -371,10 +374,7 @@ def hide_above_diagonal(st, nk, nr, i0, j0, pos_offset):
     """st[j, r] = -inf where key j0 + j lies after query row i0 + r's position (i0 + r + pos_offset): the
     causal rule on a block that straddles the diagonal."""
     for j in range(nk):
-        row = st[j]
-        lo, hi = causal_hidden_span(nr, i0, 1, j0 + j, 0, pos_offset)
-        for r in range(lo, hi):
-            row[r] = -np.inf
+        hide_causal_line(st[j], nr, i0, 1, j0 + j, 0, pos_offset)
 
 
 @njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
@@ -489,8 +489,7 @@ def _prefill_body(
     has_alibi = slopes.shape[0] > 0
     has_sink = sinks.shape[0] > 0
     row_tile = tile_rows(out)  # W for float32 arithmetic, 0 where no register tile applies
-    if score_features is None and (has_alibi or softcap > 0 or window > 0 or mask_kind != MASK_NONE):
-        raise ValueError("prefill kernel: score_features=None with a mask, ALiBi, soft-cap or window")
+    refuse_unbuilt_features(score_features, has_alibi, softcap, window, mask_kind)
     for w in range(w_begin, w_end):
         n = w // nqb
         i0 = (w % nqb) * block_q
