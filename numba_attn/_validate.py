@@ -10,6 +10,7 @@ read-only ``(N_m, L or 1, S or 1)`` array with index steps (broadcast by the ker
 materialised).
 """
 
+import functools
 import math
 import numbers
 from dataclasses import dataclass
@@ -57,7 +58,7 @@ class Plan:
     E: int
     Ev: int
     check_finite: bool = False  # the kernels check query, scores and result for NaN/inf (see api._run)
-    groups: np.ndarray = None  # (G, g) output entries sharing a K/V entry, when the caller knows (KVCache.attend)
+    groups: np.ndarray = None  # (G, g) output entries sharing a K/V entry (None: uneven, one entry per group)
 
     @property
     def quantized(self):
@@ -172,7 +173,8 @@ def _as_3d(x, rows, cols):
     """
     x3 = x.reshape(math.prod(x.shape[:-2]), rows, cols)
     if x3.flags.c_contiguous:
-        return _read_only(x3)
+        x3.flags.writeable = False  # x3 is a new view (reshape always makes one): its flags are ours
+        return x3
     if x3.size:
         it = x3.itemsize
         n, st = x3.shape[0], x3.strides
@@ -211,7 +213,14 @@ _NO_SLOPES = {np.dtype(dt): np.zeros(0, dt) for dt in (np.float32, np.float64)}
 def _dtypes(query, key, value, out_dtype):
     """(compute dtype, result dtype): float64 if any input is float64, else float32; the result has
     ``np.result_type`` of the float inputs (int8 ones do not count) unless ``out_dtype`` says."""
-    floats = [x.dtype for x in (query, key, value) if x.dtype.kind == "f"]
+    return _dtype_rule(query.dtype, key.dtype, value.dtype, out_dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _dtype_rule(*dtypes_and_out):
+    """``_dtypes`` on the dtypes themselves, kept per combination (``np.result_type`` is ~2 µs a call)."""
+    *dtypes, out_dtype = dtypes_and_out
+    floats = [dt for dt in dtypes if dt.kind == "f"]
     compute = np.dtype(np.float64) if np.dtype(np.float64) in floats else np.dtype(np.float32)
     result = np.result_type(*floats) if out_dtype is None else out_dtype
     return compute, result
@@ -252,44 +261,14 @@ def prepare_attention(
     scale = check_scale(scale, E)
     dtype, result_dtype = _dtypes(query, key, value, out_dtype)
 
-    bq, bk, bv = query.shape[:-2], key.shape[:-2], value.shape[:-2]
-    group = 1
-    if enable_gqa:
-        if len(bq) < 1 or len(bk) < 1 or len(bv) < 1:
-            raise ValueError(
-                "enable_gqa=True needs a heads dim (-3) on query, key and value, got shapes "
-                f"{query.shape}, {key.shape}, {value.shape}"
-            )
-        hq, hk, hv = bq[-1], bk[-1], bv[-1]
-        if hk != hv:
-            raise ValueError(
-                f"enable_gqa=True: key and value must have the same number of heads (dim -3), got {hk} and {hv}"
-            )
-        if hk == 0 or hq % hk != 0:
-            raise ValueError(f"enable_gqa=True: query heads ({hq}) must be a multiple of key/value heads ({hk})")
-        group = hq // hk
-        bk_b = bk[:-1] + (hq,)
-        bv_b = bv[:-1] + (hq,)
-    else:
-        bk_b, bv_b = bk, bv
-    try:
-        batch = np.broadcast_shapes(bq, bk_b, bv_b)
-    except ValueError:
-        hint = ""
-        if len(bq) and len(bk) and bq[-1] != bk[-1]:
-            hint = " (different head counts on dim -3: pass enable_gqa=True for grouped-query attention)"
-        raise ValueError(f"batch dims of query {bq}, key {bk} and value {bv} do not broadcast{hint}") from None
-
-    q_idx = _batch_index(bq, batch, "query")
-    if group > 1:
-        k_own = np.repeat(np.arange(math.prod(bk), dtype=np.int64).reshape(bk), group, axis=-1)
-        v_own = np.repeat(np.arange(math.prod(bv), dtype=np.int64).reshape(bv), group, axis=-1)
-        k_idx = np.array(np.broadcast_to(k_own, batch).reshape(-1))
-        v_idx = np.array(np.broadcast_to(v_own, batch).reshape(-1))
-    else:
-        k_idx = _batch_index(bk, batch, "key")
-        v_idx = _batch_index(bv, batch, "value")
-
+    if enable_gqa and min(query.ndim, key.ndim, value.ndim) < 3:
+        raise ValueError(
+            "enable_gqa=True needs a heads dim (-3) on query, key and value, got shapes "
+            f"{query.shape}, {key.shape}, {value.shape}"
+        )
+    batch, q_idx, k_idx, v_idx, groups = _batch_plan(
+        query.shape[:-2], key.shape[:-2], value.shape[:-2], bool(enable_gqa)
+    )
     mask, m_idx, mask_kind, mask_row_step, mask_col_step = _prepare_mask(attn_mask, batch, L, S, dtype, check_finite)
     window = check_window(window, alignment)
     softcap = check_softcap(softcap)
@@ -329,13 +308,79 @@ def prepare_attention(
         E=E,
         Ev=Ev,
         check_finite=bool(check_finite),
+        groups=groups,
     )
+
+
+@functools.lru_cache(maxsize=256)
+def _batch_plan(bq, bk, bv, enable_gqa):
+    """(batch shape, q_idx, k_idx, v_idx, groups) for operands of batch shapes ``bq``, ``bk``, ``bv``: the
+    broadcast batch, each output entry's index into each operand's batch, and the (G, g) output entries
+    that read the same key and value entry (None if uneven: ``kv_groups``).
+
+    A function of the shapes alone, so it is worked out once per shape and kept (it was ~15 µs of a
+    ~75 µs decode call): the arrays are shared by every call with these shapes and must never be
+    written (the kernels only read them)."""
+    group = 1
+    if enable_gqa:
+        hq, hk, hv = bq[-1], bk[-1], bv[-1]
+        if hk != hv:
+            raise ValueError(
+                f"enable_gqa=True: key and value must have the same number of heads (dim -3), got {hk} and {hv}"
+            )
+        if hk == 0 or hq % hk != 0:
+            raise ValueError(f"enable_gqa=True: query heads ({hq}) must be a multiple of key/value heads ({hk})")
+        group = hq // hk
+        bk_b = bk[:-1] + (hq,)
+        bv_b = bv[:-1] + (hq,)
+    else:
+        bk_b, bv_b = bk, bv
+    try:
+        batch = np.broadcast_shapes(bq, bk_b, bv_b)
+    except ValueError:
+        hint = ""
+        if len(bq) and len(bk) and bq[-1] != bk[-1]:
+            hint = " (different head counts on dim -3: pass enable_gqa=True for grouped-query attention)"
+        raise ValueError(f"batch dims of query {bq}, key {bk} and value {bv} do not broadcast{hint}") from None
+
+    q_idx = _batch_index(bq, batch, "query")
+    if group > 1:
+        k_own = np.repeat(np.arange(math.prod(bk), dtype=np.int64).reshape(bk), group, axis=-1)
+        v_own = np.repeat(np.arange(math.prod(bv), dtype=np.int64).reshape(bv), group, axis=-1)
+        k_idx = np.array(np.broadcast_to(k_own, batch).reshape(-1))
+        v_idx = np.array(np.broadcast_to(v_own, batch).reshape(-1))
+    else:
+        k_idx = _batch_index(bk, batch, "key")
+        v_idx = _batch_index(bv, batch, "value")
+    return tuple(batch), q_idx, k_idx, v_idx, kv_groups(k_idx, v_idx)
+
+
+def kv_groups(k_idx, v_idx):
+    """(G, g) output batch entries that read the same key and value entry, or None if uneven."""
+    N = k_idx.shape[0]
+    G = int(k_idx[-1]) + 1 if N else 0
+    if G and N % G == 0 and np.array_equal(k_idx, v_idx):
+        # the common layouts (MHA, GQA) group consecutive heads: k_idx = 0..0, 1..1, ...
+        if np.array_equal(k_idx, np.repeat(np.arange(G), N // G)):
+            return np.arange(N, dtype=np.int64).reshape(G, N // G)
+    pair = k_idx * (v_idx.max(initial=0) + 1) + v_idx
+    order = np.argsort(pair, kind="stable")
+    _, counts = np.unique(pair, return_counts=True)
+    if counts.size == 0 or (counts != counts[0]).any():
+        return None
+    return np.ascontiguousarray(order.reshape(counts.size, counts[0]))
+
+
+@functools.lru_cache(maxsize=64)
+def _zeros_index(n):
+    """(n,) int64 zeros: the mask index of a call without a mask, shared by every such call (never written)."""
+    return np.zeros(n, np.int64)
 
 
 def _prepare_mask(attn_mask, batch, L, S, dtype, check_finite):
     n = math.prod(batch)
     if attn_mask is None:
-        return _NO_MASK[np.dtype(dtype)], np.zeros(n, np.int64), MASK_NONE, 0, 0
+        return _NO_MASK[np.dtype(dtype)], _zeros_index(n), MASK_NONE, 0, 0
     mask = _as_array(attn_mask, "attn_mask")
     if mask.dtype == np.bool_:
         kind = MASK_BOOL

@@ -31,22 +31,6 @@ from .kernels._scores import MASK_NONE
 __all__ = ["scaled_dot_product_attention", "attention_weights"]
 
 
-def _kv_groups(plan):
-    """(G, g) output batch entries that read the same key and value entry, or None if uneven."""
-    N = plan.k_idx.shape[0]
-    G = int(plan.k_idx[-1]) + 1 if N else 0
-    if G and N % G == 0 and np.array_equal(plan.k_idx, plan.v_idx):
-        # the common layouts (MHA, GQA) group consecutive heads: k_idx = 0..0, 1..1, ...
-        if np.array_equal(plan.k_idx, np.repeat(np.arange(G), N // G)):
-            return np.arange(N, dtype=np.int64).reshape(G, N // G)
-    pair = plan.k_idx * (plan.v_idx.max(initial=0) + 1) + plan.v_idx
-    order = np.argsort(pair, kind="stable")
-    _, counts = np.unique(pair, return_counts=True)
-    if counts.size == 0 or (counts != counts[0]).any():
-        return None
-    return np.ascontiguousarray(order.reshape(counts.size, counts[0]))
-
-
 #: the decode kernel goes parallel at SERIAL_BELOW_FLOPS / this: a 1-token SmolLM2 step (9 query heads over
 #: 3 K/V heads, D64; 2 threads, Zen 3 VM, best of 30 alternating runs) at 1024 cached tokens (1.2 M
 #: multiply-adds) took 133 us serial against 105 parallel (int8 cache: 104 against 82), at 512 about the
@@ -90,8 +74,8 @@ def _run(plan, out=None):
     operands += (plan.q_idx, plan.k_idx, plan.v_idx)
     if not _use_decode(L, plan.S):
         return out, _prefill_call(operands, common, plan.E, plan.check_finite, out)
-    groups = _kv_groups(plan) if plan.groups is None else plan.groups
-    if groups is None:
+    groups = plan.groups
+    if groups is None:  # uneven (see _validate.kv_groups)
         groups = np.arange(N, dtype=np.int64).reshape(N, 1)
     return out, _decode_call(operands + (groups,), common, plan.E, plan.check_finite, out)
 
