@@ -122,11 +122,13 @@ class _CalleeCompiler(CompilerBase):
 
 
 def callee(fn):
-    """``fn`` compiled as the kernels are (fastmath, on-disk cache) for calling from kernels only, through
-    ``shared``: no Python or C entry point (the Python entry's unboxing of ~30 array arguments alone took
-    ~0.25 s to compile), and LLVM's optimisation run once over it (``_single_pass_library``)."""
+    """``fn`` compiled as the kernels are (fastmath, numpy's error model, on-disk cache) for calling from
+    kernels only, through ``shared``: no Python or C entry point (the Python entry's unboxing of ~30 array
+    arguments alone took ~0.25 s to compile), and LLVM's optimisation run once over it
+    (``_single_pass_library``)."""
     return njit(
         fastmath=config.FASTMATH,
+        error_model=config.ERROR_MODEL,
         cache=config.CACHE,
         no_cpython_wrapper=True,
         no_cfunc_wrapper=True,

@@ -54,7 +54,7 @@ def adjust_score(x, qpos, kpos, slope, softcap, window):
     """
     if softcap > 0:  # x + x, not 2 * x: an int times a float32 is float64 in numba (and exp goes scalar)
         x = softcap - (softcap + softcap) / (fast_exp((x + x) / softcap) + 1)
-    x -= slope * abs(qpos - kpos)
+    x -= slope * np.float32(abs(qpos - kpos))  # float32: an int64 would make float32 scores float64 (exact to 2^24)
     if window > 0 and kpos <= qpos - window:
         x = -np.inf
     return x
@@ -91,6 +91,21 @@ def mask_score_line(x, count, mask_n, mask_kind, i0, di, j0, dj, mask_li, mask_s
     elif mask_kind == MASK_ADD:
         for t in range(count):
             x[t] += mask_n[(i0 + di * t) * mask_li, (j0 + dj * t) * mask_sj]
+
+
+@njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
+def mask_line_by_one(x, count, value, mask_kind):
+    """x[t], t < count, scores that share one mask entry ``value`` (one key's scores for every query row,
+    under a mask broadcast along the rows): all -inf where a boolean entry is False, all + value for a
+    float one; nothing to do for True or 0. One test per line instead of one select per score (a select
+    stored back into the scores compiles to a masked store, ``vmaskmovps``, slow on Zen 3)."""
+    if mask_kind == MASK_BOOL:
+        if not value:
+            for t in range(count):
+                x[t] = -np.inf
+    elif mask_kind == MASK_ADD and value != 0:
+        for t in range(count):
+            x[t] += value
 
 
 @njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")

@@ -416,7 +416,9 @@ def _decode_launch(
     _call_decode_merge((groups, L, sinks, part_acc, part_m, part_l, out, lse, check))
 
 
-decode_parallel = njit(parallel=True, fastmath=config.FASTMATH, cache=config.CACHE)(
+decode_parallel = njit(parallel=True, fastmath=config.FASTMATH, error_model=config.ERROR_MODEL, cache=config.CACHE)(
     variant(_decode_launch, "_parallel")
 )
-decode_serial = njit(parallel=False, fastmath=config.FASTMATH, cache=config.CACHE)(variant(_decode_launch, "_serial"))
+decode_serial = njit(parallel=False, fastmath=config.FASTMATH, error_model=config.ERROR_MODEL, cache=config.CACHE)(
+    variant(_decode_launch, "_serial")
+)

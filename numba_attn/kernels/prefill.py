@@ -69,12 +69,13 @@ from . import variant
 from ._link import callee, shared
 from ._load import load
 from ._math import exp_nonpositive, running_max
-from ._prefill_tiles import W, is_c_f32, mask_block, softmax_tile, tile_rows, tile_scores, tile_values
+from ._prefill_tiles import W, check_tile, is_c_f32, mask_block, softmax_tile, tile_rows, tile_scores, tile_values
 from ._scores import (
     MASK_NONE,
     add_sink,
     adjust_score_line,
     hide_causal_line,
+    mask_line_by_one,
     mask_score_line,
     refuse_unbuilt_features,
     visible_key_range,
@@ -331,9 +332,7 @@ def load_scaled_query_block(qn, i0, nr, scale, qt, chk):
 
 
 @njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
-def check_score_block(st, nk, nr, chk):
-    """chk[r] += Σ_j st[j, r]·0 for j < nk, r < nr: NaN once a raw score of row r is NaN or ±inf (a pass of its
-    own, for blocks whose scores a mask or adjustment will change before the softmax reads them)."""
+def _check_score_loops(st, nk, nr, chk):
     zero = st.dtype.type(0)
     for j in range(nk):
         row = st[j]
@@ -341,21 +340,57 @@ def check_score_block(st, nk, nr, chk):
             chk[r] += row[r] * zero
 
 
+def check_score_block(st, nk, nr, chk):  # pragma: no cover - numba overload below
+    raise TypeError("check_score_block is a numba kernel helper: call it from @njit code")
+
+
+@overload(check_score_block, fastmath=config.FASTMATH)
+def _check_score_block_overload(st, nk, nr, chk):
+    """chk[r] += Σ_j st[j, r]·0 for j < nk, r < nr: NaN once a raw score of row r is NaN or ±inf (a pass of its
+    own, for blocks whose scores a mask or adjustment will change before the softmax reads them).
+    A float32 block of a whole register tile (nr = W, the prefill kernel's groups) takes
+    ``_prefill_tiles.check_tile``; anything else plain loops."""
+    loops = _check_score_loops
+    if is_c_f32(st) and is_c_f32(chk):
+
+        def impl_f32(st, nk, nr, chk):
+            if nr == st.shape[1] and chk.shape[0] >= nr:
+                check_tile(st, nk, chk)
+            else:
+                loops(st, nk, nr, chk)
+
+        return impl_f32
+
+    def impl(st, nk, nr, chk):
+        loops(st, nk, nr, chk)
+
+    return impl
+
+
 @njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
 def adjust_score_block(
-    st, nk, nr, i0, j0, pos_offset, diagonal, has_alibi, slope, softcap, window, mask_n, mask_kind, mask_li, mask_sj
+    st, nk, nr, nc, i0, j0, pos_offset, diagonal, has_alibi, slope, softcap, window, mask_n, mask_kind, mask_li, mask_sj
 ):
     """The score adjustments of ``_scores`` on st[j, r] = score of query row i0 + r and key j0 + j: soft-cap,
     ALiBi and window, the mask, then the causal rule if ``diagonal`` (the block straddles the diagonal).
     Each step is its own pass over the block, one key row at a time along the query rows r (the
     ``_scores`` line steps with (di, dj) = (1, 0)): one loop per step lets LLVM hoist the step's
     conditions out of the loop and vectorise it (all steps in one pass over j left the ALiBi loop
-    scalar)."""
+    scalar).
+
+    ``nc`` ≥ nr: the rows the block holds (float32: a whole register tile, W, a compile-time constant;
+    the rows past nr are padding, never written). Steps that read nothing per row run over nc rows: a
+    loop of a constant W = 16 iterations (AVX2) is vectorised whole, where one of nr iterations ran
+    scalar (LLVM's vector loop takes VW × 4 = 32 per step), which made a soft-cap cost 3× the kernel
+    and a key-padding mask +34 %."""
     if has_alibi or softcap > 0 or window > 0:
         for j in range(nk):
-            adjust_score_line(st[j], nr, i0, 1, j0 + j, 0, pos_offset, slope, softcap, window)
+            adjust_score_line(st[j], nc, i0, 1, j0 + j, 0, pos_offset, slope, softcap, window)
     if mask_kind != MASK_NONE:
-        if mask_li == 0 or mask_sj == 0:  # one mask row for every query row, or one value per row
+        if mask_li == 0:  # one mask row for every query row: one value per key, for the key's whole line
+            for j in range(nk):
+                mask_line_by_one(st[j], nc, mask_n[0, (j0 + j) * mask_sj], mask_kind)
+        elif mask_sj == 0:  # one value per query row: the real rows only (no mask row past L)
             for j in range(nk):
                 mask_score_line(st[j], nr, mask_n, mask_kind, i0, 1, j0 + j, 0, mask_li, mask_sj)
         else:
@@ -366,7 +401,7 @@ def adjust_score_block(
                 lo = keys_done if r < rows_done else 0
                 mask_score_line(st[lo:, r], nk - lo, mask_n, mask_kind, i0 + r, 0, j0 + lo, 1, mask_li, mask_sj)
     if diagonal:
-        hide_above_diagonal(st, nk, nr, i0, j0, pos_offset)
+        hide_above_diagonal(st, nk, nc, i0, j0, pos_offset)
 
 
 @njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
@@ -540,13 +575,14 @@ def _prefill_body(
                 diagonal = is_causal and j0 + nk_t - 1 > it0 + pos_offset
                 raw = not (has_alibi or softcap > 0 or window > 0 or diagonal or mask_kind != MASK_NONE)
                 if not raw:
-                    if check_finite:  # check before masks write their -inf
-                        check_score_block(st, nk_t, nr_t, chk[r0:])
+                    if check_finite:  # check before masks write their -inf (padding rows: zero scores)
+                        check_score_block(st, nk_t, nc, chk[r0:])
                     if score_features is not None:  # None: compiled without them (see above)
                         adjust_score_block(
                             st,
                             nk_t,
                             nr_t,
+                            nc,
                             it0,
                             j0,
                             pos_offset,
@@ -561,7 +597,7 @@ def _prefill_body(
                             mask_sj,
                         )
                     elif diagonal:
-                        hide_above_diagonal(st, nk_t, nr_t, it0, j0, pos_offset)
+                        hide_above_diagonal(st, nk_t, nc, it0, j0, pos_offset)
                 softmax_step(st, nk_t, nc, m[r0:], l[r0:], alpha[r0:], m_blk[r0:], chk[r0:], check_finite and raw)
                 rescale_accumulator(acct[t], alpha[r0:], nc)
                 group_values(st, v_rows, v_off, nk_t, acct[t], nc)
@@ -661,7 +697,9 @@ def _prefill_launch(
         )
 
 
-prefill_parallel = njit(parallel=True, fastmath=config.FASTMATH, cache=config.CACHE)(
+prefill_parallel = njit(parallel=True, fastmath=config.FASTMATH, error_model=config.ERROR_MODEL, cache=config.CACHE)(
     variant(_prefill_launch, "_parallel")
 )
-prefill_serial = njit(parallel=False, fastmath=config.FASTMATH, cache=config.CACHE)(variant(_prefill_launch, "_serial"))
+prefill_serial = njit(parallel=False, fastmath=config.FASTMATH, error_model=config.ERROR_MODEL, cache=config.CACHE)(
+    variant(_prefill_launch, "_serial")
+)

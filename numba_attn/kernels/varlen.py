@@ -190,6 +190,7 @@ def _varlen_body(
                         st,
                         nk,
                         nc,
+                        nc,
                         i0,
                         j0,
                         pos_offset,
@@ -274,7 +275,9 @@ def _varlen_launch(
         )
 
 
-varlen_parallel = njit(parallel=True, fastmath=config.FASTMATH, cache=config.CACHE)(
+varlen_parallel = njit(parallel=True, fastmath=config.FASTMATH, error_model=config.ERROR_MODEL, cache=config.CACHE)(
     variant(_varlen_launch, "_parallel")
 )
-varlen_serial = njit(parallel=False, fastmath=config.FASTMATH, cache=config.CACHE)(variant(_varlen_launch, "_serial"))
+varlen_serial = njit(parallel=False, fastmath=config.FASTMATH, error_model=config.ERROR_MODEL, cache=config.CACHE)(
+    variant(_varlen_launch, "_serial")
+)
