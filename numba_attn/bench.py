@@ -43,6 +43,8 @@ class Case:
     #: storage of K and V: float32, float16, int8, int4, or "int8/int4" (int8 keys, 4-bit values); the query
     #: is float32 (float16 with float16)
     dtype: str = "float32"
+    #: "" (none), "bool" or "float": an (L, S) ``attn_mask`` shared by every head (``attn_mask()``)
+    mask: str = ""
     #: who times this shape (see ``CASES``); not part of the case's identity
     uses: tuple = dataclasses.field(default=(), compare=False, repr=False)
 
@@ -84,7 +86,22 @@ class Case:
     @property
     def shape(self):
         heads = f"H{self.H}" if not self.H_kv else f"H{self.H}/{self.H_kv}"
-        return f"B{self.B} {heads} L{self.L} S{self.S} D{self.D}" + (" causal" if self.causal else "")
+        shape = f"B{self.B} {heads} L{self.L} S{self.S} D{self.D}" + (" causal" if self.causal else "")
+        return shape + (f" {self.mask} mask" if self.mask else "")
+
+    def attn_mask(self, seed=3):
+        """The case's (L, S) mask, or None: 90 % of the keys visible to each query at random (its diagonal
+        always, so no row is empty); boolean (True = visible), or float (a small bias on the visible keys,
+        -inf elsewhere)."""
+        if not self.mask:
+            return None
+        rng = np.random.default_rng(seed)
+        keep = rng.random((self.L, self.S)) < 0.9
+        keep[np.arange(min(self.L, self.S)), np.arange(min(self.L, self.S))] = True
+        if self.mask == "bool":
+            return keep
+        bias = 0.1 * rng.standard_normal((self.L, self.S), dtype=np.float32)
+        return np.where(keep, bias, np.float32(-np.inf)).astype(np.float32)
 
     def inputs(self, seed=0, as_float32=False):
         """(query, key, value) as numba_attn takes them: float32/float16 arrays, or for int8 a float32
@@ -158,6 +175,8 @@ CASES = _one_each(
         Case("decode GQA 64/8, float16 cache", 1, 64, 1, 7680, 64, H_kv=8, dtype="float16", uses=_BENCH),
         Case("decode GQA 64/8, int8 cache", 1, 64, 1, 7680, 64, H_kv=8, dtype="int8", uses=_BENCH),
         Case("prefill, float16", 1, 8, 1024, 1024, 64, dtype="float16", uses=_BENCH),
+        Case("prefill, boolean mask", 1, 8, 1024, 1024, 64, mask="bool", uses=_QUICK),
+        Case("prefill, float mask", 1, 8, 1024, 1024, 64, mask="float", uses=_QUICK),
         Case("prefill", 1, 8, 4096, 4096, 64, uses=("bench --full", "quick", "asv memory")),
         Case("prefill causal", 1, 8, 4096, 4096, 64, causal=True, uses=("bench --full", "quick")),
         Case("prefill sweep", 1, 8, 256, 256, 64, uses=_QUICK + ("asv memory warm-up",)),
@@ -208,7 +227,7 @@ def default_cases(quick=False, small_memory=False, full=False):
 def same_tokens(case):
     """What identifies a case's tokens, whatever their storage: float16/int8 cases are judged against
     the float32 case with the same key."""
-    return (case.B, case.H, case.kv_heads, case.L, case.S, case.D, case.causal)
+    return (case.B, case.H, case.kv_heads, case.L, case.S, case.D, case.causal, case.mask)
 
 
 # -- implementations ------------------------------------------------------------------------------
@@ -222,9 +241,10 @@ class NumbaAttn:
         set_num_threads(threads)  # not numba's: that would start the pool without numba_attn's wait policy
         q, k, v = case.inputs()
         gqa = case.kv_heads != case.H
+        mask = case.attn_mask()
 
         def run():
-            return scaled_dot_product_attention(q, k, v, is_causal=case.causal, enable_gqa=gqa)
+            return scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=case.causal, enable_gqa=gqa)
 
         return run
 
@@ -248,11 +268,14 @@ class Numpy:
             v = np.repeat(v, case.H // case.kv_heads, axis=1)
         scale = np.float32(1 / math.sqrt(case.D))
         causal = np.tril(np.ones((case.L, case.S), bool), case.S - case.L) if case.causal else None
+        mask = case.attn_mask()
 
         def formula():
             s = q @ np.swapaxes(k, -1, -2) * scale
             if causal is not None:
                 s = np.where(causal, s, -np.inf)
+            if mask is not None:
+                s = np.where(mask, s, -np.inf) if mask.dtype == bool else s + mask
             s -= s.max(-1, keepdims=True)
             np.exp(s, out=s)
             s /= s.sum(-1, keepdims=True)
@@ -282,12 +305,16 @@ class Torch:
         q, k, v = (torch.from_numpy(x) for x in case.inputs())
         gqa = case.kv_heads != case.H
         sdpa = torch.nn.functional.scaled_dot_product_attention
+        mask = case.attn_mask()
+        if case.causal and mask is not None:
+            raise Unavailable("torch takes a mask or is_causal, not both")
+        mask = None if mask is None else torch.from_numpy(mask).to(q.dtype if mask.dtype != bool else torch.bool)
 
         def run():
             if torch.get_num_threads() != threads:  # numba can reset it (numba issue #9387)
                 torch.set_num_threads(threads)
             with torch.no_grad():
-                return sdpa(q, k, v, is_causal=case.causal, enable_gqa=gqa)
+                return sdpa(q, k, v, attn_mask=mask, is_causal=case.causal, enable_gqa=gqa)
 
         return run
 
@@ -309,11 +336,21 @@ class OnnxRuntime:
             raise Unavailable("float32 only here")
         B, H, L, S, D = case.B, case.H, case.L, case.S, case.D
         vi = helper.make_tensor_value_info
+        inputs = [
+            vi("q", TensorProto.FLOAT, [B, L, H * D]),
+            vi("k", TensorProto.FLOAT, [B, S, H * D]),
+            vi("v", TensorProto.FLOAT, [B, S, H * D]),
+        ]
+        mask = case.attn_mask()
+        if mask is not None:  # its additive attention_bias (1, 1, L, S): a boolean mask as 0 / -inf
+            bias = np.where(mask, np.float32(0), np.float32(-np.inf)) if mask.dtype == bool else mask
+            inputs.append(vi("bias", TensorProto.FLOAT, [1, 1, L, S]))
+        names = ["q", "k", "v"] + (["", "", "bias"] if mask is not None else [])
         graph = helper.make_graph(
             [
                 helper.make_node(
                     "MultiHeadAttention",
-                    ["q", "k", "v"],
+                    names,
                     ["o"],
                     domain="com.microsoft",
                     num_heads=H,
@@ -321,11 +358,7 @@ class OnnxRuntime:
                 )
             ],
             "mha",
-            [
-                vi("q", TensorProto.FLOAT, [B, L, H * D]),
-                vi("k", TensorProto.FLOAT, [B, S, H * D]),
-                vi("v", TensorProto.FLOAT, [B, S, H * D]),
-            ],
+            inputs,
             [vi("o", TensorProto.FLOAT, [B, L, H * D])],
         )
         model = helper.make_model(
@@ -338,6 +371,8 @@ class OnnxRuntime:
         session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         q, k, v = (np.ascontiguousarray(x.transpose(0, 2, 1, 3).reshape(B, -1, H * D)) for x in case.inputs())
         feed = {"q": q, "k": k, "v": v}
+        if mask is not None:
+            feed["bias"] = np.ascontiguousarray(bias.reshape(1, 1, L, S))
 
         def run():
             return session.run(None, feed)[0]
@@ -708,6 +743,12 @@ def run_bench(quick=False, threads=None, json_path=None, plot_path=None, full=Fa
         f"{t_cold:.1f} s, from the on-disk cache {t_cached:.2f} s",
         file=out,
     )
+    for case in cases:  # a masked case against its twin without the mask, same run
+        unmasked = dataclasses.replace(case, name="", mask="")
+        twin = next((c for c in cases if dataclasses.replace(c, name="") == unmasked), None)
+        if case.mask and twin is not None:
+            ratio = results[case, "numba_attn"] / results[twin, "numba_attn"]
+            print(f"{case.name}: {ratio:.2f}× the time of the same prefill without a mask", file=out)
     for b, why in skipped:
         print(f"- {b} skipped on some cases: {why}", file=out)
     if json_path:
