@@ -166,6 +166,8 @@ TINY_CASES = [
     bench.Case("decode, int8 cache", 1, 8, 1, 512, 64, dtype="int8"),
     bench.Case("decode, int8 keys + int4 values", 1, 8, 1, 512, 64, dtype="int8/int4"),
     bench.Case("decode GQA 8/2", 1, 8, 1, 512, 64, H_kv=2),
+    bench.Case("prefill, boolean mask", 1, 8, 64, 64, 64, mask="bool"),
+    bench.Case("prefill, float mask", 1, 8, 64, 64, 64, mask="float"),
 ]
 
 
@@ -215,8 +217,14 @@ def test_bench_table(bench_run):
     ratio = re.compile(r"\d+\.\d\d \(\d+\.\d\d×\)")
     # numpy runs the float32 cases; its column holds "ms (ratio×)"
     assert ratio.search(rows[0]) and ratio.search(rows[2]), rows
-    decode_rows = rows[2:]
+    decode_rows = rows[2:7]
     assert all("% bw)" in row for row in decode_rows), decode_rows
+    # masked prefills: every installed baseline ran them, and each is set against its unmasked twin (the first case)
+    ran = 1 + _importable("torch") + (_importable("onnxruntime") and _importable("onnx"))  # numpy always
+    for row in rows[7:9]:
+        assert len(ratio.findall(row)) == ran, row
+    for name in ("boolean", "float"):
+        assert re.search(rf"prefill, {name} mask: \d+\.\d\d× the time of the same prefill without a mask", text), text
     assert "memory read bandwidth, measured in this run" in text
     assert re.search(
         r"import numba_attn \d+\.\d+ s; first prefill \+ decode call in a new process: cold compile "
@@ -364,6 +372,8 @@ def test_bench_cases_are_listed_once():
         "B1 H32 L1 S4096 D64",
         "B1 H32 L1 S4096 D64",
         "B1 H32 L1 S4096 D64",
+        "B1 H8 L1024 S1024 D64 bool mask",
+        "B1 H8 L1024 S1024 D64 float mask",
         "B1 H8 L256 S256 D64",
         "B1 H8 L512 S512 D64",
     ]

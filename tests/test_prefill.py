@@ -1,7 +1,8 @@
 """kernels/prefill.py and its vector-IR softmax step (``_prefill_tiles.softmax_tile``): the register
 tile's streaming-softmax step against the plain-loop ``online_softmax_block`` (the same maths) on
 random score blocks with masked (-inf) keys, fully masked rows, running maxima that move or stay,
-and the finite check; and the row groups of a prefill work item (padding rows, causal skipping per
+and the finite check; the raw-score check of adjusted blocks (``check_tile`` against the loops); masked
+tiles that hide a non-finite key; and the row groups of a prefill work item (padding rows, causal skipping per
 group) against the float64 formula."""
 
 import numpy as np
@@ -13,7 +14,7 @@ from numba import njit
 from conftest import cache_reference, exact_values
 from numba_attn import KVCache, quantize, scaled_dot_product_attention
 from numba_attn.kernels._prefill_tiles import W, softmax_tile
-from numba_attn.kernels.prefill import online_softmax_block
+from numba_attn.kernels.prefill import check_score_block, online_softmax_block
 from numba_attn.reference import scaled_dot_product_attention as reference
 
 
@@ -72,6 +73,56 @@ def test_softmax_tile_flags_non_finite_scores_only_when_checking():
         _tile_step(scores.copy(), 5, m, l, alpha, chk, check)
         bad = ~np.isfinite(chk) | (chk != 0)
         assert list(np.flatnonzero(bad)) == ([3, W - 1] if check else [])
+
+
+@njit
+def _check_block(st, nk, nr, chk):
+    check_score_block(st, nk, nr, chk)
+
+
+@given(
+    nk=st.integers(0, 40),
+    bad=st.lists(st.tuples(st.integers(0, 45), st.integers(0, W - 1), st.sampled_from([np.nan, np.inf, -np.inf]))),
+    big=st.booleans(),
+)
+@settings(max_examples=60, deadline=None)
+def test_score_check_flags_exactly_the_rows_with_non_finite_raw_scores(nk, bad, big):
+    """``check_score_block`` on a whole float32 tile (``_prefill_tiles.check_tile``, an integer max of
+    exponent fields) and on fewer rows (the plain loops): NaN in chk for each row with a NaN or ±inf among
+    its first nk scores, nothing for the others (largest finite float32 values included), nothing for the
+    scores past nk, and the loops agree with the tile."""
+    scores = np.random.default_rng(nk).standard_normal((46, W)).astype(np.float32)
+    if big:
+        scores[::3] = np.float32(3.4e38)  # the largest exponent below inf's
+    for j, r, x in bad:
+        scores[j, r] = x
+    expected = ~np.isfinite(scores[:nk]).all(axis=0) if nk else np.zeros(W, bool)
+    tile, loops = np.zeros(W, np.float32), np.zeros(W, np.float32)
+    _check_block(scores, nk, W, tile)
+    _check_block(scores, nk, W - 1, loops)  # fewer rows than the tile: the loops
+    assert list(np.isnan(tile)) == list(expected)
+    assert list(np.isnan(loops[: W - 1])) == list(expected[: W - 1]) and loops[W - 1] == 0
+
+
+@pytest.mark.parametrize("mask_kind", ["bool", "float", "key padding"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_masked_tiles_refuse_a_non_finite_key_that_the_mask_hides(mask_kind, bad):
+    """float32, whole register tiles: a key holding NaN/inf is refused even where the mask hides it from
+    every query (the raw scores are checked before the mask adds its -inf); without the check the visible
+    keys' result is unspecified but the call returns."""
+    rng = np.random.default_rng(7)
+    L, S = 2 * W, 3 * W
+    q, k, v = (rng.standard_normal((1, 2, n, 32)).astype(np.float32) for n in (L, S, S))
+    k[0, 1, 5, 3] = bad
+    keep = np.ones((L, S), bool)
+    keep[:, 5] = False
+    mask = {"bool": keep, "float": np.where(keep, np.float32(0.5), np.float32(-np.inf)), "key padding": keep[:1]}
+    with pytest.raises(ValueError, match="key contains"):
+        scaled_dot_product_attention(q, k, v, attn_mask=mask[mask_kind])
+    out = scaled_dot_product_attention(q, k, v, attn_mask=mask[mask_kind], check_finite=False)
+    assert out.shape == (1, 2, L, 32)
+    expected = reference(*(x.astype(np.float64)[:, :1] for x in (q, k, v)), attn_mask=mask[mask_kind])
+    np.testing.assert_allclose(out[:, :1], expected, atol=2e-6, rtol=2e-6)  # the head without the bad key
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64])

@@ -372,6 +372,28 @@ def test_plan_gqa_head_mapping():
     assert plan.mask_kind == 0 and not plan.is_causal
 
 
+def test_batch_plan_is_worked_out_once_per_batch_shapes():
+    """The batch indices and KV groups depend on the operands' batch shapes alone: kept per combination
+    (the same arrays for a second call, whatever L, S and the data), different for other shapes, and
+    the groups list the output entries that share a key/value entry (GQA: consecutive heads; a key
+    broadcast over the batch: entries of different batches)."""
+    rng = np.random.default_rng(3)
+    q, k, v = randn(rng, (2, 6, L, E)), randn(rng, (2, 2, S, E)), randn(rng, (2, 2, S, EV))
+    first = prepare_attention(q, k, v, None, 0.0, False, None, True, True)
+    q2, k2, v2 = randn(rng, (2, 6, L + 1, E)), randn(rng, (2, 2, S + 3, E)), randn(rng, (2, 2, S + 3, EV))
+    again = prepare_attention(q2, k2, v2, None, 0.0, "lower_right", None, True, True)
+    for name in ("q_idx", "k_idx", "v_idx", "groups", "m_idx"):
+        assert getattr(again, name) is getattr(first, name), name
+    np.testing.assert_array_equal(first.groups, np.arange(12).reshape(4, 3))
+    broadcast = prepare_attention(q, k[:1], v[:1], None, 0.0, False, None, True, True)
+    assert broadcast.k_idx is not first.k_idx
+    np.testing.assert_array_equal(broadcast.k_idx, np.tile(np.repeat(np.arange(2), 3), 2))
+    np.testing.assert_array_equal(broadcast.groups, [[0, 1, 2, 6, 7, 8], [3, 4, 5, 9, 10, 11]])
+    uneven = prepare_attention(q[:, :1], k[:, :1], v[:1, :1], None, 0.0, False, None, False, True)
+    np.testing.assert_array_equal(uneven.v_idx, [0, 0])
+    np.testing.assert_array_equal(uneven.groups, [[0], [1]])  # k entries 0, 1 with v entry 0: one each
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_overflowing_scores_are_refused_in_prefill(dtype):
     """Finite inputs so large that scale·q·k exceeds float32: a ValueError, not zeros or NaN. Inputs
