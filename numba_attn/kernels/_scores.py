@@ -47,20 +47,6 @@ def add_sink(m, l, sink):
 
 
 @njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
-def adjust_score(x, qpos, kpos, slope, softcap, window):
-    """Soft-cap, ALiBi bias and the sliding window for one score (masks and causality elsewhere).
-
-    tanh(y) is computed as 1 - 2/(exp(2y) + 1) with the vectorising ``fast_exp``.
-    """
-    if softcap > 0:  # x + x, not 2 * x: an int times a float32 is float64 in numba (and exp goes scalar)
-        x = softcap - (softcap + softcap) / (fast_exp((x + x) / softcap) + 1)
-    x -= slope * np.float32(abs(qpos - kpos))  # float32: an int64 would make float32 scores float64 (exact to 2^24)
-    if window > 0 and kpos <= qpos - window:
-        x = -np.inf
-    return x
-
-
-@njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
 def visible_key_range(i0, i1, S, is_causal, pos_offset, window):
     """[begin, end) of the keys that at least one query row in [i0, i1) can see; the rest is skipped."""
     begin = 0
@@ -74,10 +60,42 @@ def visible_key_range(i0, i1, S, is_causal, pos_offset, window):
 
 @njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
 def adjust_score_line(x, count, i0, di, j0, dj, pos_offset, slope, softcap, window):
-    """x[t] ← ``adjust_score``(x[t]) for t < count, x[t] the score of query row i0 + di·t and key j0 + dj·t:
-    soft-cap, ALiBi and the sliding window, one pass along x (vectorised)."""
-    for t in range(count):
-        x[t] = adjust_score(x[t], i0 + di * t + pos_offset, j0 + dj * t, slope, softcap, window)
+    """Soft-cap, ALiBi and the sliding window on the line x[t], t < count, the score of query row i0 + di·t
+    (at key position i0 + di·t + pos_offset) and key j0 + dj·t: one pass along x per step that applies,
+    each vectorised (masks and causality elsewhere).
+
+    - soft-cap: x ← cap·tanh(x/cap), as cap - 2·cap/(exp(2x/cap) + 1) with the vectorising ``fast_exp``
+      (2/cap once per line: one division per score);
+    - ALiBi: x ← x - slope·|p - j|; along the line p - j = gap + (di - dj)·t, taken to float32 through int32
+      (AVX2 converts no int64 vector to float: an int64 distance left the loop scalar); in the soft-cap's
+      loop (slope 0: no ALiBi);
+    - window: x ← -inf where j ≤ p - window, i.e. where gap + (di - dj)·t ≥ window: a prefix or a suffix of the
+      line (``window_hidden_span``), written without a test per score."""
+    gap = i0 + pos_offset - j0  # query position - key position at t = 0
+    step = di - dj
+    if softcap > 0 or slope != 0:  # one loop for both (one vectorised loop compiles ~1 s faster than two)
+        twice = softcap + softcap  # x + x, not 2 * x: an int times a float32 is float64 in numba
+        scale = twice / (softcap * softcap) if softcap > 0 else softcap  # 2 / cap
+        for t in range(count):
+            y = x[t]
+            if softcap > 0:
+                y = softcap - twice / (fast_exp(y * scale) + 1)
+            x[t] = y - slope * abs(np.float32(np.int32(gap + step * t)))
+    if window > 0:
+        lo, hi = window_hidden_span(count, gap, step, window)
+        for t in range(lo, hi):
+            x[t] = -np.inf
+
+
+@njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
+def window_hidden_span(count, gap, step, window):
+    """[lo, hi): the t < count where the window hides the key, gap + step·t ≥ window (step ∈ {-1, 0, 1}:
+    the distance from the query's position to the key's along a line, see ``adjust_score_line``)."""
+    if step > 0:  # t ≥ window - gap
+        return min(count, max(0, window - gap)), count
+    if step < 0:  # t ≤ gap - window
+        return 0, min(count, max(0, gap - window + 1))
+    return 0, (count if gap >= window else 0)
 
 
 @njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
