@@ -146,12 +146,12 @@ _QUICK = ("bench", "quick")
 #: Every attention shape numba_attn tracks, each once, with who times it (``Case.uses``):
 #: ``bench`` (``python -m numba_attn bench``; ``quick``: also with ``--quick``), ``bench --full`` (only with
 #: ``--full``), and the asv suite's groups ``asv prefill``, ``asv throughput``, ``asv memory``,
-#: ``asv memory warm-up``, ``asv accuracy``, ``asv encoder``, ``asv decode``, ``asv decode shapes``,
+#: ``asv memory warm-up``, ``asv accuracy``, ``asv encoder``, ``asv masked``, ``asv decode``, ``asv decode shapes``,
 #: ``asv bandwidth``, ``asv quantised``, ``asv layer`` (``asv_bench/benchmarks``). Both take their
 #: shapes from here (``default_cases``, ``tracked``), so they cannot drift apart.
 CASES = _one_each(
     [  # the bench table (../shared/ANCHORS.md), in its order
-        Case("prefill", 1, 8, 1024, 1024, 64, uses=_QUICK + ("asv quantised",)),
+        Case("prefill", 1, 8, 1024, 1024, 64, uses=_QUICK + ("asv quantised", "asv masked")),
         Case("prefill causal", 1, 8, 1024, 1024, 64, causal=True, uses=_QUICK),
         Case("prefill D128", 1, 8, 1024, 1024, 128, uses=_BENCH),
         Case("encoder (MiniLM batch)", 8, 12, 128, 128, 32, uses=_QUICK + ("asv encoder", "asv layer")),
@@ -175,8 +175,8 @@ CASES = _one_each(
         Case("decode GQA 64/8, float16 cache", 1, 64, 1, 7680, 64, H_kv=8, dtype="float16", uses=_BENCH),
         Case("decode GQA 64/8, int8 cache", 1, 64, 1, 7680, 64, H_kv=8, dtype="int8", uses=_BENCH),
         Case("prefill, float16", 1, 8, 1024, 1024, 64, dtype="float16", uses=_BENCH),
-        Case("prefill, boolean mask", 1, 8, 1024, 1024, 64, mask="bool", uses=_QUICK),
-        Case("prefill, float mask", 1, 8, 1024, 1024, 64, mask="float", uses=_QUICK),
+        Case("prefill, boolean mask", 1, 8, 1024, 1024, 64, mask="bool", uses=_QUICK + ("asv masked",)),
+        Case("prefill, float mask", 1, 8, 1024, 1024, 64, mask="float", uses=_QUICK + ("asv masked",)),
         Case("prefill", 1, 8, 4096, 4096, 64, uses=("bench --full", "quick", "asv memory")),
         Case("prefill causal", 1, 8, 4096, 4096, 64, causal=True, uses=("bench --full", "quick")),
         Case("prefill sweep", 1, 8, 256, 256, 64, uses=_QUICK + ("asv memory warm-up",)),

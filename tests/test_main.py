@@ -388,8 +388,8 @@ sys.path.insert(0, "asv_bench")
 from benchmarks import decode, layer, prefill, quantised
 from numba_attn import bench
 groups = {"prefill": prefill.PREFILL, "throughput": prefill.THROUGHPUT, "memory": prefill.MEMORY,
-          "accuracy": prefill.ACCURACY, "grid": decode.GRID, "extra": decode.EXTRA, "bandwidth": decode.SHAPES,
-          "quantised": quantised.SHAPES}
+          "masked": prefill.MASKED, "accuracy": prefill.ACCURACY, "grid": decode.GRID, "extra": decode.EXTRA,
+          "bandwidth": decode.SHAPES, "quantised": quantised.SHAPES}
 out = {name: [[bench.CASES.index(c), shape] for shape, c in g.items()] for name, g in groups.items()}
 out["layer"] = [bench.CASES.index(c) for c in (*layer.DECODE_STEPS.values(), layer.ENCODER, prefill.ENCODER)]
 out["params"] = [len(cls.params) for cls in (prefill.Prefill, decode.Decode, layer.LayerDecodeStep)]
@@ -405,9 +405,10 @@ def test_asv_takes_its_shapes_from_the_bench_cases():
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     groups = json.loads(proc.stdout)
-    for name in ("prefill", "throughput", "memory", "accuracy", "grid", "extra", "bandwidth", "quantised"):
+    for name in ("prefill", "throughput", "memory", "masked", "accuracy", "grid", "extra", "bandwidth", "quantised"):
         assert groups[name], name
         for index, shape in groups[name]:
             assert bench.CASES[index].shape == shape
     assert len(groups["prefill"]) == 8 and len(groups["grid"]) == 6 and len(groups["bandwidth"]) == 6
+    assert [bench.CASES[i].mask for i, _ in groups["masked"]] == ["", "bool", "float"]
     assert len(groups["layer"]) == 4
