@@ -378,11 +378,11 @@ def adjust_score_block(
     conditions out of the loop and vectorise it (all steps in one pass over j left the ALiBi loop
     scalar).
 
-    ``nc`` ≥ nr: the rows the block holds (float32: a whole register tile, W, a compile-time constant;
-    the rows past nr are padding, never written). Steps that read nothing per row run over nc rows: a
-    loop of a constant W = 16 iterations (AVX2) is vectorised whole, where one of nr iterations ran
-    scalar (LLVM's vector loop takes VW × 4 = 32 per step), which made a soft-cap cost 3× the kernel
-    and a key-padding mask +34 %."""
+    ``nc`` ≥ nr: the rows the block holds (float32: a whole register tile, W; the rows past nr are padding
+    rows of zero queries, never written). Steps that read no per-row data (soft-cap, ALiBi, window, a
+    mask broadcast along the rows, the causal rule) run over all nc rows, which costs nothing more and
+    keeps the loops' trip count that of the tile; a mask with one entry per query row reads only the nr
+    real rows (there is no mask row past L)."""
     if has_alibi or softcap > 0 or window > 0:
         for j in range(nk):
             adjust_score_line(st[j], nc, i0, 1, j0 + j, 0, pos_offset, slope, softcap, window)
