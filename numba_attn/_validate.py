@@ -217,10 +217,9 @@ def _dtypes(query, key, value, out_dtype):
 
 
 @functools.lru_cache(maxsize=64)
-def _dtype_rule(*dtypes_and_out):
+def _dtype_rule(query_dtype, key_dtype, value_dtype, out_dtype):
     """``_dtypes`` on the dtypes themselves, kept per combination (``np.result_type`` is ~2 µs a call)."""
-    *dtypes, out_dtype = dtypes_and_out
-    floats = [dt for dt in dtypes if dt.kind == "f"]
+    floats = [dt for dt in (query_dtype, key_dtype, value_dtype) if dt.kind == "f"]
     compute = np.dtype(np.float64) if np.dtype(np.float64) in floats else np.dtype(np.float32)
     result = np.result_type(*floats) if out_dtype is None else out_dtype
     return compute, result
