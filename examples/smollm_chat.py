@@ -21,10 +21,12 @@ through the model's chat template; decoding is greedy.
     python examples/smollm_chat.py "Tell me a long story." --window 64 --sink-tokens 4 --max-new-tokens 512
     python examples/smollm_chat.py --streaming --window 64 --sink-tokens 4      # sinks vs none vs full, measured
 
-``--weights float16|int8`` stores the feed-forward (gate+up, down) and output (lm_head) weights as
-``numba_attn.linear.LinearWeight`` (float16, or int8 in affine blocks of 32), multiplied by numba
+``--weights float16|int8|int4`` stores the feed-forward (gate+up, down) and output (lm_head) weights as
+``numba_attn.linear.LinearWeight`` (float16, or int8 / int4 in affine blocks of 32), multiplied by numba
 kernels that read them at that width, and converts the attention projections too where
-``MultiHeadAttention.quantize_weights`` exists.
+``MultiHeadAttention.quantize_weights`` exists. ``int4`` is the GGUF's own width: its layers' weights are
+Q4_1 (4-bit affine blocks of 32 along the inputs, float16 step and minimum), which int4 holds exactly;
+the tied embedding / lm_head is Q8_0 in the file and stays int8.
 
 ``--window W --sink-tokens n`` decode in fixed memory: every layer's KVCache keeps the first n
 tokens and the last W (StreamingLLM); ``--streaming`` measures it against the same window without
@@ -61,7 +63,7 @@ from numba_attn.linear import LinearWeight
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_PROMPT = "What is the capital of France?"
 CACHE_DTYPES = {"float32": np.float32, "float16": np.float16, "int8": np.int8}
-WEIGHT_DTYPES = ["float32", "float16", "int8"]
+WEIGHT_DTYPES = ["float32", "float16", "int8", "int4"]
 
 #: teacher-forced quality text: the openings of Dickens's *A Tale of Two Cities* (1859) and Austen's
 #: *Pride and Prejudice* (1813), both in the public domain
@@ -304,20 +306,22 @@ class SmolLM:
 
     def set_weights(self, dtype):
         """Store the feed-forward and output weights as ``dtype`` ("float32": numpy's matmul on the
-        float32 arrays, as loaded; "float16" / "int8": ``numba_attn.linear.LinearWeight``), and the
+        float32 arrays, as loaded; "float16" / "int8" / "int4": ``numba_attn.linear.LinearWeight``; int4
+        keeps the lm_head at int8, its width in the GGUF), and the
         attention projections too where ``MultiHeadAttention.quantize_weights`` exists. Reversible:
         the float32 weights are kept."""
         if dtype not in WEIGHT_DTYPES:
             raise ValueError(f"dtype must be one of {WEIGHT_DTYPES}, got {dtype!r}")
 
-        def convert(w):
+        def convert(w, dtype=dtype):
             return w if dtype == "float32" else LinearWeight(w, dtype=dtype)
 
         for lay, (gate_up, down) in zip(self.layers, self._float_weights):
             lay["w_gate_up"], lay["w_down"] = convert(gate_up), convert(down)
             if hasattr(lay["attn"], "quantize_weights"):
                 lay["attn"].quantize_weights(dtype)
-        self.lm_head = convert(self._float_lm_head)
+        # the tied embedding is stored at 8 bits in the GGUF (Q8_0): 4 bits would lose what it holds
+        self.lm_head = convert(self._float_lm_head, "int8" if dtype == "int4" else dtype)
         self.weights_dtype = dtype
         return self
 

@@ -164,15 +164,16 @@ class MultiHeadAttention:
 
     def quantize_weights(self, dtype):
         """Store the four projections as ``dtype`` for the products: "float16", "int8" (affine blocks:
-        int8 with a float32 scale and offset per 32 inputs and output) or "float32" (numpy's BLAS on the float
-        weights, the default). float16/int8 go through :class:`~numba_attn.linear.LinearWeight`,
+        int8 with a float32 scale and offset per 32 inputs and output), "int4" (16 levels with a float16
+        scale and offset per 32 inputs and output, like GGUF's Q4_1) or "float32" (numpy's BLAS on the
+        float weights, the default). float16/int8/int4 go through :class:`~numba_attn.linear.LinearWeight`,
         whose kernels read the weights at their width (a decode step reads every weight once:
-        int8 reads ~0.31× the bytes of float32). The float weights ``w_q`` … stay as they are (the
-        layer's source of truth: ``load`` repacks); products compute in float32. Returns self.
+        int8 reads ~0.31× the bytes of float32, int4 ~0.16×). The float weights ``w_q`` … stay as they
+        are (the layer's source of truth: ``load`` repacks); products compute in float32. Returns self.
         """
-        from .linear import LinearWeight, _storage_dtype
+        from .linear import _DTYPES, LinearWeight, _storage_dtype
 
-        dtype = np.dtype(_storage_dtype(dtype))
+        dtype = _DTYPES[_storage_dtype(dtype)]
         if dtype == np.float32:
             self._packed = None
         else:

@@ -1,10 +1,10 @@
-"""``LinearWeight``: the weight of y = x @ W + b stored as float32, float16 or int8, read at its width.
+"""``LinearWeight``: the weight of y = x @ W + b stored as float32, float16, int8 or int4, read at its width.
 
 A decode step multiplies one activation row by every weight matrix of the model, so it is bound by
 the bytes of weight it reads: float16 halves them, int8 (affine blocks: a float32 scale and offset
-per block of 32 inputs and per output, 1.25 bytes per weight) reads 31 % of float32's bytes. The numba kernels
-(``numba_attn.kernels.linear``) convert float16 / int8 to float32 in registers and never build a
-float32 copy of the weight.
+per block of 32 inputs and per output, 1.25 bytes per weight) reads 31 % of float32's bytes, int4
+(16 levels, a float16 scale and offset per block: 0.625 bytes per weight, like GGUF's Q4_1) 16 %.
+The numba kernels (``numba_attn.kernels.linear``) never build a float32 copy of the weight.
 
     w = LinearWeight(W, b, dtype="int8")        # W (in_features, out_features): y = x @ W + b
     w = LinearWeight.from_linear(W_out_in, b, dtype=np.float16)    # torch / HF nn.Linear layout
@@ -16,10 +16,17 @@ W[k, n] ≈ s · q[k, n] + m, |error| ≤ s / 2 (+ float32 rounding). Against a 
 q8_0) the step s is never larger and is half as large for a block of one sign; a block that holds at most
 256 evenly spaced values (a 4-bit block dequantised from GGUF's Q4_0/Q4_1, say) is kept exactly up to
 float32 rounding.
+
+Quantisation (int4): per block and output, s = float16((hi − lo) / 15) and m = float16(lo) (rounded to
+nearest), q = clamp(rint((W − m) / s), 0, 15) (s = 0 → q = 0), W ≈ s·q + m with |error| ≤ s / 2 +
+2⁻⁹·max(|lo|, |hi|) + 2⁻²⁴ (the float16 rounding of s and m; weights must lie within float16's range).
+A block that is already 4-bit affine with float16 step and minimum, its lowest and highest levels
+used (every block of a GGUF Q4_1 tensor), is kept exactly up to float32 rounding.
+
 ``dequantize()`` returns that effective weight (float32), the exact operand of the product.
 
 Results: float32 computed (activations rounded to float32, float32 accumulation), except that int8
-weights multiply each row of x rounded to int16 per block of 32 inputs, x ≈ σ·c with σ = max |x_block|
+and int4 weights multiply each row of x rounded to int16 per block of 32 inputs, x ≈ σ·c with σ = max |x_block|
 / 32767, |x − σ·c| ≤ σ / 2 (~100× below the weights' own rounding), summing c·q exactly in int32
 (``vpmaddwd``; see ``numba_attn.kernels.linear``). A float64 ``x``
 gives a float64 result (the float32 values widened: numpy's ``float64 @ float32`` promotion), a
@@ -38,19 +45,23 @@ from .kernels.finite import max_abs
 
 __all__ = ["LinearWeight"]
 
-_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16), "int8": np.dtype(np.int8)}
+#: storage name → the ``dtype`` attribute ("int4": numpy has no 4-bit type, the string names the format)
+_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16), "int8": np.dtype(np.int8), "int4": "int4"}
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def _storage_dtype(dtype):
-    """'float32' / 'float16' / 'int8' for any spelling of those three (str, numpy type, np.dtype)."""
+    """'float32' / 'float16' / 'int8' for any spelling of those three (str, numpy type, np.dtype), or
+    'int4' for the string "int4" (``np.dtype("int4")`` would be int32)."""
+    if isinstance(dtype, str) and dtype.lower() == "int4":
+        return "int4"
     try:
         name = np.dtype(dtype).name
     except TypeError:
         name = None
-    if name not in _DTYPES:
-        raise ValueError(f"dtype must be one of float32, float16, int8 (a name or numpy type), got {dtype!r}")
+    if name not in _DTYPES or name == "int4":
+        raise ValueError(f'dtype must be one of float32, float16, int8 (a name or numpy type) or "int4", got {dtype!r}')
     return name
 
 
@@ -92,19 +103,49 @@ def _quantize_panels(w32, K_pad, P):
     return np.ascontiguousarray(paired), np.ascontiguousarray(pairs)
 
 
+def _quantize_panels_int4(w32, K_pad, P):
+    """float32 (K, N) → int4 panels (P, K_pad/2, 64) uint8, byte [i, t] = q[2i, t] | q[2i+1, t] << 4, and
+    float16-bit (scale, offset) pairs (P, K_pad/32, 2, 64): per block, s = float16((max − min) / 15),
+    m = float16(min), q = clip(rint((W − m) / s), 0, 15)."""
+    blocks = _panels(w32, K_pad, P).reshape(P, K_pad // _k.BLOCK, _k.BLOCK, _k.PANEL)
+    lo, hi = blocks.min(axis=2), blocks.max(axis=2)  # (P, nb, 64)
+    step = to_float16(((hi - lo) / np.float32(15)).astype(np.float32))
+    low = to_float16(lo)
+    s4 = step.astype(np.float32)[:, :, None, :]
+    m4 = low.astype(np.float32)[:, :, None, :]
+    ratio = np.divide(blocks - m4, s4, out=np.zeros_like(blocks), where=s4 > 0)
+    q = np.clip(np.rint(ratio), 0, 15).astype(np.uint8).reshape(P, K_pad // 2, 2, _k.PANEL)
+    packed = q[:, :, 0, :] | (q[:, :, 1, :] << np.uint8(4))
+    pairs = np.stack([step, low], axis=2).view(np.uint16)
+    return np.ascontiguousarray(packed), np.ascontiguousarray(pairs)
+
+
 class LinearWeight:
-    """y = x @ W (+ b) with W (in_features, out_features) stored as float32, float16 or int8.
+    """y = x @ W (+ b) with W (in_features, out_features) stored as float32, float16, int8 or int4.
 
     ``LinearWeight(weight, bias=None, dtype="float32")``: ``weight`` (in_features, out_features)
     float16/32/64 (the repo's ``x @ W`` layout), ``bias`` (out_features,) or None, ``dtype`` one of
-    ``"float32"``, ``"float16"``, ``"int8"`` (or the numpy types). Neither input is modified or kept:
-    the weight is copied into the kernels' panel layout (see ``numba_attn.kernels.linear``).
+    ``"float32"``, ``"float16"``, ``"int8"`` (or the numpy types) or ``"int4"``. Neither input is
+    modified or kept: the weight is copied into the kernels' panel layout (see
+    ``numba_attn.kernels.linear``).
 
     Attributes: ``shape`` (in_features, out_features), ``in_features``, ``out_features``, ``dtype``
-    (the storage dtype), ``nbytes`` (weight storage incl. padding and scales, plus the bias).
+    (the storage dtype: a numpy dtype, or the string "int4"), ``nbytes`` (weight storage incl.
+    padding and scales, plus the bias).
     """
 
-    __slots__ = ("_bias", "_has_bias", "_k_pad", "_scales", "_weights", "dtype", "in_features", "out_features")
+    __slots__ = (
+        "_bias",
+        "_has_bias",
+        "_k_pad",
+        "_kernels",
+        "_operands",
+        "_scales",
+        "_weights",
+        "dtype",
+        "in_features",
+        "out_features",
+    )
     #: numpy operators return NotImplemented for this type, so ``x @ w`` reaches ``__rmatmul__``
     __array_ufunc__ = None
 
@@ -116,6 +157,8 @@ class LinearWeight:
         K, N = weight.shape
         if name == "float16":
             _check_values(weight, "weight", _FLOAT16_MAX, "float16's range")
+        elif name == "int4":
+            _check_values(weight, "weight", _FLOAT16_MAX, "float16's range (int4 scales and offsets are float16)")
         else:
             _check_values(weight, "weight", _FLOAT32_MAX, "float32's range")
         if bias is None:
@@ -131,6 +174,8 @@ class LinearWeight:
         w32 = np.asarray(weight, np.float32)
         if name == "int8":
             data, scales = _quantize_panels(w32, K_pad, P)
+        elif name == "int4":
+            data, scales = _quantize_panels_int4(w32, K_pad, P)
         elif name == "float16":
             data, scales = to_float16(_panels(w32, K_pad, P)).view(np.uint16), None
         else:
@@ -138,6 +183,8 @@ class LinearWeight:
         self.in_features, self.out_features, self.dtype = K, N, _DTYPES[name]
         self._weights, self._scales, self._bias, self._has_bias = data, scales, b, bias is not None
         self._k_pad = K_pad
+        self._kernels = _k.KERNELS[name]
+        self._operands = (data,) if scales is None else (data, scales)
 
     @classmethod
     def from_linear(cls, weight, bias=None, dtype="float32"):
@@ -161,17 +208,26 @@ class LinearWeight:
         return self._weights.nbytes + (self._scales.nbytes if self._scales is not None else 0) + self._bias.nbytes
 
     def _codes(self):
-        """int8 storage: the codes q as (P, K_pad, 64) panels (the pairs of inputs taken apart)."""
+        """int8 / int4 storage: the codes q as (P, K_pad, 64) panels (the pairs of inputs taken apart)."""
+        if self.dtype == "int4":
+            P, half, T = self._weights.shape
+            pairs = np.stack([self._weights & np.uint8(15), self._weights >> np.uint8(4)], axis=2)
+            return pairs.reshape(P, 2 * half, T)
         P, half, T, _ = self._weights.shape
         return self._weights.transpose(0, 1, 3, 2).reshape(P, 2 * half, T)
+
+    def _block_scales(self):
+        """int8 / int4 storage: the (scale, offset) pairs (P, K_pad/32, 2, 64) as float32."""
+        return self._scales.view(np.float16).astype(np.float32) if self.dtype == "int4" else self._scales
 
     def dequantize(self):
         """The effective weight (in_features, out_features) float32 the kernels multiply by."""
         K, N = self.shape
         P, K_pad, T = self._weights.shape[0], self._k_pad, _k.PANEL
-        if self.dtype == np.int8:
+        if self._scales is not None:
             blocks = self._codes().reshape(P, K_pad // _k.BLOCK, _k.BLOCK, T).astype(np.float32)
-            w = (blocks * self._scales[:, :, None, 0, :] + self._scales[:, :, None, 1, :]).reshape(P, K_pad, T)
+            sm = self._block_scales()
+            w = (blocks * sm[:, :, None, 0, :] + sm[:, :, None, 1, :]).reshape(P, K_pad, T)
         elif self.dtype == np.float16:
             w = self._weights.view(np.float16).astype(np.float32)
         else:
@@ -192,14 +248,8 @@ class LinearWeight:
             # one float32 row that needs no padding (a decode step): straight to the GEMV kernel
             N = self.out_features
             y = np.empty(x.shape[:-1] + (N,), np.float32)
-            row, out = x.reshape(-1), y.reshape(-1)
-            parallel = self.in_features * N >= _k.SERIAL_BELOW_MACS
-            if self._scales is not None:
-                kernel = _k.gemv_int8_parallel if parallel else _k.gemv_int8_serial
-                launch(kernel, row, self._weights, self._scales, self._bias, out)
-            else:
-                kernel = _k.gemv_float_parallel if parallel else _k.gemv_float_serial
-                launch(kernel, row, self._weights, self._bias, out)
+            kernel = self._kernels[0 if self.in_features * N >= _k.SERIAL_BELOW_MACS else 1]
+            launch(kernel, x.reshape(-1), *self._operands, self._bias, y.reshape(-1))
             return y
         if x.dtype not in (np.float16, np.float32, np.float64):
             raise TypeError(
@@ -220,35 +270,13 @@ class LinearWeight:
         else:
             xs = np.zeros((M, K_pad), np.float32)
             xs[:, :K] = rows
-        parallel = M * K * N >= _k.SERIAL_BELOW_MACS
+        serial = M * K * N < _k.SERIAL_BELOW_MACS
         if M == 1:
             y = np.empty((1, N), np.float32)
-            if self._scales is not None:
-                launch(
-                    _k.gemv_int8_parallel if parallel else _k.gemv_int8_serial,
-                    xs[0],
-                    self._weights,
-                    self._scales,
-                    self._bias,
-                    y[0],
-                )
-            else:
-                launch(
-                    _k.gemv_float_parallel if parallel else _k.gemv_float_serial, xs[0], self._weights, self._bias, y[0]
-                )
+            launch(self._kernels[int(serial)], xs[0], *self._operands, self._bias, y[0])
         else:
             y = np.empty((M, N), np.float32)
-            if self._scales is not None:
-                launch(
-                    _k.gemm_int8_parallel if parallel else _k.gemm_int8_serial,
-                    xs,
-                    self._weights,
-                    self._scales,
-                    self._bias,
-                    y,
-                )
-            else:
-                launch(_k.gemm_float_parallel if parallel else _k.gemm_float_serial, xs, self._weights, self._bias, y)
+            launch(self._kernels[2 + int(serial)], xs, *self._operands, self._bias, y)
         y = y.reshape(lead + (N,))
         return y.astype(np.float64) if out_dtype == np.float64 else y
 
@@ -261,5 +289,5 @@ class LinearWeight:
     def __repr__(self):
         return (
             f"LinearWeight(in_features={self.in_features}, out_features={self.out_features}, "
-            f"dtype={self.dtype.name}, bias={self._has_bias}, nbytes={self.nbytes})"
+            f"dtype={getattr(self.dtype, 'name', self.dtype)}, bias={self._has_bias}, nbytes={self.nbytes})"
         )

@@ -1,4 +1,4 @@
-"""y = x · W + b with W stored as float32, float16 (uint16 bits) or int8 blocks, read at its width.
+"""y = x · W + b with W stored as float32, float16 (uint16 bits), int8 or int4 blocks, read at its width.
 
 Maths. For x (M, K) and W (K, N) (the repo's ``x @ W`` layout), y[m, n] = b[n] + Σ_k x[m, k] · W[k, n].
 int8 weights are affine blocks along the input axis (like q8_1, or ONNX Runtime's uint8 with a zero
@@ -17,7 +17,10 @@ scaled once per block and output: y[n] += (s[j, n]·σ_j)·Σ c·q + m[j, n]·X[
 exact integer sum), i.e. the product of the rounded row with W_eff. A row with NaN or inf, or a block
 whose max |x| is below 2⁻¹⁰⁰, sends the call to a float32 path (``_gemm_int8_float``, the GEMV's
 row as a 1-row matrix: each weight s·q + m in float32; serial, it is rare) so that NaN and inf propagate
-as in numpy. float16 weights are converted with ``load`` (``vcvtph2ps``). Apart from the int8 kernels'
+as in numpy. int4 weights (4-bit affine blocks, like GGUF's Q4_1) use the same sums with q ∈ [0, 15]
+(two codes per byte) and the scale and offset stored as float16 bits: each block of the panel is first
+unpacked into the int8 input pairs of the int8 layout (2 KiB, L1; ``_unpack_nibbles``), then runs the
+int8 path (|Σ c·q| < 32 · 15 · 32767 < 2³¹). float16 weights are converted with ``load`` (``vcvtph2ps``). Apart from the int8 kernels'
 integer block sums, everything accumulates in float32.
 
 Memory layout ("panels", written by ``numba_attn.linear``): the N outputs are cut into panels of
@@ -25,7 +28,9 @@ Memory layout ("panels", written by ``numba_attn.linear``): the N outputs are cu
 
     weights (P, K_pad, PANEL)  float32 / uint16,          P = ceil(N / 64),  K_pad = 32 · ceil(K / 32)
             (P, K_pad / 2, PANEL, 2) int8: inputs 2i and 2i+1 of an output side by side (vpmaddwd's pairs)
-    scales  (P, K_pad / 32, 2, PANEL) float32: [..., 0, :] scales s, [..., 1, :] offsets m (int8 only)
+            (P, K_pad / 2, PANEL) uint8 for int4: byte [i, t] = q[2i, t] | q[2i + 1, t] << 4
+    scales  (P, K_pad / 32, 2, PANEL) float32 (int8) or float16 bits (int4): [..., 0, :] scales s,
+            [..., 1, :] offsets m
 
 Rows past K and outputs past N are zero padding, so every inner loop has the fixed trip counts
 BLOCK = 32 (inputs) and PANEL = 64 (outputs, 4 AVX-512 / 8 AVX2 vectors) and reads memory in one
@@ -109,12 +114,24 @@ def _activation_codes(x, codes, x_scales, x_sums):
 @njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
 def _add_block_sums(acc, dots, sb, mb, sx, xb, scaled):
     """acc[t] += dots[t]·(sb[t]·sx) + xb·mb[t] for the PANEL outputs: one block's integer sums scaled
-    (weights' scale × activations' scale) plus the offsets times the block's sum of x. The products
-    sb·sx go through ``scaled`` (memory), so every build rounds the same products in the same order."""
+    (weights' scale × activations' scale) plus the offsets times the block's sum of x (sb, mb float32,
+    or float16 bits for int4). The products sb·sx go through ``scaled`` (memory), so every build
+    rounds the same products in the same order."""
     for t in range(PANEL):
-        scaled[t] = sb[t] * sx
+        scaled[t] = np.float32(load(sb[t])) * sx
     for t in range(PANEL):
-        acc[t] += np.float32(dots[t]) * scaled[t] + xb * mb[t]
+        acc[t] += np.float32(dots[t]) * scaled[t] + xb * np.float32(load(mb[t]))
+
+
+@njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
+def _unpack_nibbles(q4, base, pairs):
+    """One block of an int4 panel as the int8 layout's input pairs: pairs[2j] = q4[base + j] & 15 and
+    pairs[2j + 1] = q4[base + j] >> 4 for j < BLOCK/2 · PANEL (the codes of inputs 2i and 2i + 1 of one
+    output side by side; ``pairs`` int8 or int16)."""
+    for j in range(BLOCK // 2 * PANEL):
+        byte = q4[base + j]
+        pairs[2 * j] = byte & np.uint8(15)
+        pairs[2 * j + 1] = byte >> np.uint8(4)
 
 
 def _gemv_int8_body(x, q, scales, bias, y):
@@ -140,6 +157,37 @@ def _gemv_int8_body(x, q, scales, bias, y):
             for t in range(PANEL):
                 dots[t] = 0
             madd_pairs_into(qp, b * BLOCK * PANEL, 2 * PANEL, codes, b * BLOCK, BLOCK // 2, dots, 0, PANEL)
+            _add_block_sums(acc, dots, sp[b, 0], sp[b, 1], x_scales[b], x_sums[b], scaled)
+        o0 = p * PANEL
+        for t in range(min(PANEL, N - o0)):
+            y[o0 + t] = acc[t] + bias[o0 + t]
+
+
+def _gemv_int4_body(x, q4, scales, bias, y):
+    """y (N,) = bias + x (K_pad,) · W, W as int4 panels q4 (P, K_pad/2, 64) uint8 (two codes per byte)
+    with float16-bit scales and offsets (P, K_pad/32, 2, 64): as the int8 GEMV, each block unpacked
+    to int8 pairs first (``_unpack_nibbles``)."""
+    P = q4.shape[0]
+    nb = scales.shape[1]
+    N = y.shape[0]
+    codes = np.empty(nb * BLOCK, np.int16)
+    x_scales = np.empty(nb, np.float32)
+    x_sums = np.empty(nb, np.float32)
+    if not _activation_codes(x, codes, x_scales, x_sums):
+        _gemm_int4_float(x.reshape(1, x.shape[0]), q4, scales, bias, y.reshape(1, N))
+        return
+    for p in prange(P):
+        acc = np.zeros(PANEL, np.float32)
+        dots = np.empty(PANEL, np.int32)
+        scaled = np.empty(PANEL, np.float32)
+        pairs = np.empty(BLOCK * PANEL, np.int8)
+        qp = q4[p].reshape(nb * (BLOCK // 2) * PANEL)
+        sp = scales[p]
+        for b in range(nb):
+            _unpack_nibbles(qp, b * (BLOCK // 2) * PANEL, pairs)
+            for t in range(PANEL):
+                dots[t] = 0
+            madd_pairs_into(pairs, 0, 2 * PANEL, codes, b * BLOCK, BLOCK // 2, dots, 0, PANEL)
             _add_block_sums(acc, dots, sp[b, 0], sp[b, 1], x_scales[b], x_sums[b], scaled)
         o0 = p * PANEL
         for t in range(min(PANEL, N - o0)):
@@ -223,6 +271,35 @@ def _gemm_int8_float_body(x, q, scales, bias, y):
         _store_rows(acc, bias, r0, r1, p * PANEL, y)
 
 
+def _gemm_int4_float_body(x, q4, scales, bias, y):
+    """The float path of the int4 GEMM (rows with NaN, inf or tiny blocks): y (M, N) = bias + x · (s·q + m),
+    each block of the panel converted to float32 once and reused by the group's rows."""
+    M = x.shape[0]
+    P, K = q4.shape[0], 2 * q4.shape[1]
+    groups = (M + ROWS - 1) // ROWS
+    for item in prange(P * groups):
+        p, r0, r1 = _work_item(item, groups, M)
+        acc = np.zeros((ROWS, PANEL), np.float32)
+        wf = np.empty((BLOCK, PANEL), np.float32)
+        sf = np.empty(PANEL, np.float32)
+        mf = np.empty(PANEL, np.float32)
+        qp = q4[p]
+        for b in range(K // BLOCK):
+            k0 = b * BLOCK
+            for t in range(PANEL):
+                sf[t] = np.float32(load(scales[p, b, 0, t]))
+                mf[t] = np.float32(load(scales[p, b, 1, t]))
+            for j in range(BLOCK // 2):
+                row = qp[k0 // 2 + j]
+                w0 = wf[2 * j]
+                w1 = wf[2 * j + 1]
+                for t in range(PANEL):
+                    w0[t] = np.float32(row[t] & np.uint8(15)) * sf[t] + mf[t]
+                    w1[t] = np.float32(row[t] >> np.uint8(4)) * sf[t] + mf[t]
+            _rows_times_block(x, r0, r1, k0, wf, acc)
+        _store_rows(acc, bias, r0, r1, p * PANEL, y)
+
+
 def _gemm_int8_body(x, q, scales, bias, y):
     """y (M, N) = bias + x (M, K_pad) · W for int8 panels of input pairs q (P, K_pad/2, 64, 2), scales
     and offsets (P, K_pad/32, 2, 64): each row of x rounded to int16 per block (``_activation_codes``, a
@@ -264,6 +341,43 @@ def _gemm_int8_body(x, q, scales, bias, y):
         _store_rows(acc, bias, r0, r1, p * PANEL, y)
 
 
+def _gemm_int4_body(x, q4, scales, bias, y):
+    """y (M, N) = bias + x (M, K_pad) · W for int4 panels q4 (P, K_pad/2, 64) with float16-bit scales and
+    offsets (P, K_pad/32, 2, 64): the int8 GEMM with each block of the panel unpacked to int16 pairs
+    once per work item (``_unpack_nibbles``) instead of widened."""
+    M = x.shape[0]
+    P = q4.shape[0]
+    nb = scales.shape[1]
+    K = nb * BLOCK
+    codes = np.empty((M, K), np.int16)
+    x_scales = np.empty((M, nb), np.float32)
+    x_sums = np.empty((M, nb), np.float32)
+    usable = np.empty(M, np.bool_)
+    for r in prange(M):
+        usable[r] = _activation_codes(x[r], codes[r], x_scales[r], x_sums[r])
+    if not usable.all():
+        _gemm_int4_float(x, q4, scales, bias, y)
+        return
+    groups = (M + ROWS - 1) // ROWS
+    for item in prange(P * groups):
+        p, r0, r1 = _work_item(item, groups, M)
+        acc = np.zeros((ROWS, PANEL), np.float32)
+        wide = np.empty(BLOCK * PANEL, np.int16)
+        dots = np.empty(PANEL, np.int32)
+        scaled = np.empty(PANEL, np.float32)
+        qp = q4[p].reshape(nb * (BLOCK // 2) * PANEL)
+        for b in range(nb):
+            _unpack_nibbles(qp, b * (BLOCK // 2) * PANEL, wide)
+            sb = scales[p, b, 0]
+            mb = scales[p, b, 1]
+            for r in range(r0, r1):
+                for t in range(PANEL):
+                    dots[t] = 0
+                madd_pairs_into(wide, 0, 2 * PANEL, codes[r], b * BLOCK, BLOCK // 2, dots, 0, PANEL)
+                _add_block_sums(acc[r - r0], dots, sb, mb, x_scales[r, b], x_sums[r, b], scaled)
+        _store_rows(acc, bias, r0, r1, p * PANEL, y)
+
+
 def _gemm_float_body(x, w, bias, y):
     """y (M, N) = bias + x (M, K_pad) · W for float32 or float16-bit panels w (P, K_pad, 64)."""
     M = x.shape[0]
@@ -287,10 +401,23 @@ def _gemm_float_body(x, w, bias, y):
 _FLAGS = {"fastmath": config.FASTMATH, "cache": config.CACHE}
 gemv_int8_parallel = njit(parallel=True, **_FLAGS)(variant(_gemv_int8_body, "_parallel"))
 gemv_int8_serial = njit(parallel=False, **_FLAGS)(variant(_gemv_int8_body, "_serial"))
+gemv_int4_parallel = njit(parallel=True, **_FLAGS)(variant(_gemv_int4_body, "_parallel"))
+gemv_int4_serial = njit(parallel=False, **_FLAGS)(variant(_gemv_int4_body, "_serial"))
 gemv_float_parallel = njit(parallel=True, **_FLAGS)(variant(_gemv_float_body, "_parallel"))
 gemv_float_serial = njit(parallel=False, **_FLAGS)(variant(_gemv_float_body, "_serial"))
 _gemm_int8_float = njit(parallel=False, **_FLAGS)(_gemm_int8_float_body)  # rare: serial
 gemm_int8_parallel = njit(parallel=True, **_FLAGS)(variant(_gemm_int8_body, "_parallel"))
 gemm_int8_serial = njit(parallel=False, **_FLAGS)(variant(_gemm_int8_body, "_serial"))
+_gemm_int4_float = njit(parallel=False, **_FLAGS)(_gemm_int4_float_body)  # rare: serial
+gemm_int4_parallel = njit(parallel=True, **_FLAGS)(variant(_gemm_int4_body, "_parallel"))
+gemm_int4_serial = njit(parallel=False, **_FLAGS)(variant(_gemm_int4_body, "_serial"))
 gemm_float_parallel = njit(parallel=True, **_FLAGS)(variant(_gemm_float_body, "_parallel"))
 gemm_float_serial = njit(parallel=False, **_FLAGS)(variant(_gemm_float_body, "_serial"))
+
+#: storage → (gemv parallel, gemv serial, gemm parallel, gemm serial)
+KERNELS = {
+    "float32": (gemv_float_parallel, gemv_float_serial, gemm_float_parallel, gemm_float_serial),
+    "float16": (gemv_float_parallel, gemv_float_serial, gemm_float_parallel, gemm_float_serial),
+    "int8": (gemv_int8_parallel, gemv_int8_serial, gemm_int8_parallel, gemm_int8_serial),
+    "int4": (gemv_int4_parallel, gemv_int4_serial, gemm_int4_parallel, gemm_int4_serial),
+}
