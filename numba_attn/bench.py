@@ -880,6 +880,8 @@ def _torch_threads(torch, threads):
 SMOLLM2 = {"embed_dim": 576, "num_heads": 9, "num_kv_heads": 3, "head_dim": 64}
 #: storage formats of the layer's cache and weights in ``--layer``
 FORMATS = ("float32", "float16", "int8")
+#: the weights' formats in ``--layer``: the cache's and int4 (``LinearWeight``'s 4-bit blocks)
+WEIGHT_FORMATS = FORMATS + ("int4",)
 
 
 def smollm2_layer(weights="float32", seed=0):
@@ -1346,7 +1348,9 @@ def torch_layer_step(tokens, threads):
     return step
 
 
-def layer_results(threads, quick=False, tokens=LAYER_TOKENS, formats=FORMATS, progress=None):
+def layer_results(
+    threads, quick=False, tokens=LAYER_TOKENS, formats=FORMATS, weight_formats=WEIGHT_FORMATS, progress=None
+):
     """[{tokens, cache, weights, step_s, projections_s, attention_s, rest_s, old_s, torch_s}] for
     every cache × weight format (``layer_step``). The old float32 path is timed in turns with each
     row's step and parts (``alternate``), so each row's ratio comes from one stretch of time; torch
@@ -1368,7 +1372,7 @@ def layer_results(threads, quick=False, tokens=LAYER_TOKENS, formats=FORMATS, pr
             t = alternate({"old": ("numba_attn", old), "torch": ("torch", theirs)}, rounds=rounds, evict=True)
             torch_s, old_vs_torch = t["torch"], t["old"]
         for cache_dtype in formats:
-            for weights in formats:
+            for weights in weight_formats:
                 if progress:
                     progress(f"layer step, {n} tokens: {cache_dtype} cache, {weights} weights ...")
                 fns = layer_step(n, cache_dtype, weights, threads)
@@ -1508,7 +1512,15 @@ def print_layer(records, overhead, appends, threads, out):
     )
 
 
-def run_layer(quick=False, threads=None, json_path=None, out=None, tokens=LAYER_TOKENS, formats=FORMATS):
+def run_layer(
+    quick=False,
+    threads=None,
+    json_path=None,
+    out=None,
+    tokens=LAYER_TOKENS,
+    formats=FORMATS,
+    weight_formats=WEIGHT_FORMATS,
+):
     """``python -m numba_attn bench --layer``: the SmolLM2-shaped layer decode step (``layer_results``),
     the per-call overhead of ``cache.attend`` (``call_overhead``) and one-token appends per format
     (``append_seconds``). Returns the exit status."""
@@ -1522,7 +1534,9 @@ def run_layer(quick=False, threads=None, json_path=None, out=None, tokens=LAYER_
     print(f"bench --layer: {threads} threads" + (", quick" if quick else ""), file=sys.stderr)
     limits = _blas_limits(threads)
     try:
-        records = layer_results(threads, quick=quick, tokens=tokens, formats=formats, progress=_progress)
+        records = layer_results(
+            threads, quick=quick, tokens=tokens, formats=formats, weight_formats=weight_formats, progress=_progress
+        )
         _progress("call overhead and appends ...")
         overhead = dict(call_overhead(64, threads), tokens=64)
         appends = {d: append_seconds(d) for d in FORMATS}

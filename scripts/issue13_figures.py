@@ -12,7 +12,8 @@ It prints, from one process (and its neighbours and example runs):
    one-token ``KVCache.append`` per format.
 2. ``bench --busy``'s table: decode, prefill and SmolLM2's ``cache.attend`` step idle and beside
    each neighbour (a busy loop, BLAS, numba), ours and torch.
-3. ``examples/smollm_chat.py``'s decode tokens/s with float32 and with int8 cache + weights (left out
+3. ``examples/smollm_chat.py``'s decode tokens/s with float32, with int8 cache + weights and with int8
+   cache + int4 weights (left out
    with a note when the model package is not installed; ``--no-example`` skips it).
 4. A summary: each target of the issue, the figure measured here, and whether it is met.
 
@@ -31,6 +32,10 @@ sys.path.insert(0, ROOT)  # this checkout's numba_attn, whatever is installed
 
 from numba_attn import bench  # noqa: E402
 
+#: (cache, weights) of the example's runs: float32 (the starting point), int8 weights, and int4 weights
+#: (the GGUF's own width for the layers; its lm_head stays int8), which the ≥ 50 tokens/s target is read on
+EXAMPLE_RUNS = (("float32", "float32"), ("int8", "int8"), ("int8", "int4"))
+EXAMPLE_TARGET_RUN = ("int8", "int4")
 #: a prompt the model answers at length: the default question's 8-token answer times the first steps only
 PROMPT = "Tell me a long story about a dragon."
 
@@ -94,7 +99,7 @@ def main(argv=None):
 
     example = {}
     if not args.no_example:
-        for cache_dtype, weights in (("float32", "float32"), ("int8", "int8")):
+        for cache_dtype, weights in EXAMPLE_RUNS:
             bench._progress(f"SmolLM2 example, {cache_dtype} cache, {weights} weights ...")
             example[cache_dtype, weights] = example_tokens_per_second(cache_dtype, weights, threads)
 
@@ -151,8 +156,8 @@ def main(argv=None):
             (
                 f"SmolLM2 example decode, {cache_dtype} cache + {weights} weights",
                 f"{tps:.1f} tokens/s" if tps is not None else why,
-                "≥ 50 tokens/s" if (cache_dtype, weights) == ("int8", "int8") else "(before/after)",
-                (tps >= 50 if tps is not None else None) if (cache_dtype, weights) == ("int8", "int8") else None,
+                "≥ 50 tokens/s" if (cache_dtype, weights) == EXAMPLE_TARGET_RUN else "(before/after)",
+                (tps >= 50 if tps is not None else None) if (cache_dtype, weights) == EXAMPLE_TARGET_RUN else None,
             )
         )
 

@@ -18,6 +18,7 @@ from numba import njit, types
 
 from numba_attn import config
 from numba_attn.kernels import _vector_ir
+from numba_attn.kernels import linear as linear_kernels
 from numba_attn.kernels._decode_tiles import (
     FOUR_ROW_VECTORS,
     key_scores,
@@ -121,6 +122,11 @@ def gemv_int8_block(q, x, out, steps):  # one int8 GEMV panel: 64 outputs += Σ 
     _vector_ir.madd_pairs_into(q, 0, 128, x, 0, steps, out, 0, 64)
 
 
+@njit
+def gemv_int4_unpack(q4, pairs):  # one int4 GEMV block: 1024 bytes of nibbles → 2048 int8 codes in input pairs
+    linear_kernels._unpack_nibbles(q4, 0, pairs)
+
+
 F32_2D, U16_2D, I8_2D = types.float32[:, ::1], types.uint16[:, ::1], types.int8[:, ::1]
 U8_2D, F32_1D, I64 = types.uint8[:, ::1], types.float32[::1], types.int64
 #: the vector-IR micro-kernels (run with NUMBA_ATTN_TILE=4x4, NEON's tile shape)
@@ -155,6 +161,7 @@ PROBES = {
     "float16 load + dot": (f16_dot, (types.float32[::1], types.uint16[::1])),
     "int8 dot": (i8_dot, (types.int8[::1], types.int8[::1])),
     "int8 gemv pairs": (gemv_int8_block, (types.int8[::1], types.int16[::1], types.int32[::1], types.int64)),
+    "int4 gemv unpack": (gemv_int4_unpack, (types.uint8[::1], types.int8[::1])),
 }
 
 

@@ -57,6 +57,15 @@ def test_int8_gemv_pairs_accumulate_with_smlal(asm_counts, cpu):
     assert "scvtf" not in ops and "fmla" not in ops, ops
 
 
+@pytest.mark.parametrize("cpu", ["cortex-a76", "cortex-a72"])
+def test_int4_gemv_unpacks_nibbles_with_vector_shifts(asm_counts, cpu):
+    """The int4 GEMV's unpacking of a block (``unpack_nibble_pairs_into``) is vector code: and/ushr on
+    16-byte registers and interleaving stores (st2 or zip), not a byte loop (ldrb/strb)."""
+    ops = asm_counts["int4 gemv unpack"][cpu]
+    assert ops.get("ushr", 0) > 0 and ops.get("st2", 0) + ops.get("zip1", 0) + ops.get("zip2", 0) > 0, ops
+    assert "ldrb" not in ops and "strb" not in ops and ops["vector spills"] == 0, ops
+
+
 @pytest.mark.parametrize("probe", ["prefill tile", "decode scores float16", "decode values int8"])
 @pytest.mark.parametrize("cpu", ["cortex-a76", "cortex-a72"])
 def test_vector_ir_micro_kernels_stay_in_neon_registers(asm_counts, probe, cpu):

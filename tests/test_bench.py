@@ -308,7 +308,12 @@ def layer_run(tmp_path_factory):
         mp.setattr(bench, "_evict_buffer", None)
         try:
             rc = bench.run_layer(
-                quick=True, json_path=str(json_path), out=out, tokens=(64,), formats=("float32", "int8")
+                quick=True,
+                json_path=str(json_path),
+                out=out,
+                tokens=(64,),
+                formats=("float32", "int8"),
+                weight_formats=("float32", "int4"),
             )
         finally:
             numba.set_num_threads(old_threads)
@@ -325,7 +330,7 @@ def test_layer_table(layer_run):
         assert column in header, header
     assert ("× torch fp32" in header) == _importable("torch")
     rows = lines[2:6]
-    combos = [(c, w) for c in ("float32", "int8") for w in ("float32", "int8")]
+    combos = [(c, w) for c in ("float32", "int8") for w in ("float32", "int4")]
     for (c, w), row in zip(combos, rows):
         assert re.match(rf"64\s+{c}\s+{w}\s+(-?\d+\.\d{{3}}\s+){{4}}\d+\.\d\d×", row), row
     assert "old float32 path at 64 tokens" in text
@@ -338,7 +343,7 @@ def test_layer_json(layer_run):
     assert rc == 0 and f"wrote {json_path}" in text
     data = json.loads(json_path.read_text())
     assert [(r["cache"], r["weights"]) for r in data["layer"]] == [
-        (c, w) for c in ("float32", "int8") for w in ("float32", "int8")
+        (c, w) for c in ("float32", "int8") for w in ("float32", "int4")
     ]
     for r in data["layer"]:
         assert r["tokens"] == 64 and r["step_s"] > 0 and r["old_s"] > 0

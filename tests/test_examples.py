@@ -294,9 +294,9 @@ def test_smollm_example_window_options(smollm_module, smollm, monkeypatch, capsy
     capsys.readouterr()
 
 
-@pytest.mark.parametrize("weights", ["float16", "int8"])
+@pytest.mark.parametrize("weights", ["float16", "int8", "int4"])
 def test_smollm_quantised_weights_follow_float32(smollm_module, smollm, weights):
-    """Teacher-forced on the first 40 tokens of the example's text: float16 / int8 projection weights
+    """Teacher-forced on the first 40 tokens of the example's text: float16 / int8 / int4 projection weights
     pick float32's most likely next token everywhere, with a small KL divergence (the example's
     ``--quality`` runs the whole text: see its report)."""
     try:
@@ -304,20 +304,22 @@ def test_smollm_quantised_weights_follow_float32(smollm_module, smollm, weights)
     finally:
         smollm.set_weights("float32")  # the fixture is shared: back to float32
     print(f"{weights} weights: {q}")
-    # float16 agrees everywhere; int8 (affine blocks) keeps the GGUF's Q4_1 layer weights exactly and
-    # rounds the Q8_0 tied lm_head: see the whole-text test below
+    # float16 agrees everywhere; int8 and int4 (affine blocks) keep the GGUF's Q4_1 layer weights exactly
+    # (int4 with its own step and minimum) and int8 rounds the Q8_0 tied lm_head: see the whole-text test below
     assert q["tokens"] == 39 and q["top1"] >= (1.0 if weights == "float16" else 0.97) and q["mean_kld"] < 1e-3
 
 
-def test_smollm_int8_weights_keep_top1_over_the_whole_text(smollm_module, smollm):
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_smollm_quantised_weights_keep_top1_over_the_whole_text(smollm_module, smollm, weights):
     """Issue 13's accuracy target, teacher-forced on the example's whole text (409 positions): int8
-    projection, feed-forward and output weights pick float32's most likely token at ≥ 99 % of them
-    (measured 99.5 %, mean KLD 2.0e-4; symmetric q8_0-like blocks gave 97.3 %, 1.2e-3)."""
+    (or int4, with the lm_head at int8) projection, feed-forward and output weights pick float32's most
+    likely token at ≥ 99 % of them (measured 99.5 %, mean KLD 2.0e-4 for both: int4 holds the GGUF's
+    Q4_1 layers exactly; symmetric q8_0-like blocks gave 97.3 %, 1.2e-3)."""
     try:
-        q = smollm_module.weight_quality(smollm, "int8")
+        q = smollm_module.weight_quality(smollm, weights)
     finally:
         smollm.set_weights("float32")
-    print(f"int8 weights, whole text: {q}")
+    print(f"{weights} weights, whole text: {q}")
     assert q["tokens"] == 409 and q["top1"] >= 0.99 and q["mean_kld"] < 5e-4
 
 

@@ -789,11 +789,11 @@ def test_cached_call_refuses_masks_that_add_up_to_inf():
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("weight_dtype", ["float16", "int8"])
+@pytest.mark.parametrize("weight_dtype", ["float16", "int8", "int4"])
 @pytest.mark.parametrize("num_kv_heads", [4, 2])
 @pytest.mark.parametrize("cross", [False, True])
 def test_quantized_weights_compute_with_the_effective_weights(weight_dtype, num_kv_heads, cross):
-    """A layer with float16/int8 projections equals a float32 layer holding the effective
+    """A layer with float16/int8/int4 projections equals a float32 layer holding the effective
     (dequantised) weights, with and without a cache, and quantize_weights("float32") restores it."""
     from numba_attn import LinearWeight
 
@@ -807,12 +807,13 @@ def test_quantized_weights_compute_with_the_effective_weights(weight_dtype, num_
     effective.load(
         *(LinearWeight(w, dtype=weight_dtype).dequantize() for w in (layer.w_q, layer.w_k, layer.w_v, layer.w_o))
     )
-    assert layer.quantize_weights(weight_dtype) is layer and layer.weight_dtype == np.dtype(weight_dtype)
+    assert layer.quantize_weights(weight_dtype) is layer
+    assert layer.weight_dtype == (weight_dtype if weight_dtype == "int4" else np.dtype(weight_dtype))
     out = layer(x, ctx)
     assert out.dtype == np.float32
-    # int8 projections also round their input rows to int16 per block of 32 (|δx| ≤ max|x_block| / 65534,
+    # int8/int4 projections also round their input rows to int16 per block of 32 (|δx| ≤ max|x_block| / 65534,
     # numba_attn.linear): through two projections that moves these outputs by up to ~1e-4 of their scale
-    rtol = 2e-4 if weight_dtype == "int8" else 2e-5
+    rtol = 2e-5 if weight_dtype == "float16" else 2e-4
     assert_close(out, effective(x, ctx).astype(np.float64), rtol=rtol)
     if not cross:
         cache, ref_cache = layer.new_cache(2, 16), effective.new_cache(2, 16)
@@ -833,7 +834,7 @@ def test_load_repacks_quantized_weights():
 
 def test_quantize_weights_refuses_unknown_dtypes():
     layer = random_layer(32, 4)
-    for bad in ("int4", np.int16, "bfloat16"):
+    for bad in ("int3", np.int16, "bfloat16"):
         with pytest.raises((TypeError, ValueError), match="dtype"):
             layer.quantize_weights(bad)
     assert layer.weight_dtype == np.float32

@@ -1,4 +1,4 @@
-"""numba_attn.linear.LinearWeight: y = x @ W + b with float32 / float16 / int8 weights, against float64 numpy."""
+"""numba_attn.linear.LinearWeight: y = x @ W + b with float32 / float16 / int8 / int4 weights, against float64 numpy."""
 
 import numpy as np
 import pytest
@@ -10,7 +10,9 @@ from numba_attn.kernels import linear as kernels
 from numba_attn.linear import LinearWeight
 
 F32_EPS = float(np.finfo(np.float32).eps)
-STORAGE = ["float32", "float16", "int8"]
+STORAGE = ["float32", "float16", "int8", "int4"]
+#: the block-quantised storages (s·q + m per block of 32 inputs; x rounded to int16 by their kernels)
+QUANTISED = ("int8", "int4")
 #: SmolLM2-135M's projections (in, out): fused q/k/v, o, gate+up, down
 SMOLLM_SHAPES = [(576, 960), (576, 576), (576, 3072), (1536, 576)]
 
@@ -24,24 +26,24 @@ def reference(x, w, bias):
 
 
 def magnitudes(w):
-    """(K, N) float64 bound on what the kernels multiply x by: |W_eff| for float weights; for int8,
-    s·|q| + |m| (the kernels take s·Σ x·q and m·Σ x apart, which can cancel where s·q + m is small)."""
-    if w.dtype != np.int8:
+    """(K, N) float64 bound on what the kernels multiply x by: |W_eff| for float weights; for int8 and
+    int4, s·|q| + |m| (the kernels take s·Σ x·q and m·Σ x apart, which can cancel where s·q + m is small)."""
+    if w.dtype not in QUANTISED:
         return np.abs(w.dequantize().astype(np.float64))
     codes = w._codes()
     P, K_pad, T = codes.shape
     q = np.abs(codes.astype(np.float64)).reshape(P, K_pad // 32, 32, T)
-    s = w._scales[:, :, None, 0, :].astype(np.float64)
-    m = np.abs(w._scales[:, :, None, 1, :].astype(np.float64))
+    s = w._block_scales()[:, :, None, 0, :].astype(np.float64)
+    m = np.abs(w._block_scales()[:, :, None, 1, :].astype(np.float64))
     mag = (q * s + m).reshape(P, K_pad, T).transpose(1, 0, 2).reshape(K_pad, P * T)
     return mag[: w.in_features, : w.out_features]
 
 
 def activation_rounding(x, w):
-    """The int8 kernels round each row of x to int16 per block of 32 inputs, x ≈ (max|x_b| / 32767)·code,
+    """The int8 / int4 kernels round each row of x to int16 per block of 32 inputs, x ≈ (max|x_b| / 32767)·code,
     and multiply that by W_eff = s·q + m: bound Σ_b (max|x_b| / 65534)·Σ_{k∈b} (s_b·|q_k| + |m_b|) on what
     the rounding changes, (rows, out_features) in the shape of x @ W; 0 for the float storages."""
-    if w.dtype != np.int8:
+    if w.dtype not in QUANTISED:
         return 0.0
     x64 = np.asarray(x).astype(np.float32).astype(np.float64)
     rows = x64.reshape(-1, w.in_features)
@@ -51,8 +53,8 @@ def activation_rounding(x, w):
     padded[:, : w.in_features] = np.abs(rows)
     half_step = padded.reshape(rows.shape[0], -1, 32).max(axis=2) / (2 * 32767)  # (rows, nb)
     q_sums = np.abs(codes.astype(np.float64)).reshape(P, K_pad // 32, 32, T).sum(axis=2)  # (P, nb, T)
-    s = w._scales[:, :, 0, :].astype(np.float64)  # (P, nb, T)
-    m = np.abs(w._scales[:, :, 1, :].astype(np.float64))
+    s = w._block_scales()[:, :, 0, :].astype(np.float64)  # (P, nb, T)
+    m = np.abs(w._block_scales()[:, :, 1, :].astype(np.float64))
     per_block = (s * q_sums + 32 * m).transpose(1, 0, 2).reshape(K_pad // 32, P * T)[:, : w.out_features]
     return (half_step @ per_block).reshape(x64.shape[:-1] + (w.out_features,)) * (1 + 1e-6)
 
@@ -60,7 +62,7 @@ def activation_rounding(x, w):
 def assert_matches_reference(y, x, w, bias):
     """|y − ref| ≤ n·eps32·(|x| @ magnitudes(w) + |b|) + activation_rounding(x, w), n = K + 2·(K/32
     blocks) + 4 roundings: the worst-case float32 accumulation bound (per block: the scale's product,
-    the offset's, the sum), plus the int8 GEMV's documented rounding of x to int16."""
+    the offset's, the sum), plus the int8 / int4 kernels' documented rounding of x to int16."""
     ref = reference(x, w, bias)
     x64 = np.abs(np.asarray(x).astype(np.float32).astype(np.float64))
     b = 0.0 if bias is None else np.abs(np.asarray(bias).astype(np.float64))
@@ -87,6 +89,27 @@ def expected_int8(W):
         q = np.clip(np.rint(np.divide(part - lo, s, out=np.zeros_like(part), where=s > 0)), 0, 255) - 128
         out[k0 : k0 + 32] = q.astype(np.float32) * s + (lo + np.float32(128) * s)
     return out[:K]
+
+
+def expected_int4(W):
+    """The documented int4 scheme in numpy: per output and block of 32 inputs (zero rows pad the last),
+    s = float16((hi − lo) / 15), m = float16(lo) (nearest), q = clip(rint((W − m) / s), 0, 15); returns
+    (s·q + m as float32, s, lo, hi) with s, lo, hi per block (K_pad / 32, N) float32."""
+    w32 = np.asarray(W, np.float32)
+    K = w32.shape[0]
+    padded = np.zeros((-(-K // 32) * 32, w32.shape[1]), np.float32)
+    padded[:K] = w32
+    out = np.zeros_like(padded)
+    steps, lows, highs = [], [], []
+    for k0 in range(0, padded.shape[0], 32):
+        part = padded[k0 : k0 + 32]
+        lo, hi = part.min(axis=0), part.max(axis=0)
+        s = ((hi - lo) / np.float32(15)).astype(np.float16).astype(np.float32)
+        m = lo.astype(np.float16).astype(np.float32)
+        q = np.clip(np.rint(np.divide(part - m, s, out=np.zeros_like(part), where=s > 0)), 0, 15)
+        out[k0 : k0 + 32] = q.astype(np.float32) * s + m
+        steps.append(s), lows.append(lo), highs.append(hi)
+    return out[:K], np.array(steps), np.array(lows), np.array(highs)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -125,10 +148,10 @@ def test_model_shapes(storage, K, N, M):
     assert_matches_reference(w(x), x, w, bias)
 
 
-@pytest.mark.parametrize("kind", ["gemv_int8", "gemv_float", "gemm_int8", "gemm_float"])
+@pytest.mark.parametrize("kind", ["gemv_int8", "gemv_int4", "gemv_float", "gemm_int8", "gemm_int4", "gemm_float"])
 def test_serial_and_parallel_builds_agree(kind):
     rng = np.random.default_rng(3)
-    storage = "int8" if kind.endswith("int8") else "float16"
+    storage = kind.split("_")[1] if kind.endswith(QUANTISED) else "float16"
     w = LinearWeight(randn(rng, (100, 300)), randn(rng, 300), dtype=storage)
     M = 1 if kind.startswith("gemv") else 37
     x = np.zeros((M, 128), np.float32)
@@ -137,7 +160,7 @@ def test_serial_and_parallel_builds_agree(kind):
     for build in ("serial", "parallel"):
         y = np.empty((M, 300), np.float32)
         fn = getattr(kernels, f"{kind}_{build}")
-        parts = (w._weights, w._scales) if storage == "int8" else (w._weights,)
+        parts = (w._weights, w._scales) if storage in QUANTISED else (w._weights,)
         if kind.startswith("gemv"):
             fn(x[0], *parts, w._bias, y[0])
         else:
@@ -185,6 +208,48 @@ def test_int8_keeps_a_16_level_block_exactly():
     assert np.abs(eff - W).max() < symmetric / 100
 
 
+@settings(max_examples=30, deadline=None)
+@given(
+    K=st.integers(1, 100),
+    N=st.integers(1, 80),
+    spread=st.sampled_from([1e-6, 1e-3, 1.0, 300.0, 5e3]),
+    offset=st.sampled_from([0.0, 1.0, -50.0, 1e4]),
+    seed=st.integers(0, 2**16),
+)
+def test_int4_scheme_and_error_bound(K, N, spread, offset, seed):
+    """int4: the documented scheme exactly, and |W − (s·q + m)| ≤ s / 2 + 2⁻⁹·max(|lo|, |hi|) + 2⁻²⁴ per
+    block (s and m are float16: their rounding, and the clipping it can cause, is the second term)."""
+    rng = np.random.default_rng(seed)
+    W = (randn(rng, (K, N)) * spread + offset).astype(np.float32)
+    W[:, rng.integers(0, N)] = np.float32(offset)  # a constant column: step 0
+    w = LinearWeight(W, dtype="int4")
+    eff = w.dequantize()
+    expected, s, lo, hi = expected_int4(W)
+    np.testing.assert_array_equal(eff, expected)
+    for b, k0 in enumerate(range(0, K, 32)):
+        block = W[k0 : k0 + 32]
+        bound = s[b] / 2 + 2.0**-9 * np.maximum(np.abs(lo[b]), np.abs(hi[b])) + 2.0**-24
+        bound = bound * (1 + 1e-5) + 4 * F32_EPS * np.maximum(np.abs(lo[b]), np.abs(hi[b]))
+        assert np.all(np.abs(eff[k0 : k0 + 32] - block) <= bound)
+    assert w.dtype == "int4" and w.shape == (K, N) and "dtype=int4" in repr(w)
+
+
+def test_int4_keeps_a_q4_1_block_exactly():
+    """A GGUF Q4_1 block dequantised (lo + d·k, k = 0 … 15, d and lo float16, both ends used) is kept
+    exactly: int4 finds the same step, minimum and levels."""
+    rng = np.random.default_rng(7)
+    K, N = 96, 70
+    d = rng.uniform(0.001, 0.05, (K // 32, N)).astype(np.float16).astype(np.float32)
+    lo = rng.uniform(-0.5, 0.1, (K // 32, N)).astype(np.float16).astype(np.float32)
+    levels = rng.integers(0, 16, (K, N))
+    levels[0], levels[1] = 0, 15  # every block spans its full range
+    levels[32], levels[33], levels[64], levels[65] = 0, 15, 0, 15
+    W = (np.repeat(d, 32, axis=0) * levels.astype(np.float32) + np.repeat(lo, 32, axis=0)).astype(np.float32)
+    w = LinearWeight(W, dtype="int4")
+    np.testing.assert_array_equal(w._codes()[:, :K].transpose(1, 0, 2).reshape(K, -1)[:, :N], levels)
+    np.testing.assert_array_equal(w.dequantize(), W)
+
+
 def test_float_storage_is_exact_rounding():
     rng = np.random.default_rng(2)
     W = randn(rng, (40, 70))
@@ -230,20 +295,22 @@ def test_nbytes():
     assert sizes["float32"] == W.nbytes
     assert sizes["float16"] == W.nbytes // 2
     assert sizes["int8"] == W.size + W.size // 32 * 8  # 1.25 bytes / weight: a scale and an offset per 32
+    assert sizes["int4"] == W.size // 2 + W.size // 32 * 4  # 0.625: two codes per byte, float16 scale and offset
 
 
 @pytest.mark.parametrize("M", [1, 5])
 @pytest.mark.parametrize("K", [64, 100])
 @pytest.mark.parametrize("special", ["nan", "inf", "-inf", "tiny", "zero block", "huge"])
-def test_int8_special_activations(M, K, special):
-    """The int8 GEMV (M = 1) and GEMM round x to int16 per row and block; x with NaN or inf, or a block
+@pytest.mark.parametrize("storage", QUANTISED)
+def test_quantised_special_activations(M, K, special, storage):
+    """The int8 / int4 GEMV (M = 1) and GEMM round x to int16 per row and block; x with NaN or inf, or a block
     whose largest |x| is below 2⁻¹⁰⁰, takes the float path: NaN and inf propagate as in numpy's
     x @ W_eff, tiny values are not flushed. A zero block and values near float32's limit stay on the
     int16 path."""
     rng = np.random.default_rng(K + M)
     N = 130
     W = randn(rng, (K, N), np.float32)
-    w = LinearWeight(W, randn(rng, N, np.float32), dtype="int8")
+    w = LinearWeight(W, randn(rng, N, np.float32), dtype=storage)
     x = randn(rng, (M, K), np.float32)
     if special in ("nan", "inf", "-inf"):
         x[M // 2, 37] = np.float32(special)
@@ -277,6 +344,9 @@ def test_int8_special_activations(M, K, special):
         (lambda: LinearWeight(np.full((4, 3), np.nan)), ValueError, "weight contains NaN"),
         (lambda: LinearWeight(np.full((4, 3), np.inf), dtype="int8"), ValueError, "weight contains inf"),
         (lambda: LinearWeight(np.full((4, 3), 7e4), dtype="float16"), ValueError, "beyond float16's range"),
+        (lambda: LinearWeight(np.full((4, 3), -7e4), dtype="int4"), ValueError, "int4 scales and offsets are float16"),
+        (lambda: LinearWeight(np.full((4, 3), np.nan), dtype="int4"), ValueError, "weight contains NaN"),
+        (lambda: LinearWeight(np.ones((4, 3)), dtype="int3"), ValueError, 'or "int4"'),
         (lambda: LinearWeight(np.full((4, 3), 1e39)), ValueError, "beyond float32's range"),
         (lambda: LinearWeight(np.ones((4, 3)), bias=np.ones(4)), ValueError, "bias must have shape (out_features,)"),
         (lambda: LinearWeight(np.ones((4, 3)), bias=np.ones(3, np.int64)), TypeError, "bias must be a float"),

@@ -186,6 +186,32 @@ def test_load_nibbles_into_matches_loop(width, high, src_off, dst_off, extra, se
     np.testing.assert_array_equal(out, expected)
 
 
+@njit
+def _unpack_nibble_pairs_into(src, src_off, dst, dst_off, width):
+    vir.unpack_nibble_pairs_into(src, src_off, dst, dst_off, literally(width))
+
+
+@given(
+    width=st.sampled_from(WIDTHS + (32,)),
+    dtype=st.sampled_from([np.int8, np.int16]),
+    src_off=st.integers(0, 9),
+    dst_off=st.integers(0, 9),
+    extra=st.integers(0, 5),
+    seed=st.integers(0, 2**32 - 1),
+)
+@EXAMPLES
+def test_unpack_nibble_pairs_into_matches_loop(width, dtype, src_off, dst_off, extra, seed):
+    rng = np.random.default_rng(seed)
+    src = rng.integers(0, 256, src_off + width + extra).astype(np.uint8)
+    out = rng.integers(-100, 100, dst_off + 2 * width + extra).astype(dtype)
+    expected = out.copy()
+    vir.unpack_nibble_pairs_into_loop(src, src_off, expected, dst_off, width)
+    _unpack_nibble_pairs_into(src, src_off, out, dst_off, width)
+    np.testing.assert_array_equal(out, expected)  # the lanes around the codes untouched too
+    codes = np.stack([src & 15, src >> 4], axis=1).reshape(-1)[2 * src_off : 2 * (src_off + width)]
+    np.testing.assert_array_equal(out[dst_off : dst_off + 2 * width], codes)
+
+
 @pytest.mark.parametrize("width", WIDTHS)
 def test_load_float32_converts_every_float16_bit_pattern_as_numpy(width):
     bits = np.arange(2**16, dtype=np.uint16)
@@ -446,6 +472,7 @@ def test_every_wrapper_has_a_twin_and_a_test():
         "exp_nonpositive_into",
         "transpose_into",
         "madd_pairs_into",
+        "unpack_nibble_pairs_into",
     }
     assert {wrapper._defn.__name__ for wrapper in vir.TWINS} == tested
     assert all(twin.py_func.__name__ == wrapper._defn.__name__ + "_loop" for wrapper, twin in vir.TWINS.items())

@@ -1,9 +1,9 @@
-"""Projections: ``numba_attn.linear.LinearWeight`` (float32 / float16 / int8 weights read at their width)
+"""Projections: ``numba_attn.linear.LinearWeight`` (float32 / float16 / int8 / int4 weights read at their width)
 against numpy's float32 matmul, on SmolLM2-135M's shapes.
 
 A decode step (one row) is bound by the bytes of weight read, so float16 should approach 2× and int8
-(1.25 bytes per weight: a scale and an offset per 32) up to ~3.2× numpy's float32 GEMV where memory,
-not arithmetic, is the limit.
+(1.25 bytes per weight: a scale and an offset per 32) up to ~3.2× numpy's float32 GEMV, int4 (0.625
+bytes per weight) up to ~6.4×, where memory, not arithmetic, is the limit.
 ``threads`` sets numba's threads and, through threadpoolctl when installed, numpy's BLAS threads.
 """
 
@@ -22,7 +22,7 @@ SHAPES = {
     "down 1536x576": (1536, 576),
     "lm_head 576x49152": (576, 49152),
 }
-STORAGE = ["numpy float32", "float32", "float16", "int8"]
+STORAGE = ["numpy float32", "float32", "float16", "int8", "int4"]
 
 
 def _blas_threads(threads):
@@ -94,7 +94,7 @@ class ProjectionPrefill:
 class WeightBytes:
     """Storage of a SmolLM2 projection weight against float32 (bias included, none here)."""
 
-    params = [list(SHAPES), ["float16", "int8"]]
+    params = [list(SHAPES), ["float16", "int8", "int4"]]
     param_names = ["shape", "storage"]
     unit = "× float32"
 

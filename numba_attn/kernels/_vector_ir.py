@@ -31,6 +31,7 @@ function of an llvmlite ``builder`` (and numba's ``context`` where an array is u
                           vector i), in width·log2(width) shuffles
 ``butterfly_sum``         width vectors of width lanes → one vector whose lane j is the sum of vector j's lanes,
                           in 2·(width-1) shuffles and width-1 adds (log2 width levels; see ``butterfly_sum``)
+``unpack_nibble_pairs_into`` (wrapper) bytes of two 4-bit codes → the codes, low then high, as int8/int16
 ``multiply_add_pairs``    int8/int16 × int16 lanes → int32 lanes, each the sum of a pair of products (x86's
                           ``pmaddwd`` called directly, ``MADD_KIND``; generic IR elsewhere)
 
@@ -772,6 +773,44 @@ def madd_pairs_into_loop(q, q_off, q_step, x, x_off, steps, out, out_off, width)
         out[out_off + lane] = np.int32(total)
 
 
+@intrinsic
+def unpack_nibble_pairs_into(typingctx, src, src_off, dst, dst_off, width):
+    """``dst[dst_off + 2l] = src[src_off + l] & 15`` and ``dst[dst_off + 2l + 1] = src[src_off + l] >> 4`` for
+    l < width: ``width`` bytes of two 4-bit codes each (uint8) → 2·width codes (int8 or int16), low code
+    first. One vector load, an ``and`` and a shift, one interleaving shuffle (``vpunpcklbw``/``vpunpckhbw``,
+    NEON ``zip1``/``zip2``), one store: a loop of byte loads and stores that LLVM leaves scalar otherwise
+    (``src`` and ``dst`` are both byte arrays to it, which may overlap)."""
+    lanes = _width(width)
+    if lanes is None or not is_c_array(src, types.uint8) or not is_c_array(dst, types.int8, types.int16):
+        return None
+
+    def codegen(context, builder, signature, args):
+        src_, src_off_, dst_, dst_off_, _ = args
+        byte = ir.IntType(8)
+        packed = load_vector(builder, data_pointer(context, builder, src, src_), src_off_, lanes)
+        low = builder.and_(packed, ir.Constant(ir.VectorType(byte, lanes), [15] * lanes))
+        high = builder.lshr(packed, ir.Constant(ir.VectorType(byte, lanes), [4] * lanes))
+        order = [index for lane in range(lanes) for index in (lane, lanes + lane)]
+        codes = builder.shuffle_vector(low, high, ir.Constant(ir.VectorType(_I32, 2 * lanes), order))
+        dst_pointer = data_pointer(context, builder, dst, dst_)
+        element = dst_pointer.type.pointee
+        if element != byte:
+            codes = builder.zext(codes, ir.VectorType(element, 2 * lanes))
+        store_vector(builder, codes, dst_pointer, dst_off_)
+        return context.get_dummy_value()
+
+    return types.void(src, types.int64, dst, types.int64, width), codegen
+
+
+@njit
+def unpack_nibble_pairs_into_loop(src, src_off, dst, dst_off, width):
+    """Twin of ``unpack_nibble_pairs_into``."""
+    for lane in range(width):
+        byte = src[src_off + lane]
+        dst[dst_off + 2 * lane] = byte & 15
+        dst[dst_off + 2 * lane + 1] = byte >> 4
+
+
 #: each @intrinsic wrapper → its plain-numba twin (tests/test_vector_ir.py checks that every pair agrees)
 TWINS = {
     splat_into: splat_into_loop,
@@ -785,4 +824,5 @@ TWINS = {
     exp_nonpositive_into: exp_nonpositive_into_loop,
     transpose_into: transpose_into_loop,
     madd_pairs_into: madd_pairs_into_loop,
+    unpack_nibble_pairs_into: unpack_nibble_pairs_into_loop,
 }

@@ -64,7 +64,7 @@ from numba import njit, prange
 from .. import config
 from . import variant
 from ._load import load
-from ._vector_ir import madd_pairs_into
+from ._vector_ir import madd_pairs_into, unpack_nibble_pairs_into
 
 #: outputs per panel (the vector loop's fixed length: 4 × 16 float32 lanes)
 PANEL = 64
@@ -127,11 +127,9 @@ def _add_block_sums(acc, dots, sb, mb, sx, xb, scaled):
 def _unpack_nibbles(q4, base, pairs):
     """One block of an int4 panel as the int8 layout's input pairs: pairs[2j] = q4[base + j] & 15 and
     pairs[2j + 1] = q4[base + j] >> 4 for j < BLOCK/2 · PANEL (the codes of inputs 2i and 2i + 1 of one
-    output side by side; ``pairs`` int8 or int16)."""
-    for j in range(BLOCK // 2 * PANEL):
-        byte = q4[base + j]
-        pairs[2 * j] = byte & np.uint8(15)
-        pairs[2 * j + 1] = byte >> np.uint8(4)
+    output side by side; ``pairs`` int8 or int16), 32 bytes per ``unpack_nibble_pairs_into``."""
+    for j in range(0, BLOCK // 2 * PANEL, 32):
+        unpack_nibble_pairs_into(q4, base + j, pairs, 2 * j, 32)
 
 
 def _gemv_int8_body(x, q, scales, bias, y):
