@@ -10,7 +10,7 @@ It is read with the pure-Python ``gguf`` package, every tensor dequantised to fl
 merges stored in the same file. Nothing is downloaded.
 
 The decoder: token embeddings → 30 × [RMSNorm → ``numba_attn.MultiHeadAttention`` (9 query heads
-over 3 key/value heads, RoPE through ``rotary=``, a ``KVCache``) → residual → RMSNorm → SwiGLU
+over 3 key/value heads, RoPE through ``rotary=numba_attn.Rotary(...)``, a ``KVCache``) → residual → RMSNorm → SwiGLU
 feed-forward → residual] → RMSNorm → logits with the (tied) embedding matrix. The prompt goes
 through the model's chat template; decoding is greedy.
 
@@ -210,36 +210,6 @@ def read_gguf(path):
     return meta, tensors
 
 
-class Rope:
-    """Hugging Face's (GPT-NeoX / "rotate half") rotary embedding: dims i and i + D/2 rotate together."""
-
-    def __init__(self, head_dim, base, max_positions):
-        self.inv_freq = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
-        self.cos, self.sin = self._table(np.arange(max_positions))
-        self.half = head_dim // 2
-
-    def _table(self, positions):
-        angles = np.asarray(positions, dtype=np.float64)[:, None] * self.inv_freq[None, :]
-        angles = np.concatenate([angles, angles], axis=1)
-        return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
-
-    def rotate(self, x, positions):
-        if len(positions) and positions[-1] >= len(self.cos):  # past the table (endless streaming): compute
-            cos, sin = self._table(positions)
-        else:
-            cos, sin = self.cos[positions], self.sin[positions]  # (T, D)
-        h = self.half
-        rot = np.concatenate([-x[..., h:], x[..., :h]], axis=-1)
-        return x * cos + rot * sin
-
-    def __call__(self, q, k, positions):
-        """The ``rotary=`` callable of MultiHeadAttention: q (B, H, T, D), k (B, H_kv, T, D), rotated
-        together (one set of numpy operations for both: a decode step's arrays are tiny, and each
-        operation's fixed cost is most of its time)."""
-        both = self.rotate(np.concatenate([q, k], axis=1), positions)
-        return both[:, : q.shape[1]], both[:, q.shape[1] :]
-
-
 def rms_norm(x, weight, eps):
     if x.size == x.shape[-1]:  # one row (a decode step): the scale as a Python float, fewer numpy calls
         flat = x.reshape(-1)
@@ -269,7 +239,8 @@ class SmolLM:
         self.eps = float(g("attention.layer_norm_rms_epsilon"))
         self.rope_base = float(g("rope.freq_base", 10000.0))
         self.context = int(g("context_length", 2048))
-        self.rope = Rope(self.head_dim, self.rope_base, max_positions or self.context)
+        # Hugging Face's rotary embedding (dims i and i + D/2 rotate together), q and k in one numba call
+        self.rope = numba_attn.Rotary(self.head_dim, self.rope_base, max_positions or self.context)
         self.tokenizer = GGUFTokenizer(meta)
 
         self.embed = w.pop("token_embd.weight")  # (vocab, dim)

@@ -11,6 +11,7 @@ Public API (see each docstring):
 - :class:`KVCache` — preallocated key/value storage (optionally a sliding-window ring buffer),
   float32, float16, int8 or 4-bit, keys and values each their own, optionally Hadamard-rotated.
 - :func:`quantize` / :func:`dequantize` / :class:`QuantizedTensor` — int8 and 4-bit keys and values.
+- :class:`Rotary` — rotary position embedding (RoPE) for the layer's ``rotary=``, one numba call for q and k.
 - :func:`hadamard_transform` — the normalised Walsh–Hadamard rotation a cache applies (``numba_attn.rotation``).
 - :func:`set_num_threads` / :func:`num_threads` (a context manager) / :func:`get_num_threads`.
 - :mod:`numba_attn.reference` — the same contract in plain float64 numpy (the oracle).
@@ -25,6 +26,7 @@ from .cache import KVCache
 from .layers import MultiHeadAttention
 from .linear import LinearWeight
 from .quant import QuantizedTensor, dequantize, quantize
+from .rotary import Rotary
 from .rotation import hadamard_transform
 from .varlen import scaled_dot_product_attention_varlen
 
@@ -40,6 +42,7 @@ __all__ = [
     "dequantize",
     "QuantizedTensor",
     "hadamard_transform",
+    "Rotary",
     "set_num_threads",
     "get_num_threads",
     "num_threads",

@@ -239,8 +239,8 @@ def run_warmup(out=None, report=False):
     storage, int8 keys with 4-bit values and 4-bit both (a cache's quantised formats), no mask /
     boolean mask / float mask; the packed-batch (varlen) kernel, parallel and serial,
     float32/float64/float16 storage; the Hadamard rotation a quantised cache applies; a
-    ``MultiHeadAttention`` prompt and decode step with float32/float16/int8 weights over a cache of
-    each format (the ``LinearWeight`` products, the cache's append kernels). Run once after
+    ``MultiHeadAttention`` prompt and decode step with float32/float16/int8/int4 weights over a cache of
+    each format (the ``LinearWeight`` products, the cache's append kernels, ``Rotary``). Run once after
     installing (the results land in the on-disk cache, see ``info``). ``report``: then print the compile
     time of every kernel variant (``print_compile_report``).
     """
@@ -255,22 +255,25 @@ def run_warmup(out=None, report=False):
 
 
 def _warm_layers(rng, out):
-    """``_warm``'s layer calls: a grouped-query ``MultiHeadAttention`` with float32, float16 and int8
-    weights (the ``LinearWeight`` GEMV and GEMM kernels, serial and parallel builds) over a
-    ``KVCache`` of each format (its append kernels and rotation, then ``attend``): a prompt, then one
-    token, as a model's first reply runs them. Returns the number of layer calls."""
+    """``_warm``'s layer calls: a grouped-query ``MultiHeadAttention`` with float32, float16, int8 and
+    int4 weights (the ``LinearWeight`` GEMV and GEMM kernels, serial and parallel builds) over a
+    ``KVCache`` of each format (its append kernels and rotation, then ``attend``), with a ``Rotary``
+    RoPE: a prompt, then one token, as a model's first reply runs them. Returns the number of layer
+    calls."""
     from .layers import MultiHeadAttention
+    from .rotary import Rotary
 
     n = 0
     t0 = time.perf_counter()
     for embed_dim in (64, 512):  # small products take the serial builds, larger ones the parallel
-        for weights in ("float32", "float16", "int8"):
+        rope = Rotary(embed_dim // 4)
+        for weights in ("float32", "float16", "int8", "int4"):
             layer = MultiHeadAttention(embed_dim, 4, num_kv_heads=2, seed=0).quantize_weights(weights)
             for fmt in ("float32", "float16", "int8", "int4"):
                 cache = layer.new_cache(batch=1, capacity=64, dtype=fmt)
                 for tokens in (40, 1):
                     x = rng.standard_normal((1, tokens, embed_dim)).astype(np.float32)
-                    layer(x, cache=cache)
+                    layer(x, cache=cache, rotary=rope)
                     n += 1
     print(f"  layers: {time.perf_counter() - t0:.1f} s", file=out, flush=True)
     return n
