@@ -19,7 +19,8 @@ float32 rounding.
 
 Quantisation (int4): per block and output, s = float16((hi − lo) / 15) and m = float16(lo) (rounded to
 nearest), q = clamp(rint((W − m) / s), 0, 15) (s = 0 → q = 0), W ≈ s·q + m with |error| ≤ s / 2 +
-2⁻⁹·max(|lo|, |hi|) + 2⁻²⁴ (the float16 rounding of s and m; weights must lie within float16's range).
+2⁻⁹·max(|lo|, |hi|) + 2⁻²¹ (the float16 rounding of s and m, and the clipping at 0 and 15 it can
+cause; 2⁻²¹ = 16 · 2⁻²⁵ covers steps in float16's subnormal range; weights must lie within float16's range).
 A block that is already 4-bit affine with float16 step and minimum, its lowest and highest levels
 used (every block of a GGUF Q4_1 tensor), is kept exactly up to float32 rounding.
 

@@ -212,13 +212,14 @@ def test_int8_keeps_a_16_level_block_exactly():
 @given(
     K=st.integers(1, 100),
     N=st.integers(1, 80),
-    spread=st.sampled_from([1e-6, 1e-3, 1.0, 300.0, 5e3]),
+    spread=st.sampled_from([1e-8, 1e-7, 1e-6, 1e-3, 1.0, 300.0, 5e3]),
     offset=st.sampled_from([0.0, 1.0, -50.0, 1e4]),
     seed=st.integers(0, 2**16),
 )
 def test_int4_scheme_and_error_bound(K, N, spread, offset, seed):
-    """int4: the documented scheme exactly, and |W − (s·q + m)| ≤ s / 2 + 2⁻⁹·max(|lo|, |hi|) + 2⁻²⁴ per
-    block (s and m are float16: their rounding, and the clipping it can cause, is the second term)."""
+    """int4: the documented scheme exactly, and |W − (s·q + m)| ≤ s / 2 + 2⁻⁹·max(|lo|, |hi|) + 2⁻²¹ per
+    block (s and m are float16: their rounding, and the clipping it can cause, are the other terms; tiny
+    spreads give steps in float16's subnormal range, where the absolute term is what holds)."""
     rng = np.random.default_rng(seed)
     W = (randn(rng, (K, N)) * spread + offset).astype(np.float32)
     W[:, rng.integers(0, N)] = np.float32(offset)  # a constant column: step 0
@@ -228,7 +229,7 @@ def test_int4_scheme_and_error_bound(K, N, spread, offset, seed):
     np.testing.assert_array_equal(eff, expected)
     for b, k0 in enumerate(range(0, K, 32)):
         block = W[k0 : k0 + 32]
-        bound = s[b] / 2 + 2.0**-9 * np.maximum(np.abs(lo[b]), np.abs(hi[b])) + 2.0**-24
+        bound = s[b] / 2 + 2.0**-9 * np.maximum(np.abs(lo[b]), np.abs(hi[b])) + 2.0**-21
         bound = bound * (1 + 1e-5) + 4 * F32_EPS * np.maximum(np.abs(lo[b]), np.abs(hi[b]))
         assert np.all(np.abs(eff[k0 : k0 + 32] - block) <= bound)
     assert w.dtype == "int4" and w.shape == (K, N) and "dtype=int4" in repr(w)
