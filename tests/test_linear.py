@@ -157,9 +157,10 @@ def test_serial_and_parallel_builds_agree(kind):
     x = np.zeros((M, 128), np.float32)
     x[:, :100] = randn(rng, (M, 100), np.float32)
     outs = []
-    for build in ("serial", "parallel"):
+    gemv_parallel, gemv_serial, gemm_parallel, gemm_serial = kernels.KERNELS[storage]
+    builds = (gemv_serial, gemv_parallel) if kind.startswith("gemv") else (gemm_serial, gemm_parallel)
+    for fn in builds:
         y = np.empty((M, 300), np.float32)
-        fn = getattr(kernels, f"{kind}_{build}")
         parts = (w._weights, w._scales) if storage in QUANTISED else (w._weights,)
         if kind.startswith("gemv"):
             fn(x[0], *parts, w._bias, y[0])

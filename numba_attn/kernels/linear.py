@@ -15,7 +15,7 @@ exact integer, Σ_{k∈j} c[k]·q[k, n] (|·| < 32 · 128 · 32767 < 2³¹), tak
 where converting each weight to float32 costs a ``vpmovsxbd``, a ``vcvtdq2ps`` and an FMA per 8), and
 scaled once per block and output: y[n] += (s[j, n]·σ_j)·Σ c·q + m[j, n]·X[j] with X[j] = σ_j·Σ c (an
 exact integer sum), i.e. the product of the rounded row with W_eff. A row with NaN or inf, or a block
-whose max |x| is below 2⁻¹⁰⁰, sends the call to a float32 path (``_gemm_int8_float``, the GEMV's
+whose max |x| is below 2⁻¹⁰⁰, sends the call to a float32 path (``_gemm_quantised_float``, the GEMV's
 row as a 1-row matrix: each weight s·q + m in float32; serial, it is rare) so that NaN and inf propagate
 as in numpy. int4 weights (4-bit affine blocks, like GGUF's Q4_1) use the same sums with q ∈ [0, 15]
 (two codes per byte) and the scale and offset stored as float16 bits: each block of the panel is first
@@ -64,7 +64,8 @@ int16 codes with their (M, K_pad / 32) scales and sums).
 """
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 from .. import config
 from . import variant
@@ -137,10 +138,73 @@ def _unpack_nibbles(q4, base, pairs):
         unpack_nibble_pairs_into(q4, base + j, pairs, 2 * j, 32)
 
 
-def _gemv_int8_body(x, q, scales, bias, y):
-    """y (N,) = bias + x (K_pad,) · W, W as int8 panels of input pairs q (P, K_pad/2, 64, 2) with scales
-    and offsets (P, K_pad/32, 2, 64); x rounded to int16 per block (``_activation_codes``), each block's
-    Σ code·q in int32 by ``madd_pairs_into`` (``vpmaddwd``), then scaled in float32."""
+def block_pairs(qp, b, scratch):  # pragma: no cover - replaced by the overload inside numba
+    """(array, offset) where block ``b`` of a flat quantised panel ``qp`` holds its int8 input pairs."""
+
+
+@overload(block_pairs, inline="always")
+def _block_pairs(qp, b, scratch):
+    """int8 panels: the block in place; int4 (uint8) panels: unpacked into ``scratch`` first."""
+    if qp.dtype == types.int8:
+        return lambda qp, b, scratch: (qp, b * BLOCK * PANEL)
+    if qp.dtype == types.uint8:
+
+        def unpacked(qp, b, scratch):
+            _unpack_nibbles(qp, b * (BLOCK // 2) * PANEL, scratch)
+            return scratch, 0
+
+        return unpacked
+    return None
+
+
+def pairs_scratch(q):  # pragma: no cover - replaced by the overload inside numba
+    """The int8 scratch a GEMV work item unpacks a block into: BLOCK·PANEL for int4, none for int8."""
+
+
+@overload(pairs_scratch, inline="always")
+def _pairs_scratch(q):
+    size = BLOCK * PANEL if q.dtype == types.uint8 else 0
+    return lambda q: np.empty(size, np.int8)
+
+
+def widen_block(qp, b, wide):  # pragma: no cover - replaced by the overload inside numba
+    """wide[:] = block ``b`` of a flat quantised panel ``qp`` as int16 input pairs."""
+
+
+@overload(widen_block, inline="always")
+def _widen_block(qp, b, wide):
+    if qp.dtype == types.int8:
+
+        def widened(qp, b, wide):
+            base = b * BLOCK * PANEL
+            for i in range(BLOCK * PANEL):
+                wide[i] = qp[base + i]
+
+        return widened
+    if qp.dtype == types.uint8:
+        return lambda qp, b, wide: _unpack_nibbles(qp, b * (BLOCK // 2) * PANEL, wide)
+    return None
+
+
+def pair_codes(qp, i, t):  # pragma: no cover - replaced by the overload inside numba
+    """The codes of inputs 2i and 2i + 1 of output t of a quantised panel ``qp`` (2-D or 3-D)."""
+
+
+@overload(pair_codes, inline="always")
+def _pair_codes(qp, i, t):
+    if qp.dtype == types.int8:  # (K_pad/2, 64, 2)
+        return lambda qp, i, t: (np.float32(qp[i, t, 0]), np.float32(qp[i, t, 1]))
+    if qp.dtype == types.uint8:  # (K_pad/2, 64): low and high nibble
+        return lambda qp, i, t: (np.float32(qp[i, t] & np.uint8(15)), np.float32(qp[i, t] >> np.uint8(4)))
+    return None
+
+
+def _gemv_quantised_body(x, q, scales, bias, y):
+    """y (N,) = bias + x (K_pad,) · W, W as int8 panels of input pairs q (P, K_pad/2, 64, 2) with float32
+    scales and offsets, or int4 panels q (P, K_pad/2, 64) uint8 with float16-bit ones (P, K_pad/32, 2, 64);
+    x rounded to int16 per block (``_activation_codes``), each block's Σ code·q in int32 by
+    ``madd_pairs_into`` (``vpmaddwd``; int4 blocks unpacked to int8 pairs first, ``block_pairs``), then
+    scaled in float32."""
     P = q.shape[0]
     nb = scales.shape[1]
     N = y.shape[0]
@@ -148,49 +212,20 @@ def _gemv_int8_body(x, q, scales, bias, y):
     x_scales = np.empty(nb, np.float32)
     x_sums = np.empty(nb, np.float32)
     if not _activation_codes(x, codes, x_scales, x_sums):
-        _gemm_int8_float(x.reshape(1, x.shape[0]), q, scales, bias, y.reshape(1, N))
+        _gemm_quantised_float(x.reshape(1, x.shape[0]), q, scales, bias, y.reshape(1, N))
         return
     for p in prange(P):
         acc = np.zeros(PANEL, np.float32)
         dots = np.empty(PANEL, np.int32)
         scaled = np.empty(PANEL, np.float32)
-        qp = q[p]
+        pairs = pairs_scratch(q)
+        qp = q[p].reshape(q[p].size)
         sp = scales[p]
         for b in range(nb):
+            block, offset = block_pairs(qp, b, pairs)
             for t in range(PANEL):
                 dots[t] = 0
-            madd_pairs_into(qp, b * BLOCK * PANEL, 2 * PANEL, codes, b * BLOCK, BLOCK // 2, dots, 0, PANEL)
-            _add_block_sums(acc, dots, sp[b, 0], sp[b, 1], x_scales[b], x_sums[b], scaled)
-        o0 = p * PANEL
-        for t in range(min(PANEL, N - o0)):
-            y[o0 + t] = acc[t] + bias[o0 + t]
-
-
-def _gemv_int4_body(x, q4, scales, bias, y):
-    """y (N,) = bias + x (K_pad,) · W, W as int4 panels q4 (P, K_pad/2, 64) uint8 (two codes per byte)
-    with float16-bit scales and offsets (P, K_pad/32, 2, 64): as the int8 GEMV, each block unpacked
-    to int8 pairs first (``_unpack_nibbles``)."""
-    P = q4.shape[0]
-    nb = scales.shape[1]
-    N = y.shape[0]
-    codes = np.empty(nb * BLOCK, np.int16)
-    x_scales = np.empty(nb, np.float32)
-    x_sums = np.empty(nb, np.float32)
-    if not _activation_codes(x, codes, x_scales, x_sums):
-        _gemm_int4_float(x.reshape(1, x.shape[0]), q4, scales, bias, y.reshape(1, N))
-        return
-    for p in prange(P):
-        acc = np.zeros(PANEL, np.float32)
-        dots = np.empty(PANEL, np.int32)
-        scaled = np.empty(PANEL, np.float32)
-        pairs = np.empty(BLOCK * PANEL, np.int8)
-        qp = q4[p].reshape(nb * (BLOCK // 2) * PANEL)
-        sp = scales[p]
-        for b in range(nb):
-            _unpack_nibbles(qp, b * (BLOCK // 2) * PANEL, pairs)
-            for t in range(PANEL):
-                dots[t] = 0
-            madd_pairs_into(pairs, 0, 2 * PANEL, codes, b * BLOCK, BLOCK // 2, dots, 0, PANEL)
+            madd_pairs_into(block, offset, 2 * PANEL, codes, b * BLOCK, BLOCK // 2, dots, 0, PANEL)
             _add_block_sums(acc, dots, sp[b, 0], sp[b, 1], x_scales[b], x_sums[b], scaled)
         o0 = p * PANEL
         for t in range(min(PANEL, N - o0)):
@@ -248,9 +283,9 @@ def _store_rows(acc, bias, r0, r1, o0, y):
             y[r, o0 + t] = acc[r - r0, t] + bias[o0 + t]
 
 
-def _gemm_int8_float_body(x, q, scales, bias, y):
-    """The float path of the int8 GEMM (rows with NaN, inf or tiny blocks): y (M, N) = bias + x · (s·q + m),
-    each block of the panel converted to float32 once and reused by the group's rows."""
+def _gemm_quantised_float_body(x, q, scales, bias, y):
+    """The float path of the int8 / int4 GEMM (rows with NaN, inf or tiny blocks): y (M, N) = bias +
+    x · (s·q + m), each block of the panel converted to float32 once and reused by the group's rows."""
     M = x.shape[0]
     P, K = q.shape[0], 2 * q.shape[1]
     groups = (M + ROWS - 1) // ROWS
@@ -258,57 +293,31 @@ def _gemm_int8_float_body(x, q, scales, bias, y):
         p, r0, r1 = _work_item(item, groups, M)
         acc = np.zeros((ROWS, PANEL), np.float32)
         wf = np.empty((BLOCK, PANEL), np.float32)
-        qp = q[p]
-        for b in range(K // BLOCK):
-            k0 = b * BLOCK
-            sb = scales[p, b, 0]
-            mb = scales[p, b, 1]
-            for j in range(BLOCK // 2):
-                pair = qp[k0 // 2 + j]
-                w0 = wf[2 * j]
-                w1 = wf[2 * j + 1]
-                for t in range(PANEL):
-                    w0[t] = np.float32(pair[t, 0]) * sb[t] + mb[t]
-                    w1[t] = np.float32(pair[t, 1]) * sb[t] + mb[t]
-            _rows_times_block(x, r0, r1, k0, wf, acc)
-        _store_rows(acc, bias, r0, r1, p * PANEL, y)
-
-
-def _gemm_int4_float_body(x, q4, scales, bias, y):
-    """The float path of the int4 GEMM (rows with NaN, inf or tiny blocks): y (M, N) = bias + x · (s·q + m),
-    each block of the panel converted to float32 once and reused by the group's rows."""
-    M = x.shape[0]
-    P, K = q4.shape[0], 2 * q4.shape[1]
-    groups = (M + ROWS - 1) // ROWS
-    for item in prange(P * groups):
-        p, r0, r1 = _work_item(item, groups, M)
-        acc = np.zeros((ROWS, PANEL), np.float32)
-        wf = np.empty((BLOCK, PANEL), np.float32)
         sf = np.empty(PANEL, np.float32)
         mf = np.empty(PANEL, np.float32)
-        qp = q4[p]
+        qp = q[p]
         for b in range(K // BLOCK):
             k0 = b * BLOCK
             for t in range(PANEL):
                 sf[t] = np.float32(load(scales[p, b, 0, t]))
                 mf[t] = np.float32(load(scales[p, b, 1, t]))
             for j in range(BLOCK // 2):
-                row = qp[k0 // 2 + j]
                 w0 = wf[2 * j]
                 w1 = wf[2 * j + 1]
                 for t in range(PANEL):
-                    w0[t] = np.float32(row[t] & np.uint8(15)) * sf[t] + mf[t]
-                    w1[t] = np.float32(row[t] >> np.uint8(4)) * sf[t] + mf[t]
+                    c0, c1 = pair_codes(qp, k0 // 2 + j, t)
+                    w0[t] = c0 * sf[t] + mf[t]
+                    w1[t] = c1 * sf[t] + mf[t]
             _rows_times_block(x, r0, r1, k0, wf, acc)
         _store_rows(acc, bias, r0, r1, p * PANEL, y)
 
 
-def _gemm_int8_body(x, q, scales, bias, y):
-    """y (M, N) = bias + x (M, K_pad) · W for int8 panels of input pairs q (P, K_pad/2, 64, 2), scales
-    and offsets (P, K_pad/32, 2, 64): each row of x rounded to int16 per block (``_activation_codes``, a
-    parallel pass), then per work item (panel, group of ``ROWS`` rows) and block the panel's codes
-    widened to int16 once (4 KiB, L1) and, for each row, Σ code·q by ``madd_pairs_into`` (``vpmaddwd``
-    with the weights as its memory operand), scaled in float32 as in the GEMV."""
+def _gemm_quantised_body(x, q, scales, bias, y):
+    """y (M, N) = bias + x (M, K_pad) · W for int8 or int4 panels q with their scales and offsets (as the
+    GEMV): each row of x rounded to int16 per block (``_activation_codes``, a parallel pass), then per
+    work item (panel, group of ``ROWS`` rows) and block the panel's codes widened (int8) or unpacked
+    (int4) to int16 pairs once (4 KiB, L1; ``widen_block``) and, for each row, Σ code·q by
+    ``madd_pairs_into`` (``vpmaddwd``), scaled in float32 as in the GEMV."""
     M = x.shape[0]
     P = q.shape[0]
     nb = scales.shape[1]
@@ -320,7 +329,7 @@ def _gemm_int8_body(x, q, scales, bias, y):
     for r in prange(M):
         usable[r] = _activation_codes(x[r], codes[r], x_scales[r], x_sums[r])
     if not usable.all():
-        _gemm_int8_float(x, q, scales, bias, y)
+        _gemm_quantised_float(x, q, scales, bias, y)
         return
     groups = (M + ROWS - 1) // ROWS
     for item in prange(P * groups):
@@ -329,48 +338,9 @@ def _gemm_int8_body(x, q, scales, bias, y):
         wide = np.empty(BLOCK * PANEL, np.int16)
         dots = np.empty(PANEL, np.int32)
         scaled = np.empty(PANEL, np.float32)
-        qp = q[p].reshape(K * PANEL)
+        qp = q[p].reshape(q[p].size)
         for b in range(nb):
-            base = b * BLOCK * PANEL
-            for i in range(BLOCK * PANEL):
-                wide[i] = qp[base + i]
-            sb = scales[p, b, 0]
-            mb = scales[p, b, 1]
-            for r in range(r0, r1):
-                for t in range(PANEL):
-                    dots[t] = 0
-                madd_pairs_into(wide, 0, 2 * PANEL, codes[r], b * BLOCK, BLOCK // 2, dots, 0, PANEL)
-                _add_block_sums(acc[r - r0], dots, sb, mb, x_scales[r, b], x_sums[r, b], scaled)
-        _store_rows(acc, bias, r0, r1, p * PANEL, y)
-
-
-def _gemm_int4_body(x, q4, scales, bias, y):
-    """y (M, N) = bias + x (M, K_pad) · W for int4 panels q4 (P, K_pad/2, 64) with float16-bit scales and
-    offsets (P, K_pad/32, 2, 64): the int8 GEMM with each block of the panel unpacked to int16 pairs
-    once per work item (``_unpack_nibbles``) instead of widened."""
-    M = x.shape[0]
-    P = q4.shape[0]
-    nb = scales.shape[1]
-    K = nb * BLOCK
-    codes = np.empty((M, K), np.int16)
-    x_scales = np.empty((M, nb), np.float32)
-    x_sums = np.empty((M, nb), np.float32)
-    usable = np.empty(M, np.bool_)
-    for r in prange(M):
-        usable[r] = _activation_codes(x[r], codes[r], x_scales[r], x_sums[r])
-    if not usable.all():
-        _gemm_int4_float(x, q4, scales, bias, y)
-        return
-    groups = (M + ROWS - 1) // ROWS
-    for item in prange(P * groups):
-        p, r0, r1 = _work_item(item, groups, M)
-        acc = np.zeros((ROWS, PANEL), np.float32)
-        wide = np.empty(BLOCK * PANEL, np.int16)
-        dots = np.empty(PANEL, np.int32)
-        scaled = np.empty(PANEL, np.float32)
-        qp = q4[p].reshape(nb * (BLOCK // 2) * PANEL)
-        for b in range(nb):
-            _unpack_nibbles(qp, b * (BLOCK // 2) * PANEL, wide)
+            widen_block(qp, b, wide)
             sb = scales[p, b, 0]
             mb = scales[p, b, 1]
             for r in range(r0, r1):
@@ -402,18 +372,14 @@ def _gemm_float_body(x, w, bias, y):
 
 
 _FLAGS = {"fastmath": config.FASTMATH, "cache": config.CACHE}
-gemv_int8_parallel = njit(parallel=True, **_FLAGS)(variant(_gemv_int8_body, "_parallel"))
-gemv_int8_serial = njit(parallel=False, **_FLAGS)(variant(_gemv_int8_body, "_serial"))
-gemv_int4_parallel = njit(parallel=True, **_FLAGS)(variant(_gemv_int4_body, "_parallel"))
-gemv_int4_serial = njit(parallel=False, **_FLAGS)(variant(_gemv_int4_body, "_serial"))
+# int8 and int4 panels share each quantised dispatcher (one compiled specialisation per panel dtype)
+gemv_quantised_parallel = njit(parallel=True, **_FLAGS)(variant(_gemv_quantised_body, "_parallel"))
+gemv_quantised_serial = njit(parallel=False, **_FLAGS)(variant(_gemv_quantised_body, "_serial"))
 gemv_float_parallel = njit(parallel=True, **_FLAGS)(variant(_gemv_float_body, "_parallel"))
 gemv_float_serial = njit(parallel=False, **_FLAGS)(variant(_gemv_float_body, "_serial"))
-_gemm_int8_float = njit(parallel=False, **_FLAGS)(_gemm_int8_float_body)  # rare: serial
-gemm_int8_parallel = njit(parallel=True, **_FLAGS)(variant(_gemm_int8_body, "_parallel"))
-gemm_int8_serial = njit(parallel=False, **_FLAGS)(variant(_gemm_int8_body, "_serial"))
-_gemm_int4_float = njit(parallel=False, **_FLAGS)(_gemm_int4_float_body)  # rare: serial
-gemm_int4_parallel = njit(parallel=True, **_FLAGS)(variant(_gemm_int4_body, "_parallel"))
-gemm_int4_serial = njit(parallel=False, **_FLAGS)(variant(_gemm_int4_body, "_serial"))
+_gemm_quantised_float = njit(parallel=False, **_FLAGS)(_gemm_quantised_float_body)  # rare: serial
+gemm_quantised_parallel = njit(parallel=True, **_FLAGS)(variant(_gemm_quantised_body, "_parallel"))
+gemm_quantised_serial = njit(parallel=False, **_FLAGS)(variant(_gemm_quantised_body, "_serial"))
 gemm_float_parallel = njit(parallel=True, **_FLAGS)(variant(_gemm_float_body, "_parallel"))
 gemm_float_serial = njit(parallel=False, **_FLAGS)(variant(_gemm_float_body, "_serial"))
 
@@ -421,6 +387,6 @@ gemm_float_serial = njit(parallel=False, **_FLAGS)(variant(_gemm_float_body, "_s
 KERNELS = {
     "float32": (gemv_float_parallel, gemv_float_serial, gemm_float_parallel, gemm_float_serial),
     "float16": (gemv_float_parallel, gemv_float_serial, gemm_float_parallel, gemm_float_serial),
-    "int8": (gemv_int8_parallel, gemv_int8_serial, gemm_int8_parallel, gemm_int8_serial),
-    "int4": (gemv_int4_parallel, gemv_int4_serial, gemm_int4_parallel, gemm_int4_serial),
+    "int8": (gemv_quantised_parallel, gemv_quantised_serial, gemm_quantised_parallel, gemm_quantised_serial),
+    "int4": (gemv_quantised_parallel, gemv_quantised_serial, gemm_quantised_parallel, gemm_quantised_serial),
 }
