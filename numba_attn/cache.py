@@ -714,21 +714,27 @@ class KVCache:
                 f"KVCache is full: {self._length} tokens held + {T} new > capacity {self.capacity}"
                 + ("" if self.window is not None else "; create it with a larger capacity or a window")
             )
-        if self.rotate_keys:  # stored rotated (a copy: the caller's arrays are never modified)
-            key = self._rotate_in(key, "key", self._key_rotation, self.key_dtype, check_finite)
-        if self.rotate_values:
-            value = self._rotate_in(value, "value", self._value_rotation, self.value_dtype, check_finite)
         # (float64 into float16 goes through numpy: the kernels would round twice, via float32)
-        if (
+        serial = (
             self.batch * self.num_kv_heads * T <= APPEND_SERIAL_ROWS
             and key.dtype in _QUERY_DTYPES
             and value.dtype in _QUERY_DTYPES
             and not (self.key_dtype == np.float16 and key.dtype == np.float64)
             and not (self.value_dtype == np.float16 and value.dtype == np.float64)
-        ):
-            self._append_serial(key, value, T, check_finite)
+        )
+        rotated = self.rotate_keys or self.rotate_values
+        if serial and rotated and not self._writes(T)[0]:
+            # a decode step into a rotating cache: rotated, checked and written in the one kernel call
+            self._append_serial(key, value, T, check_finite, rotate=True)
         else:
-            self._append_numpy(key, value, T, check_finite)
+            if self.rotate_keys:  # stored rotated (a copy: the caller's arrays are never modified)
+                key = self._rotate_in(key, "key", self._key_rotation, self.key_dtype, check_finite)
+            if self.rotate_values:
+                value = self._rotate_in(value, "value", self._value_rotation, self.value_dtype, check_finite)
+            if serial:
+                self._append_serial(key, value, T, check_finite)
+            else:
+                self._append_numpy(key, value, T, check_finite)
         self._length += T
 
     def _name(self, tensor):
@@ -775,60 +781,75 @@ class KVCache:
         first = max(sink, T - ring)  # only the last `ring` new tokens can survive in the ring
         return sink, first, n + (self._length + first - n) % ring
 
-    def _append_serial(self, key, value, T, check_finite):
-        # the scan limits and NaN/inf flags of these input dtypes, worked out once (``_serial_plan``)
-        plan = self._serial_plans.get((key.dtype, value.dtype, check_finite))
+    def _append_serial(self, key, value, T, check_finite, rotate=False):
+        """``append_rows`` on key and value (``rotate``: the raw inputs, rotated in the kernel as the
+        cache stores them; else rows already rotated, or a cache that rotates nothing)."""
+        # the scan limits, NaN/inf flags and rotations for these input dtypes, worked out once (``_serial_plan``)
+        plan = self._serial_plans.get((key.dtype, value.dtype, check_finite, rotate))
         if plan is None:
-            plan = self._serial_plans[(key.dtype, value.dtype, check_finite)] = self._serial_plan(
-                key.dtype, value.dtype, check_finite
+            plan = self._serial_plans[(key.dtype, value.dtype, check_finite, rotate)] = self._serial_plan(
+                key.dtype, value.dtype, check_finite, rotate
             )
         rows = (_kernel_rows(key), _kernel_rows(value))
         sink, first, slot0 = self._writes(T)
-        if sink:  # a sink cache's first wrap: every token checked first, then written in two parts
-            self._refuse(plan, [scan_rows(r, limit) if r.size else 0 for r, limit in zip(rows, plan[::2])])
+        if sink:  # a sink cache's first wrap (never rotated here): checked first, then written in two parts
+            self._refuse(plan, [scan_rows(r, plan[i]) if r.size else 0 for r, i in zip(rows, (0, 3))])
             # the sink slots take new tokens 0 … sink-1 (once per cache: a copy of those rows is fine)
             self._write_rows(plan, [np.ascontiguousarray(r[:, :, :sink]) for r in rows], self._length, 0)
         # every other append is checked and written in this one call
         codes = self._write_rows(plan, rows, slot0, first)
         if codes:
-            self._refuse(plan, divmod(codes, 3))
+            self._refuse(plan, divmod(codes, 4), (key.dtype, value.dtype))
 
     def _write_rows(self, plan, rows, slot0, t0):
-        """``append_rows`` on (key rows, value rows) with ``plan``'s limits (``_serial_plan``): token t ≥ t0 to
-        slot slot0 + t − t0 (folded onto the ring) unless one is refused; 3·key_code + value_code."""
-        key_limit, key_ok, value_limit, value_ok = plan
+        """``append_rows`` on (key rows, value rows) with ``plan`` (``_serial_plan``): token t ≥ t0 to slot
+        slot0 + t − t0 (folded onto the ring) unless one is refused; 4·key_code + value_code."""
+        key_limit, key_ok, key_rotation, value_limit, value_ok, value_rotation = plan
         key_data, key_scales, key_block, value_data, value_scales, value_block = self._write_operands()
         return append_rows(
-            rows[0], key_limit, key_ok, key_data, key_scales, key_block,
-            rows[1], value_limit, value_ok, value_data, value_scales, value_block,
+            rows[0], key_limit, key_ok, key_rotation, key_data, key_scales, key_block,
+            rows[1], value_limit, value_ok, value_rotation, value_data, value_scales, value_block,
             slot0, t0, self.sink_tokens,
         )  # fmt: skip
 
-    def _serial_plan(self, key_dtype, value_dtype, check_finite):
-        """(key limit, key NaN/inf allowed, value limit, value NaN/inf allowed) of ``_append_serial`` for
+    def _serial_plan(self, key_dtype, value_dtype, check_finite, rotate):
+        """(limit, NaN/inf allowed, rotation) of the key, then of the value, for ``_append_serial`` on
         these input dtypes. No code for NaN/inf in a float16/int8/int4 store: refused whatever
-        ``check_finite`` says."""
-        return (
-            _append_limit(self.key_dtype, key_dtype),
-            self._float_stores[0] and not check_finite,
-            _append_limit(self.value_dtype, value_dtype),
-            self._float_stores[1] and not check_finite,
-        )
+        ``check_finite`` says. ``rotate``: the kernel rotates what the cache stores rotated (block,
+        else None) and the limit applies to H·x, float32 (float64 for float64 input)."""
+        plan = ()
+        for fmt, dtype, float_store, rotated, block in (
+            (self.key_dtype, key_dtype, self._float_stores[0], self.rotate_keys, self._key_rotation),
+            (self.value_dtype, value_dtype, self._float_stores[1], self.rotate_values, self._value_rotation),
+        ):
+            rotation = block if rotate and rotated else None
+            if rotation is not None:
+                dtype = np.dtype(np.float64 if dtype == np.float64 else np.float32)
+            plan += (_append_limit(fmt, dtype), float_store and not check_finite, rotation)
+        return plan
 
-    def _refuse(self, plan, codes):
-        """Raise for the first refused tensor (key, then value) by its scan code, with ``plan``'s NaN/inf flags."""
-        for tensor, fmt, nan_ok, code in (
-            ("key", self.key_dtype, plan[1], codes[0]),
-            ("value", self.value_dtype, plan[3], codes[1]),
+    def _refuse(self, plan, codes, dtypes=None):
+        """Raise for the first refused tensor (key, then value) by its scan code (``append_rows``), with
+        ``plan``'s NaN/inf flags; ``dtypes``: the inputs' (code 3, an overflowing rotation, names the
+        rotation's dtype: float64 for float64 input, else float32)."""
+        for tensor, fmt, nan_ok, code, dtype in (
+            ("key", self.key_dtype, plan[1], codes[0], dtypes and dtypes[0]),
+            ("value", self.value_dtype, plan[4], codes[1], dtypes and dtypes[1]),
         ):
             if code == 1 and not nan_ok:
                 no_code = not _is_float_store(fmt)
                 raise ValueError(
-                    f"{self._name(tensor)} contains NaN or inf; pass finite values"
+                    f"{tensor} contains NaN or inf; pass finite values"
                     + ("" if no_code else " (or check_finite=False to skip the check)")
                 )
             if code == 2:
                 raise ValueError(_range_message(self._name(tensor), fmt))
+            if code == 3:  # a finite input whose rotation is not (rotated in the kernel)
+                raise ValueError(
+                    f"{tensor} overflows {'float64' if dtype == np.float64 else 'float32'} in the Hadamard "
+                    "rotation this cache applies "
+                    f"(rotate={self.rotate!r}): scale it down, or use rotate=False"
+                )
 
     def _write_operands(self):
         """(data, scales, block) of the keys, then of the values, as the append kernels take them: a

@@ -622,3 +622,58 @@ def test_range_refusal_of_a_rotated_cache_is_explained(fmt, value, dtype):
     assert cache.length == 0
     message = str(info.value)
     assert "NaN or inf" not in message and "rotat" in message, message
+
+
+@pytest.mark.parametrize("fmt", [np.float32, np.float16, np.int8, "int4"])
+@pytest.mark.parametrize("xdtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("window,sink_tokens", [(None, 0), (5, 0), (5, 2)])
+def test_one_token_appends_rotate_in_the_kernel(monkeypatch, fmt, xdtype, window, sink_tokens):
+    """A decode step's append into a rotating cache is rotated, checked and written by the one
+    append_rows call (no separate rotation call), and stores the bytes a chunk through the numpy path
+    stores: the same float32 rotation (ring wrap and sink slots included)."""
+    from numba_attn import cache as cache_module
+
+    rng = np.random.default_rng(90)
+    B, H, T, D = 2, 3, 12, 64
+    k, v = randn(rng, (B, H, T, D), xdtype) * 3, randn(rng, (B, H, T, D), xdtype)
+    kw = dict(dtype=fmt, rotate="both", window=window, sink_tokens=sink_tokens)
+    one, chunk, mixed = (KVCache(B, H, D, 100, **kw) for _ in range(3))
+    mixed.append(k[:, :, :8], v[:, :, :8])  # serial, rotated first (a sink cache's first wrap: the sink slots)
+    mixed.append(k[:, :, 8:], v[:, :, 8:])
+    rotations = []
+    original = cache_module.hadamard_rows_max
+    monkeypatch.setattr(cache_module, "hadamard_rows_max", lambda *a: rotations.append(1) or original(*a))
+    for t in range(T):
+        one.append(k[:, :, t : t + 1], v[:, :, t : t + 1])
+    two_step = fmt == np.float16 and xdtype == np.float64  # (float64 into float16 goes through numpy)
+    assert len(rotations) == (2 * T if two_step else 0), len(rotations)
+    monkeypatch.setattr(cache_module, "APPEND_SERIAL_ROWS", 0)
+    for t0 in range(0, T, 5):
+        chunk.append(k[:, :, t0 : t0 + 5], v[:, :, t0 : t0 + 5])
+    for other in (chunk, mixed):
+        for a, b in ((one.keys, other.keys), (one.values, other.values)):
+            for field in ("data", "scales"):
+                if hasattr(a, field):
+                    np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+            if not hasattr(a, "data"):
+                np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("fmt", [np.float32, np.int8])
+def test_one_token_rotated_appends_refuse_non_finite_input(fmt):
+    """NaN in a one-token append to a rotating cache is the caller's: refused as such (a float32 store
+    takes it with check_finite=False), nothing written."""
+    cache = KVCache(1, 2, 64, 10, dtype=fmt, rotate="both")
+    good = np.ones((1, 2, 1, 64), np.float32)
+    bad = good.copy()
+    bad[0, 1, 0, 7] = np.nan
+    for key, value, name in ((bad, good, "key"), (good, bad, "value")):
+        with pytest.raises(ValueError, match=f"^{name} contains NaN or inf"):
+            cache.append(key, value)
+        assert cache.length == 0
+    if fmt == np.float32:
+        cache.append(bad, good, check_finite=False)
+        assert cache.length == 1 and np.isnan(cache.keys[0, 1, 0]).all()  # (spread over its Hadamard block)
+    else:
+        with pytest.raises(ValueError, match=r"^key contains NaN or inf; pass finite values$"):
+            cache.append(bad, good, check_finite=False)

@@ -22,9 +22,13 @@ can stall for milliseconds when the machine is busy. Here each step is one seria
 
 - ``append_rows(key, …, value, …, slot0, t0, ring0)``: all of the above for a key and a value in one
   call (a decode step's append: one numba dispatch instead of four): both scanned, then both written
-  unless one is refused.
+  unless one is refused. A tensor the cache stores Hadamard-rotated (its ``rotation`` an int block,
+  not None) is rotated here first (``hadamard._row``: the arithmetic of ``hadamard_rows``, so the
+  bytes stored are those of the numpy path): the caller's NaN/inf is refused as the caller's (code 1),
+  a finite x whose rotation overflows as the rotation's (code 3), and the range limit applies to H·x.
 
-x may be float32, float64 or float16 bits (uint16); memory: nothing beyond the scratch row.
+x may be float32, float64 or float16 bits (uint16); memory: nothing beyond the scratch row, and for a
+rotated tensor one (B·H·T, D) float32 (float64 for float64 x) copy of H·x.
 """
 
 import numpy as np
@@ -33,6 +37,7 @@ from numba.extending import overload
 
 from .. import config
 from ._load import half_bits, load
+from .hadamard import _row, _scale_for
 from .quantised import quantize_row_into, quantize_row_q4_into
 
 
@@ -156,20 +161,66 @@ def _write_tensor_overload(x, data, scales, block, slot0, t0, ring0):
     return impl_float
 
 
+def _rotated_rows(x, block):  # pragma: no cover - numba overload below
+    raise TypeError("_rotated_rows is a numba kernel helper: call it from @njit code")
+
+
+@overload(_rotated_rows)
+def _rotated_rows_overload(x, block):
+    """H·x of every row of x (B, H, T, D), C-contiguous: a new float32 array (float64 for float64 x)."""
+    dtype = np.float64 if x.dtype == types.float64 else np.float32
+
+    def impl(x, block):
+        B, H, T, D = x.shape
+        rows = x.reshape((B * H * T, D))
+        out = np.empty((B * H * T, D), dtype)
+        s = _scale_for(out, block)
+        for i in range(B * H * T):
+            _row(rows, out, i, block, s)
+        return out.reshape((B, H, T, D))
+
+    return impl
+
+
+def _checked(x, limit, rotation):  # pragma: no cover - numba overload below
+    raise TypeError("_checked is a numba kernel helper: call it from @njit code")
+
+
+@overload(_checked)
+def _checked_overload(x, limit, rotation):
+    """(scan code, the rows to store): x and ``scan_rows(x, limit)`` when ``rotation`` is None; else
+    H·x (``_rotated_rows``, block ``rotation``) with code 1 for NaN/inf in x, 3 for a finite x whose
+    rotation is not finite, 2 for H·x beyond ``limit``."""
+    if isinstance(rotation, types.NoneType):
+        return lambda x, limit, rotation: (scan_rows(x, limit) if x.size else 0, x)
+
+    def impl(x, limit, rotation):
+        rotated = _rotated_rows(x, rotation)
+        if x.size == 0:
+            return 0, rotated
+        if scan_rows(x, np.inf) == 1:
+            return 1, rotated
+        code = scan_rows(rotated, limit)
+        return (3 if code == 1 else code), rotated
+
+    return impl
+
+
 @njit(cache=config.CACHE)
 def append_rows(
-    key, key_limit, key_nan_ok, key_data, key_scales, key_block,
-    value, value_limit, value_nan_ok, value_data, value_scales, value_block,
+    key, key_limit, key_nan_ok, key_rotation, key_data, key_scales, key_block,
+    value, value_limit, value_nan_ok, value_rotation, value_data, value_scales, value_block,
     slot0, t0, ring0,
 ):  # fmt: skip
-    """A decode step's append in one call: ``scan_rows`` of the key and of the value, then, unless one
-    is refused (code 2, or code 1 without ``*_nan_ok``), both written from token ``t0`` on at ``slot0``
-    (``_write_tensor``). Returns 3·key_code + value_code; nothing is written when either is refused."""
-    key_code = scan_rows(key, key_limit) if key.size else 0
-    value_code = scan_rows(value, value_limit) if value.size else 0
-    refused = key_code == 2 or (key_code == 1 and not key_nan_ok)
-    refused = refused or value_code == 2 or (value_code == 1 and not value_nan_ok)
+    """A decode step's append in one call: the key and the value checked (``_checked``: rotated first
+    when ``*_rotation`` is a block, not None), then, unless one is refused (code 2 or 3, or code 1
+    without ``*_nan_ok``), both written from token ``t0`` on at ``slot0`` (``_write_tensor``). Returns
+    4·key_code + value_code; nothing is written when either is refused."""
+    key_code, key_rows = _checked(key, key_limit, key_rotation)
+    value_code, value_rows = _checked(value, value_limit, value_rotation)
+    refused = key_code >= 2 or (key_code == 1 and not key_nan_ok)
+    refused = refused or value_code >= 2 or (value_code == 1 and not value_nan_ok)
     if not refused:
-        _write_tensor(key, key_data, key_scales, key_block, slot0, t0, ring0)
-        _write_tensor(value, value_data, value_scales, value_block, slot0, t0, ring0)
-    return 3 * key_code + value_code
+        _write_tensor(key_rows, key_data, key_scales, key_block, slot0, t0, ring0)
+        _write_tensor(value_rows, value_data, value_scales, value_block, slot0, t0, ring0)
+    return 4 * key_code + value_code
