@@ -127,8 +127,9 @@ def is_rotated_query(x):
 
 def _kernel_rows(x):
     """x as the append kernels read it: C-contiguous, float16 as its uint16 bits."""
-    x = np.ascontiguousarray(x)
-    return x.view(np.uint16) if x.dtype == np.float16 else x
+    if x.dtype == np.float16:
+        return np.ascontiguousarray(x).view(np.uint16)
+    return x if x.flags.c_contiguous else np.ascontiguousarray(x)
 
 
 def _append_limit(fmt, input_dtype):
@@ -722,17 +723,17 @@ class KVCache:
             and not (self.key_dtype == np.float16 and key.dtype == np.float64)
             and not (self.value_dtype == np.float16 and value.dtype == np.float64)
         )
-        rotated = self.rotate_keys or self.rotate_values
-        if serial and rotated and not self._writes(T)[0]:
+        writes = self._writes(T) if serial else None
+        if serial and (self.rotate_keys or self.rotate_values) and not writes[0]:
             # a decode step into a rotating cache: rotated, checked and written in the one kernel call
-            self._append_serial(key, value, T, check_finite, rotate=True)
+            self._append_serial(key, value, writes, check_finite, rotate=True)
         else:
             if self.rotate_keys:  # stored rotated (a copy: the caller's arrays are never modified)
                 key = self._rotate_in(key, "key", self._key_rotation, self.key_dtype, check_finite)
             if self.rotate_values:
                 value = self._rotate_in(value, "value", self._value_rotation, self.value_dtype, check_finite)
             if serial:
-                self._append_serial(key, value, T, check_finite)
+                self._append_serial(key, value, writes, check_finite)
             else:
                 self._append_numpy(key, value, T, check_finite)
         self._length += T
@@ -781,9 +782,10 @@ class KVCache:
         first = max(sink, T - ring)  # only the last `ring` new tokens can survive in the ring
         return sink, first, n + (self._length + first - n) % ring
 
-    def _append_serial(self, key, value, T, check_finite, rotate=False):
-        """``append_rows`` on key and value (``rotate``: the raw inputs, rotated in the kernel as the
-        cache stores them; else rows already rotated, or a cache that rotates nothing)."""
+    def _append_serial(self, key, value, writes, check_finite, rotate=False):
+        """``append_rows`` on key and value to ``writes`` (``_writes``); ``rotate``: the raw inputs,
+        rotated in the kernel as the cache stores them (else rows already rotated, or a cache that
+        rotates nothing)."""
         # the scan limits, NaN/inf flags and rotations for these input dtypes, worked out once (``_serial_plan``)
         plan = self._serial_plans.get((key.dtype, value.dtype, check_finite, rotate))
         if plan is None:
@@ -791,7 +793,7 @@ class KVCache:
                 key.dtype, value.dtype, check_finite, rotate
             )
         rows = (_kernel_rows(key), _kernel_rows(value))
-        sink, first, slot0 = self._writes(T)
+        sink, first, slot0 = writes
         if sink:  # a sink cache's first wrap (never rotated here): checked first, then written in two parts
             self._refuse(plan, [scan_rows(r, plan[i]) if r.size else 0 for r, i in zip(rows, (0, 3))])
             # the sink slots take new tokens 0 … sink-1 (once per cache: a copy of those rows is fine)

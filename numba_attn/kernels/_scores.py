@@ -168,3 +168,12 @@ def refuse_unbuilt_features(score_features, has_alibi, softcap, window, mask_kin
     prefill and decode kernels' plain build) is handed a call that has one: ALiBi, soft-cap, window or mask."""
     if score_features is None and (has_alibi or softcap > 0 or window > 0 or mask_kind != MASK_NONE):
         raise ValueError("attention kernel: score_features=None with a mask, ALiBi, soft-cap or window")
+
+
+@njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
+def count_flagged(check):
+    """How many work items flagged a non-finite value (entries of ``check`` that are not 0)."""
+    n = 0
+    for i in range(check.shape[0]):
+        n += 0 if check[i] == 0 else 1
+    return n

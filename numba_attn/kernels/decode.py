@@ -44,7 +44,14 @@ from . import variant
 from ._link import callee, shared
 from ._load import load
 from ._math import exp_nonpositive, fast_exp
-from ._scores import add_sink, adjust_scores_line, hide_causal_line, refuse_unbuilt_features, visible_key_range
+from ._scores import (
+    add_sink,
+    adjust_scores_line,
+    count_flagged,
+    hide_causal_line,
+    refuse_unbuilt_features,
+    visible_key_range,
+)
 from .quantised import block_scores, block_values
 
 
@@ -363,7 +370,8 @@ def _decode_launch(
     """The decode kernel: ``_decode_body`` over every work item, one ``prange`` step each, then
     ``_decode_merge``. Both are compiled once and called, not inlined or linked, by the parallel
     and the serial build (``_link.shared``): see ``prefill._prefill_launch``. Every work item writes
-    all of its parts' rows, so the parts need no initial values."""
+    all of its parts' rows, so the parts need no initial values. Returns how many entries of ``check``
+    are not 0 (the caller raises when one is; no numpy call after the kernel)."""
     _, L, Ev = out.shape
     G, gsize = groups.shape
     R = gsize * L
@@ -414,6 +422,7 @@ def _decode_launch(
             )
         )
     _call_decode_merge((groups, L, sinks, part_acc, part_m, part_l, out, lse, check))
+    return count_flagged(check)
 
 
 decode_parallel = njit(parallel=True, fastmath=config.FASTMATH, error_model=config.ERROR_MODEL, cache=config.CACHE)(

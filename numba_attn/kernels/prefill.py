@@ -74,6 +74,7 @@ from ._scores import (
     MASK_NONE,
     add_sink,
     adjust_score_line,
+    count_flagged,
     hide_causal_line,
     mask_line_by_one,
     mask_score_line,
@@ -695,6 +696,7 @@ def _prefill_launch(
                 item + 1,
             )
         )
+    return count_flagged(check)
 
 
 prefill_parallel = njit(parallel=True, fastmath=config.FASTMATH, error_model=config.ERROR_MODEL, cache=config.CACHE)(
