@@ -50,11 +50,11 @@ an interleaved RoPE, pairs (0,1), (2,3), …); Hugging Face's Llama pairs dims i
 
 import argparse
 import importlib.util
-import math
 import os
 import time
 from pathlib import Path
 
+import numba
 import numpy as np
 
 import numba_attn
@@ -210,12 +210,29 @@ def read_gguf(path):
     return meta, tensors
 
 
+@numba.njit(cache=True)
+def _rms_norm_rows(x, weight, eps, out):
+    """out[i] = x[i] · weight / √(mean(x[i]²) + eps) for each row of x (M, D) float32 (sum of squares in
+    float64, the scale rounded to float32)."""
+    M, D = x.shape
+    for i in range(M):
+        total = 0.0
+        for d in range(D):
+            v = np.float64(x[i, d])
+            total += v * v
+        scale = np.float32(1.0 / np.sqrt(total / D + eps))
+        for d in range(D):
+            out[i, d] = x[i, d] * (weight[d] * scale)
+
+
 def rms_norm(x, weight, eps):
-    if x.size == x.shape[-1]:  # one row (a decode step): the scale as a Python float, fewer numpy calls
-        flat = x.reshape(-1)
-        return x * (weight * np.float32(1.0 / math.sqrt(float(flat @ flat) / flat.size + eps)))
-    var = np.einsum("...i,...i->...", x, x)[..., None] / x.shape[-1]
-    return x * (1.0 / np.sqrt(var + eps)) * weight
+    """RMSNorm of x (..., dim) float32 in one numba call: a decode step calls it 61 times per token, and
+    the three numpy calls it took cost ~20 µs each there (in a token's loop every call starts with cold
+    caches), one numba call ~7 µs."""
+    rows = np.ascontiguousarray(x, np.float32).reshape(-1, x.shape[-1])
+    out = np.empty(rows.shape, np.float32)
+    _rms_norm_rows(rows, weight, eps, out)
+    return out.reshape(x.shape)
 
 
 def silu(x):
