@@ -433,7 +433,7 @@ class MultiHeadAttention:
         q, k, v = self.project_qkv(x, context)
         start = 0 if cache is None else cache.length
         if rotary is not None:
-            q, k = rotary(q, k, start + np.arange(L))
+            q, k = rotary(q, k, np.arange(start, start + L))
         kw = dict(
             enable_gqa=self.num_kv_heads != self.num_heads,
             alibi_slopes=alibi_slopes,

@@ -80,7 +80,7 @@ class Rotary:
             raise TypeError(f"positions must be an integer array (T,), got dtype {p.dtype}")
         if p.shape != (T,):
             raise ValueError(f"positions must have shape (T,) = ({T},) like the rows' token axis, got {p.shape}")
-        if T and int(p.min()) < 0:
+        if T and (int(p[0]) if T == 1 else int(p.min())) < 0:  # (a decode step: no numpy reduction)
             raise ValueError("positions must be non-negative")
         return p if p.dtype == np.int64 else p.astype(np.int64)
 
