@@ -22,7 +22,7 @@ from ._validate import (
     prepare_attention,
     prepare_per_head,
 )
-from .cache import _ROTATED_QUERIES, is_kv_cache_view, is_rotated_query, is_rotated_view
+from .cache import _ROTATED_QUERIES, _rotated, is_kv_cache_view, is_rotated_query, is_rotated_view
 from .kernels import decode, prefill
 from .kernels._load import to_float16
 from .kernels._prefill_tiles import W as ROW_TILE
@@ -88,7 +88,7 @@ def _score_features(common):
     return None if plain else True
 
 
-def _decode_call(operands, common, E, check_finite, out):
+def _decode_call(operands, common, E, check_finite, out, q_rotation=None):
     """The decode kernel on ``operands`` (query, key, key scales, key block, value, value scales,
     value block, q_idx, k_idx, v_idx, groups) and ``common`` (S … scale, as ``_run`` passes them to
     every kernel), into ``out`` (N, L, Ev); returns lse (N, L). Serial below
@@ -102,7 +102,8 @@ def _decode_call(operands, common, E, check_finite, out):
     n_split = 1 if serial else decode_splits(groups.shape[0] * n_chunks, common[0])
     check = np.empty(groups.shape[0] * n_chunks * n_split, np.int64)
     features = _score_features(common)
-    args = operands + common + (config.DECODE_MAX_ROWS, n_split, config.DECODE_BLOCK_K, features, out, lse, check)
+    args = operands + common + (config.DECODE_MAX_ROWS, n_split, config.DECODE_BLOCK_K, features, q_rotation)
+    args += (out, lse, check)
     kernel = decode.decode_serial if serial else decode.decode_parallel
     _launch_checked(kernel, serial, args, check, check_finite, common[0])
     return lse
@@ -180,7 +181,7 @@ def _cache_fixed(cache, query_dtype, B, H):
     return dtype, result, native, operands, np.zeros(B * H, np.int64), default_scale, dtype.type(default_scale)
 
 
-def attend_cache(cache, q, scale, window, slopes, sinks, softcap, out, check_finite):
+def attend_cache(cache, q, scale, window, slopes, sinks, softcap, out, check_finite, q_rotation=None):
     """``KVCache.attend`` after its checks: one kernel on the cache's storage (see there).
 
     What depends only on the cache and the query's dtype and heads (dtypes, storage views, batch
@@ -202,6 +203,10 @@ def attend_cache(cache, q, scale, window, slopes, sinks, softcap, out, check_fin
     # a window whose ring has wrapped keeps storage order != position order: fine for one query
     # that sees every held key, otherwise the keys go in position order (a copy)
     reorder = wrapped and (L > 1 or slopes is not None or (window is not None and window < n_valid))
+    if q_rotation and (reorder or not native or not _use_decode(L, n_valid)):
+        # (only the decode kernel rotates the query as it loads it: the other paths take H·q)
+        q = _rotated(q, q_rotation, np.float64 in (cache._keys.dtype, cache._values.dtype))
+        q_rotation = None
     if reorder or not native:
         keys, values = cache.ordered()
         if cache.rotate_keys:  # a rotated query (KVCache.attend's lean path registers it only here): sdpa's guard asks
@@ -241,7 +246,7 @@ def attend_cache(cache, q, scale, window, slopes, sinks, softcap, out, check_fin
     common += ((window or 0) if in_order else 0, slopes, sinks)
     common += (_ZERO[dtype] if softcap == 0 else dt(softcap), default_scale_dt if scale is default_scale else dt(scale))
     if _use_decode(L, n_valid):
-        _decode_call((q3,) + operands, common, E, check_finite, res)
+        _decode_call((q3,) + operands, common, E, check_finite, res, q_rotation)
     else:  # (operands end with the decode kernel's groups)
         _prefill_call((q3,) + operands[:-1], common, E, check_finite, res)
     if direct:

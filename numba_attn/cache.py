@@ -585,13 +585,15 @@ class KVCache:
         slopes = None if alibi_slopes is None else check_slopes(alibi_slopes, q.shape[1], finite=False)
         sinks = None if sinks is None else check_sinks(sinks, q.shape[1], finite=False)
         user_out = result = None
+        q_rotation = None
         rotated = self.rotate_keys or self.rotate_values
         if rotated and q.dtype != np.float16 and self.rotate_keys:
             # the lean path (a decode step's): the result's dtype is the query's, the kernel writes into
-            # ``out`` unless the values are rotated too (then rotated back in place, into ``out``)
-            q = _rotated(q, self._key_rotation, np.float64 in (self._keys.dtype, self._values.dtype))
-            # (a query attend_cache or the sink path hands to sdpa, over views in position order, is
-            # registered there: sdpa's guard asks for it; the decode kernel on the storage does not)
+            # ``out`` unless the values are rotated too (then rotated back in place, into ``out``). The
+            # decode kernel rotates the query as it loads it (q_rotation); attend_cache's other paths
+            # and the sink path below rotate it first. (A query attend_cache or the sink path hands to
+            # sdpa, over views in position order, is registered there: sdpa's guard asks for it.)
+            q_rotation = self._key_rotation
             if self.rotate_values:
                 user_out, out = out, None
         elif rotated:  # float16 query (its result may be float16), or only the values rotated
@@ -606,13 +608,15 @@ class KVCache:
             # (made into a mask there: checked for NaN/inf, and for the arithmetic's range, first)
             arith = np.float64 if np.float64 in (q.dtype, self._keys.dtype, self._values.dtype) else np.float32
             slopes = None if slopes is None else per_head_in(slopes, "alibi_slopes", arith, finite=True)
+            if q_rotation:
+                q = _rotated(q, q_rotation, np.float64 in (self._keys.dtype, self._values.dtype))
             if rotated:
                 _ROTATED_QUERIES[id(q)] = q
             res = self._attend_streaming(q, scale, window, slopes, sinks, softcap, out, check_finite)
         else:
             # (a sink cache's newest query sees every key held: no window for the kernel, which would hide the sinks)
             window = None if self.sink_tokens else window
-            res = _api.attend_cache(self, q, scale, window, slopes, sinks, softcap, out, check_finite)
+            res = _api.attend_cache(self, q, scale, window, slopes, sinks, softcap, out, check_finite, q_rotation)
         if not rotated:
             return res
         if result is None:  # the lean path

@@ -37,7 +37,8 @@ and R × Ev accumulator; independent of S.
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 from .. import config
 from . import variant
@@ -52,6 +53,7 @@ from ._scores import (
     refuse_unbuilt_features,
     visible_key_range,
 )
+from .hadamard import _row, _scale_for
 from .quantised import block_scores, block_values
 
 
@@ -68,20 +70,52 @@ def query_position_range(r0, nr, L):
 
 
 @njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
-def load_query_rows(q, q_idx, group, r0, nr, L, scale, qs):
+def load_query_rows(q, q_idx, group, r0, nr, L, scale, q_rotation, qs):
     """qs[r] = scale·q[q_idx[group[(r0 + r) // L]], (r0 + r) % L] for r < nr (the item's query rows,
-    converted from their storage). Returns Σ q·0 over the rows read: 0, or NaN once a query value is
-    NaN or ±inf."""
-    E = qs.shape[1]
-    zero = qs.dtype.type(0)
-    q_chk = zero
+    converted from their storage); with a ``q_rotation`` block (not None), scale·H·q (``_load_query_row``).
+    Returns Σ q·0 over the rows read: 0, or NaN once a query value is NaN or ±inf."""
+    q_chk = qs.dtype.type(0)
     for r in range(nr):
-        qrow = q[q_idx[group[(r0 + r) // L]], (r0 + r) % L]
-        for d in range(E):
-            x = load(qrow[d])
-            qs[r, d] = x * scale
-            q_chk += x * zero
+        q_chk += _load_query_row(q[q_idx[group[(r0 + r) // L]], (r0 + r) % L], qs, r, scale, q_rotation)
     return q_chk
+
+
+def _load_query_row(qrow, qs, r, scale, q_rotation):  # pragma: no cover - numba overload below
+    raise TypeError("_load_query_row is a numba kernel helper: call it from @njit code")
+
+
+@overload(_load_query_row, inline="always")
+def _load_query_row_overload(qrow, qs, r, scale, q_rotation):
+    """qs[r] = scale·qrow; or, for a ``q_rotation`` block (an int, not None: a KV cache storing its keys
+    Hadamard-rotated), scale·H·qrow: ``hadamard._row`` on the loaded row, then the scale (the arithmetic
+    of rotating the query before the call). A type-level choice: a cache that rotates nothing compiles
+    no rotation code. Returns Σ qrow·0."""
+    if isinstance(q_rotation, types.NoneType):
+
+        def impl_plain(qrow, qs, r, scale, q_rotation):
+            zero = qs.dtype.type(0)
+            q_chk = zero
+            for d in range(qs.shape[1]):
+                x = load(qrow[d])
+                qs[r, d] = x * scale
+                q_chk += x * zero
+            return q_chk
+
+        return impl_plain
+
+    def impl_rotated(qrow, qs, r, scale, q_rotation):
+        zero = qs.dtype.type(0)
+        q_chk = zero
+        for d in range(qs.shape[1]):
+            x = load(qrow[d])
+            qs[r, d] = x
+            q_chk += x * zero
+        _row(qs, qs, r, q_rotation, _scale_for(qs, q_rotation))
+        for d in range(qs.shape[1]):
+            qs[r, d] = qs[r, d] * scale
+        return q_chk
+
+    return impl_rotated
 
 
 @njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
@@ -191,6 +225,7 @@ def _decode_body(
     n_split,
     block_k,
     score_features,
+    q_rotation,
     out,
     lse,
     check,
@@ -210,8 +245,10 @@ def _decode_body(
     codes per byte), and ``k_block``/``v_block`` (ignored for float ones); ``row_chunk``: query rows per
     work item; ``n_split``: parts of the key range; ``score_features``: None when there is no mask, ALiBi,
     soft-cap or window (as the prefill kernel's: that build is compiled without their code and raises
-    if it meets one), True otherwise. Storage may be float32/float64, uint16 (float16
-    bits), int8 or uint8 (4-bit codes); the arithmetic runs in ``out.dtype``. ``check``
+    if it meets one), True otherwise; ``q_rotation``: None, or the Hadamard block of a KV cache that
+    stores its keys rotated: the query rows are rotated as they are loaded (``load_query_rows``).
+    Storage may be float32/float64, uint16 (float16 bits), int8 or uint8 (4-bit codes); the arithmetic
+    runs in ``out.dtype``. ``check``
     (G·n_chunks·n_split,) int64: per work item, how many of its raw scores (before masks) are NaN or
     ±inf (a key or the query held NaN/inf, or a score overflowed), whether its query rows or
     accumulator are not finite; ``check[0]`` also
@@ -251,7 +288,7 @@ def _decode_body(
         ksn = k_scales[k_idx[n0] if k_block > 0 else 0]
         vsn = v_scales[v_idx[n0] if v_block > 0 else 0]
         qs = np.empty((nr, E), dt)
-        q_chk = load_query_rows(q, q_idx, groups[g], r0, nr, L, scale, qs)
+        q_chk = load_query_rows(q, q_idx, groups[g], r0, nr, L, scale, q_rotation, qs)
         # this item's running state, private until the end: part_m/part_l hold one float per row, so
         # the rows of items on different threads share cache lines, and writing them once per key
         # block made the threads fight over those lines (false sharing)
@@ -363,6 +400,7 @@ def _decode_launch(
     n_split,
     block_k,
     score_features,
+    q_rotation,
     out,
     lse,
     check,
@@ -411,6 +449,7 @@ def _decode_launch(
                 n_split,
                 block_k,
                 score_features,
+                q_rotation,
                 out,
                 lse,
                 check,
