@@ -125,9 +125,12 @@ def is_rotated_query(x):
     return isinstance(x, np.ndarray) and _ROTATED_QUERIES.get(id(x)) is x
 
 
+_FLOAT16 = np.dtype(np.float16)
+
+
 def _kernel_rows(x):
     """x as the append kernels read it: C-contiguous, float16 as its uint16 bits."""
-    if x.dtype == np.float16:
+    if x.dtype == _FLOAT16:
         return np.ascontiguousarray(x).view(np.uint16)
     return x if x.flags.c_contiguous else np.ascontiguousarray(x)
 
@@ -311,6 +314,7 @@ class KVCache:
             value_fmt, prefix, self.value_dim, block, "value"
         )
         self.rotate_keys, self.rotate_values = _rotation(rotate, key_fmt, value_fmt, self.head_dim, self.value_dim)
+        self._rotating = self.rotate_keys or self.rotate_values
         self._key_rotation = hadamard_block(self.head_dim) if self.rotate_keys else 0
         self._value_rotation = hadamard_block(self.value_dim) if self.rotate_values else 0
         self._length = 0
@@ -728,7 +732,9 @@ class KVCache:
             and not (self.value_dtype == np.float16 and value.dtype == np.float64)
         )
         writes = self._writes(T) if serial else None
-        if serial and (self.rotate_keys or self.rotate_values) and not writes[0]:
+        if serial and not self._rotating:
+            self._append_serial(key, value, writes, check_finite)
+        elif serial and not writes[0]:
             # a decode step into a rotating cache: rotated, checked and written in the one kernel call
             self._append_serial(key, value, writes, check_finite, rotate=True)
         else:
