@@ -22,7 +22,7 @@ from ._validate import (
     prepare_attention,
     prepare_per_head,
 )
-from .cache import _ROTATED_QUERIES, _rotated, is_kv_cache_view, is_rotated_query, is_rotated_view
+from .cache import _ROTATED_QUERIES, is_kv_cache_view, is_rotated_query, is_rotated_view
 from .kernels import decode, prefill
 from .kernels._load import to_float16
 from .kernels._prefill_tiles import W as ROW_TILE
@@ -205,7 +205,7 @@ def attend_cache(cache, q, scale, window, slopes, sinks, softcap, out, check_fin
     reorder = wrapped and (L > 1 or slopes is not None or (window is not None and window < n_valid))
     if q_rotation and (reorder or not native or not _use_decode(L, n_valid)):
         # (only the decode kernel rotates the query as it loads it: the other paths take H·q)
-        q = _rotated(q, q_rotation, np.float64 in (cache._keys.dtype, cache._values.dtype))
+        q = cache._rotated_query(q)
         q_rotation = None
     if reorder or not native:
         keys, values = cache.ordered()

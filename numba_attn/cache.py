@@ -348,11 +348,16 @@ class KVCache:
         if q.dtype.kind != "f" or q.ndim < 1 or q.shape[-1] != self.head_dim:
             raise ValueError(f"query must be a float array (..., head_dim = {self.head_dim}), got {q.dtype} {q.shape}")
         if self.rotate_keys:
-            rotated = _rotated(q, self._key_rotation, np.float64 in (self._keys.dtype, self._values.dtype))
+            rotated = self._rotated_query(q)
         else:
             rotated = np.array(q, np.float64 if q.dtype == np.float64 else np.float32)
         _ROTATED_QUERIES[id(rotated)] = rotated
         return rotated
+
+    def _rotated_query(self, q):
+        """H·q for a cache with rotated keys, in its arithmetic (float64 when either store is float64,
+        else float32 unless q is float64): a new C-contiguous array, not registered."""
+        return _rotated(q, self._key_rotation, np.float64 in (self._keys.dtype, self._values.dtype))
 
     def unrotate_output(self, out):
         """An attention output computed over this cache's ``values`` (..., value_dim) back in the
@@ -590,7 +595,7 @@ class KVCache:
         sinks = None if sinks is None else check_sinks(sinks, q.shape[1], finite=False)
         user_out = result = None
         q_rotation = None
-        rotated = self.rotate_keys or self.rotate_values
+        rotated = self._rotating
         if rotated and q.dtype != np.float16 and self.rotate_keys:
             # the lean path (a decode step's): the result's dtype is the query's, the kernel writes into
             # ``out`` unless the values are rotated too (then rotated back in place, into ``out``). The
@@ -613,7 +618,7 @@ class KVCache:
             arith = np.float64 if np.float64 in (q.dtype, self._keys.dtype, self._values.dtype) else np.float32
             slopes = None if slopes is None else per_head_in(slopes, "alibi_slopes", arith, finite=True)
             if q_rotation:
-                q = _rotated(q, q_rotation, np.float64 in (self._keys.dtype, self._values.dtype))
+                q = self._rotated_query(q)
             if rotated:
                 _ROTATED_QUERIES[id(q)] = q
             res = self._attend_streaming(q, scale, window, slopes, sinks, softcap, out, check_finite)
@@ -773,11 +778,15 @@ class KVCache:
         limit = _FLOAT32_MAX if rotated.dtype == np.float32 else np.finfo(np.float64).max
         near = finite and x.size and top * math.sqrt(block) * 1.001 >= limit
         if near and not np.isfinite(max_abs(rotated)):
-            raise ValueError(
-                f"{name} overflows {rotated.dtype.name} in the Hadamard rotation this cache applies "
-                f"(rotate={self.rotate!r}): scale it down, or use rotate=False"
-            )
+            raise ValueError(self._overflow_message(name, rotated.dtype))
         return rotated
+
+    def _overflow_message(self, name, dtype):
+        """Why a finite ``name`` is refused: its Hadamard rotation overflows ``dtype``."""
+        return (
+            f"{name} overflows {np.dtype(dtype).name} in the Hadamard rotation this cache applies "
+            f"(rotate={self.rotate!r}): scale it down, or use rotate=False"
+        )
 
     def _writes(self, T):
         """Where T new tokens go: (sink, first, slot0). New tokens 0 … sink-1 fill the sink slots
@@ -857,11 +866,7 @@ class KVCache:
             if code == 2:
                 raise ValueError(_range_message(self._name(tensor), fmt))
             if code == 3:  # a finite input whose rotation is not (rotated in the kernel)
-                raise ValueError(
-                    f"{tensor} overflows {'float64' if dtype == np.float64 else 'float32'} in the Hadamard "
-                    "rotation this cache applies "
-                    f"(rotate={self.rotate!r}): scale it down, or use rotate=False"
-                )
+                raise ValueError(self._overflow_message(tensor, np.float64 if dtype == np.float64 else np.float32))
 
     def _write_operands(self):
         """(data, scales, block) of the keys, then of the values, as the append kernels take them: a

@@ -23,8 +23,8 @@ can stall for milliseconds when the machine is busy. Here each step is one seria
 - ``append_rows(key, …, value, …, slot0, t0, ring0)``: all of the above for a key and a value in one
   call (a decode step's append: one numba dispatch instead of four): both scanned, then both written
   unless one is refused. A tensor the cache stores Hadamard-rotated (its ``rotation`` an int block,
-  not None) is rotated here first (``hadamard._row``: the arithmetic of ``hadamard_rows``, so the
-  bytes stored are those of the numpy path): the caller's NaN/inf is refused as the caller's (code 1),
+  not None) is rotated here first (``hadamard_rows_max``, the kernel the numpy path rotates with, so the
+  bytes stored are the same): the caller's NaN/inf is refused as the caller's (code 1),
   a finite x whose rotation overflows as the rotation's (code 3), and the range limit applies to H·x.
 
 x may be float32, float64 or float16 bits (uint16); memory: nothing beyond the scratch row, and for a
@@ -37,7 +37,7 @@ from numba.extending import overload
 
 from .. import config
 from ._load import half_bits, load
-from .hadamard import _row, _scale_for
+from .hadamard import hadamard_rows_max
 from .quantised import quantize_row_into, quantize_row_q4_into
 
 
@@ -161,44 +161,28 @@ def _write_tensor_overload(x, data, scales, block, slot0, t0, ring0):
     return impl_float
 
 
-def _rotated_rows(x, block):  # pragma: no cover - numba overload below
-    raise TypeError("_rotated_rows is a numba kernel helper: call it from @njit code")
-
-
-@overload(_rotated_rows)
-def _rotated_rows_overload(x, block):
-    """H·x of every row of x (B, H, T, D), C-contiguous: a new float32 array (float64 for float64 x)."""
-    dtype = np.float64 if x.dtype == types.float64 else np.float32
-
-    def impl(x, block):
-        B, H, T, D = x.shape
-        rows = x.reshape((B * H * T, D))
-        out = np.empty((B * H * T, D), dtype)
-        s = _scale_for(out, block)
-        for i in range(B * H * T):
-            _row(rows, out, i, block, s)
-        return out.reshape((B, H, T, D))
-
-    return impl
-
-
 def _checked(x, limit, rotation):  # pragma: no cover - numba overload below
     raise TypeError("_checked is a numba kernel helper: call it from @njit code")
 
 
 @overload(_checked)
 def _checked_overload(x, limit, rotation):
-    """(scan code, the rows to store): x and ``scan_rows(x, limit)`` when ``rotation`` is None; else
-    H·x (``_rotated_rows``, block ``rotation``) with code 1 for NaN/inf in x, 3 for a finite x whose
-    rotation is not finite, 2 for H·x beyond ``limit``."""
+    """(scan code, the rows to store): x and ``scan_rows(x, limit)`` when ``rotation`` is None; else H·x
+    (B, H, T, D) by ``hadamard_rows_max`` with block ``rotation`` (float32, float64 for float64 x: the
+    kernel the numpy path rotates with, reading x once), with code 1 for NaN/inf in x, 3 for a finite x
+    whose rotation is not finite, 2 for H·x beyond ``limit``."""
     if isinstance(rotation, types.NoneType):
         return lambda x, limit, rotation: (scan_rows(x, limit) if x.size else 0, x)
+    dtype = np.float64 if x.dtype == types.float64 else np.float32
 
     def impl(x, limit, rotation):
-        rotated = _rotated_rows(x, rotation)
+        B, H, T, D = x.shape
+        out = np.empty((B * H * T, D), dtype)
+        top = hadamard_rows_max(x.reshape((B * H * T, D)), rotation, out)  # inf if x holds NaN or ±inf
+        rotated = out.reshape((B, H, T, D))
         if x.size == 0:
             return 0, rotated
-        if scan_rows(x, np.inf) == 1:
+        if not top < np.inf:
             return 1, rotated
         code = scan_rows(rotated, limit)
         return (3 if code == 1 else code), rotated
