@@ -21,6 +21,7 @@ Vector width as in ``_prefill_tiles``: VW = 16 (AVX-512), 8 (AVX/AVX2), 4 (other
 The IR is assembled from the helpers in ``_vector_ir`` (shared with ``_prefill_tiles``).
 """
 
+import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
@@ -44,7 +45,7 @@ def key_scores(typingctx, q, q_off, k, k_off, k_stride, ks, ks_off, ks_stride, s
         return None
     i64 = types.int64
     sig = types.void(q, i64, k, i64, i64, ks, i64, i64, i64, i64, s, i64)
-    kind = k.dtype
+    scaled = k.dtype == types.int8
 
     def codegen(context, builder, signature, args):
         q_, q_off_, k_, k_off_, k_stride_, ks_, ks_off_, ks_stride_, shift_, E_, s_, s_off_ = args
@@ -53,7 +54,7 @@ def key_scores(typingctx, q, q_off, k, k_off, k_stride, ks, ks_off, ks_stride, s
         ksp = vir.data_pointer(context, builder, ks, ks_)
         sp = vir.data_pointer(context, builder, s, s_)
         accs = [vir.accumulator(builder, vir.zeros(ir.FloatType(), VW)) for _ in range(VW)]
-        if kind == types.int8:
+        if scaled:
             _int8_key_sums(builder, qp, q_off_, kp, k_off_, k_stride_, ksp, ks_off_, ks_stride_, shift_, E_, accs)
         else:
             n_chunks = builder.udiv(E_, vir.as_index(VW))
@@ -68,6 +69,46 @@ def key_scores(typingctx, q, q_off, k, k_off, k_stride, ks, ks_off, ks_stride, s
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+@intrinsic
+def keys_as_float32(typingctx, k, k_off, ks, ks_off, ks_stride, scale_shift, E, out, n_keys):
+    """out[i·E + d] = key_i[d] as float32 for i < n_keys, d < E (E a multiple of VW), key_i[d] =
+    k[k_off + i·E + d]: float32 as is, float16 bits exactly (``fpext``), int8 codes times their block's
+    scale ks[ks_off + i·ks_stride + (d >> scale_shift)] (one rounding: the prefill's dequantisation,
+    ``quantised.dequantised_rows``). VW lanes a step. A block of keys converted once, so that several
+    query rows (GQA groups, a few query tokens) score it with float32 ``key_scores`` from L1 instead of
+    converting every key again for each row."""
+    if not (
+        is_c_array(k, types.float32, types.uint16, types.int8)
+        and is_c_array(ks, types.float32)
+        and is_c_array(out, types.float32)
+    ):
+        return None
+    i64 = types.int64
+    scaled = k.dtype == types.int8
+
+    def codegen(context, builder, signature, args):
+        k_, k_off_, ks_, ks_off_, ks_stride_, shift_, E_, out_, n_keys_ = args
+        kp = vir.data_pointer(context, builder, k, k_)
+        ksp = vir.data_pointer(context, builder, ks, ks_)
+        op = vir.data_pointer(context, builder, out, out_)
+        with cgutils.for_range(builder, n_keys_) as keys:
+            row = builder.mul(keys.index, E_)
+            with cgutils.for_range(builder, builder.udiv(E_, vir.as_index(VW))) as chunks:
+                d0 = builder.mul(chunks.index, vir.as_index(VW))
+                scale = None
+                if scaled:
+                    b = builder.lshr(d0, shift_)
+                    scale = vir.load_element(
+                        builder, ksp, vir.strided_index(builder, ks_off_, keys.index, ks_stride_, b)
+                    )
+                index = builder.add(row, d0)
+                vector = vir.load_float32_vector(builder, kp, builder.add(k_off_, index), VW, scale)
+                vir.store_vector(builder, vector, op, index)
+        return context.get_dummy_value()
+
+    return types.void(k, i64, ks, i64, i64, i64, i64, out, i64), codegen
 
 
 #: quantised keys scored per pass (``_int8_key_sums``, ``key_scores_q4``): each needs a block sum and an
@@ -233,35 +274,38 @@ def _rows_of_key_scores_overload(qs, kn, k_scales, k_block, j0, nk, s):
             while (1 << shift) < (k_block if nbk > 1 else E):
                 shift += 1
             done = nk // VW * VW
-            for r in range(qs.shape[0]):
+            if qs.shape[0] == 1:
                 for j in range(0, done, VW):
-                    key_scores(
-                        qs,
-                        r * qs.shape[1],
-                        kn,
-                        (j0 + j) * E,
-                        E,
-                        k_scales,
-                        (j0 + j) * nbk,
-                        nbk,
-                        shift,
-                        E,
-                        s,
-                        r * s.shape[1] + j,
-                    )
+                    key_scores(qs, 0, kn, (j0 + j) * E, E, k_scales, (j0 + j) * nbk, nbk, shift, E, s, j)
+                return done
+            # several rows: dequantise VW keys once, score them for every row from L1
+            block = np.empty(VW * E, np.float32)
+            for j in range(0, done, VW):
+                keys_as_float32(kn, (j0 + j) * E, k_scales, (j0 + j) * nbk, nbk, shift, E, block, VW)
+                for r in range(qs.shape[0]):
+                    key_scores(qs, r * E, block, 0, E, qs, 0, 0, 0, E, s, r * s.shape[1] + j)
             return done
 
         return impl_int8
+
+    converts = kn.dtype != types.float32  # float16 bits: converted once per VW keys when rows share them
 
     def impl_float(qs, kn, k_scales, k_block, j0, nk, s):
         E = kn.shape[1]
         if E % VW != 0:
             return 0
         done = nk // VW * VW
+        # float keys have no scales: the query stands in for the unused scale array
+        if converts and qs.shape[0] > 1:
+            block = np.empty(VW * E, np.float32)
+            for j in range(0, done, VW):
+                keys_as_float32(kn, (j0 + j) * E, qs, 0, 0, 0, E, block, VW)
+                for r in range(qs.shape[0]):
+                    key_scores(qs, r * E, block, 0, E, qs, 0, 0, 0, E, s, r * s.shape[1] + j)
+            return done
         for r in range(qs.shape[0]):
             for j in range(0, done, VW):
-                # float keys have no scales: the query stands in for the unused scale array
-                key_scores(qs, r * qs.shape[1], kn, (j0 + j) * E, E, qs, 0, 0, 0, E, s, r * s.shape[1] + j)
+                key_scores(qs, r * E, kn, (j0 + j) * E, E, qs, 0, 0, 0, E, s, r * s.shape[1] + j)
         return done
 
     return impl_float
