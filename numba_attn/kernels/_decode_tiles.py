@@ -72,43 +72,77 @@ def key_scores(typingctx, q, q_off, k, k_off, k_stride, ks, ks_off, ks_stride, s
 
 
 @intrinsic
-def keys_as_float32(typingctx, k, k_off, ks, ks_off, ks_stride, scale_shift, E, out, n_keys):
-    """out[i·E + d] = key_i[d] as float32 for i < n_keys, d < E (E a multiple of VW), key_i[d] =
-    k[k_off + i·E + d]: float32 as is, float16 bits exactly (``fpext``), int8 codes times their block's
-    scale ks[ks_off + i·ks_stride + (d >> scale_shift)] (one rounding: the prefill's dequantisation,
-    ``quantised.dequantised_rows``). VW lanes a step. A block of keys converted once, so that several
-    query rows (GQA groups, a few query tokens) score it with float32 ``key_scores`` from L1 instead of
-    converting every key again for each row."""
-    if not (
-        is_c_array(k, types.float32, types.uint16, types.int8)
-        and is_c_array(ks, types.float32)
-        and is_c_array(out, types.float32)
-    ):
+def rows_as_float32(typingctx, x, x_off, scales, s_off, s_stride, block, E, out, out_off, n_rows):
+    """out[out_off + i·E + d] = row_i[d] as float32 for i < n_rows, d < E: the rows of a key or value
+    store dequantised once, VW lanes a step, for loops that read each row many times (the prefill's
+    micro-kernels; decode's query rows of a GQA group). Row i starts at x[x_off + i·E] (4-bit:
+    x[x_off + i·E/2], bytes) and its scales at scales[s_off + i·s_stride]:
+
+        float32, float16 bits (uint16)   as is / ``fpext``, exact (``scales`` is not read)
+        int8                             code·scales[… + b] for entry d in block b = d // block (the
+                                         last block may be short; block = E for one scale per row)
+        4-bit (uint8, two codes a byte)  code·step + min (one ``fma``), (step, min) the float16 bits
+                                         scales[… + 2b], scales[… + 2b + 1]; entry w of a block is the
+                                         low nibble of its byte w, entry w + block/2 the high nibble
+
+    the rounding of the decode loops that convert in registers (code·scale once; ``load_float32_vector``,
+    ``load_nibbles_vector``). Needs E and block multiples of VW (4-bit: block/2 a multiple of VW and
+    E a multiple of block)."""
+    if not (is_c_array(x, types.float32, types.uint16, types.int8, types.uint8) and is_c_array(out, types.float32)):
+        return None
+    if x.dtype == types.int8 and not is_c_array(scales, types.float32):
+        return None
+    if x.dtype == types.uint8 and not is_c_array(scales, types.uint16):
+        return None
+    if not isinstance(scales, types.Array):
         return None
     i64 = types.int64
-    scaled = k.dtype == types.int8
+    kind = "q4" if x.dtype == types.uint8 else "int8" if x.dtype == types.int8 else "float"
 
     def codegen(context, builder, signature, args):
-        k_, k_off_, ks_, ks_off_, ks_stride_, shift_, E_, out_, n_keys_ = args
-        kp = vir.data_pointer(context, builder, k, k_)
-        ksp = vir.data_pointer(context, builder, ks, ks_)
+        x_, x_off_, scales_, s_off_, s_stride_, block_, E_, out_, out_off_, n_rows_ = args
+        xp = vir.data_pointer(context, builder, x, x_)
+        sp = vir.data_pointer(context, builder, scales, scales_)
         op = vir.data_pointer(context, builder, out, out_)
-        with cgutils.for_range(builder, n_keys_) as keys:
-            row = builder.mul(keys.index, E_)
-            with cgutils.for_range(builder, builder.udiv(E_, vir.as_index(VW))) as chunks:
-                d0 = builder.mul(chunks.index, vir.as_index(VW))
-                scale = None
-                if scaled:
-                    b = builder.lshr(d0, shift_)
-                    scale = vir.load_element(
-                        builder, ksp, vir.strided_index(builder, ks_off_, keys.index, ks_stride_, b)
-                    )
-                index = builder.add(row, d0)
-                vector = vir.load_float32_vector(builder, kp, builder.add(k_off_, index), VW, scale)
-                vir.store_vector(builder, vector, op, index)
+        lanes = vir.as_index(VW)
+        if kind == "float":
+            block_ = E_
+        n_blocks = builder.udiv(builder.add(E_, builder.sub(block_, vir.as_index(1))), block_)
+        half = builder.lshr(block_, vir.as_index(1))
+        row_length = builder.lshr(E_, vir.as_index(1)) if kind == "q4" else E_
+        with cgutils.for_range(builder, n_rows_) as rows:
+            i = rows.index
+            x_row = vir.strided_index(builder, x_off_, i, row_length)
+            out_row = vir.strided_index(builder, out_off_, i, E_)
+            s_row = vir.strided_index(builder, s_off_, i, s_stride_)
+            with cgutils.for_range(builder, n_blocks) as blocks:
+                b = blocks.index
+                e0 = builder.mul(b, block_)  # the block's first entry
+                if kind == "q4":
+                    pair = builder.add(s_row, builder.mul(b, vir.as_index(2)))
+                    step = vir.load_half(builder, sp, pair)
+                    low = vir.load_half(builder, sp, builder.add(pair, vir.as_index(1)))
+                    y0 = builder.add(x_row, builder.mul(b, half))  # the block's first byte
+                    with cgutils.for_range(builder, builder.udiv(half, lanes)) as chunks:
+                        w = builder.mul(chunks.index, lanes)
+                        at = builder.add(y0, w)
+                        entry = builder.add(out_row, builder.add(e0, w))
+                        for high, offset in ((False, entry), (True, builder.add(entry, half))):
+                            vector = vir.load_nibbles_vector(builder, xp, at, VW, high, step, low)
+                            vir.store_vector(builder, vector, op, offset)
+                else:
+                    scale = None
+                    if kind == "int8":
+                        scale = vir.load_element(builder, sp, builder.add(s_row, b))
+                    rest = builder.sub(E_, e0)
+                    width = builder.select(builder.icmp_unsigned("<", rest, block_), rest, block_)
+                    with cgutils.for_range(builder, builder.udiv(width, lanes)) as chunks:
+                        d = builder.add(e0, builder.mul(chunks.index, lanes))
+                        vector = vir.load_float32_vector(builder, xp, builder.add(x_row, d), VW, scale)
+                        vir.store_vector(builder, vector, op, builder.add(out_row, d))
         return context.get_dummy_value()
 
-    return types.void(k, i64, ks, i64, i64, i64, i64, out, i64), codegen
+    return types.void(x, i64, scales, i64, i64, i64, i64, out, i64, i64), codegen
 
 
 #: quantised keys scored per pass (``_int8_key_sums``, ``key_scores_q4``): each needs a block sum and an
@@ -215,6 +249,25 @@ def key_scores_q4(typingctx, q, q_off, k, k_off, k_stride, ks, ks_off, ks_stride
     return sig, codegen
 
 
+@njit(inline="always")
+def _scores_of_converted(qs, kn, k_scales, block, j0, done, s):
+    """s[r, j] = qs[r]·key_{j0+j} for every row r and j < done (a multiple of VW), for keys stored as int8,
+    4-bit codes or float16 bits that several query rows share (a GQA group, a few query tokens): VW keys
+    at a time converted into a float32 scratch once (``rows_as_float32``, scale blocks of ``block``
+    entries), then scored for every row by the float32 ``key_scores`` from L1, instead of each row
+    converting every key again. Memory: VW·E float32. Returns done."""
+    E = qs.shape[1]
+    row = kn.shape[1]  # entries (bytes for 4-bit codes) per stored key
+    nbk = k_scales.shape[1] if k_scales.ndim > 1 else 0
+    scratch = np.empty(VW * E, np.float32)
+    for j in range(0, done, VW):
+        rows_as_float32(kn, (j0 + j) * row, k_scales, (j0 + j) * nbk, nbk, block, E, scratch, 0, VW)
+        for r in range(qs.shape[0]):
+            # float32 rows have no scales: the query stands in for the unused scale array
+            key_scores(qs, r * E, scratch, 0, E, qs, 0, 0, 0, E, s, r * s.shape[1] + j)
+    return done
+
+
 def rows_of_key_scores(qs, kn, k_scales, k_block, j0, nk, s):  # pragma: no cover - numba overload below
     raise TypeError("rows_of_key_scores is a numba kernel helper: call it from @njit code")
 
@@ -222,7 +275,8 @@ def rows_of_key_scores(qs, kn, k_scales, k_block, j0, nk, s):  # pragma: no cove
 @overload(rows_of_key_scores)
 def _rows_of_key_scores_overload(qs, kn, k_scales, k_block, j0, nk, s):
     """s[r, j] = qs[r]·key_{j0+j} for every row r and the first nk//VW·VW keys, VW keys per
-    ``key_scores`` (``key_scores_q4`` for 4-bit keys); returns how many keys it did (0 where it does not
+    ``key_scores`` (``key_scores_q4`` for 4-bit keys; with several rows, keys stored narrower than float32 are
+    converted once for all of them: ``_scores_of_converted``); returns how many keys it did (0 where it does not
     apply: a float64 query, a head dim that is not a multiple of VW, int8 scale blocks narrower than VW,
     4-bit keys whose half blocks are not a multiple of VW)."""
     if is_c_array(qs, types.float32) and is_c_array(s, types.float32) and is_c_array(kn, types.uint8):
@@ -236,22 +290,10 @@ def _rows_of_key_scores_overload(qs, kn, k_scales, k_block, j0, nk, s):
             if (k_block // 2) % VW != 0:
                 return 0
             done = nk // VW * VW
-            for r in range(qs.shape[0]):
-                for j in range(0, done, VW):
-                    key_scores_q4(
-                        qs,
-                        r * E,
-                        kn,
-                        (j0 + j) * row,
-                        row,
-                        k_scales,
-                        (j0 + j) * nbk,
-                        nbk,
-                        k_block,
-                        E,
-                        s,
-                        r * s.shape[1] + j,
-                    )
+            if qs.shape[0] > 1:
+                return _scores_of_converted(qs, kn, k_scales, k_block, j0, done, s)
+            for j in range(0, done, VW):
+                key_scores_q4(qs, 0, kn, (j0 + j) * row, row, k_scales, (j0 + j) * nbk, nbk, k_block, E, s, j)
             return done
 
         return impl_q4
@@ -278,31 +320,20 @@ def _rows_of_key_scores_overload(qs, kn, k_scales, k_block, j0, nk, s):
                 for j in range(0, done, VW):
                     key_scores(qs, 0, kn, (j0 + j) * E, E, k_scales, (j0 + j) * nbk, nbk, shift, E, s, j)
                 return done
-            # several rows: dequantise VW keys once, score them for every row from L1
-            block = np.empty(VW * E, np.float32)
-            for j in range(0, done, VW):
-                keys_as_float32(kn, (j0 + j) * E, k_scales, (j0 + j) * nbk, nbk, shift, E, block, VW)
-                for r in range(qs.shape[0]):
-                    key_scores(qs, r * E, block, 0, E, qs, 0, 0, 0, E, s, r * s.shape[1] + j)
-            return done
+            return _scores_of_converted(qs, kn, k_scales, k_block if nbk > 1 else E, j0, done, s)
 
         return impl_int8
 
-    converts = kn.dtype != types.float32  # float16 bits: converted once per VW keys when rows share them
+    converts = kn.dtype != types.float32  # float16 bits
 
     def impl_float(qs, kn, k_scales, k_block, j0, nk, s):
         E = kn.shape[1]
         if E % VW != 0:
             return 0
         done = nk // VW * VW
-        # float keys have no scales: the query stands in for the unused scale array
         if converts and qs.shape[0] > 1:
-            block = np.empty(VW * E, np.float32)
-            for j in range(0, done, VW):
-                keys_as_float32(kn, (j0 + j) * E, qs, 0, 0, 0, E, block, VW)
-                for r in range(qs.shape[0]):
-                    key_scores(qs, r * E, block, 0, E, qs, 0, 0, 0, E, s, r * s.shape[1] + j)
-            return done
+            return _scores_of_converted(qs, kn, qs, E, j0, done, s)
+        # float keys have no scales: the query stands in for the unused scale array
         for r in range(qs.shape[0]):
             for j in range(0, done, VW):
                 key_scores(qs, r * E, kn, (j0 + j) * E, E, qs, 0, 0, 0, E, s, r * s.shape[1] + j)

@@ -28,10 +28,10 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from .. import config
-from ._decode_tiles import rows_of_key_scores, rows_of_values
+from ._decode_tiles import rows_as_float32, rows_of_key_scores, rows_of_values
 from ._load import half_bits, load, rows_for_compute
 from ._prefill_tiles import VW
-from ._vector_ir import is_c_array, load_float32_into, load_nibbles_into
+from ._vector_ir import is_c_array
 
 #: smallest normal float32: below it 1/scale overflows, so such (rare) blocks divide instead
 _TINY = np.float32(1.1754944e-38)
@@ -491,7 +491,7 @@ def _dequantised_rows_overload(x, scales, block, j0, n, scratch):
     float16 bits): rows j0 … j0+n-1 dequantised into ``scratch`` once, as the decode loops do in
     registers (int8: data·scale; 4-bit: code·step + min), so that the prefill micro-kernels, which
     reuse each row for every query row of a work item, read plain floats. float32 scratch: VW entries
-    at a time in vector IR (``_vector_ir.load_float32_into``/``load_nibbles_into``) when the head dim and
+    at a time in vector IR (``_decode_tiles.rows_as_float32``, which decode's GQA groups share) when the head dim and
     the scale blocks (4-bit: half blocks) are multiples of VW, else the loops (float64 arithmetic too).
     Float storage: ``_load.rows_for_compute`` (float16 bits converted into ``scratch``, floats as they are).
     """
@@ -503,14 +503,8 @@ def _dequantised_rows_overload(x, scales, block, j0, n, scratch):
             D = scratch.shape[1]
             half = block // 2
             if vector and half % VW == 0:
-                for j in range(n):
-                    src, sc, dst = x[j0 + j], scales[j0 + j], scratch[j]
-                    for b in range(D // block):
-                        step = load(sc[2 * b])
-                        low = load(sc[2 * b + 1])
-                        for w in range(0, half, VW):
-                            load_nibbles_into(src, b * half + w, 0, step, low, dst, b * block + w, VW)
-                            load_nibbles_into(src, b * half + w, 1, step, low, dst, b * block + half + w, VW)
+                nb2 = scales.shape[1]
+                rows_as_float32(x, j0 * x.shape[1], scales, j0 * nb2, nb2, block, D, scratch, 0, n)
             else:
                 for j in range(n):
                     _q4_row_loops(x[j0 + j], scales[j0 + j], block, scratch[j])
@@ -525,11 +519,7 @@ def _dequantised_rows_overload(x, scales, block, j0, n, scratch):
             nb = scales.shape[1]
             blk = block if nb > 1 else D  # one scale per row: a block of the whole row
             if vector and D % VW == 0 and blk % VW == 0:
-                for j in range(n):
-                    src, sc, dst = x[j0 + j], scales[j0 + j], scratch[j]
-                    for b in range(nb):
-                        for d in range(b * blk, min(D, b * blk + blk), VW):
-                            load_float32_into(src, d, sc, b, dst, d, VW)
+                rows_as_float32(x, j0 * D, scales, j0 * nb, nb, blk, D, scratch, 0, n)
             else:
                 for j in range(n):
                     _int8_row_loops(x[j0 + j], scales[j0 + j], blk, scratch[j])
