@@ -295,6 +295,27 @@ def test_call_overhead_and_appends_are_positive_times():
         assert bench.append_seconds(dtype, inner=5, repeats=2) > 0
 
 
+def test_mask_cost_times_the_masked_case_against_the_same_case_without_its_mask(monkeypatch):
+    """On a fake clock: the masked call "takes" 3 units, the unmasked 2: the ratio is 1.5, and the plain
+    twin is the same case with the mask removed."""
+    clock = [0.0]
+    prepared = []
+
+    def prepare(self, case, threads):
+        prepared.append(case)
+
+        def call():
+            clock[0] += 3.0 if case.mask else 2.0
+
+        return call
+
+    monkeypatch.setattr(bench.NumbaAttn, "prepare", prepare)
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    case = next(c for c in bench.CASES if c.mask == "bool")
+    assert bench.mask_cost(case, 2, rounds=3) == pytest.approx(1.5)
+    assert prepared == [case, bench.dataclasses.replace(case, mask="")]
+
+
 @pytest.fixture(scope="module")
 def layer_run(tmp_path_factory):
     json_path = tmp_path_factory.mktemp("layer") / "layer.json"
