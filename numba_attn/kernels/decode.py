@@ -1,8 +1,11 @@
 """Split-K decode attention (flash-decoding): a few query rows against a long run of keys.
 
 Keys and values may be quantised (int8 or 4-bit): its inner loops dequantise one key or value row
-at a time in registers (``quantised.block_scores``/``block_values``). Longer queries over quantised
-keys take the prefill kernel, which dequantises each block once (``quantised.dequantised_rows``).
+at a time in registers (``quantised.block_scores``/``block_values``). Where several query rows share
+the keys (a GQA group, a few query tokens), keys stored as int8, 4-bit or float16 are converted once
+per VW keys into a float32 scratch and scored for every row from L1 (``_decode_tiles.rows_as_float32``,
+the prefill's conversion). Longer queries over quantised keys take the prefill kernel, which
+dequantises each block once (``quantised.dequantised_rows``).
 
 Decode reads every cached key and value once per step and does little arithmetic on each: it is
 bound by memory bandwidth, so the design goals are (1) read K and V once, (2) keep every core

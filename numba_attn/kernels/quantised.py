@@ -118,7 +118,8 @@ def _block_scores_overload(qs, kn, k_scales, k_block, j0, nk, s):
 
     float32 queries: VW keys at a time by ``_decode_tiles.key_scores`` (no horizontal sum per key), for
     float keys, int8 keys and 4-bit keys; the keys left over, and float64 queries, by the loops here.
-    The query is never rounded: quantised keys are dequantised in registers and dotted with it.
+    The query is never rounded: quantised keys are dequantised in registers and dotted with it (with
+    several rows, once per VW keys into a float32 scratch that every row reads: ``rows_of_key_scores``).
 
     Float keys (float32/float64, or float16 bits): a dot product along the head dim, vectorised.
     int8 keys (one scale per block of a power of two, or per row, which is one block spanning the row):
