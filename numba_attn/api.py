@@ -88,12 +88,14 @@ def _score_features(common):
     return None if plain else True
 
 
-def _decode_call(operands, common, E, check_finite, out, q_rotation=None):
+def _decode_call(operands, common, E, check_finite, out, q_rotation=None, features=False):
     """The decode kernel on ``operands`` (query, key, key scales, key block, value, value scales,
     value block, q_idx, k_idx, v_idx, groups) and ``common`` (S … scale, as ``_run`` passes them to
     every kernel), into ``out`` (N, L, Ev); returns lse (N, L). Serial below
     ``config.SERIAL_BELOW_FLOPS`` / ``DECODE_PARALLEL_SOONER``, else split over the key range for every
-    thread. Raises on a non-finite query, score or result when ``check_finite``."""
+    thread. Raises on a non-finite query, score or result when ``check_finite``. ``features``: the
+    kernels' ``score_features`` when the caller knows it (None: no mask, ALiBi, soft-cap or window), else
+    worked out from ``common``."""
     groups = operands[10]
     N, L, Ev = out.shape
     lse = np.empty((N, L), out.dtype)
@@ -101,7 +103,7 @@ def _decode_call(operands, common, E, check_finite, out, q_rotation=None):
     n_chunks = -(-(groups.shape[1] * L) // config.DECODE_MAX_ROWS)
     n_split = 1 if serial else decode_splits(groups.shape[0] * n_chunks, common[0])
     check = np.empty(groups.shape[0] * n_chunks * n_split, np.int64)
-    features = _score_features(common)
+    features = _score_features(common) if features is False else features
     args = operands + common + (config.DECODE_MAX_ROWS, n_split, config.DECODE_BLOCK_K, features, q_rotation)
     args += (out, lse, check)
     kernel = decode.decode_serial if serial else decode.decode_parallel
@@ -181,6 +183,50 @@ def _cache_fixed(cache, query_dtype, B, H):
     return dtype, result, native, operands, np.zeros(B * H, np.int64), default_scale, dtype.type(default_scale)
 
 
+def _cache_common(fixed, n_valid, L, in_order, window, slopes, sinks, softcap, scale):
+    """The kernels' ``common`` arguments (as ``_run`` passes them) for L queries, the newest L positions,
+    over a cache's n_valid keys in storage (``fixed``: ``_cache_fixed``): no mask, causal bottom-right
+    when the keys are in position order (a wrapped ring's one query sees every key held)."""
+    dtype, m_idx = fixed[0], fixed[4]
+    positions = (in_order, n_valid - L, window)  # is_causal, pos_offset, window
+    return (n_valid, _NO_MASK[dtype], m_idx, MASK_NONE, 0, 0) + positions + (slopes, sinks, softcap, scale)
+
+
+def lean_plan(cache, q, fixed):
+    """What ``attend_lean`` needs for later calls with a query of ``q``'s dtype and shape and no other
+    argument (``KVCache.attend`` asks after such a call went through the general path), or None where
+    such calls need the general path: a query that is not in the arithmetic's dtype, storage the kernels
+    cannot read in place, sink tokens, rotated values. (fixed, q_rotation, value_dim, no slopes, zero,
+    default scale): the last three in the arithmetic's dtype."""
+    dtype, result, native = fixed[:3]
+    if q.dtype != dtype or result != dtype or not native or cache.sink_tokens or cache.rotate_values:
+        return None
+    q_rotation = cache._key_rotation if cache._rotating and cache.rotate_keys else None
+    return fixed, q_rotation, cache.value_dim, _NO_SLOPES[dtype], _ZERO[dtype], fixed[6]
+
+
+def attend_lean(cache, q, plan, check_finite):
+    """``KVCache.attend(q)`` with no other argument, for a query of a dtype and shape the general path
+    has validated on this cache (``plan``: ``lean_plan``): one decode kernel call and little else (a
+    SmolLM2 step: ~10 µs of Python less than the general path). None where the general path must answer:
+    a query that is not C-contiguous, more queries than keys held, a wrapped ring with more than one
+    query (its keys are then out of position order), or too few keys for the decode kernel."""
+    fixed, q_rotation, Ev, no_slopes, zero, scale = plan
+    B, H, L, E = q.shape
+    slots = cache._keys.shape[2]
+    wrapped = cache._length > slots
+    n_valid = slots if wrapped else cache._length
+    if (wrapped and L > 1) or L > n_valid or not q.flags.c_contiguous or not _use_decode(L, n_valid):
+        return None
+    q3 = q.reshape(B * H, L, E)  # a new view of the caller's array: its flags are ours to set
+    q3.setflags(write=False)  # one numba type whatever the caller passed
+    res = np.empty((B * H, L, Ev), fixed[0])
+    # no window: a cache's window hides none of the n_valid keys it holds from its newest queries
+    common = _cache_common(fixed, n_valid, L, not wrapped, 0, no_slopes, no_slopes, zero, scale)
+    _decode_call((q3,) + fixed[3], common, E, check_finite, res, q_rotation, features=None)
+    return res.reshape(B, H, L, Ev)
+
+
 def attend_cache(cache, q, scale, window, slopes, sinks, softcap, out, check_finite, q_rotation=None):
     """``KVCache.attend`` after its checks: one kernel on the cache's storage (see there).
 
@@ -193,7 +239,7 @@ def attend_cache(cache, q, scale, window, slopes, sinks, softcap, out, check_fin
     fixed = cache._attend_fixed.get((q.dtype, H))
     if fixed is None:
         fixed = cache._attend_fixed[(q.dtype, H)] = _cache_fixed(cache, q.dtype, B, H)
-    dtype, result, native, operands, m_idx, default_scale, default_scale_dt = fixed
+    dtype, result, native, operands, _, default_scale, default_scale_dt = fixed
     scale = default_scale if scale is None else check_scale(scale, E)
     if out is not None:
         check_attend_out(out, (B, H, L, Ev), result)
@@ -232,7 +278,7 @@ def attend_cache(cache, q, scale, window, slopes, sinks, softcap, out, check_fin
     else:
         q3 = q.view(np.uint16) if q.dtype == np.float16 and dtype == np.float32 else q.astype(dtype, copy=False)
         q3 = np.ascontiguousarray(q3.reshape(B * H, L, E)).view()
-    q3.flags.writeable = False  # one numba type whatever the caller passed
+    q3.setflags(write=False)  # one numba type whatever the caller passed
     in_order = not wrapped
     dt = dtype.type
     if slopes is None and sinks is None:
@@ -242,9 +288,12 @@ def attend_cache(cache, q, scale, window, slopes, sinks, softcap, out, check_fin
         sinks = prepare_per_head(sinks, check_sinks, "sinks", (B, H), dtype)
     direct = out is not None and result == dtype
     res = out.reshape(B * H, L, Ev) if direct else np.empty((B * H, L, Ev), dtype)
-    common = (n_valid, _NO_MASK[dtype], m_idx, MASK_NONE, 0, 0, in_order, n_valid - L)
-    common += ((window or 0) if in_order else 0, slopes, sinks)
-    common += (_ZERO[dtype] if softcap == 0 else dt(softcap), default_scale_dt if scale is default_scale else dt(scale))
+    # a window of n_valid keys or more hides none of them from these queries (the last n_valid
+    # positions): no window, so the call takes the build without the score features
+    window = window if in_order and window is not None and window < n_valid else 0
+    softcap = _ZERO[dtype] if softcap == 0 else dt(softcap)
+    scale = default_scale_dt if scale is default_scale else dt(scale)
+    common = _cache_common(fixed, n_valid, L, in_order, window, slopes, sinks, softcap, scale)
     if _use_decode(L, n_valid):
         _decode_call((q3,) + operands, common, E, check_finite, res, q_rotation)
     else:  # (operands end with the decode kernel's groups)

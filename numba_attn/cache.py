@@ -15,6 +15,7 @@ import weakref
 
 import numpy as np
 
+from . import config
 from ._validate import FLOAT16_MAX, check_finite_array, check_sinks, check_slopes, check_softcap, per_head_in
 from .kernels.cache_append import append_rows, scan_rows
 from .kernels.finite import max_abs
@@ -323,6 +324,7 @@ class KVCache:
         self._serial_plans = {}  # (key dtype, value dtype, check_finite) → ``_serial_plan``
         self._float_stores = (_is_float_store(key_fmt), _is_float_store(value_fmt))
         self._attend_fixed = {}  # per (query dtype, head count): what attend's kernel calls share (api._cache_fixed)
+        self._lean = {}  # per (query dtype, query shape): api.lean_plan, or False (attend(query) alone)
         _STORAGE[id(self._keys)] = self._keys
         _STORAGE[id(self._values)] = self._values
         for data, rotated in ((self._keys, self.rotate_keys), (self._values, self.rotate_values)):
@@ -552,6 +554,14 @@ class KVCache:
         Returns ``(batch, H, L, value_dim)``.
         """
         q = query if isinstance(query, np.ndarray) else np.asarray(query)
+        plain = scale is None and window is None and alibi_slopes is None and sinks is None and softcap is None
+        if plain and out is None:
+            # a decode step with a query of a dtype and shape an earlier such call validated: the lean path
+            plan = self._lean.get((q.dtype, q.shape))
+            if plan:
+                res = _api.attend_lean(self, q, plan, check_finite)
+                if res is not None:
+                    return res
         if q.dtype not in _QUERY_DTYPES:
             raise TypeError(f"query must be float16, float32 or float64, got dtype {q.dtype}")
         if (
@@ -626,6 +636,10 @@ class KVCache:
             # (a sink cache's newest query sees every key held: no window for the kernel, which would hide the sinks)
             window = None if self.sink_tokens else window
             res = _api.attend_cache(self, q, scale, window, slopes, sinks, softcap, out, check_finite, q_rotation)
+            if plain and out is None and result is None and L <= config.DECODE_MAX_QUERY_ROWS:
+                key = (q.dtype, q.shape)
+                if key not in self._lean:  # later calls like this one take the lean path
+                    self._lean[key] = _api.lean_plan(self, q, self._attend_fixed[(q.dtype, q.shape[1])]) or False
         if not rotated:
             return res
         if result is None:  # the lean path

@@ -481,6 +481,63 @@ def test_attend_into_out(dtype, rotate):
             cache.attend(q, out=bad)
 
 
+@pytest.mark.parametrize("dtype,rotate", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("window", [None, 40])
+@pytest.mark.parametrize("L", [1, 2])
+def test_attend_decode_steps_take_the_lean_path(dtype, rotate, window, L, monkeypatch):
+    """Decode steps as a model runs them (append, then attend(q) alone): the first call goes through the
+    general path, the later ones with a query of that dtype and shape through api.attend_lean (attend_cache
+    is not called again) unless the cache rotates its values or computes in another dtype than the query's,
+    all with the reference's numbers, across
+    a ring's wrap; on a wrapped ring a query of L > 1 tokens still gets the general path's refusal."""
+    from numba_attn import api
+
+    rng = np.random.default_rng(53)
+    cache = KVCache(1, 2, 32, 120, dtype=dtype, window=window, rotate=rotate)
+    cache.append(randn(rng, (1, 2, 34, 32)), randn(rng, (1, 2, 34, 32)))
+    general = []
+    real = api.attend_cache
+    monkeypatch.setattr(api, "attend_cache", lambda *a, **k: general.append(1) or real(*a, **k))
+    answered = 0
+    for _ in range(10):  # 34 + 10·L tokens: a window of 40 wraps
+        cache.append(randn(rng, (1, 2, L, 32)), randn(rng, (1, 2, L, 32)))
+        q = randn(rng, (1, 6, L, 32), np.float32)
+        if window is not None and cache.wrapped and L > 1:
+            with pytest.raises(ValueError, match="ring"):
+                cache.attend(q)
+            continue
+        out = cache.attend(q)
+        keys, values = _content(cache)
+        ref = cache_reference(cache, q, keys, values, is_causal="lower_right", enable_gqa=True, window=window)
+        scale = max(1.0, float(np.abs(ref).max()))
+        np.testing.assert_allclose(out.astype(np.float64), ref, rtol=2e-5, atol=2e-5 * scale)
+        answered += 1
+    # (a float64 cache computes in float64: a float32 query is converted on the general path)
+    lean = not cache.rotate_values and np.dtype(dtype) != np.float64
+    assert len(general) == (1 if lean else answered)
+    # a query the lean path does not take (not C-contiguous) and a forgotten cache: the general path answers
+    q = randn(rng, (1, 6, 2 * L, 32), np.float32)[:, :, ::2]
+    if not (window is not None and cache.wrapped and L > 1):
+        np.testing.assert_array_equal(cache.attend(q), cache.attend(np.ascontiguousarray(q)))
+    cache.reset()
+    with pytest.raises(ValueError, match="append the new tokens"):
+        cache.attend(np.ascontiguousarray(q))
+
+
+def test_attend_window_that_hides_no_key_is_no_window():
+    """A window at least as long as what the cache holds changes nothing: attend passes the kernels no
+    window (their build without the score features) and gives the numbers of a cache without one."""
+    rng = np.random.default_rng(54)
+    k, v = randn(rng, (1, 2, 50, 32)), randn(rng, (1, 2, 50, 32))
+    windowed, plain = KVCache(1, 2, 32, 64, window=60), KVCache(1, 2, 32, 64)
+    for cache in (windowed, plain):
+        cache.append(k, v)
+    for L in (1, 3, 20):
+        q = randn(rng, (1, 4, L, 32), np.float32)
+        np.testing.assert_array_equal(windowed.attend(q), plain.attend(q))
+        np.testing.assert_array_equal(windowed.attend(q, window=50), plain.attend(q))
+
+
 def test_attend_options_match_the_general_call():
     from numba_attn import scaled_dot_product_attention
 
