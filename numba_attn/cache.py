@@ -39,6 +39,9 @@ _ROTATED_QUERIES = weakref.WeakValueDictionary()
 
 #: appends of at most this many rows (batch · kv heads · tokens) take the serial kernels
 APPEND_SERIAL_ROWS = 1024
+#: appends of at most this many tokens (decode steps, a few drafted tokens) remember their validated
+#: dtypes and shapes for ``KVCache._append_lean``
+LEAN_APPEND_TOKENS = 8
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -322,6 +325,7 @@ class KVCache:
         self._operands = None  # kernel views of the storage, made on first use
         self._writing = None  # the append kernels' views of the storage (``_write_operands``)
         self._serial_plans = {}  # (key dtype, value dtype, check_finite) → ``_serial_plan``
+        self._lean_appends = {}  # (key dtype and shape, value dtype and shape, check_finite) → ``_append_lean``'s plan
         self._float_stores = (_is_float_store(key_fmt), _is_float_store(value_fmt))
         self._attend_fixed = {}  # per (query dtype, head count): what attend's kernel calls share (api._cache_fixed)
         self._lean = {}  # per (query dtype, query shape): api.lean_plan, or False (attend(query) alone)
@@ -722,6 +726,11 @@ class KVCache:
         ``capacity``. A few tokens (B·H_kv·T ≤ ``APPEND_SERIAL_ROWS``, a decode step) take one
         serial kernel per tensor that checks, converts and writes (``kernels/cache_append.py``).
         """
+        if isinstance(key, np.ndarray) and isinstance(value, np.ndarray):
+            # a decode step's append with arrays of dtypes and shapes an earlier append validated: the lean path
+            plan = self._lean_appends.get((key.dtype, key.shape, value.dtype, value.shape, check_finite))
+            if plan is not None and self._append_lean(key, value, plan):
+                return
         key = key if isinstance(key, np.ndarray) else np.asarray(key)
         value = value if isinstance(value, np.ndarray) else np.asarray(value)
         for name, x, dim in (("key", key, self.head_dim), ("value", value, self.value_dim)):
@@ -751,11 +760,14 @@ class KVCache:
             and not (self.value_dtype == np.float16 and value.dtype == np.float64)
         )
         writes = self._writes(T) if serial else None
-        if serial and not self._rotating:
-            self._append_serial(key, value, writes, check_finite)
-        elif serial and not writes[0]:
-            # a decode step into a rotating cache: rotated, checked and written in the one kernel call
-            self._append_serial(key, value, writes, check_finite, rotate=True)
+        if serial and (not self._rotating or not writes[0]):
+            # (into a rotating cache: rotated, checked and written in the one kernel call)
+            self._append_serial(key, value, writes, check_finite, rotate=self._rotating)
+            if T <= LEAN_APPEND_TOKENS:  # later appends like this one take the lean path
+                rotate = self._rotating
+                plan = self._serial_plans[(key.dtype, value.dtype, check_finite, rotate)]
+                lean = (plan, key.dtype == _FLOAT16, value.dtype == _FLOAT16)
+                self._lean_appends[(key.dtype, key.shape, value.dtype, value.shape, check_finite)] = lean
         else:
             if self.rotate_keys:  # stored rotated (a copy: the caller's arrays are never modified)
                 key = self._rotate_in(key, "key", self._key_rotation, self.key_dtype, check_finite)
@@ -766,6 +778,26 @@ class KVCache:
             else:
                 self._append_numpy(key, value, T, check_finite)
         self._length += T
+
+    def _append_lean(self, key, value, lean):
+        """``append`` for arrays of dtypes and shapes an earlier serial append validated (``lean``: its
+        ``_serial_plan`` and whether key and value are float16): the capacity, where the tokens go and the
+        one kernel call that checks, rotates (where the cache does), converts and writes them. False,
+        having changed nothing, where the general path must answer: a full cache, a sink cache's first
+        wrap, arrays that are not C-contiguous."""
+        T = key.shape[2]
+        if self._length + T > self.capacity or not (key.flags.c_contiguous and value.flags.c_contiguous):
+            return False
+        writes = self._writes(T)
+        if writes[0]:
+            return False
+        plan, key_half, value_half = lean
+        rows = (key.view(np.uint16) if key_half else key, value.view(np.uint16) if value_half else value)
+        codes = self._write_rows(plan, rows, writes[2], writes[1])
+        if codes:
+            self._refuse(plan, divmod(codes, 4), (key.dtype, value.dtype))
+        self._length += T
+        return True
 
     def _name(self, tensor):
         """How messages name ``tensor`` ("key"/"value"): said to be rotated when the cache rotates it

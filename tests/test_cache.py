@@ -624,3 +624,42 @@ def test_serial_append_stores_what_the_numpy_path_stores(monkeypatch, dtype, rot
     ):
         if a is not None:
             np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype,rotate", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("window", [None, 5])
+def test_decode_step_appends_take_the_lean_path(monkeypatch, dtype, rotate, window):
+    """Token-by-token appends of the same dtypes and shapes: after the first, KVCache._append_lean
+    answers (_append_serial is not called again) and the cache holds what one append of all the tokens
+    stores; on that path too a NaN is refused before anything changes, a non-contiguous token is
+    stored like a contiguous one and a full cache refuses."""
+    rng = np.random.default_rng(56)
+    kw = dict(dtype=dtype, window=window, rotate=rotate)
+    k, v = randn(rng, (1, 2, 12, 32), np.float32), randn(rng, (1, 2, 12, 32), np.float32)
+    whole = KVCache(1, 2, 32, 13, **kw)
+    whole.append(k[:, :, :11], v[:, :, :11])
+    steps = KVCache(1, 2, 32, 13, **kw)
+    calls = []
+    real = KVCache._append_serial
+    monkeypatch.setattr(KVCache, "_append_serial", lambda self, *a, **kws: calls.append(1) or real(self, *a, **kws))
+    for t in range(10):
+        steps.append(np.ascontiguousarray(k[:, :, t : t + 1]), np.ascontiguousarray(v[:, :, t : t + 1]))
+    assert len(calls) == 1
+    bad = np.ascontiguousarray(k[:, :, :1]).copy()
+    bad[0, 1, 0, 3] = np.nan
+    before = [np.copy(x) for x in (steps._keys, steps._values)]
+    with pytest.raises(ValueError, match="NaN"):
+        steps.append(bad, np.ascontiguousarray(v[:, :, :1]))
+    assert steps.length == 10 and len(calls) == 1
+    for a, b in zip(before, (steps._keys, steps._values)):
+        np.testing.assert_array_equal(a, b)
+    steps.append(k[:, :, 10:11], v[:, :, 10:11])  # a view: not C-contiguous, the general path stores it
+    for a, b in zip(whole.ordered(), steps.ordered()):
+        a, b = (x.data if isinstance(x, QuantizedTensor) else x for x in (a, b))
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(whole.ordered_positions(), steps.ordered_positions())
+    steps.append(np.ascontiguousarray(k[:, :, 11:]), np.ascontiguousarray(v[:, :, 11:]))
+    if window is None:  # 12 of 13 slots held, then 2 more tokens: full
+        with pytest.raises(ValueError, match="full"):
+            steps.append(np.ascontiguousarray(k[:, :, :2]), np.ascontiguousarray(v[:, :, :2]))
+        assert steps.length == 12
