@@ -325,7 +325,7 @@ class KVCache:
         self._operands = None  # kernel views of the storage, made on first use
         self._writing = None  # the append kernels' views of the storage (``_write_operands``)
         self._serial_plans = {}  # (key dtype, value dtype, check_finite) → ``_serial_plan``
-        self._lean_appends = {}  # (key dtype and shape, value dtype and shape, check_finite) → ``_append_lean``'s plan
+        self._lean_appends = {}  # (key dtype and shape, value dtype and shape, check_finite) → its ``_serial_plan``
         self._float_stores = (_is_float_store(key_fmt), _is_float_store(value_fmt))
         self._attend_fixed = {}  # per (query dtype, head count): what attend's kernel calls share (api._cache_fixed)
         self._lean = {}  # per (query dtype, query shape): api.lean_plan, or False (attend(query) alone)
@@ -766,8 +766,7 @@ class KVCache:
             if T <= LEAN_APPEND_TOKENS:  # later appends like this one take the lean path
                 rotate = self._rotating
                 plan = self._serial_plans[(key.dtype, value.dtype, check_finite, rotate)]
-                lean = (plan, key.dtype == _FLOAT16, value.dtype == _FLOAT16)
-                self._lean_appends[(key.dtype, key.shape, value.dtype, value.shape, check_finite)] = lean
+                self._lean_appends[(key.dtype, key.shape, value.dtype, value.shape, check_finite)] = plan
         else:
             if self.rotate_keys:  # stored rotated (a copy: the caller's arrays are never modified)
                 key = self._rotate_in(key, "key", self._key_rotation, self.key_dtype, check_finite)
@@ -779,23 +778,19 @@ class KVCache:
                 self._append_numpy(key, value, T, check_finite)
         self._length += T
 
-    def _append_lean(self, key, value, lean):
-        """``append`` for arrays of dtypes and shapes an earlier serial append validated (``lean``: its
-        ``_serial_plan`` and whether key and value are float16): the capacity, where the tokens go and the
-        one kernel call that checks, rotates (where the cache does), converts and writes them. False,
-        having changed nothing, where the general path must answer: a full cache, a sink cache's first
-        wrap, arrays that are not C-contiguous."""
+    def _append_lean(self, key, value, plan):
+        """``append`` for arrays of dtypes and shapes an earlier serial append validated (``plan``: its
+        ``_serial_plan``): the capacity, where the tokens go and the one kernel call that checks, rotates
+        (where the cache does), converts and writes them (``_append_serial`` without its plan lookup and
+        sink wrap). False, having changed nothing, where the general path must answer: a full cache, a
+        sink cache's first wrap."""
         T = key.shape[2]
-        if self._length + T > self.capacity or not (key.flags.c_contiguous and value.flags.c_contiguous):
+        if self._length + T > self.capacity:
             return False
-        writes = self._writes(T)
-        if writes[0]:
+        sink, first, slot0 = self._writes(T)
+        if sink:
             return False
-        plan, key_half, value_half = lean
-        rows = (key.view(np.uint16) if key_half else key, value.view(np.uint16) if value_half else value)
-        codes = self._write_rows(plan, rows, writes[2], writes[1])
-        if codes:
-            self._refuse(plan, divmod(codes, 4), (key.dtype, value.dtype))
+        self._write_checked(plan, (_kernel_rows(key), _kernel_rows(value)), slot0, first, (key.dtype, value.dtype))
         self._length += T
         return True
 
@@ -864,9 +859,13 @@ class KVCache:
             # the sink slots take new tokens 0 … sink-1 (once per cache: a copy of those rows is fine)
             self._write_rows(plan, [np.ascontiguousarray(r[:, :, :sink]) for r in rows], self._length, 0)
         # every other append is checked and written in this one call
-        codes = self._write_rows(plan, rows, slot0, first)
+        self._write_checked(plan, rows, slot0, first, (key.dtype, value.dtype))
+
+    def _write_checked(self, plan, rows, slot0, t0, dtypes):
+        """``_write_rows``, then the refusal of the first tensor whose scan refused (nothing written then)."""
+        codes = self._write_rows(plan, rows, slot0, t0)
         if codes:
-            self._refuse(plan, divmod(codes, 4), (key.dtype, value.dtype))
+            self._refuse(plan, divmod(codes, 4), dtypes)
 
     def _write_rows(self, plan, rows, slot0, t0):
         """``append_rows`` on (key rows, value rows) with ``plan`` (``_serial_plan``): token t ≥ t0 to slot

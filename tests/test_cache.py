@@ -653,7 +653,7 @@ def test_decode_step_appends_take_the_lean_path(monkeypatch, dtype, rotate, wind
     assert steps.length == 10 and len(calls) == 1
     for a, b in zip(before, (steps._keys, steps._values)):
         np.testing.assert_array_equal(a, b)
-    steps.append(k[:, :, 10:11], v[:, :, 10:11])  # a view: not C-contiguous, the general path stores it
+    steps.append(k[:, :, 10:11], v[:, :, 10:11])  # a view, not C-contiguous: stored like a contiguous token
     for a, b in zip(whole.ordered(), steps.ordered()):
         a, b = (x.data if isinstance(x, QuantizedTensor) else x for x in (a, b))
         np.testing.assert_array_equal(a, b)
