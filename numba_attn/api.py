@@ -4,8 +4,10 @@ Data flows one way: validate and normalise (``_validate``) → pick a kernel →
 """
 
 import math
+from threading import get_ident
 
 import numpy as np
+from numba.core.typing.typeof import Purpose, typeof
 
 from . import config
 from ._threads import get_num_threads, launch
@@ -27,6 +29,7 @@ from .kernels import decode, prefill
 from .kernels._load import to_float16
 from .kernels._prefill_tiles import W as ROW_TILE
 from .kernels._scores import MASK_NONE
+from .kernels.hadamard import hadamard_rows
 
 __all__ = ["scaled_dot_product_attention", "attention_weights"]
 
@@ -88,24 +91,31 @@ def _score_features(common):
     return None if plain else True
 
 
+def _decode_split(N, L, S, E, Ev, n_work):
+    """(serial, n_split) of a decode call: N·L query rows over S keys in ``n_work`` (KV group, row chunk)
+    pairs. Serial below ``config.SERIAL_BELOW_FLOPS`` / ``DECODE_PARALLEL_SOONER``, else split over the
+    key range for every thread."""
+    if N * L * S * (E + Ev) < config.SERIAL_BELOW_FLOPS // DECODE_PARALLEL_SOONER:
+        return True, 1
+    return False, decode_splits(n_work, S)
+
+
 def _decode_call(operands, common, E, check_finite, out, q_rotation=None, features=False):
     """The decode kernel on ``operands`` (query, key, key scales, key block, value, value scales,
     value block, q_idx, k_idx, v_idx, groups) and ``common`` (S … scale, as ``_run`` passes them to
-    every kernel), into ``out`` (N, L, Ev); returns lse (N, L). Serial below
-    ``config.SERIAL_BELOW_FLOPS`` / ``DECODE_PARALLEL_SOONER``, else split over the key range for every
-    thread. Raises on a non-finite query, score or result when ``check_finite``. ``features``: the
+    every kernel), into ``out`` (N, L, Ev); returns lse (N, L). Serial or split (``_decode_split``).
+    Raises on a non-finite query, score or result when ``check_finite``. ``features``: the
     kernels' ``score_features`` when the caller knows it (None: no mask, ALiBi, soft-cap or window), else
     worked out from ``common``."""
     groups = operands[10]
     N, L, Ev = out.shape
     lse = np.empty((N, L), out.dtype)
-    serial = N * L * common[0] * (E + Ev) < config.SERIAL_BELOW_FLOPS // DECODE_PARALLEL_SOONER
-    n_chunks = -(-(groups.shape[1] * L) // config.DECODE_MAX_ROWS)
-    n_split = 1 if serial else decode_splits(groups.shape[0] * n_chunks, common[0])
-    check = np.empty(groups.shape[0] * n_chunks * n_split, np.int64)
+    n_work = groups.shape[0] * -(-(groups.shape[1] * L) // config.DECODE_MAX_ROWS)
+    serial, n_split = _decode_split(N, L, common[0], E, Ev, n_work)
+    check = np.empty(n_work * n_split, np.int64)
     features = _score_features(common) if features is False else features
     args = operands + common + (config.DECODE_MAX_ROWS, n_split, config.DECODE_BLOCK_K, features, q_rotation)
-    args += (out, lse, check)
+    args += (check.shape[0] if serial else 1, out, lse, check)  # work items per call of the kernel body
     kernel = decode.decode_serial if serial else decode.decode_parallel
     _launch_checked(kernel, serial, args, check, check_finite, common[0])
     return lse
@@ -196,35 +206,89 @@ def lean_plan(cache, q, fixed):
     """What ``attend_lean`` needs for later calls with a query of ``q``'s dtype and shape and no other
     argument (``KVCache.attend`` asks after such a call went through the general path), or None where
     such calls need the general path: a query that is not in the arithmetic's dtype, storage the kernels
-    cannot read in place, sink tokens, rotated values. (fixed, q_rotation, value_dim, no slopes, zero,
-    default scale): the last three in the arithmetic's dtype."""
+    cannot read in place, sink tokens, more query tokens than the decode kernel takes.
+    A tuple: (fixed, q_rotation, v_rotation, the query and result shapes for the kernel, value_dim,
+    n_work, the kernel arguments that stay the same, the unused arguments in the arithmetic's dtype,
+    scratch, entries); v_rotation: the Hadamard block of a cache storing its values rotated (the result
+    is rotated back in place), else 0; scratch: the kernel's lse and check arrays per (thread, n_split),
+    reused; entries: per kernel, its compiled entry point for these calls' argument types
+    (``compiled_entry``)."""
     dtype, result, native = fixed[:3]
-    if q.dtype != dtype or result != dtype or not native or cache.sink_tokens or cache.rotate_values:
+    B, H, L, E = q.shape
+    if q.dtype != dtype or result != dtype or not native or cache.sink_tokens:
+        return None
+    if L > config.DECODE_MAX_QUERY_ROWS:
         return None
     q_rotation = cache._key_rotation if cache._rotating and cache.rotate_keys else None
-    return fixed, q_rotation, cache.value_dim, _NO_SLOPES[dtype], _ZERO[dtype], fixed[6]
+    v_rotation = cache._value_rotation if cache.rotate_values else 0
+    Ev = cache.value_dim
+    groups = fixed[3][9]  # (key … v_block, q_idx, k_idx, v_idx, groups)
+    n_work = groups.shape[0] * -(-(groups.shape[1] * L) // config.DECODE_MAX_ROWS)
+    shapes = ((B * H, L, E), (B * H, L, Ev), (B, H, L, Ev))
+    unused = (_NO_MASK[dtype], fixed[4], MASK_NONE, 0, 0)  # mask, m_idx, mask kind and steps
+    no_features = (_NO_SLOPES[dtype], _NO_SLOPES[dtype], _ZERO[dtype], fixed[6])  # slopes, sinks, softcap, scale
+    return fixed, q_rotation, v_rotation, shapes, Ev, n_work, unused, no_features, {}, {}
+
+
+def compiled_entry(kernel, args):
+    """``kernel``'s compiled entry point for the numba types of ``args``: what a call of the dispatcher
+    ends in, without the dispatcher's typing of every argument on every call (~2 µs of the decode
+    kernel's 33 on Zen 1). Valid only for arguments of exactly those types. ``kernel`` itself where it
+    has none for them (or is not a numba dispatcher: a test's spy)."""
+    overloads = getattr(kernel, "overloads", None)
+    if overloads is None:
+        return kernel
+    cres = overloads.get(tuple(typeof(a, Purpose.argument) for a in args))
+    return kernel if cres is None else cres.entry_point
 
 
 def attend_lean(cache, q, plan, check_finite):
     """``KVCache.attend(q)`` with no other argument, for a query of a dtype and shape the general path
-    has validated on this cache (``plan``: ``lean_plan``): one decode kernel call and little else (a
-    SmolLM2 step: ~10 µs of Python less than the general path). None where the general path must answer:
-    a query that is not C-contiguous, more queries than keys held, a wrapped ring with more than one
-    query (its keys are then out of position order), or too few keys for the decode kernel."""
-    fixed, q_rotation, Ev, no_slopes, zero, scale = plan
-    B, H, L, E = q.shape
+    has validated on this cache (``plan``: ``lean_plan``): one decode kernel call and little else: the
+    kernel's arguments from the plan, its lse and check arrays reused (they are the kernel's scratch:
+    every call writes all of them; one pair per thread, as two threads may run a parallel kernel at
+    once). None where the general path must answer: a query that is not C-contiguous, more queries
+    than keys held, a wrapped ring with more than one query (its keys are then out of position
+    order), or too few keys for the decode kernel."""
+    fixed, q_rotation, v_rotation, shapes, Ev, n_work, unused, no_features, scratch, entries = plan
+    L = shapes[0][1]
     slots = cache._keys.shape[2]
     wrapped = cache._length > slots
     n_valid = slots if wrapped else cache._length
-    if (wrapped and L > 1) or L > n_valid or not q.flags.c_contiguous or not _use_decode(L, n_valid):
+    if (wrapped and L > 1) or L > n_valid or n_valid < config.DECODE_MIN_KEYS:
         return None
-    q3 = q.reshape(B * H, L, E)  # a new view of the caller's array: its flags are ours to set
+    flags = q.flags
+    if not (flags.c_contiguous and flags.aligned):  # (numba types an unaligned array apart)
+        return None
+    q3 = q.reshape(shapes[0])  # a new view of the caller's array: its flags are ours to set
     q3.setflags(write=False)  # one numba type whatever the caller passed
-    res = np.empty((B * H, L, Ev), fixed[0])
-    # no window: a cache's window hides none of the n_valid keys it holds from its newest queries
-    common = _cache_common(fixed, n_valid, L, not wrapped, 0, no_slopes, no_slopes, zero, scale)
-    _decode_call((q3,) + fixed[3], common, E, check_finite, res, q_rotation, features=None)
-    return res.reshape(B, H, L, Ev)
+    res = np.empty(shapes[1], fixed[0])
+    N, _, E = shapes[0]
+    serial, n_split = _decode_split(N, L, n_valid, E, Ev, n_work)
+    key = (get_ident(), n_split)
+    buffers = scratch.get(key)
+    if buffers is None:
+        if len(scratch) > 64:  # threads come and go
+            scratch.clear()
+        buffers = scratch[key] = (np.empty((N, L), fixed[0]), np.empty(n_work * n_split, np.int64))
+    lse, check = buffers
+    # no window: a cache's window hides none of the n_valid keys it holds from its newest queries;
+    # causal bottom-right while the keys are in position order (a wrapped ring's one query sees them all)
+    args = (q3,) + fixed[3] + (n_valid,) + unused + (not wrapped, n_valid - L, 0) + no_features
+    args += (config.DECODE_MAX_ROWS, n_split, config.DECODE_BLOCK_K, None, q_rotation)
+    args += (check.shape[0] if serial else 1, res, lse, check)
+    kernel = decode.decode_serial if serial else decode.decode_parallel
+    entry = entries.get(kernel)
+    # every argument's numba type is fixed by the plan (the query: its dtype, a C-contiguous aligned
+    # read-only view; ints, bools and the plan's arrays otherwise), so the compiled entry point of the
+    # first call serves the next ones
+    _launch_checked(kernel if entry is None else entry, serial, args, check, check_finite, n_valid)
+    if entry is None:
+        entries[kernel] = compiled_entry(kernel, args)
+    if v_rotation:  # values stored rotated: the result back in their own basis (H·out, in place)
+        rows = res.reshape(-1, Ev)
+        hadamard_rows(rows, v_rotation, rows)
+    return res.reshape(shapes[2])
 
 
 def attend_cache(cache, q, scale, window, slopes, sinks, softcap, out, check_finite, q_rotation=None):

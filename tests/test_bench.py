@@ -288,7 +288,7 @@ def test_captured_kernel_call_is_the_kernel_and_restores_the_modules():
 
 def test_call_overhead_and_appends_are_positive_times():
     overhead = bench.call_overhead(64, inner=5, repeats=2)
-    assert set(overhead) == {"attend", "kernel", "beyond_kernel"}
+    assert set(overhead) == {"attend", "kernel", "dispatch", "beyond_kernel"}
     assert overhead["attend"] > 0 and overhead["kernel"] > 0
     assert overhead["beyond_kernel"] == pytest.approx(overhead["attend"] - overhead["kernel"])
     for dtype in bench.FORMATS:

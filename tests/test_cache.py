@@ -487,8 +487,8 @@ def test_attend_into_out(dtype, rotate):
 def test_attend_decode_steps_take_the_lean_path(dtype, rotate, window, L, monkeypatch):
     """Decode steps as a model runs them (append, then attend(q) alone): the first call goes through the
     general path, the later ones with a query of that dtype and shape through api.attend_lean (attend_cache
-    is not called again) unless the cache rotates its values or computes in another dtype than the query's,
-    all with the reference's numbers, across
+    is not called again; a cache that rotates its values rotates the result back there) unless the cache
+    computes in another dtype than the query's, all with the reference's numbers, across
     a ring's wrap; on a wrapped ring a query of L > 1 tokens still gets the general path's refusal."""
     from numba_attn import api
 
@@ -513,7 +513,7 @@ def test_attend_decode_steps_take_the_lean_path(dtype, rotate, window, L, monkey
         np.testing.assert_allclose(out.astype(np.float64), ref, rtol=2e-5, atol=2e-5 * scale)
         answered += 1
     # (a float64 cache computes in float64: a float32 query is converted on the general path)
-    lean = not cache.rotate_values and np.dtype(dtype) != np.float64
+    lean = np.dtype(dtype) != np.float64
     assert len(general) == (1 if lean else answered)
     # a query the lean path does not take (not C-contiguous) and a forgotten cache: the general path answers
     q = randn(rng, (1, 6, 2 * L, 32), np.float32)[:, :, ::2]
@@ -522,6 +522,45 @@ def test_attend_decode_steps_take_the_lean_path(dtype, rotate, window, L, monkey
     cache.reset()
     with pytest.raises(ValueError, match="append the new tokens"):
         cache.attend(np.ascontiguousarray(q))
+
+
+def test_lean_attend_reuses_entry_points_and_scratch_safely(monkeypatch):
+    """Lean calls reuse the plan's compiled entry points and the kernel's lse/check arrays: the numbers stay
+    the reference's when a step turns from serial to parallel (a split key range) and back, every call
+    returns a new array (an earlier result is not overwritten), an unaligned query (numba types it apart)
+    takes the general path with the same numbers, and a non-finite query is still refused."""
+    from numba_attn import api, config
+
+    rng = np.random.default_rng(57)
+    cache = KVCache(1, 2, 32, 400)
+    cache.append(randn(rng, (1, 2, 300, 32)), randn(rng, (1, 2, 300, 32)))
+    general = []
+    real = api.attend_cache
+    monkeypatch.setattr(api, "attend_cache", lambda *a, **k: general.append(1) or real(*a, **k))
+    results = []
+    for serial_below in [config.SERIAL_BELOW_FLOPS, 1, 1, config.SERIAL_BELOW_FLOPS, 1]:
+        monkeypatch.setattr(config, "SERIAL_BELOW_FLOPS", serial_below)  # 1: every call parallel, split
+        cache.append(randn(rng, (1, 2, 1, 32)), randn(rng, (1, 2, 1, 32)))
+        q = randn(rng, (1, 6, 1, 32), np.float32)
+        out = cache.attend(q)
+        keys, values = _content(cache)
+        ref = cache_reference(cache, q, keys, values, is_causal="lower_right", enable_gqa=True)
+        np.testing.assert_allclose(out.astype(np.float64), ref, rtol=2e-5, atol=2e-5)
+        results.append((out, out.copy()))
+    assert len(general) == 1
+    for out, copy in results:
+        np.testing.assert_array_equal(out, copy)
+    plan = cache._lean[(np.dtype(np.float32), (1, 6, 1, 32))]
+    assert len(plan[-1]) == 2  # an entry point for each of the serial and the parallel kernel
+    buffer = bytearray(q.nbytes + 1)
+    unaligned = np.ndarray(q.shape, np.float32, buffer=buffer, offset=1)
+    unaligned[...] = q
+    assert not unaligned.flags.aligned
+    np.testing.assert_array_equal(cache.attend(unaligned), cache.attend(q))
+    assert len(general) == 2
+    q[0, 3, 0, 5] = np.nan
+    with pytest.raises(ValueError, match="query"):
+        cache.attend(q)
 
 
 def test_attend_window_that_hides_no_key_is_no_window():

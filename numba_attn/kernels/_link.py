@@ -11,7 +11,9 @@ instead: the caller's module holds a declaration and a call, nothing else.
     _rows = callee(_rows_body)               # or any @njit dispatcher
     call_rows = shared(_rows, "_rows")
     ...
-    call_rows((a, b, c))       # in a kernel: _rows(a, b, c), not linked in
+    fixed = (a, b, c)          # built once: a tuple increfs the arrays it holds, and drops them
+    for w in prange(n):
+        call_rows(fixed, (w,))  # in a kernel: _rows(a, b, c, w), not linked in
 
 The symbol, ``numba_attn.shared.<module>.<name>.<hash of the argument types>``, is given the
 compiled function's address with ``llvmlite.binding.add_symbol`` when the caller compiles, and
@@ -137,16 +139,20 @@ def callee(fn):
 
 
 def shared(dispatcher, name=None):
-    """An intrinsic ``call(args_tuple)`` that calls ``dispatcher(*args_tuple)`` through its shared symbol
-    (see module doc). ``dispatcher`` must be a module-level global (``name`` in its module, default its
-    ``__name__``) so that a new process can find it."""
+    """An intrinsic ``call(head, tail)`` that calls ``dispatcher(*head, *tail)`` through its shared symbol
+    (see module doc): ``head`` the arguments every call of a loop shares, as one tuple built before the
+    loop (building a tuple increfs each array in it and dropping it decrefs them, two atomic operations
+    per array: built per work item, ~100 of the ~450 such operations that a SmolLM2-sized decode call
+    made, counted in gdb), ``tail`` the few scalars that change (a work item's range). ``dispatcher`` must be a
+    module-level global (``name`` in its module, default its ``__name__``) so that a new process can find
+    it."""
     module = dispatcher.py_func.__module__
     attr = name or dispatcher.py_func.__name__
 
-    def call(typingctx, args):
-        if not isinstance(args, types.BaseTuple):
+    def call(typingctx, head, tail):
+        if not isinstance(head, types.BaseTuple) or not isinstance(tail, types.BaseTuple):
             return None
-        argtypes = tuple(args)
+        argtypes = tuple(head) + tuple(tail)
         restype = dispatcher.get_call_template(argtypes, {})[0].cases[0].return_type
 
         def codegen(context, builder, signature, llargs):
@@ -155,13 +161,14 @@ def shared(dispatcher, name=None):
             context.active_code_library._reload_init.add(functools.partial(_reload, module, attr, argtypes))
             fnty = context.call_conv.get_function_type(cres.signature.return_type, argtypes)
             fn = cgutils.get_or_insert_function(builder.module, fnty, symbol)
-            values = cgutils.unpack_tuple(builder, llargs[0], len(argtypes))
+            values = cgutils.unpack_tuple(builder, llargs[0], len(head))
+            values += cgutils.unpack_tuple(builder, llargs[1], len(tail))
             status, res = context.call_conv.call_function(builder, fn, cres.signature.return_type, argtypes, values)
             with cgutils.if_unlikely(builder, status.is_error):
                 context.call_conv.return_status_propagate(builder, status)
             return res
 
-        return restype(args), codegen
+        return restype(head, tail), codegen
 
     call.__name__ = f"call_{attr}"
     call.__qualname__ = call.__name__

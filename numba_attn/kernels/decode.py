@@ -168,37 +168,6 @@ def nonfinite_sum(acc):
     return total
 
 
-@njit(fastmath=config.FASTMATH, cache=config.CACHE, inline="always")
-def merge_parts(part_acc, part_m, part_l, g, r, orow, has_sink, sink):
-    """orow = Σ_s acc_s·exp(m_s - M) / l for row r of KV group g over the key parts s with l_s > 0, where
-    M = max_s m_s and l = Σ_s l_s·exp(m_s - M); returns lse = M + log l (zeros and -inf if no part
-    saw a visible key). ``has_sink``: the sink logit joins as one more part with l = 1 at m = sink and
-    no value (``_scores.add_sink``): M ≥ sink, l gains exp(sink - M), a row without visible keys gets
-    zeros and lse = sink."""
-    n_split = part_m.shape[1]
-    zero = orow.dtype.type(0)
-    big = orow.dtype.type(-np.inf)
-    for sp in range(n_split):
-        big = max(big, part_m[g, sp, r])
-    total = zero
-    for sp in range(n_split):
-        if part_l[g, sp, r] > 0:
-            total += part_l[g, sp, r] * fast_exp(part_m[g, sp, r] - big)
-    if has_sink:
-        big, total, _ = add_sink(big, total, sink)
-    for e in range(orow.shape[0]):
-        orow[e] = zero
-    if total > 0:
-        for sp in range(n_split):
-            if part_l[g, sp, r] > 0:
-                wgt = fast_exp(part_m[g, sp, r] - big) / total
-                prow = part_acc[g, sp, r]
-                for e in range(orow.shape[0]):
-                    orow[e] += wgt * prow[e]
-        return big + math.log(total)
-    return orow.dtype.type(-np.inf)
-
-
 def _decode_body(
     q,
     k,
@@ -276,6 +245,14 @@ def _decode_body(
     kv_begin, kv_end = visible_key_range(0, L, S, is_causal, pos_offset, window)
     span = kv_end - kv_begin
     split_len = (span + n_split - 1) // n_split if span > 0 else 0
+    # the items' scratch, allocated once per call (the serial build runs every item in one call): each
+    # item views its first nr rows (C-contiguous) and resets them
+    rc = min(R, row_chunk)
+    qs_all = np.empty((rc, E), dt)
+    acc_all = np.empty((rc, Ev), dt)
+    m_all = np.empty(rc, dt)
+    l_all = np.empty(rc, dt)
+    s_all = np.empty((rc, block_k), dt)
     for w in range(w_begin, w_end):
         g = w // (n_chunks * n_split)
         r0 = ((w // n_split) % n_chunks) * row_chunk
@@ -290,15 +267,20 @@ def _decode_body(
         vn = v[v_idx[n0]]
         ksn = k_scales[k_idx[n0] if k_block > 0 else 0]
         vsn = v_scales[v_idx[n0] if v_block > 0 else 0]
-        qs = np.empty((nr, E), dt)
+        qs = qs_all[:nr]
         q_chk = load_query_rows(q, q_idx, groups[g], r0, nr, L, scale, q_rotation, qs)
         # this item's running state, private until the end: part_m/part_l hold one float per row, so
         # the rows of items on different threads share cache lines, and writing them once per key
         # block made the threads fight over those lines (false sharing)
-        acc = np.zeros((nr, Ev), dt)
-        m = np.full(nr, neg_inf, dt)
-        l = np.zeros(nr, dt)
-        s = np.empty((nr, block_k), dt)
+        acc = acc_all[:nr]
+        m = m_all[:nr]
+        l = l_all[:nr]
+        s = s_all[:nr]
+        for r in range(nr):
+            m[r] = neg_inf
+            l[r] = zero
+            for e in range(Ev):
+                acc[r, e] = zero
         n_bad = 0
         for j0 in range(j_begin, j_end, block_k):
             nk = min(block_k, j_end - j0)
@@ -334,9 +316,8 @@ def _decode_body(
         for r in range(nr):
             part_m[g, sp, r0 + r] = m[r]
             part_l[g, sp, r0 + r] = l[r]
-            prow = part_acc[g, sp, r0 + r]
             for e in range(Ev):
-                prow[e] = acc[r, e]
+                part_acc[g, sp, r0 + r, e] = acc[r, e]
         check[w] = n_bad + (0 if q_chk == zero else 1) + (0 if nonfinite_sum(acc) == zero else 1)
 
 
@@ -346,12 +327,26 @@ _call_decode_items = shared(_decode_items, "_decode_items")
 
 @callee
 def _decode_merge(groups, L, sinks, part_acc, part_m, part_l, out, lse, check):
-    """out and lse of every row from the parts of ``_decode_body`` (see ``merge_parts``); adds to
-    ``check[0]`` how many result rows are not finite."""
+    """out and lse of every row from the parts of ``_decode_body``; adds to ``check[0]`` how many result
+    rows are not finite. Row r of KV group g (query position i of batch entry n) over the key parts s
+    with l_s > 0:
+
+        M = max_s m_s,   l = Σ_s l_s·exp(m_s - M),   out[n, i] = Σ_s acc_s·exp(m_s - M) / l,
+        lse = M + log l
+
+    (zeros and lse = -inf if no part saw a visible key). With ``sinks``, the row's sink logit joins as
+    one more part with l = 1 at m = sink and no value (``_scores.add_sink``): M ≥ sink, l gains
+    exp(sink - M), a row without visible keys gets zeros and lse = sink.
+
+    Written as one loop that indexes out and the parts in place: a row view, or an inlined helper
+    taking the four arrays, costs two atomic reference-count operations (numba's NRT) per array and row,
+    which a small decode call felt (~0.1 µs a row on Zen 1)."""
     G, gsize = groups.shape
     R = gsize * L
+    n_split = part_m.shape[1]
     Ev = out.shape[2]
     zero = out.dtype.type(0)
+    neg_inf = out.dtype.type(-np.inf)
     has_sink = sinks.shape[0] > 0
     # exact merge of the parts, on the calling thread: G·R·n_split·Ev multiply-adds, too few to pay
     # for a second parallel region (a call is one parallel launch), and the result's finite check
@@ -362,11 +357,28 @@ def _decode_merge(groups, L, sinks, part_acc, part_m, part_l, out, lse, check):
         r = t % R
         n = groups[g, r // L]
         i = r % L
-        orow = out[n, i]
-        lse[n, i] = merge_parts(part_acc, part_m, part_l, g, r, orow, has_sink, sinks[n] if has_sink else zero)
+        big = neg_inf
+        for sp in range(n_split):
+            big = max(big, part_m[g, sp, r])
+        total = zero
+        for sp in range(n_split):
+            if part_l[g, sp, r] > 0:
+                total += part_l[g, sp, r] * fast_exp(part_m[g, sp, r] - big)
+        if has_sink:
+            big, total, _ = add_sink(big, total, sinks[n])
+        for e in range(Ev):
+            out[n, i, e] = zero
+        lse[n, i] = neg_inf
+        if total > 0:
+            for sp in range(n_split):
+                if part_l[g, sp, r] > 0:
+                    wgt = fast_exp(part_m[g, sp, r] - big) / total
+                    for e in range(Ev):
+                        out[n, i, e] += wgt * part_acc[g, sp, r, e]
+            lse[n, i] = big + math.log(total)
         c = zero
         for e in range(Ev):
-            c += orow[e] * zero
+            c += out[n, i, e] * zero
         bad_results += 0 if c == zero else 1
     check[0] += bad_results
 
@@ -404,14 +416,18 @@ def _decode_launch(
     block_k,
     score_features,
     q_rotation,
+    items_per_call,
     out,
     lse,
     check,
 ):
     """The decode kernel: ``_decode_body`` over every work item, one ``prange`` step each, then
     ``_decode_merge``. Both are compiled once and called, not inlined or linked, by the parallel
-    and the serial build (``_link.shared``): see ``prefill._prefill_launch``. Every work item writes
-    all of its parts' rows, so the parts need no initial values. Returns how many entries of ``check``
+    and the serial build (``_link.shared``): see ``prefill._prefill_launch``. ``items_per_call``: work
+    items per call of the body, 1 for the parallel build (one ``prange`` step each), all of them for the
+    serial one (one call, one set of scratch arrays: a small decode step has a few work items of a
+    few microseconds each). Every work item writes all of its parts' rows, so the parts need no
+    initial values. Returns how many entries of ``check``
     are not 0 (the caller raises when one is; no numpy call after the kernel)."""
     _, L, Ev = out.shape
     G, gsize = groups.shape
@@ -420,50 +436,48 @@ def _decode_launch(
     part_acc = np.empty((G, n_split, R, Ev), out.dtype)
     part_m = np.empty((G, n_split, R), out.dtype)
     part_l = np.empty((G, n_split, R), out.dtype)
-    for w in prange(n_items):
-        item = np.int64(w)  # the parallel build's index is unsigned: one signature for both builds
-        _call_decode_items(
-            (
-                q,
-                k,
-                k_scales,
-                k_block,
-                v,
-                v_scales,
-                v_block,
-                q_idx,
-                k_idx,
-                v_idx,
-                groups,
-                kv_len,
-                mask,
-                m_idx,
-                mask_kind,
-                mask_li,
-                mask_sj,
-                is_causal,
-                pos_offset,
-                window,
-                slopes,
-                sinks,
-                softcap,
-                scale,
-                row_chunk,
-                n_split,
-                block_k,
-                score_features,
-                q_rotation,
-                out,
-                lse,
-                check,
-                part_acc,
-                part_m,
-                part_l,
-                item,
-                item + 1,
-            )
-        )
-    _call_decode_merge((groups, L, sinks, part_acc, part_m, part_l, out, lse, check))
+    fixed = (
+        q,
+        k,
+        k_scales,
+        k_block,
+        v,
+        v_scales,
+        v_block,
+        q_idx,
+        k_idx,
+        v_idx,
+        groups,
+        kv_len,
+        mask,
+        m_idx,
+        mask_kind,
+        mask_li,
+        mask_sj,
+        is_causal,
+        pos_offset,
+        window,
+        slopes,
+        sinks,
+        softcap,
+        scale,
+        row_chunk,
+        n_split,
+        block_k,
+        score_features,
+        q_rotation,
+        out,
+        lse,
+        check,
+        part_acc,
+        part_m,
+        part_l,
+    )
+    n_calls = (n_items + items_per_call - 1) // items_per_call
+    for c in prange(n_calls):
+        w0 = np.int64(c) * items_per_call  # the parallel build's index is unsigned: one signature for both builds
+        _call_decode_items(fixed, (w0, min(w0 + items_per_call, n_items)))
+    _call_decode_merge((groups, L, sinks, part_acc, part_m, part_l, out, lse, check), ())
     return count_flagged(check)
 
 

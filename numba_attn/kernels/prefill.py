@@ -658,44 +658,41 @@ def _prefill_launch(
     """
     N, L, _ = out.shape
     n_items = N * ((L + block_q - 1) // block_q)
+    fixed = (
+        q,
+        k,
+        k_scales,
+        k_block,
+        v,
+        v_scales,
+        v_block,
+        q_idx,
+        k_idx,
+        v_idx,
+        kv_len,
+        mask,
+        m_idx,
+        mask_kind,
+        mask_li,
+        mask_sj,
+        is_causal,
+        pos_offset,
+        window,
+        slopes,
+        sinks,
+        softcap,
+        scale,
+        block_q,
+        block_k,
+        check_finite,
+        score_features,
+        out,
+        lse,
+        check,
+    )
     for w in prange(n_items):
         item = np.int64(w)  # the parallel build's index is unsigned: one signature for both builds
-        _call_prefill_items(
-            (
-                q,
-                k,
-                k_scales,
-                k_block,
-                v,
-                v_scales,
-                v_block,
-                q_idx,
-                k_idx,
-                v_idx,
-                kv_len,
-                mask,
-                m_idx,
-                mask_kind,
-                mask_li,
-                mask_sj,
-                is_causal,
-                pos_offset,
-                window,
-                slopes,
-                sinks,
-                softcap,
-                scale,
-                block_q,
-                block_k,
-                check_finite,
-                score_features,
-                out,
-                lse,
-                check,
-                item,
-                item + 1,
-            )
-        )
+        _call_prefill_items(fixed, (item, item + 1))
     return count_flagged(check)
 
 

@@ -243,36 +243,33 @@ def _varlen_launch(
     check,
 ):
     """The varlen kernel: ``_varlen_body`` for each bin, one ``prange`` step each (see ``prefill._prefill_launch``)."""
+    fixed = (
+        q,
+        k,
+        v,
+        cu_q,
+        cu_k,
+        items,
+        bin_start,
+        group,
+        is_causal,
+        upper_left,
+        window,
+        slopes,
+        sinks,
+        softcap,
+        scale,
+        block_q,
+        block_k,
+        row_tile,
+        check_finite,
+        out,
+        lse,
+        check,
+    )
     for w in prange(bin_start.shape[0] - 1):
         b = np.int64(w)  # the parallel build's index is unsigned: one signature for both builds
-        _call_varlen_items(
-            (
-                q,
-                k,
-                v,
-                cu_q,
-                cu_k,
-                items,
-                bin_start,
-                group,
-                is_causal,
-                upper_left,
-                window,
-                slopes,
-                sinks,
-                softcap,
-                scale,
-                block_q,
-                block_k,
-                row_tile,
-                check_finite,
-                out,
-                lse,
-                check,
-                b,
-                b + 1,
-            )
-        )
+        _call_varlen_items(fixed, (b, b + 1))
 
 
 varlen_parallel = njit(parallel=True, fastmath=config.FASTMATH, error_model=config.ERROR_MODEL, cache=config.CACHE)(
