@@ -114,11 +114,19 @@ def _decode_call(operands, common, E, check_finite, out, q_rotation=None, featur
     serial, n_split = _decode_split(N, L, common[0], E, Ev, n_work)
     check = np.empty(n_work * n_split, np.int64)
     features = _score_features(common) if features is False else features
-    args = operands + common + (config.DECODE_MAX_ROWS, n_split, config.DECODE_BLOCK_K, features, q_rotation)
-    args += (check.shape[0] if serial else 1, out, lse, check)  # work items per call of the kernel body
+    args = _decode_args(operands, common, serial, n_split, features, q_rotation, out, lse, check)
     kernel = decode.decode_serial if serial else decode.decode_parallel
     _launch_checked(kernel, serial, args, check, check_finite, common[0])
     return lse
+
+
+def _decode_args(operands, common, serial, n_split, features, q_rotation, out, lse, check):
+    """The decode kernel's arguments, in its order: ``operands`` and ``common`` (see ``_decode_call``), its
+    block sizes, ``features`` and ``q_rotation``, the work items per call of its body (all of them
+    serial, else one), then ``out``, ``lse`` and ``check``."""
+    items = check.shape[0] if serial else 1
+    blocks = (config.DECODE_MAX_ROWS, n_split, config.DECODE_BLOCK_K, features, q_rotation, items, out, lse, check)
+    return operands + common + blocks
 
 
 def _prefill_call(operands, common, E, check_finite, out):
@@ -197,9 +205,9 @@ def _cache_common(fixed, n_valid, L, in_order, window, slopes, sinks, softcap, s
     """The kernels' ``common`` arguments (as ``_run`` passes them) for L queries, the newest L positions,
     over a cache's n_valid keys in storage (``fixed``: ``_cache_fixed``): no mask, causal bottom-right
     when the keys are in position order (a wrapped ring's one query sees every key held)."""
-    dtype, m_idx = fixed[0], fixed[4]
-    positions = (in_order, n_valid - L, window)  # is_causal, pos_offset, window
-    return (n_valid, _NO_MASK[dtype], m_idx, MASK_NONE, 0, 0) + positions + (slopes, sinks, softcap, scale)
+    # S, mask, m_idx, mask kind and steps; is_causal, pos_offset, window; the per-head features
+    no_mask = _NO_MASK[fixed[0]]
+    return (n_valid, no_mask, fixed[4], MASK_NONE, 0, 0, in_order, n_valid - L, window, slopes, sinks, softcap, scale)
 
 
 def lean_plan(cache, q, fixed):
@@ -208,11 +216,10 @@ def lean_plan(cache, q, fixed):
     such calls need the general path: a query that is not in the arithmetic's dtype, storage the kernels
     cannot read in place, sink tokens, more query tokens than the decode kernel takes.
     A tuple: (fixed, q_rotation, v_rotation, the query and result shapes for the kernel, value_dim,
-    n_work, the kernel arguments that stay the same, the unused arguments in the arithmetic's dtype,
-    scratch, entries); v_rotation: the Hadamard block of a cache storing its values rotated (the result
-    is rotated back in place), else 0; scratch: the kernel's lse and check arrays per (thread, n_split),
-    reused; entries: per kernel, its compiled entry point for these calls' argument types
-    (``compiled_entry``)."""
+    n_work, the unused arguments in the arithmetic's dtype, scratch, entries); v_rotation: the Hadamard
+    block of a cache storing its values rotated (the result is rotated back in place), else 0; scratch:
+    the kernel's lse and check arrays per (thread, n_split), reused; entries: per kernel, its compiled
+    entry point for these calls' argument types (``compiled_entry``)."""
     dtype, result, native = fixed[:3]
     B, H, L, E = q.shape
     if q.dtype != dtype or result != dtype or not native or cache.sink_tokens:
@@ -225,9 +232,8 @@ def lean_plan(cache, q, fixed):
     groups = fixed[3][9]  # (key … v_block, q_idx, k_idx, v_idx, groups)
     n_work = groups.shape[0] * -(-(groups.shape[1] * L) // config.DECODE_MAX_ROWS)
     shapes = ((B * H, L, E), (B * H, L, Ev), (B, H, L, Ev))
-    unused = (_NO_MASK[dtype], fixed[4], MASK_NONE, 0, 0)  # mask, m_idx, mask kind and steps
     no_features = (_NO_SLOPES[dtype], _NO_SLOPES[dtype], _ZERO[dtype], fixed[6])  # slopes, sinks, softcap, scale
-    return fixed, q_rotation, v_rotation, shapes, Ev, n_work, unused, no_features, {}, {}
+    return fixed, q_rotation, v_rotation, shapes, Ev, n_work, no_features, {}, {}
 
 
 def compiled_entry(kernel, args):
@@ -250,7 +256,7 @@ def attend_lean(cache, q, plan, check_finite):
     once). None where the general path must answer: a query that is not C-contiguous, more queries
     than keys held, a wrapped ring with more than one query (its keys are then out of position
     order), or too few keys for the decode kernel."""
-    fixed, q_rotation, v_rotation, shapes, Ev, n_work, unused, no_features, scratch, entries = plan
+    fixed, q_rotation, v_rotation, shapes, Ev, n_work, no_features, scratch, entries = plan
     L = shapes[0][1]
     slots = cache._keys.shape[2]
     wrapped = cache._length > slots
@@ -272,11 +278,9 @@ def attend_lean(cache, q, plan, check_finite):
             scratch.clear()
         buffers = scratch[key] = (np.empty((N, L), fixed[0]), np.empty(n_work * n_split, np.int64))
     lse, check = buffers
-    # no window: a cache's window hides none of the n_valid keys it holds from its newest queries;
-    # causal bottom-right while the keys are in position order (a wrapped ring's one query sees them all)
-    args = (q3,) + fixed[3] + (n_valid,) + unused + (not wrapped, n_valid - L, 0) + no_features
-    args += (config.DECODE_MAX_ROWS, n_split, config.DECODE_BLOCK_K, None, q_rotation)
-    args += (check.shape[0] if serial else 1, res, lse, check)
+    # no window: a cache's window hides none of the n_valid keys it holds from its newest queries
+    common = _cache_common(fixed, n_valid, L, not wrapped, 0, *no_features)
+    args = _decode_args((q3,) + fixed[3], common, serial, n_split, None, q_rotation, res, lse, check)
     kernel = decode.decode_serial if serial else decode.decode_parallel
     entry = entries.get(kernel)
     # every argument's numba type is fixed by the plan (the query: its dtype, a C-contiguous aligned
