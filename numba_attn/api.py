@@ -100,6 +100,11 @@ def _decode_split(N, L, S, E, Ev, n_work):
     return False, decode_splits(n_work, S)
 
 
+def _decode_work(groups, L):
+    """(KV group, row chunk) pairs of a decode call with ``groups`` (G, g) and L query rows per head."""
+    return groups.shape[0] * -(-(groups.shape[1] * L) // config.DECODE_MAX_ROWS)
+
+
 def _decode_call(operands, common, E, check_finite, out, q_rotation=None, features=False):
     """The decode kernel on ``operands`` (query, key, key scales, key block, value, value scales,
     value block, q_idx, k_idx, v_idx, groups) and ``common`` (S … scale, as ``_run`` passes them to
@@ -110,7 +115,7 @@ def _decode_call(operands, common, E, check_finite, out, q_rotation=None, featur
     groups = operands[10]
     N, L, Ev = out.shape
     lse = np.empty((N, L), out.dtype)
-    n_work = groups.shape[0] * -(-(groups.shape[1] * L) // config.DECODE_MAX_ROWS)
+    n_work = _decode_work(groups, L)
     serial, n_split = _decode_split(N, L, common[0], E, Ev, n_work)
     check = np.empty(n_work * n_split, np.int64)
     features = _score_features(common) if features is False else features
@@ -214,7 +219,8 @@ def lean_plan(cache, q, fixed):
     """What ``attend_lean`` needs for later calls with a query of ``q``'s dtype and shape and no other
     argument (``KVCache.attend`` asks after such a call went through the general path), or None where
     such calls need the general path: a query that is not in the arithmetic's dtype, storage the kernels
-    cannot read in place, sink tokens, more query tokens than the decode kernel takes.
+    cannot read in place, sink tokens (``KVCache.attend`` asks only for queries of at most
+    ``config.DECODE_MAX_QUERY_ROWS`` tokens).
     A tuple: (fixed, q_rotation, v_rotation, the query and result shapes for the kernel, value_dim,
     n_work, the unused arguments in the arithmetic's dtype, scratch, entries); v_rotation: the Hadamard
     block of a cache storing its values rotated (the result is rotated back in place), else 0; scratch:
@@ -224,13 +230,10 @@ def lean_plan(cache, q, fixed):
     B, H, L, E = q.shape
     if q.dtype != dtype or result != dtype or not native or cache.sink_tokens:
         return None
-    if L > config.DECODE_MAX_QUERY_ROWS:
-        return None
     q_rotation = cache._key_rotation if cache._rotating and cache.rotate_keys else None
     v_rotation = cache._value_rotation if cache.rotate_values else 0
     Ev = cache.value_dim
-    groups = fixed[3][9]  # (key … v_block, q_idx, k_idx, v_idx, groups)
-    n_work = groups.shape[0] * -(-(groups.shape[1] * L) // config.DECODE_MAX_ROWS)
+    n_work = _decode_work(fixed[3][9], L)  # (key … v_block, q_idx, k_idx, v_idx, groups)
     shapes = ((B * H, L, E), (B * H, L, Ev), (B, H, L, Ev))
     no_features = (_NO_SLOPES[dtype], _NO_SLOPES[dtype], _ZERO[dtype], fixed[6])  # slopes, sinks, softcap, scale
     return fixed, q_rotation, v_rotation, shapes, Ev, n_work, no_features, {}, {}
@@ -261,7 +264,7 @@ def attend_lean(cache, q, plan, check_finite):
     slots = cache._keys.shape[2]
     wrapped = cache._length > slots
     n_valid = slots if wrapped else cache._length
-    if (wrapped and L > 1) or L > n_valid or n_valid < config.DECODE_MIN_KEYS:
+    if (wrapped and L > 1) or L > n_valid or not _use_decode(L, n_valid):
         return None
     flags = q.flags
     if not (flags.c_contiguous and flags.aligned):  # (numba types an unaligned array apart)

@@ -246,7 +246,7 @@ def _decode_body(
     span = kv_end - kv_begin
     split_len = (span + n_split - 1) // n_split if span > 0 else 0
     # the items' scratch, allocated once per call (the serial build runs every item in one call): each
-    # item views its first nr rows (C-contiguous) and resets them
+    # item views its first nr rows (C-contiguous) and resets its running state (m, l, acc) below
     rc = min(R, row_chunk)
     qs_all = np.empty((rc, E), dt)
     acc_all = np.empty((rc, Ev), dt)
