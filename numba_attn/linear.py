@@ -105,9 +105,11 @@ def _quantize_panels(w32, K_pad, P):
 
 
 def _quantize_panels_int4(w32, K_pad, P):
-    """float32 (K, N) → int4 panels (P, K_pad/2, 64) uint8, byte [i, t] = q[2i, t] | q[2i+1, t] << 4, and
-    float16-bit (scale, offset) pairs (P, K_pad/32, 2, 64): per block, s = float16((max − min) / 15),
-    m = float16(min), q = clip(rint((W − m) / s), 0, 15)."""
+    """float32 (K, N) → int4 panels (P, K_pad/4, 64, 2) uint8, byte [g, t, h] = q[4g + h, t] | q[4g + 2 + h, t] << 4
+    (the low nibbles of an output's two bytes are the pair of inputs 4g, 4g+1, the high ones 4g+2, 4g+3:
+    the operand order of ``madd_nibble_quads_into``), and float16-bit (scale, offset) pairs
+    (P, K_pad/32, 2, 64): per block, s = float16((max − min) / 15), m = float16(min),
+    q = clip(rint((W − m) / s), 0, 15)."""
     blocks = _panels(w32, K_pad, P).reshape(P, K_pad // _k.BLOCK, _k.BLOCK, _k.PANEL)
     lo, hi = blocks.min(axis=2), blocks.max(axis=2)  # (P, nb, 64)
     step = to_float16(((hi - lo) / np.float32(15)).astype(np.float32))
@@ -115,8 +117,8 @@ def _quantize_panels_int4(w32, K_pad, P):
     s4 = step.astype(np.float32)[:, :, None, :]
     m4 = low.astype(np.float32)[:, :, None, :]
     ratio = np.divide(blocks - m4, s4, out=np.zeros_like(blocks), where=s4 > 0)
-    q = np.clip(np.rint(ratio), 0, 15).astype(np.uint8).reshape(P, K_pad // 2, 2, _k.PANEL)
-    packed = q[:, :, 0, :] | (q[:, :, 1, :] << np.uint8(4))
+    q = np.clip(np.rint(ratio), 0, 15).astype(np.uint8).reshape(P, K_pad // 4, 4, _k.PANEL)
+    packed = (q[:, :, 0:2, :] | (q[:, :, 2:4, :] << np.uint8(4))).transpose(0, 1, 3, 2)
     pairs = np.stack([step, low], axis=2).view(np.uint16)
     return np.ascontiguousarray(packed), np.ascontiguousarray(pairs)
 
@@ -211,9 +213,9 @@ class LinearWeight:
     def _codes(self):
         """int8 / int4 storage: the codes q as (P, K_pad, 64) panels (the pairs of inputs taken apart)."""
         if self.dtype == "int4":
-            P, half, T = self._weights.shape
-            pairs = np.stack([self._weights & np.uint8(15), self._weights >> np.uint8(4)], axis=2)
-            return pairs.reshape(P, 2 * half, T)
+            P, quarter, T, _ = self._weights.shape
+            bytes_ = self._weights.transpose(0, 1, 3, 2)  # (P, K_pad/4, 2, 64): [g, h] holds inputs 4g+h, 4g+2+h
+            return np.concatenate([bytes_ & np.uint8(15), bytes_ >> np.uint8(4)], axis=2).reshape(P, 4 * quarter, T)
         P, half, T, _ = self._weights.shape
         return self._weights.transpose(0, 1, 3, 2).reshape(P, 2 * half, T)
 

@@ -18,7 +18,6 @@ from numba import njit, types
 
 from numba_attn import config
 from numba_attn.kernels import _vector_ir
-from numba_attn.kernels import linear as linear_kernels
 from numba_attn.kernels._decode_tiles import (
     FOUR_ROW_VECTORS,
     key_scores,
@@ -123,8 +122,8 @@ def gemv_int8_block(q, x, out, steps):  # one int8 GEMV panel: 64 outputs += Σ 
 
 
 @njit
-def gemv_int4_unpack(q4, pairs):  # one int4 GEMV block: 1024 bytes of nibbles → 2048 int8 codes in input pairs
-    linear_kernels._unpack_nibbles(q4, 0, pairs)
+def gemv_int4_block(q4, x, out, steps):  # one int4 GEMV panel: 64 outputs += Σ quads of 4-bit codes × int16
+    _vector_ir.madd_nibble_quads_into(q4, 0, 128, x, 0, steps, out, 0, 64)
 
 
 F32_2D, U16_2D, I8_2D = types.float32[:, ::1], types.uint16[:, ::1], types.int8[:, ::1]
@@ -161,7 +160,7 @@ PROBES = {
     "float16 load + dot": (f16_dot, (types.float32[::1], types.uint16[::1])),
     "int8 dot": (i8_dot, (types.int8[::1], types.int8[::1])),
     "int8 gemv pairs": (gemv_int8_block, (types.int8[::1], types.int16[::1], types.int32[::1], types.int64)),
-    "int4 gemv unpack": (gemv_int4_unpack, (types.uint8[::1], types.int8[::1])),
+    "int4 gemv quads": (gemv_int4_block, (types.uint8[::1], types.int16[::1], types.int32[::1], types.int64)),
 }
 
 

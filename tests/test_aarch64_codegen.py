@@ -58,12 +58,15 @@ def test_int8_gemv_pairs_accumulate_with_smlal(asm_counts, cpu):
 
 
 @pytest.mark.parametrize("cpu", ["cortex-a76", "cortex-a72"])
-def test_int4_gemv_unpacks_nibbles_with_vector_shifts(asm_counts, cpu):
-    """The int4 GEMV's unpacking of a block (``unpack_nibble_pairs_into``) is vector code: and/ushr on
-    16-byte registers and interleaving stores (st2 or zip), not a byte loop (ldrb/strb)."""
-    ops = asm_counts["int4 gemv unpack"][cpu]
-    assert ops.get("ushr", 0) > 0 and ops.get("st2", 0) + ops.get("zip1", 0) + ops.get("zip2", 0) > 0, ops
+def test_int4_gemv_takes_nibbles_apart_in_registers(asm_counts, cpu):
+    """The int4 GEMV's products (``madd_nibble_quads_into``, generic IR on aarch64) take the 4-bit codes
+    apart with vector and/shift (no byte loop: no ldrb/strb) and accumulate with widening
+    multiply-adds in registers: nothing spilled, no float conversion per weight."""
+    ops = asm_counts["int4 gemv quads"][cpu]
+    assert ops.get("ushr", 0) + ops.get("ushll", 0) + ops.get("ushll2", 0) > 0, ops
+    assert ops.get("smlal", 0) + ops.get("smlal2", 0) + ops.get("mla", 0) >= 16, ops
     assert "ldrb" not in ops and "strb" not in ops and ops["vector spills"] == 0, ops
+    assert "scvtf" not in ops and "fmla" not in ops, ops
 
 
 @pytest.mark.parametrize("probe", ["prefill tile", "decode scores float16", "decode values int8"])

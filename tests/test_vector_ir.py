@@ -186,32 +186,6 @@ def test_load_nibbles_into_matches_loop(width, high, src_off, dst_off, extra, se
     np.testing.assert_array_equal(out, expected)
 
 
-@njit
-def _unpack_nibble_pairs_into(src, src_off, dst, dst_off, width):
-    vir.unpack_nibble_pairs_into(src, src_off, dst, dst_off, literally(width))
-
-
-@given(
-    width=st.sampled_from(WIDTHS + (32,)),
-    dtype=st.sampled_from([np.int8, np.int16]),
-    src_off=st.integers(0, 9),
-    dst_off=st.integers(0, 9),
-    extra=st.integers(0, 5),
-    seed=st.integers(0, 2**32 - 1),
-)
-@EXAMPLES
-def test_unpack_nibble_pairs_into_matches_loop(width, dtype, src_off, dst_off, extra, seed):
-    rng = np.random.default_rng(seed)
-    src = rng.integers(0, 256, src_off + width + extra).astype(np.uint8)
-    out = rng.integers(-100, 100, dst_off + 2 * width + extra).astype(dtype)
-    expected = out.copy()
-    vir.unpack_nibble_pairs_into_loop(src, src_off, expected, dst_off, width)
-    _unpack_nibble_pairs_into(src, src_off, out, dst_off, width)
-    np.testing.assert_array_equal(out, expected)  # the lanes around the codes untouched too
-    codes = np.stack([src & 15, src >> 4], axis=1).reshape(-1)[2 * src_off : 2 * (src_off + width)]
-    np.testing.assert_array_equal(out[dst_off : dst_off + 2 * width], codes)
-
-
 @pytest.mark.parametrize("width", WIDTHS)
 def test_load_float32_converts_every_float16_bit_pattern_as_numpy(width):
     bits = np.arange(2**16, dtype=np.uint16)
@@ -459,6 +433,61 @@ def test_madd_pairs_into_matches_loop(kind, q_dtype, width, steps, q_off, x_half
         assert int(expected[out_off + lane]) == total
 
 
+def _nibble_driver():
+    """A fresh @njit driver of madd_nibble_quads_into (compiled, so ``vir.MADD_KIND`` read, at its first call)."""
+
+    @njit
+    def driver(q, q_off, q_step, x, x_off, steps, out, out_off, width):
+        vir.madd_nibble_quads_into(q, q_off, q_step, x, x_off, steps, out, out_off, literally(width))
+
+    return driver
+
+
+@pytest.mark.parametrize("kind", _madd_kinds())
+@given(
+    width=st.sampled_from([8, 16, 64]),
+    steps=st.integers(0, 20),
+    q_off=st.integers(0, 9),
+    x_quad=st.integers(0, 3),
+    out_off=st.integers(0, 5),
+    pad=st.integers(0, 3),
+    extreme=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+@EXAMPLES
+def test_madd_nibble_quads_into_matches_loop(kind, width, steps, q_off, x_quad, out_off, pad, extreme, seed):
+    """4-bit codes, four inputs in the nibbles of an output's two bytes, times int16 activations, summed into
+    int32 lanes: exact integers, equal to the twin bit for bit for each way ``multiply_add_pairs`` can be
+    emitted here, and the twin equal to numpy's int64 sums of the codes taken apart by hand.
+    ``extreme``: bytes 0x00/0xFF/0x0F/0xF0 and activations ±32767."""
+    rng = np.random.default_rng(seed)
+    q_step = 2 * width + pad
+    n_q = q_off + steps * q_step + 2 * width + pad
+    if extreme:
+        q = rng.choice(np.array([0, 255, 15, 240], np.uint8), n_q)
+        x = rng.choice(np.array([-32767, 32767, 0, 1]), 4 * (x_quad + steps) + pad).astype(np.int16)
+    else:
+        q = rng.integers(0, 256, n_q).astype(np.uint8)
+        x = rng.integers(-32767, 32768, 4 * (x_quad + steps) + pad).astype(np.int16)
+    out = rng.integers(-1000, 1000, out_off + width + pad).astype(np.int32)
+    before = out.copy()
+    expected = out.copy()
+    vir.madd_nibble_quads_into_loop(q, q_off, q_step, x, 4 * x_quad, steps, expected, out_off, width)
+    saved = vir.MADD_KIND
+    try:
+        vir.MADD_KIND = kind
+        _nibble_driver()(q, q_off, q_step, x, 4 * x_quad, steps, out, out_off, width)
+    finally:
+        vir.MADD_KIND = saved
+    _same_bits(out, expected)
+    xs = x[4 * x_quad : 4 * x_quad + 4 * steps].astype(np.int64)
+    for lane in range(width):
+        b0 = q[q_off + 2 * lane :: q_step][:steps].astype(np.int64)
+        b1 = q[q_off + 2 * lane + 1 :: q_step][:steps].astype(np.int64)
+        codes = np.stack([b0 & 15, b1 & 15, b0 >> 4, b1 >> 4], axis=1).reshape(-1)  # inputs 4t … 4t+3
+        assert int(expected[out_off + lane]) == int(before[out_off + lane]) + int(codes @ xs)
+
+
 def test_every_wrapper_has_a_twin_and_a_test():
     tested = {
         "splat_into",
@@ -472,7 +501,7 @@ def test_every_wrapper_has_a_twin_and_a_test():
         "exp_nonpositive_into",
         "transpose_into",
         "madd_pairs_into",
-        "unpack_nibble_pairs_into",
+        "madd_nibble_quads_into",
     }
     assert {wrapper._defn.__name__ for wrapper in vir.TWINS} == tested
     assert all(twin.py_func.__name__ == wrapper._defn.__name__ + "_loop" for wrapper, twin in vir.TWINS.items())

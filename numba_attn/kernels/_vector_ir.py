@@ -31,7 +31,8 @@ function of an llvmlite ``builder`` (and numba's ``context`` where an array is u
                           vector i), in width·log2(width) shuffles
 ``butterfly_sum``         width vectors of width lanes → one vector whose lane j is the sum of vector j's lanes,
                           in 2·(width-1) shuffles and width-1 adds (log2 width levels; see ``butterfly_sum``)
-``unpack_nibble_pairs_into`` (wrapper) bytes of two 4-bit codes → the codes, low then high, as int8/int16
+``madd_nibble_quads_into`` (wrapper) int16 pairs · 4-bit codes packed two per byte (the int4 GEMV's panels)
+                          → int32 sums: the bytes widened to int16, an ``and`` / a shift, ``multiply_add_pairs``
 ``multiply_add_pairs``    int8/int16 × int16 lanes → int32 lanes, each the sum of a pair of products (x86's
                           ``pmaddwd`` called directly, ``MADD_KIND``; generic IR elsewhere)
 
@@ -774,41 +775,94 @@ def madd_pairs_into_loop(q, q_off, q_step, x, x_off, steps, out, out_off, width)
 
 
 @intrinsic
-def unpack_nibble_pairs_into(typingctx, src, src_off, dst, dst_off, width):
-    """``dst[dst_off + 2l] = src[src_off + l] & 15`` and ``dst[dst_off + 2l + 1] = src[src_off + l] >> 4`` for
-    l < width: ``width`` bytes of two 4-bit codes each (uint8) → 2·width codes (int8 or int16), low code
-    first. One vector load, an ``and`` and a shift, one interleaving shuffle (``vpunpcklbw``/``vpunpckhbw``,
-    NEON ``zip1``/``zip2``), one store: a loop of byte loads and stores that LLVM leaves scalar otherwise
-    (``src`` and ``dst`` are both byte arrays to it, which may overlap)."""
+def madd_nibble_quads_into(typingctx, q, q_off, q_step, x, x_off, steps, out, out_off, width):
+    """``out[out_off + l] += Σ_{t<steps} Σ_{h<2} lo(b_h)·x[x_off + 4t + h] + hi(b_h)·x[x_off + 4t + 2 + h]``
+    with ``b_h = q[q_off + t·q_step + 2l + h]``, ``lo(b) = b & 15``, ``hi(b) = b >> 4``, for l < width (int32,
+    wrapping like int32): ``q`` uint8, two bytes per output and step holding the 4-bit codes of four inputs
+    (inputs 4t, 4t+1 in the low nibbles, 4t+2, 4t+3 in the high ones), ``x`` int16 (x_off a multiple of 4),
+    ``out`` int32; ``width`` a multiple of 8, ≤ 64. The low nibbles of an output's two bytes are already
+    the int16 pair ``vpmaddwd`` wants (after a zero-extension), and so are the high ones after a 16-bit
+    shift: per 8 outputs and step one 16-byte load widened to 16 int16 lanes, an ``and``, a shift and two
+    ``multiply_add_pairs`` against the two broadcast pairs of x. No unpacking pass, no scratch; the
+    accumulators stay in registers over the runtime loop (as ``madd_pairs_into``)."""
     lanes = _width(width)
-    if lanes is None or not is_c_array(src, types.uint8) or not is_c_array(dst, types.int8, types.int16):
+    if (
+        lanes is None
+        or lanes % 8
+        or not is_c_array(q, types.uint8)
+        or not is_c_array(x, types.int16)
+        or not is_c_array(out, types.int32)
+    ):
         return None
 
     def codegen(context, builder, signature, args):
-        src_, src_off_, dst_, dst_off_, _ = args
-        byte = ir.IntType(8)
-        packed = load_vector(builder, data_pointer(context, builder, src, src_), src_off_, lanes)
-        low = builder.and_(packed, ir.Constant(ir.VectorType(byte, lanes), [15] * lanes))
-        high = builder.lshr(packed, ir.Constant(ir.VectorType(byte, lanes), [4] * lanes))
-        order = [index for lane in range(lanes) for index in (lane, lanes + lane)]
-        codes = builder.shuffle_vector(low, high, ir.Constant(ir.VectorType(_I32, 2 * lanes), order))
-        dst_pointer = data_pointer(context, builder, dst, dst_)
-        element = dst_pointer.type.pointee
-        if element != byte:
-            codes = builder.zext(codes, ir.VectorType(element, 2 * lanes))
-        store_vector(builder, codes, dst_pointer, dst_off_)
+        q_, q_off_, q_step_, x_, x_off_, steps_, out_, out_off_, _ = args
+        qp, xp, op = (data_pointer(context, builder, ty, v) for ty, v in ((q, q_), (x, x_), (out, out_)))
+        pair_pointer = builder.bitcast(xp, _I32.as_pointer())
+        i16x16 = ir.VectorType(ir.IntType(16), 16)
+        low_mask = ir.Constant(i16x16, [15] * 16)
+        shift = ir.Constant(i16x16, [4] * 16)
+
+        def out_index(i, c):
+            return builder.add(out_off_, as_index(8 * c))
+
+        def x_pair(step, half):  # x[x_off + 4·step + 2·half], x[… + 1] repeated over 16 lanes
+            pair_of_step = builder.add(builder.shl(step, as_index(1)), as_index(half))
+            pair_index = builder.add(builder.ashr(x_off_, as_index(1)), pair_of_step)
+            pair = builder.load(element_pointer(builder, pair_pointer, pair_index), align=2)
+            return builder.bitcast(splat(builder, pair, 8), i16x16)
+
+        def nibbles(row, c):  # the 16 bytes of outputs 8c … 8c+7 as int16 lanes: (low codes, high codes)
+            codes = builder.zext(load_vector(builder, qp, builder.add(row, as_index(16 * c)), 16), i16x16)
+            return builder.and_(codes, low_mask), builder.lshr(codes, shift)
+
+        if MADD_KIND != "generic":
+            accs = tile_accumulators(builder, op, out_index, 1, lanes // 8, 8)[0]
+            with cgutils.for_range(builder, steps_) as loop:
+                x_low, x_high = x_pair(loop.index, 0), x_pair(loop.index, 1)
+                row = strided_index(builder, q_off_, loop.index, q_step_)
+                for c, slot in enumerate(accs):
+                    low, high = nibbles(row, c)
+                    both = builder.add(
+                        multiply_add_pairs(builder, low, x_low), multiply_add_pairs(builder, high, x_high)
+                    )
+                    builder.store(builder.add(builder.load(slot), both), slot)
+            store_tile(builder, [accs], op, out_index)
+            return context.get_dummy_value()
+        # generic (NEON): each product keeps its own int32 lane over the loop (widening multiply-adds), the
+        # pairs summed once at the end; 32 outputs at a time (64 int32 lanes: 16 NEON registers)
+        wide = ir.VectorType(_I32, 16)
+        for group in range(0, lanes, 32):
+            chunks = range(group // 8, min(lanes, group + 32) // 8)
+            accs = [accumulator(builder, zeros(_I32, 16)) for _ in chunks]
+            with cgutils.for_range(builder, steps_) as loop:
+                x_low = builder.sext(x_pair(loop.index, 0), wide)
+                x_high = builder.sext(x_pair(loop.index, 1), wide)
+                row = strided_index(builder, q_off_, loop.index, q_step_)
+                for c, slot in zip(chunks, accs, strict=True):
+                    low, high = (builder.zext(v, wide) for v in nibbles(row, c))
+                    products = builder.add(builder.mul(low, x_low), builder.mul(high, x_high))
+                    builder.store(builder.add(builder.load(slot), products), slot)
+            for c, slot in zip(chunks, accs, strict=True):
+                sums = sum_pairs(builder, builder.load(slot))
+                index = out_index(0, c)
+                store_vector(builder, builder.add(load_vector(builder, op, index, 8), sums), op, index)
         return context.get_dummy_value()
 
-    return types.void(src, types.int64, dst, types.int64, width), codegen
+    i64 = types.int64
+    return types.void(q, i64, i64, x, i64, i64, out, i64, width), codegen
 
 
 @njit
-def unpack_nibble_pairs_into_loop(src, src_off, dst, dst_off, width):
-    """Twin of ``unpack_nibble_pairs_into``."""
+def madd_nibble_quads_into_loop(q, q_off, q_step, x, x_off, steps, out, out_off, width):
+    """Twin of ``madd_nibble_quads_into``."""
     for lane in range(width):
-        byte = src[src_off + lane]
-        dst[dst_off + 2 * lane] = byte & 15
-        dst[dst_off + 2 * lane + 1] = byte >> 4
+        total = np.int64(out[out_off + lane])
+        for t in range(steps):
+            for h in range(2):
+                b = np.int64(q[q_off + t * q_step + 2 * lane + h])
+                total += (b & 15) * np.int64(x[x_off + 4 * t + h]) + (b >> 4) * np.int64(x[x_off + 4 * t + 2 + h])
+        out[out_off + lane] = np.int32(total)
 
 
 #: each @intrinsic wrapper → its plain-numba twin (tests/test_vector_ir.py checks that every pair agrees)
@@ -824,5 +878,5 @@ TWINS = {
     exp_nonpositive_into: exp_nonpositive_into_loop,
     transpose_into: transpose_into_loop,
     madd_pairs_into: madd_pairs_into_loop,
-    unpack_nibble_pairs_into: unpack_nibble_pairs_into_loop,
+    madd_nibble_quads_into: madd_nibble_quads_into_loop,
 }
