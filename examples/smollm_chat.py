@@ -239,6 +239,25 @@ def silu(x):
     return x / (1.0 + np.exp(-x))
 
 
+@numba.njit(cache=True)
+def _swiglu_rows(gate_up, ffn, out):
+    """out[i, j] = silu(gate_up[i, j]) · gate_up[i, ffn + j] for j < ffn (float32 rows), silu(g) = g / (1 + e^-g)
+    computed in float64 per element."""
+    for i in range(gate_up.shape[0]):
+        for j in range(ffn):
+            g = np.float64(gate_up[i, j])
+            out[i, j] = np.float32(g / (1.0 + np.exp(-g)) * np.float64(gate_up[i, ffn + j]))
+
+
+def swiglu(gate_up, ffn):
+    """silu(gate) · up of the concatenated (tokens, 2·ffn) float32 product, in one numba call (five numpy
+    calls took ~26 µs per layer in a decode step, each starting with cold caches)."""
+    gate_up = np.ascontiguousarray(gate_up, np.float32)
+    out = np.empty((gate_up.shape[0], ffn), np.float32)
+    _swiglu_rows(gate_up, ffn, out)
+    return out
+
+
 class SmolLM:
     """A Llama decoder on numpy + numba_attn, weights from a GGUF file (default: the packaged SmolLM2)."""
 
@@ -335,7 +354,7 @@ class SmolLM:
             x = x + lay["attn"](h, cache=cache, rotary=self.rope)
             h = rms_norm(x, lay["ffn_norm"], self.eps).reshape(T, self.dim)
             gu = h @ lay["w_gate_up"]
-            act = silu(gu[:, : self.ffn]) * gu[:, self.ffn :]
+            act = swiglu(gu, self.ffn)
             x = x + (act @ lay["w_down"]).reshape(1, T, self.dim)
         h = rms_norm(x[0] if all_logits else x[0, -1], self.final_norm, self.eps)
         return h @ self.lm_head

@@ -48,6 +48,7 @@ __all__ = ["LinearWeight"]
 
 #: storage name → the ``dtype`` attribute ("int4": numpy has no 4-bit type, the string names the format)
 _DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16), "int8": np.dtype(np.int8), "int4": "int4"}
+_FLOAT32 = np.dtype(np.float32)
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
@@ -143,6 +144,7 @@ class LinearWeight:
         "_k_pad",
         "_kernels",
         "_operands",
+        "_row",
         "_scales",
         "_weights",
         "dtype",
@@ -188,6 +190,9 @@ class LinearWeight:
         self._k_pad = K_pad
         self._kernels = _k.KERNELS[name]
         self._operands = (data,) if scales is None else (data, scales)
+        # the one-row fast path of ``apply`` (K needs no padding): (K, the GEMV kernel, its operands + bias)
+        gemv = self._kernels[0 if K * N >= _k.SERIAL_BELOW_MACS else 1]
+        self._row = (K, gemv, (*self._operands, b)) if K_pad == K else None
 
     @classmethod
     def from_linear(cls, weight, bias=None, dtype="float32"):
@@ -242,17 +247,11 @@ class LinearWeight:
         (computed in float32), else float32. A 1-row x (a decode step) runs the GEMV kernel, more rows
         the GEMM kernel; both serial below ``kernels.linear.SERIAL_BELOW_MACS`` multiply-adds."""
         x = x if isinstance(x, np.ndarray) else np.asarray(x)
-        if (
-            x.dtype == np.float32
-            and x.ndim
-            and x.size == x.shape[-1] == self._k_pad == self.in_features
-            and x.flags.c_contiguous
-        ):
+        row = self._row
+        if row is not None and x.dtype is _FLOAT32 and x.size == row[0] == x.shape[-1] and x.flags.c_contiguous:
             # one float32 row that needs no padding (a decode step): straight to the GEMV kernel
-            N = self.out_features
-            y = np.empty(x.shape[:-1] + (N,), np.float32)
-            kernel = self._kernels[0 if self.in_features * N >= _k.SERIAL_BELOW_MACS else 1]
-            launch(kernel, x.reshape(-1), *self._operands, self._bias, y.reshape(-1))
+            y = np.empty(x.shape[:-1] + (self.out_features,), np.float32)
+            launch(row[1], x.reshape(-1), *row[2], y.reshape(-1))
             return y
         if x.dtype not in (np.float16, np.float32, np.float64):
             raise TypeError(

@@ -43,7 +43,11 @@ Kernels:
 
 - ``gemv`` (M = 1, the decode step): parallel over panels (one work item = 64 outputs × all K);
   int8: the row's int16 codes first (serial, K_pad entries), then per block 16 steps of 8 ``vpmaddwd``
-  (AVX2) into 8 int32 accumulators held in registers.
+  (AVX2) into 8 int32 accumulators held in registers. The panel is prefetched one block ahead
+  (``_vector_ir.prefetch_stream``, ``prefetchnta`` / ``prfm pldl1strm``): from DRAM on a Zen 1 VM, 2
+  threads, the int8 GEMVs of SmolLM2's shapes took 15-22 % less time with it (576 × 3072: 189 against
+  223 µs, median of 9 in turns in one process; the 49152-output lm_head 2.49 against 3.18 ms), int4 3-5 %
+  (compute-bound there).
 - ``gemm`` (M > 1, prefill): parallel over (panel, group of ``ROWS`` rows) work items; for each
   block of 32 inputs the block of the panel (32 × 64) is first converted once per row group, not once
   per row: float16 to float32 (8 KiB, L1-resident, then a float32 register loop per row), int8 codes
