@@ -7,6 +7,8 @@ supports. Exact equality wherever both sides compute the same thing; where the w
 operation on integer-valued floats (exact either way) is checked for equality as well.
 """
 
+import functools
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -368,14 +370,29 @@ def test_transpose_into_matches_loop(dtype, width, x_off, pad, out_off, seed):
     _same_bits(got, np.ascontiguousarray(block.T))
 
 
-def _madd_driver():
-    """A fresh @njit driver of madd_pairs_into: compiled (so ``vir.MADD_KIND`` read) at its first call."""
+@functools.cache
+def _madd_driver(intrinsic, kind):
+    """An @njit driver of ``intrinsic`` (madd_pairs_into or madd_nibble_quads_into) for ``vir.MADD_KIND``
+    = ``kind``: one per kind, called only while MADD_KIND is ``kind``, so every specialisation it compiles
+    (``vir.MADD_KIND`` is read at compile time) emits that kind's code."""
 
     @njit
     def driver(q, q_off, q_step, x, x_off, steps, out, out_off, width):
-        vir.madd_pairs_into(q, q_off, q_step, x, x_off, steps, out, out_off, literally(width))
+        intrinsic(q, q_off, q_step, x, x_off, steps, out, out_off, literally(width))
 
     return driver
+
+
+#: the hypothesis strategies both integer products' tests share (and each its offset into x)
+_MADD_CASES = dict(
+    width=st.sampled_from([8, 16, 64]),
+    steps=st.integers(0, 20),
+    q_off=st.integers(0, 9),
+    out_off=st.integers(0, 5),
+    pad=st.integers(0, 3),
+    extreme=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
 
 
 def _madd_kinds():
@@ -387,16 +404,7 @@ def _madd_kinds():
 
 @pytest.mark.parametrize("kind", _madd_kinds())
 @pytest.mark.parametrize("q_dtype", [np.int8, np.int16])
-@given(
-    width=st.sampled_from([8, 16, 64]),
-    steps=st.integers(0, 20),
-    q_off=st.integers(0, 9),
-    x_half=st.integers(0, 4),
-    out_off=st.integers(0, 5),
-    pad=st.integers(0, 3),
-    extreme=st.booleans(),
-    seed=st.integers(0, 2**16),
-)
+@given(x_half=st.integers(0, 4), **_MADD_CASES)
 @EXAMPLES
 def test_madd_pairs_into_matches_loop(kind, q_dtype, width, steps, q_off, x_half, out_off, pad, extreme, seed):
     """Pairs of int8/int16 codes times int16 pairs, summed into int32 lanes: exact integers, equal to the
@@ -421,7 +429,7 @@ def test_madd_pairs_into_matches_loop(kind, q_dtype, width, steps, q_off, x_half
     saved = vir.MADD_KIND
     try:
         vir.MADD_KIND = kind
-        _madd_driver()(q, q_off, q_step, x, 2 * x_half, steps, out, out_off, width)
+        _madd_driver(vir.madd_pairs_into, kind)(q, q_off, q_step, x, 2 * x_half, steps, out, out_off, width)
     finally:
         vir.MADD_KIND = saved
     _same_bits(out, expected)
@@ -433,27 +441,8 @@ def test_madd_pairs_into_matches_loop(kind, q_dtype, width, steps, q_off, x_half
         assert int(expected[out_off + lane]) == total
 
 
-def _nibble_driver():
-    """A fresh @njit driver of madd_nibble_quads_into (compiled, so ``vir.MADD_KIND`` read, at its first call)."""
-
-    @njit
-    def driver(q, q_off, q_step, x, x_off, steps, out, out_off, width):
-        vir.madd_nibble_quads_into(q, q_off, q_step, x, x_off, steps, out, out_off, literally(width))
-
-    return driver
-
-
 @pytest.mark.parametrize("kind", _madd_kinds())
-@given(
-    width=st.sampled_from([8, 16, 64]),
-    steps=st.integers(0, 20),
-    q_off=st.integers(0, 9),
-    x_quad=st.integers(0, 3),
-    out_off=st.integers(0, 5),
-    pad=st.integers(0, 3),
-    extreme=st.booleans(),
-    seed=st.integers(0, 2**16),
-)
+@given(x_quad=st.integers(0, 3), **_MADD_CASES)
 @EXAMPLES
 def test_madd_nibble_quads_into_matches_loop(kind, width, steps, q_off, x_quad, out_off, pad, extreme, seed):
     """4-bit codes, four inputs in the nibbles of an output's two bytes, times int16 activations, summed into
@@ -476,7 +465,7 @@ def test_madd_nibble_quads_into_matches_loop(kind, width, steps, q_off, x_quad, 
     saved = vir.MADD_KIND
     try:
         vir.MADD_KIND = kind
-        _nibble_driver()(q, q_off, q_step, x, 4 * x_quad, steps, out, out_off, width)
+        _madd_driver(vir.madd_nibble_quads_into, kind)(q, q_off, q_step, x, 4 * x_quad, steps, out, out_off, width)
     finally:
         vir.MADD_KIND = saved
     _same_bits(out, expected)
