@@ -47,6 +47,8 @@ twin (the same operation as an ordinary loop); ``TWINS`` maps one to the other a
 a compile-time constant (an integer literal, or ``numba.literally(width)``) and C-contiguous arrays.
 """
 
+import functools
+
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
@@ -722,6 +724,62 @@ def transpose_into_loop(x, x_off, x_stride, out, out_off, out_stride, width):
             out[out_off + c * out_stride + i] = x[x_off + i * x_stride + c]
 
 
+def _integer_products_codegen(context, builder, args, q, x, out, lanes, per_step, operands, streamed):
+    """The loop of ``madd_pairs_into`` and ``madd_nibble_quads_into``: for each of ``steps`` steps (row
+    ``q_off + step·q_step`` of ``q``), ``out[out_off + l] += Σ_terms Σ_h a[2l + h]·x_pair[h]`` over the
+    ``per_step`` terms, each an int16 pair of x (``x[x_off + 2·(per_step·step + term)]`` and the next, x_off
+    even) against the int16 (or int8) lanes ``operands(row, c)[term]`` of outputs 8c … 8c+7. x86: one
+    ``multiply_add_pairs`` per term and 8 outputs into accumulators held in registers; generic (NEON): no
+    pair-summing multiply, so each product keeps its own int32 lane over the loop (sext + mul + add:
+    smlal/smlal2) and the pairs are summed once at the end, 32 outputs at a time (64 int32 lanes: 16 NEON
+    registers of accumulators). ``streamed``: ``q`` is prefetched ahead (``prefetch_stream``), 2 bytes per
+    output and step (the GEMVs' panels)."""
+    q_, q_off_, q_step_, x_, x_off_, steps_, out_, out_off_, _ = args
+    qp, xp, op = (data_pointer(context, builder, ty, v) for ty, v in ((q, q_), (x, x_), (out, out_)))
+    pair_pointer = builder.bitcast(xp, _I32.as_pointer())
+
+    def out_index(i, c):
+        return builder.add(out_off_, as_index(8 * c))
+
+    def x_pairs(step):  # each term's two int16 of x, repeated over 16 lanes
+        first = builder.add(builder.ashr(x_off_, as_index(1)), builder.mul(step, as_index(per_step)))
+        pairs = []
+        for term in range(per_step):
+            pair = builder.load(element_pointer(builder, pair_pointer, builder.add(first, as_index(term))), align=2)
+            pairs.append(builder.bitcast(splat(builder, pair, 8), ir.VectorType(ir.IntType(16), 16)))
+        return pairs
+
+    if MADD_KIND != "generic":
+        accs = tile_accumulators(builder, op, out_index, 1, lanes // 8, 8)[0]
+        with cgutils.for_range(builder, steps_) as loop:
+            xs = x_pairs(loop.index)
+            row = strided_index(builder, q_off_, loop.index, q_step_)
+            if streamed:
+                prefetch_stream(builder, qp, row, 2 * lanes)
+            for c, slot in enumerate(accs):
+                terms = [multiply_add_pairs(builder, a, xv) for a, xv in zip(operands(qp, row, c), xs, strict=True)]
+                builder.store(builder.add(builder.load(slot), functools.reduce(builder.add, terms)), slot)
+        store_tile(builder, [accs], op, out_index)
+        return context.get_dummy_value()
+    wide = ir.VectorType(_I32, 16)
+    for group in range(0, lanes, 32):
+        chunks = range(group // 8, min(lanes, group + 32) // 8)
+        accs = [accumulator(builder, zeros(_I32, 16)) for _ in chunks]
+        with cgutils.for_range(builder, steps_) as loop:
+            xs = [builder.sext(xv, wide) for xv in x_pairs(loop.index)]
+            row = strided_index(builder, q_off_, loop.index, q_step_)
+            if streamed:
+                prefetch_stream(builder, qp, builder.add(row, as_index(2 * group)), 2 * (len(chunks) * 8))
+            for c, slot in zip(chunks, accs, strict=True):
+                terms = [builder.mul(builder.sext(a, wide), xv) for a, xv in zip(operands(qp, row, c), xs, strict=True)]
+                builder.store(builder.add(builder.load(slot), functools.reduce(builder.add, terms)), slot)
+        for c, slot in zip(chunks, accs, strict=True):
+            sums = sum_pairs(builder, builder.load(slot))
+            index = out_index(0, c)
+            store_vector(builder, builder.add(load_vector(builder, op, index, 8), sums), op, index)
+    return context.get_dummy_value()
+
+
 @intrinsic
 def madd_pairs_into(typingctx, q, q_off, q_step, x, x_off, steps, out, out_off, width):
     """``out[out_off + l] += Σ_{t<steps} Σ_{h<2} q[q_off + t·q_step + 2l + h] · x[x_off + 2t + h]`` for
@@ -729,7 +787,8 @@ def madd_pairs_into(typingctx, q, q_off, q_step, x, x_off, steps, out, out_off, 
     ``x`` int16 pairs (x_off even), ``out`` int32; ``width`` a multiple of 8, ≤ 64. The width/8
     accumulators stay in registers over the runtime loop; one step is one ``multiply_add_pairs``
     (``vpmaddwd``) per 8 lanes and an add, the pair of x broadcast as one 32-bit value. An int8 ``q`` (a
-    GEMV's panel, streamed from memory once) is prefetched ``STREAM_PREFETCH_BYTES`` ahead."""
+    GEMV's panel, streamed from memory once) is prefetched ``STREAM_PREFETCH_BYTES`` ahead
+    (``_integer_products_codegen``)."""
     lanes = _width(width)
     if (
         lanes is None
@@ -741,53 +800,12 @@ def madd_pairs_into(typingctx, q, q_off, q_step, x, x_off, steps, out, out_off, 
         return None
 
     def codegen(context, builder, signature, args):
-        q_, q_off_, q_step_, x_, x_off_, steps_, out_, out_off_, _ = args
-        qp, xp, op = (data_pointer(context, builder, ty, v) for ty, v in ((q, q_), (x, x_), (out, out_)))
-        pair_pointer = builder.bitcast(xp, _I32.as_pointer())
-        streamed = q.dtype == types.int8  # a GEMV's int8 panel (int16 q: a GEMM's widened block, in L1)
+        def operands(qp, row, c):  # the 16 codes of outputs 8c … 8c+7, their pairs side by side
+            return [load_vector(builder, qp, builder.add(row, as_index(16 * c)), 16)]
 
-        def out_index(i, c):
-            return builder.add(out_off_, as_index(8 * c))
-
-        def x_pair(step):  # the step's two int16 of x, repeated over 16 lanes
-            pair_index = builder.add(builder.ashr(x_off_, as_index(1)), step)
-            pair = builder.load(element_pointer(builder, pair_pointer, pair_index), align=2)
-            return builder.bitcast(splat(builder, pair, 8), ir.VectorType(ir.IntType(16), 16))
-
-        if MADD_KIND != "generic":
-            accs = tile_accumulators(builder, op, out_index, 1, lanes // 8, 8)[0]
-            with cgutils.for_range(builder, steps_) as loop:
-                xv = x_pair(loop.index)
-                row = strided_index(builder, q_off_, loop.index, q_step_)
-                if streamed:
-                    prefetch_stream(builder, qp, row, 2 * lanes)
-                for c, slot in enumerate(accs):
-                    qv = load_vector(builder, qp, builder.add(row, as_index(16 * c)), 16)
-                    builder.store(builder.add(builder.load(slot), multiply_add_pairs(builder, qv, xv)), slot)
-            store_tile(builder, [accs], op, out_index)
-            return context.get_dummy_value()
-        # generic (NEON): no pair-summing multiply, so each product keeps its own int32 lane over the loop
-        # (sext + mul + add: smlal/smlal2) and the pairs are summed once at the end; 32 outputs at a time
-        # (64 int32 lanes: 16 NEON registers of accumulators)
-        wide = ir.VectorType(_I32, 16)
-        for group in range(0, lanes, 32):
-            chunks = range(group // 8, min(lanes, group + 32) // 8)
-            accs = [accumulator(builder, zeros(_I32, 16)) for _ in chunks]
-            with cgutils.for_range(builder, steps_) as loop:
-                xw = builder.sext(x_pair(loop.index), wide)
-                row = strided_index(builder, q_off_, loop.index, q_step_)
-                if streamed:
-                    prefetch_stream(
-                        builder, qp, builder.add(row, as_index(group * 2)), 2 * (min(lanes, group + 32) - group)
-                    )
-                for c, slot in zip(chunks, accs, strict=True):
-                    qv = builder.sext(load_vector(builder, qp, builder.add(row, as_index(16 * c)), 16), wide)
-                    builder.store(builder.add(builder.load(slot), builder.mul(qv, xw)), slot)
-            for c, slot in zip(chunks, accs, strict=True):
-                sums = sum_pairs(builder, builder.load(slot))
-                index = out_index(0, c)
-                store_vector(builder, builder.add(load_vector(builder, op, index, 8), sums), op, index)
-        return context.get_dummy_value()
+        # (an int16 q is a GEMM's widened block, in L1: not prefetched)
+        streamed = q.dtype == types.int8
+        return _integer_products_codegen(context, builder, args, q, x, out, lanes, 1, operands, streamed)
 
     i64 = types.int64
     return types.void(q, i64, i64, x, i64, i64, out, i64, width), codegen
@@ -814,8 +832,8 @@ def madd_nibble_quads_into(typingctx, q, q_off, q_step, x, x_off, steps, out, ou
     the int16 pair ``vpmaddwd`` wants (after a zero-extension), and so are the high ones after a 16-bit
     shift: per 8 outputs and step one 16-byte load widened to 16 int16 lanes, an ``and``, a shift and two
     ``multiply_add_pairs`` against the two broadcast pairs of x. No unpacking pass, no scratch; the
-    accumulators stay in registers over the runtime loop, and ``q`` is prefetched ahead (as
-    ``madd_pairs_into`` does an int8 ``q``)."""
+    accumulators stay in registers over the runtime loop, and ``q`` is prefetched ahead (the loop is
+    ``madd_pairs_into``'s: ``_integer_products_codegen``)."""
     lanes = _width(width)
     if (
         lanes is None
@@ -827,62 +845,16 @@ def madd_nibble_quads_into(typingctx, q, q_off, q_step, x, x_off, steps, out, ou
         return None
 
     def codegen(context, builder, signature, args):
-        q_, q_off_, q_step_, x_, x_off_, steps_, out_, out_off_, _ = args
-        qp, xp, op = (data_pointer(context, builder, ty, v) for ty, v in ((q, q_), (x, x_), (out, out_)))
-        pair_pointer = builder.bitcast(xp, _I32.as_pointer())
         i16x16 = ir.VectorType(ir.IntType(16), 16)
-        low_mask = ir.Constant(i16x16, [15] * 16)
-        shift = ir.Constant(i16x16, [4] * 16)
 
-        def out_index(i, c):
-            return builder.add(out_off_, as_index(8 * c))
-
-        def x_pair(step, half):  # x[x_off + 4·step + 2·half], x[… + 1] repeated over 16 lanes
-            pair_of_step = builder.add(builder.shl(step, as_index(1)), as_index(half))
-            pair_index = builder.add(builder.ashr(x_off_, as_index(1)), pair_of_step)
-            pair = builder.load(element_pointer(builder, pair_pointer, pair_index), align=2)
-            return builder.bitcast(splat(builder, pair, 8), i16x16)
-
-        def nibbles(row, c):  # the 16 bytes of outputs 8c … 8c+7 as int16 lanes: (low codes, high codes)
+        def operands(qp, row, c):  # outputs 8c … 8c+7's 16 bytes as int16 lanes: (low codes, high codes)
             codes = builder.zext(load_vector(builder, qp, builder.add(row, as_index(16 * c)), 16), i16x16)
-            return builder.and_(codes, low_mask), builder.lshr(codes, shift)
+            return [
+                builder.and_(codes, ir.Constant(i16x16, [15] * 16)),
+                builder.lshr(codes, ir.Constant(i16x16, [4] * 16)),
+            ]
 
-        if MADD_KIND != "generic":
-            accs = tile_accumulators(builder, op, out_index, 1, lanes // 8, 8)[0]
-            with cgutils.for_range(builder, steps_) as loop:
-                x_low, x_high = x_pair(loop.index, 0), x_pair(loop.index, 1)
-                row = strided_index(builder, q_off_, loop.index, q_step_)
-                prefetch_stream(builder, qp, row, 2 * lanes)
-                for c, slot in enumerate(accs):
-                    low, high = nibbles(row, c)
-                    both = builder.add(
-                        multiply_add_pairs(builder, low, x_low), multiply_add_pairs(builder, high, x_high)
-                    )
-                    builder.store(builder.add(builder.load(slot), both), slot)
-            store_tile(builder, [accs], op, out_index)
-            return context.get_dummy_value()
-        # generic (NEON): each product keeps its own int32 lane over the loop (widening multiply-adds), the
-        # pairs summed once at the end; 32 outputs at a time (64 int32 lanes: 16 NEON registers)
-        wide = ir.VectorType(_I32, 16)
-        for group in range(0, lanes, 32):
-            chunks = range(group // 8, min(lanes, group + 32) // 8)
-            accs = [accumulator(builder, zeros(_I32, 16)) for _ in chunks]
-            with cgutils.for_range(builder, steps_) as loop:
-                x_low = builder.sext(x_pair(loop.index, 0), wide)
-                x_high = builder.sext(x_pair(loop.index, 1), wide)
-                row = strided_index(builder, q_off_, loop.index, q_step_)
-                prefetch_stream(
-                    builder, qp, builder.add(row, as_index(group * 2)), 2 * (min(lanes, group + 32) - group)
-                )
-                for c, slot in zip(chunks, accs, strict=True):
-                    low, high = (builder.zext(v, wide) for v in nibbles(row, c))
-                    products = builder.add(builder.mul(low, x_low), builder.mul(high, x_high))
-                    builder.store(builder.add(builder.load(slot), products), slot)
-            for c, slot in zip(chunks, accs, strict=True):
-                sums = sum_pairs(builder, builder.load(slot))
-                index = out_index(0, c)
-                store_vector(builder, builder.add(load_vector(builder, op, index, 8), sums), op, index)
-        return context.get_dummy_value()
+        return _integer_products_codegen(context, builder, args, q, x, out, lanes, 2, operands, True)
 
     i64 = types.int64
     return types.void(q, i64, i64, x, i64, i64, out, i64, width), codegen
