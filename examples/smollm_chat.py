@@ -235,10 +235,6 @@ def rms_norm(x, weight, eps):
     return out.reshape(x.shape)
 
 
-def silu(x):
-    return x / (1.0 + np.exp(-x))
-
-
 @numba.njit(cache=True)
 def _swiglu_rows(gate_up, ffn, out):
     """out[i, j] = silu(gate_up[i, j]) · gate_up[i, ffn + j] for j < ffn (float32 rows), silu(g) = g / (1 + e^-g)

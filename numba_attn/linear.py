@@ -190,9 +190,9 @@ class LinearWeight:
         self._k_pad = K_pad
         self._kernels = _k.KERNELS[name]
         self._operands = (data,) if scales is None else (data, scales)
-        # the one-row fast path of ``apply`` (K needs no padding): (K, the GEMV kernel, its operands + bias)
+        # the one-row fast path of ``apply`` (K needs no padding): (the GEMV kernel, its operands + bias)
         gemv = self._kernels[0 if K * N >= _k.SERIAL_BELOW_MACS else 1]
-        self._row = (K, gemv, (*self._operands, b)) if K_pad == K else None
+        self._row = (gemv, (*self._operands, b)) if K_pad == K else None
 
     @classmethod
     def from_linear(cls, weight, bias=None, dtype="float32"):
@@ -248,10 +248,11 @@ class LinearWeight:
         the GEMM kernel; both serial below ``kernels.linear.SERIAL_BELOW_MACS`` multiply-adds."""
         x = x if isinstance(x, np.ndarray) else np.asarray(x)
         row = self._row
-        if row is not None and x.dtype is _FLOAT32 and x.size == row[0] == x.shape[-1] and x.flags.c_contiguous:
+        K = self.in_features
+        if row is not None and x.dtype is _FLOAT32 and x.size == K == x.shape[-1] and x.flags.c_contiguous:
             # one float32 row that needs no padding (a decode step): straight to the GEMV kernel
             y = np.empty(x.shape[:-1] + (self.out_features,), np.float32)
-            launch(row[1], x.reshape(-1), *row[2], y.reshape(-1))
+            launch(row[0], x.reshape(-1), *row[1], y.reshape(-1))
             return y
         if x.dtype not in (np.float16, np.float32, np.float64):
             raise TypeError(

@@ -383,6 +383,16 @@ def _madd_driver(intrinsic, kind):
     return driver
 
 
+def _run_madd(kind, intrinsic, *args):
+    """``intrinsic(*args)`` through its driver compiled with ``vir.MADD_KIND`` = ``kind`` (restored after)."""
+    saved = vir.MADD_KIND
+    try:
+        vir.MADD_KIND = kind
+        _madd_driver(intrinsic, kind)(*args)
+    finally:
+        vir.MADD_KIND = saved
+
+
 #: the hypothesis strategies both integer products' tests share (and each its offset into x)
 _MADD_CASES = dict(
     width=st.sampled_from([8, 16, 64]),
@@ -426,12 +436,7 @@ def test_madd_pairs_into_matches_loop(kind, q_dtype, width, steps, q_off, x_half
     before = out.copy()
     expected = out.copy()
     vir.madd_pairs_into_loop(q, q_off, q_step, x, 2 * x_half, steps, expected, out_off, width)
-    saved = vir.MADD_KIND
-    try:
-        vir.MADD_KIND = kind
-        _madd_driver(vir.madd_pairs_into, kind)(q, q_off, q_step, x, 2 * x_half, steps, out, out_off, width)
-    finally:
-        vir.MADD_KIND = saved
+    _run_madd(kind, vir.madd_pairs_into, q, q_off, q_step, x, 2 * x_half, steps, out, out_off, width)
     _same_bits(out, expected)
     for lane in range(width):  # and the twin against numpy in int64 (no wrapping at these sizes)
         first = q[q_off + 2 * lane :: q_step][:steps].astype(np.int64)
@@ -462,12 +467,7 @@ def test_madd_nibble_quads_into_matches_loop(kind, width, steps, q_off, x_quad, 
     before = out.copy()
     expected = out.copy()
     vir.madd_nibble_quads_into_loop(q, q_off, q_step, x, 4 * x_quad, steps, expected, out_off, width)
-    saved = vir.MADD_KIND
-    try:
-        vir.MADD_KIND = kind
-        _madd_driver(vir.madd_nibble_quads_into, kind)(q, q_off, q_step, x, 4 * x_quad, steps, out, out_off, width)
-    finally:
-        vir.MADD_KIND = saved
+    _run_madd(kind, vir.madd_nibble_quads_into, q, q_off, q_step, x, 4 * x_quad, steps, out, out_off, width)
     _same_bits(out, expected)
     xs = x[4 * x_quad : 4 * x_quad + 4 * steps].astype(np.int64)
     for lane in range(width):

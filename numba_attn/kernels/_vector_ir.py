@@ -728,7 +728,8 @@ def _integer_products_codegen(context, builder, args, q, x, out, lanes, per_step
     """The loop of ``madd_pairs_into`` and ``madd_nibble_quads_into``: for each of ``steps`` steps (row
     ``q_off + step·q_step`` of ``q``), ``out[out_off + l] += Σ_terms Σ_h a[2l + h]·x_pair[h]`` over the
     ``per_step`` terms, each an int16 pair of x (``x[x_off + 2·(per_step·step + term)]`` and the next, x_off
-    even) against the int16 (or int8) lanes ``operands(row, c)[term]`` of outputs 8c … 8c+7. x86: one
+    even) against the int16 (or int8) lanes ``operands(qp, row, c)[term]`` of outputs 8c … 8c+7 (``qp``: q's
+    data pointer). x86: one
     ``multiply_add_pairs`` per term and 8 outputs into accumulators held in registers; generic (NEON): no
     pair-summing multiply, so each product keeps its own int32 lane over the loop (sext + mul + add:
     smlal/smlal2) and the pairs are summed once at the end, 32 outputs at a time (64 int32 lanes: 16 NEON
